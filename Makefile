@@ -53,23 +53,45 @@ found:
 03_lora: 03_lora.c 02_model.c 01_tokenize.c common.h
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
+# ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
+GPU_SRC := $(wildcard 04_*.cu)
+GPU_OBJ := $(patsubst %.cu,build/%.o,$(GPU_SRC))
+build/%.o: %.cu common.h
+	@mkdir -p build
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -c -o $@ $<
+ifeq ($(USE_CUDA),1)
+  ifneq ($(wildcard 04_s2attn.cu),)
+all: 04_s2attn
+  endif
+endif
+# The stage's own program (--bench and the kernel checks) is 04_s2attn.cu built with its main.
+04_s2attn: 04_s2attn.cu $(GPU_OBJ) common.h
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -DS2ATTN_MAIN -I. -o $@ 04_s2attn.cu $(filter-out build/04_s2attn.o,$(GPU_OBJ)) $(CUDA_LIBS) $(NCCL_LIBS)
+
 # ---- tests -------------------------------------------------------------------------------
-# Every tests/test_*.c is a test program (it includes the stage it checks); every
-# tests/test_*.sh is a test script; tests/test_*.cu are GPU tests (built where nvcc is,
-# run where a GPU is). A test exits 0 (pass), 77 (skip, with a message) or other (fail).
-TEST_C   := $(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c))
-TEST_CU  := $(if $(USE_CUDA),$(patsubst tests/%.cu,build/tests/%,$(wildcard tests/test_*.cu)))
-ALL_SRC  := common.h $(wildcard 0*.c 0*.cu)
+# tests/test_*.c      CPU tests: each includes the stage it checks (defining STAGE 0 first).
+# tests/test_gpu_*.c  GPU tests: C compiled with -DUSE_CUDA, linked with the 04 objects;
+#                     built where nvcc and cuBLAS are, run where a GPU is.
+# tests/test_*.cu     GPU tests written in CUDA C.
+# tests/test_*.sh     test scripts.
+# A test exits 0 (pass), 77 (skip, printing why on its last line) or anything else (fail).
+TEST_CPU := $(filter-out build/tests/test_gpu_%,$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c)))
+TEST_GPU := $(if $(USE_CUDA),$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_gpu_*.c)) $(patsubst tests/%.cu,build/tests/%,$(wildcard tests/test_*.cu)))
+ALL_SRC  := common.h $(wildcard 0*.c)
+
+build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(GPU_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DUSE_CUDA -I. -I$(CUDA_HOME)/include -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
 
 build/tests/%: tests/%.c $(ALL_SRC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -I. -o $@ $< $(LDLIBS)
 
-build/tests/%: tests/%.cu $(ALL_SRC)
+build/tests/%: tests/%.cu $(ALL_SRC) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -I. -o $@ $< $(CUDA_LIBS)
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS)
 
-test: all $(TEST_C) $(TEST_CU)
+test: all $(TEST_CPU) $(TEST_GPU)
 	@bash tests/run.sh
 
 clean:

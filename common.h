@@ -967,7 +967,10 @@ static inline S2_HOSTDEV size_t s2_first_key(size_t i, int h, int H, size_t G) {
 #ifdef __cplusplus
 extern "C" {
 #endif
-/* (filled in by 04_s2attn.cu) */
+/* --- attention (04_s2attn.cu) --- */
+
+/* --- layer kernels (04_layers.cu) --- */
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,11 +16,12 @@ run_one() {  # name, command...
 }
 for src in tests/test_*.c; do
   [ -e "$src" ] || continue
+  case "$src" in tests/test_gpu_*) continue ;; esac
   name=$(basename "$src" .c); run_one "$name" "build/tests/$name"
 done
-for src in tests/test_*.cu; do
+for src in tests/test_gpu_*.c tests/test_*.cu; do
   [ -e "$src" ] || continue
-  name=$(basename "$src" .cu)
+  name=$(basename "${src%.*}")
   if [ -z "${USE_CUDA:-}" ]; then skip=$((skip+1)); printf 'SKIP  %-28s        no nvcc/cuBLAS: GPU test not built\n' "$name"
   elif [ -z "${HAVE_GPU:-}" ]; then skip=$((skip+1)); printf 'SKIP  %-28s        no GPU on this machine (built, not run)\n' "$name"
   else run_one "$name" "build/tests/$name"; fi
