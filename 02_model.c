@@ -1,0 +1,1082 @@
+/* 02_model.c: a LLaMA-family model, forward and backward, in plain C and fp32.
+ *
+ * Teaches: what a LLaMA layer computes, one small function per piece: RMSNorm, the q/k/v
+ * projections, RoPE with position interpolation (HF's rotate-half layout), causal attention
+ * with grouped-query heads (and S2-Attn's segment bounds, see s2_first_key in common.h),
+ * the o projection and residual, SwiGLU, a tied or untied head and cross-entropy with an
+ * ignore label; then the backward pass of every one of them, so every parameter (and the
+ * input) gets its gradient. It reads a HuggingFace model folder directly (config.json and
+ * model.safetensors or shards + model.safetensors.index.json, in bf16, fp16 or fp32).
+ * Runs on: any CPU; OpenMP spreads the matmuls and the attention over the cores.
+ * Checked against: HF transformers (tests/ref/make_model_fixtures.py writes the fixtures,
+ * tests/test_model.c compares logits, loss and every gradient).
+ * Leaves out: the GPU (stage 04), LoRA and the optimizer (stage 03), KV caching (stage 06),
+ * bf16 compute (this is the fp32 reference every faster path is checked against).
+ *
+ * The interface later stages build on:
+ *   Config        the model's shape from config.json, plus the RoPE factor actually used.
+ *   Params        every weight as an fp32 array (layout below, HF's [out, in] for linears);
+ *                 Grads is the same struct holding gradients (grads_alloc, zeroed, +=).
+ *   Model         a Config and its Params. model_load(m, dir, target_ctx) dies with one
+ *                 sentence on bad input; model_try_load() returns -1 + last_error() instead.
+ *                 model_init_random(m, cfg, seed) makes a random model; model_free().
+ *   Activations   every buffer a forward (and backward) needs, planned up front for B x N
+ *                 by act_plan(); act->bytes says how much. Plan with for_training = 0 and
+ *                 the layers share one set of buffers (enough for evaluation).
+ *   RunOptions    s2_group: S2-Attn group size G (0 = full causal attention; N % G == 0);
+ *                 grads_for_frozen_linears: 0 skips dW of the 7 projections and an untied
+ *                 lm_head (only dX flows: LoRA training); hook: see LinearHook.
+ *   LinearHook    after y = x W^T of projection `which` (0..6 = q,k,v,o,gate,up,down) of a
+ *                 layer, the forward calls hook->forward(ctx, layer, which, x, T, y), which
+ *                 may add to y; the backward, after dx = dy W, calls hook->backward(ctx,
+ *                 layer, which, x, dy, T, dx), which may add to dx (and keep its own grads).
+ *   model_forward(m, act, tokens[B*N], targets[B*N] or NULL, B, N, opts) returns the mean
+ *                 cross-entropy over targets that are not IGNORE_INDEX (-100); targets[t] is
+ *                 the token expected after position t (already shifted). Logits stay in
+ *                 act->logits [B*N, V].
+ *   model_backward(m, act, grads, tokens, targets, B, N, opts) after a forward with the same
+ *                 arguments: accumulates into grads (NULL: only the hook's gradients) and
+ *                 leaves dLoss/d(embedding output) in act->d_resid. It overwrites act->logits
+ *                 with dLoss/dlogits.
+ *   The pieces (rmsnorm_*, rope_*, attention_*, swiglu_*, cross_entropy_*, matmul_*) are
+ *   separate functions: stage 04's kernels are checked against them.
+ */
+#ifndef STAGE
+#define STAGE 2
+#endif
+#if __has_include("01_tokenize.c")
+#include "01_tokenize.c"
+#else
+#include "common.h"
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+static int max_threads(void) { return omp_get_max_threads(); }
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int max_threads(void) { return 1; }
+static int thread_id(void) { return 0; }
+#endif
+
+#define IGNORE_INDEX (-100)
+
+/* ---------------------------------------------------------------------------------------
+ * Config: the model's shape, from config.json
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    int dim;              /* D: hidden_size */
+    int ffn_dim;          /* F: intermediate_size */
+    int n_layers;         /* L: num_hidden_layers */
+    int n_heads;          /* H: num_attention_heads */
+    int n_kv_heads;       /* Hk: num_key_value_heads (H % Hk == 0) */
+    int head_dim;         /* d: head_dim, or D / H when absent */
+    int vocab_size;       /* V */
+    float rms_eps;        /* rms_norm_eps */
+    float rope_theta;     /* rope_theta */
+    float rope_config_factor; /* the linear rope_scaling factor in config.json (1 if none) */
+    float rope_factor;    /* the factor actually used: positions are divided by it */
+    int max_pos;          /* max_position_embeddings: the context the model was trained at */
+    int tie_embeddings;   /* tie_word_embeddings: lm_head is embed */
+    int bos_id, eos_id;   /* -1 when absent */
+} Config;
+
+/* The context the model runs at: its trained context stretched by the RoPE factor. */
+static size_t config_context(const Config *c) { return (size_t)((double)c->max_pos * c->rope_factor + 0.5); }
+
+/* Position interpolation (DESIGN.md): a target context longer than the model's gives the
+ * linear factor s = ceil(target_ctx / max_pos); a factor in config.json is kept unless the
+ * target needs a larger one. target_ctx <= 0 means "as configured". */
+static void config_set_target_ctx(Config *c, long target_ctx) {
+    c->rope_factor = c->rope_config_factor;
+    if (target_ctx > 0 && c->max_pos > 0) {
+        double s = ceil((double)target_ctx / (double)c->max_pos);
+        if (s > c->rope_factor) c->rope_factor = (float)s;
+    }
+}
+
+static int config_int(const Json *j, const char *key, int required, int fallback, int *out) {
+    const Json *v = json_get(j, key);
+    if (!v || v->type == JSON_NULL) {
+        if (required) return set_error("config.json has no \"%s\"", key);
+        *out = fallback;
+        return 0;
+    }
+    if (v->type != JSON_NUMBER || v->number != floor(v->number) || v->number < 0 || v->number > 1e9)
+        return set_error("config.json: \"%s\" is not a non-negative integer", key);
+    *out = (int)v->number;
+    return 0;
+}
+
+/* Reads the RoPE settings from either spelling: transformers 4 (rope_theta + rope_scaling)
+ * or transformers 5 (rope_parameters {rope_type, rope_theta, factor}). */
+static int config_parse_rope(Config *c, const Json *j) {
+    const Json *params = json_get(j, "rope_parameters");
+    const Json *scaling = json_get(j, "rope_scaling");
+    const Json *r = (params && params->type == JSON_OBJECT) ? params : scaling;
+    if (r && r->type != JSON_OBJECT && r->type != JSON_NULL) return set_error("config.json: rope_scaling is neither an object nor null");
+    double theta = json_get_number(j, "rope_theta", 0);
+    if (r && r->type == JSON_OBJECT) theta = json_get_number(r, "rope_theta", theta);
+    if (theta == 0) theta = 10000.0;
+    if (!(theta > 1.0 && theta < 1e12)) return set_error("config.json: rope_theta %g is out of range", theta);
+    c->rope_theta = (float)theta;
+    c->rope_config_factor = 1.0f;
+    if (!r || r->type != JSON_OBJECT) return 0;
+    const char *type = json_get_string(r, "rope_type", json_get_string(r, "type", "default"));
+    if (strcmp(type, "default") == 0) return 0;
+    if (strcmp(type, "linear") != 0)
+        return set_error("config.json: rope type \"%s\" is not supported (only linear position interpolation is)", type);
+    double f = json_get_number(r, "factor", 0);
+    if (!(f >= 1.0 && f <= 1e6)) return set_error("config.json: the linear rope_scaling factor must be a number >= 1");
+    c->rope_config_factor = (float)f;
+    return 0;
+}
+
+/* Fills c from a parsed config.json; -1 + last_error() for anything we cannot run faithfully. */
+static int config_from_json(Config *c, const Json *j, long target_ctx) {
+    memset(c, 0, sizeof *c);
+    if (!j || j->type != JSON_OBJECT) return set_error("config.json is not a JSON object");
+    const char *mt = json_get_string(j, "model_type", NULL);
+    const Json *arch = json_get_type(j, "architectures", JSON_ARRAY);
+    if (mt && strcmp(mt, "llama") != 0) return set_error("config.json: model_type \"%s\" is not supported (only llama)", mt);
+    if (arch)
+        for (size_t i = 0; i < arch->count; i++)
+            if (arch->items[i].type != JSON_STRING || strcmp(arch->items[i].string, "LlamaForCausalLM") != 0)
+                return set_error("config.json: architecture %s is not supported (only LlamaForCausalLM)",
+                                 arch->items[i].type == JSON_STRING ? arch->items[i].string : "(not a string)");
+    if (!mt && !arch) return set_error("config.json names neither a model_type nor architectures");
+    if (json_get_bool(j, "attention_bias", 0) || json_get_bool(j, "mlp_bias", 0))
+        return set_error("config.json: biases (attention_bias / mlp_bias) are not supported");
+    const char *act = json_get_string(j, "hidden_act", "silu");
+    if (strcmp(act, "silu") != 0) return set_error("config.json: hidden_act \"%s\" is not supported (only silu)", act);
+    if (json_get_number(j, "pretraining_tp", 1) != 1) return set_error("config.json: pretraining_tp other than 1 is not supported");
+    int rc = 0;
+    rc |= config_int(j, "hidden_size", 1, 0, &c->dim);
+    rc |= config_int(j, "intermediate_size", 1, 0, &c->ffn_dim);
+    rc |= config_int(j, "num_hidden_layers", 1, 0, &c->n_layers);
+    rc |= config_int(j, "num_attention_heads", 1, 0, &c->n_heads);
+    if (rc) return -1;
+    if (config_int(j, "num_key_value_heads", 0, c->n_heads, &c->n_kv_heads)) return -1;
+    if (c->n_heads <= 0 || c->dim <= 0) return set_error("config.json: hidden_size and num_attention_heads must be positive");
+    if (config_int(j, "head_dim", 0, c->dim / c->n_heads, &c->head_dim)) return -1;
+    if (config_int(j, "vocab_size", 1, 0, &c->vocab_size)) return -1;
+    if (config_int(j, "max_position_embeddings", 0, 2048, &c->max_pos)) return -1;
+    if (c->ffn_dim <= 0 || c->n_layers <= 0 || c->n_kv_heads <= 0 || c->head_dim <= 0 || c->vocab_size <= 0 || c->max_pos <= 0)
+        return set_error("config.json: every size must be positive");
+    if (c->head_dim % 2) return set_error("config.json: head_dim %d is odd; RoPE needs pairs", c->head_dim);
+    if (c->n_heads % c->n_kv_heads) return set_error("config.json: num_attention_heads %d is not a multiple of num_key_value_heads %d", c->n_heads, c->n_kv_heads);
+    if ((double)c->vocab_size * c->dim > 4e10 || (double)c->ffn_dim * c->dim > 4e10) return set_error("config.json: sizes are implausibly large");
+    double eps = json_get_number(j, "rms_norm_eps", 1e-6);
+    if (!(eps > 0 && eps < 1)) return set_error("config.json: rms_norm_eps %g is out of range", eps);
+    c->rms_eps = (float)eps;
+    if (config_parse_rope(c, j)) return -1;
+    c->tie_embeddings = json_get_bool(j, "tie_word_embeddings", 0);
+    c->bos_id = (int)json_get_number(j, "bos_token_id", -1);
+    c->eos_id = (int)json_get_number(j, "eos_token_id", -1); /* a list of eos ids keeps -1 */
+    config_set_target_ctx(c, target_ctx);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Params: every weight (or gradient) as fp32, in one allocation
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    float *attn_norm; /* [D] input_layernorm */
+    float *wq;        /* [H*d, D] */
+    float *wk;        /* [Hk*d, D] */
+    float *wv;        /* [Hk*d, D] */
+    float *wo;        /* [D, H*d] */
+    float *mlp_norm;  /* [D] post_attention_layernorm */
+    float *w_gate;    /* [F, D] */
+    float *w_up;      /* [F, D] */
+    float *w_down;    /* [D, F] */
+} LayerParams;
+
+typedef struct {
+    float *embed;        /* [V, D] */
+    LayerParams *layers; /* [L] */
+    float *final_norm;   /* [D] */
+    float *lm_head;      /* [V, D]; the same memory as embed when tied */
+    float *memory;       /* [count]: every array above lives here */
+    size_t count;        /* floats in memory */
+} Params;
+typedef Params Grads; /* gradients: the same layout */
+
+typedef struct {
+    Config cfg;
+    Params w;
+} Model;
+
+/* The 7 projections of a layer, in hook order. */
+enum { PROJ_Q, PROJ_K, PROJ_V, PROJ_O, PROJ_GATE, PROJ_UP, PROJ_DOWN, N_PROJ };
+
+/* Input and output widths of projection `which`: y [T, out] = x [T, in] W^T, W [out, in]. */
+static void proj_shape(const Config *c, int which, size_t *in, size_t *out) {
+    size_t D = (size_t)c->dim, F = (size_t)c->ffn_dim, Hd = (size_t)c->n_heads * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
+    switch (which) {
+    case PROJ_Q: *in = D; *out = Hd; break;
+    case PROJ_K: case PROJ_V: *in = D; *out = Hkd; break;
+    case PROJ_O: *in = Hd; *out = D; break;
+    case PROJ_GATE: case PROJ_UP: *in = D; *out = F; break;
+    default: *in = F; *out = D; break;
+    }
+}
+static float *proj_weight(const LayerParams *lp, int which) {
+    switch (which) {
+    case PROJ_Q: return lp->wq;
+    case PROJ_K: return lp->wk;
+    case PROJ_V: return lp->wv;
+    case PROJ_O: return lp->wo;
+    case PROJ_GATE: return lp->w_gate;
+    case PROJ_UP: return lp->w_up;
+    default: return lp->w_down;
+    }
+}
+
+/* Lays out every array of p in one zeroed allocation. */
+static void params_alloc(Params *p, const Config *c) {
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
+    size_t per_layer = 2 * D;
+    for (int w = 0; w < N_PROJ; w++) { size_t in, out; proj_shape(c, w, &in, &out); per_layer += in * out; }
+    p->count = V * D + L * per_layer + D + (c->tie_embeddings ? 0 : V * D);
+    p->memory = (float *)xcalloc(p->count, sizeof(float));
+    p->layers = (LayerParams *)xcalloc(L, sizeof(LayerParams));
+    float *m = p->memory;
+    p->embed = m; m += V * D;
+    for (size_t l = 0; l < L; l++) {
+        LayerParams *lp = &p->layers[l];
+        size_t in, out;
+        lp->attn_norm = m; m += D;
+        proj_shape(c, PROJ_Q, &in, &out); lp->wq = m; m += in * out;
+        proj_shape(c, PROJ_K, &in, &out); lp->wk = m; m += in * out;
+        proj_shape(c, PROJ_V, &in, &out); lp->wv = m; m += in * out;
+        proj_shape(c, PROJ_O, &in, &out); lp->wo = m; m += in * out;
+        lp->mlp_norm = m; m += D;
+        proj_shape(c, PROJ_GATE, &in, &out); lp->w_gate = m; m += in * out;
+        proj_shape(c, PROJ_UP, &in, &out); lp->w_up = m; m += in * out;
+        proj_shape(c, PROJ_DOWN, &in, &out); lp->w_down = m; m += in * out;
+    }
+    p->final_norm = m; m += D;
+    if (c->tie_embeddings) p->lm_head = p->embed;
+    else { p->lm_head = m; m += V * D; }
+    CHECK((size_t)(m - p->memory) == p->count, "parameter layout miscounted");
+}
+static void params_free(Params *p) {
+    free(p->memory);
+    free(p->layers);
+    memset(p, 0, sizeof *p);
+}
+static void grads_alloc(Grads *g, const Config *c) { params_alloc(g, c); }
+static void grads_zero(Grads *g) { memset(g->memory, 0, g->count * sizeof(float)); }
+
+/* One named tensor of the model, as HF names it. */
+typedef struct {
+    char name[96];
+    float *data; /* [shape[0] * shape[1]] */
+    int ndim;
+    int64_t shape[2];
+} ParamRef;
+
+/* Lists every tensor of p under its HF name (lm_head only when untied); returns how many.
+ * out may be NULL to count; otherwise it has room for params_list(NULL...) entries. */
+static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
+    size_t n = 0, D = (size_t)c->dim, V = (size_t)c->vocab_size;
+#define ADD(ptr, nd, s0, s1, ...)                                                             \
+    do {                                                                                      \
+        if (out) {                                                                            \
+            snprintf(out[n].name, sizeof out[n].name, __VA_ARGS__);                           \
+            out[n].data = (ptr); out[n].ndim = (nd);                                          \
+            out[n].shape[0] = (int64_t)(s0); out[n].shape[1] = (int64_t)(s1);                 \
+        }                                                                                     \
+        n++;                                                                                  \
+    } while (0)
+    static const char *const hf_proj[N_PROJ] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
+    ADD(p->embed, 2, V, D, "model.embed_tokens.weight");
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerParams *lp = &p->layers[l];
+        ADD(lp->attn_norm, 1, D, 1, "model.layers.%d.input_layernorm.weight", l);
+        for (int w = 0; w < N_PROJ; w++) {
+            size_t in, o;
+            proj_shape(c, w, &in, &o);
+            ADD(proj_weight(lp, w), 2, o, in, "model.layers.%d.%s.weight", l, hf_proj[w]);
+        }
+        ADD(lp->mlp_norm, 1, D, 1, "model.layers.%d.post_attention_layernorm.weight", l);
+    }
+    ADD(p->final_norm, 1, D, 1, "model.norm.weight");
+    if (!c->tie_embeddings) ADD(p->lm_head, 2, V, D, "lm_head.weight");
+#undef ADD
+    return n;
+}
+
+/* A random model (for tests and benchmarks): linears ~ N(0, std^2), norms ~ 1 + N(0, 0.1^2). */
+static void model_init_random(Model *m, const Config *c, uint64_t seed, float std) {
+    m->cfg = *c;
+    params_alloc(&m->w, c);
+    size_t n = params_list(&m->w, c, NULL);
+    ParamRef *refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
+    params_list(&m->w, c, refs);
+    Rng rng;
+    rng_seed(&rng, seed);
+    for (size_t i = 0; i < n; i++) {
+        size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
+        for (size_t k = 0; k < numel; k++) refs[i].data[k] = refs[i].ndim == 1 ? 1.0f + 0.1f * rng_normal(&rng) : std * rng_normal(&rng);
+    }
+    free(refs);
+}
+static void model_free(Model *m) { params_free(&m->w); }
+
+/* ---------------------------------------------------------------------------------------
+ * Loading a HF folder: config.json + model.safetensors, or shards listed in
+ * model.safetensors.index.json. Every tensor is checked by name, dtype and shape.
+ * ------------------------------------------------------------------------------------- */
+
+static int is_ignored_tensor(const char *name) { /* old checkpoints carry RoPE tables we recompute */
+    size_t n = strlen(name), k = strlen("rotary_emb.inv_freq");
+    return n >= k && strcmp(name + n - k, "rotary_emb.inv_freq") == 0;
+}
+
+/* Loads a model folder; -1 + last_error() (naming the file or tensor) on bad input. */
+static int model_try_load(Model *m, const char *dir, long target_ctx) {
+    memset(m, 0, sizeof *m);
+    char path[4096];
+    Json *cj = json_parse_file(path_join(path, sizeof path, dir, "config.json"));
+    if (!cj) return -1;
+    int rc = config_from_json(&m->cfg, cj, target_ctx);
+    json_free(cj);
+    if (rc) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); return set_error("%s: %s", dir, why); }
+    const Config *c = &m->cfg;
+
+    /* Which files hold the weights. */
+    SafeTensors *files = NULL;
+    size_t n_files = 0;
+    Json *index = NULL;
+    path_join(path, sizeof path, dir, "model.safetensors.index.json");
+    if (file_exists(path)) {
+        index = json_parse_file(path);
+        if (!index) return -1;
+        const Json *map = json_get_type(index, "weight_map", JSON_OBJECT);
+        if (!map) { json_free(index); return set_error("%s has no weight_map object", path); }
+        files = (SafeTensors *)xcalloc(map->count ? map->count : 1, sizeof(SafeTensors));
+        for (size_t i = 0; i < map->count && rc == 0; i++) {
+            const Json *f = &map->items[i];
+            if (f->type != JSON_STRING || strchr(f->string, '/') || strlen(f->string) == 0) { rc = set_error("%s: tensor '%s' maps to a bad file name", path, map->keys[i]); break; }
+            size_t k = 0;
+            while (k < n_files && strcmp(strrchr(files[k].path, '/') + 1, f->string) != 0) k++;
+            if (k < n_files) continue;
+            char shard[4096];
+            if (st_open(&files[n_files], path_join(shard, sizeof shard, dir, f->string)) != 0) rc = -1;
+            else n_files++;
+        }
+    } else {
+        files = (SafeTensors *)xcalloc(1, sizeof(SafeTensors));
+        if (st_open(&files[0], path_join(path, sizeof path, dir, "model.safetensors")) != 0) rc = -1;
+        else n_files = 1;
+    }
+
+    /* Every tensor the config needs, by name. */
+    if (rc == 0) {
+        params_alloc(&m->w, c);
+        size_t n = params_list(&m->w, c, NULL);
+        ParamRef *refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
+        params_list(&m->w, c, refs);
+        for (size_t i = 0; i < n && rc == 0; i++) {
+            const StTensor *t = NULL;
+            const char *where = files[0].path;
+            if (index) {
+                const char *fname = json_get_string(json_get(index, "weight_map"), refs[i].name, NULL);
+                if (!fname) { rc = set_error("%s: tensor '%s' is missing from model.safetensors.index.json", dir, refs[i].name); break; }
+                for (size_t k = 0; k < n_files; k++)
+                    if (strcmp(strrchr(files[k].path, '/') + 1, fname) == 0) { t = st_find(&files[k], refs[i].name); where = files[k].path; }
+            } else t = st_find(&files[0], refs[i].name);
+            if (!t) { rc = set_error("%s: tensor '%s' is missing", where, refs[i].name); break; }
+            if (st_check_shape(t, refs[i].ndim, refs[i].shape) != 0 || st_to_f32(t, refs[i].data) != 0) {
+                char why[1024]; snprintf(why, sizeof why, "%s", last_error());
+                rc = set_error("%s: %s", where, why);
+            }
+        }
+        /* ... and nothing else (a tensor we do not know means a model we would run wrongly). */
+        for (size_t k = 0; k < n_files && rc == 0; k++)
+            for (size_t t = 0; t < files[k].count && rc == 0; t++) {
+                const char *name = files[k].tensors[t].name;
+                int known = is_ignored_tensor(name) || (c->tie_embeddings && strcmp(name, "lm_head.weight") == 0);
+                for (size_t i = 0; i < n && !known; i++) known = strcmp(refs[i].name, name) == 0;
+                if (!known) rc = set_error("%s: unexpected tensor '%s' (biases and other architectures are not supported)", files[k].path, name);
+            }
+        free(refs);
+    }
+    for (size_t k = 0; k < n_files; k++) st_close(&files[k]);
+    free(files);
+    json_free(index);
+    if (rc) params_free(&m->w);
+    return rc;
+}
+
+/* Loads a model folder or ends the program with one sentence. */
+static void model_load(Model *m, const char *dir, long target_ctx) {
+    if (model_try_load(m, dir, target_ctx) != 0) die("%s", last_error());
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The pieces, forward and backward. T = B*N rows; every buffer is row-major.
+ * ------------------------------------------------------------------------------------- */
+
+/* y [T, out] = x [T, in] W^T, W [out, in]. Blocks of 32 weight rows stay in cache while 4
+ * rows of x at a time stream past them; OpenMP shares the (weight block, row block) tiles. */
+static void matmul_forward(float *y, const float *x, const float *w, size_t T, size_t in, size_t out) {
+    const size_t OB = 32, TB = 64;
+    size_t n_ob = (out + OB - 1) / OB, n_tb = (T + TB - 1) / TB;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (size_t ob = 0; ob < n_ob; ob++)
+        for (size_t tb = 0; tb < n_tb; tb++) {
+            size_t o_end = (ob + 1) * OB < out ? (ob + 1) * OB : out;
+            size_t t_end = (tb + 1) * TB < T ? (tb + 1) * TB : T;
+            size_t t = tb * TB;
+            for (; t + 4 <= t_end; t += 4) {
+                const float *x0 = x + t * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
+                for (size_t o = ob * OB; o < o_end; o++) {
+                    const float *wr = w + o * in;
+                    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                    for (size_t i = 0; i < in; i++) {
+                        a0 += x0[i] * wr[i]; a1 += x1[i] * wr[i];
+                        a2 += x2[i] * wr[i]; a3 += x3[i] * wr[i];
+                    }
+                    y[t * out + o] = a0; y[(t + 1) * out + o] = a1;
+                    y[(t + 2) * out + o] = a2; y[(t + 3) * out + o] = a3;
+                }
+            }
+            for (; t < t_end; t++)
+                for (size_t o = ob * OB; o < o_end; o++) {
+                    const float *xr = x + t * in, *wr = w + o * in;
+                    float a = 0;
+#pragma omp simd reduction(+ : a)
+                    for (size_t i = 0; i < in; i++) a += xr[i] * wr[i];
+                    y[t * out + o] = a;
+                }
+        }
+}
+
+/* dx [T, in] += dy [T, out] W, W [out, in]: each thread owns rows of dx. */
+static void matmul_backward_dx(float *dx, const float *dy, const float *w, size_t T, size_t in, size_t out) {
+    const size_t TB = 8;
+    size_t n_tb = (T + TB - 1) / TB;
+#pragma omp parallel for schedule(dynamic)
+    for (size_t tb = 0; tb < n_tb; tb++) {
+        size_t t_end = (tb + 1) * TB < T ? (tb + 1) * TB : T;
+        for (size_t o = 0; o < out; o++) {
+            const float *wr = w + o * in;
+            for (size_t t = tb * TB; t < t_end; t++) {
+                float g = dy[t * out + o];
+                float *dxr = dx + t * in;
+#pragma omp simd
+                for (size_t i = 0; i < in; i++) dxr[i] += g * wr[i];
+            }
+        }
+    }
+}
+
+/* dW [out, in] += dy^T [out, T] x [T, in]: each thread owns rows of dW. */
+static void matmul_backward_dw(float *dw, const float *dy, const float *x, size_t T, size_t in, size_t out) {
+    const size_t OB = 8;
+    size_t n_ob = (out + OB - 1) / OB;
+#pragma omp parallel for schedule(dynamic)
+    for (size_t ob = 0; ob < n_ob; ob++) {
+        size_t o_end = (ob + 1) * OB < out ? (ob + 1) * OB : out;
+        for (size_t t = 0; t < T; t++) {
+            const float *xr = x + t * in;
+            for (size_t o = ob * OB; o < o_end; o++) {
+                float g = dy[t * out + o];
+                float *dwr = dw + o * in;
+#pragma omp simd
+                for (size_t i = 0; i < in; i++) dwr[i] += g * xr[i];
+            }
+        }
+    }
+}
+
+/* RMSNorm: out = w * x / sqrt(mean(x^2) + eps), per row; rstd [T] keeps 1/sqrt(...) for the backward. */
+static void rmsnorm_forward(float *out /* [T, D] */, float *rstd /* [T] */, const float *x /* [T, D] */,
+                            const float *w /* [D] */, size_t T, size_t D, float eps) {
+#pragma omp parallel for
+    for (size_t t = 0; t < T; t++) {
+        const float *xr = x + t * D;
+        float ss = 0;
+        for (size_t i = 0; i < D; i++) ss += xr[i] * xr[i];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        rstd[t] = r;
+        for (size_t i = 0; i < D; i++) out[t * D + i] = w[i] * (xr[i] * r);
+    }
+}
+/* dx [T, D] += d(rmsnorm)/dx . dout; dw [D] += sum over rows of dout * x * rstd (dw may be NULL). */
+static void rmsnorm_backward(float *dx, float *dw, const float *dout /* [T, D] */, const float *x /* [T, D] */,
+                             const float *w /* [D] */, const float *rstd /* [T] */, size_t T, size_t D) {
+#pragma omp parallel for
+    for (size_t t = 0; t < T; t++) {
+        const float *xr = x + t * D, *gr = dout + t * D;
+        float r = rstd[t], dot = 0;
+        for (size_t i = 0; i < D; i++) dot += gr[i] * w[i] * xr[i] * r; /* sum of dn * n */
+        dot /= (float)D;
+        for (size_t i = 0; i < D; i++) dx[t * D + i] += r * (gr[i] * w[i] - xr[i] * r * dot);
+    }
+    if (dw)
+        for (size_t t = 0; t < T; t++)
+            for (size_t i = 0; i < D; i++) dw[i] += dout[t * D + i] * x[t * D + i] * rstd[t];
+}
+
+/* RoPE tables for positions 0..N-1, computed the way HF does (fp32): inv_freq[i] =
+ * 1 / theta^(2i/d) / factor, angle = pos * inv_freq[i]. */
+static void rope_tables(float *cos_t /* [N, d/2] */, float *sin_t /* [N, d/2] */, size_t N, int d, float theta, float factor) {
+    size_t half = (size_t)d / 2;
+    for (size_t i = 0; i < half; i++) {
+        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)d);
+        inv_freq = inv_freq / factor;
+        for (size_t p = 0; p < N; p++) {
+            float angle = (float)p * inv_freq;
+            cos_t[p * half + i] = cosf(angle);
+            sin_t[p * half + i] = sinf(angle);
+        }
+    }
+}
+/* Rotates every head of x in place, HF's rotate-half layout: pairs (i, i + d/2).
+ * sign = +1 forward, -1 backward (the transpose of a rotation is the rotation back). */
+static void rope_apply(float *x /* [B*N, nh*d] */, const float *cos_t, const float *sin_t /* [N, d/2] */,
+                       size_t B, size_t N, int nh, int d, float sign) {
+    size_t half = (size_t)d / 2;
+#pragma omp parallel for
+    for (size_t t = 0; t < B * N; t++) {
+        size_t pos = t % N;
+        for (int h = 0; h < nh; h++) {
+            float *v = x + t * (size_t)nh * d + (size_t)h * d;
+            for (size_t i = 0; i < half; i++) {
+                float c = cos_t[pos * half + i], s = sign * sin_t[pos * half + i];
+                float a = v[i], b = v[i + half];
+                v[i] = a * c - b * s;
+                v[i + half] = b * c + a * s;
+            }
+        }
+    }
+}
+static void rope_forward(float *x, const float *cos_t, const float *sin_t, size_t B, size_t N, int nh, int d) {
+    rope_apply(x, cos_t, sin_t, B, N, nh, d, 1.0f);
+}
+static void rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t B, size_t N, int nh, int d) {
+    rope_apply(dx, cos_t, sin_t, B, N, nh, d, -1.0f);
+}
+
+/* Causal attention with grouped-query heads: query head h reads KV head h / (H/Hk).
+ * Query i sees keys s2_first_key(i, h, H, G) <= j <= i (G == 0: all j <= i).
+ * lse [B, H, N] keeps each row's log-sum-exp so the backward can rebuild the probabilities
+ * without storing the N x N matrix. scratch [threads, N]. */
+static void attention_forward(float *out /* [B*N, H*d] */, float *lse /* [B, H, N] */, const float *q /* [B*N, H*d] */,
+                              const float *k /* [B*N, Hk*d] */, const float *v /* [B*N, Hk*d] */,
+                              size_t B, size_t N, int H, int Hk, int d, size_t G, float *scratch /* [threads, N] */) {
+    size_t qs = (size_t)H * d, ks = (size_t)Hk * d;
+    float scale = 1.0f / sqrtf((float)d);
+#pragma omp parallel for collapse(2) schedule(dynamic, 8)
+    for (size_t bh = 0; bh < B * (size_t)H; bh++)
+        for (size_t i = 0; i < N; i++) {
+            size_t b = bh / (size_t)H;
+            int h = (int)(bh % (size_t)H), kvh = h / (H / Hk);
+            float *p = scratch + (size_t)thread_id() * N;
+            const float *qi = q + (b * N + i) * qs + (size_t)h * d;
+            size_t j0 = s2_first_key(i, h, H, G);
+            float mx = -INFINITY;
+            for (size_t j = j0; j <= i; j++) {
+                const float *kj = k + (b * N + j) * ks + (size_t)kvh * d;
+                float s = 0;
+                for (int c = 0; c < d; c++) s += qi[c] * kj[c];
+                p[j] = s * scale;
+                if (p[j] > mx) mx = p[j];
+            }
+            float sum = 0;
+            for (size_t j = j0; j <= i; j++) { p[j] = expf(p[j] - mx); sum += p[j]; }
+            float *oi = out + (b * N + i) * qs + (size_t)h * d;
+            for (int c = 0; c < d; c++) oi[c] = 0;
+            for (size_t j = j0; j <= i; j++) {
+                const float *vj = v + (b * N + j) * ks + (size_t)kvh * d;
+                float pj = p[j] / sum;
+                for (int c = 0; c < d; c++) oi[c] += pj * vj[c];
+            }
+            lse[bh * N + i] = mx + logf(sum);
+        }
+}
+
+/* The attention backward in two race-free passes. With P[i,j] = exp(S[i,j] - lse[i]):
+ *   dP[i,j] = dout_i . v_j,  delta_i = sum_j P dP = dout_i . out_i,  dS = P (dP - delta),
+ *   dq_i = scale sum_j dS k_j (pass 1, one query row per task),
+ *   dk_j = scale sum_i dS q_i, dv_j = sum_i P dout_i over the query heads of j's KV head
+ *   and the queries i that see j (pass 2, one key row per task).
+ * dq, dk, dv are overwritten. delta [B, H, N] is scratch. */
+static void attention_backward(float *dq /* [B*N, H*d] */, float *dk /* [B*N, Hk*d] */, float *dv /* [B*N, Hk*d] */,
+                               float *delta /* [B, H, N] */, const float *dout /* [B*N, H*d] */,
+                               const float *q, const float *k, const float *v, const float *out, const float *lse,
+                               size_t B, size_t N, int H, int Hk, int d, size_t G) {
+    size_t qs = (size_t)H * d, ks = (size_t)Hk * d;
+    float scale = 1.0f / sqrtf((float)d);
+    int group = H / Hk;
+#pragma omp parallel for collapse(2) schedule(dynamic, 8)
+    for (size_t bh = 0; bh < B * (size_t)H; bh++)
+        for (size_t i = 0; i < N; i++) {
+            size_t b = bh / (size_t)H;
+            int h = (int)(bh % (size_t)H), kvh = h / group;
+            const float *qi = q + (b * N + i) * qs + (size_t)h * d, *doi = dout + (b * N + i) * qs + (size_t)h * d;
+            const float *oi = out + (b * N + i) * qs + (size_t)h * d;
+            float *dqi = dq + (b * N + i) * qs + (size_t)h * d;
+            float dl = 0;
+            for (int c = 0; c < d; c++) dl += doi[c] * oi[c];
+            delta[bh * N + i] = dl;
+            for (int c = 0; c < d; c++) dqi[c] = 0;
+            float l = lse[bh * N + i];
+            for (size_t j = s2_first_key(i, h, H, G); j <= i; j++) {
+                const float *kj = k + (b * N + j) * ks + (size_t)kvh * d, *vj = v + (b * N + j) * ks + (size_t)kvh * d;
+                float s = 0, dp = 0;
+                for (int c = 0; c < d; c++) { s += qi[c] * kj[c]; dp += doi[c] * vj[c]; }
+                float ds = expf(s * scale - l) * (dp - dl) * scale;
+                for (int c = 0; c < d; c++) dqi[c] += ds * kj[c];
+            }
+        }
+#pragma omp parallel for collapse(2) schedule(dynamic, 8)
+    for (size_t bk = 0; bk < B * (size_t)Hk; bk++)
+        for (size_t j = 0; j < N; j++) {
+            size_t b = bk / (size_t)Hk;
+            int kvh = (int)(bk % (size_t)Hk);
+            const float *kj = k + (b * N + j) * ks + (size_t)kvh * d, *vj = v + (b * N + j) * ks + (size_t)kvh * d;
+            float *dkj = dk + (b * N + j) * ks + (size_t)kvh * d, *dvj = dv + (b * N + j) * ks + (size_t)kvh * d;
+            for (int c = 0; c < d; c++) { dkj[c] = 0; dvj[c] = 0; }
+            for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+                size_t bh = b * (size_t)H + (size_t)h;
+                for (size_t i = j; i < N; i++) {
+                    if (s2_first_key(i, h, H, G) > j) break; /* first keys only grow with i */
+                    const float *qi = q + (b * N + i) * qs + (size_t)h * d, *doi = dout + (b * N + i) * qs + (size_t)h * d;
+                    float s = 0, dp = 0;
+                    for (int c = 0; c < d; c++) { s += qi[c] * kj[c]; dp += doi[c] * vj[c]; }
+                    float p = expf(s * scale - lse[bh * N + i]);
+                    float ds = p * (dp - delta[bh * N + i]) * scale;
+                    for (int c = 0; c < d; c++) { dkj[c] += ds * qi[c]; dvj[c] += p * doi[c]; }
+                }
+            }
+        }
+}
+
+/* SwiGLU: h = silu(gate) * up, silu(g) = g * sigmoid(g). */
+static void swiglu_forward(float *h /* [n] */, const float *gate /* [n] */, const float *up /* [n] */, size_t n) {
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) h[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+static void swiglu_backward(float *dgate /* [n] */, float *dup /* [n] */, const float *dh /* [n] */,
+                            const float *gate, const float *up, size_t n) {
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float sg = 1.0f / (1.0f + expf(-gate[i])), silu = gate[i] * sg;
+        dup[i] = dh[i] * silu;
+        dgate[i] = dh[i] * up[i] * sg * (1.0f + gate[i] * (1.0f - sg));
+    }
+}
+
+/* Row-wise log(sum(exp(logits))), computed stably. */
+static float logsumexp_row(const float *row, size_t V) {
+    float mx = -INFINITY;
+    for (size_t c = 0; c < V; c++) if (row[c] > mx) mx = row[c];
+    double sum = 0;
+    for (size_t c = 0; c < V; c++) sum += exp((double)(row[c] - mx));
+    return mx + (float)log(sum);
+}
+/* Mean over the targets that are not IGNORE_INDEX of -log softmax(logits)[target]
+ * (0 when there are none); *count gets how many there were. */
+static float cross_entropy_forward(const float *logits /* [T, V] */, const int32_t *targets /* [T] */, size_t T, size_t V, size_t *count) {
+    double total = 0;
+    size_t n = 0;
+#pragma omp parallel for reduction(+ : total, n)
+    for (size_t t = 0; t < T; t++) {
+        if (targets[t] == IGNORE_INDEX) continue;
+        const float *row = logits + t * V;
+        total += (double)(logsumexp_row(row, V) - row[targets[t]]);
+        n++;
+    }
+    *count = n;
+    return n ? (float)(total / (double)n) : 0.0f;
+}
+/* dlogits = (softmax(logits) - onehot(target)) / count for each counted row, 0 for ignored
+ * rows. dlogits may be logits itself (each row is read before it is written). */
+static void cross_entropy_backward(float *dlogits /* [T, V] */, const float *logits /* [T, V] */, const int32_t *targets /* [T] */,
+                                   size_t T, size_t V, size_t count) {
+    float inv = count ? 1.0f / (float)count : 0.0f;
+#pragma omp parallel for
+    for (size_t t = 0; t < T; t++) {
+        const float *row = logits + t * V;
+        float *drow = dlogits + t * V;
+        if (targets[t] == IGNORE_INDEX) { for (size_t c = 0; c < V; c++) drow[c] = 0; continue; }
+        float lse = logsumexp_row(row, V);
+        for (size_t c = 0; c < V; c++) drow[c] = expf(row[c] - lse) * inv;
+        drow[targets[t]] -= inv;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Activations: every buffer planned up front
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct LinearHook {
+    void *ctx;
+    void (*forward)(void *ctx, int layer, int which, const float *x /* [T, in] */, size_t T, float *y /* [T, out] */);
+    void (*backward)(void *ctx, int layer, int which, const float *x /* [T, in] */, const float *dy /* [T, out] */,
+                     size_t T, float *dx /* [T, in] */);
+} LinearHook;
+
+typedef struct {
+    size_t s2_group;             /* G: 0 = full causal attention; otherwise N % G == 0 */
+    int grads_for_frozen_linears; /* 0: no dW for the 7 projections and an untied lm_head */
+    LinearHook *hook;            /* NULL: plain linears */
+} RunOptions;
+
+/* What one layer keeps for its backward (with for_training = 0 every layer uses layer 0's). */
+typedef struct {
+    float *x_in;      /* [T, D] the layer's input (residual stream) */
+    float *xn_attn;   /* [T, D] RMSNorm(x_in): input of q, k, v */
+    float *rstd_attn; /* [T] */
+    float *q;         /* [T, H*d] after RoPE */
+    float *k;         /* [T, Hk*d] after RoPE */
+    float *v;         /* [T, Hk*d] */
+    float *att;       /* [T, H*d] attention output: input of o */
+    float *lse;       /* [B, H, N] */
+    float *x_mid;     /* [T, D] x_in + o: the MLP block's input */
+    float *xn_mlp;    /* [T, D] RMSNorm(x_mid): input of gate, up */
+    float *rstd_mlp;  /* [T] */
+    float *gate;      /* [T, F] */
+    float *up;        /* [T, F] */
+    float *h;         /* [T, F] silu(gate) * up: input of down */
+} LayerActs;
+
+typedef struct {
+    size_t B, N;          /* the largest batch and sequence this plan holds */
+    int for_training;     /* 1: every layer keeps its buffers and the backward ones exist */
+    int n_threads;
+    LayerActs *layers;    /* [L] */
+    float *x_out;         /* [T, D] the last layer's output */
+    float *xn_final;      /* [T, D] */
+    float *rstd_final;    /* [T] */
+    float *logits;        /* [T, V] (after a backward: dlogits) */
+    float *proj_out;      /* [T, D] scratch: o and down outputs */
+    float *rope_cos;      /* [N, d/2] */
+    float *rope_sin;      /* [N, d/2] */
+    float *scratch;       /* [threads, N] attention rows */
+    /* backward only */
+    float *d_resid;       /* [T, D] dLoss/d(residual stream); after a backward: d(embedding output) */
+    float *d_xn;          /* [T, D] */
+    float *d_q;           /* [T, H*d] */
+    float *d_k;           /* [T, Hk*d] */
+    float *d_v;           /* [T, Hk*d] */
+    float *d_att;         /* [T, H*d] */
+    float *d_h;           /* [T, F] */
+    float *d_gate;        /* [T, F] */
+    float *d_up;          /* [T, F] */
+    float *delta;         /* [B, H, N] */
+    size_t loss_count;    /* targets counted by the last forward */
+    float *memory;
+    size_t bytes;         /* everything above, in bytes */
+} Activations;
+
+/* Plans (allocates, once) every buffer for up to B x N tokens. */
+static void act_plan(Activations *a, const Config *c, size_t B, size_t N, int for_training) {
+    memset(a, 0, sizeof *a);
+    a->B = B; a->N = N; a->for_training = for_training; a->n_threads = max_threads();
+    size_t T = B * N, D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
+    size_t Hd = H * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim, L = (size_t)c->n_layers;
+    size_t kept = for_training ? L : 1;
+    size_t per_layer = T * (4 * D + 2 + 2 * Hd + 2 * Hkd + 3 * F) + B * H * N;
+    size_t total = kept * per_layer + T * D + T * D + T + T * V + T * D + 2 * N * (size_t)(c->head_dim / 2) + (size_t)a->n_threads * N;
+    if (for_training) total += 2 * T * D + 2 * Hd * T + 2 * Hkd * T + 3 * T * F + B * H * N;
+    a->memory = (float *)xcalloc(total, sizeof(float));
+    a->bytes = total * sizeof(float);
+    a->layers = (LayerActs *)xcalloc(L, sizeof(LayerActs));
+    float *m = a->memory;
+#define TAKE(n) (m += (n), m - (n))
+    for (size_t l = 0; l < kept; l++) {
+        LayerActs *la = &a->layers[l];
+        la->x_in = TAKE(T * D); la->xn_attn = TAKE(T * D); la->rstd_attn = TAKE(T);
+        la->q = TAKE(T * Hd); la->k = TAKE(T * Hkd); la->v = TAKE(T * Hkd); la->att = TAKE(T * Hd);
+        la->lse = TAKE(B * H * N); la->x_mid = TAKE(T * D); la->xn_mlp = TAKE(T * D); la->rstd_mlp = TAKE(T);
+        la->gate = TAKE(T * F); la->up = TAKE(T * F); la->h = TAKE(T * F);
+    }
+    for (size_t l = kept; l < L; l++) a->layers[l] = a->layers[0];
+    a->x_out = TAKE(T * D); a->xn_final = TAKE(T * D); a->rstd_final = TAKE(T); a->logits = TAKE(T * V);
+    a->proj_out = TAKE(T * D);
+    a->rope_cos = TAKE(N * (size_t)(c->head_dim / 2)); a->rope_sin = TAKE(N * (size_t)(c->head_dim / 2));
+    a->scratch = TAKE((size_t)a->n_threads * N);
+    if (for_training) {
+        a->d_resid = TAKE(T * D); a->d_xn = TAKE(T * D); a->d_q = TAKE(T * Hd); a->d_k = TAKE(T * Hkd);
+        a->d_v = TAKE(T * Hkd); a->d_att = TAKE(T * Hd); a->d_h = TAKE(T * F); a->d_gate = TAKE(T * F);
+        a->d_up = TAKE(T * F); a->delta = TAKE(B * H * N);
+    }
+#undef TAKE
+    CHECK((size_t)(m - a->memory) == total, "activation plan miscounted");
+    rope_tables(a->rope_cos, a->rope_sin, N, c->head_dim, c->rope_theta, c->rope_factor);
+}
+static void act_free(Activations *a) {
+    free(a->memory);
+    free(a->layers);
+    memset(a, 0, sizeof *a);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The model: forward and backward
+ * ------------------------------------------------------------------------------------- */
+
+/* y = x W^T for projection `which` of layer l, then the hook may add to y. */
+static void project(const Model *m, const RunOptions *o, int l, int which, const float *x, size_t T, float *y) {
+    size_t in, out;
+    proj_shape(&m->cfg, which, &in, &out);
+    matmul_forward(y, x, proj_weight(&m->w.layers[l], which), T, in, out);
+    if (o && o->hook && o->hook->forward) o->hook->forward(o->hook->ctx, l, which, x, T, y);
+}
+/* dx += dy W (then the hook may add to dx), and dW += dy^T x when that gradient is wanted. */
+static void project_backward(const Model *m, Grads *g, const RunOptions *o, int l, int which, const float *x,
+                             const float *dy, size_t T, float *dx) {
+    size_t in, out;
+    proj_shape(&m->cfg, which, &in, &out);
+    matmul_backward_dx(dx, dy, proj_weight(&m->w.layers[l], which), T, in, out);
+    if (o && o->hook && o->hook->backward) o->hook->backward(o->hook->ctx, l, which, x, dy, T, dx);
+    if (g && o && o->grads_for_frozen_linears) matmul_backward_dw(proj_weight(&g->layers[l], which), dy, x, T, in, out);
+}
+
+static void check_run(const Model *m, const Activations *a, const int32_t *tokens, size_t B, size_t N, const RunOptions *o) {
+    if (B * N > a->B * a->N || N > a->N) die("a batch of %zu x %zu tokens does not fit activations planned for %zu x %zu", B, N, a->B, a->N);
+    if (o && o->s2_group && N % o->s2_group != 0) die("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, o->s2_group);
+    for (size_t t = 0; t < B * N; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->cfg.vocab_size) die("token %zu has id %d, outside the vocabulary of %d", t, tokens[t], m->cfg.vocab_size);
+}
+
+/* Runs the model over tokens [B*N]; returns the mean loss over targets (0 without targets). */
+static float model_forward(const Model *m, Activations *a, const int32_t *tokens /* [B*N] */,
+                           const int32_t *targets /* [B*N] or NULL */, size_t B, size_t N, const RunOptions *o) {
+    const Config *c = &m->cfg;
+    check_run(m, a, tokens, B, N, o);
+    size_t T = B * N, D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size;
+    size_t G = o ? o->s2_group : 0;
+    /* embedding lookup into layer 0's input */
+    for (size_t t = 0; t < T; t++) memcpy(a->layers[0].x_in + t * D, m->w.embed + (size_t)tokens[t] * D, D * sizeof(float));
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerParams *lp = &m->w.layers[l];
+        LayerActs *la = &a->layers[l];
+        /* attention block */
+        rmsnorm_forward(la->xn_attn, la->rstd_attn, la->x_in, lp->attn_norm, T, D, c->rms_eps);
+        project(m, o, l, PROJ_Q, la->xn_attn, T, la->q);
+        project(m, o, l, PROJ_K, la->xn_attn, T, la->k);
+        project(m, o, l, PROJ_V, la->xn_attn, T, la->v);
+        rope_forward(la->q, a->rope_cos, a->rope_sin, B, N, c->n_heads, c->head_dim);
+        rope_forward(la->k, a->rope_cos, a->rope_sin, B, N, c->n_kv_heads, c->head_dim);
+        attention_forward(la->att, la->lse, la->q, la->k, la->v, B, N, c->n_heads, c->n_kv_heads, c->head_dim, G, a->scratch);
+        project(m, o, l, PROJ_O, la->att, T, a->proj_out);
+        for (size_t i = 0; i < T * D; i++) la->x_mid[i] = la->x_in[i] + a->proj_out[i];
+        /* MLP block */
+        rmsnorm_forward(la->xn_mlp, la->rstd_mlp, la->x_mid, lp->mlp_norm, T, D, c->rms_eps);
+        project(m, o, l, PROJ_GATE, la->xn_mlp, T, la->gate);
+        project(m, o, l, PROJ_UP, la->xn_mlp, T, la->up);
+        swiglu_forward(la->h, la->gate, la->up, T * F);
+        project(m, o, l, PROJ_DOWN, la->h, T, a->proj_out);
+        /* the next layer's input (when layers share buffers, x_in is free again by now) */
+        float *next = l + 1 < c->n_layers ? a->layers[l + 1].x_in : a->x_out;
+        for (size_t i = 0; i < T * D; i++) next[i] = la->x_mid[i] + a->proj_out[i];
+    }
+    rmsnorm_forward(a->xn_final, a->rstd_final, a->x_out, m->w.final_norm, T, D, c->rms_eps);
+    matmul_forward(a->logits, a->xn_final, m->w.lm_head, T, D, V);
+    a->loss_count = 0;
+    if (!targets) return 0.0f;
+    for (size_t t = 0; t < T; t++)
+        if (targets[t] != IGNORE_INDEX && (targets[t] < 0 || targets[t] >= c->vocab_size))
+            die("target %zu has id %d, outside the vocabulary of %d", t, targets[t], c->vocab_size);
+    return cross_entropy_forward(a->logits, targets, T, V, &a->loss_count);
+}
+
+/* Backpropagates the loss of the last model_forward (same arguments) and accumulates into g. */
+static void model_backward(const Model *m, Activations *a, Grads *g, const int32_t *tokens, const int32_t *targets,
+                           size_t B, size_t N, const RunOptions *o) {
+    const Config *c = &m->cfg;
+    if (!a->for_training) die("model_backward needs activations planned for training");
+    if (!targets) die("model_backward needs targets");
+    size_t T = B * N, D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size;
+    size_t Hd = (size_t)c->n_heads * c->head_dim;
+    size_t G = o ? o->s2_group : 0;
+    int want_frozen = o && o->grads_for_frozen_linears;
+    /* head: the tied head is the (trainable) embedding, so its gradient is always wanted */
+    cross_entropy_backward(a->logits, a->logits, targets, T, V, a->loss_count);
+    const float *dlogits = a->logits;
+    memset(a->d_xn, 0, T * D * sizeof(float));
+    matmul_backward_dx(a->d_xn, dlogits, m->w.lm_head, T, D, V);
+    if (g && (c->tie_embeddings || want_frozen)) matmul_backward_dw(g->lm_head, dlogits, a->xn_final, T, D, V);
+    memset(a->d_resid, 0, T * D * sizeof(float));
+    rmsnorm_backward(a->d_resid, g ? g->final_norm : NULL, a->d_xn, a->x_out, m->w.final_norm, a->rstd_final, T, D);
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        const LayerParams *lp = &m->w.layers[l];
+        LayerParams *gl = g ? &g->layers[l] : NULL;
+        LayerActs *la = &a->layers[l];
+        /* MLP block: x_out = x_mid + down(silu(gate(xn)) * up(xn)); d_resid flows through unchanged */
+        memset(a->d_h, 0, T * F * sizeof(float));
+        project_backward(m, g, o, l, PROJ_DOWN, la->h, a->d_resid, T, a->d_h);
+        swiglu_backward(a->d_gate, a->d_up, a->d_h, la->gate, la->up, T * F);
+        memset(a->d_xn, 0, T * D * sizeof(float));
+        project_backward(m, g, o, l, PROJ_GATE, la->xn_mlp, a->d_gate, T, a->d_xn);
+        project_backward(m, g, o, l, PROJ_UP, la->xn_mlp, a->d_up, T, a->d_xn);
+        rmsnorm_backward(a->d_resid, gl ? gl->mlp_norm : NULL, a->d_xn, la->x_mid, lp->mlp_norm, la->rstd_mlp, T, D);
+        /* attention block: x_mid = x_in + o(attention(rope(q(xn)), rope(k(xn)), v(xn))) */
+        memset(a->d_att, 0, T * Hd * sizeof(float));
+        project_backward(m, g, o, l, PROJ_O, la->att, a->d_resid, T, a->d_att);
+        attention_backward(a->d_q, a->d_k, a->d_v, a->delta, a->d_att, la->q, la->k, la->v, la->att, la->lse,
+                           B, N, c->n_heads, c->n_kv_heads, c->head_dim, G);
+        rope_backward(a->d_q, a->rope_cos, a->rope_sin, B, N, c->n_heads, c->head_dim);
+        rope_backward(a->d_k, a->rope_cos, a->rope_sin, B, N, c->n_kv_heads, c->head_dim);
+        memset(a->d_xn, 0, T * D * sizeof(float));
+        project_backward(m, g, o, l, PROJ_Q, la->xn_attn, a->d_q, T, a->d_xn);
+        project_backward(m, g, o, l, PROJ_K, la->xn_attn, a->d_k, T, a->d_xn);
+        project_backward(m, g, o, l, PROJ_V, la->xn_attn, a->d_v, T, a->d_xn);
+        rmsnorm_backward(a->d_resid, gl ? gl->attn_norm : NULL, a->d_xn, la->x_in, lp->attn_norm, la->rstd_attn, T, D);
+    }
+    /* embedding: scatter-add (serial: two positions may hold the same token) */
+    if (g)
+        for (size_t t = 0; t < T; t++) {
+            float *row = g->embed + (size_t)tokens[t] * D;
+            for (size_t i = 0; i < D; i++) row[i] += a->d_resid[t * D + i];
+        }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The program: perplexity over a text, the top next tokens, or a throughput benchmark
+ * ------------------------------------------------------------------------------------- */
+#if STAGE == 2
+
+/* SmolLM2-135M's shape, for the benchmark with random weights. */
+static Config config_smollm2_135m(void) {
+    Config c = {0};
+    c.dim = 576; c.ffn_dim = 1536; c.n_layers = 30; c.n_heads = 9; c.n_kv_heads = 3; c.head_dim = 64;
+    c.vocab_size = 49152; c.rms_eps = 1e-5f; c.rope_theta = 100000.0f; c.rope_config_factor = 1.0f;
+    c.rope_factor = 1.0f; c.max_pos = 8192; c.tie_embeddings = 1; c.bos_id = 1; c.eos_id = 2;
+    return c;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: 02_model --model DIR --text-file F [--ctx N] [--window W]   mean next-token loss over a text\n"
+            "       02_model --model DIR --tokens F [--ctx N] [--window W]      the same over a token file\n"
+            "       02_model --model DIR --top K --text \"...\"                 the K most likely next tokens\n"
+            "       02_model --bench N [--model DIR] [--batch B]                forward tokens/s (random SmolLM2-135M shape without --model)\n");
+    exit(2);
+}
+
+static long parse_count(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || v <= 0) die("%s needs a positive integer, not \"%s\"", flag, s);
+    return v;
+}
+
+int main(int argc, char **argv) {
+    const char *model_dir = NULL, *text_file = NULL, *text = NULL, *token_file = NULL;
+    long ctx = 0, window = 0, top = 0, bench = 0, batch = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (i + 1 >= argc) usage();
+        if (!strcmp(f, "--model")) model_dir = argv[++i];
+        else if (!strcmp(f, "--text-file")) text_file = argv[++i];
+        else if (!strcmp(f, "--text")) text = argv[++i];
+        else if (!strcmp(f, "--tokens")) token_file = argv[++i];
+        else if (!strcmp(f, "--ctx")) ctx = parse_count(f, argv[++i]);
+        else if (!strcmp(f, "--window")) window = parse_count(f, argv[++i]);
+        else if (!strcmp(f, "--top")) top = parse_count(f, argv[++i]);
+        else if (!strcmp(f, "--bench")) bench = parse_count(f, argv[++i]);
+        else if (!strcmp(f, "--batch")) batch = parse_count(f, argv[++i]);
+        else usage();
+    }
+    Model model;
+    if (bench) {
+        if (model_dir) model_load(&model, model_dir, ctx);
+        else { Config c = config_smollm2_135m(); model_init_random(&model, &c, 1234, 0.02f); }
+        const Config *c = &model.cfg;
+        Activations act;
+        act_plan(&act, c, (size_t)batch, (size_t)bench, 0);
+        printf("model: D=%d F=%d L=%d H=%d Hk=%d d=%d V=%d, %zu parameters; activations %.1f MiB for %ld x %ld; %d threads\n",
+               c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, model.w.count,
+               (double)act.bytes / (1 << 20), batch, bench, act.n_threads);
+        size_t T = (size_t)batch * (size_t)bench;
+        int32_t *tokens = (int32_t *)xmalloc(T * sizeof(int32_t));
+        Rng rng;
+        rng_seed(&rng, 7);
+        for (size_t t = 0; t < T; t++) tokens[t] = (int32_t)rng_below(&rng, (uint64_t)c->vocab_size);
+        model_forward(&model, &act, tokens, NULL, (size_t)batch, (size_t)bench, NULL); /* warm-up */
+        int reps = 3;
+        double t0 = now_seconds();
+        for (int r = 0; r < reps; r++) model_forward(&model, &act, tokens, NULL, (size_t)batch, (size_t)bench, NULL);
+        double dt = (now_seconds() - t0) / reps;
+        printf("forward %ld x %ld tokens: %.3f s, %.1f tokens/s\n", batch, bench, dt, (double)T / dt);
+        free(tokens);
+        act_free(&act);
+        model_free(&model);
+        return 0;
+    }
+    if (!model_dir || (!text_file && !text && !token_file)) usage();
+    model_load(&model, model_dir, ctx);
+    const Config *c = &model.cfg;
+
+    /* tokens: BOS + the text, as HF's LLaMA tokenizers do */
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    if (token_file) {
+        ids = tokfile_read(token_file, &n_ids);
+        if (!ids) die("%s", last_error());
+    } else {
+        die("tokenizing text needs 01_tokenize.c's API (use --tokens with a token file)");
+    }
+    (void)text;
+
+    if (top) {
+        Activations act;
+        act_plan(&act, c, 1, n_ids, 0);
+        model_forward(&model, &act, ids, NULL, 1, n_ids, NULL);
+        const float *row = act.logits + (n_ids - 1) * (size_t)c->vocab_size;
+        float lse = logsumexp_row(row, (size_t)c->vocab_size);
+        int *best = (int *)xcalloc((size_t)top, sizeof(int));
+        long n_best = top < c->vocab_size ? top : c->vocab_size;
+        for (long r = 0; r < n_best; r++) { /* selection: K passes, fine for small K */
+            int arg = -1;
+            for (int v = 0; v < c->vocab_size; v++) {
+                int taken = 0;
+                for (long q = 0; q < r && !taken; q++) taken = best[q] == v;
+                if (!taken && (arg < 0 || row[v] > row[arg])) arg = v;
+            }
+            best[r] = arg;
+            printf("%ld %d %.6f\n", r + 1, arg, exp((double)(row[arg] - lse)));
+        }
+        free(best);
+        act_free(&act);
+    } else {
+        size_t W = window ? (size_t)window : config_context(c);
+        if (W < 2) die("--window must be at least 2 tokens");
+        if (W > n_ids) W = n_ids;
+        if (n_ids < 2) die("the text has fewer than 2 tokens; nothing to predict");
+        Activations act;
+        act_plan(&act, c, 1, W, 0);
+        fprintf(stderr, "model: %zu parameters, RoPE factor %g, window %zu tokens, activations %.1f MiB\n",
+                model.w.count, c->rope_factor, W, (double)act.bytes / (1 << 20));
+        int32_t *targets = (int32_t *)xmalloc(W * sizeof(int32_t));
+        double total = 0;
+        size_t counted = 0;
+        for (size_t s = 0; s + 1 < n_ids; s += W) {
+            size_t n = n_ids - s < W ? n_ids - s : W;
+            if (n < 2) break;
+            for (size_t i = 0; i < n; i++) targets[i] = i + 1 < n ? ids[s + i + 1] : IGNORE_INDEX;
+            float loss = model_forward(&model, &act, ids + s, targets, 1, n, NULL);
+            total += (double)loss * (double)act.loss_count;
+            counted += act.loss_count;
+        }
+        double mean = total / (double)counted;
+        printf("loss %.6f ppl %.4f tokens %zu\n", mean, exp(mean), counted);
+        free(targets);
+        act_free(&act);
+    }
+    free(ids);
+    model_free(&model);
+    return 0;
+}
+#endif /* STAGE == 2 */
