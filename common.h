@@ -970,6 +970,56 @@ extern "C" {
 /* --- attention (04_s2attn.cu) --- */
 
 /* --- layer kernels (04_layers.cu) --- */
+/* bf16 tensors are uint16_t (raw bf16 bits); all pointers are device memory unless marked host.
+ * Row-major. "+=" outputs accumulate into what is there; the rest are overwritten. All run on the
+ * default stream and return early, except gpu_cross_entropy and gpu_sum_squares (they wait). */
+void gpu_layers_free(void); /* the cuBLAS handle and workspaces */
+/* C [M, N] = alpha * op(A) op(B) + beta * C; A is [M, K] ([K, M] if trans_a), B is [K, N] ([N, K]
+ * if trans_b); bf16 inputs, fp32 accumulation, C bf16 or (c_fp32) fp32. */
+void gpu_matmul_bf16(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha, const uint16_t *A,
+                     const uint16_t *B, float beta, void *C, int c_fp32);
+void gpu_f32_to_bf16(uint16_t *dst /* [count] */, const float *src /* [count] */, size_t count);
+/* x [N, D] = table [V, D] rows at tokens [N]; an id outside [0, V) gives a NaN row. */
+void gpu_embedding_forward(uint16_t *x, const int32_t *tokens, const uint16_t *table, size_t N, size_t D, size_t V);
+/* dtable [V, D] (fp32) += dx [N, D] scattered by tokens [N]. */
+void gpu_embedding_backward(float *dtable, const int32_t *tokens, const uint16_t *dx, size_t N, size_t D, size_t V);
+/* y [N, D] = x * rsqrt(mean(x^2) + eps) * w [D]; rstd [N] (may be NULL) keeps the rsqrt. */
+void gpu_rmsnorm_forward(uint16_t *y, float *rstd, const uint16_t *x, const uint16_t *w, size_t N, size_t D, float eps);
+/* dx [N, D] = (or += if accumulate_dx) the input gradient; dw [D] fp32 += (may be NULL);
+ * rstd [N] from the forward, or NULL to recompute it with eps. */
+void gpu_rmsnorm_backward(uint16_t *dx, float *dw, const uint16_t *dy, const uint16_t *x, const uint16_t *w,
+                          const float *rstd, size_t N, size_t D, float eps, int accumulate_dx);
+/* In place on x [N, row_stride] holding heads x d per row: rotate-half RoPE at positions
+ * (pos_offset + n) / scale, inv_freq = theta^(-2i/d). Backward applies the transposed rotation. */
+void gpu_rope_forward(uint16_t *x, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
+                      float theta, float scale);
+void gpu_rope_backward(uint16_t *dx, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
+                       float theta, float scale);
+/* h = silu(gate) * up over count elements; backward may write dgate over gate and dup over up. */
+void gpu_swiglu_forward(uint16_t *h, const uint16_t *gate, const uint16_t *up, size_t count);
+void gpu_swiglu_backward(uint16_t *dgate, uint16_t *dup, const uint16_t *dh, const uint16_t *gate, const uint16_t *up,
+                         size_t count);
+void gpu_add(uint16_t *out, const uint16_t *a, const uint16_t *b, size_t count); /* out = a + b, may alias */
+/* Chunked cross-entropy of the head: logits = h [N, D] W [V, D]^T, chunk_rows rows at a time
+ * (0: 4096), targets [N] with -100 ignored. Host gets the loss sum and the count of valid targets;
+ * dh [N, D] = dL/dh and dW [V, D] fp32 += dL/dW (either may be NULL), for L = dloss * mean loss. */
+void gpu_cross_entropy(double *loss_sum, size_t *n_valid, uint16_t *dh, float *dW, const uint16_t *h,
+                       const uint16_t *W, const int32_t *targets, size_t N, size_t D, size_t V, size_t chunk_rows,
+                       float dloss);
+/* Its fused row kernel on given logits [rows, V] fp32: row_loss [rows] = lse - logit[target] (0 if
+ * ignored), dlogits [rows, V] bf16 (may be NULL) = (softmax - onehot) * grad_scale. */
+void gpu_cross_entropy_logits(float *row_loss, uint16_t *dlogits, const float *logits, const int32_t *targets,
+                              size_t rows, size_t V, float grad_scale);
+/* AdamW step `step` (from 1) on fp32 param/m/v [count] with grad * grad_scale; writes param_bf16 too. */
+void gpu_adamw(float *param, uint16_t *param_bf16, const float *grad, float *m, float *v, size_t count, float lr,
+               float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale);
+double gpu_sum_squares(const float *x, size_t count); /* in double, for gradient clipping */
+/* LoRA: xa [T, R] = x [T, in] A [R, in]^T; y [T, out] += scaling * xa B [out, R]^T. */
+void gpu_lora_forward(uint16_t *y, uint16_t *xa, const uint16_t *x, const uint16_t *A, const uint16_t *B, size_t T,
+                      size_t in, size_t out, size_t R, float scaling);
+/* dA [R, in] fp32 +=, dB [out, R] fp32 +=, dx [T, in] += (may be NULL), from dy [T, out]. */
+void gpu_lora_backward(uint16_t *dx, float *dA, float *dB, const uint16_t *dy, const uint16_t *x, const uint16_t *xa,
+                       const uint16_t *A, const uint16_t *B, size_t T, size_t in, size_t out, size_t R, float scaling);
 
 #ifdef __cplusplus
 }
