@@ -1,0 +1,693 @@
+/* 03_lora.c: LoRA+ and S2-Attn training on the CPU, the method itself in plain C.
+ *
+ * Teaches: how LongLoRA fine-tunes a frozen LLaMA. Each targeted projection y = x W^T
+ * gains a low-rank path y += (alpha/R) (x A^T) B^T with A [R, in] and B [out, R] (PEFT's
+ * initialisation: A kaiming-uniform, B zero, so training starts from the base model);
+ * LoRA+ also trains embed_tokens and every RMSNorm weight; S2-Attn (the attention of
+ * stage 02 restricted to shifted groups, DESIGN.md) makes long sequences cheap. AdamW
+ * with decoupled weight decay and a warmup-then-constant learning rate updates only the
+ * trainable tensors. Adapters are saved and loaded in PEFT's own format
+ * (adapter_config.json + adapter_model.safetensors, the embed and norm weights as
+ * modules_to_save), and can be merged into the base weights (W += (alpha/R) B A).
+ * Runs on: the CPU, fp32, through stage 02's forward/backward: LoRA plugs into the
+ * seven projections through 02's LinearHook, so the layer loop is written once.
+ * Leaves out: the GPU, bf16 compute and activation checkpointing (05), DoRA, rsLoRA
+ * training, per-module rank/alpha patterns (adapters that use them are refused with a
+ * clear error), and gradient clipping (off in the LongLoRA recipe).
+ *
+ * CLI:
+ *   ./03_lora --model DIR --text-file F [--s2] [--steps K] [--ctx N] [--rank R] [--alpha A]
+ *             [--lr LR] [--warmup W] [--save-adapter DIR] [--load-adapter DIR] [--merge-out DIR]
+ * runs K CPU training steps of LoRA+ on one packed sequence of N tokens per step and
+ * prints "step <k> loss <float>" for each.
+ */
+#ifndef STAGE
+#define STAGE 3
+#endif
+#include "02_model.c"
+
+/* ---------------------------------------------------------------------------------------
+ * Which projections carry an adapter. `which` numbers them as 02's LinearHook does.
+ * ------------------------------------------------------------------------------------- */
+
+#define LORA_NUM_TARGETS N_PROJ /* 02's PROJ_Q, PROJ_K, PROJ_V, PROJ_O, PROJ_GATE, PROJ_UP, PROJ_DOWN */
+static const char *const LORA_TARGET_NAMES[LORA_NUM_TARGETS] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"};
+static const char *const LORA_TARGET_PARENTS[LORA_NUM_TARGETS] = {"self_attn", "self_attn", "self_attn", "self_attn",
+                                                                   "mlp", "mlp", "mlp"};
+#define LORA_DEFAULT_TARGETS ((1u << PROJ_Q) | (1u << PROJ_K) | (1u << PROJ_V) | (1u << PROJ_O))
+
+typedef struct {
+    int rank;            /* R */
+    float alpha;         /* scaling = alpha / R */
+    float dropout;       /* probability of zeroing an input of the LoRA path (training only) */
+    unsigned targets;    /* bit `which` set: that projection has an adapter */
+    int train_embed;     /* LoRA+: embed_tokens trainable */
+    int train_norms;     /* LoRA+: every RMSNorm weight trainable */
+    uint64_t seed;       /* initialisation and dropout */
+} LoraConfig;
+
+static LoraConfig lora_default_config(void) {
+    LoraConfig c = {8, 16.0f, 0.0f, LORA_DEFAULT_TARGETS, 1, 1, 1234};
+    return c;
+}
+
+/* Parses "q,k,v,o" or "q_proj,v_proj,gate_proj" into a target mask; -1 + last_error() otherwise. */
+static int lora_parse_targets(const char *list, unsigned *mask) {
+    *mask = 0;
+    const char *p = list;
+    while (*p) {
+        size_t n = strcspn(p, ",");
+        int found = -1;
+        for (int w = 0; w < LORA_NUM_TARGETS; w++) {
+            const char *full = LORA_TARGET_NAMES[w];
+            size_t short_len = strcspn(full, "_");
+            if ((n == strlen(full) && strncmp(p, full, n) == 0) || (n == short_len && strncmp(p, full, n) == 0)) found = w;
+        }
+        if (found < 0) return set_error("unknown LoRA target '%.*s' (use q,k,v,o,gate,up,down)", (int)n, p);
+        *mask |= 1u << found;
+        p += n;
+        if (*p == ',') p++;
+    }
+    if (!*mask) return set_error("no LoRA targets given");
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The LoRA linear on plain arrays: the whole method in two functions.
+ *   forward   y  += s * (x A^T) B^T
+ *   backward  dB += s * dy^T (x A^T)      dA += s * (dy B)^T x      dx += s * (dy B) A
+ * ------------------------------------------------------------------------------------- */
+
+/* y [T, out] += scale * (x [T, in] A^T) B^T with A [R, in], B [out, R]. */
+static void lora_linear_forward(const float *x, size_t T, size_t in, size_t out, size_t R,
+                                const float *A, const float *B, float scale, float *y) {
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < T; t++) {
+        float xa[256];                 /* [R]: x_t A^T (R <= 256, checked at creation) */
+        const float *xt = x + t * in;  /* [in] */
+        for (size_t r = 0; r < R; r++) {
+            const float *ar = A + r * in;
+            float acc = 0.0f;
+            for (size_t i = 0; i < in; i++) acc += xt[i] * ar[i];
+            xa[r] = acc * scale;
+        }
+        float *yt = y + t * out;       /* [out] */
+        for (size_t o = 0; o < out; o++) {
+            const float *bo = B + o * R;
+            float acc = 0.0f;
+            for (size_t r = 0; r < R; r++) acc += bo[r] * xa[r];
+            yt[o] += acc;
+        }
+    }
+}
+
+/* Given x [T, in] and dy [T, out]: dA [R, in] += ..., dB [out, R] += ..., dx [T, in] += ...
+ * (dx may be NULL when the caller does not need it). */
+static void lora_linear_backward(const float *x, const float *dy, size_t T, size_t in, size_t out, size_t R,
+                                 const float *A, const float *B, float scale,
+                                 float *dA, float *dB, float *dx) {
+    float *xa = (float *)xmalloc(T * R * sizeof(float)); /* [T, R]: x A^T */
+    float *u = (float *)xmalloc(T * R * sizeof(float));  /* [T, R]: s * dy B */
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < T; t++) {
+        const float *xt = x + t * in, *dyt = dy + t * out;
+        for (size_t r = 0; r < R; r++) {
+            const float *ar = A + r * in;
+            float acc = 0.0f;
+            for (size_t i = 0; i < in; i++) acc += xt[i] * ar[i];
+            xa[t * R + r] = acc;
+            float g = 0.0f;
+            for (size_t o = 0; o < out; o++) g += dyt[o] * B[o * R + r];
+            u[t * R + r] = g * scale;
+        }
+    }
+    /* dB[o, r] += s * sum_t dy[t, o] xa[t, r] */
+#pragma omp parallel for schedule(static)
+    for (size_t o = 0; o < out; o++)
+        for (size_t r = 0; r < R; r++) {
+            float acc = 0.0f;
+            for (size_t t = 0; t < T; t++) acc += dy[t * out + o] * xa[t * R + r];
+            dB[o * R + r] += scale * acc;
+        }
+    /* dA[r, i] += sum_t u[t, r] x[t, i] */
+#pragma omp parallel for schedule(static)
+    for (size_t r = 0; r < R; r++) {
+        float *dar = dA + r * in;
+        for (size_t t = 0; t < T; t++) {
+            float ut = u[t * R + r];
+            const float *xt = x + t * in;
+            for (size_t i = 0; i < in; i++) dar[i] += ut * xt[i];
+        }
+    }
+    /* dx[t, i] += sum_r u[t, r] A[r, i] */
+    if (dx) {
+#pragma omp parallel for schedule(static)
+        for (size_t t = 0; t < T; t++) {
+            float *dxt = dx + t * in;
+            for (size_t r = 0; r < R; r++) {
+                float ut = u[t * R + r];
+                const float *ar = A + r * in;
+                for (size_t i = 0; i < in; i++) dxt[i] += ut * ar[i];
+            }
+        }
+    }
+    free(xa);
+    free(u);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * AdamW (torch.optim.AdamW's arithmetic) with HF's constant-with-warmup schedule.
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay;
+    int warmup_steps;
+} AdamWConfig;
+
+static AdamWConfig adamw_default_config(void) {
+    AdamWConfig c = {2e-5f, 0.9f, 0.95f, 1e-8f, 0.0f, 20};
+    return c;
+}
+
+/* The learning rate of optimizer step `step` (0-based), as transformers'
+ * get_constant_schedule_with_warmup: lr * step / warmup while step < warmup, then lr.
+ * (So the very first step has lr 0, exactly as the HF Trainer runs LongLoRA.) */
+static float adamw_lr_at(const AdamWConfig *c, long step) {
+    if (step < c->warmup_steps) return c->lr * (float)((double)step / (double)(c->warmup_steps > 0 ? c->warmup_steps : 1));
+    return c->lr;
+}
+
+typedef struct {
+    char name[160];
+    float *param;   /* [numel] the fp32 master weights, updated in place */
+    float *grad;    /* [numel] */
+    float *m, *v;   /* [numel] first and second moments */
+    size_t numel;
+} TrainParam;
+
+typedef struct {
+    AdamWConfig cfg;
+    TrainParam *params; /* [count] */
+    size_t count, cap;
+    long steps_taken;   /* t in the bias corrections after the next step is steps_taken + 1 */
+} AdamW;
+
+static void adamw_add(AdamW *opt, const char *name, float *param, float *grad, size_t numel) {
+    if (opt->count == opt->cap) {
+        opt->cap = opt->cap ? 2 * opt->cap : 32;
+        opt->params = (TrainParam *)xrealloc(opt->params, opt->cap * sizeof(TrainParam));
+    }
+    TrainParam *p = &opt->params[opt->count++];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->param = param;
+    p->grad = grad;
+    p->numel = numel;
+    p->m = (float *)xcalloc(numel, sizeof(float));
+    p->v = (float *)xcalloc(numel, sizeof(float));
+}
+
+static void adamw_free(AdamW *opt) {
+    for (size_t i = 0; i < opt->count; i++) { free(opt->params[i].m); free(opt->params[i].v); }
+    free(opt->params);
+    memset(opt, 0, sizeof *opt);
+}
+
+/* One step with learning rate lr, in the order torch does it:
+ *   p *= 1 - lr*wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+ *   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) */
+static void adamw_step(AdamW *opt, float lr) {
+    const AdamWConfig *c = &opt->cfg;
+    long t = ++opt->steps_taken;
+    double bc1 = 1.0 - pow((double)c->beta1, (double)t);
+    double bc2 = 1.0 - pow((double)c->beta2, (double)t);
+    float step_size = (float)(lr / bc1);
+    float bc2_sqrt = (float)sqrt(bc2);
+    float decay = 1.0f - lr * c->weight_decay;
+    for (size_t k = 0; k < opt->count; k++) {
+        TrainParam *p = &opt->params[k];
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < p->numel; i++) {
+            float g = p->grad[i];
+            float w = p->param[i] * decay;
+            float m = p->m[i] + (1.0f - c->beta1) * (g - p->m[i]);
+            float v = c->beta2 * p->v[i] + (1.0f - c->beta2) * g * g;
+            p->m[i] = m;
+            p->v[i] = v;
+            p->param[i] = w - step_size * (m / (sqrtf(v) / bc2_sqrt + c->eps));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * An adapter: A and B (and their gradients) for every targeted projection of every layer.
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    size_t in, out;      /* the projection's widths: W is [out, in] */
+    float *A, *B;        /* [R, in], [out, R] */
+    float *dA, *dB;      /* [R, in], [out, R] */
+    float *drop_mask;    /* [T, in] the last forward's dropout multipliers (0 or 1/(1-p)), or NULL */
+    size_t drop_tokens;  /* T of drop_mask */
+} LoraPair;
+
+typedef struct {
+    LoraConfig cfg;
+    int n_layers;        /* L */
+    float scale;         /* alpha / R */
+    LoraPair *pairs;     /* [L * LORA_NUM_TARGETS], A == NULL where no adapter */
+    int training;        /* dropout only while training */
+    Rng drop_rng;
+    LinearHook hook;     /* what 02's forward/backward call */
+} LoraAdapter;
+
+/* The widths of projection `which` (W is [out, in]): 02's proj_shape. */
+static void lora_dims(const Config *c, int which, size_t *in, size_t *out) { proj_shape(c, which, in, out); }
+
+static LoraPair *lora_pair(LoraAdapter *ad, int layer, int which) {
+    return &ad->pairs[(size_t)layer * LORA_NUM_TARGETS + (size_t)which];
+}
+
+static void lora_hook_forward(void *ctx, int layer, int which, const float *x, size_t T, float *y);
+static void lora_hook_backward(void *ctx, int layer, int which, const float *x, const float *dy, size_t T, float *dx);
+
+/* Allocates an adapter with PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in))
+ * (kaiming_uniform with a = sqrt(5)), B = 0. -1 + last_error() for an unusable config. */
+static int lora_init(LoraAdapter *ad, const Config *c, const LoraConfig *lc) {
+    memset(ad, 0, sizeof *ad);
+    if (lc->rank < 1 || lc->rank > 256) return set_error("LoRA rank %d is outside 1..256", lc->rank);
+    if (!(lc->dropout >= 0.0f && lc->dropout < 1.0f)) return set_error("LoRA dropout %g is outside [0, 1)", (double)lc->dropout);
+    if (!(lc->alpha > 0.0f)) return set_error("LoRA alpha %g must be positive", (double)lc->alpha);
+    if (!(lc->targets & ((1u << LORA_NUM_TARGETS) - 1))) return set_error("LoRA has no target modules");
+    ad->cfg = *lc;
+    ad->n_layers = c->n_layers;
+    ad->scale = lc->alpha / (float)lc->rank;
+    ad->pairs = (LoraPair *)xcalloc((size_t)c->n_layers * LORA_NUM_TARGETS, sizeof(LoraPair));
+    ad->training = 1;
+    Rng init_rng;
+    rng_seed(&init_rng, lc->seed);
+    rng_seed(&ad->drop_rng, lc->seed ^ 0x5deece66dull);
+    size_t R = (size_t)lc->rank;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int w = 0; w < LORA_NUM_TARGETS; w++) {
+            if (!(lc->targets & (1u << w))) continue;
+            LoraPair *p = lora_pair(ad, l, w);
+            lora_dims(c, w, &p->in, &p->out);
+            p->A = (float *)xmalloc(R * p->in * sizeof(float));
+            p->B = (float *)xcalloc(p->out * R, sizeof(float));
+            p->dA = (float *)xcalloc(R * p->in, sizeof(float));
+            p->dB = (float *)xcalloc(p->out * R, sizeof(float));
+            float bound = 1.0f / sqrtf((float)p->in);
+            for (size_t i = 0; i < R * p->in; i++) p->A[i] = (2.0f * rng_uniform(&init_rng) - 1.0f) * bound;
+        }
+    ad->hook.ctx = ad;
+    ad->hook.forward = lora_hook_forward;
+    ad->hook.backward = lora_hook_backward;
+    return 0;
+}
+
+static void lora_free(LoraAdapter *ad) {
+    if (ad->pairs)
+        for (size_t i = 0; i < (size_t)ad->n_layers * LORA_NUM_TARGETS; i++) {
+            LoraPair *p = &ad->pairs[i];
+            free(p->A); free(p->B); free(p->dA); free(p->dB); free(p->drop_mask);
+        }
+    free(ad->pairs);
+    memset(ad, 0, sizeof *ad);
+}
+
+static void lora_zero_grads(LoraAdapter *ad) {
+    size_t R = (size_t)ad->cfg.rank;
+    for (size_t i = 0; i < (size_t)ad->n_layers * LORA_NUM_TARGETS; i++) {
+        LoraPair *p = &ad->pairs[i];
+        if (!p->A) continue;
+        memset(p->dA, 0, R * p->in * sizeof(float));
+        memset(p->dB, 0, p->out * R * sizeof(float));
+    }
+}
+
+/* 02 calls this after y = x W^T for every projection: add the adapter's path.
+ * With dropout (training only) the LoRA path sees x * mask, the mask kept for backward. */
+static void lora_hook_forward(void *ctx, int layer, int which, const float *x /* [T, in] */, size_t T, float *y /* [T, out] */) {
+    LoraAdapter *ad = (LoraAdapter *)ctx;
+    LoraPair *p = lora_pair(ad, layer, which);
+    if (!p->A) return;
+    const float *x_in = x;
+    float *x_drop = NULL; /* [T, in] */
+    if (ad->training && ad->cfg.dropout > 0.0f) {
+        if (p->drop_tokens != T) { free(p->drop_mask); p->drop_mask = (float *)xmalloc(T * p->in * sizeof(float)); p->drop_tokens = T; }
+        float keep = 1.0f - ad->cfg.dropout, inv = 1.0f / keep;
+        x_drop = (float *)xmalloc(T * p->in * sizeof(float));
+        for (size_t i = 0; i < T * p->in; i++) {
+            p->drop_mask[i] = rng_uniform(&ad->drop_rng) < keep ? inv : 0.0f;
+            x_drop[i] = x[i] * p->drop_mask[i];
+        }
+        x_in = x_drop;
+    }
+    lora_linear_forward(x_in, T, p->in, p->out, (size_t)ad->cfg.rank, p->A, p->B, ad->scale, y);
+    free(x_drop);
+}
+
+/* 02 calls this after dx = dy W: accumulate dA, dB and add the adapter's share of dx. */
+static void lora_hook_backward(void *ctx, int layer, int which, const float *x /* [T, in] */, const float *dy /* [T, out] */,
+                               size_t T, float *dx /* [T, in] */) {
+    LoraAdapter *ad = (LoraAdapter *)ctx;
+    LoraPair *p = lora_pair(ad, layer, which);
+    if (!p->A) return;
+    size_t R = (size_t)ad->cfg.rank;
+    if (ad->training && ad->cfg.dropout > 0.0f) {
+        CHECK(p->drop_mask && p->drop_tokens == T, "LoRA backward without a matching forward (layer %d, %s)", layer, LORA_TARGET_NAMES[which]);
+        float *x_drop = (float *)xmalloc(T * p->in * sizeof(float));  /* [T, in] */
+        float *dx_drop = (float *)xcalloc(T * p->in, sizeof(float));  /* [T, in] */
+        for (size_t i = 0; i < T * p->in; i++) x_drop[i] = x[i] * p->drop_mask[i];
+        lora_linear_backward(x_drop, dy, T, p->in, p->out, R, p->A, p->B, ad->scale, p->dA, p->dB, dx ? dx_drop : NULL);
+        if (dx) for (size_t i = 0; i < T * p->in; i++) dx[i] += dx_drop[i] * p->drop_mask[i];
+        free(x_drop);
+        free(dx_drop);
+        return;
+    }
+    lora_linear_backward(x, dy, T, p->in, p->out, R, p->A, p->B, ad->scale, p->dA, p->dB, dx);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Where the model keeps what LoRA+ touches (the one place that knows 02's field names).
+ * ------------------------------------------------------------------------------------- */
+
+/* W [out, in] of projection `which` in `layer`. */
+static float *lora_base_weight(Model *m, int layer, int which) { return proj_weight(&m->w.layers[layer], which); }
+
+/* The LoRA+ tensors beside the adapters: embed_tokens and the RMSNorm weights, with their
+ * PEFT names (below "base_model.model."), where they live in the model and in the grads. */
+typedef struct {
+    char name[128];  /* e.g. "model.layers.3.input_layernorm.weight" */
+    float *weight;   /* [numel] */
+    float *grad;     /* [numel] */
+    size_t numel;
+    int is_embed;    /* 1: embed_tokens [V, D]; 0: a norm [D] */
+} PlusTensor;
+
+/* Fills list (room for 2L + 2) with the tensors LoRA+ may train; returns how many. */
+static size_t lora_plus_tensors(Model *m, Grads *g, PlusTensor *list) {
+    const Config *c = &m->cfg;
+    size_t D = (size_t)c->dim, n = 0;
+    PlusTensor *t = &list[n++];
+    snprintf(t->name, sizeof t->name, "model.embed_tokens.weight");
+    t->weight = m->w.embed; t->grad = g ? g->embed : NULL; t->numel = (size_t)c->vocab_size * D; t->is_embed = 1;
+    for (int l = 0; l < c->n_layers; l++) {
+        t = &list[n++];
+        snprintf(t->name, sizeof t->name, "model.layers.%d.input_layernorm.weight", l);
+        t->weight = m->w.layers[l].attn_norm; t->grad = g ? g->layers[l].attn_norm : NULL; t->numel = D; t->is_embed = 0;
+        t = &list[n++];
+        snprintf(t->name, sizeof t->name, "model.layers.%d.post_attention_layernorm.weight", l);
+        t->weight = m->w.layers[l].mlp_norm; t->grad = g ? g->layers[l].mlp_norm : NULL; t->numel = D; t->is_embed = 0;
+    }
+    t = &list[n++];
+    snprintf(t->name, sizeof t->name, "model.norm.weight");
+    t->weight = m->w.final_norm; t->grad = g ? g->final_norm : NULL; t->numel = D; t->is_embed = 0;
+    return n;
+}
+
+/* Registers every trainable tensor (A and B of each adapter, then embed and norms as
+ * configured) with the optimizer. */
+static void lora_register_params(AdamW *opt, LoraAdapter *ad, Model *m, Grads *g) {
+    size_t R = (size_t)ad->cfg.rank;
+    char name[160];
+    for (int l = 0; l < ad->n_layers; l++)
+        for (int w = 0; w < LORA_NUM_TARGETS; w++) {
+            LoraPair *p = lora_pair(ad, l, w);
+            if (!p->A) continue;
+            snprintf(name, sizeof name, "model.layers.%d.%s.%s.lora_A.weight", l, LORA_TARGET_PARENTS[w], LORA_TARGET_NAMES[w]);
+            adamw_add(opt, name, p->A, p->dA, R * p->in);
+            snprintf(name, sizeof name, "model.layers.%d.%s.%s.lora_B.weight", l, LORA_TARGET_PARENTS[w], LORA_TARGET_NAMES[w]);
+            adamw_add(opt, name, p->B, p->dB, p->out * R);
+        }
+    PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * m->cfg.n_layers + 2) * sizeof(PlusTensor));
+    size_t n = lora_plus_tensors(m, g, plus);
+    for (size_t i = 0; i < n; i++)
+        if (plus[i].is_embed ? ad->cfg.train_embed : ad->cfg.train_norms) adamw_add(opt, plus[i].name, plus[i].weight, plus[i].grad, plus[i].numel);
+    free(plus);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Merge and unmerge: W [out, in] += / -= (alpha/R) B [out, R] A [R, in].
+ * ------------------------------------------------------------------------------------- */
+
+static void lora_merge_sign(LoraAdapter *ad, Model *m, float sign) {
+    size_t R = (size_t)ad->cfg.rank;
+    for (int l = 0; l < ad->n_layers; l++)
+        for (int w = 0; w < LORA_NUM_TARGETS; w++) {
+            LoraPair *p = lora_pair(ad, l, w);
+            if (!p->A) continue;
+            float *W = lora_base_weight(m, l, w);
+            float s = sign * ad->scale;
+#pragma omp parallel for schedule(static)
+            for (size_t o = 0; o < p->out; o++) {
+                float *wo = W + o * p->in;
+                const float *bo = p->B + o * R;
+                for (size_t r = 0; r < R; r++) {
+                    float c = s * bo[r];
+                    const float *ar = p->A + r * p->in;
+                    for (size_t i = 0; i < p->in; i++) wo[i] += c * ar[i];
+                }
+            }
+        }
+}
+static void lora_merge(LoraAdapter *ad, Model *m) { lora_merge_sign(ad, m, 1.0f); }
+static void lora_unmerge(LoraAdapter *ad, Model *m) { lora_merge_sign(ad, m, -1.0f); }
+
+/* ---------------------------------------------------------------------------------------
+ * PEFT adapter folders.
+ *   adapter_config.json         r, lora_alpha, lora_dropout, target_modules, modules_to_save, ...
+ *   adapter_model.safetensors   base_model.model.model.layers.<l>.<self_attn|mlp>.<x_proj>.lora_A.weight [R, in]
+ *                               base_model.model.model.layers.<l>.<self_attn|mlp>.<x_proj>.lora_B.weight [out, R]
+ *                               and, as modules_to_save (what peft 0.21 writes and loads):
+ *                               base_model.model.model.embed_tokens.weight [V, D]
+ *                               base_model.model.model.layers.<l>.input_layernorm.weight [D]
+ *                               base_model.model.model.layers.<l>.post_attention_layernorm.weight [D]
+ *                               base_model.model.model.norm.weight [D]
+ * ------------------------------------------------------------------------------------- */
+
+#define PEFT_PREFIX "base_model.model."
+
+static int make_dir(const char *dir) {
+    if (mkdir(dir, 0755) == 0 || errno == EEXIST) {
+        struct stat st;
+        if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) return 0;
+        return set_error("%s exists and is not a folder", dir);
+    }
+    return set_error("cannot create the folder %s: %s", dir, strerror(errno));
+}
+
+/* Writes adapter_config.json and adapter_model.safetensors into dir (created if needed).
+ * base_name goes into base_model_name_or_path (may be NULL). -1 + last_error() on failure. */
+static int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, const char *base_name) {
+    if (make_dir(dir) != 0) return -1;
+    char path[4096];
+    AtomicFile af;
+    if (atomic_open(&af, path_join(path, sizeof path, dir, "adapter_config.json")) != 0) return -1;
+    FILE *f = af.f;
+    fprintf(f, "{\n  \"base_model_name_or_path\": ");
+    if (base_name) json_write_string(f, base_name); else fprintf(f, "null");
+    /* A tied head is the embedding: peft keeps its trained copy tied only when asked to. */
+    int tied_trained = m->cfg.tie_embeddings && ad->cfg.train_embed;
+    fprintf(f, ",\n  \"bias\": \"none\",\n  \"ensure_weight_tying\": %s,\n  \"fan_in_fan_out\": false,\n"
+               "  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": %.9g,\n  \"lora_dropout\": %.9g,\n",
+            tied_trained ? "true" : "false", (double)ad->cfg.alpha, (double)ad->cfg.dropout);
+    fprintf(f, "  \"modules_to_save\": ");
+    if (!ad->cfg.train_embed && !ad->cfg.train_norms) fprintf(f, "null");
+    else {
+        fprintf(f, "[");
+        int first = 1;
+        if (ad->cfg.train_embed) { fprintf(f, "\"embed_tokens\""); first = 0; }
+        if (ad->cfg.train_norms) fprintf(f, "%s\"input_layernorm\", \"post_attention_layernorm\", \"norm\"", first ? "" : ", ");
+        fprintf(f, "]");
+    }
+    fprintf(f, ",\n  \"peft_type\": \"LORA\",\n  \"r\": %d,\n  \"target_modules\": [", ad->cfg.rank);
+    int first = 1;
+    for (int w = 0; w < LORA_NUM_TARGETS; w++)
+        if (ad->cfg.targets & (1u << w)) { fprintf(f, "%s\"%s\"", first ? "" : ", ", LORA_TARGET_NAMES[w]); first = 0; }
+    fprintf(f, "],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": false\n}\n");
+    if (atomic_commit(&af) != 0) return -1;
+
+    /* The tensors, named as peft names them; the names live until st_write. */
+    StWriter sw = {0};
+    sw.metadata_json = (char *)"{\"format\":\"pt\"}";
+    size_t max_names = (size_t)ad->n_layers * LORA_NUM_TARGETS * 2 + (size_t)2 * ad->n_layers + 3;
+    char (*names)[192] = (char (*)[192])xmalloc(max_names * sizeof *names);
+    size_t n_names = 0, R = (size_t)ad->cfg.rank;
+    for (int l = 0; l < ad->n_layers; l++)
+        for (int w = 0; w < LORA_NUM_TARGETS; w++) {
+            LoraPair *p = lora_pair(ad, l, w);
+            if (!p->A) continue;
+            int64_t shape_a[2] = {(int64_t)R, (int64_t)p->in}, shape_b[2] = {(int64_t)p->out, (int64_t)R};
+            snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "model.layers.%d.%s.%s.lora_A.weight", l, LORA_TARGET_PARENTS[w], LORA_TARGET_NAMES[w]);
+            st_writer_add(&sw, names[n_names++], DT_F32, 2, shape_a, p->A);
+            snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "model.layers.%d.%s.%s.lora_B.weight", l, LORA_TARGET_PARENTS[w], LORA_TARGET_NAMES[w]);
+            st_writer_add(&sw, names[n_names++], DT_F32, 2, shape_b, p->B);
+        }
+    PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * m->cfg.n_layers + 2) * sizeof(PlusTensor));
+    size_t n_plus = lora_plus_tensors(m, NULL, plus);
+    for (size_t i = 0; i < n_plus; i++) {
+        if (!(plus[i].is_embed ? ad->cfg.train_embed : ad->cfg.train_norms)) continue;
+        snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "%s", plus[i].name);
+        int64_t shape[2] = {(int64_t)m->cfg.vocab_size, (int64_t)m->cfg.dim};
+        if (plus[i].is_embed) st_writer_add(&sw, names[n_names++], DT_F32, 2, shape, plus[i].weight);
+        else st_writer_add(&sw, names[n_names++], DT_F32, 1, shape + 1, plus[i].weight);
+    }
+    if (tied_trained) { /* what peft writes for a tied head it keeps tied: the same weights again */
+        int64_t shape[2] = {(int64_t)m->cfg.vocab_size, (int64_t)m->cfg.dim};
+        snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "lm_head.weight");
+        st_writer_add(&sw, names[n_names++], DT_F32, 2, shape, m->w.embed);
+    }
+    int rc = st_write(&sw, path_join(path, sizeof path, dir, "adapter_model.safetensors"));
+    st_writer_free(&sw);
+    free(names);
+    free(plus);
+    return rc;
+}
+
+/* Reads an adapter folder (ours or peft's) for model m into ad (initialised here).
+ * The embed/norm weights it carries (modules_to_save) are copied into m. Anything that
+ * disagrees with the model (rank, targets, shapes, layer numbers, unknown tensors) or that
+ * we do not implement (DoRA, per-module ranks, biases) is refused: -1 + last_error(),
+ * and then m is unchanged. */
+static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
+    memset(ad, 0, sizeof *ad);
+    const Config *c = &m->cfg;
+    char path[4096];
+    Json *cfg = json_parse_file(path_join(path, sizeof path, dir, "adapter_config.json"));
+    if (!cfg) return -1;
+    int rc = 0;
+    LoraConfig lc = lora_default_config();
+    lc.train_embed = lc.train_norms = 0;
+    const char *ptype = json_get_string(cfg, "peft_type", "LORA");
+    const Json *r = json_get_type(cfg, "r", JSON_NUMBER), *alpha = json_get_type(cfg, "lora_alpha", JSON_NUMBER);
+    const Json *targets = json_get(cfg, "target_modules"), *mts = json_get(cfg, "modules_to_save");
+    const Json *rank_pattern = json_get(cfg, "rank_pattern"), *alpha_pattern = json_get(cfg, "alpha_pattern");
+    const Json *layers_tt = json_get(cfg, "layers_to_transform");
+    if (cfg->type != JSON_OBJECT) rc = set_error("%s is not a JSON object", path);
+    else if (strcmp(ptype, "LORA") != 0) rc = set_error("%s: peft_type is %s, not LORA", path, ptype);
+    else if (!r || r->number != floor(r->number) || r->number < 1 || r->number > 256) rc = set_error("%s: \"r\" is missing or not an integer in 1..256", path);
+    else if (!alpha || !(alpha->number > 0)) rc = set_error("%s: \"lora_alpha\" is missing or not positive", path);
+    else if (json_get_bool(cfg, "use_dora", 0)) rc = set_error("%s: DoRA adapters are not supported", path);
+    else if (json_get_bool(cfg, "fan_in_fan_out", 0)) rc = set_error("%s: fan_in_fan_out adapters are not supported", path);
+    else if (strcmp(json_get_string(cfg, "bias", "none"), "none") != 0) rc = set_error("%s: adapters with biases are not supported", path);
+    else if ((rank_pattern && rank_pattern->type == JSON_OBJECT && rank_pattern->count) ||
+             (alpha_pattern && alpha_pattern->type == JSON_OBJECT && alpha_pattern->count))
+        rc = set_error("%s: per-module rank_pattern/alpha_pattern is not supported", path);
+    else if (layers_tt && layers_tt->type != JSON_NULL) rc = set_error("%s: layers_to_transform is not supported", path);
+    else if (!targets || targets->type != JSON_ARRAY || targets->count == 0)
+        rc = set_error("%s: target_modules must be a list of module names (q_proj, ..., down_proj)", path);
+    else {
+        lc.rank = (int)r->number;
+        lc.alpha = (float)alpha->number;
+        lc.dropout = (float)json_get_number(cfg, "lora_dropout", 0.0);
+        lc.targets = 0;
+        for (size_t i = 0; i < targets->count && rc == 0; i++) {
+            const Json *t = &targets->items[i];
+            int found = -1;
+            for (int w = 0; w < LORA_NUM_TARGETS && t->type == JSON_STRING; w++)
+                if (strcmp(t->string, LORA_TARGET_NAMES[w]) == 0) found = w;
+            if (found < 0) rc = set_error("%s: target module %s%s%s is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+                                          path, t->type == JSON_STRING ? "'" : "", t->type == JSON_STRING ? t->string : "(not a string)", t->type == JSON_STRING ? "'" : "");
+            else lc.targets |= 1u << found;
+        }
+        if (rc == 0 && mts && mts->type != JSON_NULL && mts->type != JSON_ARRAY) rc = set_error("%s: modules_to_save must be a list", path);
+    }
+    float scale_override = 0.0f;
+    if (rc == 0 && json_get_bool(cfg, "use_rslora", 0)) scale_override = lc.alpha / sqrtf((float)lc.rank);
+    json_free(cfg);
+    if (rc != 0) return -1;
+    if (lc.dropout < 0.0f || lc.dropout >= 1.0f) lc.dropout = 0.0f;
+    if (lora_init(ad, c, &lc) != 0) return -1;
+    if (scale_override > 0.0f) ad->scale = scale_override;
+
+    SafeTensors st;
+    if (st_open(&st, path_join(path, sizeof path, dir, "adapter_model.safetensors")) != 0) { lora_free(ad); return -1; }
+    size_t n_slots = (size_t)c->n_layers * LORA_NUM_TARGETS * 2;
+    const StTensor **lora_src = (const StTensor **)xcalloc(n_slots, sizeof *lora_src); /* [L*7*2] */
+    PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * c->n_layers + 2) * sizeof(PlusTensor));
+    size_t n_plus = lora_plus_tensors(m, NULL, plus);
+    const StTensor **plus_src = (const StTensor **)xcalloc(n_plus, sizeof *plus_src);
+    const StTensor *head_src = NULL; /* a trained lm_head (untied: copied in; tied: must come with the embedding) */
+    size_t R = (size_t)lc.rank;
+    for (size_t i = 0; i < st.count && rc == 0; i++) {
+        const StTensor *t = &st.tensors[i];
+        const char *name = t->name;
+        if (strncmp(name, PEFT_PREFIX, strlen(PEFT_PREFIX)) != 0) { rc = set_error("%s: tensor '%s' is not a peft adapter tensor (no '" PEFT_PREFIX "' prefix)", st.path, name); break; }
+        name += strlen(PEFT_PREFIX);
+        int matched = 0;
+        for (size_t k = 0; k < n_plus && !matched; k++)
+            if (strcmp(name, plus[k].name) == 0) {
+                matched = 1;
+                int64_t shape[2] = {(int64_t)c->vocab_size, (int64_t)c->dim};
+                if (plus[k].is_embed ? st_check_shape(t, 2, shape) : st_check_shape(t, 1, shape + 1)) rc = -1;
+                plus_src[k] = t;
+            }
+        if (matched) continue;
+        if (strcmp(name, "lm_head.weight") == 0) { /* modules_to_save of the head */
+            int64_t shape[2] = {(int64_t)c->vocab_size, (int64_t)c->dim};
+            if (st_check_shape(t, 2, shape) != 0) { rc = -1; break; }
+            head_src = t;
+            continue;
+        }
+        int layer = -1, used = 0;
+        char parent[16], proj[16], ab = 0;
+        if (sscanf(name, "model.layers.%d.%15[a-z_].%15[a-z_].lora_%c.weight%n", &layer, parent, proj, &ab, &used) == 4 && name[used] == 0 &&
+            (ab == 'A' || ab == 'B')) {
+            int w = -1;
+            for (int k = 0; k < LORA_NUM_TARGETS; k++)
+                if (strcmp(proj, LORA_TARGET_NAMES[k]) == 0 && strcmp(parent, LORA_TARGET_PARENTS[k]) == 0) w = k;
+            if (w < 0) { rc = set_error("%s: tensor '%s' adapts a module we do not know", st.path, t->name); break; }
+            if (layer < 0 || layer >= c->n_layers) { rc = set_error("%s: tensor '%s' is for layer %d but the model has %d layers", st.path, t->name, layer, c->n_layers); break; }
+            if (!(lc.targets & (1u << w))) { rc = set_error("%s: tensor '%s' adapts %s, which the adapter config does not target", st.path, t->name, LORA_TARGET_NAMES[w]); break; }
+            LoraPair *p = lora_pair(ad, layer, w);
+            int64_t want[2] = {ab == 'A' ? (int64_t)R : (int64_t)p->out, ab == 'A' ? (int64_t)p->in : (int64_t)R};
+            if (st_check_shape(t, 2, want) != 0) {
+                char why[1024];
+                snprintf(why, sizeof why, "%s", last_error());
+                rc = set_error("%s: %s (rank %zu, model widths in %zu, out %zu): the adapter does not fit this model", st.path, why, R, p->in, p->out);
+                break;
+            }
+            lora_src[((size_t)layer * LORA_NUM_TARGETS + (size_t)w) * 2 + (ab == 'B')] = t;
+            continue;
+        }
+        rc = set_error("%s: tensor '%s' is not a LoRA A/B of a known module nor an embed/norm weight", st.path, t->name);
+    }
+    for (int l = 0; l < c->n_layers && rc == 0; l++)
+        for (int w = 0; w < LORA_NUM_TARGETS && rc == 0; w++)
+            if ((lc.targets & (1u << w)) && (!lora_src[((size_t)l * LORA_NUM_TARGETS + (size_t)w) * 2] || !lora_src[((size_t)l * LORA_NUM_TARGETS + (size_t)w) * 2 + 1]))
+                rc = set_error("%s: the adapter targets %s but has no lora_A/lora_B for layer %d", st.path, LORA_TARGET_NAMES[w], l);
+    if (rc == 0 && head_src && c->tie_embeddings && !plus_src[0])
+        rc = set_error("%s: the adapter trains the tied lm_head but carries no embed_tokens", st.path);
+    if (rc == 0 && head_src && head_src->dtype != DT_F32 && head_src->dtype != DT_F16 && head_src->dtype != DT_BF16 && head_src->dtype != DT_F64)
+        rc = set_error("%s: tensor '%s' is not floating-point", st.path, head_src->name);
+    /* Everything checked: only now copy (so a refused adapter leaves the model as it was). */
+    for (int l = 0; l < c->n_layers && rc == 0; l++)
+        for (int w = 0; w < LORA_NUM_TARGETS && rc == 0; w++) {
+            LoraPair *p = lora_pair(ad, l, w);
+            if (!p->A) continue;
+            if (st_to_f32(lora_src[((size_t)l * LORA_NUM_TARGETS + (size_t)w) * 2], p->A) != 0 ||
+                st_to_f32(lora_src[((size_t)l * LORA_NUM_TARGETS + (size_t)w) * 2 + 1], p->B) != 0) rc = -1;
+        }
+    for (size_t k = 0; k < n_plus && rc == 0; k++) {
+        if (!plus_src[k]) continue;
+        if (plus_src[k]->dtype != DT_F32 && plus_src[k]->dtype != DT_F16 && plus_src[k]->dtype != DT_BF16 && plus_src[k]->dtype != DT_F64) {
+            rc = set_error("%s: tensor '%s' is not floating-point", st.path, plus_src[k]->name);
+            break;
+        }
+    }
+    for (size_t k = 0; k < n_plus && rc == 0; k++) {
+        if (!plus_src[k]) continue;
+        if (st_to_f32(plus_src[k], plus[k].weight) != 0) rc = -1;
+        if (plus[k].is_embed) ad->cfg.train_embed = 1; else ad->cfg.train_norms = 1;
+    }
+    if (rc == 0 && head_src && !c->tie_embeddings && st_to_f32(head_src, m->w.lm_head) != 0) rc = -1;
+    free(lora_src);
+    free(plus_src);
+    free(plus);
+    st_close(&st);
+    if (rc != 0) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); lora_free(ad); set_error("%s", why); return -1; }
+    return 0;
+}
