@@ -622,13 +622,22 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
             if (strcmp(name, plus[k].name) == 0) {
                 matched = 1;
                 int64_t shape[2] = {(int64_t)c->vocab_size, (int64_t)c->dim};
-                if (plus[k].is_embed ? st_check_shape(t, 2, shape) : st_check_shape(t, 1, shape + 1)) rc = -1;
+                if (plus[k].is_embed ? st_check_shape(t, 2, shape) : st_check_shape(t, 1, shape + 1)) {
+                    char why[1024];
+                    snprintf(why, sizeof why, "%s", last_error());
+                    rc = set_error("%s: %s: the adapter does not fit this model", st.path, why);
+                }
                 plus_src[k] = t;
             }
         if (matched) continue;
         if (strcmp(name, "lm_head.weight") == 0) { /* modules_to_save of the head */
             int64_t shape[2] = {(int64_t)c->vocab_size, (int64_t)c->dim};
-            if (st_check_shape(t, 2, shape) != 0) { rc = -1; break; }
+            if (st_check_shape(t, 2, shape) != 0) {
+                char why[1024];
+                snprintf(why, sizeof why, "%s", last_error());
+                rc = set_error("%s: %s: the adapter does not fit this model", st.path, why);
+                break;
+            }
             head_src = t;
             continue;
         }
@@ -690,4 +699,63 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
     st_close(&st);
     if (rc != 0) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); lora_free(ad); set_error("%s", why); return -1; }
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * S2-Attn group size and one training step
+ * ------------------------------------------------------------------------------------- */
+
+/* The S2-Attn group for N tokens at group ratio `ratio` (DESIGN.md: G = N * ratio, N % G == 0).
+ * A ratio of 1 is one group spanning the whole sequence: nothing is sparse or shifted, so
+ * that is full causal attention and *G = 0. -1 + last_error() when the sizes do not divide. */
+static int lora_s2_group(size_t N, double ratio, size_t *G) {
+    *G = 0;
+    if (!(ratio > 0.0 && ratio <= 1.0)) return set_error("the S2-Attn group ratio %g is not in (0, 1]", ratio);
+    double g = (double)N * ratio;
+    size_t gi = (size_t)llround(g);
+    if (gi < 1 || fabs(g - (double)gi) > 1e-9) return set_error("the S2-Attn group N * ratio = %zu * %g = %g is not a whole number of tokens", N, ratio, g);
+    if (N % gi != 0) return set_error("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, gi);
+    *G = gi >= N ? 0 : gi;
+    return 0;
+}
+
+/* Everything one LoRA+ training run holds. */
+typedef struct {
+    Model *model;      /* base weights (frozen) plus the LoRA+ embed/norms (trained in place) */
+    Grads grads;       /* only embed, norms (and a tied head) are filled: frozen linears are skipped */
+    Activations act;   /* planned for B x N */
+    LoraAdapter *ad;
+    AdamW opt;
+    RunOptions run;    /* s2_group, the LoRA hook */
+} LoraTrainer;
+
+static void lora_trainer_init(LoraTrainer *tr, Model *m, LoraAdapter *ad, const AdamWConfig *oc, size_t B, size_t N, size_t s2_group) {
+    memset(tr, 0, sizeof *tr);
+    tr->model = m;
+    tr->ad = ad;
+    grads_alloc(&tr->grads, &m->cfg);
+    act_plan(&tr->act, &m->cfg, B, N, 1);
+    tr->opt.cfg = *oc;
+    lora_register_params(&tr->opt, ad, m, &tr->grads);
+    tr->run.s2_group = s2_group;
+    tr->run.grads_for_frozen_linears = 0;
+    tr->run.hook = &ad->hook;
+}
+
+static void lora_trainer_free(LoraTrainer *tr) {
+    params_free(&tr->grads);
+    act_free(&tr->act);
+    adamw_free(&tr->opt);
+    memset(tr, 0, sizeof *tr);
+}
+
+/* Forward, backward and one AdamW step on tokens/targets [B*N]; returns the loss. */
+static float lora_train_step(LoraTrainer *tr, const int32_t *tokens, const int32_t *targets, size_t B, size_t N) {
+    grads_zero(&tr->grads);
+    lora_zero_grads(tr->ad);
+    tr->ad->training = 1;
+    float loss = model_forward(tr->model, &tr->act, tokens, targets, B, N, &tr->run);
+    model_backward(tr->model, &tr->act, &tr->grads, tokens, targets, B, N, &tr->run);
+    adamw_step(&tr->opt, adamw_lr_at(&tr->opt.cfg, tr->opt.steps_taken));
+    return loss;
 }
