@@ -44,11 +44,7 @@
 #ifndef STAGE
 #define STAGE 2
 #endif
-#if __has_include("01_tokenize.c")
 #include "01_tokenize.c"
-#else
-#include "common.h"
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 static int max_threads(void) { return omp_get_max_threads(); }
@@ -1015,20 +1011,39 @@ int main(int argc, char **argv) {
         model_free(&model);
         return 0;
     }
-    if (!model_dir || (!text_file && !text && !token_file)) usage();
+    if (!model_dir || (!!text_file + !!text + !!token_file) != 1) usage();
     model_load(&model, model_dir, ctx);
     const Config *c = &model.cfg;
 
     /* tokens: BOS + the text, as HF's LLaMA tokenizers do */
     int32_t *ids = NULL;
     size_t n_ids = 0;
+    Tokenizer tok;
+    int have_tok = 0;
     if (token_file) {
         ids = tokfile_read(token_file, &n_ids);
         if (!ids) die("%s", last_error());
     } else {
-        die("tokenizing text needs 01_tokenize.c's API (use --tokens with a token file)");
+        if (tok_load(&tok, model_dir) != 0) die("%s", last_error());
+        have_tok = 1;
+        size_t len = text ? strlen(text) : 0;
+        char *file_text = NULL;
+        if (text_file && !(file_text = read_file(text_file, &len))) die("%s", last_error());
+        size_t n_text = 0;
+        int32_t *text_ids = tok_encode(&tok, file_text ? file_text : text, len, 0, &n_text);
+        if (!text_ids) die("%s", last_error());
+        int32_t bos = tok.bos_id >= 0 ? tok.bos_id : c->bos_id;
+        ids = (int32_t *)xmalloc((n_text + 1) * sizeof(int32_t));
+        if (bos >= 0) ids[n_ids++] = bos;
+        memcpy(ids + n_ids, text_ids, n_text * sizeof(int32_t));
+        n_ids += n_text;
+        free(text_ids);
+        free(file_text);
     }
-    (void)text;
+    if (n_ids == 0) die("there are no tokens to run the model on");
+    for (size_t i = 0; i < n_ids; i++)
+        if (ids[i] < 0 || ids[i] >= c->vocab_size)
+            die("token %zu has id %d, outside the model's vocabulary of %d", i, ids[i], c->vocab_size);
 
     if (top) {
         Activations act;
@@ -1046,7 +1061,14 @@ int main(int argc, char **argv) {
                 if (!taken && (arg < 0 || row[v] > row[arg])) arg = v;
             }
             best[r] = arg;
-            printf("%ld %d %.6f\n", r + 1, arg, exp((double)(row[arg] - lse)));
+            printf("%ld %d %.6f", r + 1, arg, exp((double)(row[arg] - lse)));
+            if (have_tok) {
+                size_t len;
+                char *piece = tok_decode(&tok, &arg, 1, &len);
+                if (piece) { printf(" "); json_write_string(stdout, piece); }
+                free(piece);
+            }
+            printf("\n");
         }
         free(best);
         act_free(&act);
@@ -1076,6 +1098,7 @@ int main(int argc, char **argv) {
         act_free(&act);
     }
     free(ids);
+    if (have_tok) tok_free(&tok);
     model_free(&model);
     return 0;
 }
