@@ -346,9 +346,20 @@ __global__ void rmsnorm_backward_kernel(uint16_t *dx, float *dw, const uint16_t 
             for (int k = 0; k < VEC; k++) {
                 float d = r * wv[k] * gv[k] - coef * xv[k];
                 out[k] = accumulate ? out[k] + d : d;
-                if (dw) dw_block[c + k] += gv[k] * xv[k] * r;
             }
             store_bf16<VEC>(dxr + c, out);
+            if (dw) {
+                if constexpr (VEC == 8) { /* 16-byte shared accesses: 2-way bank conflicts, not 8-way */
+                    float4 *acc = reinterpret_cast<float4 *>(dw_block + c);
+                    float4 lo = acc[0], hi = acc[1];
+                    lo.x += gv[0] * xv[0] * r; lo.y += gv[1] * xv[1] * r; lo.z += gv[2] * xv[2] * r; lo.w += gv[3] * xv[3] * r;
+                    hi.x += gv[4] * xv[4] * r; hi.y += gv[5] * xv[5] * r; hi.z += gv[6] * xv[6] * r; hi.w += gv[7] * xv[7] * r;
+                    acc[0] = lo;
+                    acc[1] = hi;
+                } else {
+                    for (int k = 0; k < VEC; k++) dw_block[c + k] += gv[k] * xv[k] * r;
+                }
+            }
         }
     }
     __syncthreads();
@@ -361,17 +372,20 @@ extern "C" void gpu_rmsnorm_backward(uint16_t *dx /* [N, D], = or += */, float *
                                      size_t N, size_t D, float eps, int accumulate_dx) {
     if (N == 0 || D == 0) return;
     size_t smem = dw ? D * sizeof(float) : 0;
-    unsigned grid = (unsigned)(N < (size_t)sm_count() * 4 ? N : (size_t)sm_count() * 4);
     int vec = D % 8 == 0 && aligned(dx, 16) && aligned(dy, 16) && aligned(x, 16) && aligned(w, 16);
+    void (*kernel)(uint16_t *, float *, const uint16_t *, const uint16_t *, const uint16_t *, const float *, size_t, size_t,
+                   float, int) = vec ? rmsnorm_backward_kernel<8> : rmsnorm_backward_kernel<1>;
     if (smem > 48 * 1024) { /* beyond the default limit: ask for it (fails clearly past the chip's) */
         CHECK(smem <= 227 * 1024, "rmsnorm backward: D = %zu is too wide for the weight gradient in shared memory", D);
-        if (vec) CUDA_CHECK(cudaFuncSetAttribute(rmsnorm_backward_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        else CUDA_CHECK(cudaFuncSetAttribute(rmsnorm_backward_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
-    if (vec)
-        rmsnorm_backward_kernel<8><<<grid, 512, smem>>>(dx, dw, dy, x, w, rstd, N, D, eps, accumulate_dx);
-    else
-        rmsnorm_backward_kernel<1><<<grid, 512, smem>>>(dx, dw, dy, x, w, rstd, N, D, eps, accumulate_dx);
+    /* exactly as many blocks as fit on the chip at once: one wave, each walking N / grid rows */
+    int per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 512, smem));
+    CHECK(per_sm > 0, "rmsnorm backward: the kernel does not fit on this GPU with D = %zu", D);
+    size_t grid = (size_t)per_sm * (size_t)sm_count();
+    if (grid > N) grid = N;
+    kernel<<<(unsigned)grid, 512, smem>>>(dx, dw, dy, x, w, rstd, N, D, eps, accumulate_dx);
     LAUNCH_CHECK();
 }
 
