@@ -772,11 +772,13 @@ static void bpe_pretokenize(EncodeCtx *e, int step, const uint8_t *s, size_t n) 
             i += m;
         }
     } else if (ps->kind == PRE_DIGITS) {
+        /* "digits" are what Rust's char::is_numeric() says: all of \p{N}, not just 0-9 */
         for (size_t i = 0; i < n;) {
-            size_t j = i + 1;
-            int digit = s[i] >= '0' && s[i] <= '9';
+            size_t len, j;
+            int digit = cp_class(utf8_next(s + i, n - i, &len)) == CP_NUMBER;
+            j = i + len;
             if (!digit || !ps->individual)
-                while (j < n && (s[j] >= '0' && s[j] <= '9') == digit) j++;
+                while (j < n && (cp_class(utf8_next(s + j, n - j, &len)) == CP_NUMBER) == digit) j += len;
             bpe_pretokenize(e, step + 1, s + i, j - i);
             i = j;
         }
