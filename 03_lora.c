@@ -759,3 +759,249 @@ static float lora_train_step(LoraTrainer *tr, const int32_t *tokens, const int32
     adamw_step(&tr->opt, adamw_lr_at(&tr->opt.cfg, tr->opt.steps_taken));
     return loss;
 }
+
+/* ---------------------------------------------------------------------------------------
+ * A merged HF model folder: config.json (with the rope_scaling trained with), the merged
+ * weights in model.safetensors (fp32), and the tokenizer files copied across.
+ * ------------------------------------------------------------------------------------- */
+
+/* Writes a parsed JSON value back out (2-space indents; integers stay integers). */
+static void json_write_value(FILE *f, const Json *v, int indent) {
+    switch (v->type) {
+    case JSON_NULL: fputs("null", f); break;
+    case JSON_BOOL: fputs(v->boolean ? "true" : "false", f); break;
+    case JSON_NUMBER:
+        if (v->number == floor(v->number) && fabs(v->number) < 1e15) fprintf(f, "%.0f", v->number);
+        else { /* the shortest form that reads back the same */
+            char buf[32];
+            snprintf(buf, sizeof buf, "%.15g", v->number);
+            if (strtod(buf, NULL) != v->number) snprintf(buf, sizeof buf, "%.17g", v->number);
+            fputs(buf, f);
+        }
+        break;
+    case JSON_STRING: json_write_string(f, v->string); break;
+    case JSON_ARRAY:
+    case JSON_OBJECT:
+        fputc(v->type == JSON_ARRAY ? '[' : '{', f);
+        for (size_t i = 0; i < v->count; i++) {
+            fprintf(f, "%s\n%*s", i ? "," : "", indent + 2, "");
+            if (v->type == JSON_OBJECT) { json_write_string(f, v->keys[i]); fputs(": ", f); }
+            json_write_value(f, &v->items[i], indent + 2);
+        }
+        if (v->count) fprintf(f, "\n%*s", indent, "");
+        fputc(v->type == JSON_ARRAY ? ']' : '}', f);
+        break;
+    }
+}
+
+/* config.json of the merged model: the base's, with torch_dtype float32 and, when RoPE was
+ * interpolated, the linear rope_scaling (and transformers 5's rope_parameters) it ran with. */
+static int write_merged_config(const char *base_dir, const char *out_dir, const Config *c) {
+    char path[4096];
+    Json *j = json_parse_file(path_join(path, sizeof path, base_dir, "config.json"));
+    if (!j) return -1;
+    AtomicFile af;
+    if (atomic_open(&af, path_join(path, sizeof path, out_dir, "config.json")) != 0) { json_free(j); return -1; }
+    FILE *f = af.f;
+    int scaled = c->rope_factor > 1.0f, wrote_scaling = 0;
+    fputc('{', f);
+    size_t n = 0;
+    for (size_t i = 0; i < j->count; i++) {
+        const char *k = j->keys[i];
+        if (strcmp(k, "torch_dtype") == 0 || strcmp(k, "dtype") == 0) continue;
+        if (scaled && (strcmp(k, "rope_scaling") == 0 || strcmp(k, "rope_parameters") == 0)) continue;
+        fprintf(f, "%s\n  ", n++ ? "," : "");
+        json_write_string(f, k);
+        fputs(": ", f);
+        json_write_value(f, &j->items[i], 2);
+    }
+    if (scaled) {
+        fprintf(f, "%s\n  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g, \"rope_theta\": %.9g}", n++ ? "," : "",
+                (double)c->rope_factor, (double)c->rope_theta);
+        fprintf(f, ",\n  \"rope_parameters\": {\"rope_type\": \"linear\", \"factor\": %.9g, \"rope_theta\": %.9g}", (double)c->rope_factor, (double)c->rope_theta);
+        wrote_scaling = 1;
+    }
+    fprintf(f, "%s\n  \"torch_dtype\": \"float32\"\n}\n", n ? "," : "");
+    (void)wrote_scaling;
+    json_free(j);
+    return atomic_commit(&af);
+}
+
+/* Writes m (already merged) as a HF model folder; base_dir supplies config.json and tokenizer files. */
+static int save_merged_model(const Model *m, const char *base_dir, const char *out_dir) {
+    if (make_dir(out_dir) != 0 || write_merged_config(base_dir, out_dir, &m->cfg) != 0) return -1;
+    size_t n = params_list(&m->w, &m->cfg, NULL);
+    ParamRef *refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
+    params_list(&m->w, &m->cfg, refs);
+    StWriter sw = {0};
+    sw.metadata_json = (char *)"{\"format\":\"pt\"}";
+    for (size_t i = 0; i < n; i++) st_writer_add(&sw, refs[i].name, DT_F32, refs[i].ndim, refs[i].shape, refs[i].data);
+    char path[4096];
+    int rc = st_write(&sw, path_join(path, sizeof path, out_dir, "model.safetensors"));
+    st_writer_free(&sw);
+    free(refs);
+    static const char *const copies[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                         "special_tokens_map.json", "generation_config.json"};
+    for (size_t i = 0; rc == 0 && i < sizeof copies / sizeof copies[0]; i++) {
+        char src[4096];
+        if (!file_exists(path_join(src, sizeof src, base_dir, copies[i]))) continue;
+        size_t len;
+        char *data = read_file(src, &len);
+        if (!data || write_file_atomic(path_join(path, sizeof path, out_dir, copies[i]), data, len) != 0) rc = -1;
+        free(data);
+    }
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The program
+ * ------------------------------------------------------------------------------------- */
+#if STAGE == 3
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: 03_lora --model DIR (--text-file F | --tokens F) [--steps K] [--ctx N] [--batch B] [--s2]\n"
+            "               [--s2-ratio R] [--rank R] [--alpha A] [--dropout P] [--targets q,k,v,o,gate,up,down]\n"
+            "               [--no-train-embed] [--no-train-norms] [--lr LR] [--warmup W] [--beta1 B1] [--beta2 B2]\n"
+            "               [--eps E] [--weight-decay WD] [--seed S]\n"
+            "               [--load-adapter DIR] [--save-adapter DIR] [--merge-out DIR]\n"
+            "  K CPU training steps of LoRA+ (default 10; 0 with --load-adapter), each on B packed\n"
+            "  sequences of N tokens (default 256); prints \"step <k> loss <float>\" per step.\n"
+            "  --s2 trains with S2-Attn, group N * ratio (default 1/4). --merge-out writes the base\n"
+            "  model with the adapter merged in (W += alpha/R B A) as a HF model folder.\n");
+    exit(2);
+}
+
+static double parse_number(const char *flag, const char *s) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || v != v) die("%s needs a number, not \"%s\"", flag, s);
+    return v;
+}
+static long parse_count(const char *flag, const char *s, long min) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < min) die("%s needs an integer >= %ld, not \"%s\"", flag, min, s);
+    return v;
+}
+
+int main(int argc, char **argv) {
+    const char *model_dir = NULL, *text_file = NULL, *token_file = NULL;
+    const char *save_dir = NULL, *load_dir = NULL, *merge_dir = NULL;
+    long steps = -1, ctx = 256, batch = 1;
+    int use_s2 = 0;
+    double s2_ratio = 0.25;
+    LoraConfig lc = lora_default_config();
+    AdamWConfig oc = adamw_default_config();
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (!strcmp(f, "--s2")) { use_s2 = 1; continue; }
+        if (!strcmp(f, "--no-train-embed")) { lc.train_embed = 0; continue; }
+        if (!strcmp(f, "--no-train-norms")) { lc.train_norms = 0; continue; }
+        if (!strcmp(f, "-h") || !strcmp(f, "--help") || i + 1 >= argc) usage();
+        const char *v = argv[++i];
+        if (!strcmp(f, "--model")) model_dir = v;
+        else if (!strcmp(f, "--text-file")) text_file = v;
+        else if (!strcmp(f, "--tokens")) token_file = v;
+        else if (!strcmp(f, "--steps")) steps = parse_count(f, v, 0);
+        else if (!strcmp(f, "--ctx")) ctx = parse_count(f, v, 2);
+        else if (!strcmp(f, "--batch")) batch = parse_count(f, v, 1);
+        else if (!strcmp(f, "--s2-ratio")) { s2_ratio = parse_number(f, v); use_s2 = 1; }
+        else if (!strcmp(f, "--rank")) lc.rank = (int)parse_count(f, v, 1);
+        else if (!strcmp(f, "--alpha")) lc.alpha = (float)parse_number(f, v);
+        else if (!strcmp(f, "--dropout")) lc.dropout = (float)parse_number(f, v);
+        else if (!strcmp(f, "--targets")) { if (lora_parse_targets(v, &lc.targets) != 0) die("%s", last_error()); }
+        else if (!strcmp(f, "--lr")) oc.lr = (float)parse_number(f, v);
+        else if (!strcmp(f, "--warmup")) oc.warmup_steps = (int)parse_count(f, v, 0);
+        else if (!strcmp(f, "--beta1")) oc.beta1 = (float)parse_number(f, v);
+        else if (!strcmp(f, "--beta2")) oc.beta2 = (float)parse_number(f, v);
+        else if (!strcmp(f, "--eps")) oc.eps = (float)parse_number(f, v);
+        else if (!strcmp(f, "--weight-decay")) oc.weight_decay = (float)parse_number(f, v);
+        else if (!strcmp(f, "--seed")) lc.seed = (uint64_t)parse_count(f, v, 0);
+        else if (!strcmp(f, "--save-adapter")) save_dir = v;
+        else if (!strcmp(f, "--load-adapter")) load_dir = v;
+        else if (!strcmp(f, "--merge-out")) merge_dir = v;
+        else usage();
+    }
+    if (!model_dir) usage();
+    if (steps < 0) steps = load_dir ? 0 : 10;
+    if (steps > 0 && !text_file && !token_file) die("training needs --text-file or --tokens");
+    if (!(oc.beta1 >= 0 && oc.beta1 < 1 && oc.beta2 >= 0 && oc.beta2 < 1 && oc.eps > 0 && oc.lr >= 0 && oc.weight_decay >= 0))
+        die("AdamW needs 0 <= beta1, beta2 < 1, eps > 0, lr >= 0 and weight decay >= 0");
+    size_t N = (size_t)ctx, B = (size_t)batch, G = 0;
+    if (use_s2 && lora_s2_group(N, s2_ratio, &G) != 0) die("%s", last_error());
+
+    Model model;
+    model_load(&model, model_dir, ctx);
+    const Config *c = &model.cfg;
+    LoraAdapter ad;
+    if (load_dir) {
+        if (lora_load_adapter(&ad, &model, load_dir) != 0) die("%s", last_error());
+        ad.cfg.train_embed = lc.train_embed;
+        ad.cfg.train_norms = lc.train_norms;
+        ad.cfg.seed = lc.seed;
+        rng_seed(&ad.drop_rng, lc.seed ^ 0x5deece66dull);
+    } else if (lora_init(&ad, c, &lc) != 0) die("%s", last_error());
+
+    if (steps > 0) {
+        /* the training text: BOS + the tokens, packed into windows of N + 1 (inputs and shifted targets) */
+        int32_t *ids = NULL;
+        size_t n_ids = 0;
+        if (token_file) {
+            ids = tokfile_read(token_file, &n_ids);
+            if (!ids) die("%s", last_error());
+        } else {
+            Tokenizer tok;
+            if (tok_load(&tok, model_dir) != 0) die("%s", last_error());
+            size_t len;
+            char *text = read_file(text_file, &len);
+            if (!text) die("%s", last_error());
+            ids = tok_encode(&tok, text, len, 1, &n_ids);
+            free(text);
+            tok_free(&tok);
+        }
+        if (n_ids < N + 1) die("the training text has %zu tokens; one sequence of --ctx %zu needs %zu", n_ids, N, N + 1);
+        for (size_t t = 0; t < n_ids; t++)
+            if (ids[t] < 0 || ids[t] >= c->vocab_size) die("token %zu has id %d, outside the model's vocabulary of %d", t, ids[t], c->vocab_size);
+        LoraTrainer tr;
+        lora_trainer_init(&tr, &model, &ad, &oc, B, N, G);
+        size_t n_trainable = 0;
+        for (size_t k = 0; k < tr.opt.count; k++) n_trainable += tr.opt.params[k].numel;
+        fprintf(stderr, "03_lora: %zu base parameters (frozen), %zu trainable in %zu tensors; R=%d alpha=%g; N=%zu B=%zu; RoPE factor %g\n",
+                model.w.count, n_trainable, tr.opt.count, ad.cfg.rank, (double)ad.cfg.alpha, N, B, (double)c->rope_factor);
+        if (G) fprintf(stderr, "03_lora: S2-Attn, group %zu, shift %zu\n", G, G / 2);
+        else fprintf(stderr, "03_lora: full causal attention\n");
+        int32_t *tokens = (int32_t *)xmalloc(B * N * sizeof(int32_t)), *targets = (int32_t *)xmalloc(B * N * sizeof(int32_t));
+        size_t cursor = 0, windows = (n_ids - 1) / N;
+        double t0 = now_seconds();
+        for (long s = 0; s < steps; s++) {
+            for (size_t b = 0; b < B; b++) {
+                size_t start = (cursor++ % windows) * N;
+                memcpy(tokens + b * N, ids + start, N * sizeof(int32_t));
+                memcpy(targets + b * N, ids + start + 1, N * sizeof(int32_t));
+            }
+            float loss = lora_train_step(&tr, tokens, targets, B, N);
+            printf("step %ld loss %.6f\n", s + 1, (double)loss);
+            fflush(stdout);
+        }
+        double dt = now_seconds() - t0;
+        fprintf(stderr, "03_lora: %ld steps in %.2f s, %.1f tokens/s\n", steps, dt, (double)(steps * (long)(B * N)) / dt);
+        free(tokens); free(targets); free(ids);
+        lora_trainer_free(&tr);
+    }
+    if (save_dir) {
+        if (lora_save_adapter(&ad, &model, save_dir, model_dir) != 0) die("%s", last_error());
+        fprintf(stderr, "03_lora: adapter saved to %s\n", save_dir);
+    }
+    if (merge_dir) {
+        lora_merge(&ad, &model);
+        if (save_merged_model(&model, model_dir, merge_dir) != 0) die("%s", last_error());
+        fprintf(stderr, "03_lora: merged model written to %s\n", merge_dir);
+    }
+    lora_free(&ad);
+    model_free(&model);
+    return 0;
+}
+#endif /* STAGE == 3 */

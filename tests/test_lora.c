@@ -16,13 +16,16 @@
  *     (perturbing one value row, the attention outputs that move are exactly those allowed by
  *     DESIGN.md's rule written out here, independent of s2_first_key);
  *  7. bad adapters (rank, targets, shapes, layers, malformed files) end with a clear error
- *     and leave the model unchanged; a few training steps lower the loss.
+ *     and leave the model unchanged; a few training steps lower the loss;
+ *  8. ./03_lora: three S2-Attn training steps print their losses; the adapter it saves on the
+ *     base equals the merged folder it writes (1e-5, RoPE factor kept); user errors exit non-zero.
  *
  *  test_lora --write-ours-adapter CFG DIR writes the deterministic adapter of check 4
  *  (tests/ref/make_lora_fixtures.py --ours runs it, then records peft's logits).
  */
 #define STAGE 0
 #include "../03_lora.c"
+#include <sys/wait.h>
 
 static int g_checks, g_failures;
 #define EXPECT(cond, ...)                                                   \
@@ -653,6 +656,82 @@ static void check_training(void) {
     model_free(&m);
 }
 
+/* ---- 8. the command line: train with S2-Attn, save, merge; the outputs agree -------------- */
+
+static int run_cmd(const char *cmd) {
+    int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void check_cli(void) {
+    if (!file_exists("03_lora")) { EXPECT(0, "./03_lora is not built (make 03_lora, or make test builds it)"); return; }
+    char dir[256], tok_path[320], cmd[2048], out_path[320], ad_dir[320], merged_dir[320];
+    snprintf(dir, sizeof dir, "build/tests/lora_cli_%d", (int)getpid());
+    EXPECT(make_dir(dir) == 0, "%s", last_error());
+    snprintf(tok_path, sizeof tok_path, "%s/tokens.lltk", dir);
+    snprintf(out_path, sizeof out_path, "%s/out.txt", dir);
+    snprintf(ad_dir, sizeof ad_dir, "%s/adapter", dir);
+    snprintf(merged_dir, sizeof merged_dir, "%s/merged", dir);
+    Rng r;
+    rng_seed(&r, (uint64_t)time(NULL) + 11);
+    int32_t ids[300];
+    for (int i = 0; i < 300; i++) ids[i] = (int32_t)rng_below(&r, 67);
+    EXPECT(tokfile_write(tok_path, ids, 300, 67) == 0, "%s", last_error());
+    snprintf(cmd, sizeof cmd, "./03_lora --model " FIXTURES "/gqa_untied --tokens %s --s2 --steps 3 --ctx 32 --lr 1e-3 --warmup 1 "
+             "--save-adapter %s --merge-out %s > %s 2>&1", tok_path, ad_dir, merged_dir, out_path);
+    int rc = run_cmd(cmd);
+    EXPECT(rc == 0, "03_lora training run exited %d", rc);
+    char *out = read_file(out_path, NULL);
+    int steps_seen = 0;
+    for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+        int k;
+        float loss;
+        char tail;
+        if (sscanf(line, "step %d loss %f%c", &k, &loss, &tail) == 2) {
+            EXPECT(k == steps_seen + 1 && isfinite(loss) && loss > 0, "bad step line: %s", line);
+            steps_seen++;
+        }
+    }
+    free(out);
+    EXPECT(steps_seen == 3, "03_lora printed %d 'step <k> loss <float>' lines, want 3", steps_seen);
+    /* the saved adapter on the base == the merged folder */
+    Model base, merged;
+    LoraAdapter ad;
+    if (model_try_load(&base, FIXTURES "/gqa_untied", 32) == 0 && model_try_load(&merged, merged_dir, 0) == 0) {
+        EXPECT(merged.cfg.rope_factor == 2.0f, "the merged config.json carries RoPE factor %g, want 2", (double)merged.cfg.rope_factor);
+        if (lora_load_adapter(&ad, &base, ad_dir) == 0) {
+            ad.training = 0;
+            size_t B = 1, N = 32, V = 67;
+            Activations a1, a2;
+            act_plan(&a1, &base.cfg, B, N, 0);
+            act_plan(&a2, &merged.cfg, B, N, 0);
+            RunOptions ro = {0, 0, &ad.hook};
+            model_forward(&base, &a1, ids, NULL, B, N, &ro);
+            model_forward(&merged, &a2, ids, NULL, B, N, NULL);
+            double e = rel_maxnorm(a2.logits, a1.logits, B * N * V);
+            EXPECT(e <= 1e-5, "the merged folder's logits differ from base + saved adapter by %g (tolerance 1e-5)", e);
+            printf("cli: 3 S2 steps, saved adapter and merged folder agree to %.2g\n", e);
+            act_free(&a1); act_free(&a2);
+            lora_free(&ad);
+        } else EXPECT(0, "loading the adapter 03_lora saved: %s", last_error());
+        model_free(&base);
+        model_free(&merged);
+    } else EXPECT(0, "%s", last_error());
+    /* user errors end with one sentence and a non-zero exit */
+    snprintf(cmd, sizeof cmd, "./03_lora --model " FIXTURES "/gqa_untied --tokens %s --s2 --steps 1 --ctx 30 > %s 2>&1", tok_path, out_path);
+    rc = run_cmd(cmd);
+    out = read_file(out_path, NULL);
+    EXPECT(rc != 0 && out && strstr(out, "error: ") && strstr(out, "S2-Attn"), "--s2 with --ctx 30: exit %d, '%s'", rc, out ? out : "");
+    free(out);
+    snprintf(cmd, sizeof cmd, "./03_lora --model " FIXTURES "/gqa_untied --load-adapter " FIXTURES "/mha3_tied/adapter_peft --merge-out %s/x > %s 2>&1", dir, out_path);
+    rc = run_cmd(cmd);
+    out = read_file(out_path, NULL);
+    EXPECT(rc != 0 && out && strstr(out, "error: ") && strstr(out, "does not fit"), "another model's adapter: exit %d, '%s'", rc, out ? out : "");
+    free(out);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    run_cmd(cmd);
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--write-ours-adapter") == 0) return write_ours_adapter(argv[2], argv[3]);
     if (!file_exists(FIXTURES "/adamw.bin")) {
@@ -670,6 +749,7 @@ int main(int argc, char **argv) {
     }
     check_bad_adapters();
     check_training();
+    check_cli();
     printf("03_lora: %d checks, %d failed\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

@@ -3,6 +3,8 @@
     python tests/ref/make_lora_fixtures.py            # base models, peft adapters, references
     python tests/ref/make_lora_fixtures.py --ours     # also: peft's logits for the adapters our C code saved
                                                       # (needs build/tests/test_lora, built first)
+    python tests/ref/make_lora_fixtures.py --check-merged   # ./03_lora --merge-out loads in transformers
+                                                      # and gives peft's logits (needs ./03_lora; checks only)
 
 Writes tests/fixtures/lora/:
   <cfg>/config.json, model.safetensors   a tiny random LLaMA (fp32) used as the base model
@@ -231,10 +233,32 @@ def make_adamw():
     print("adamw: 3 steps, 30 schedule values")
 
 
+def check_merged(name, c):
+    """./03_lora --load-adapter (peft's) --merge-out: transformers loads the folder, logits equal peft's."""
+    import tempfile
+    d = os.path.join(OUT, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "merged")
+        subprocess.run([os.path.join(ROOT, "03_lora"), "--model", d, "--ctx", str(c["target_ctx"]),
+                        "--load-adapter", os.path.join(d, "adapter_peft"), "--merge-out", out], check=True)
+        merged = LlamaForCausalLM.from_pretrained(out, dtype=torch.float64, attn_implementation="eager").eval()
+        pm = PeftModel.from_pretrained(load_base(d, c), os.path.join(d, "adapter_peft")).to(torch.float64).eval()
+        tokens = torch.tensor(np.random.default_rng(5).integers(0, c["V"], size=(2, c["N"])))
+        S2_GROUP["G"] = 0
+        with torch.no_grad():
+            a, b = merged(input_ids=tokens).logits, pm(input_ids=tokens).logits
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        print(f"{name}: merged folder in transformers vs peft: {err:.2e} relative max-norm")
+        assert err < 1e-5, err
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(True)
     os.makedirs(OUT, exist_ok=True)
-    if "--ours" in sys.argv:
+    if "--check-merged" in sys.argv:
+        for name, c in CONFIGS.items():
+            check_merged(name, c)
+    elif "--ours" in sys.argv:
         for name, c in CONFIGS.items():
             make_ours(name, c)
     else:
