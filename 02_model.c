@@ -582,6 +582,7 @@ static void attention_forward(float *out /* [B*N, H*d] */, float *lse /* [B, H, 
             for (size_t j = j0; j <= i; j++) {
                 const float *kj = k + (b * N + j) * ks + (size_t)kvh * d;
                 float s = 0;
+#pragma omp simd reduction(+ : s)
                 for (int c = 0; c < d; c++) s += qi[c] * kj[c];
                 p[j] = s * scale;
                 if (p[j] > mx) mx = p[j];
@@ -593,6 +594,7 @@ static void attention_forward(float *out /* [B*N, H*d] */, float *lse /* [B, H, 
             for (size_t j = j0; j <= i; j++) {
                 const float *vj = v + (b * N + j) * ks + (size_t)kvh * d;
                 float pj = p[j] / sum;
+#pragma omp simd
                 for (int c = 0; c < d; c++) oi[c] += pj * vj[c];
             }
             lse[bh * N + i] = mx + logf(sum);
@@ -628,8 +630,10 @@ static void attention_backward(float *dq /* [B*N, H*d] */, float *dk /* [B*N, Hk
             for (size_t j = s2_first_key(i, h, H, G); j <= i; j++) {
                 const float *kj = k + (b * N + j) * ks + (size_t)kvh * d, *vj = v + (b * N + j) * ks + (size_t)kvh * d;
                 float s = 0, dp = 0;
+#pragma omp simd reduction(+ : s, dp)
                 for (int c = 0; c < d; c++) { s += qi[c] * kj[c]; dp += doi[c] * vj[c]; }
                 float ds = expf(s * scale - l) * (dp - dl) * scale;
+#pragma omp simd
                 for (int c = 0; c < d; c++) dqi[c] += ds * kj[c];
             }
         }
@@ -647,9 +651,11 @@ static void attention_backward(float *dq /* [B*N, H*d] */, float *dk /* [B*N, Hk
                     if (s2_first_key(i, h, H, G) > j) break; /* first keys only grow with i */
                     const float *qi = q + (b * N + i) * qs + (size_t)h * d, *doi = dout + (b * N + i) * qs + (size_t)h * d;
                     float s = 0, dp = 0;
+#pragma omp simd reduction(+ : s, dp)
                     for (int c = 0; c < d; c++) { s += qi[c] * kj[c]; dp += doi[c] * vj[c]; }
                     float p = expf(s * scale - lse[bh * N + i]);
                     float ds = p * (dp - delta[bh * N + i]) * scale;
+#pragma omp simd
                     for (int c = 0; c < d; c++) { dkj[c] += ds * qi[c]; dvj[c] += p * doi[c]; }
                 }
             }
