@@ -162,6 +162,9 @@ static int config_from_json(Config *c, const Json *j, long target_ctx) {
     if (c->head_dim % 2) return set_error("config.json: head_dim %d is odd; RoPE needs pairs", c->head_dim);
     if (c->n_heads % c->n_kv_heads) return set_error("config.json: num_attention_heads %d is not a multiple of num_key_value_heads %d", c->n_heads, c->n_kv_heads);
     if ((double)c->vocab_size * c->dim > 4e10 || (double)c->ffn_dim * c->dim > 4e10) return set_error("config.json: sizes are implausibly large");
+    double n_params = (double)c->n_layers * ((double)c->dim * c->head_dim * (2.0 * c->n_heads + 2.0 * c->n_kv_heads) + 3.0 * c->dim * c->ffn_dim)
+                    + 2.0 * c->vocab_size * c->dim;
+    if (n_params > 2e11 || c->head_dim > 65536) return set_error("config.json describes %.3g parameters, implausibly many", n_params);
     double eps = json_get_number(j, "rms_norm_eps", 1e-6);
     if (!(eps > 0 && eps < 1)) return set_error("config.json: rms_norm_eps %g is out of range", eps);
     c->rms_eps = (float)eps;
@@ -855,6 +858,7 @@ static float model_forward(const Model *m, Activations *a, const int32_t *tokens
                            const int32_t *targets /* [B*N] or NULL */, size_t B, size_t N, const RunOptions *o) {
     const Config *c = &m->cfg;
     check_run(m, a, tokens, B, N, o);
+    if (max_threads() > a->n_threads) die("OpenMP now runs %d threads but the activations were planned for %d", max_threads(), a->n_threads);
     size_t T = B * N, D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size;
     size_t G = o ? o->s2_group : 0;
     /* embedding lookup into layer 0's input */

@@ -132,6 +132,21 @@ static void edit_add_bias(StWriter *w, const SafeTensors *st) {
     int64_t shape[1] = {128};
     st_writer_add(w, "model.layers.0.self_attn.q_proj.bias", DT_F32, 1, shape, zero_bias);
 }
+static uint16_t *f16_data[64];
+static void edit_to_f16(StWriter *w, const SafeTensors *st) {
+    if (w->count > 64) die("too many tensors");
+    for (size_t i = 0; i < w->count; i++) {
+        const StTensor *t = st_find(st, w->entries[i].name);
+        float *f = xmalloc(t->numel * sizeof(float));
+        if (st_to_f32(t, f) != 0) die("%s", last_error());
+        f16_data[i] = xmalloc(t->numel * 2);
+        for (size_t k = 0; k < t->numel; k++) f16_data[i][k] = f32_to_f16(f[k]);
+        free(f);
+        w->entries[i].dtype = DT_F16;
+        w->entries[i].data = f16_data[i];
+        w->entries[i].nbytes = t->numel * 2;
+    }
+}
 static void edit_int_tensor(StWriter *w, const SafeTensors *st) {
     (void)st;
     entry(w, "model.norm.weight")->dtype = DT_I32;
@@ -224,6 +239,43 @@ int main(void) {
     d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
     edit_text(keep, "config.json", "\"vocab_size\": 64", "\"vocab_size\": 65");
     expect_fail("config and weights disagree", keep, "model.embed_tokens.weight");
+    remove_dir(keep);
+
+    /* fp16 weights: the llama2_like model with every tensor stored as F16 loads to the same
+     * logits within fp16 rounding (and not bit-identical: the conversion really happened) */
+    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
+    rewrite_safetensors(keep, "model.safetensors", edit_to_f16);
+    {
+        Model m32, m16;
+        cases++;
+        if (model_try_load(&m32, FIXTURES "/llama2_like", 0) != 0) die("%s", last_error());
+        if (model_try_load(&m16, keep, 0) != 0) { failures++; printf("FAIL fp16 weights: %s\n", last_error()); }
+        else {
+            size_t B = 1, N = 11, V = (size_t)m32.cfg.vocab_size;
+            int32_t tokens[11] = {1, 5, 9, 63, 0, 17, 17, 42, 8, 30, 2};
+            Activations a32, a16;
+            act_plan(&a32, &m32.cfg, B, N, 0);
+            act_plan(&a16, &m16.cfg, B, N, 0);
+            model_forward(&m32, &a32, tokens, NULL, B, N, NULL);
+            model_forward(&m16, &a16, tokens, NULL, B, N, NULL);
+            double md = 0, mr = 0;
+            for (size_t i = 0; i < N * V; i++) {
+                double diff = fabs((double)a16.logits[i] - a32.logits[i]);
+                if (diff > md || diff != diff) md = diff;
+                if (fabs(a32.logits[i]) > mr) mr = fabs(a32.logits[i]);
+            }
+            if (!(md / mr <= 5e-3 && md > 0)) { failures++; printf("FAIL fp16 weights: logits differ by %.3g relative (want (0, 5e-3])\n", md / mr); }
+            else printf("ok   %-34s logits within %.2g of fp32\n", "fp16 weights", md / mr);
+            act_free(&a32); act_free(&a16);
+            model_free(&m16);
+        }
+        model_free(&m32);
+    }
+    remove_dir(keep);
+
+    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
+    edit_text(keep, "config.json", "\"num_hidden_layers\": 1", "\"num_hidden_layers\": 999999999");
+    expect_fail("absurd sizes", keep, "implausibly");
     remove_dir(keep);
 
     expect_fail("no such folder", "build/tests/no_such_model_folder", "no_such_model_folder");
