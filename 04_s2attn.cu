@@ -1,0 +1,1009 @@
+/* 04_s2attn.cu: attention on the GPU. Flash attention forward and backward (causal, bf16 in
+ * and out, fp32 accumulation), S2-Attn as the same kernels with per-head segment bounds, and
+ * decode attention (one new token against a long KV cache) split over the key axis.
+ *
+ * Teaches: how flash attention is laid out on tensor cores without a library. Each kernel
+ * is written with mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix from XOR-swizzled
+ * shared memory, cp.async double buffering of the tiles that stream, an online softmax in
+ * base 2 (exp2 with log2(e) folded into the scale), and tile skipping: a tile whose keys are
+ * all outside every query's window [s2_first_key(i), i] is never loaded, and the mask is
+ * applied only on tiles that straddle a window edge. S2-Attn needs no roll, copy or padding:
+ * the window comes from s2_first_key (common.h), so its cost follows the segment length.
+ * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; built for sm_80 and sm_90).
+ * Leaves out: wgmma / TMA (Hopper-only paths), dropout, non-causal attention, head dims other
+ * than 64 and 128, fp16.
+ *
+ * Layout (every buffer row-major; bf16 passed as its raw uint16_t bits):
+ *   q, o, dout, dq  [B, N, H, d]     as the q/o projections produce them
+ *   k, v, dk, dv    [B, N, Hk, d]    query head h uses kv head h / (H / Hk)
+ *   lse             [B, H, N] fp32   natural log-sum-exp of query i's scaled scores
+ *   KV cache        [B, n_cap, Hk, d] for decoding; the new query q is [B, H, d]
+ * The program built from this file with -DS2ATTN_MAIN (`make 04_s2attn`) runs the benchmark
+ * (--bench) and a quick self-check (--check).
+ */
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <float.h>
+#include <stdint.h>
+
+#include "common.h"
+
+typedef __nv_bfloat16 bf16;
+
+#define CUDA_OK(call)                                                                          \
+    do {                                                                                       \
+        cudaError_t err_ = (call);                                                             \
+        CHECK(err_ == cudaSuccess, "CUDA call %s failed: %s", #call, cudaGetErrorString(err_)); \
+    } while (0)
+#define LAUNCH_OK() CUDA_OK(cudaGetLastError())
+
+static const float LOG2E = 1.4426950408889634f;
+static const float LN2 = 0.6931471805599453f;
+
+/* ---------------------------------------------------------------------------------------
+ * Tensor-core and copy primitives (inline PTX, sm_80+)
+ * ------------------------------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* 16-byte asynchronous copy global -> shared; when !valid the 16 bytes are zero-filled. */
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int n> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(n)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+/* c[16x8] += a[16x16] * b[16x8]; the fragment layouts are the PTX ISA's for m16n8k16. */
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); /* lo goes to the lower address */
+    return *(uint32_t *)&v;
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Shared-memory tiles hold rows of W bf16 (W = 64 or 128: 8 or 16 chunks of 16 bytes). The
+ * chunk index is XORed with (row & 7), so the 8 rows that one ldmatrix phase reads at the
+ * same logical chunk land in 8 different bank groups: no conflicts, no padding. */
+template <int W> __device__ __forceinline__ uint32_t swz(uint32_t base, int row, int chunk) {
+    return base + (uint32_t)(row * (W * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+/* Starts the copy of ROWS rows x D columns (rows r0.. of a [N, row_stride] matrix) into a
+ * swizzled tile; rows at or past N are zero-filled. */
+template <int D, int ROWS, int NTHR>
+__device__ __forceinline__ void load_tile_async(uint32_t tile, const bf16 *src, size_t row_stride, int r0, int N, int tid) {
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int c = tid; c < ROWS * CH; c += NTHR) {
+        int row = c / CH, ch = c % CH;
+        bool valid = r0 + row < N;
+        const bf16 *p = src + (valid ? (size_t)(r0 + row) * row_stride + (size_t)ch * 8 : 0);
+        cp_async16(swz<D>(tile, row, ch), p, valid);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Flash attention forward
+ * One block = BM queries of one (batch, head); NW warps, each owning BM/NW query rows (MT
+ * m16 tiles). K/V tiles of BN keys stream through two shared-memory buffers while the
+ * previous tile is multiplied. Tiles are visited from the diagonal downwards.
+ * ------------------------------------------------------------------------------------- */
+template <int D, int BM, int BN, int NW>
+__global__ void __launch_bounds__(NW * 32, 1)
+flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
+                 const bf16 *__restrict__ K,  /* [B, N, Hk, d] */
+                 const bf16 *__restrict__ V,  /* [B, N, Hk, d] */
+                 bf16 *__restrict__ O,        /* [B, N, H, d] */
+                 float *__restrict__ LSE,     /* [B, H, N] */
+                 int N, int H, int Hk, int G, float scale_log2) {
+    constexpr int MT = BM / (16 * NW); /* m16 tiles per warp */
+    constexpr int NTHR = NW * 32;
+    static_assert(BM % (16 * NW) == 0 && BN % 16 == 0 && (D == 64 || D == 128), "tile shape");
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t sQ = smem_addr(smem);                 /* [BM, D] */
+    const uint32_t sK = sQ + BM * D * 2;                 /* [2, BN, D] */
+    const uint32_t sV = sK + 2 * BN * D * 2;             /* [2, BN, D] */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3; /* mma fragment row group and column pair */
+    const int m_block = gridDim.x - 1 - blockIdx.x; /* longest rows first */
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int kh = h / (H / Hk);
+    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
+    const bf16 *Qb = Q + (size_t)b * N * q_stride + (size_t)h * D;
+    const bf16 *Kb = K + (size_t)b * N * kv_stride + (size_t)kh * D;
+    const bf16 *Vb = V + (size_t)b * N * kv_stride + (size_t)kh * D;
+
+    const int m0 = m_block * BM;
+    const int m_last = min(m0 + BM, N) - 1;
+    const int key_lo = (int)s2_first_key((size_t)m0, h, H, (size_t)G);  /* window start of the first row */
+    const int fk_last = (int)s2_first_key((size_t)m_last, h, H, (size_t)G);
+    const int tile_lo = key_lo / BN, tile_hi = m_last / BN;
+    const int n_tiles = tile_hi - tile_lo + 1;
+
+    /* this thread's rows and their window starts */
+    const int wrow0 = m0 + warp * 16 * MT; /* first row of this warp */
+    int row_fk[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) row_fk[mt][hf] = (int)s2_first_key((size_t)(wrow0 + mt * 16 + g + 8 * hf), h, H, (size_t)G);
+    const int warp_fk0 = (int)s2_first_key((size_t)wrow0, h, H, (size_t)G);
+    const int warp_row_last = wrow0 + 16 * MT - 1;
+
+    load_tile_async<D, BM, NTHR>(sQ, Qb, q_stride, m0, N, tid);
+    load_tile_async<D, BN, NTHR>(sK, Kb, kv_stride, tile_hi * BN, N, tid);
+    load_tile_async<D, BN, NTHR>(sV, Vb, kv_stride, tile_hi * BN, N, tid);
+    cp_async_commit();
+
+    float o_acc[MT][D / 8][4];
+    float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o_acc[mt][dn][e] = 0.f;
+        m_run[mt][0] = m_run[mt][1] = -INFINITY;
+        l_run[mt][0] = l_run[mt][1] = 0.f;
+    }
+    uint32_t q_frag[MT == 1 ? D / 16 : 1][4]; /* with one m-tile per warp, Q stays in registers */
+
+    for (int it = 0; it < n_tiles; it++) {
+        const int tile = tile_hi - it, n0 = tile * BN, buf = it & 1;
+        if (it + 1 < n_tiles) {
+            load_tile_async<D, BN, NTHR>(sK + (buf ^ 1) * BN * D * 2, Kb, kv_stride, (tile - 1) * BN, N, tid);
+            load_tile_async<D, BN, NTHR>(sV + (buf ^ 1) * BN * D * 2, Vb, kv_stride, (tile - 1) * BN, N, tid);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (MT == 1 && it == 0) {
+#pragma unroll
+            for (int kc = 0; kc < D / 16; kc++) ldmatrix_x4(q_frag[kc], swz<D>(sQ, warp * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+        }
+        const uint32_t kt = sK + buf * BN * D * 2, vt = sV + buf * BN * D * 2;
+        /* a warp whose rows all lie outside this tile's keys has nothing to do here */
+        const bool warp_active = n0 <= warp_row_last && n0 + BN - 1 >= warp_fk0;
+        if (warp_active) {
+            /* S = Q K^T for this warp's rows: [16*MT, BN] */
+            float s[MT][BN / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s[mt][nt][e] = 0.f;
+#pragma unroll
+            for (int kc = 0; kc < D / 16; kc++) {
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    if (MT == 1) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) a[mt][e] = q_frag[MT == 1 ? kc : 0][e];
+                    } else {
+                        ldmatrix_x4(a[mt], swz<D>(sQ, warp * 16 * MT + mt * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                    }
+                }
+#pragma unroll
+                for (int np = 0; np < BN / 16; np++) {
+                    uint32_t bk[4];
+                    ldmatrix_x4(bk, swz<D>(kt, np * 16 + (lane & 7) + ((lane >> 4) << 3), kc * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_bf16(s[mt][2 * np], a[mt], bk[0], bk[1]);
+                        mma_bf16(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+                    }
+                }
+            }
+            /* mask only where the tile straddles a window edge */
+            const bool need_mask = n0 + BN - 1 > wrow0 || n0 < fk_last;
+            if (need_mask) {
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int row = wrow0 + mt * 16 + g + 8 * (e >> 1), col = n0 + nt * 8 + 2 * t + (e & 1);
+                            if (col > row || col < row_fk[mt][e >> 1]) s[mt][nt][e] = -INFINITY;
+                        }
+            }
+            /* online softmax in base 2: m is kept in scaled units */
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    float m_new = fmaxf(m_run[mt][hf], mx * scale_log2);
+                    float base = m_new == -INFINITY ? 0.f : m_new;
+                    float alpha = fast_exp2(m_run[mt][hf] - base);
+                    m_run[mt][hf] = m_new;
+                    float rs = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            float p = fast_exp2(fmaf(s[mt][nt][2 * hf + e], scale_log2, -base));
+                            s[mt][nt][2 * hf + e] = p;
+                            rs += p;
+                        }
+                    l_run[mt][hf] = l_run[mt][hf] * alpha + rs;
+#pragma unroll
+                    for (int dn = 0; dn < D / 8; dn++) {
+                        o_acc[mt][dn][2 * hf] *= alpha;
+                        o_acc[mt][dn][2 * hf + 1] *= alpha;
+                    }
+                }
+            /* O += P V: P goes from accumulator layout straight into A fragments */
+#pragma unroll
+            for (int kc = 0; kc < BN / 16; kc++) {
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    a[mt][0] = pack_bf16(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                    a[mt][1] = pack_bf16(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                    a[mt][2] = pack_bf16(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                    a[mt][3] = pack_bf16(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < D / 16; dp++) {
+                    uint32_t bv[4];
+                    ldmatrix_x4_trans(bv, swz<D>(vt, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_bf16(o_acc[mt][2 * dp], a[mt], bv[0], bv[1]);
+                        mma_bf16(o_acc[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    /* epilogue: normalise, write LSE, stage O through shared memory for 16-byte stores */
+    float *lse_row = LSE + ((size_t)b * H + h) * N;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float l = l_run[mt][hf];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            float inv = l > 0.f ? 1.f / l : 0.f;
+            int row_local = warp * 16 * MT + mt * 16 + g + 8 * hf;
+            if (t == 0 && m0 + row_local < N) lse_row[m0 + row_local] = (m_run[mt][hf] + log2f(l)) * LN2;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++) {
+                uint32_t v = pack_bf16(o_acc[mt][dn][2 * hf] * inv, o_acc[mt][dn][2 * hf + 1] * inv);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<D>(sQ, row_local, dn) + 4 * t), "r"(v));
+            }
+        }
+    __syncthreads();
+    bf16 *Ob = O + (size_t)b * N * q_stride + (size_t)h * D;
+    const unsigned char *sQp = smem;
+    for (int c = tid; c < BM * D / 8; c += NTHR) {
+        int row = c / (D / 8), ch = c % (D / 8);
+        if (m0 + row < N)
+            *(uint4 *)(Ob + (size_t)(m0 + row) * q_stride + ch * 8) = *(const uint4 *)(sQp + (swz<D>(0, row, ch)));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Flash attention backward
+ *   1. preprocess: Delta_i = sum_d dO_i * O_i, and dQ's fp32 accumulator set to zero
+ *   2. main: one block per BN keys of one kv head (all its query heads); K, V stay in shared
+ *      memory, Q/dO tiles of BM queries stream through two buffers. Each warp owns 16 keys:
+ *      S^T = K Q^T, P^T = exp2(S^T*c - lse), dP^T = V dO^T, dS^T = P^T (dP^T - Delta),
+ *      dV += P^T dO and dK += dS^T Q in registers; dS^T goes through shared memory so the
+ *      warps can re-split for dQ += dS K, which is added to the fp32 accumulator atomically.
+ *   3. convert: dQ = bf16(scale * accumulator)
+ * ------------------------------------------------------------------------------------- */
+template <int D>
+__global__ void bwd_preprocess_kernel(const bf16 *__restrict__ O, const bf16 *__restrict__ dO, /* [B, N, H, d] */
+                                      float *__restrict__ Delta, /* [B, H, N] */ int N, int H, size_t rows) {
+    size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; /* row = (b*N + i)*H + h */
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    constexpr int PER = D / 32; /* elements per lane: 2 or 4 */
+    const bf16 *o = O + row * D + lane * PER, *d = dO + row * D + lane * PER;
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < PER; e += 2) {
+        float2 a = __bfloat1622float2(*(const __nv_bfloat162 *)(o + e));
+        float2 c = __bfloat1622float2(*(const __nv_bfloat162 *)(d + e));
+        acc += a.x * c.x + a.y * c.y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) {
+        size_t h = row % H, bi = row / H, i = bi % N, b = bi / N;
+        Delta[(b * H + h) * N + i] = acc;
+    }
+}
+
+__global__ void dq_convert_kernel(const float *__restrict__ acc, bf16 *__restrict__ dQ, size_t n4, float scale) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    float4 v = ((const float4 *)acc)[i];
+    __nv_bfloat162 lo = __floats2bfloat162_rn(v.x * scale, v.y * scale), hi = __floats2bfloat162_rn(v.z * scale, v.w * scale);
+    ((__nv_bfloat162 *)dQ)[2 * i] = lo;
+    ((__nv_bfloat162 *)dQ)[2 * i + 1] = hi;
+}
+
+/* the last query whose window still reaches key n_last (windows move right as i grows) */
+__device__ int last_query_reaching(int n_last, int h, int H, int G, int N) {
+    int lo = n_last, hi = N - 1; /* s2_first_key(n_last) <= n_last always */
+    while (lo < hi) {
+        int mid = lo + (hi - lo + 1) / 2;
+        if ((int)s2_first_key((size_t)mid, h, H, (size_t)G) <= n_last) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+#define MAX_GQA_GROUP 32
+
+template <int D, int BM, int BN, int NW>
+__global__ void __launch_bounds__(NW * 32, 1)
+flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
+                 const bf16 *__restrict__ dO,     /* [B, N, H, d] */
+                 const float *__restrict__ LSE,   /* [B, H, N] */
+                 const float *__restrict__ Delta, /* [B, H, N] */
+                 float *__restrict__ dQacc,       /* [B, N, H, d] fp32, zeroed */
+                 bf16 *__restrict__ dK, bf16 *__restrict__ dV, /* [B, N, Hk, d] */
+                 int N, int H, int Hk, int G, float scale_log2, float scale) {
+    constexpr int NTHR = NW * 32;
+    static_assert(BN == 16 * NW, "each warp owns 16 keys");
+    constexpr int MTQ = BM / 16;          /* m16 tiles of queries in the dQ product */
+    constexpr int DSPLIT = NW / MTQ;      /* warps sharing one m16 tile of dQ */
+    constexpr int DW = D / DSPLIT;        /* dQ columns per warp */
+    static_assert(NW % MTQ == 0 && DW % 16 == 0, "dQ warp split");
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t sK = smem_addr(smem);          /* [BN, D] */
+    const uint32_t sV = sK + BN * D * 2;          /* [BN, D] */
+    const uint32_t sQ = sV + BN * D * 2;          /* [2, BM, D] */
+    const uint32_t sdO = sQ + 2 * BM * D * 2;     /* [2, BM, D] */
+    const uint32_t sdS = sdO + 2 * BM * D * 2;    /* [BN, BM]  dS^T */
+    float *sL = (float *)(smem + (size_t)(2 * BN * D + 4 * BM * D + BN * BM) * 2); /* [2, BM] lse * log2(e) */
+    float *sDl = sL + 2 * BM;                     /* [2, BM] Delta */
+    int *s_tlo = (int *)(sDl + 2 * BM);           /* [R] first query tile per head */
+    int *s_thi = s_tlo + MAX_GQA_GROUP;           /* [R] last query tile per head */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_block = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+    const int R = H / Hk;
+    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
+    const int n0 = n_block * BN, n_last = min(n0 + BN, N) - 1;
+
+    if (tid < R) {
+        int h = kh * R + tid;
+        s_tlo[tid] = n0 / BM;
+        s_thi[tid] = last_query_reaching(n_last, h, H, G, N) / BM;
+    }
+    load_tile_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
+    load_tile_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
+    __syncthreads(); /* s_tlo / s_thi visible */
+    int total = 0;
+    for (int r = 0; r < R; r++) total += s_thi[r] - s_tlo[r] + 1;
+
+    /* queues the Q / dO / lse / Delta tile of (head h, query tile mt) into buffer buf */
+    auto load_q_tile = [&](int h, int mt, int buf) {
+        const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
+        load_tile_async<D, BM, NTHR>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
+        load_tile_async<D, BM, NTHR>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
+        for (int r = tid; r < BM; r += NTHR) {
+            int i = mt * BM + r;
+            const size_t li = ((size_t)b * H + h) * N + i;
+            sL[buf * BM + r] = i < N ? LSE[li] * LOG2E : INFINITY;
+            sDl[buf * BM + r] = i < N ? Delta[li] : 0.f;
+        }
+    };
+    int cur_r = 0, cur_mt = s_tlo[0];
+    load_q_tile(kh * R, cur_mt, 0);
+    cp_async_commit();
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
+
+    const int key0 = n0 + warp * 16; /* first key of this warp */
+    for (int it = 0; it < total; it++) {
+        const int buf = it & 1;
+        const int h = kh * R + cur_r, m0 = cur_mt * BM;
+        /* advance to the next (head, tile) and queue it */
+        int nxt_r = cur_r, nxt_mt = cur_mt + 1;
+        if (nxt_mt > s_thi[nxt_r]) { nxt_r++; if (nxt_r < R) nxt_mt = s_tlo[nxt_r]; }
+        if (it + 1 < total) load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const uint32_t qt = sQ + buf * BM * D * 2, dot = sdO + buf * BM * D * 2;
+        const float *lse2 = sL + buf * BM, *dl = sDl + buf * BM;
+        const int m_last = min(m0 + BM, N) - 1;
+        const bool warp_active = key0 <= m_last && key0 + 15 >= (int)s2_first_key((size_t)m0, h, H, (size_t)G);
+        float ds[BM / 8][4]; /* dS^T for this warp's 16 keys x BM queries */
+        if (warp_active) {
+            float st[BM / 8][4], dpt[BM / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.f;
+            /* S^T = K Q^T and dP^T = V dO^T */
+#pragma unroll
+            for (int kc = 0; kc < D / 16; kc++) {
+                uint32_t ak[4], av[4];
+                ldmatrix_x4(ak, swz<D>(sK, warp * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                ldmatrix_x4(av, swz<D>(sV, warp * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+#pragma unroll
+                for (int np = 0; np < BM / 16; np++) {
+                    uint32_t bq[4], bo[4];
+                    const int row = np * 16 + (lane & 7) + ((lane >> 4) << 3), ch = kc * 2 + ((lane >> 3) & 1);
+                    ldmatrix_x4(bq, swz<D>(qt, row, ch));
+                    ldmatrix_x4(bo, swz<D>(dot, row, ch));
+                    mma_bf16(st[2 * np], ak, bq[0], bq[1]);
+                    mma_bf16(st[2 * np + 1], ak, bq[2], bq[3]);
+                    mma_bf16(dpt[2 * np], av, bo[0], bo[1]);
+                    mma_bf16(dpt[2 * np + 1], av, bo[2], bo[3]);
+                }
+            }
+            const bool need_mask = m0 < n0 + BN - 1 || (int)s2_first_key((size_t)m_last, h, H, (size_t)G) > n0 || m0 + BM > N;
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int ql = nt * 8 + 2 * t + (e & 1); /* query within the tile */
+                    float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
+                    if (need_mask) {
+                        const int q = m0 + ql, key = key0 + g + 8 * (e >> 1);
+                        if (key > q || q >= N || key < (int)s2_first_key((size_t)q, h, H, (size_t)G)) p = 0.f;
+                    }
+                    st[nt][e] = p;
+                    ds[nt][e] = p * (dpt[nt][e] - dl[ql]);
+                }
+            /* dV += P^T dO, dK += dS^T Q */
+#pragma unroll
+            for (int kc = 0; kc < BM / 16; kc++) {
+                uint32_t ap[4], as[4];
+                ap[0] = pack_bf16(st[2 * kc][0], st[2 * kc][1]);
+                ap[1] = pack_bf16(st[2 * kc][2], st[2 * kc][3]);
+                ap[2] = pack_bf16(st[2 * kc + 1][0], st[2 * kc + 1][1]);
+                ap[3] = pack_bf16(st[2 * kc + 1][2], st[2 * kc + 1][3]);
+                as[0] = pack_bf16(ds[2 * kc][0], ds[2 * kc][1]);
+                as[1] = pack_bf16(ds[2 * kc][2], ds[2 * kc][3]);
+                as[2] = pack_bf16(ds[2 * kc + 1][0], ds[2 * kc + 1][1]);
+                as[3] = pack_bf16(ds[2 * kc + 1][2], ds[2 * kc + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; dp++) {
+                    uint32_t bo[4], bq[4];
+                    const int row = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dp * 2 + (lane >> 4);
+                    ldmatrix_x4_trans(bo, swz<D>(dot, row, ch));
+                    ldmatrix_x4_trans(bq, swz<D>(qt, row, ch));
+                    mma_bf16(dv_acc[2 * dp], ap, bo[0], bo[1]);
+                    mma_bf16(dv_acc[2 * dp + 1], ap, bo[2], bo[3]);
+                    mma_bf16(dk_acc[2 * dp], as, bq[0], bq[1]);
+                    mma_bf16(dk_acc[2 * dp + 1], as, bq[2], bq[3]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) ds[nt][e] = 0.f;
+        }
+        /* dS^T -> shared memory [BN, BM] */
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; nt++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                uint32_t v = pack_bf16(ds[nt][2 * hf], ds[nt][2 * hf + 1]);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS, warp * 16 + g + 8 * hf, nt) + 4 * t), "r"(v));
+            }
+        __syncthreads();
+        /* dQ[BM, D] += dS K, warps re-split as MTQ query tiles x DSPLIT column slices */
+        {
+            const int mrow = (warp % MTQ) * 16, dcol0 = (warp / MTQ) * DW;
+            float dq[DW / 8][4];
+#pragma unroll
+            for (int dn = 0; dn < DW / 8; dn++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dq[dn][e] = 0.f;
+            /* keys beyond the active warps' rows of dS^T are zero: skip those k-steps */
+#pragma unroll
+            for (int kc = 0; kc < BN / 16; kc++) {
+                uint32_t a[4];
+                ldmatrix_x4_trans(a, swz<BM>(sdS, kc * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mrow / 8 + ((lane >> 3) & 1)));
+#pragma unroll
+                for (int dp = 0; dp < DW / 16; dp++) {
+                    uint32_t bk[4];
+                    ldmatrix_x4_trans(bk, swz<D>(sK, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dcol0 / 8 + dp * 2 + (lane >> 4)));
+                    mma_bf16(dq[2 * dp], a, bk[0], bk[1]);
+                    mma_bf16(dq[2 * dp + 1], a, bk[2], bk[3]);
+                }
+            }
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int q = m0 + mrow + g + 8 * hf;
+                if (q < N) {
+                    float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
+#pragma unroll
+                    for (int dn = 0; dn < DW / 8; dn++) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                        atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
+#else
+                        atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
+                        atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
+#endif
+                    }
+                }
+            }
+        }
+        cur_r = nxt_r;
+        cur_mt = nxt_mt;
+    }
+    cp_async_wait<0>();
+
+    /* dK = scale * dS^T Q summed, dV: straight from registers */
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int key = key0 + g + 8 * hf;
+        if (key < N) {
+            const size_t off = ((size_t)b * N + key) * kv_stride + (size_t)kh * D + 2 * t;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++) {
+                *(uint32_t *)(dK + off + dn * 8) = pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale);
+                *(uint32_t *)(dV + off + dn * 8) = pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1]);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Decode attention: one query token per sequence against n_keys cached keys.
+ * Block (split s, kv head, batch) scores its chunk of DEC_CHUNK keys for all R query heads
+ * of the kv head (a GQA group shares each K/V load), keeps the scores in shared memory,
+ * and writes an unnormalised partial output with its max and sum; a second kernel merges
+ * the splits. Memory-bound: every cached K/V byte is read once.
+ * ------------------------------------------------------------------------------------- */
+#define DEC_CHUNK 256
+#define DEC_THREADS 128
+#define DEC_MAX_R 8
+
+template <int D>
+__global__ void __launch_bounds__(DEC_THREADS)
+decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
+                    const bf16 *__restrict__ Kc,   /* [B, n_cap, Hk, d] */
+                    const bf16 *__restrict__ Vc,   /* [B, n_cap, Hk, d] */
+                    float *__restrict__ part_o,    /* [B, H, n_split, d] */
+                    float *__restrict__ part_ml,   /* [B, H, n_split, 2] max (base 2) and sum */
+                    int H, int Hk, int n_cap, int n_keys, float scale_log2) {
+    constexpr int LPK = D / 8;             /* lanes per key: each holds 8 dims (16 bytes) */
+    constexpr int KPW = 32 / LPK;          /* keys per warp step */
+    constexpr int KPB = KPW * (DEC_THREADS / 32);
+    __shared__ float s_p[DEC_MAX_R][DEC_CHUNK];          /* scores, then probabilities */
+    __shared__ float s_o[DEC_THREADS / 32][DEC_MAX_R][D]; /* per-warp partial outputs */
+    __shared__ float s_m[DEC_MAX_R], s_l[DEC_MAX_R];
+    const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z, n_split = gridDim.x;
+    const int R = H / Hk;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int sub = lane / LPK, part = lane % LPK;
+    const int c0 = split * DEC_CHUNK, c1 = min(c0 + DEC_CHUNK, n_keys);
+    const size_t kv_stride = (size_t)Hk * D;
+    const bf16 *Kb = Kc + (size_t)b * n_cap * kv_stride + (size_t)kh * D + part * 8;
+    const bf16 *Vb = Vc + (size_t)b * n_cap * kv_stride + (size_t)kh * D + part * 8;
+
+    float q[DEC_MAX_R][8];
+#pragma unroll
+    for (int r = 0; r < DEC_MAX_R; r++) {
+        if (r < R) {
+            uint4 raw = *(const uint4 *)(Qn + ((size_t)b * H + kh * R + r) * D + part * 8);
+            const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&raw;
+#pragma unroll
+            for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); q[r][2 * e] = f.x * scale_log2; q[r][2 * e + 1] = f.y * scale_log2; }
+        }
+    }
+    /* pass 1: scores */
+    /* the loop bound is warp-uniform (jb), so every lane reaches the shuffles */
+    for (int jb = c0 + warp * KPW; jb < c1; jb += 4 * KPB) {
+        const int j0 = jb + sub;
+        uint4 kr[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * KPB;
+            kr[u] = j < c1 ? *(const uint4 *)(Kb + (size_t)j * kv_stride) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float kf[8];
+            const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&kr[u];
+#pragma unroll
+            for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); kf[2 * e] = f.x; kf[2 * e + 1] = f.y; }
+#pragma unroll
+            for (int r = 0; r < DEC_MAX_R; r++) {
+                if (r < R) {
+                    float dot = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) dot = fmaf(q[r][e], kf[e], dot);
+#pragma unroll
+                    for (int off = LPK / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+                    int j = j0 + u * KPB;
+                    if (part == 0 && j < c1) s_p[r][j - c0] = dot;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    /* softmax statistics per head: one warp per head */
+    for (int r = warp; r < R; r += DEC_THREADS / 32) {
+        float mx = -INFINITY;
+        for (int j = lane; j < c1 - c0; j += 32) mx = fmaxf(mx, s_p[r][j]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float sum = 0.f;
+        for (int j = lane; j < c1 - c0; j += 32) { float p = fast_exp2(s_p[r][j] - mx); s_p[r][j] = p; sum += p; }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) { s_m[r] = mx; s_l[r] = sum; }
+    }
+    __syncthreads();
+    /* pass 2: o = sum_j p_j v_j */
+    float acc[DEC_MAX_R][8];
+#pragma unroll
+    for (int r = 0; r < DEC_MAX_R; r++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[r][e] = 0.f;
+    for (int jb = c0 + warp * KPW; jb < c1; jb += 4 * KPB) {
+        const int j0 = jb + sub;
+        uint4 vr[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * KPB;
+            vr[u] = j < c1 ? *(const uint4 *)(Vb + (size_t)j * kv_stride) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int j = j0 + u * KPB;
+            if (j >= c1) break;
+            float vf[8];
+            const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&vr[u];
+#pragma unroll
+            for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); vf[2 * e] = f.x; vf[2 * e + 1] = f.y; }
+#pragma unroll
+            for (int r = 0; r < DEC_MAX_R; r++) {
+                if (r < R) {
+                    float p = s_p[r][j - c0];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[r][e] = fmaf(p, vf[e], acc[r][e]);
+                }
+            }
+        }
+    }
+    /* reduce the KPW keys of a warp step, then the warps */
+#pragma unroll
+    for (int r = 0; r < DEC_MAX_R; r++) {
+        if (r < R) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                float v = acc[r][e];
+#pragma unroll
+                for (int off = LPK; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+                acc[r][e] = v;
+            }
+            if (sub == 0) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) s_o[warp][r][part * 8 + e] = acc[r][e];
+            }
+        }
+    }
+    __syncthreads();
+    for (int x = tid; x < R * D; x += DEC_THREADS) {
+        int r = x / D, dd = x % D;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_THREADS / 32; w++) v += s_o[w][r][dd];
+        size_t row = ((size_t)b * H + kh * R + r) * n_split + split;
+        part_o[row * D + dd] = v;
+        if (dd == 0) { part_ml[row * 2] = s_m[r]; part_ml[row * 2 + 1] = s_l[r]; }
+    }
+}
+
+__global__ void decode_merge_kernel(const float *__restrict__ part_o, const float *__restrict__ part_ml,
+                                    bf16 *__restrict__ On, /* [B, H, d] */ int n_split, int D) {
+    const size_t bh = (size_t)blockIdx.y * gridDim.x + blockIdx.x; /* b * H + h */
+    const float *ml = part_ml + bh * n_split * 2;
+    float M = -INFINITY;
+    for (int s = 0; s < n_split; s++) M = fmaxf(M, ml[2 * s]);
+    for (int dd = threadIdx.x; dd < D; dd += blockDim.x) {
+        float L = 0.f, acc = 0.f;
+        for (int s = 0; s < n_split; s++) {
+            float w = fast_exp2(ml[2 * s] - M);
+            L += ml[2 * s + 1] * w;
+            acc += part_o[(bh * n_split + s) * D + dd] * w;
+        }
+        On[bh * D + dd] = __float2bfloat16(acc / L);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Host API (declared in common.h)
+ * ------------------------------------------------------------------------------------- */
+
+/* tile shapes (measured on H100; see bench/NOTES.md) */
+#define FWD_BM 128
+#define FWD_BN 64
+#define FWD_NW 8
+#define BWD_BM 64
+#define BWD_BN 128
+#define BWD_NW 8
+
+static int check_shape(int B, int N, int H, int Hk, int d, int G) {
+    if (B <= 0 || N <= 0 || H <= 0 || Hk <= 0) return set_error("attention: B=%d N=%d H=%d Hk=%d must all be positive", B, N, H, Hk);
+    if (d != 64 && d != 128) return set_error("attention: head dim %d is not supported (64 or 128)", d);
+    if (H % Hk != 0) return set_error("attention: H=%d is not a multiple of Hk=%d", H, Hk);
+    if (H / Hk > MAX_GQA_GROUP) return set_error("attention: %d query heads per kv head is more than %d", H / Hk, MAX_GQA_GROUP);
+    if (H > 65535 || Hk > 65535 || B > 65535) return set_error("attention: B=%d or H=%d is too large for the grid", B, H);
+    if (G < 0 || (G > 0 && N % G != 0)) return set_error("attention: S2 group %d does not divide N=%d", G, N);
+    return 0;
+}
+
+template <int D>
+static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
+    constexpr size_t smem = (size_t)(FWD_BM * D + 4 * FWD_BN * D) * 2;
+    auto kern = flash_fwd_kernel<D, FWD_BM, FWD_BN, FWD_NW>;
+    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((N + FWD_BM - 1) / FWD_BM), (unsigned)H, (unsigned)B);
+    kern<<<grid, FWD_NW * 32, smem>>>(q, k, v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
+    LAUNCH_OK();
+}
+
+extern "C" int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
+                            int B, int N, int H, int Hk, int d, int G) {
+    if (check_shape(B, N, H, Hk, d, G) != 0) return -1;
+    if (d == 64) launch_fwd<64>((const bf16 *)q, (const bf16 *)k, (const bf16 *)v, (bf16 *)o, lse, B, N, H, Hk, G);
+    else launch_fwd<128>((const bf16 *)q, (const bf16 *)k, (const bf16 *)v, (bf16 *)o, lse, B, N, H, Hk, G);
+    return 0;
+}
+
+extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
+    size_t dq = (size_t)B * N * H * d * sizeof(float); /* dQ accumulator [B, N, H, d] */
+    size_t delta = (size_t)B * H * N * sizeof(float);  /* Delta [B, H, N] */
+    return dq + ((delta + 255) / 256) * 256;
+}
+
+template <int D>
+static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
+                       bf16 *dq, bf16 *dk, bf16 *dv, void *workspace, int B, int N, int H, int Hk, int G) {
+    float *dq_acc = (float *)workspace;                       /* [B, N, H, d] */
+    float *delta = dq_acc + (size_t)B * N * H * D;            /* [B, H, N] */
+    const size_t rows = (size_t)B * N * H;
+    CUDA_OK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float)));
+    bwd_preprocess_kernel<D><<<(unsigned)((rows + 7) / 8), 256>>>(o, dout, delta, N, H, rows);
+    LAUNCH_OK();
+    constexpr size_t smem = (size_t)(2 * BWD_BN * D + 4 * BWD_BM * D + BWD_BN * BWD_BM) * 2 + 4 * BWD_BM * sizeof(float) + 2 * MAX_GQA_GROUP * sizeof(int);
+    auto kern = flash_bwd_kernel<D, BWD_BM, BWD_BN, BWD_NW>;
+    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((N + BWD_BN - 1) / BWD_BN), (unsigned)Hk, (unsigned)B);
+    const float scale = 1.f / sqrtf((float)D);
+    kern<<<grid, BWD_NW * 32, smem>>>(q, k, v, dout, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
+    LAUNCH_OK();
+    const size_t n4 = rows * D / 4;
+    dq_convert_kernel<<<(unsigned)((n4 + 255) / 256), 256>>>(dq_acc, dq, n4, scale);
+    LAUNCH_OK();
+}
+
+extern "C" int attn_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                             const uint16_t *dout, const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv,
+                             void *workspace, int B, int N, int H, int Hk, int d, int G) {
+    if (check_shape(B, N, H, Hk, d, G) != 0) return -1;
+    if (!workspace) return set_error("attention backward: no workspace (attn_backward_workspace_bytes bytes)");
+    if (d == 64)
+        launch_bwd<64>((const bf16 *)q, (const bf16 *)k, (const bf16 *)v, (const bf16 *)o, (const bf16 *)dout, lse,
+                       (bf16 *)dq, (bf16 *)dk, (bf16 *)dv, workspace, B, N, H, Hk, G);
+    else
+        launch_bwd<128>((const bf16 *)q, (const bf16 *)k, (const bf16 *)v, (const bf16 *)o, (const bf16 *)dout, lse,
+                        (bf16 *)dq, (bf16 *)dk, (bf16 *)dv, workspace, B, N, H, Hk, G);
+    return 0;
+}
+
+static int decode_splits(int n_keys) { return (n_keys + DEC_CHUNK - 1) / DEC_CHUNK; }
+
+extern "C" size_t attn_decode_workspace_bytes(int B, int H, int d, int n_keys) {
+    if (B <= 0 || H <= 0 || d <= 0 || n_keys <= 0) return 0;
+    return (size_t)B * H * decode_splits(n_keys) * (size_t)(d + 2) * sizeof(float);
+}
+
+extern "C" int attn_decode(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *o,
+                           void *workspace, int B, int H, int Hk, int d, int n_cap, int n_keys) {
+    if (check_shape(B, n_keys > 0 ? n_keys : 1, H, Hk, d, 0) != 0) return -1;
+    if (n_keys <= 0 || n_keys > n_cap) return set_error("attention decode: %d keys do not fit a cache of %d", n_keys, n_cap);
+    if (H / Hk > DEC_MAX_R) return set_error("attention decode: %d query heads per kv head is more than %d", H / Hk, DEC_MAX_R);
+    if (!workspace) return set_error("attention decode: no workspace (attn_decode_workspace_bytes bytes)");
+    const int n_split = decode_splits(n_keys);
+    float *part_o = (float *)workspace;                         /* [B, H, n_split, d] */
+    float *part_ml = part_o + (size_t)B * H * n_split * d;      /* [B, H, n_split, 2] */
+    dim3 grid((unsigned)n_split, (unsigned)Hk, (unsigned)B);
+    const float scale_log2 = LOG2E / sqrtf((float)d);
+    if (d == 64)
+        decode_split_kernel<64><<<grid, DEC_THREADS>>>((const bf16 *)q, (const bf16 *)k_cache, (const bf16 *)v_cache, part_o, part_ml, H, Hk, n_cap, n_keys, scale_log2);
+    else
+        decode_split_kernel<128><<<grid, DEC_THREADS>>>((const bf16 *)q, (const bf16 *)k_cache, (const bf16 *)v_cache, part_o, part_ml, H, Hk, n_cap, n_keys, scale_log2);
+    LAUNCH_OK();
+    decode_merge_kernel<<<dim3((unsigned)H, (unsigned)B), 128>>>(part_o, part_ml, (bf16 *)o, n_split, d);
+    LAUNCH_OK();
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The stage's program: ./04_s2attn --bench writes bench/results/attn_ours.json
+ * ------------------------------------------------------------------------------------- */
+#ifdef S2ATTN_MAIN
+
+static void fill_random_bf16(uint16_t *dev, size_t n, uint64_t seed, float scale) {
+    Rng rng;
+    rng_seed(&rng, seed);
+    uint16_t *host = (uint16_t *)xmalloc(n * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++) host[i] = f32_to_bf16(rng_normal(&rng) * scale);
+    CUDA_OK(cudaMemcpy(dev, host, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    free(host);
+}
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* attended (query, key) pairs of one head, summed over the segments of an S2 head */
+static double causal_pairs(double n) { return n * n / 2.0; }
+static double s2_pairs(int N, int G, int h, int H) {
+    if (G == 0) return causal_pairs(N);
+    if (h < H / 2) return (double)(N / G) * causal_pairs(G);
+    int S = G / 2;
+    return causal_pairs(S) + (double)(N / G - 1) * causal_pairs(G) + causal_pairs(G - S);
+}
+
+typedef struct {
+    int N, G;
+    float fwd_ms, fwdbwd_ms;
+    double fwd_tflops, fwdbwd_tflops;
+} BenchRow;
+
+static void bench(const char *json_path) {
+    const int H = 32, Hk = 32, d = 128, tokens = 32768, reps = 10;
+    const int cases[][2] = {{1024, 0}, {4096, 0}, {8192, 0}, {16384, 0}, {32768, 0}, {4096, 1024}, {16384, 4096}, {32768, 8192}};
+    const int n_cases = (int)(sizeof cases / sizeof cases[0]);
+    const size_t n_el = (size_t)tokens * H * d;
+    uint16_t *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse;
+    void *ws;
+    CUDA_OK(cudaMalloc(&q, n_el * 2)); CUDA_OK(cudaMalloc(&k, n_el * 2)); CUDA_OK(cudaMalloc(&v, n_el * 2));
+    CUDA_OK(cudaMalloc(&o, n_el * 2)); CUDA_OK(cudaMalloc(&dout, n_el * 2)); CUDA_OK(cudaMalloc(&dq, n_el * 2));
+    CUDA_OK(cudaMalloc(&dk, n_el * 2)); CUDA_OK(cudaMalloc(&dv, n_el * 2));
+    CUDA_OK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
+    CUDA_OK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
+    fill_random_bf16(q, n_el, 1, 1.f); fill_random_bf16(k, n_el, 2, 1.f); fill_random_bf16(v, n_el, 3, 1.f);
+    fill_random_bf16(dout, n_el, 4, 1.f);
+    cudaEvent_t e0, e1;
+    CUDA_OK(cudaEventCreate(&e0)); CUDA_OK(cudaEventCreate(&e1));
+    BenchRow rows[16];
+    printf("attention benchmark: causal, H=%d, d=%d, B*N=%d tokens, bf16, median of %d\n", H, d, tokens, reps);
+    printf("%-8s %-6s %10s %10s %12s %12s\n", "N", "G", "fwd ms", "fwd TF/s", "fwd+bwd ms", "f+b TF/s");
+    for (int c = 0; c < n_cases; c++) {
+        const int N = cases[c][0], G = cases[c][1], B = tokens / N;
+        double pairs = 0;
+        for (int h = 0; h < H; h++) pairs += s2_pairs(N, G, h, H);
+        const double fwd_flop = 4.0 * B * pairs * d; /* 4*B*H*N^2*d/2 for full causal */
+        float t_f[32], t_fb[32];
+        for (int r = -2; r < reps; r++) {
+            float ms;
+            CUDA_OK(cudaEventRecord(e0));
+            if (attn_forward(q, k, v, o, lse, B, N, H, Hk, d, G) != 0) die("%s", last_error());
+            CUDA_OK(cudaEventRecord(e1));
+            CUDA_OK(cudaEventSynchronize(e1));
+            CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+            if (r >= 0) t_f[r] = ms;
+            CUDA_OK(cudaEventRecord(e0));
+            if (attn_forward(q, k, v, o, lse, B, N, H, Hk, d, G) != 0) die("%s", last_error());
+            if (attn_backward(q, k, v, o, dout, lse, dq, dk, dv, ws, B, N, H, Hk, d, G) != 0) die("%s", last_error());
+            CUDA_OK(cudaEventRecord(e1));
+            CUDA_OK(cudaEventSynchronize(e1));
+            CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+            if (r >= 0) t_fb[r] = ms;
+        }
+        qsort(t_f, reps, sizeof(float), cmp_float);
+        qsort(t_fb, reps, sizeof(float), cmp_float);
+        BenchRow *row = &rows[c];
+        row->N = N; row->G = G;
+        row->fwd_ms = t_f[reps / 2];
+        row->fwdbwd_ms = t_fb[reps / 2];
+        row->fwd_tflops = fwd_flop / (row->fwd_ms * 1e-3) / 1e12;
+        row->fwdbwd_tflops = 3.5 * fwd_flop / (row->fwdbwd_ms * 1e-3) / 1e12;
+        printf("%-8d %-6d %10.3f %10.1f %12.3f %12.1f\n", N, G, row->fwd_ms, row->fwd_tflops, row->fwdbwd_ms, row->fwdbwd_tflops);
+        fflush(stdout);
+    }
+    /* decode: one token against a long cache, B=1 */
+    printf("%-8s %-6s %10s %10s\n", "decode", "Hk", "ms", "GB/s");
+    const int dec_cases[][2] = {{32768, 32}, {100000, 32}, {100000, 8}};
+    double dec_ms[3], dec_gbs[3];
+    for (int c = 0; c < 3; c++) {
+        const int n_keys = dec_cases[c][0], dHk = dec_cases[c][1];
+        uint16_t *kc, *vc; /* [1, n_keys, Hk, d] */
+        const size_t n_kv = (size_t)n_keys * dHk * d;
+        CUDA_OK(cudaMalloc(&kc, n_kv * 2)); CUDA_OK(cudaMalloc(&vc, n_kv * 2));
+        fill_random_bf16(kc, n_kv, 5, 1.f); fill_random_bf16(vc, n_kv, 6, 1.f);
+        void *dws;
+        CUDA_OK(cudaMalloc(&dws, attn_decode_workspace_bytes(1, H, d, n_keys)));
+        float ts[32];
+        for (int r = -2; r < reps; r++) {
+            float ms;
+            CUDA_OK(cudaEventRecord(e0));
+            if (attn_decode(q, kc, vc, o, dws, 1, H, dHk, d, n_keys, n_keys) != 0) die("%s", last_error());
+            CUDA_OK(cudaEventRecord(e1));
+            CUDA_OK(cudaEventSynchronize(e1));
+            CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+            if (r >= 0) ts[r] = ms;
+        }
+        qsort(ts, reps, sizeof(float), cmp_float);
+        dec_ms[c] = ts[reps / 2];
+        dec_gbs[c] = 2.0 * n_keys * dHk * d * 2 / (dec_ms[c] * 1e-3) / 1e9;
+        printf("%-8d %-6d %10.4f %10.0f\n", n_keys, dHk, dec_ms[c], dec_gbs[c]);
+        CUDA_OK(cudaFree(dws)); CUDA_OK(cudaFree(kc)); CUDA_OK(cudaFree(vc));
+    }
+    cudaDeviceProp prop;
+    CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+    FILE *f = fopen(json_path, "w");
+    if (!f) die("cannot write %s: %s", json_path, strerror(errno));
+    fprintf(f, "{\n  \"device\": \"%s\",\n  \"command\": \"make bench\",\n  \"H\": %d, \"d\": %d, \"tokens\": %d, \"reps\": %d,\n", prop.name, H, d, tokens, reps);
+    fprintf(f, "  \"flops\": \"forward 4*B*pairs*d (pairs = N^2/2 per head causal, in-segment pairs for S2); fwd+bwd 3.5x\",\n  \"attention\": [\n");
+    for (int c = 0; c < n_cases; c++)
+        fprintf(f, "    {\"N\": %d, \"B\": %d, \"G\": %d, \"fwd_ms\": %.4f, \"fwd_tflops\": %.1f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.1f}%s\n",
+                rows[c].N, tokens / rows[c].N, rows[c].G, rows[c].fwd_ms, rows[c].fwd_tflops, rows[c].fwdbwd_ms, rows[c].fwdbwd_tflops, c + 1 < n_cases ? "," : "");
+    fprintf(f, "  ],\n  \"decode\": [\n");
+    for (int c = 0; c < 3; c++)
+        fprintf(f, "    {\"B\": 1, \"H\": %d, \"Hk\": %d, \"n_keys\": %d, \"ms\": %.4f, \"kv_GBps\": %.0f}%s\n", H, dec_cases[c][1], dec_cases[c][0], dec_ms[c], dec_gbs[c], c < 2 ? "," : "");
+    fprintf(f, "  ]\n}\n");
+    CHECK(fclose(f) == 0, "closing %s failed", json_path);
+    printf("wrote %s\n", json_path);
+    CUDA_OK(cudaFree(q)); CUDA_OK(cudaFree(k)); CUDA_OK(cudaFree(v)); CUDA_OK(cudaFree(o)); CUDA_OK(cudaFree(dout));
+    CUDA_OK(cudaFree(dq)); CUDA_OK(cudaFree(dk)); CUDA_OK(cudaFree(dv)); CUDA_OK(cudaFree(lse)); CUDA_OK(cudaFree(ws));
+}
+
+int main(int argc, char **argv) {
+    const char *out = "bench/results/attn_ours.json";
+    int do_bench = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--bench")) do_bench = 1;
+        else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else die("usage: %s --bench [--out results.json]", argv[0]);
+    }
+    if (!do_bench) die("usage: %s --bench [--out results.json]   (kernel checks: make test)", argv[0]);
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
+    bench(out);
+    return 0;
+}
+#endif /* S2ATTN_MAIN */

@@ -1,0 +1,326 @@
+/* test_gpu_attention.c: the attention kernels of 04_s2attn.cu against a CPU reference.
+ *
+ * For every shape (odd sizes, GQA, S2 groups that do and do not line up with the tiles):
+ * fresh random bf16 inputs; an fp64 reference of causal / S2 attention with an explicit mask
+ * (forward and backward); and a "PyTorch-like bf16" baseline, the same math with every
+ * matrix product and the softmax rounded to bf16 as PyTorch's bf16 math path rounds them.
+ * Criterion (the flash-attention project's): for O, dQ, dK, dV the largest error of the GPU
+ * kernel against fp64 is at most 2x the largest error of the bf16 baseline, plus 1e-5.
+ * LSE (fp32) must be within 1e-3 of fp64. Decode attention: the same criterion on its output,
+ * with the cache past n_keys filled with NaN so a read beyond it shows. Outputs are filled
+ * with NaN bytes before every launch, so an element the kernel does not write fails.
+ * Exit 77 without a GPU.
+ */
+#ifndef STAGE
+#define STAGE 0
+#endif
+#include "common.h"
+
+#include <cuda_runtime.h>
+
+#define CUDA_OK(call)                                                                          \
+    do {                                                                                       \
+        cudaError_t err_ = (call);                                                             \
+        CHECK(err_ == cudaSuccess, "CUDA call %s failed: %s", #call, cudaGetErrorString(err_)); \
+    } while (0)
+
+static const double ERR_FACTOR = 2.0, ERR_FLOOR = 1e-5, LSE_TOL = 1e-3;
+
+static float bfr(float x) { return bf16_to_f32(f32_to_bf16(x)); } /* round to bf16 */
+
+/* the window of query i of head h: s2_first_key(i) <= j <= i */
+static size_t first_key(size_t i, int h, int H, int G) { return s2_first_key(i, h, H, (size_t)G); }
+
+typedef struct {
+    int B, N, H, Hk, d, G;
+} Shape;
+
+/* fp64 reference (mode 0) or PyTorch-like bf16 baseline (mode 1) of forward and backward for
+ * one (batch, head); x_f32 are the bf16 inputs widened. Outputs: o, lse [N], dq [N, d] for
+ * this head, and dk, dv accumulated (fp64) into [N, d] of its kv head. */
+static void ref_head(const Shape *s, int b, int h, int mode, const float *q, const float *k, const float *v,
+                     const float *dout, double *o, double *lse, double *dq, double *dk_acc, double *dv_acc) {
+    const int N = s->N, H = s->H, Hk = s->Hk, d = s->d, kh = h / (H / Hk);
+    const double scale = 1.0 / sqrt((double)d);
+    double *p = (double *)xmalloc((size_t)N * sizeof(double));  /* one row of P */
+    double *dp = (double *)xmalloc((size_t)N * sizeof(double)); /* one row of dP */
+#define QX(i, c) q[(((size_t)b * N + (i)) * H + h) * d + (c)]
+#define KX(j, c) k[(((size_t)b * N + (j)) * Hk + kh) * d + (c)]
+#define VX(j, c) v[(((size_t)b * N + (j)) * Hk + kh) * d + (c)]
+#define DOX(i, c) dout[(((size_t)b * N + (i)) * H + h) * d + (c)]
+    for (int i = 0; i < N; i++) {
+        const size_t lo = first_key((size_t)i, h, H, s->G);
+        double mx = -INFINITY;
+        for (size_t j = lo; j <= (size_t)i; j++) {
+            double acc = 0;
+            for (int c = 0; c < d; c++) acc += (double)QX(i, c) * KX(j, c);
+            p[j] = mode ? bfr((float)(acc * scale)) : acc * scale;
+            if (p[j] > mx) mx = p[j];
+        }
+        double sum = 0;
+        for (size_t j = lo; j <= (size_t)i; j++) { p[j] = exp(p[j] - mx); sum += p[j]; }
+        for (size_t j = lo; j <= (size_t)i; j++) { p[j] /= sum; if (mode) p[j] = bfr((float)p[j]); }
+        lse[i] = mx + log(sum);
+        double *orow = o + (size_t)i * d;
+        for (int c = 0; c < d; c++) {
+            double acc = 0;
+            for (size_t j = lo; j <= (size_t)i; j++) acc += p[j] * VX(j, c);
+            orow[c] = mode ? bfr((float)acc) : acc;
+        }
+        /* backward of this row */
+        double dsum = 0;
+        for (size_t j = lo; j <= (size_t)i; j++) {
+            double acc = 0;
+            for (int c = 0; c < d; c++) acc += (double)DOX(i, c) * VX(j, c);
+            dp[j] = mode ? bfr((float)acc) : acc;
+            dsum += p[j] * dp[j];
+        }
+        double *dqrow = dq + (size_t)i * d;
+        for (int c = 0; c < d; c++) dqrow[c] = 0;
+        for (size_t j = lo; j <= (size_t)i; j++) {
+            double ds = p[j] * (dp[j] - dsum);
+            if (mode) ds = bfr((float)ds);
+            for (int c = 0; c < d; c++) {
+                dqrow[c] += ds * KX(j, c) * scale;
+                dk_acc[j * d + c] += ds * QX(i, c) * scale;
+                dv_acc[j * d + c] += p[j] * DOX(i, c);
+            }
+        }
+        if (mode)
+            for (int c = 0; c < d; c++) dqrow[c] = bfr((float)dqrow[c]);
+    }
+#undef QX
+#undef KX
+#undef VX
+#undef DOX
+    free(p);
+    free(dp);
+}
+
+typedef struct {
+    double *o, *lse, *dq, *dk, *dv; /* [B,N,H,d], [B,H,N], [B,N,H,d], [B,N,Hk,d], [B,N,Hk,d] */
+} Result;
+
+static Result reference(const Shape *s, int mode, const float *q, const float *k, const float *v, const float *dout) {
+    const size_t nq = (size_t)s->B * s->N * s->H * s->d, nk = (size_t)s->B * s->N * s->Hk * s->d;
+    Result r;
+    r.o = (double *)xcalloc(nq, sizeof(double));
+    r.lse = (double *)xcalloc((size_t)s->B * s->H * s->N, sizeof(double));
+    r.dq = (double *)xcalloc(nq, sizeof(double));
+    r.dk = (double *)xcalloc(nk, sizeof(double));
+    r.dv = (double *)xcalloc(nk, sizeof(double));
+    const int R = s->H / s->Hk, N = s->N, d = s->d;
+#pragma omp parallel for schedule(dynamic)
+    for (int bk = 0; bk < s->B * s->Hk; bk++) { /* one (batch, kv head): its R query heads */
+        const int b = bk / s->Hk, kh = bk % s->Hk;
+        double *o = (double *)xmalloc((size_t)N * d * sizeof(double)), *dq = (double *)xmalloc((size_t)N * d * sizeof(double));
+        double *lse = (double *)xmalloc((size_t)N * sizeof(double));
+        double *dk = (double *)xcalloc((size_t)N * d, sizeof(double)), *dv = (double *)xcalloc((size_t)N * d, sizeof(double));
+        for (int h = kh * R; h < (kh + 1) * R; h++) {
+            ref_head(s, b, h, mode, q, k, v, dout, o, lse, dq, dk, dv);
+            for (int i = 0; i < N; i++) {
+                r.lse[((size_t)b * s->H + h) * N + i] = lse[i];
+                for (int c = 0; c < d; c++) {
+                    size_t at = (((size_t)b * N + i) * s->H + h) * d + c;
+                    r.o[at] = o[(size_t)i * d + c];
+                    r.dq[at] = dq[(size_t)i * d + c];
+                }
+            }
+        }
+        for (int j = 0; j < N; j++)
+            for (int c = 0; c < d; c++) {
+                size_t at = (((size_t)b * N + j) * s->Hk + kh) * d + c;
+                r.dk[at] = mode ? bfr((float)dk[(size_t)j * d + c]) : dk[(size_t)j * d + c];
+                r.dv[at] = mode ? bfr((float)dv[(size_t)j * d + c]) : dv[(size_t)j * d + c];
+            }
+        free(o); free(dq); free(lse); free(dk); free(dv);
+    }
+    return r;
+}
+static void free_result(Result *r) { free(r->o); free(r->lse); free(r->dq); free(r->dk); free(r->dv); }
+
+static double max_err_d(const double *a, const double *ref, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs(a[i] - ref[i]);
+        if (!(e <= m)) m = e; /* NaN wins */
+    }
+    return m;
+}
+static double max_err_bf16(const uint16_t *a, const double *ref, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)bf16_to_f32(a[i]) - ref[i]);
+        if (!(e <= m)) m = e;
+    }
+    return m;
+}
+
+static void *dev_upload(const void *host, size_t bytes) {
+    void *p;
+    CUDA_OK(cudaMalloc(&p, bytes));
+    CUDA_OK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+    return p;
+}
+static void *dev_poisoned(size_t bytes) {
+    void *p;
+    CUDA_OK(cudaMalloc(&p, bytes));
+    CUDA_OK(cudaMemset(p, 0xff, bytes)); /* NaN in bf16 and fp32 */
+    return p;
+}
+
+static uint16_t *random_bf16(Rng *rng, size_t n, float **widened) {
+    uint16_t *x = (uint16_t *)xmalloc(n * sizeof(uint16_t));
+    float *f = (float *)xmalloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) { x[i] = f32_to_bf16(rng_normal(rng)); f[i] = bf16_to_f32(x[i]); }
+    *widened = f;
+    return x;
+}
+
+static int check(const char *what, double ours, double base, int *fails) {
+    double limit = ERR_FACTOR * base + ERR_FLOOR;
+    int ok = ours <= limit;
+    printf("    %-4s err %.3e  bf16-baseline err %.3e  limit %.3e  %s\n", what, ours, base, limit, ok ? "ok" : "FAIL");
+    if (!ok) (*fails)++;
+    return ok;
+}
+
+static int test_attention(const Shape *s, Rng *rng) {
+    const size_t nq = (size_t)s->B * s->N * s->H * s->d, nk = (size_t)s->B * s->N * s->Hk * s->d;
+    const size_t nl = (size_t)s->B * s->H * s->N;
+    printf("attention B=%d N=%d H=%d Hk=%d d=%d G=%d\n", s->B, s->N, s->H, s->Hk, s->d, s->G);
+    float *qf, *kf, *vf, *df;
+    uint16_t *q = random_bf16(rng, nq, &qf), *k = random_bf16(rng, nk, &kf), *v = random_bf16(rng, nk, &vf);
+    uint16_t *dout = random_bf16(rng, nq, &df);
+    Result ref = reference(s, 0, qf, kf, vf, df), base = reference(s, 1, qf, kf, vf, df);
+
+    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
+    uint16_t *d_do = (uint16_t *)dev_upload(dout, nq * 2);
+    uint16_t *d_o = (uint16_t *)dev_poisoned(nq * 2), *d_dq = (uint16_t *)dev_poisoned(nq * 2);
+    uint16_t *d_dk = (uint16_t *)dev_poisoned(nk * 2), *d_dv = (uint16_t *)dev_poisoned(nk * 2);
+    float *d_lse = (float *)dev_poisoned(nl * 4);
+    void *ws = dev_poisoned(attn_backward_workspace_bytes(s->B, s->N, s->H, s->d));
+    if (attn_forward(d_q, d_k, d_v, d_o, d_lse, s->B, s->N, s->H, s->Hk, s->d, s->G) != 0) die("%s", last_error());
+    if (attn_backward(d_q, d_k, d_v, d_o, d_do, d_lse, d_dq, d_dk, d_dv, ws, s->B, s->N, s->H, s->Hk, s->d, s->G) != 0) die("%s", last_error());
+    CUDA_OK(cudaDeviceSynchronize());
+
+    uint16_t *o = (uint16_t *)xmalloc(nq * 2), *dq = (uint16_t *)xmalloc(nq * 2), *dk = (uint16_t *)xmalloc(nk * 2), *dv = (uint16_t *)xmalloc(nk * 2);
+    float *lse = (float *)xmalloc(nl * 4);
+    CUDA_OK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(dq, d_dq, nq * 2, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(dk, d_dk, nk * 2, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(dv, d_dv, nk * 2, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(lse, d_lse, nl * 4, cudaMemcpyDeviceToHost));
+
+    int fails = 0;
+    check("O", max_err_bf16(o, ref.o, nq), max_err_d(base.o, ref.o, nq), &fails);
+    check("dQ", max_err_bf16(dq, ref.dq, nq), max_err_d(base.dq, ref.dq, nq), &fails);
+    check("dK", max_err_bf16(dk, ref.dk, nk), max_err_d(base.dk, ref.dk, nk), &fails);
+    check("dV", max_err_bf16(dv, ref.dv, nk), max_err_d(base.dv, ref.dv, nk), &fails);
+    double lse_err = 0;
+    for (size_t i = 0; i < nl; i++) {
+        double e = fabs((double)lse[i] - ref.lse[i]);
+        if (!(e <= lse_err)) lse_err = e;
+    }
+    printf("    LSE err %.3e  limit %.1e  %s\n", lse_err, LSE_TOL, lse_err <= LSE_TOL ? "ok" : "FAIL");
+    if (!(lse_err <= LSE_TOL)) fails++;
+
+    free_result(&ref); free_result(&base);
+    free(q); free(k); free(v); free(dout); free(qf); free(kf); free(vf); free(df);
+    free(o); free(dq); free(dk); free(dv); free(lse);
+    CUDA_OK(cudaFree(d_q)); CUDA_OK(cudaFree(d_k)); CUDA_OK(cudaFree(d_v)); CUDA_OK(cudaFree(d_do));
+    CUDA_OK(cudaFree(d_o)); CUDA_OK(cudaFree(d_dq)); CUDA_OK(cudaFree(d_dk)); CUDA_OK(cudaFree(d_dv));
+    CUDA_OK(cudaFree(d_lse)); CUDA_OK(cudaFree(ws));
+    return fails;
+}
+
+/* decode: q [B, H, d] against keys [0, n_keys) of a [B, n_cap, Hk, d] cache */
+static int test_decode(int B, int H, int Hk, int d, int n_cap, int n_keys, Rng *rng) {
+    printf("decode B=%d H=%d Hk=%d d=%d n_keys=%d (cache %d)\n", B, H, Hk, d, n_keys, n_cap);
+    const size_t nq = (size_t)B * H * d, nc = (size_t)B * n_cap * Hk * d;
+    float *qf, *kf, *vf;
+    uint16_t *q = random_bf16(rng, nq, &qf), *kc = random_bf16(rng, nc, &kf), *vc = random_bf16(rng, nc, &vf);
+    for (int b = 0; b < B; b++) /* past n_keys: NaN, so reading it shows */
+        for (size_t x = (((size_t)b * n_cap + n_keys) * Hk) * d; x < ((size_t)(b + 1) * n_cap * Hk) * d; x++) kc[x] = vc[x] = 0xffff;
+    double *ref = (double *)xmalloc(nq * sizeof(double)), *base = (double *)xmalloc(nq * sizeof(double));
+    double *p = (double *)xmalloc((size_t)n_keys * sizeof(double)), *pb = (double *)xmalloc((size_t)n_keys * sizeof(double));
+    const double scale = 1.0 / sqrt((double)d);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const int kh = h / (H / Hk);
+            const float *qr = qf + ((size_t)b * H + h) * d;
+            double mx = -INFINITY, mxb = -INFINITY, sum = 0, sumb = 0;
+            for (int j = 0; j < n_keys; j++) {
+                const float *kr = kf + (((size_t)b * n_cap + j) * Hk + kh) * d;
+                double acc = 0;
+                for (int c = 0; c < d; c++) acc += (double)qr[c] * kr[c];
+                p[j] = acc * scale;
+                pb[j] = bfr((float)(acc * scale));
+                if (p[j] > mx) mx = p[j];
+                if (pb[j] > mxb) mxb = pb[j];
+            }
+            for (int j = 0; j < n_keys; j++) { p[j] = exp(p[j] - mx); sum += p[j]; pb[j] = exp(pb[j] - mxb); sumb += pb[j]; }
+            for (int j = 0; j < n_keys; j++) { p[j] /= sum; pb[j] = bfr((float)(pb[j] / sumb)); }
+            for (int c = 0; c < d; c++) {
+                double acc = 0, accb = 0;
+                for (int j = 0; j < n_keys; j++) {
+                    double vv = vf[(((size_t)b * n_cap + j) * Hk + kh) * d + c];
+                    acc += p[j] * vv;
+                    accb += pb[j] * vv;
+                }
+                ref[((size_t)b * H + h) * d + c] = acc;
+                base[((size_t)b * H + h) * d + c] = bfr((float)accb);
+            }
+        }
+    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(kc, nc * 2), *d_v = (uint16_t *)dev_upload(vc, nc * 2);
+    uint16_t *d_o = (uint16_t *)dev_poisoned(nq * 2);
+    void *ws = dev_poisoned(attn_decode_workspace_bytes(B, H, d, n_keys));
+    if (attn_decode(d_q, d_k, d_v, d_o, ws, B, H, Hk, d, n_cap, n_keys) != 0) die("%s", last_error());
+    uint16_t *o = (uint16_t *)xmalloc(nq * 2);
+    CUDA_OK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
+    int fails = 0;
+    check("O", max_err_bf16(o, ref, nq), max_err_d(base, ref, nq), &fails);
+    free(q); free(kc); free(vc); free(qf); free(kf); free(vf); free(ref); free(base); free(p); free(pb); free(o);
+    CUDA_OK(cudaFree(d_q)); CUDA_OK(cudaFree(d_k)); CUDA_OK(cudaFree(d_v)); CUDA_OK(cudaFree(d_o)); CUDA_OK(cudaFree(ws));
+    return fails;
+}
+
+int main(int argc, char **argv) {
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        printf("skip: no CUDA GPU on this machine\n");
+        return 77;
+    }
+    const int quick = argc > 1 && !strcmp(argv[1], "--quick"); /* smaller set, for the sanitizers */
+    Rng rng;
+    rng_seed(&rng, (uint64_t)time(NULL)); /* fresh inputs every run; the seed is printed */
+    uint64_t seed = rng.s[0];
+    printf("seed state %llu\n", (unsigned long long)seed);
+    const Shape shapes[] = {
+        {2, 200, 4, 2, 64, 0},     /* GQA, N not a tile multiple */
+        {1, 333, 4, 4, 128, 0},    /* odd N */
+        {1, 77, 8, 1, 128, 0},     /* 8 query heads per kv head, less than one tile */
+        {1, 384, 4, 2, 128, 96},   /* S2, segments not aligned to tiles */
+        {2, 130, 2, 1, 64, 26},    /* S2, odd half-shift (13) */
+        {1, 1024, 4, 4, 128, 256}, /* S2, aligned segments */
+        {1, 1000, 2, 1, 128, 0},   /* many tiles: the copy pipeline */
+        {1, 1000, 2, 2, 64, 200},  /* S2 d=64, many tiles */
+    };
+    const int n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
+    int fails = 0, run = 0;
+    for (int i = 0; i < n_shapes; i++) {
+        if (quick && shapes[i].N > 400) continue;
+        fails += test_attention(&shapes[i], &rng);
+        run++;
+    }
+    fails += test_decode(2, 8, 2, 128, 1100, 1000, &rng);
+    fails += test_decode(1, 4, 4, 64, 80, 77, &rng);
+    if (!quick) fails += test_decode(1, 32, 8, 128, 5000, 4999, &rng);
+    /* unsupported arguments are refused with a sentence, not run */
+    if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 96, 0) == 0) { printf("head dim 96 was accepted\n"); fails++; }
+    if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 64, 30) == 0) { printf("N %% G != 0 was accepted\n"); fails++; }
+    if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 6, 4, 64, 0) == 0) { printf("H %% Hk != 0 was accepted\n"); fails++; }
+    CUDA_OK(cudaDeviceSynchronize());
+    printf("%s: %d attention shapes and %d decode shapes, %d check(s) failed\n", fails ? "FAIL" : "ok", run, quick ? 2 : 3, fails);
+    return fails ? 1 : 0;
+}
