@@ -67,6 +67,15 @@ endif
 # The stage's own program (--bench and the kernel checks) is 04_s2attn.cu built with its main.
 04_s2attn: 04_s2attn.cu $(GPU_OBJ) common.h
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -DS2ATTN_MAIN -I. -o $@ 04_s2attn.cu $(filter-out build/04_s2attn.o,$(GPU_OBJ)) $(CUDA_LIBS) $(NCCL_LIBS)
+# The attention benchmark (GPU): our kernels, then PyTorch SDPA (flash, cuDNN) on the same
+# shapes, which also checks our kernels against torch through build/libs2attn.so.
+build/libs2attn.so: 04_s2attn.cu common.h
+	@mkdir -p build
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -shared -Xcompiler -fPIC -o $@ 04_s2attn.cu $(CUDA_LIBS)
+bench: 04_s2attn build/libs2attn.so
+	@mkdir -p bench/results
+	./04_s2attn --bench --out bench/results/attn_ours.json
+	$(PYTHON) bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
 
 # ---- tests -------------------------------------------------------------------------------
 # tests/test_*.c      CPU tests: each includes the stage it checks (defining STAGE 0 first).

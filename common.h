@@ -968,6 +968,26 @@ static inline S2_HOSTDEV size_t s2_first_key(size_t i, int h, int H, size_t G) {
 extern "C" {
 #endif
 /* --- attention (04_s2attn.cu) --- */
+/* Device pointers; bf16 as raw uint16_t bits; work goes on the default stream.
+ *   q, o, dout, dq  [B, N, H, d]       k, v, dk, dv  [B, N, Hk, d]
+ *   lse             [B, H, N] fp32: natural log-sum-exp of each query's scores * d^-1/2
+ * d is 64 or 128; H % Hk == 0 (query head h uses kv head h / (H/Hk)), H/Hk <= 32.
+ * G == 0: causal attention; G > 0: S2-Attn with group G (N % G == 0), window from
+ * s2_first_key(). Each returns 0, or -1 with last_error() for arguments it does not support;
+ * CUDA failures end the program with file:line. */
+int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
+                 int B, int N, int H, int Hk, int d, int G);
+/* bytes of device scratch attn_backward needs (fp32 dQ accumulator + row sums) */
+size_t attn_backward_workspace_bytes(int B, int N, int H, int d);
+int attn_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                  const uint16_t *dout, const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv,
+                  void *workspace, int B, int N, int H, int Hk, int d, int G);
+/* Generation: q [B, H, d] (one new token per sequence) attends to keys [0, n_keys) of the
+ * cache k_cache, v_cache [B, n_cap, Hk, d] (the new token's k/v already written); o [B, H, d].
+ * H/Hk <= 8. */
+size_t attn_decode_workspace_bytes(int B, int H, int d, int n_keys);
+int attn_decode(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *o,
+                void *workspace, int B, int H, int Hk, int d, int n_cap, int n_keys);
 
 /* --- layer kernels (04_layers.cu) --- */
 /* bf16 tensors are uint16_t (raw bf16 bits); all pointers are device memory unless marked host.
