@@ -806,7 +806,11 @@ static void bpe_pretokenize(EncodeCtx *e, int step, const uint8_t *s, size_t n) 
     }
 }
 
-static int is_word_char(uint32_t cp) { return cp == '_' || (cp_class(cp) & (CP_LETTER | CP_NUMBER)); }
+/* single_word tokens need no \\w character (Rust regex's: letters, marks, Nd, Nl, Pc) beside them. */
+static int is_word_char(uint32_t cp) {
+    if (cp < 0x80) return (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z') || (cp >= '0' && cp <= '9') || cp == '_';
+    return in_ranges(UNI_WORD, COUNT_OF(UNI_WORD), cp);
+}
 
 /* The added token matching at s[i..n) (longest first), or NULL. */
 static const AddedToken *added_match(const Tokenizer *t, const uint8_t *s, size_t n, size_t i) {
