@@ -5,7 +5,8 @@
     tokenize_ref.py spm MODEL FIXTURE N SEED        N generated strings, the library's ids and decodes
     tokenize_ref.py hf-build STYLE OUT.json         a byte-level BPE tokenizer.json: gpt2, llama3, smollm2, qwen2
     tokenize_ref.py hf TOKENIZER.json FIXTURE N SEED
-    tokenize_ref.py spm-time MODEL TEXT             the library's tokens/s on a text file (prints one line)
+    tokenize_ref.py spm-time MODEL TEXT IDS.bin     time the library on a text file: prints "tokens seconds",
+    tokenize_ref.py hf-time TOKENIZER.json TEXT IDS.bin  writes the ids (int32 little-endian) to IDS.bin
 
 A fixture is binary: "TKFX", version 1 (u32), case count (u32), then per case
 u32 text length + UTF-8 text, u32 id count + int32 ids, u32 decoded length + decoded text
@@ -193,16 +194,28 @@ def hf_fixture(path_json, path, n, seed):
     print(f"{len(cases)} strings encoded by tokenizers {tk.__version__}")
 
 
-def spm_time(model, text_path):
-    spm = need("sentencepiece")
-    sp = spm.SentencePieceProcessor(model_file=model)
-    text = open(text_path, encoding="utf-8").read()
+def time_encode(encode, text_path, ids_path):
+    text = open(text_path, encoding="utf-8", newline="").read()
     best = 1e9
     for _ in range(3):
         t0 = time.perf_counter()
-        ids = sp.encode(text)
+        ids = encode(text)
         best = min(best, time.perf_counter() - t0)
+    with open(ids_path, "wb") as f:
+        f.write(struct.pack(f"<{len(ids)}i", *ids))
     print(f"{len(ids)} {best:.6f}")
+
+
+def spm_time(model, text_path, ids_path):
+    spm = need("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=model)
+    time_encode(sp.encode, text_path, ids_path)
+
+
+def hf_time(path_json, text_path, ids_path):
+    tk = need("tokenizers")
+    tok = tk.Tokenizer.from_file(path_json)
+    time_encode(lambda s: tok.encode(s, add_special_tokens=False).ids, text_path, ids_path)
 
 
 def main(argv):
@@ -219,7 +232,9 @@ def main(argv):
     elif cmd == "hf":
         hf_fixture(argv[2], argv[3], int(argv[4]), int(argv[5]))
     elif cmd == "spm-time":
-        spm_time(argv[2], argv[3])
+        spm_time(argv[2], argv[3], argv[4])
+    elif cmd == "hf-time":
+        hf_time(argv[2], argv[3], argv[4])
     else:
         print(__doc__)
         return 2
