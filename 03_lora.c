@@ -719,10 +719,27 @@ static int lora_s2_group(size_t N, double ratio, size_t *G) {
     return 0;
 }
 
+/* Gradients for a LoRA+ run: only what 02's backward writes when grads_for_frozen_linears
+ * is 0 (embed [V, D], the norms [D], and the head when it is tied, which is embed), so a 7B
+ * model needs 0.5 GB here instead of a second copy of every weight. The projection and an
+ * untied head's pointers stay NULL. grads_zero() and params_free() work on it as usual. */
+static void lora_grads_alloc(Grads *g, const Config *c) {
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
+    memset(g, 0, sizeof *g);
+    g->count = V * D + 2 * L * D + D;
+    g->memory = (float *)xcalloc(g->count, sizeof(float));
+    g->layers = (LayerParams *)xcalloc(L, sizeof(LayerParams));
+    float *m = g->memory;
+    g->embed = m; m += V * D;
+    for (size_t l = 0; l < L; l++) { g->layers[l].attn_norm = m; m += D; g->layers[l].mlp_norm = m; m += D; }
+    g->final_norm = m;
+    g->lm_head = c->tie_embeddings ? g->embed : NULL;
+}
+
 /* Everything one LoRA+ training run holds. */
 typedef struct {
     Model *model;      /* base weights (frozen) plus the LoRA+ embed/norms (trained in place) */
-    Grads grads;       /* only embed, norms (and a tied head) are filled: frozen linears are skipped */
+    Grads grads;       /* lora_grads_alloc: embed, norms (and a tied head) only */
     Activations act;   /* planned for B x N */
     LoraAdapter *ad;
     AdamW opt;
@@ -733,7 +750,7 @@ static void lora_trainer_init(LoraTrainer *tr, Model *m, LoraAdapter *ad, const 
     memset(tr, 0, sizeof *tr);
     tr->model = m;
     tr->ad = ad;
-    grads_alloc(&tr->grads, &m->cfg);
+    lora_grads_alloc(&tr->grads, &m->cfg);
     act_plan(&tr->act, &m->cfg, B, N, 1);
     tr->opt.cfg = *oc;
     lora_register_params(&tr->opt, ad, m, &tr->grads);

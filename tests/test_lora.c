@@ -504,7 +504,15 @@ static void check_s2_visibility(const TinyCfg *tc) {
     int32_t *tok = xmalloc(N * 4);
     Rng r;
     rng_seed(&r, (uint64_t)time(NULL) + 5);
-    for (size_t t = 0; t < N; t++) tok[t] = (int32_t)rng_below(&r, (uint64_t)c->vocab_size);
+    /* distinct tokens: layer 0's v rows then all differ, so moving a key's score always moves the output */
+    for (size_t t = 0; t < N; t++) {
+        int fresh;
+        do {
+            tok[t] = (int32_t)rng_below(&r, (uint64_t)c->vocab_size);
+            fresh = 1;
+            for (size_t u = 0; u < t; u++) fresh &= tok[u] != tok[t];
+        } while (!fresh);
+    }
     Activations act;
     act_plan(&act, c, 1, N, 0);
     float *base = xmalloc(N * Hd * 4), *bumped = xmalloc(N * Hd * 4);
