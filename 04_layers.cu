@@ -175,6 +175,21 @@ __device__ T block_sum(T v) {
     return warp_sum(v);
 }
 
+/* Maximum over the whole block (NaN-blind, like fmaxf); every thread gets the result. */
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : -INFINITY;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 /* ---------------------------------------------------------------------------------------
  * Row-major matrix products through cuBLAS (which is column-major)
  *
@@ -198,13 +213,23 @@ extern "C" void gpu_matmul_bf16(int trans_a, int trans_b, size_t M, size_t N, si
  * fp32 -> bf16 (the bf16 working copy of fp32 master weights)
  * ------------------------------------------------------------------------------------- */
 
+template <int VEC>
 __global__ void f32_to_bf16_kernel(uint16_t *dst, const float *src, size_t count) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = (uint16_t)f32_to_bf16_bits(src[i]);
+    size_t stride = (size_t)gridDim.x * blockDim.x, tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    size_t pieces = count / VEC;
+    for (size_t p = tid; p < pieces; p += stride) {
+        float v[VEC];
+        load_f32<VEC>(src + p * VEC, v);
+        store_bf16<VEC>(dst + p * VEC, v);
+    }
+    for (size_t i = pieces * VEC + tid; i < count; i += stride) dst[i] = (uint16_t)f32_to_bf16_bits(src[i]);
 }
 extern "C" void gpu_f32_to_bf16(uint16_t *dst /* [count] */, const float *src /* [count] */, size_t count) {
     if (count == 0) return;
-    f32_to_bf16_kernel<<<blocks_for(count, 256), 256>>>(dst, src, count);
+    if (aligned(dst, 8) && aligned(src, 16))
+        f32_to_bf16_kernel<4><<<blocks_for(count / 4 + 1, 256), 256>>>(dst, src, count);
+    else
+        f32_to_bf16_kernel<1><<<blocks_for(count, 256), 256>>>(dst, src, count);
     LAUNCH_CHECK();
 }
 
@@ -249,15 +274,26 @@ __global__ void embedding_backward_kernel(float *dtable, const int32_t *tokens, 
     for (size_t c = threadIdx.x * (size_t)VEC; c < D; c += (size_t)blockDim.x * VEC) {
         float v[VEC];
         load_bf16<VEC>(g + c, v);
+        /* a token may appear many times: atomics. Hopper adds four floats in one (rows are 16-byte aligned) */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        constexpr bool wide = VEC % 4 == 0;
+#else
+        constexpr bool wide = false;
+#endif
+        if constexpr (wide) {
 #pragma unroll
-        for (int k = 0; k < VEC; k++) atomicAdd(t + c + k, v[k]); /* a token may appear many times */
+            for (int k = 0; k < VEC; k += 4) atomicAdd(reinterpret_cast<float4 *>(t + c + k), make_float4(v[k], v[k + 1], v[k + 2], v[k + 3]));
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; k++) atomicAdd(t + c + k, v[k]);
+        }
     }
 }
 extern "C" void gpu_embedding_backward(float *dtable /* [V, D] += */, const int32_t *tokens /* [N] */,
                                        const uint16_t *dx /* [N, D] */, size_t N, size_t D, size_t V) {
     if (N == 0 || D == 0) return;
     CHECK(N <= INT_MAX, "embedding: %zu rows is too many for one launch", N);
-    if (D % 8 == 0 && aligned(dx, 16))
+    if (D % 8 == 0 && aligned(dx, 16) && aligned(dtable, 16))
         embedding_backward_kernel<8><<<(unsigned)N, 256>>>(dtable, tokens, dx, D, V);
     else
         embedding_backward_kernel<1><<<(unsigned)N, 256>>>(dtable, tokens, dx, D, V);
@@ -613,13 +649,61 @@ __global__ void cross_entropy_rows_kernel(float *row_loss, uint16_t *dlogits, co
     for (size_t j = pieces * VEC + threadIdx.x; j < V; j += blockDim.x)
         dr[j] = (uint16_t)f32_to_bf16_bits((expf(lr[j] - lse) - (j == (size_t)t ? 1.0f : 0.0f)) * scale);
 }
+/* The same for rows of up to CE_CACHED_MAX_V logits (LLaMA-2's 32000): the block holds its
+ * row in registers (CE_ITEMS float4 per thread), so the row is read from memory once, not
+ * twice, and with the max known first the sum needs no rescaling. */
+#define CE_THREADS 1024
+#define CE_ITEMS 8
+#define CE_CACHED_MAX_V ((size_t)CE_THREADS * CE_ITEMS * 4)
+__global__ void __launch_bounds__(CE_THREADS) cross_entropy_rows_cached_kernel(float *row_loss, uint16_t *dlogits,
+                                                                              const float *logits, const int32_t *targets,
+                                                                              size_t V, float grad_scale) {
+    size_t row = blockIdx.x, pieces = V / 4;
+    const float4 *lr = reinterpret_cast<const float4 *>(logits + row * V);
+    float4 cache[CE_ITEMS];
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < CE_ITEMS; k++) { /* every load issued before any is used */
+        size_t p = threadIdx.x + (size_t)k * CE_THREADS;
+        cache[k] = p < pieces ? lr[p] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+    }
+#pragma unroll
+    for (int k = 0; k < CE_ITEMS; k++) m = fmaxf(m, fmaxf(fmaxf(cache[k].x, cache[k].y), fmaxf(cache[k].z, cache[k].w)));
+    m = block_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < CE_ITEMS; k++) /* padding is -inf: exp gives 0; a NaN logit makes s NaN */
+        s += expf(cache[k].x - m) + expf(cache[k].y - m) + expf(cache[k].z - m) + expf(cache[k].w - m);
+    s = block_sum(s);
+    float lse = m + logf(s);
+
+    int32_t t = targets[row];
+    int ignored = t == -100, valid = t >= 0 && (size_t)t < V;
+    if (threadIdx.x == 0) row_loss[row] = ignored ? 0.f : valid ? lse - logits[row * V + (size_t)t] : __int_as_float(0x7fffffff);
+    if (!dlogits) return;
+    float scale = ignored ? 0.f : valid ? grad_scale : __int_as_float(0x7fffffff);
+    uint16_t *dr = dlogits + row * V;
+#pragma unroll
+    for (int k = 0; k < CE_ITEMS; k++) {
+        size_t p = threadIdx.x + (size_t)k * CE_THREADS;
+        if (p >= pieces) break;
+        float v[4] = {cache[k].x, cache[k].y, cache[k].z, cache[k].w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) v[j] = (expf(v[j] - lse) - (4 * p + j == (size_t)t ? 1.0f : 0.0f)) * scale;
+        store_bf16<4>(dr + 4 * p, v);
+    }
+}
+
 extern "C" void gpu_cross_entropy_logits(float *row_loss /* [rows] */, uint16_t *dlogits /* [rows, V] or NULL */,
                                          const float *logits /* [rows, V] */, const int32_t *targets /* [rows] */,
                                          size_t rows, size_t V, float grad_scale) {
     if (rows == 0) return;
     CHECK(V > 0, "cross-entropy: the vocabulary is empty");
     CHECK(rows <= INT_MAX, "cross-entropy: %zu rows is too many for one launch", rows);
-    if (V % 4 == 0 && aligned(logits, 16) && (!dlogits || aligned(dlogits, 8)))
+    int vec = V % 4 == 0 && aligned(logits, 16) && (!dlogits || aligned(dlogits, 8));
+    if (vec && V <= CE_CACHED_MAX_V)
+        cross_entropy_rows_cached_kernel<<<(unsigned)rows, CE_THREADS>>>(row_loss, dlogits, logits, targets, V, grad_scale);
+    else if (vec)
         cross_entropy_rows_kernel<4><<<(unsigned)rows, 512>>>(row_loss, dlogits, logits, targets, V, grad_scale);
     else
         cross_entropy_rows_kernel<1><<<(unsigned)rows, 512>>>(row_loss, dlogits, logits, targets, V, grad_scale);

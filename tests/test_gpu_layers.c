@@ -137,7 +137,7 @@ static void test_matmul(size_t M, size_t N, size_t K, int ta, int tb, int c_fp32
     free(a_bits); free(b_bits); free(a); free(b); free(c0); free(got); free(want); free(bound);
 }
 
-static void test_f32_to_bf16(size_t n) {
+static void test_f32_to_bf16(size_t n, int offset) {
     float *src = xmalloc(n * 4), *got = xmalloc(n * 4);
     double *want = xmalloc(n * 8);
     uint16_t *bits = xmalloc(n * 2);
@@ -146,16 +146,18 @@ static void test_f32_to_bf16(size_t n) {
         src[i] = (i % 7 == 3) ? specials[(i / 7) % 8] : rng_normal(&g_rng) * powf(2.0f, (float)((int)rng_below(&g_rng, 60) - 30));
         want[i] = bf16_to_f32(f32_to_bf16(src[i]));
     }
-    void *s = to_dev(src, n * 4), *d = dev_alloc(n * 2);
-    poison(d, n * 2);
-    gpu_f32_to_bf16(d, s, n);
-    download(bits, d, n * 2);
+    float *s = dev_alloc((n + offset) * 4);
+    uint16_t *d = dev_alloc((n + offset) * 2);
+    upload(s + offset, src, n * 4);
+    poison(d, (n + offset) * 2);
+    gpu_f32_to_bf16(d + offset, s + offset, n);
+    download(bits, d + offset, n * 2);
     bf16_to_f32_array(got, bits, n);
     /* exact (round to nearest even on both sides); infinities compare equal with zero error */
     size_t bad = 0;
     for (size_t i = 0; i < n; i++) bad += bits[i] != f32_to_bf16(src[i]);
     char what[96];
-    snprintf(what, sizeof what, "f32_to_bf16 n=%zu bit-exact with common.h's rounding", n);
+    snprintf(what, sizeof what, "f32_to_bf16 n=%zu%s bit-exact with common.h's rounding", n, offset ? " unaligned" : "");
     check_true(what, bad == 0);
     cudaFree(s); cudaFree(d);
     free(src); free(got); free(want); free(bits);
@@ -896,8 +898,9 @@ int main(int argc, char **argv) {
         test_matmul(128, 96, 64, t & 1, (t >> 1) & 1, t >> 2);
     }
     test_matmul(1, 5, 3, 0, 1, 0);
-    test_f32_to_bf16(1);
-    test_f32_to_bf16(100003);
+    test_f32_to_bf16(1, 0);
+    test_f32_to_bf16(100003, 0);
+    test_f32_to_bf16(1001, 1);
 
     test_embedding(37, 40, 11, 0);
     test_embedding(300, 1000, 50, 1);
@@ -934,6 +937,9 @@ int main(int argc, char **argv) {
     test_ce_logits(5, 1003, 1);
     test_ce_logits(17, 4096, 0);
     test_ce_logits(3, 1, 0);
+    test_ce_logits(3, 32000, 1);  /* LLaMA-2's vocabulary: the row held in registers */
+    test_ce_logits(2, 32768, 0);  /* the largest row the register path takes */
+    test_ce_logits(2, 32772, 0);  /* one float4 more: the two-pass path */
     test_cross_entropy(37, 64, 1003, 10, 0.2, 1);
     test_cross_entropy(300, 128, 4096, 64, 0.2, 1);
     test_cross_entropy(50, 40, 515, 0, 0.1, 1);
