@@ -313,6 +313,25 @@ static void tok_alloc_vocab(Tokenizer *t, int32_t V) {
     for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
 }
 
+/* Text from a file, made safe to quote in an error sentence: control bytes and invalid UTF-8
+ * as \\xNN, at most about 80 bytes. Returns one of four rotating static buffers. */
+static const char *quoted(const char *s, size_t n) {
+    static char bufs[4][400];
+    static int which = 0;
+    char *b = bufs[which = (which + 1) % 4];
+    size_t m = 0;
+    for (size_t i = 0; i < n && m < 320;) {
+        size_t l = utf8_valid_len((const uint8_t *)s + i, n - i);
+        unsigned char c = (unsigned char)s[i];
+        if (l == 0 || c < 0x20 || c == 0x7f || c == '\\') { m += (size_t)snprintf(b + m, 8, "\\x%02X", c); i++; }
+        else { memcpy(b + m, s + i, l); m += l; i += l; }
+    }
+    if (m >= 320) { memcpy(b + m, "...", 3); m += 3; }
+    b[m] = 0;
+    return b;
+}
+static const char *quoted_str(const char *s) { return s ? quoted(s, strlen(s)) : "?"; }
+
 static char *dup_bytes(const void *p, size_t n) {
     char *s = (char *)xmalloc(n + 1);
     if (n) memcpy(s, p, n);
@@ -457,7 +476,7 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
     strmap_init(&t->map, n_pieces, t->key, t->key_len);
     for (int32_t i = 0; i < t->vocab_size; i++) {
         int32_t dup = strmap_put(&t->map, i);
-        if (dup >= 0) { set_error("%s: pieces %d and %d are both '%s'", name, dup, i, t->piece[i]); tok_free(t); return -1; }
+        if (dup >= 0) { set_error("%s: pieces %d and %d are both '%s'", name, dup, i, quoted(t->piece[i], t->piece_len[i])); tok_free(t); return -1; }
     }
     const uint8_t SPACE[3] = {0xE2, 0x96, 0x81}; /* U+2581 "▁" */
     t->split_at_space = 1;
@@ -473,7 +492,7 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
             unsigned v;
             char tail;
             if (n != 6 || sscanf(p, "<0x%2X%c", &v, &tail) != 2 || tail != '>' || v > 255 || t->byte_id[v] >= 0) {
-                tok_free(t); return set_error("%s: byte piece %d is '%s', not a distinct <0xXX>", name, i, p);
+                tok_free(t); return set_error("%s: byte piece %d is '%s', not a distinct <0xXX>", name, i, quoted(p, n));
             }
             t->byte_id[v] = i;
         }
@@ -1081,12 +1100,12 @@ static int parse_pre_tokenizer(Tokenizer *t, const Json *p, const char *name, in
         const char *behavior = json_get_string(p, "behavior", "");
         if (!re) return json_fail_in(name, "a Split pre_tokenizer without a Regex pattern is not supported");
         if (known_pattern(re, &s->pattern) != 0)
-            return set_error("%s: the Split pattern '%.200s' is not one we implement (GPT-2, LLaMA-3 and Qwen2 patterns are)", name, re);
+            return set_error("%s: the Split pattern '%s' is not one we implement (GPT-2, LLaMA-3 and Qwen2 patterns are)", name, quoted_str(re));
         if (strcmp(behavior, "Isolated") != 0)
-            return set_error("%s: Split behavior '%s' is not supported (only Isolated)", name, behavior);
+            return set_error("%s: Split behavior '%s' is not supported (only Isolated)", name, quoted_str(behavior));
         if (json_get_bool(p, "invert", 0)) return json_fail_in(name, "an inverted Split is not supported");
     } else {
-        return set_error("%s: pre_tokenizer type '%s' is not supported (ByteLevel, Split, Digits and Sequence are)", name, type);
+        return set_error("%s: pre_tokenizer type '%s' is not supported (ByteLevel, Split, Digits and Sequence are)", name, quoted_str(type));
     }
     t->n_pre++;
     return 0;
@@ -1133,7 +1152,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
     const Json *model = json_get_type(root, "model", JSON_OBJECT);
     if (!model) return json_fail_in(name, "it has no model object");
     const char *mtype = json_get_string(model, "type", "BPE");
-    if (strcmp(mtype, "BPE") != 0) return set_error("%s: model type '%s' is not supported (only byte-level BPE)", name, mtype);
+    if (strcmp(mtype, "BPE") != 0) return set_error("%s: model type '%s' is not supported (only byte-level BPE)", name, quoted_str(mtype));
     if (json_get_bool(model, "byte_fallback", 0))
         return set_error("%s: a BPE model with byte_fallback (SentencePiece style) is not supported: load its tokenizer.model instead", name);
     const char *cont = json_get_string(model, "continuing_subword_prefix", NULL);
@@ -1143,7 +1162,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
     t->ignore_merges = json_get_bool(model, "ignore_merges", 0);
     const Json *norm = json_get(root, "normalizer");
     if (norm && norm->type != JSON_NULL)
-        return set_error("%s: normalizer '%s' is not supported (byte-level BPE files we read have none)", name, json_get_string(norm, "type", "?"));
+        return set_error("%s: normalizer '%s' is not supported (byte-level BPE files we read have none)", name, quoted_str(json_get_string(norm, "type", "?")));
     const Json *pre = json_get(root, "pre_tokenizer");
     if (!pre || pre->type != JSON_OBJECT) return set_error("%s: it has no pre_tokenizer; only byte-level BPE (a ByteLevel pre_tokenizer) is supported", name);
     if (parse_pre_tokenizer(t, pre, name, 0) != 0) return -1;
@@ -1151,7 +1170,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         return set_error("%s: the pre_tokenizer has no ByteLevel step; only byte-level BPE is supported", name);
     const Json *dec = json_get(root, "decoder");
     if (dec && dec->type != JSON_NULL && strcmp(json_get_string(dec, "type", ""), "ByteLevel") != 0)
-        return set_error("%s: decoder '%s' is not supported (only ByteLevel)", name, json_get_string(dec, "type", "?"));
+        return set_error("%s: decoder '%s' is not supported (only ByteLevel)", name, quoted_str(json_get_string(dec, "type", "?")));
 
     const Json *vocab = json_get_type(model, "vocab", JSON_OBJECT);
     const Json *merges = json_get_type(model, "merges", JSON_ARRAY);
@@ -1163,7 +1182,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
     /* The vocabulary size: one past the largest id anywhere. */
     double max_id = -1;
     for (size_t i = 0; i < vocab->count; i++) {
-        if (!json_is_id(&vocab->items[i])) return set_error("%s: vocab entry '%.100s' has no valid id", name, vocab->keys[i]);
+        if (!json_is_id(&vocab->items[i])) return set_error("%s: vocab entry '%s' has no valid id", name, quoted(vocab->keys[i], vocab->key_lens[i]));
         if (vocab->items[i].number > max_id) max_id = vocab->items[i].number;
     }
     for (size_t i = 0; i < n_added; i++) {
@@ -1180,7 +1199,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         int32_t id = (int32_t)vocab->items[i].number;
         const char *k = vocab->keys[i];
         size_t klen = vocab->key_lens[i];
-        if (t->piece[id]) return set_error("%s: tokens '%.100s' and '%.100s' share id %d", name, t->piece[id], k, id);
+        if (t->piece[id]) return set_error("%s: tokens '%s' and '%s' share id %d", name, quoted(t->piece[id], t->piece_len[id]), quoted(k, klen), id);
         t->piece[id] = dup_bytes(k, klen);
         t->piece_len[id] = (uint32_t)klen;
         t->type[id] = PIECE_NORMAL;
@@ -1195,7 +1214,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         const Json *content = json_get_type(a, "content", JSON_STRING);
         int32_t id = (int32_t)json_get_number(a, "id", 0);
         if (t->piece[id] && (t->piece_len[id] != content->len || memcmp(t->piece[id], content->string, content->len) != 0))
-            return set_error("%s: added token '%.100s' reuses id %d of '%.100s'", name, content->string, id, t->piece[id]);
+            return set_error("%s: added token '%s' reuses id %d of '%s'", name, quoted(content->string, content->len), id, quoted(t->piece[id], t->piece_len[id]));
         AddedToken *at = &t->added[t->n_added++];
         at->content = dup_bytes(content->string, content->len);
         at->len = content->len;
@@ -1240,7 +1259,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         if (mg->type == JSON_STRING) {
             const char *sp = memchr(mg->string, ' ', mg->len);
             if (!sp || memchr(sp + 1, ' ', mg->len - (size_t)(sp + 1 - mg->string)))
-                return set_error("%s: merge %zu ('%.100s') is not two tokens separated by one space", name, r, mg->string);
+                return set_error("%s: merge %zu ('%s') is not two tokens separated by one space", name, r, quoted(mg->string, mg->len));
             parts[0] = mg->string; lens[0] = (size_t)(sp - mg->string);
             parts[1] = sp + 1; lens[1] = mg->len - lens[0] - 1;
         } else if (mg->type == JSON_ARRAY && mg->count == 2 && mg->items[0].type == JSON_STRING && mg->items[1].type == JSON_STRING) {
@@ -1261,7 +1280,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         }
         free(r0); free(r1); free(owned);
         if (a < 0 || b < 0 || ab < 0)
-            return set_error("%s: merge %zu ('%.60s' + '%.60s') uses or makes a token that is not in the vocabulary", name, r, parts[0], parts[1]);
+            return set_error("%s: merge %zu ('%s' + '%s') uses or makes a token that is not in the vocabulary", name, r, quoted(parts[0], lens[0]), quoted(parts[1], lens[1]));
         mergemap_put(&t->merges, a, b, (int32_t)r, ab);
     }
 
