@@ -11,9 +11,9 @@
  * modules_to_save), and can be merged into the base weights (W += (alpha/R) B A).
  * Runs on: the CPU, fp32, through stage 02's forward/backward: LoRA plugs into the
  * seven projections through 02's LinearHook, so the layer loop is written once.
- * Leaves out: the GPU, bf16 compute and activation checkpointing (05), DoRA, rsLoRA
- * training, per-module rank/alpha patterns (adapters that use them are refused with a
- * clear error), and gradient clipping (off in the LongLoRA recipe).
+ * Leaves out: the GPU, bf16 compute and activation checkpointing (05), DoRA, per-module
+ * rank/alpha patterns and biases (adapters that use them are refused with a clear error),
+ * and gradient clipping (off in the LongLoRA recipe).
  *
  * CLI:
  *   ./03_lora --model DIR --text-file F [--s2] [--steps K] [--ctx N] [--rank R] [--alpha A]
@@ -45,10 +45,11 @@ typedef struct {
     int train_embed;     /* LoRA+: embed_tokens trainable */
     int train_norms;     /* LoRA+: every RMSNorm weight trainable */
     uint64_t seed;       /* initialisation and dropout */
+    int use_rslora;      /* rank-stabilised scaling alpha / sqrt(R) instead of alpha / R */
 } LoraConfig;
 
 static LoraConfig lora_default_config(void) {
-    LoraConfig c = {8, 16.0f, 0.0f, LORA_DEFAULT_TARGETS, 1, 1, 1234};
+    LoraConfig c = {8, 16.0f, 0.0f, LORA_DEFAULT_TARGETS, 1, 1, 1234, 0};
     return c;
 }
 
@@ -184,6 +185,7 @@ typedef struct {
     float *grad;    /* [numel] */
     float *m, *v;   /* [numel] first and second moments */
     size_t numel;
+    int no_decay;   /* 1: no weight decay (the norms, as the HF Trainer excludes them) */
 } TrainParam;
 
 typedef struct {
@@ -214,7 +216,8 @@ static void adamw_free(AdamW *opt) {
     memset(opt, 0, sizeof *opt);
 }
 
-/* One step with learning rate lr, in the order torch does it:
+/* One step with learning rate lr, in the order torch does it (weight decay skipped where
+ * no_decay is set):
  *   p *= 1 - lr*wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
  *   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) */
 static void adamw_step(AdamW *opt, float lr) {
@@ -224,9 +227,9 @@ static void adamw_step(AdamW *opt, float lr) {
     double bc2 = 1.0 - pow((double)c->beta2, (double)t);
     float step_size = (float)(lr / bc1);
     float bc2_sqrt = (float)sqrt(bc2);
-    float decay = 1.0f - lr * c->weight_decay;
     for (size_t k = 0; k < opt->count; k++) {
         TrainParam *p = &opt->params[k];
+        float decay = p->no_decay ? 1.0f : 1.0f - lr * c->weight_decay;
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < p->numel; i++) {
             float g = p->grad[i];
@@ -255,7 +258,7 @@ typedef struct {
 typedef struct {
     LoraConfig cfg;
     int n_layers;        /* L */
-    float scale;         /* alpha / R */
+    float scale;         /* alpha / R (rsLoRA: alpha / sqrt(R)) */
     LoraPair *pairs;     /* [L * LORA_NUM_TARGETS], A == NULL where no adapter */
     int training;        /* dropout only while training */
     Rng drop_rng;
@@ -282,7 +285,7 @@ static int lora_init(LoraAdapter *ad, const Config *c, const LoraConfig *lc) {
     if (!(lc->targets & ((1u << LORA_NUM_TARGETS) - 1))) return set_error("LoRA has no target modules");
     ad->cfg = *lc;
     ad->n_layers = c->n_layers;
-    ad->scale = lc->alpha / (float)lc->rank;
+    ad->scale = lc->use_rslora ? lc->alpha / sqrtf((float)lc->rank) : lc->alpha / (float)lc->rank;
     ad->pairs = (LoraPair *)xcalloc((size_t)c->n_layers * LORA_NUM_TARGETS, sizeof(LoraPair));
     ad->training = 1;
     Rng init_rng;
@@ -425,7 +428,10 @@ static void lora_register_params(AdamW *opt, LoraAdapter *ad, Model *m, Grads *g
     PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * m->cfg.n_layers + 2) * sizeof(PlusTensor));
     size_t n = lora_plus_tensors(m, g, plus);
     for (size_t i = 0; i < n; i++)
-        if (plus[i].is_embed ? ad->cfg.train_embed : ad->cfg.train_norms) adamw_add(opt, plus[i].name, plus[i].weight, plus[i].grad, plus[i].numel);
+        if (plus[i].is_embed ? ad->cfg.train_embed : ad->cfg.train_norms) {
+            adamw_add(opt, plus[i].name, plus[i].weight, plus[i].grad, plus[i].numel);
+            opt->params[opt->count - 1].no_decay = !plus[i].is_embed; /* HF's Trainer never decays norms */
+        }
     free(plus);
 }
 
@@ -507,7 +513,7 @@ static int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, const c
     int first = 1;
     for (int w = 0; w < LORA_NUM_TARGETS; w++)
         if (ad->cfg.targets & (1u << w)) { fprintf(f, "%s\"%s\"", first ? "" : ", ", LORA_TARGET_NAMES[w]); first = 0; }
-    fprintf(f, "],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": false\n}\n");
+    fprintf(f, "],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": %s\n}\n", ad->cfg.use_rslora ? "true" : "false");
     if (atomic_commit(&af) != 0) return -1;
 
     /* The tensors, named as peft names them; the names live until st_write. */
@@ -595,13 +601,11 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
         }
         if (rc == 0 && mts && mts->type != JSON_NULL && mts->type != JSON_ARRAY) rc = set_error("%s: modules_to_save must be a list", path);
     }
-    float scale_override = 0.0f;
-    if (rc == 0 && json_get_bool(cfg, "use_rslora", 0)) scale_override = lc.alpha / sqrtf((float)lc.rank);
+    lc.use_rslora = json_get_bool(cfg, "use_rslora", 0);
     json_free(cfg);
     if (rc != 0) return -1;
     if (lc.dropout < 0.0f || lc.dropout >= 1.0f) lc.dropout = 0.0f;
     if (lora_init(ad, c, &lc) != 0) return -1;
-    if (scale_override > 0.0f) ad->scale = scale_override;
 
     SafeTensors st;
     if (st_open(&st, path_join(path, sizeof path, dir, "adapter_model.safetensors")) != 0) { lora_free(ad); return -1; }

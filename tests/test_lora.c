@@ -252,6 +252,23 @@ static void test_adamw(void) {
         EXPECT(worst <= 1e-6, "AdamW step %d differs from torch.optim.AdamW by %g relative (tolerance 1e-6)", step + 1, worst);
     }
     adamw_free(&opt);
+    /* a no_decay tensor (a norm) under weight decay moves exactly as one without decay */
+    float *q1 = xmalloc(n * 4), *q2 = xmalloc(n * 4);
+    memcpy(q1, p0->f, n * 4);
+    memcpy(q2, p0->f, n * 4);
+    memcpy(g, fx_get(&fx, "grad0")->f, n * 4);
+    AdamW o1 = {0}, o2 = {0};
+    o1.cfg = oc;
+    o2.cfg = oc;
+    o2.cfg.weight_decay = 0.0f;
+    adamw_add(&o1, "norm", q1, g, n);
+    o1.params[0].no_decay = 1;
+    adamw_add(&o2, "plain", q2, g, n);
+    adamw_step(&o1, 1e-3f);
+    adamw_step(&o2, 1e-3f);
+    EXPECT(memcmp(q1, q2, n * 4) == 0, "a no_decay tensor was decayed");
+    adamw_free(&o1); adamw_free(&o2);
+    free(q1); free(q2);
     free(p); free(g);
     const FxTensor *lrs = fx_get(&fx, "warmup20_lr2e-5");
     AdamWConfig sc = adamw_default_config();
@@ -604,6 +621,30 @@ static void check_bad_adapters(void) {
         if (rc == 0) lora_free(&ad);
         else printf("refused (%s): %s\n", cases[k].what, last_error());
         EXPECT(memcmp(w0, m.w.memory, m.w.count * 4) == 0, "%s: a refused adapter changed the model", cases[k].what);
+        free(text);
+        remove(p1);
+        remove(p2);
+        rmdir(tmp);
+    }
+    /* rsLoRA adapters load with scaling alpha / sqrt(R) and save as rsLoRA again */
+    {
+        EXPECT(make_dir(tmp) == 0, "%s", last_error());
+        char *text = replace_once(cfg, "\"use_rslora\": false", "\"use_rslora\": true");
+        EXPECT(write_file_atomic(path_join(p1, sizeof p1, tmp, "adapter_config.json"), text, strlen(text)) == 0 &&
+               write_file_atomic(path_join(p2, sizeof p2, tmp, "adapter_model.safetensors"), st, st_len) == 0, "%s", last_error());
+        LoraAdapter rs;
+        Model mr;
+        if (load_tiny(&mr, &TINY[0]) == 0) {
+            if (lora_load_adapter(&rs, &mr, tmp) == 0) {
+                EXPECT(fabsf(rs.scale - 16.0f / sqrtf(8.0f)) < 1e-6f, "rsLoRA scale %g, want 16/sqrt(8)", (double)rs.scale);
+                EXPECT(lora_save_adapter(&rs, &mr, tmp, NULL) == 0, "%s", last_error());
+                char *again = read_file(p1, NULL);
+                EXPECT(again && strstr(again, "\"use_rslora\": true"), "a saved rsLoRA adapter lost use_rslora");
+                free(again);
+                lora_free(&rs);
+            } else EXPECT(0, "rsLoRA adapter: %s", last_error());
+            model_free(&mr);
+        }
         free(text);
         remove(p1);
         remove(p2);
