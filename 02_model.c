@@ -14,12 +14,16 @@
  * bf16 compute (this is the fp32 reference every faster path is checked against).
  *
  * The interface later stages build on:
- *   Config        the model's shape from config.json, plus the RoPE factor actually used.
+ *   Config        the model's shape from config.json, plus the RoPE factor actually used
+ *                 (rope_factor: the config's linear factor, raised to ceil(target_ctx /
+ *                 max_position_embeddings) when a longer target context asks for more).
  *   Params        every weight as an fp32 array (layout below, HF's [out, in] for linears);
  *                 Grads is the same struct holding gradients (grads_alloc, zeroed, +=).
+ *                 params_list() names every tensor as HF does; proj_shape()/proj_weight()
+ *                 give projection `which` of a layer.
  *   Model         a Config and its Params. model_load(m, dir, target_ctx) dies with one
  *                 sentence on bad input; model_try_load() returns -1 + last_error() instead.
- *                 model_init_random(m, cfg, seed) makes a random model; model_free().
+ *                 model_init_random(m, cfg, seed, std) makes a random model; model_free().
  *   Activations   every buffer a forward (and backward) needs, planned up front for B x N
  *                 by act_plan(); act->bytes says how much. Plan with for_training = 0 and
  *                 the layers share one set of buffers (enough for evaluation).
@@ -37,9 +41,20 @@
  *   model_backward(m, act, grads, tokens, targets, B, N, opts) after a forward with the same
  *                 arguments: accumulates into grads (NULL: only the hook's gradients) and
  *                 leaves dLoss/d(embedding output) in act->d_resid. It overwrites act->logits
- *                 with dLoss/dlogits.
+ *                 with dLoss/dlogits. A tied head is the (trainable) embedding, so its dW
+ *                 always lands in grads->embed, whatever grads_for_frozen_linears says.
  *   The pieces (rmsnorm_*, rope_*, attention_*, swiglu_*, cross_entropy_*, matmul_*) are
  *   separate functions: stage 04's kernels are checked against them.
+ *
+ * CLI:
+ *   ./02_model --model DIR --text-file F [--ctx N] [--window W]
+ *       BOS + the tokenized text, in windows of W tokens (default: the model's context,
+ *       max_position_embeddings x the RoPE factor); prints the mean next-token loss over
+ *       all predicted positions as a last line "loss <float> ppl <float> tokens <count>".
+ *   ./02_model --model DIR --tokens F ...        the same over a token file (common.h)
+ *   ./02_model --model DIR --top K --text "..."  the K likeliest next tokens
+ *   ./02_model --bench N [--model DIR] [--batch B] [--train]
+ *       forward tokens/s (a random SmolLM2-135M-shaped model without --model).
  */
 #ifndef STAGE
 #define STAGE 2
