@@ -25,6 +25,7 @@
 #define STAGE 3
 #endif
 #include "02_model.c"
+#include <limits.h>
 
 /* ---------------------------------------------------------------------------------------
  * Which projections carry an adapter. `which` numbers them as 02's LinearHook does.
@@ -645,15 +646,23 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
             head_src = t;
             continue;
         }
-        int layer = -1, used = 0;
-        char parent[16], proj[16], ab = 0;
-        if (sscanf(name, "model.layers.%d.%15[a-z_].%15[a-z_].lora_%c.weight%n", &layer, parent, proj, &ab, &used) == 4 && name[used] == 0 &&
+        /* model.layers.<l>.<self_attn|mlp>.<x_proj>.lora_<A|B>.weight */
+        long layer = -1;
+        int used = 0;
+        char parent[16], proj[16], ab = 0, *after_layer = NULL;
+        const char *layers_prefix = "model.layers.";
+        if (strncmp(name, layers_prefix, strlen(layers_prefix)) == 0 && name[strlen(layers_prefix)] >= '0' && name[strlen(layers_prefix)] <= '9') {
+            errno = 0;
+            layer = strtol(name + strlen(layers_prefix), &after_layer, 10);
+            if (errno) layer = LONG_MAX;
+        }
+        if (after_layer && sscanf(after_layer, ".%15[a-z_].%15[a-z_].lora_%c.weight%n", parent, proj, &ab, &used) == 3 && after_layer[used] == 0 &&
             (ab == 'A' || ab == 'B')) {
             int w = -1;
             for (int k = 0; k < LORA_NUM_TARGETS; k++)
                 if (strcmp(proj, LORA_TARGET_NAMES[k]) == 0 && strcmp(parent, LORA_TARGET_PARENTS[k]) == 0) w = k;
             if (w < 0) { rc = set_error("%s: tensor '%s' adapts a module we do not know", st.path, t->name); break; }
-            if (layer < 0 || layer >= c->n_layers) { rc = set_error("%s: tensor '%s' is for layer %d but the model has %d layers", st.path, t->name, layer, c->n_layers); break; }
+            if (layer < 0 || layer >= c->n_layers) { rc = set_error("%s: tensor '%s' is for layer %ld but the model has %d layers", st.path, t->name, layer, c->n_layers); break; }
             if (!(lc.targets & (1u << w))) { rc = set_error("%s: tensor '%s' adapts %s, which the adapter config does not target", st.path, t->name, LORA_TARGET_NAMES[w]); break; }
             LoraPair *p = lora_pair(ad, layer, w);
             int64_t want[2] = {ab == 'A' ? (int64_t)R : (int64_t)p->out, ab == 'A' ? (int64_t)p->in : (int64_t)R};
