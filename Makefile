@@ -103,5 +103,10 @@ build/tests/%: tests/%.cu $(ALL_SRC) $(GPU_OBJ)
 test: all $(TEST_CPU) $(TEST_GPU)
 	@bash tests/run.sh
 
+# ---- the demo: a real model (PyPI) and real text (Debian), see demo/run.sh -----------------
+.PHONY: demo
+demo: $(filter 01_tokenize 02_model,$(STAGES_CPU))
+	@bash demo/run.sh
+
 clean:
 	rm -rf build $(STAGES_CPU) 04_s2attn 05_train 06_infer
