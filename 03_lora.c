@@ -11,15 +11,21 @@
  * modules_to_save), and can be merged into the base weights (W += (alpha/R) B A).
  * Runs on: the CPU, fp32, through stage 02's forward/backward: LoRA plugs into the
  * seven projections through 02's LinearHook, so the layer loop is written once.
+ * Checked against: peft + transformers (tests/ref/make_lora_fixtures.py writes the
+ * fixtures; tests/test_lora.c compares logits, loss and every trainable gradient with
+ * S2-Attn off and on, AdamW with torch's, and adapters both ways).
  * Leaves out: the GPU, bf16 compute and activation checkpointing (05), DoRA, per-module
  * rank/alpha patterns and biases (adapters that use them are refused with a clear error),
  * and gradient clipping (off in the LongLoRA recipe).
+ * S2-Attn's group is N * ratio (default 1/4); ratio 1 means one group spanning the whole
+ * sequence, which we run as full causal attention (no shift: nothing to bridge).
  *
  * CLI:
- *   ./03_lora --model DIR --text-file F [--s2] [--steps K] [--ctx N] [--rank R] [--alpha A]
- *             [--lr LR] [--warmup W] [--save-adapter DIR] [--load-adapter DIR] [--merge-out DIR]
- * runs K CPU training steps of LoRA+ on one packed sequence of N tokens per step and
- * prints "step <k> loss <float>" for each.
+ *   ./03_lora --model DIR (--text-file F | --tokens F) [--s2] [--steps K] [--ctx N]
+ *             [--save-adapter DIR] [--load-adapter DIR] [--merge-out DIR]   (03_lora -h: all flags)
+ * runs K CPU training steps of LoRA+ on B packed sequences of N tokens each and prints
+ * "step <k> loss <float>" per step; then saves the adapter (PEFT format) and/or writes the
+ * base model with the adapter merged in as a HF model folder.
  */
 #ifndef STAGE
 #define STAGE 3
