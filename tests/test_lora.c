@@ -626,6 +626,54 @@ static void check_bad_adapters(void) {
         remove(p2);
         rmdir(tmp);
     }
+    /* hostile tensor files beside a valid config: one bad tensor each */
+    {
+        static float zeros[67 * 32];
+        int64_t s8x32[2] = {8, 32}, s3d[3] = {8, 32, 1}, s3x3[2] = {3, 3};
+        struct { const char *what, *name; DType dt; int nd; const int64_t *shape; const char *expect; } bad[] = {
+            {"integer lora_A", "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", DT_I32, 2, s8x32, "dtype"},
+            {"3-d lora_A", "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", DT_F32, 3, s3d, "shape"},
+            {"negative layer", "base_model.model.model.layers.-1.self_attn.q_proj.lora_A.weight", DT_F32, 2, s8x32, "not a LoRA A/B"},
+            {"huge layer", "base_model.model.model.layers.99999999999999999999.self_attn.q_proj.lora_A.weight", DT_F32, 2, s8x32, "layer"},
+            {"layer past the model", "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight", DT_F32, 2, s8x32, "the model has 2 layers"},
+            {"no peft prefix", "model.layers.0.self_attn.q_proj.lora_A.weight", DT_F32, 2, s8x32, "prefix"},
+            {"trailing junk", "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weightX", DT_F32, 2, s8x32, "not a LoRA A/B"},
+            {"wrong head shape", "base_model.model.lm_head.weight", DT_F32, 2, s3x3, "does not fit"},
+        };
+        SafeTensors good;
+        EXPECT(st_open(&good, st_path) == 0, "%s", last_error());
+        for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+            EXPECT(make_dir(tmp) == 0, "%s", last_error());
+            EXPECT(write_file_atomic(path_join(p1, sizeof p1, tmp, "adapter_config.json"), cfg, strlen(cfg)) == 0, "%s", last_error());
+            StWriter w = {0};
+            for (size_t i = 0; i < good.count; i++) /* every good tensor except the one replaced */
+                if (strcmp(good.tensors[i].name, bad[k].name) != 0 &&
+                    !(strstr(bad[k].name, "q_proj.lora_A") && strstr(good.tensors[i].name, "layers.0.self_attn.q_proj.lora_A")))
+                    st_writer_add(&w, good.tensors[i].name, good.tensors[i].dtype, good.tensors[i].ndim, good.tensors[i].shape, good.tensors[i].data);
+            st_writer_add(&w, bad[k].name, bad[k].dt, bad[k].nd, bad[k].shape, zeros);
+            EXPECT(st_write(&w, path_join(p2, sizeof p2, tmp, "adapter_model.safetensors")) == 0, "%s", last_error());
+            st_writer_free(&w);
+            LoraAdapter ad;
+            int rc = lora_load_adapter(&ad, &m, tmp);
+            EXPECT(rc != 0 && strstr(last_error(), bad[k].expect), "%s: rc=%d, message '%s' lacks '%s'", bad[k].what, rc, rc ? last_error() : "", bad[k].expect);
+            if (rc == 0) lora_free(&ad);
+            EXPECT(memcmp(w0, m.w.memory, m.w.count * 4) == 0, "%s: a refused adapter changed the model", bad[k].what);
+            remove(p1);
+            remove(p2);
+            rmdir(tmp);
+        }
+        /* a truncated file */
+        EXPECT(make_dir(tmp) == 0, "%s", last_error());
+        EXPECT(write_file_atomic(p1, cfg, strlen(cfg)) == 0 && write_file_atomic(p2, st, st_len / 3) == 0, "%s", last_error());
+        LoraAdapter ad;
+        int rc = lora_load_adapter(&ad, &m, tmp);
+        EXPECT(rc != 0 && strstr(last_error(), "adapter_model.safetensors"), "truncated safetensors: '%s'", rc ? last_error() : "accepted");
+        if (rc == 0) lora_free(&ad);
+        remove(p1);
+        remove(p2);
+        rmdir(tmp);
+        st_close(&good);
+    }
     /* rsLoRA adapters load with scaling alpha / sqrt(R) and save as rsLoRA again */
     {
         EXPECT(make_dir(tmp) == 0, "%s", last_error());
