@@ -90,9 +90,10 @@ static int lora_parse_targets(const char *list, unsigned *mask) {
 /* y [T, out] += scale * (x [T, in] A^T) B^T with A [R, in], B [out, R]. */
 static void lora_linear_forward(const float *x, size_t T, size_t in, size_t out, size_t R,
                                 const float *A, const float *B, float scale, float *y) {
+    float *xa_all = (float *)xmalloc(T * R * sizeof(float)); /* [T, R]: s * x A^T */
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++) {
-        float xa[256];                 /* [R]: x_t A^T (R <= 256, checked at creation) */
+        float *xa = xa_all + t * R;    /* [R] */
         const float *xt = x + t * in;  /* [in] */
         for (size_t r = 0; r < R; r++) {
             const float *ar = A + r * in;
@@ -108,6 +109,7 @@ static void lora_linear_forward(const float *x, size_t T, size_t in, size_t out,
             yt[o] += acc;
         }
     }
+    free(xa_all);
 }
 
 /* Given x [T, in] and dy [T, out]: dA [R, in] += ..., dB [out, R] += ..., dx [T, in] += ...
@@ -283,10 +285,11 @@ static void lora_hook_forward(void *ctx, int layer, int which, const float *x, s
 static void lora_hook_backward(void *ctx, int layer, int which, const float *x, const float *dy, size_t T, float *dx);
 
 /* Allocates an adapter with PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in))
- * (kaiming_uniform with a = sqrt(5)), B = 0. -1 + last_error() for an unusable config. */
+ * (kaiming_uniform with a = sqrt(5)), B = 0. -1 + last_error() for an unusable config.
+ * ad->hook points at ad itself: initialise the adapter where it will stay (do not copy it). */
 static int lora_init(LoraAdapter *ad, const Config *c, const LoraConfig *lc) {
     memset(ad, 0, sizeof *ad);
-    if (lc->rank < 1 || lc->rank > 256) return set_error("LoRA rank %d is outside 1..256", lc->rank);
+    if (lc->rank < 1 || lc->rank > 4096) return set_error("LoRA rank %d is outside 1..4096", lc->rank);
     if (!(lc->dropout >= 0.0f && lc->dropout < 1.0f)) return set_error("LoRA dropout %g is outside [0, 1)", (double)lc->dropout);
     if (!(lc->alpha > 0.0f)) return set_error("LoRA alpha %g must be positive", (double)lc->alpha);
     if (!(lc->targets & ((1u << LORA_NUM_TARGETS) - 1))) return set_error("LoRA has no target modules");
@@ -581,7 +584,7 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
     const Json *layers_tt = json_get(cfg, "layers_to_transform");
     if (cfg->type != JSON_OBJECT) rc = set_error("%s is not a JSON object", path);
     else if (strcmp(ptype, "LORA") != 0) rc = set_error("%s: peft_type is %s, not LORA", path, ptype);
-    else if (!r || r->number != floor(r->number) || r->number < 1 || r->number > 256) rc = set_error("%s: \"r\" is missing or not an integer in 1..256", path);
+    else if (!r || r->number != floor(r->number) || r->number < 1 || r->number > 4096) rc = set_error("%s: \"r\" is missing or not an integer in 1..4096", path);
     else if (!alpha || !(alpha->number > 0)) rc = set_error("%s: \"lora_alpha\" is missing or not positive", path);
     else if (json_get_bool(cfg, "use_dora", 0)) rc = set_error("%s: DoRA adapters are not supported", path);
     else if (json_get_bool(cfg, "fan_in_fan_out", 0)) rc = set_error("%s: fan_in_fan_out adapters are not supported", path);
