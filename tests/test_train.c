@@ -1,0 +1,702 @@
+/* test_train.c: the CPU parts of 05_train.c.
+ *
+ * Flags: every value and every rule between flags (N % G, exclusive flags, ranges) is
+ * accepted or refused with a sentence. Data: a token stream is cut into N-token
+ * sequences whose targets are the next tokens; an epoch visits every sequence once in a
+ * seeded shuffle; text and .jsonl documents are joined with BOS ... EOS. SFT: each record
+ * becomes prompt (template) + output + EOS, with target -100 on the prompt and padding,
+ * packed or padded to N; malformed records are refused. Masking: with a real (tiny, random)
+ * model and live LoRA, the loss equals the mean cross-entropy over the unmasked positions
+ * computed here from the logits, the gradient reaching the logits is exactly zero on every
+ * masked position, and perturbing the masked (padding) tokens leaves the loss and every
+ * trainable gradient bit-identical (while perturbing an output token changes them).
+ * Resume: 10 steps straight and 5 + resume + 5 (with gradient accumulation, clipping,
+ * S2-Attn and an epoch boundary inside) give identical losses, adapter and optimizer
+ * state; so does a run stopped by SIGINT and resumed; resuming with another --ctx or other
+ * data, or from a corrupt checkpoint, is refused; a non-finite loss stops the run, names
+ * the step and keeps the last good checkpoint.
+ * The byte codec below (id = byte + 3, BOS 1, EOS 2) stands in for a tokenizer so the
+ * expected ids can be computed independently here.
+ */
+#define STAGE 0
+#include "05_train.c"
+#include <sys/wait.h>
+#pragma GCC diagnostic ignored "-Wformat-truncation" /* scratch paths are short */
+
+static int g_checks, g_failures;
+#define EXPECT(cond, ...)                                                   \
+    do {                                                                    \
+        g_checks++;                                                         \
+        if (!(cond)) {                                                      \
+            g_failures++;                                                   \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                     \
+            printf(__VA_ARGS__);                                            \
+            printf("\n");                                                   \
+        }                                                                   \
+    } while (0)
+
+static char g_tmp[256]; /* this test's scratch folder */
+
+/* ---- helpers ------------------------------------------------------------------------- */
+
+static int32_t *byte_encode(void *tok, const char *text, size_t len, int add_bos, size_t *n) {
+    (void)tok;
+    int32_t *ids = (int32_t *)xmalloc((len + 1) * sizeof(int32_t));
+    size_t k = 0;
+    if (add_bos) ids[k++] = 1;
+    for (size_t i = 0; i < len; i++) ids[k++] = (unsigned char)text[i] + 3;
+    *n = k;
+    return ids;
+}
+static TextCodec byte_codec(void) {
+    TextCodec c = {NULL, byte_encode, 1, 2, 259};
+    return c;
+}
+
+static void write_text(const char *path, const char *text) {
+    if (write_file_atomic(path, text, strlen(text)) != 0) die("%s", last_error());
+}
+
+static const char *tmp_path(char *buf, const char *name) {
+    snprintf(buf, 512, "%s/%s", g_tmp, name);
+    return buf;
+}
+
+static void remove_tree(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) { remove(dir); return; }
+    struct dirent *e;
+    char path[1024];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        struct stat st;
+        if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode)) remove_tree(path);
+        else remove(path);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+/* Parses a flag list (space-separated) into fresh options; returns train_parse_args' rc,
+ * and when that is 0 also train_validate's (with ctx defaulting to 4096 as a model's). */
+static int parse_flags(TrainOptions *o, const char *flags) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "05_train %s", flags);
+    char *argv[64];
+    int argc = 0;
+    for (char *tok = strtok(buf, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
+    argv[argc] = NULL;
+    train_defaults(o);
+    g_last_error[0] = 0;
+    int rc = train_parse_args(o, argc, argv);
+    if (rc != 0) return rc;
+    if (o->ctx == 0) o->ctx = 4096;
+    return train_validate(o);
+}
+
+static const char *g_self; /* this program: runs started by run_training exec it with --train */
+
+/* Runs the trainer (this program with --train FLAGS, a fresh process: OpenMP does not
+ * survive fork) with its output in log. Returns the exit status (or 128 + signal). If
+ * stop_after_rows > 0, sends SIGINT once the CSV at csv_path has that many data rows. */
+static int run_training(const char *flags, const char *log, const char *csv_path, int stop_after_rows) {
+    static char buf[4096];
+    snprintf(buf, sizeof buf, "%s --train %s", g_self, flags);
+    char *argv[128];
+    int argc = 0;
+    for (char *tok = strtok(buf, " "); tok && argc < 127; tok = strtok(NULL, " ")) argv[argc++] = tok;
+    argv[argc] = NULL;
+    fflush(stdout);
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork failed");
+    if (pid == 0) {
+        FILE *f = freopen(log, "w", stdout);
+        if (!f || dup2(fileno(stdout), 2) < 0) _exit(99);
+        execv(g_self, argv);
+        _exit(98);
+    }
+    int status = 0;
+    if (stop_after_rows > 0) {
+        double t0 = now_seconds();
+        for (;;) {
+            size_t len = 0;
+            char *csv = read_file(csv_path, &len);
+            int rows = -1;
+            for (size_t i = 0; csv && i < len; i++) rows += csv[i] == '\n';
+            free(csv);
+            if (rows >= stop_after_rows || now_seconds() - t0 > 60) break;
+            if (waitpid(pid, &status, WNOHANG) == pid) goto done;
+            usleep(2000);
+        }
+        kill(pid, SIGINT);
+    }
+    CHECK(waitpid(pid, &status, 0) == pid, "waitpid failed");
+done:
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    return 128 + WTERMSIG(status);
+}
+
+/* The loss column of a train_log.csv as text lines "step,loss" (exactly as written). */
+static char *csv_losses(const char *path, int *rows) {
+    size_t len = 0;
+    char *csv = read_file(path, &len);
+    *rows = 0;
+    if (!csv) return xstrdup("");
+    char *out = (char *)xcalloc(len + 1, 1), *w = out;
+    char *line = strchr(csv, '\n');
+    while (line && line[1]) {
+        char *next = strchr(line + 1, '\n');
+        char *c2 = strchr(line + 1, ',');
+        c2 = c2 ? strchr(c2 + 1, ',') : NULL;
+        if (!c2 || (next && c2 > next)) break;
+        memcpy(w, line + 1, (size_t)(c2 - line - 1));
+        w += c2 - line - 1;
+        *w++ = '\n';
+        (*rows)++;
+        line = next;
+    }
+    free(csv);
+    return out;
+}
+
+static int files_equal(const char *a, const char *b) {
+    size_t la, lb;
+    char *x = read_file(a, &la), *y = read_file(b, &lb);
+    int eq = x && y && la == lb && memcmp(x, y, la) == 0;
+    free(x);
+    free(y);
+    return eq;
+}
+
+static int log_contains(const char *log, const char *what) {
+    char *s = read_file(log, NULL);
+    int found = s && strstr(s, what) != NULL;
+    free(s);
+    return found;
+}
+
+/* ---- flags --------------------------------------------------------------------------- */
+
+static void test_flags(void) {
+    TrainOptions o;
+    int rc = parse_flags(&o, "--model m --data a.txt b.tok c.jsonl --ctx 8192 --out o --max-steps 7 --lr 3e-4 --betas 0.8,0.99 "
+                             "--eps 1e-6 --weight-decay 0.1 --warmup 5 --grad-accum 4 --clip 1.5 --seed 9 --batch 2 --group-ratio 0.125 "
+                             "--save-every 3 --lora-rank 16 --lora-alpha 32");
+    EXPECT(rc == 0, "a full valid command line is refused: %s", last_error());
+    EXPECT(o.n_data_files == 3 && !strcmp(o.data_files[2], "c.jsonl"), "--data takes every file up to the next flag");
+    EXPECT(o.ctx == 8192 && o.group == 1024 && o.max_steps == 7 && o.batch == 2 && o.grad_accum == 4, "sizes parsed");
+    EXPECT(o.lr == 3e-4 && o.beta1 == 0.8 && o.beta2 == 0.99 && o.eps == 1e-6 && o.weight_decay == 0.1 && o.clip == 1.5, "optimizer flags parsed");
+    EXPECT(o.warmup == 5 && o.seed == 9 && o.save_every == 3 && o.lora_rank == 16 && o.lora_alpha == 32, "other flags parsed");
+    rc = parse_flags(&o, "--model m --data a --ctx 1000");
+    EXPECT(rc == 0 && o.group == 250 && o.s2 && o.lr == 2e-5 && o.beta1 == 0.9 && o.beta2 == 0.95 && o.eps == 1e-8 && o.warmup == 20,
+           "defaults are the LongLoRA recipe (G = N/4, lr 2e-5, betas 0.9,0.95, eps 1e-8, warmup 20)");
+    rc = parse_flags(&o, "--model m --data a --ctx 1002 --no-s2");
+    EXPECT(rc == 0 && o.group == 0, "--no-s2 means full attention (G = 0) and lifts the N %% G rule");
+    rc = parse_flags(&o, "--init random --shape tiny --sft s.json --template alpaca --pack --ctx 64");
+    EXPECT(rc == 0 && o.sft_pack && !strcmp(o.template_name, "alpaca"), "SFT flags parsed");
+    EXPECT(parse_flags(&o, "--help") == 1, "--help is reported");
+
+    struct { const char *flags, *says; } bad[] = {
+        {"--model m --data a --ctx 1002", "divide"},               /* 1002 * 0.25 = 250.5 */
+        {"--model m --data a --ctx 1000 --group-ratio 0.3", "divide"}, /* G = 300 does not divide 1000 */
+        {"--model m --data a --ctx 64 --group-ratio 0", "--group-ratio"},
+        {"--model m --data a --ctx 64 --group-ratio 1.5", "--group-ratio"},
+        {"--data a --ctx 64", "--model"},
+        {"--model m --ctx 64", "--data"},
+        {"--model m --init random --shape tiny --data a", "exclude"},
+        {"--init random --data a", "--shape"},
+        {"--model m --shape tiny --data a", "--shape"},
+        {"--init zeros --shape tiny --data a", "--init"},
+        {"--model m --data a --sft s.json", "exclude"},
+        {"--model m --data a --pack", "--pack"},
+        {"--model m --data a --lr abc", "--lr"},
+        {"--model m --data a --lr -1", "--lr"},
+        {"--model m --data a --lr 1e-3x", "--lr"},
+        {"--model m --data a --lr nan", "--lr"},
+        {"--model m --data a --betas 0.9", "--betas"},
+        {"--model m --data a --betas 0.9,1.0", "--betas"},
+        {"--model m --data a --eps 0", "--eps"},
+        {"--model m --data a --weight-decay -0.1", "--weight-decay"},
+        {"--model m --data a --warmup -1", "--warmup"},
+        {"--model m --data a --grad-accum 0", "--grad-accum"},
+        {"--model m --data a --batch 0", "--batch"},
+        {"--model m --data a --ctx 1", "--ctx"},
+        {"--model m --data a --ctx 99999999999", "--ctx"},
+        {"--model m --data a --max-steps 0", "--max-steps"},
+        {"--model m --data a --clip -1", "--clip"},
+        {"--model m --data a --seed -3", "--seed"},
+        {"--model m --data a --template chatml", "--template"},
+        {"--model m --data a --frobnicate 3", "unknown flag"},
+        {"stray --model m --data a", "unexpected argument"},
+        {"--model m --data a --lr", "needs a value"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        rc = parse_flags(&o, bad[i].flags);
+        EXPECT(rc == -1 && strstr(last_error(), bad[i].says), "'%s' should be refused naming '%s'; got rc %d: %s", bad[i].flags,
+               bad[i].says, rc, last_error());
+    }
+    /* warmup then constant (HF's constant_with_warmup: step s (0-based) gets lr * s / W) */
+    AdamWConfig ac = adamw_default_config();
+    ac.lr = 1e-3f;
+    ac.warmup_steps = 4;
+    EXPECT(adamw_lr_at(&ac, 0) == 0.0f && fabsf(adamw_lr_at(&ac, 2) - 5e-4f) < 1e-9f && adamw_lr_at(&ac, 4) == 1e-3f &&
+           adamw_lr_at(&ac, 1000) == 1e-3f, "warmup-then-constant schedule");
+}
+
+/* ---- data ---------------------------------------------------------------------------- */
+
+static void test_packing(void) {
+    char path[512];
+    Rng rng;
+    rng_seed(&rng, (uint64_t)time(NULL));
+    size_t T = 1000 + rng_below(&rng, 500); /* not a multiple of N */
+    int N = 37;
+    int32_t *ids = (int32_t *)xmalloc(T * sizeof(int32_t));
+    for (size_t i = 0; i < T; i++) ids[i] = (int32_t)rng_below(&rng, 259);
+    CHECK(tokfile_write(tmp_path(path, "stream.tok"), ids, T, 259) == 0, "%s", last_error());
+    TextCodec c = byte_codec();
+    Dataset ds;
+    const char *paths[1] = {path};
+    EXPECT(dataset_load_text(&ds, &c, paths, 1, N) == 0, "token file loads: %s", last_error());
+    EXPECT(ds.n_seqs == (T - 1) / (size_t)N, "n_seqs %zu, want (T-1)/N = %zu", ds.n_seqs, (T - 1) / (size_t)N);
+    dataset_start(&ds, 5);
+    int32_t *in = (int32_t *)xmalloc(3 * (size_t)N * sizeof(int32_t)), *tg = (int32_t *)xmalloc(3 * (size_t)N * sizeof(int32_t));
+    /* one epoch: every sequence once, each equal to its slice of the stream */
+    size_t n = ds.n_seqs;
+    int *seen = (int *)xcalloc(n, sizeof(int));
+    uint32_t *first_order = (uint32_t *)xmalloc(n * sizeof(uint32_t));
+    memcpy(first_order, ds.order, n * sizeof(uint32_t));
+    int ok = 1, in_order = 1;
+    for (size_t s = 0; s < n; s++) {
+        dataset_next_batch(&ds, 1, in, tg);
+        /* find which sequence this is from its first token position: it is order[s] */
+        size_t k = first_order[s];
+        if (k >= n || seen[k]++) ok = 0;
+        for (int t = 0; t < N && ok; t++)
+            if (in[t] != ids[k * (size_t)N + (size_t)t] || tg[t] != ids[k * (size_t)N + (size_t)t + 1]) ok = 0;
+        if (k != s) in_order = 0;
+    }
+    EXPECT(ok, "one epoch visits every sequence once, inputs = stream[kN, kN+N), targets shifted by one");
+    EXPECT(!in_order, "the order is shuffled");
+    EXPECT(ds.epoch == 0 && ds.pos == n, "position at the end of the epoch");
+    dataset_next_batch(&ds, 3, in, tg);
+    EXPECT(ds.epoch == 1 && ds.pos == 3, "a batch past the end starts epoch 2");
+    EXPECT(memcmp(first_order, ds.order, n * sizeof(uint32_t)) != 0, "epoch 2 is reshuffled");
+    Dataset ds2;
+    dataset_load_text(&ds2, &c, paths, 1, N);
+    dataset_start(&ds2, 5);
+    EXPECT(memcmp(first_order, ds2.order, n * sizeof(uint32_t)) == 0 && ds2.fingerprint == ds.fingerprint, "same seed, same order");
+    dataset_free(&ds2);
+    dataset_load_text(&ds2, &c, paths, 1, N);
+    dataset_start(&ds2, 6);
+    EXPECT(memcmp(first_order, ds2.order, n * sizeof(uint32_t)) != 0, "another seed, another order");
+    dataset_free(&ds2);
+    dataset_load_text(&ds2, &c, paths, 1, N + 1);
+    EXPECT(ds2.fingerprint != ds.fingerprint, "the fingerprint depends on N");
+    dataset_free(&ds2);
+    free(seen); free(first_order); free(in); free(tg); dataset_free(&ds);
+
+    /* token ids outside the vocabulary, too little data, a token file with a bad header */
+    c.vocab_size = 100;
+    EXPECT(dataset_load_text(&ds, &c, paths, 1, N) == -1 && strstr(last_error(), "vocabulary"), "ids >= V are refused: %s", last_error());
+    c.vocab_size = 259;
+    EXPECT(dataset_load_text(&ds, &c, paths, 1, (int)T) == -1 && strstr(last_error(), "fewer"), "data shorter than N+1 is refused: %s", last_error());
+    write_text(tmp_path(path, "bad.tok"), "LLTK\x01\0\0\0\x02\0\0\0\xff\0\0\0\0\0\0\0ab");
+    EXPECT(dataset_load_text(&ds, &c, paths, 1, 4) == -1 && strstr(last_error(), "bad.tok"), "a corrupt token file is refused: %s", last_error());
+    free(ids);
+
+    /* text and .jsonl: BOS doc EOS, one document per file or per line */
+    char p1[512], p2[512];
+    write_text(tmp_path(p1, "a.txt"), "hello world");
+    write_text(tmp_path(p2, "b.jsonl"), "{\"text\": \"ab\"}\n\n{\"text\": \"c\\u00e9\", \"meta\": 1}\n");
+    const char *tp[2] = {p1, p2};
+    EXPECT(dataset_load_text(&ds, &c, tp, 2, 4) == 0, "text + jsonl load: %s", last_error());
+    int32_t want[64];
+    size_t w = 0;
+    want[w++] = 1;
+    for (const char *s = "hello world"; *s; s++) want[w++] = (unsigned char)*s + 3;
+    want[w++] = 2; want[w++] = 1; want[w++] = 'a' + 3; want[w++] = 'b' + 3; want[w++] = 2;
+    want[w++] = 1; want[w++] = 'c' + 3; want[w++] = 0xc3 + 3; want[w++] = 0xa9 + 3; want[w++] = 2;
+    EXPECT(ds.stream_len == w && memcmp(ds.stream, want, w * sizeof(int32_t)) == 0, "documents joined as BOS doc EOS (%zu tokens, want %zu)", ds.stream_len, w);
+    dataset_free(&ds);
+    write_text(p2, "{\"text\": \"ab\"}\n{\"txt\": 1}\n");
+    EXPECT(dataset_load_text(&ds, &c, tp, 2, 4) == -1 && strstr(last_error(), "line 2"), "a .jsonl line without text is refused: %s", last_error());
+    write_text(p2, "{\"text\": \"ab\"\n");
+    EXPECT(dataset_load_text(&ds, &c, tp, 2, 4) == -1 && strstr(last_error(), "line 1"), "malformed .jsonl is refused: %s", last_error());
+    TextCodec none = {0};
+    none.vocab_size = 259;
+    none.bos_id = none.eos_id = -1;
+    EXPECT(dataset_load_text(&ds, &none, tp, 1, 4) == -1 && strstr(last_error(), "tokenizer"), "text without a tokenizer is refused: %s", last_error());
+    const char *missing[1] = {"no/such/file.txt"};
+    EXPECT(dataset_load_text(&ds, &c, missing, 1, 4) == -1 && strstr(last_error(), "no/such/file.txt"), "a missing file is named: %s", last_error());
+}
+
+/* The ids and targets test_sft expects for one record, computed from the template text. */
+static size_t expected_example(const char *tmpl, const char *ins, const char *inp, const char *out, int32_t *ids, size_t *n_prompt) {
+    char *prompt = sft_prompt(tmpl, ins, inp);
+    size_t n = 0;
+    ids[n++] = 1;
+    for (const char *s = prompt; *s; s++) ids[n++] = (unsigned char)*s + 3;
+    *n_prompt = n;
+    for (const char *s = out; *s; s++) ids[n++] = (unsigned char)*s + 3;
+    ids[n++] = 2;
+    free(prompt);
+    return n;
+}
+
+static void test_sft(void) {
+    char path[512];
+    TextCodec c = byte_codec();
+    /* the templates' exact text */
+    char *p = sft_prompt("llama2-chat", "Sum", "2+2");
+    EXPECT(!strcmp(p, "[INST] Sum\n\n2+2 [/INST]"), "llama2-chat with input: '%s'", p);
+    free(p);
+    p = sft_prompt("llama2-chat", "Hi", "");
+    EXPECT(!strcmp(p, "[INST] Hi [/INST]"), "llama2-chat without input: '%s'", p);
+    free(p);
+    p = sft_prompt("alpaca", "Hi", NULL);
+    EXPECT(!strcmp(p, "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+                      "### Instruction:\nHi\n\n### Response:"), "alpaca without input: '%s'", p);
+    free(p);
+    p = sft_prompt("alpaca", "Hi", "x");
+    EXPECT(strstr(p, "paired with an input") && strstr(p, "### Input:\nx\n\n### Response:"), "alpaca with input: '%s'", p);
+    free(p);
+    p = sft_prompt("none", "Hi", "x");
+    EXPECT(!strcmp(p, "Hi\n\nx"), "none: '%s'", p);
+    free(p);
+
+    /* padded: one example per sequence, -100 on prompt and padding, truncation at N */
+    const int N = 96;
+    char longout[200];
+    memset(longout, 'z', 150);
+    longout[150] = 0;
+    char json[1024];
+    snprintf(json, sizeof json,
+             "[{\"instruction\": \"Say hi\", \"input\": \"\", \"output\": \"hi there\"},\n"
+             " {\"instruction\": \"Add\", \"input\": \"2+2\", \"output\": \"4\"},\n"
+             " {\"instruction\": \"Long\", \"output\": \"%s\"}]", longout);
+    write_text(tmp_path(path, "sft.json"), json);
+    const char *recs[3][3] = {{"Say hi", "", "hi there"}, {"Add", "2+2", "4"}, {"Long", NULL, longout}};
+    Dataset ds;
+    for (int tmpl = 0; tmpl < 3; tmpl++) {
+        const char *tname = tmpl == 0 ? "llama2-chat" : tmpl == 1 ? "alpaca" : "none";
+        int n_expected = 3;
+        int rc = dataset_load_sft(&ds, &c, path, tname, 0, tmpl == 1 ? 256 : N);
+        int NN = tmpl == 1 ? 256 : N;
+        EXPECT(rc == 0 && ds.n_seqs == (size_t)n_expected, "%s: 3 records give 3 sequences (rc %d, %zu): %s", tname, rc, ds.n_seqs, last_error());
+        if (rc != 0) continue;
+        size_t loss_tokens = 0;
+        for (int r = 0; r < 3; r++) {
+            int32_t ids[512];
+            size_t n_prompt;
+            size_t len = expected_example(tname, recs[r][0], recs[r][1], recs[r][2], ids, &n_prompt);
+            const int32_t *in = ds.seq_inputs + (size_t)r * NN, *tg = ds.seq_targets + (size_t)r * NN;
+            int ok = 1;
+            for (int t = 0; t < NN; t++) {
+                int32_t want_in = (size_t)t < len ? ids[t] : 2; /* EOS padding */
+                int32_t want_tg = ((size_t)t + 1 < len && (size_t)t + 1 >= n_prompt) ? ids[t + 1] : IGNORE_INDEX;
+                if (in[t] != want_in || tg[t] != want_tg) { ok = 0; printf("  %s record %d position %d: in %d tg %d, want %d %d\n", tname, r, t, in[t], tg[t], want_in, want_tg); break; }
+                loss_tokens += want_tg != IGNORE_INDEX;
+            }
+            EXPECT(ok, "%s record %d: inputs and targets (prompt and padding masked, output + EOS learned)", tname, r);
+        }
+        EXPECT(ds.loss_tokens == loss_tokens, "%s: loss token count %zu, want %zu", tname, ds.loss_tokens, loss_tokens);
+        dataset_free(&ds);
+    }
+
+    /* packed: short examples share a sequence, each still masked on its own prompt */
+    EXPECT(dataset_load_sft(&ds, &c, path, "none", 1, 48) == 0, "packed load: %s", last_error());
+    {
+        int32_t a[256], b[256];
+        size_t na_p, nb_p;
+        size_t na = expected_example("none", "Say hi", "", "hi there", a, &na_p);
+        size_t nb = expected_example("none", "Add", "2+2", "4", b, &nb_p);
+        EXPECT(na + nb <= 48 && ds.n_seqs == 2, "two short examples packed into one sequence, the long one alone (%zu sequences)", ds.n_seqs);
+        const int32_t *in = ds.seq_inputs, *tg = ds.seq_targets;
+        int ok = 1;
+        for (size_t t = 0; t < 48 && ok; t++) {
+            int32_t wi, wt;
+            if (t < na) { wi = a[t]; wt = (t + 1 < na && t + 1 >= na_p) ? a[t + 1] : IGNORE_INDEX; }
+            else if (t < na + nb) { size_t u = t - na; wi = b[u]; wt = (u + 1 < nb && u + 1 >= nb_p) ? b[u + 1] : IGNORE_INDEX; }
+            else { wi = 2; wt = IGNORE_INDEX; }
+            if (in[t] != wi || tg[t] != wt) { ok = 0; printf("  packed position %zu: in %d tg %d, want %d %d\n", t, in[t], tg[t], wi, wt); }
+        }
+        EXPECT(ok, "packed sequence: example 1, example 2, EOS padding; no target crosses from one example into the next");
+        dataset_free(&ds);
+    }
+
+    /* JSONL works the same; malformed records are refused by index */
+    write_text(path, "{\"instruction\": \"Say hi\", \"output\": \"hi\"}\n{\"instruction\": \"b\", \"output\": \"c\"}\n");
+    EXPECT(dataset_load_sft(&ds, &c, path, "none", 0, 32) == 0 && ds.n_seqs == 2, "JSONL records load: %s", last_error());
+    dataset_free(&ds);
+    struct { const char *text, *says; } bad[] = {
+        {"[{\"instruction\": \"a\"}]", "record 0"},
+        {"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"output\": \"b\"}]", "record 1"},
+        {"[{\"instruction\": 3, \"output\": \"b\"}]", "record 0"},
+        {"[{\"instruction\": \"a\", \"input\": [1], \"output\": \"b\"}]", "input"},
+        {"[1]", "not an object"},
+        {"[]", "no records"},
+        {"{\"instruction\": \"a\", \"output\": \"b\"}\n{oops}\n", "line 2"},
+        {"[{\"instruction\": \"a\", \"output\": \"b\"}", "malformed"},
+        {"[{\"instruction\": \"a\\u0000b\", \"output\": \"b\"}]", "\\u0000"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        write_text(path, bad[i].text);
+        int rc = dataset_load_sft(&ds, &c, path, "none", 0, 32);
+        EXPECT(rc == -1 && strstr(last_error(), bad[i].says), "SFT file %zu should be refused naming '%s': %s", i, bad[i].says, last_error());
+        if (rc == 0) dataset_free(&ds);
+    }
+    /* a prompt longer than N leaves nothing to learn: refused when it is all there is */
+    write_text(path, "[{\"instruction\": \"a very long instruction indeed\", \"output\": \"b\"}]");
+    EXPECT(dataset_load_sft(&ds, &c, path, "none", 0, 8) == -1 && strstr(last_error(), "no record"), "nothing learnable within N is refused: %s", last_error());
+}
+
+/* ---- SFT masking with a real model --------------------------------------------------- */
+
+/* Loss and every trainable gradient for one batch (grads zeroed first). */
+static float loss_and_grads(Model *m, Activations *a, Grads *g, LoraAdapter *ad, const int32_t *in, const int32_t *tg, size_t N,
+                            size_t G) {
+    grads_zero(g);
+    lora_zero_grads(ad);
+    RunOptions run = {G, 0, &ad->hook};
+    float loss = model_forward(m, a, in, tg, 1, N, &run);
+    model_backward(m, a, g, in, tg, 1, N, &run);
+    return loss;
+}
+
+static void test_sft_masking(void) {
+    char path[512];
+    TextCodec c = byte_codec();
+    const int N = 80;
+    write_text(tmp_path(path, "mask.json"), "[{\"instruction\": \"Name a color\", \"input\": \"sky\", \"output\": \"blue!\"}]");
+    Dataset ds;
+    CHECK(dataset_load_sft(&ds, &c, path, "llama2-chat", 0, N) == 0, "%s", last_error());
+    int32_t *in = ds.seq_inputs, *tg = ds.seq_targets;
+    size_t last_label = 0, first_label = (size_t)N, n_labels = 0;
+    for (size_t t = 0; t < (size_t)N; t++)
+        if (tg[t] != IGNORE_INDEX) { if (t < first_label) first_label = t; last_label = t; n_labels++; }
+    CHECK(n_labels == 6 && last_label + 2 < (size_t)N, "the example should leave padding (labels %zu, last %zu)", n_labels, last_label);
+
+    /* a tiny model with V = 259 and live adapters (B random, so every LoRA gradient flows) */
+    Config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.dim = 48; cfg.ffn_dim = 100; cfg.n_layers = 2; cfg.n_heads = 4; cfg.n_kv_heads = 2; cfg.head_dim = 12;
+    cfg.vocab_size = 259; cfg.rms_eps = 1e-5f; cfg.rope_theta = 10000.0f; cfg.rope_config_factor = 1.0f; cfg.rope_factor = 1.0f;
+    cfg.max_pos = N; cfg.tie_embeddings = 1; cfg.bos_id = 1; cfg.eos_id = 2;
+    Model m;
+    model_init_random(&m, &cfg, 77, 0.2f);
+    LoraAdapter ad;
+    LoraConfig lc = lora_default_config();
+    CHECK(lora_init(&ad, &cfg, &lc) == 0, "%s", last_error());
+    Rng rng;
+    rng_seed(&rng, 99);
+    for (size_t i = 0; i < (size_t)cfg.n_layers * LORA_NUM_TARGETS; i++)
+        if (ad.pairs[i].B) for (size_t k = 0; k < ad.pairs[i].out * (size_t)lc.rank; k++) ad.pairs[i].B[k] = 0.1f * rng_normal(&rng);
+    Grads g;
+    grads_alloc(&g, &cfg);
+    AdamW opt;
+    memset(&opt, 0, sizeof opt);
+    lora_register_params(&opt, &ad, &m, &g);
+    Activations a;
+    act_plan(&a, &cfg, 1, (size_t)N, 1);
+    size_t G = (size_t)N / 4;
+
+    float loss = loss_and_grads(&m, &a, &g, &ad, in, tg, (size_t)N, G);
+    /* (1) the loss is the mean over the labelled positions, recomputed here from the logits */
+    float *logits = (float *)xmalloc((size_t)N * cfg.vocab_size * sizeof(float));
+    RunOptions run = {G, 0, &ad.hook};
+    model_forward(&m, &a, in, tg, 1, (size_t)N, &run);
+    memcpy(logits, a.logits, (size_t)N * cfg.vocab_size * sizeof(float));
+    double manual = 0;
+    for (size_t t = 0; t < (size_t)N; t++) {
+        if (tg[t] == IGNORE_INDEX) continue;
+        const float *row = logits + t * cfg.vocab_size;
+        double mx = row[0], s = 0;
+        for (int v = 0; v < cfg.vocab_size; v++) if (row[v] > mx) mx = row[v];
+        for (int v = 0; v < cfg.vocab_size; v++) s += exp((double)row[v] - mx);
+        manual += mx + log(s) - row[tg[t]];
+    }
+    manual /= (double)n_labels;
+    EXPECT(fabs(manual - loss) <= 1e-5 * fabs(manual), "loss %.7f equals the mean over the %zu output positions %.7f (tolerance 1e-5 relative)",
+           (double)loss, n_labels, manual);
+    /* (2) the gradient reaching the logits is exactly zero on every masked position */
+    loss_and_grads(&m, &a, &g, &ad, in, tg, (size_t)N, G);
+    int zero_rows = 1, live_rows = 1;
+    for (size_t t = 0; t < (size_t)N; t++) {
+        double s = 0;
+        for (int v = 0; v < cfg.vocab_size; v++) s += fabs((double)a.logits[t * cfg.vocab_size + v]);
+        if (tg[t] == IGNORE_INDEX && s != 0) zero_rows = 0;
+        if (tg[t] != IGNORE_INDEX && !(s > 0)) live_rows = 0;
+    }
+    EXPECT(zero_rows, "dLoss/dlogits is exactly zero on prompt and padding positions");
+    EXPECT(live_rows, "dLoss/dlogits is non-zero on every output position");
+
+    /* (3) perturb the masked padding tokens: loss and every trainable gradient bit-identical */
+    size_t total = 0;
+    for (size_t k = 0; k < opt.count; k++) total += opt.params[k].numel;
+    float *g1 = (float *)xmalloc(total * sizeof(float)), *g2 = (float *)xmalloc(total * sizeof(float));
+    float l1 = loss_and_grads(&m, &a, &g, &ad, in, tg, (size_t)N, G);
+    for (size_t k = 0, off = 0; k < opt.count; off += opt.params[k].numel, k++) memcpy(g1 + off, opt.params[k].grad, opt.params[k].numel * sizeof(float));
+    int32_t *in2 = (int32_t *)xmalloc((size_t)N * sizeof(int32_t));
+    memcpy(in2, in, (size_t)N * sizeof(int32_t));
+    for (size_t t = last_label + 2; t < (size_t)N; t++) in2[t] = 3 + (int32_t)rng_below(&rng, 256);
+    float l2 = loss_and_grads(&m, &a, &g, &ad, in2, tg, (size_t)N, G);
+    for (size_t k = 0, off = 0; k < opt.count; off += opt.params[k].numel, k++) memcpy(g2 + off, opt.params[k].grad, opt.params[k].numel * sizeof(float));
+    double gnorm = 0;
+    for (size_t i = 0; i < total; i++) gnorm += (double)g1[i] * g1[i];
+    EXPECT(gnorm > 0, "the gradients are not all zero");
+    EXPECT(l1 == l2, "perturbing masked tokens changed the loss: %.9g vs %.9g", (double)l1, (double)l2);
+    EXPECT(memcmp(g1, g2, total * sizeof(float)) == 0, "perturbing masked tokens changed a trainable gradient");
+    /* ... while perturbing an output token does change them (so the check above can fail) */
+    memcpy(in2, in, (size_t)N * sizeof(int32_t));
+    in2[first_label + 2] = in2[first_label + 2] == 100 ? 101 : 100;
+    float l3 = loss_and_grads(&m, &a, &g, &ad, in2, tg, (size_t)N, G);
+    EXPECT(l3 != l1, "perturbing an output token must change the loss");
+
+    free(g1); free(g2); free(in2); free(logits);
+    act_free(&a); adamw_free(&opt); params_free(&g); lora_free(&ad); model_free(&m); dataset_free(&ds);
+}
+
+/* ---- runs: resume, SIGINT, non-finite loss ------------------------------------------- */
+
+static void test_resume(void) {
+    char data[512], log[512], a[512], b[512], csv_a[512], csv_b[512], flags[2048], x[512], y[512];
+    /* 7 sequences of 64: 4 per step (batch 2 x accumulation 2), so epochs wrap mid-run */
+    Rng rng;
+    rng_seed(&rng, (uint64_t)time(NULL) ^ 0x1234);
+    size_t T = 7 * 64 + 1 + rng_below(&rng, 60);
+    int32_t *ids = (int32_t *)xmalloc(T * sizeof(int32_t));
+    for (size_t i = 0; i < T; i++) ids[i] = (int32_t)(i % 13 == 0 ? 10 : rng_below(&rng, 256)); /* some structure to learn */
+    CHECK(tokfile_write(tmp_path(data, "resume.tok"), ids, T, 256) == 0, "%s", last_error());
+    free(ids);
+    const char *common = "--init random --shape tiny --ctx 64 --batch 2 --grad-accum 2 --clip 0.5 --lr 2e-3 --warmup 3 --quiet";
+    tmp_path(a, "runA");
+    tmp_path(b, "runB");
+    snprintf(csv_a, sizeof csv_a, "%s/train_log.csv", a);
+    snprintf(csv_b, sizeof csv_b, "%s/train_log.csv", b);
+
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 10 --out %s", common, data, a);
+    int rc = run_training(flags, tmp_path(log, "a.log"), NULL, 0);
+    EXPECT(rc == 0, "straight run exits %d (log %s)", rc, log);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 5 --save-every 2 --out %s", common, data, b);
+    rc = run_training(flags, tmp_path(log, "b1.log"), NULL, 0);
+    EXPECT(rc == 0, "first half exits %d", rc);
+    snprintf(x, sizeof x, "%s/checkpoint-2/trainer_state.json", b);
+    snprintf(y, sizeof y, "%s/checkpoint-5/train_state.safetensors", b);
+    EXPECT(file_exists(x) && file_exists(y), "--save-every 2 and the end leave checkpoint-2 and checkpoint-5");
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 10 --out %s --resume %s", common, data, b, b);
+    rc = run_training(flags, tmp_path(log, "b2.log"), NULL, 0);
+    EXPECT(rc == 0 && log_contains(log, "resumed from") && log_contains(log, "checkpoint-5"), "resume exits %d and says from where", rc);
+    int ra, rb;
+    char *la = csv_losses(csv_a, &ra), *lb = csv_losses(csv_b, &rb);
+    EXPECT(ra == 10 && rb == 10, "both logs have 10 steps (%d, %d)", ra, rb);
+    EXPECT(!strcmp(la, lb), "losses differ between 10 straight steps and 5 + resume + 5:\n%s---\n%s", la, lb);
+    {   /* the losses must actually move (else equality says little) */
+        double first = atof(strchr(la, ',') + 1), last = 0;
+        const char *l = la;
+        for (const char *nl; (nl = strchr(l, '\n')) && nl[1]; l = nl + 1) {}
+        last = atof(strchr(l, ',') + 1);
+        EXPECT(first != last && isfinite(first) && isfinite(last), "losses change over the run (%g -> %g)", first, last);
+    }
+    free(la); free(lb);
+    snprintf(x, sizeof x, "%s/adapter_model.safetensors", a);
+    snprintf(y, sizeof y, "%s/adapter_model.safetensors", b);
+    EXPECT(files_equal(x, y), "final adapters are byte-identical");
+    snprintf(x, sizeof x, "%s/checkpoint-10/train_state.safetensors", a);
+    snprintf(y, sizeof y, "%s/checkpoint-10/train_state.safetensors", b);
+    EXPECT(files_equal(x, y), "final optimizer states are byte-identical");
+    snprintf(x, sizeof x, "%s/checkpoint-10/trainer_state.json", a);
+    Json *js = json_parse_file(x);
+    EXPECT(js && json_get_number(json_get(js, "data"), "epoch", -1) == 5 && json_get_number(json_get(js, "data"), "position", -1) == 5,
+           "40 sequences over 7 per epoch: epoch 5, position 5");
+    json_free(js);
+    DIR *d = opendir(b);
+    int leftovers = 0;
+    for (struct dirent *e; d && (e = readdir(d));) leftovers += strstr(e->d_name, ".tmp") != NULL || strstr(e->d_name, ".old") != NULL;
+    if (d) closedir(d);
+    EXPECT(leftovers == 0, "no temporary checkpoint folders are left behind");
+
+    /* refusals: another --ctx, other data, already done, a corrupt checkpoint */
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 12 --out %s --resume %s/checkpoint-5", common, data, b, b);
+    char *ctx = strstr(flags, "--ctx 64");
+    memcpy(ctx, "--ctx 32", 8);
+    rc = run_training(flags, tmp_path(log, "r1.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "--ctx"), "resume with another --ctx is refused (exit %d)", rc);
+    char other[512];
+    ids = (int32_t *)xmalloc(T * sizeof(int32_t));
+    for (size_t i = 0; i < T; i++) ids[i] = (int32_t)rng_below(&rng, 256);
+    CHECK(tokfile_write(tmp_path(other, "other.tok"), ids, T, 256) == 0, "%s", last_error());
+    free(ids);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 12 --out %s --resume %s", common, other, b, b);
+    rc = run_training(flags, tmp_path(log, "r2.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "other data"), "resume on other data is refused (exit %d)", rc);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 10 --out %s --resume %s", common, data, b, b);
+    rc = run_training(flags, tmp_path(log, "r3.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "--max-steps"), "resume at --max-steps says so (exit %d)", rc);
+    snprintf(x, sizeof x, "%s/checkpoint-2/train_state.safetensors", b);
+    size_t len;
+    char *st = read_file(x, &len);
+    CHECK(st, "%s", last_error());
+    CHECK(write_file_atomic(x, st, len / 2) == 0, "%s", last_error());
+    free(st);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 12 --out %s --resume %s/checkpoint-2", common, data, b, b);
+    rc = run_training(flags, tmp_path(log, "r4.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "error: ") && log_contains(log, "checkpoint-2"), "a truncated checkpoint is refused with a sentence (exit %d)", rc);
+    snprintf(x, sizeof x, "%s/checkpoint-2/trainer_state.json", b);
+    write_text(x, "{\"format\": \"longlora-c trainer state\", \"version\": 1, \"step\": -4}");
+    rc = run_training(flags, tmp_path(log, "r5.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "error: "), "a malformed trainer_state.json is refused (exit %d)", rc);
+
+    /* SIGINT: the run saves at the step boundary, exits 130, and resuming matches a straight run */
+    char c_dir[512], csv_c[512];
+    tmp_path(c_dir, "runC");
+    snprintf(csv_c, sizeof csv_c, "%s/train_log.csv", c_dir);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 100000 --out %s", common, data, c_dir);
+    rc = run_training(flags, tmp_path(log, "c1.log"), csv_c, 3);
+    int rows;
+    free(csv_losses(csv_c, &rows));
+    snprintf(x, sizeof x, "%s/checkpoint-%d/trainer_state.json", c_dir, rows);
+    EXPECT(rc == 130 && log_contains(log, "interrupted") && file_exists(x), "SIGINT: exit %d, checkpoint-%d saved", rc, rows);
+    if (rc == 130 && rows >= 3 && rows < 1000) {
+        snprintf(flags, sizeof flags, "%s --data %s --max-steps %d --out %s --resume %s", common, data, rows + 3, c_dir, c_dir);
+        rc = run_training(flags, tmp_path(log, "c2.log"), NULL, 0);
+        char d_dir[512], csv_d[512];
+        tmp_path(d_dir, "runD");
+        snprintf(csv_d, sizeof csv_d, "%s/train_log.csv", d_dir);
+        snprintf(flags, sizeof flags, "%s --data %s --max-steps %d --out %s", common, data, rows + 3, d_dir);
+        int rc2 = run_training(flags, tmp_path(log, "d.log"), NULL, 0);
+        int r1, r2;
+        char *l1 = csv_losses(csv_c, &r1), *l2 = csv_losses(csv_d, &r2);
+        EXPECT(rc == 0 && rc2 == 0 && r1 == rows + 3 && !strcmp(l1, l2), "interrupted + resumed equals straight (%d vs %d rows)", r1, r2);
+        free(l1); free(l2);
+    }
+
+    /* a non-finite loss stops the run, names the step, keeps the last good checkpoint */
+    char e_dir[512];
+    tmp_path(e_dir, "runE");
+    snprintf(flags, sizeof flags, "--init random --shape tiny --ctx 64 --quiet --data %s --max-steps 20 --lr 1e30 --warmup 0 --save-every 1 --out %s",
+             data, e_dir);
+    rc = run_training(flags, tmp_path(log, "e.log"), NULL, 0);
+    snprintf(x, sizeof x, "%s/checkpoint-1/trainer_state.json", e_dir);
+    snprintf(y, sizeof y, "%s/checkpoint-2", e_dir);
+    EXPECT(rc == 1 && log_contains(log, "not finite at step 2") && log_contains(log, "checkpoint-1") && file_exists(x) && !file_exists(y),
+           "lr 1e30: exit %d, 'not finite at step 2', checkpoint-1 kept, no checkpoint-2", rc);
+}
+
+int main(int argc, char **argv) {
+    g_self = argv[0];
+    if (argc > 1 && !strcmp(argv[1], "--train")) return train_main(argc - 1, argv + 1);
+    snprintf(g_tmp, sizeof g_tmp, "%s/test_train_XXXXXX", file_exists("build") ? "build" : ".");
+    if (!mkdtemp(g_tmp)) die("cannot create a scratch folder %s: %s", g_tmp, strerror(errno));
+    double t0 = now_seconds();
+    test_flags();
+    test_packing();
+    test_sft();
+    test_sft_masking();
+    test_resume();
+    if (g_failures == 0) remove_tree(g_tmp);
+    else printf("scratch files kept in %s\n", g_tmp);
+    printf("test_train: %d checks, %d failed (%.1f s)\n", g_checks, g_failures, now_seconds() - t0);
+    return g_failures ? 1 : 0;
+}
