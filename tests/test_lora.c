@@ -600,9 +600,9 @@ static void check_bad_adapters(void) {
     snprintf(tmp, sizeof tmp, "build/tests/lora_bad_%d", (int)getpid());
     struct { const char *what, *from, *to, *expect; int drop_st; } cases[] = {
         {"rank disagrees with the tensors", "\"r\": 8", "\"r\": 4", "does not fit", 0},
-        {"config targets fewer modules than the tensors", "\"k_proj\",", "", "does not target", 0},
-        {"config targets a module the file lacks", "\"v_proj\",", "\"v_proj\", \"gate_proj\",", "no lora_A/lora_B", 0},
-        {"unknown target", "\"v_proj\",", "\"qkv_proj\",", "not one of", 0},
+        {"config targets fewer modules than the tensors", "\"k_proj\"", "\"q_proj\"", "does not target", 0},
+        {"config targets a module the file lacks", "\"target_modules\": [", "\"target_modules\": [\"gate_proj\", ", "no lora_A/lora_B", 0},
+        {"unknown target", "\"v_proj\"", "\"qkv_proj\"", "not one of", 0},
         {"DoRA", "\"use_dora\": false", "\"use_dora\": true", "DoRA", 0},
         {"malformed JSON", "{", "{{", "malformed JSON", 0},
         {"missing safetensors", "\"r\": 8", "\"r\": 8", "cannot open", 1},

@@ -174,6 +174,14 @@ def make_config(name, c):
     if os.path.exists(ad):
         shutil.rmtree(ad)
     pm.to(torch.float32).save_pretrained(ad)
+    os.remove(os.path.join(ad, "README.md"))  # peft's model card: not needed
+    with open(os.path.join(ad, "adapter_config.json")) as f:  # no machine paths in committed files
+        ac = json.load(f)
+    ac["base_model_name_or_path"] = os.path.relpath(d, ROOT)
+    ac["target_modules"] = sorted(ac["target_modules"])  # peft writes a set: keep the file stable
+    with open(os.path.join(ad, "adapter_config.json"), "w") as f:
+        json.dump(ac, f, indent=2, sort_keys=True)
+        f.write("\n")
 
     # Reference: peft loads it back (the path a user takes) and runs forward + backward.
     pm = PeftModel.from_pretrained(load_base(d, c), ad, is_trainable=True).to(torch.float64)
