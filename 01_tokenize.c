@@ -38,6 +38,7 @@
 #endif
 #include "common.h"
 #include "01_unicode_tables.h"
+#include <ctype.h>
 
 /* ---------------------------------------------------------------------------------------
  * Unicode: UTF-8 decoding and the three character classes the pre-tokenizers need
@@ -271,6 +272,8 @@ typedef struct {
     int has_unused;
     int32_t byte_id[256]; /* <0xXX> pieces; byte-level BPE: the one-byte tokens */
     size_t max_user_len;  /* longest user-defined piece, 0 if none */
+    uint32_t *user_lens;  /* [n_user_lens] the distinct lengths of user-defined pieces, longest first */
+    size_t n_user_lens;
 
     /* byte-level BPE */
     MergeMap merges;
@@ -290,7 +293,7 @@ static void tok_free(Tokenizer *t) {
         if (t->out && t->out[i] != t->piece[i] && t->out[i] != t->key[i]) free(t->out[i]);
         if (t->piece) free(t->piece[i]);
     }
-    free(t->piece); free(t->piece_len); free(t->key); free(t->key_len);
+    free(t->piece); free(t->piece_len); free(t->key); free(t->key_len); free(t->user_lens);
     free(t->out); free(t->out_len); free(t->type); free(t->score);
     strmap_free(&t->map);
     free(t->merges.slot);
@@ -416,7 +419,8 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
     size_t unk_surface_len = strlen(unk_surface);
     const uint8_t *bos_piece = (const uint8_t *)"<s>", *eos_piece = (const uint8_t *)"</s>";
     size_t bos_len = 3, eos_len = 4;
-    r.p = trainer; r.end = trainer + trainer_len;
+    r.p = r.end = NULL;
+    if (trainer) { r.p = trainer; r.end = trainer + trainer_len; }
     while (trainer && (got = pb_next(&r, &f)) == 1) {
         if (f.field == 3 && f.wire == 0) model_type = (int)f.value;
         if (f.field == 24 && f.wire == 0) ws_suffix = f.value != 0;
@@ -432,7 +436,8 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
 
     /* Normalizer spec: we implement the identity normalizer (LLaMA's), nothing precompiled. */
     t->add_dummy_prefix = t->remove_extra_ws = t->escape_ws = 1;
-    r.p = normalizer; r.end = normalizer + normalizer_len;
+    r.p = r.end = NULL;
+    if (normalizer) { r.p = normalizer; r.end = normalizer + normalizer_len; }
     while (normalizer && (got = pb_next(&r, &f)) == 1) {
         if (f.field == 2 && f.wire == 2 && f.len > 0)
             return set_error("%s: the normalizer has a precompiled character map (e.g. nmt_nfkc), which is not supported; only the identity normalizer is", name);
@@ -489,10 +494,13 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
             t->unk_id = i;
         }
         if (ty == PIECE_BYTE) {
-            unsigned v;
-            char tail;
-            if (n != 6 || sscanf(p, "<0x%2X%c", &v, &tail) != 2 || tail != '>' || v > 255 || t->byte_id[v] >= 0) {
-                tok_free(t); return set_error("%s: byte piece %d is '%s', not a distinct <0xXX>", name, i, quoted(p, n));
+            int v = -1;
+            if (n == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && isxdigit((unsigned char)p[3]) && isxdigit((unsigned char)p[4]))
+                v = (int)strtol(p + 3, NULL, 16);
+            if (v < 0 || t->byte_id[v] >= 0) {
+                set_error("%s: byte piece %d is '%s', not a distinct <0xXX>", name, i, quoted(p, n));
+                tok_free(t);
+                return -1;
             }
             t->byte_id[v] = i;
         }
@@ -529,6 +537,15 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
     t->bos_id = (b >= 0 && (t->type[b] == PIECE_CONTROL || t->type[b] == PIECE_USER_DEFINED)) ? b : -1;
     t->eos_id = (e >= 0 && (t->type[e] == PIECE_CONTROL || t->type[e] == PIECE_USER_DEFINED)) ? e : -1;
     if (t->has_unused) t->split_at_space = 0; /* keep SentencePiece's whole-text resegmentation exact */
+    if (t->max_user_len) { /* the distinct user-defined lengths, longest first, for prefix matching */
+        uint8_t *seen = (uint8_t *)xcalloc(t->max_user_len + 1, 1);
+        t->user_lens = (uint32_t *)xmalloc((t->max_user_len + 1) * sizeof(uint32_t));
+        for (int32_t i = 0; i < t->vocab_size; i++)
+            if (t->type[i] == PIECE_USER_DEFINED) seen[t->piece_len[i]] = 1;
+        for (size_t l = t->max_user_len; l > 0; l--)
+            if (seen[l]) t->user_lens[t->n_user_lens++] = (uint32_t)l;
+        free(seen);
+    }
     return 0;
 }
 
@@ -606,7 +623,9 @@ static void spm_encode_segment(const Tokenizer *t, MergeWork *w, const char *s, 
     for (size_t i = 0; i < n;) {
         size_t len = 0;
         int freeze = 0;
-        for (size_t l = t->max_user_len < n - i ? t->max_user_len : n - i; l > 0 && !len; l--) {
+        for (size_t k = 0; k < t->n_user_lens && !len; k++) { /* the longest user-defined piece here */
+            size_t l = t->user_lens[k];
+            if (l > n - i) continue;
             int32_t id = strmap_get(&t->map, s + i, l);
             if (id >= 0 && t->type[id] == PIECE_USER_DEFINED) { len = l; freeze = 1; }
         }
@@ -1194,6 +1213,8 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         if (id->number > max_id) max_id = id->number;
     }
     if (max_id < 0) return json_fail_in(name, "the vocabulary is empty");
+    if (max_id >= 2.0 * (double)(vocab->count + n_added) + 1024)
+        return set_error("%s: token ids run up to %.0f but only %zu tokens are defined", name, max_id, vocab->count + n_added);
     tok_alloc_vocab(t, (int32_t)max_id + 1);
     for (size_t i = 0; i < vocab->count; i++) {
         int32_t id = (int32_t)vocab->items[i].number;
