@@ -239,7 +239,8 @@ extern "C" void gpu_f32_to_bf16(uint16_t *dst /* [count] */, const float *src /*
  * ------------------------------------------------------------------------------------- */
 
 template <int VEC>
-__global__ void embedding_forward_kernel(uint16_t *x, const int32_t *tokens, const uint16_t *table, size_t D, size_t V) {
+__global__ void embedding_forward_kernel(uint16_t *__restrict__ x, const int32_t *__restrict__ tokens,
+                                         const uint16_t *__restrict__ table, size_t D, size_t V) {
     size_t row = blockIdx.x;
     int32_t tok = tokens[row];
     uint16_t *xr = x + row * D;
@@ -257,10 +258,14 @@ extern "C" void gpu_embedding_forward(uint16_t *x /* [N, D] */, const int32_t *t
                                       const uint16_t *table /* [V, D] */, size_t N, size_t D, size_t V) {
     if (N == 0 || D == 0) return;
     CHECK(N <= INT_MAX, "embedding: %zu rows is too many for one launch", N);
-    if (D % 8 == 0 && aligned(x, 16) && aligned(table, 16))
-        embedding_forward_kernel<8><<<(unsigned)N, 256>>>(x, tokens, table, D, V);
+    /* a thread per 16 bytes of the row where that fits in one block (D = 4096: 512 threads) */
+    int vec = D % 8 == 0 && aligned(x, 16) && aligned(table, 16);
+    size_t pieces = vec ? D / 8 : D, threads = (pieces + 31) / 32 * 32;
+    if (threads > 1024) threads = 1024;
+    if (vec)
+        embedding_forward_kernel<8><<<(unsigned)N, (unsigned)threads>>>(x, tokens, table, D, V);
     else
-        embedding_forward_kernel<1><<<(unsigned)N, 256>>>(x, tokens, table, D, V);
+        embedding_forward_kernel<1><<<(unsigned)N, (unsigned)threads>>>(x, tokens, table, D, V);
     LAUNCH_CHECK();
 }
 
