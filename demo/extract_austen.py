@@ -124,37 +124,54 @@ def read_lazyload_db(root):
     """Returns {name: R object} for every object in ROOT/usr/lib/R/site-library/janeaustenr/data."""
     data_dir = os.path.join(root, "usr/lib/R/site-library/janeaustenr/data")
     try:
-        with gzip.open(os.path.join(data_dir, "Rdata.rdx"), "rb") as f:
-            index = XdrReader(f.read()).item()
+        with open(os.path.join(data_dir, "Rdata.rdx"), "rb") as f:
+            index_gz = f.read()
         with open(os.path.join(data_dir, "Rdata.rdb"), "rb") as f:
             db = f.read()
     except OSError as e:
         raise RFormatError("cannot read the package's data (%s)" % e)
+    index = parse_object("the index Rdata.rdx", lambda: gzip.decompress(index_gz))
     if not isinstance(index, dict) or not isinstance(index.get("variables"), dict):
         raise RFormatError("Rdata.rdx has no 'variables' table")
     objects = {}
     for name, where in index["variables"].items():
-        if not (isinstance(where, list) and len(where) == 2):
+        if not (isinstance(where, list) and len(where) == 2 and all(isinstance(v, (int, float)) for v in where)):
             raise RFormatError("bad index entry for %s" % name)
         offset, size = int(where[0]), int(where[1])
         blob = db[offset:offset + size]
         if offset < 0 or size < 5 or len(blob) != size:
             raise RFormatError("index entry for %s points outside Rdata.rdb" % name)
-        raw_len = struct.unpack(">I", blob[:4])[0]
-        if blob[4:5] == b"x":
-            raw = zlib.decompress(blob[4:])
-        elif blob[4:5] == b"2":
-            raw = bz2.decompress(blob[5:])
-        elif blob[4:5] == b"Z":
-            raw = lzma.decompress(blob[5:])
-        elif blob[4:5] == b"0":
-            raw = blob[5:]
-        else:
-            raise RFormatError("unknown compression for %s" % name)
-        if len(raw) != raw_len:
-            raise RFormatError("%s decompressed to %d bytes, index says %d" % (name, len(raw), raw_len))
-        objects[name] = XdrReader(raw).item()
+        objects[name] = parse_object(name, lambda: decompress(name, blob))
     return objects
+
+
+def decompress(name, blob):
+    """One Rdata.rdb entry: 4-byte big-endian length, then the compressed object."""
+    raw_len = struct.unpack(">I", blob[:4])[0]
+    if blob[4:5] == b"x":
+        raw = zlib.decompress(blob[4:])
+    elif blob[4:5] == b"2":
+        raw = bz2.decompress(blob[5:])
+    elif blob[4:5] == b"Z":
+        raw = lzma.decompress(blob[5:])
+    elif blob[4:5] == b"0":
+        raw = blob[5:]
+    else:
+        raise RFormatError("unknown compression for %s" % name)
+    if len(raw) != raw_len:
+        raise RFormatError("%s decompressed to %d bytes, index says %d" % (name, len(raw), raw_len))
+    return raw
+
+
+def parse_object(name, get_bytes):
+    """Decompresses and reads one object; any failure becomes one RFormatError naming it."""
+    try:
+        return XdrReader(get_bytes()).item()
+    except RFormatError as e:
+        raise RFormatError("%s: %s" % (name, e))
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError, TypeError, IndexError,
+            KeyError, struct.error, RecursionError, MemoryError) as e:
+        raise RFormatError("%s is corrupt (%s: %s)" % (name, type(e).__name__, e))
 
 
 def main(argv):
@@ -163,13 +180,13 @@ def main(argv):
     root, out_path = argv[1], argv[2]
     try:
         objects = read_lazyload_db(root)
-    except (RFormatError, zlib.error, lzma.LZMAError, OSError, EOFError) as e:
+    except RFormatError as e:
         sys.exit("extract_austen.py: %s: %s" % (root, e))
     parts = []
     for key, title in NOVELS:
         lines = objects.get(key)
         if not isinstance(lines, list) or not all(isinstance(s, str) or s is None for s in lines):
-            sys.exit("extract_austen.py: the package has no text for %s (%s)" % (title, key))
+            sys.exit("extract_austen.py: %s: the package has no text for %s (%s)" % (root, title, key))
         text = "\n".join(s or "" for s in lines).strip() + "\n"
         parts.append(text)
         print("  %-22s %7d lines %8d words" % (title, len(lines), len(text.split())))
