@@ -457,7 +457,25 @@ __global__ void rope_kernel(uint16_t *x, size_t N, size_t heads, size_t d, size_
             sn[k] *= sin_sign;
         }
         uint16_t *row = x + n * row_stride;
-        for (size_t h = 0; h < heads; h++) {
+        /* two heads at a time: all four loads are issued before the first store (in place,
+         * the compiler may not move a load of head h+1 above a store to head h) */
+        size_t h = 0;
+        for (; h + 2 <= heads; h += 2) {
+            uint16_t *p[4] = {row + h * d + i0, row + h * d + i0 + half, row + (h + 1) * d + i0, row + (h + 1) * d + i0 + half};
+            float v[4][VEC], o[4][VEC];
+#pragma unroll
+            for (int q = 0; q < 4; q++) load_bf16<VEC>(p[q], v[q]);
+#pragma unroll
+            for (int q = 0; q < 4; q += 2)
+#pragma unroll
+                for (int k = 0; k < VEC; k++) {
+                    o[q][k] = v[q][k] * cs[k] - v[q + 1][k] * sn[k];
+                    o[q + 1][k] = v[q + 1][k] * cs[k] + v[q][k] * sn[k];
+                }
+#pragma unroll
+            for (int q = 0; q < 4; q++) store_bf16<VEC>(p[q], o[q]);
+        }
+        for (; h < heads; h++) {
             uint16_t *p1 = row + h * d + i0, *p2 = p1 + half;
             float a[VEC], b[VEC], o1[VEC], o2[VEC];
             load_bf16<VEC>(p1, a);
