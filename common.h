@@ -941,7 +941,9 @@ static int32_t *tokfile_read(const char *path, size_t *count) {
 
 /* ---------------------------------------------------------------------------------------
  * S2-Attn segment bounds (DESIGN.md): shared by the CPU stages and the GPU kernels.
- * Sequence length N, group size G (N % G == 0; G == N means full causal attention).
+ * Sequence length N, group size G (N % G == 0; G == 0 means full causal attention). A
+ * single group (G == N) is not full attention for the shifted heads, whose segments are then
+ * [0, N/2) and [N/2, N): stage 03 maps a group ratio of 1 to G = 0 (full attention).
  * Heads h < H/2 attend causally inside [kG, (k+1)G); heads h >= H/2 are shifted by
  * S = G/2 and attend inside [0, S), [S, S+G), ..., [S+(N/G-1)G, N): no wrap-around.
  * Query i of head h may see keys j with s2_first_key(...) <= j <= i.
@@ -988,6 +990,10 @@ int attn_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, const
 size_t attn_decode_workspace_bytes(int B, int H, int d, int n_keys);
 int attn_decode(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *o,
                 void *workspace, int B, int H, int Hk, int d, int n_cap, int n_keys);
+/* Tile-shape variants of the forward and backward kernels, for tests and benchmarks (the
+ * default, 0 and 0, is the fastest measured). */
+void attn_tile_variants(int *n_fwd, int *n_bwd);
+int attn_set_tile_variant(int fwd, int bwd);
 
 /* --- layer kernels (04_layers.cu) --- */
 /* bf16 tensors are uint16_t (raw bf16 bits); all pointers are device memory unless marked host.
