@@ -19,8 +19,11 @@ The same check against the rows *not* un-permuted must fail (the test can see a 
 config.json must carry every metadata value; tokenizer.json, run by `tokenizers`, must
 encode a string to ids worked out by hand from the merges. Broken inputs (truncated file,
 non-LLaMA architecture, a wrong tensor shape, a missing tensor) must end with one line on
-stderr and no output folder; converting twice into one folder must replace it cleanly.
+stderr and no output folder; 200 randomly corrupted files must each convert or be refused with
+the converter's own error, never another exception; converting twice into one folder must replace it cleanly.
 """
+import contextlib
+import io
 import json
 import os
 import struct
@@ -339,6 +342,28 @@ def main():
                "%s: want one error line naming the file, got exit %d and %r" % (what, r.returncode, r.stderr[-400:]))
         expect(not os.path.exists(dst), "%s: a failed conversion left %s behind" % (what, dst))
         print("  %-15s -> %s" % (what, lines[-1] if lines else "(nothing)"))
+
+    # corrupted files (random bytes changed, mostly in the header and metadata): the converter,
+    # called in-process, must either succeed or raise its own ConvertError, nothing else
+    sys.path.insert(0, os.path.dirname(CONVERTER))
+    import convert_gguf
+    crashes, refused = [], 0
+    for trial in range(200):
+        b = bytearray(raw)
+        for _ in range(rng.integers(1, 4)):
+            where = int(rng.integers(0, 4096 if rng.random() < 0.7 else len(b)))
+            b[where] = int(rng.integers(0, 256))
+        path = os.path.join(tmp, "mutated.gguf")
+        open(path, "wb").write(bytes(b))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                convert_gguf.convert(path, os.path.join(tmp, "mutated-out"), "fp32")
+        except convert_gguf.ConvertError:
+            refused += 1
+        except Exception as e:  # anything else would reach the user as a traceback
+            crashes.append("%s: %s" % (type(e).__name__, e))
+    expect(not crashes, "%d of 200 corrupted files crashed the converter, e.g. %s" % (len(crashes), crashes[:1]))
+    print("  200 corrupted files: %d refused with a message, %d converted, %d crashed" % (refused, 200 - refused - len(crashes), len(crashes)))
 
     # converting twice into one folder replaces it and leaves no temporary folders
     dst = os.path.join(tmp, "twice")
