@@ -28,8 +28,8 @@
  * Inputs are trusted to be device pointers of the stated sizes; the values in them are not:
  * a token id outside [0, V) gives a NaN row (forward) and no gradient, a target outside
  * [0, V) that is not -100 gives a NaN loss, so a bad id is loud, never a stray write.
- * Floating-point sums that use atomics (embedding and RMSNorm weight gradients, the
- * cross-entropy count) may differ in the last bits from run to run.
+ * Floating-point sums that use atomics (the embedding and RMSNorm weight gradients, the
+ * sum of squares) may differ in the last bits from run to run; the loss sum does not.
  */
 #include "common.h"
 
