@@ -108,7 +108,8 @@ static void train_usage(FILE *f) {
         "model:\n"
         "  --model DIR            HuggingFace folder (config.json, *.safetensors, tokenizer)\n"
         "  --init random          random weights instead, with --shape\n"
-        "  --shape NAME           llama2-7b | llama2-13b | smollm2-135m | tiny\n"
+        "  --shape NAME           llama2-7b | llama2-13b | smollm2-135m | tiny (tests: V from\n"
+        "                         --tokenizer, else 256)\n"
         "  --tokenizer PATH       tokenizer.model / tokenizer.json or a folder (default: --model)\n"
         "data:\n"
         "  --data FILE...         text files (one document each), .jsonl ({\"text\": ...} per line)\n"
@@ -685,7 +686,8 @@ typedef struct {
     LoraAdapter lora;           /* A, B of q,k,v,o (and their gradients) */
     AdamW adamw;                /* fp32 master weights are the tensors themselves; m, v here */
     Dataset data;
-    TextCodec codec;
+    Tokenizer tokenizer;        /* stage 01's, when there is one */
+    TextCodec codec;            /* what the data code calls */
     int32_t *inputs;            /* [B, N] */
     int32_t *targets;           /* [B, N] */
     int step;                   /* optimizer steps completed */
@@ -1102,6 +1104,28 @@ static const ShapePreset *shape_preset(const char *name) {
     return NULL;
 }
 
+/* A random model of a preset shape (weights N(0, 0.02^2), norms near 1), RoPE interpolated
+ * to ctx. -1 + last_error() for an unknown shape or an unreadable tokenizer. */
+static int model_init_shape(Model *m, const char *shape, const char *tokenizer_path, long ctx, uint64_t seed) {
+    const ShapePreset *p = shape_preset(shape);
+    if (!p) return set_error("unknown --shape '%s' (llama2-7b, llama2-13b, smollm2-135m or tiny)", shape);
+    Config c;
+    memset(&c, 0, sizeof c);
+    c.dim = p->dim; c.ffn_dim = p->ffn_dim; c.n_layers = p->n_layers; c.n_heads = p->n_heads;
+    c.n_kv_heads = p->n_kv_heads; c.head_dim = p->dim / p->n_heads; c.vocab_size = p->vocab_size;
+    c.rms_eps = p->norm_eps; c.rope_theta = p->rope_theta; c.rope_config_factor = 1.0f; c.max_pos = p->max_pos;
+    c.tie_embeddings = p->tied; c.bos_id = -1; c.eos_id = -1;
+    if (!strcmp(p->name, "tiny") && tokenizer_path) { /* the test shape takes its vocabulary from the tokenizer */
+        Tokenizer tok;
+        if (tok_load(&tok, tokenizer_path) != 0) return -1;
+        c.vocab_size = tok.vocab_size;
+        tok_free(&tok);
+    }
+    config_set_target_ctx(&c, ctx);
+    model_init_random(m, &c, seed, 0.02f);
+    return 0;
+}
+
 /* The CSV log: rows past the step we resume from are dropped, so the log reads as one run. */
 static FILE *open_csv_log(const char *out_dir, int resume_step) {
     char path[4096];
@@ -1128,18 +1152,30 @@ static FILE *open_csv_log(const char *out_dir, int resume_step) {
     return f;
 }
 
-/* The tokenizer the data code uses: --tokenizer, else the model folder's; none for
- * --init random without --tokenizer (then --data must be token files). */
-static void trainer_open_codec(Trainer *t) {
-    TextCodec *c = &t->codec;
+static int32_t *codec_tok_encode(void *tok, const char *text, size_t len, int add_bos, size_t *n_out) {
+    return tok_encode((const Tokenizer *)tok, text, len, add_bos, n_out);
+}
+
+/* Opens the tokenizer the data code uses: --tokenizer, else the model folder's; none for
+ * --init random without --tokenizer (then --data must be token files). -1 + last_error()
+ * when it cannot be read or does not fit the model's vocabulary. */
+static int codec_open(TextCodec *c, Tokenizer *tok, const char *path, const Config *cfg) {
     memset(c, 0, sizeof *c);
-    c->vocab_size = t->model.cfg.vocab_size;
-    c->bos_id = t->model.cfg.bos_id;
-    c->eos_id = t->model.cfg.eos_id;
-    const char *path = t->opt.tokenizer_path ? t->opt.tokenizer_path : t->opt.model_dir;
-    if (!path) return;
-    /* stage 01's tokenizer plugs in here */
-    (void)path;
+    c->vocab_size = cfg->vocab_size;
+    c->bos_id = cfg->bos_id;
+    c->eos_id = cfg->eos_id;
+    if (!path) return 0;
+    if (tok_load(tok, path) != 0) return -1;
+    if (tok->vocab_size > cfg->vocab_size) {
+        int v = tok->vocab_size;
+        tok_free(tok);
+        return set_error("the tokenizer %s has %d ids but the model's vocabulary has only %d", path, v, cfg->vocab_size);
+    }
+    c->tok = tok;
+    c->text_encode = codec_tok_encode;
+    if (tok->bos_id >= 0) c->bos_id = tok->bos_id;
+    if (tok->eos_id >= 0) c->eos_id = tok->eos_id;
+    return 0;
 }
 
 /* Everything before the first step: model, adapter, optimizer, data, and a resume. */
@@ -1148,24 +1184,13 @@ static void trainer_init(Trainer *t) {
     /* the model: its context sets --ctx's default, --ctx sets the RoPE interpolation */
     if (o->model_dir) {
         if (model_try_load(&t->model, o->model_dir, o->ctx) != 0) die("%s", last_error());
-    } else {
-        const ShapePreset *p = shape_preset(o->shape);
-        if (!p) die("unknown --shape '%s' (llama2-7b, llama2-13b, smollm2-135m or tiny)", o->shape);
-        Config c;
-        memset(&c, 0, sizeof c);
-        c.dim = p->dim; c.ffn_dim = p->ffn_dim; c.n_layers = p->n_layers; c.n_heads = p->n_heads;
-        c.n_kv_heads = p->n_kv_heads; c.head_dim = p->dim / p->n_heads; c.vocab_size = p->vocab_size;
-        c.rms_eps = p->norm_eps; c.rope_theta = p->rope_theta; c.rope_config_factor = 1.0f; c.max_pos = p->max_pos;
-        c.tie_embeddings = p->tied; c.bos_id = -1; c.eos_id = -1;
-        config_set_target_ctx(&c, o->ctx);
-        model_init_random(&t->model, &c, o->seed, 0.02f);
-    }
+    } else if (model_init_shape(&t->model, o->shape, o->tokenizer_path, o->ctx, o->seed) != 0) die("%s", last_error());
     const Config *c = &t->model.cfg;
     if (o->ctx == 0) o->ctx = c->max_pos;
     if (train_validate(o) != 0) die("%s", last_error());
 
     /* data */
-    trainer_open_codec(t);
+    if (codec_open(&t->codec, &t->tokenizer, o->tokenizer_path ? o->tokenizer_path : o->model_dir, c) != 0) die("%s", last_error());
     int rc = o->sft_file ? dataset_load_sft(&t->data, &t->codec, o->sft_file, o->template_name, o->sft_pack, o->ctx)
                          : dataset_load_text(&t->data, &t->codec, o->data_files, o->n_data_files, o->ctx);
     if (rc != 0) die("%s", last_error());
@@ -1212,6 +1237,7 @@ static void trainer_free(Trainer *t) {
     params_free(&t->grads);
     lora_free(&t->lora);
     dataset_free(&t->data);
+    if (t->codec.tok) tok_free(&t->tokenizer);
     model_free(&t->model);
     memset(t, 0, sizeof *t);
 }
