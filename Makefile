@@ -53,6 +53,13 @@ found:
 03_lora: 03_lora.c 02_model.c 01_tokenize.c common.h
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
+# Stage 5 (training) runs on the CPU for now; its GPU step is not written yet.
+ifneq ($(wildcard 05_train.c),)
+all: 05_train
+endif
+05_train: 05_train.c 03_lora.c 02_model.c 01_tokenize.c common.h
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
 # Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere.
 ifneq ($(wildcard 06_infer.c),)
 all: 06_infer
