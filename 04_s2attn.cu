@@ -89,13 +89,16 @@ template <int W> __device__ __forceinline__ uint32_t swz(uint32_t base, int row,
  * swizzled tile; rows at or past N are zero-filled. */
 template <int D, int ROWS, int NTHR>
 __device__ __forceinline__ void load_tile_async(uint32_t tile, const bf16 *src, size_t row_stride, int r0, int N, int tid) {
-    constexpr int CH = D / 8;
+    constexpr int CH = D / 8, ROWS_PER_PASS = NTHR / CH;
+    static_assert(NTHR % CH == 0 && ROWS % ROWS_PER_PASS == 0, "copy shape");
+    const int ch = tid % CH, row0 = tid / CH; /* each thread copies one 16-byte column chunk */
+    const bf16 *p = src + (size_t)(r0 + row0) * row_stride + (size_t)ch * 8;
+    const uint32_t dst = swz<D>(tile, row0, ch); /* (row & 7) is the same in every pass */
 #pragma unroll
-    for (int c = tid; c < ROWS * CH; c += NTHR) {
-        int row = c / CH, ch = c % CH;
-        bool valid = r0 + row < N;
-        const bf16 *p = src + (valid ? (size_t)(r0 + row) * row_stride + (size_t)ch * 8 : 0);
-        cp_async16(swz<D>(tile, row, ch), p, valid);
+    for (int pass = 0; pass < ROWS / ROWS_PER_PASS; pass++) {
+        const int row = row0 + pass * ROWS_PER_PASS;
+        const bool valid = r0 + row < N;
+        cp_async16(dst + pass * ROWS_PER_PASS * D * 2, valid ? p + (size_t)pass * ROWS_PER_PASS * row_stride : src, valid);
     }
 }
 
@@ -106,7 +109,7 @@ __device__ __forceinline__ void load_tile_async(uint32_t tile, const bf16 *src, 
  * previous tile is multiplied. Tiles are visited from the diagonal downwards.
  * ------------------------------------------------------------------------------------- */
 template <int D, int BM, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32, 1)
+__global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1)
 flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
                  const bf16 *__restrict__ K,  /* [B, N, Hk, d] */
                  const bf16 *__restrict__ V,  /* [B, N, Hk, d] */
@@ -168,13 +171,15 @@ flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
 
     for (int it = 0; it < n_tiles; it++) {
         const int tile = tile_hi - it, n0 = tile * BN, buf = it & 1;
+        /* one barrier per tile: it publishes tile `it` and tells that every warp is done
+         * with tile it-1, whose buffer the next copy then refills while this tile is used */
+        cp_async_wait<0>();
+        __syncthreads();
         if (it + 1 < n_tiles) {
             load_tile_async<D, BN, NTHR>(sK + (buf ^ 1) * BN * D * 2, Kb, kv_stride, (tile - 1) * BN, N, tid);
             load_tile_async<D, BN, NTHR>(sV + (buf ^ 1) * BN * D * 2, Vb, kv_stride, (tile - 1) * BN, N, tid);
         }
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
         if (MT == 1 && it == 0) {
 #pragma unroll
             for (int kc = 0; kc < D / 16; kc++) ldmatrix_x4(q_frag[kc], swz<D>(sQ, warp * 16 + (lane & 15), kc * 2 + (lane >> 4)));
@@ -251,10 +256,12 @@ flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
                             rs += p;
                         }
                     l_run[mt][hf] = l_run[mt][hf] * alpha + rs;
+                    if (__any_sync(0xffffffffu, alpha != 1.f)) { /* once rows settle, their max rarely moves */
 #pragma unroll
-                    for (int dn = 0; dn < D / 8; dn++) {
-                        o_acc[mt][dn][2 * hf] *= alpha;
-                        o_acc[mt][dn][2 * hf + 1] *= alpha;
+                        for (int dn = 0; dn < D / 8; dn++) {
+                            o_acc[mt][dn][2 * hf] *= alpha;
+                            o_acc[mt][dn][2 * hf + 1] *= alpha;
+                        }
                     }
                 }
             /* O += P V: P goes from accumulator layout straight into A fragments */
@@ -280,10 +287,11 @@ flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
                 }
             }
         }
-        __syncthreads();
     }
 
-    /* epilogue: normalise, write LSE, stage O through shared memory for 16-byte stores */
+    /* epilogue: normalise, write LSE, stage O through shared memory for 16-byte stores (into
+     * this warp's own Q rows: once all its lanes are past their last ldmatrix of them) */
+    __syncwarp();
     float *lse_row = LSE + ((size_t)b * H + h) * N;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -366,7 +374,7 @@ __device__ int last_query_reaching(int n_last, int h, int H, int G, int N) {
 #define MAX_GQA_GROUP 32
 
 template <int D, int BM, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32, 1)
+__global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1)
 flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
                  const bf16 *__restrict__ dO,     /* [B, N, H, d] */
                  const float *__restrict__ LSE,   /* [B, H, N] */
@@ -385,10 +393,11 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     const uint32_t sV = sK + BN * D * 2;          /* [BN, D] */
     const uint32_t sQ = sV + BN * D * 2;          /* [2, BM, D] */
     const uint32_t sdO = sQ + 2 * BM * D * 2;     /* [2, BM, D] */
-    const uint32_t sdS = sdO + 2 * BM * D * 2;    /* [BN, BM]  dS^T */
-    float *sL = (float *)(smem + (size_t)(2 * BN * D + 4 * BM * D + BN * BM) * 2); /* [2, BM] lse * log2(e) */
+    const uint32_t sdS = sdO + 2 * BM * D * 2;    /* [2, BN, BM]  dS^T */
+    float *sL = (float *)(smem + (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2); /* [2, BM] lse * log2(e) */
     float *sDl = sL + 2 * BM;                     /* [2, BM] Delta */
-    int *s_tlo = (int *)(sDl + 2 * BM);           /* [R] first query tile per head */
+    int *sFk = (int *)(sDl + 2 * BM);             /* [2, BM] s2_first_key of each query */
+    int *s_tlo = sFk + 2 * BM;                    /* [R] first query tile per head */
     int *s_thi = s_tlo + MAX_GQA_GROUP;           /* [R] last query tile per head */
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -419,6 +428,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
             const size_t li = ((size_t)b * H + h) * N + i;
             sL[buf * BM + r] = i < N ? LSE[li] * LOG2E : INFINITY;
             sDl[buf * BM + r] = i < N ? Delta[li] : 0.f;
+            sFk[buf * BM + r] = i < N ? (int)s2_first_key((size_t)i, h, H, (size_t)G) : N;
         }
     };
     int cur_r = 0, cur_mt = s_tlo[0];
@@ -431,22 +441,66 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
 #pragma unroll
         for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
 
+    /* dQ[BM, D] += dS K for the tile whose dS^T sits in buffer sbuf, warps re-split as MTQ
+     * query tiles x DSPLIT column slices; the sum goes to the fp32 accumulator atomically */
+    auto dq_tile = [&](int h, int m0, int sbuf) {
+        const int mrow = (warp % MTQ) * 16, dcol0 = (warp / MTQ) * DW;
+        const uint32_t ds_t = sdS + sbuf * BN * BM * 2;
+        float dq[DW / 8][4];
+#pragma unroll
+        for (int dn = 0; dn < DW / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dq[dn][e] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; kc++) {
+            uint32_t a[4];
+            ldmatrix_x4_trans(a, swz<BM>(ds_t, kc * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mrow / 8 + ((lane >> 3) & 1)));
+#pragma unroll
+            for (int dp = 0; dp < DW / 16; dp++) {
+                uint32_t bk[4];
+                ldmatrix_x4_trans(bk, swz<D>(sK, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dcol0 / 8 + dp * 2 + (lane >> 4)));
+                mma_bf16(dq[2 * dp], a, bk[0], bk[1]);
+                mma_bf16(dq[2 * dp + 1], a, bk[2], bk[3]);
+            }
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int q = m0 + mrow + g + 8 * hf;
+            if (q < N) {
+                float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
+#pragma unroll
+                for (int dn = 0; dn < DW / 8; dn++) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                    atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
+#else
+                    atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
+                    atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
+#endif
+                }
+            }
+        }
+    };
+
     const int key0 = n0 + warp * 16; /* first key of this warp */
+    int prev_h = 0, prev_m0 = 0;
     for (int it = 0; it < total; it++) {
         const int buf = it & 1;
         const int h = kh * R + cur_r, m0 = cur_mt * BM;
-        /* advance to the next (head, tile) and queue it */
-        int nxt_r = cur_r, nxt_mt = cur_mt + 1;
+        /* One barrier per tile: it publishes this tile's Q/dO and the previous tile's dS^T,
+         * and tells that every warp is done with the buffers the next copy refills. */
+        cp_async_wait<0>();
+        __syncthreads();
+        int nxt_r = cur_r, nxt_mt = cur_mt + 1; /* the next (head, query tile) */
         if (nxt_mt > s_thi[nxt_r]) { nxt_r++; if (nxt_r < R) nxt_mt = s_tlo[nxt_r]; }
         if (it + 1 < total) load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        if (it > 0) dq_tile(prev_h, prev_m0, buf ^ 1);
 
         const uint32_t qt = sQ + buf * BM * D * 2, dot = sdO + buf * BM * D * 2;
         const float *lse2 = sL + buf * BM, *dl = sDl + buf * BM;
+        const int *fk = sFk + buf * BM;
         const int m_last = min(m0 + BM, N) - 1;
-        const bool warp_active = key0 <= m_last && key0 + 15 >= (int)s2_first_key((size_t)m0, h, H, (size_t)G);
+        const bool warp_active = key0 <= m_last && key0 + 15 >= fk[0];
         float ds[BM / 8][4]; /* dS^T for this warp's 16 keys x BM queries */
         if (warp_active) {
             float st[BM / 8][4], dpt[BM / 8][4];
@@ -472,7 +526,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                     mma_bf16(dpt[2 * np + 1], av, bo[2], bo[3]);
                 }
             }
-            const bool need_mask = m0 < n0 + BN - 1 || (int)s2_first_key((size_t)m_last, h, H, (size_t)G) > n0 || m0 + BM > N;
+            const bool need_mask = m0 < n0 + BN - 1 || fk[m_last - m0] > n0 || m0 + BM > N;
 #pragma unroll
             for (int nt = 0; nt < BM / 8; nt++)
 #pragma unroll
@@ -481,7 +535,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                     float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
                     if (need_mask) {
                         const int q = m0 + ql, key = key0 + g + 8 * (e >> 1);
-                        if (key > q || q >= N || key < (int)s2_first_key((size_t)q, h, H, (size_t)G)) p = 0.f;
+                        if (key > q || q >= N || key < fk[ql]) p = 0.f;
                     }
                     st[nt][e] = p;
                     ds[nt][e] = p * (dpt[nt][e] - dl[ql]);
@@ -516,57 +570,21 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
 #pragma unroll
                 for (int e = 0; e < 4; e++) ds[nt][e] = 0.f;
         }
-        /* dS^T -> shared memory [BN, BM] */
+        /* dS^T -> shared memory [BN, BM], buffer buf; its dQ product runs after the next barrier */
 #pragma unroll
         for (int nt = 0; nt < BM / 8; nt++)
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 uint32_t v = pack_bf16(ds[nt][2 * hf], ds[nt][2 * hf + 1]);
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS, warp * 16 + g + 8 * hf, nt) + 4 * t), "r"(v));
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS + buf * BN * BM * 2, warp * 16 + g + 8 * hf, nt) + 4 * t), "r"(v));
             }
-        __syncthreads();
-        /* dQ[BM, D] += dS K, warps re-split as MTQ query tiles x DSPLIT column slices */
-        {
-            const int mrow = (warp % MTQ) * 16, dcol0 = (warp / MTQ) * DW;
-            float dq[DW / 8][4];
-#pragma unroll
-            for (int dn = 0; dn < DW / 8; dn++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) dq[dn][e] = 0.f;
-            /* keys beyond the active warps' rows of dS^T are zero: skip those k-steps */
-#pragma unroll
-            for (int kc = 0; kc < BN / 16; kc++) {
-                uint32_t a[4];
-                ldmatrix_x4_trans(a, swz<BM>(sdS, kc * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mrow / 8 + ((lane >> 3) & 1)));
-#pragma unroll
-                for (int dp = 0; dp < DW / 16; dp++) {
-                    uint32_t bk[4];
-                    ldmatrix_x4_trans(bk, swz<D>(sK, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dcol0 / 8 + dp * 2 + (lane >> 4)));
-                    mma_bf16(dq[2 * dp], a, bk[0], bk[1]);
-                    mma_bf16(dq[2 * dp + 1], a, bk[2], bk[3]);
-                }
-            }
-#pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                const int q = m0 + mrow + g + 8 * hf;
-                if (q < N) {
-                    float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
-#pragma unroll
-                    for (int dn = 0; dn < DW / 8; dn++) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                        atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
-#else
-                        atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
-                        atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
-#endif
-                    }
-                }
-            }
-        }
+        prev_h = h;
+        prev_m0 = m0;
         cur_r = nxt_r;
         cur_mt = nxt_mt;
     }
-    cp_async_wait<0>();
+    __syncthreads();
+    dq_tile(prev_h, prev_m0, (total - 1) & 1);
 
     /* dK = scale * dS^T Q summed, dV: straight from registers */
 #pragma unroll
@@ -594,7 +612,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
 #define DEC_THREADS 128
 #define DEC_MAX_R 8
 
-template <int D>
+template <int D, int RMAX> /* RMAX: query heads per kv head the registers are sized for */
 __global__ void __launch_bounds__(DEC_THREADS)
 decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
                     const bf16 *__restrict__ Kc,   /* [B, n_cap, Hk, d] */
@@ -605,9 +623,9 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
     constexpr int LPK = D / 8;             /* lanes per key: each holds 8 dims (16 bytes) */
     constexpr int KPW = 32 / LPK;          /* keys per warp step */
     constexpr int KPB = KPW * (DEC_THREADS / 32);
-    __shared__ float s_p[DEC_MAX_R][DEC_CHUNK];          /* scores, then probabilities */
-    __shared__ float s_o[DEC_THREADS / 32][DEC_MAX_R][D]; /* per-warp partial outputs */
-    __shared__ float s_m[DEC_MAX_R], s_l[DEC_MAX_R];
+    __shared__ float s_p[RMAX][DEC_CHUNK];          /* scores, then probabilities */
+    __shared__ float s_o[DEC_THREADS / 32][RMAX][D]; /* per-warp partial outputs */
+    __shared__ float s_m[RMAX], s_l[RMAX];
     const int split = blockIdx.x, kh = blockIdx.y, b = blockIdx.z, n_split = gridDim.x;
     const int R = H / Hk;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -617,9 +635,9 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
     const bf16 *Kb = Kc + (size_t)b * n_cap * kv_stride + (size_t)kh * D + part * 8;
     const bf16 *Vb = Vc + (size_t)b * n_cap * kv_stride + (size_t)kh * D + part * 8;
 
-    float q[DEC_MAX_R][8];
+    float q[RMAX][8];
 #pragma unroll
-    for (int r = 0; r < DEC_MAX_R; r++) {
+    for (int r = 0; r < RMAX; r++) {
         if (r < R) {
             uint4 raw = *(const uint4 *)(Qn + ((size_t)b * H + kh * R + r) * D + part * 8);
             const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&raw;
@@ -644,7 +662,7 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
 #pragma unroll
             for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); kf[2 * e] = f.x; kf[2 * e + 1] = f.y; }
 #pragma unroll
-            for (int r = 0; r < DEC_MAX_R; r++) {
+            for (int r = 0; r < RMAX; r++) {
                 if (r < R) {
                     float dot = 0.f;
 #pragma unroll
@@ -672,9 +690,9 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
     }
     __syncthreads();
     /* pass 2: o = sum_j p_j v_j */
-    float acc[DEC_MAX_R][8];
+    float acc[RMAX][8];
 #pragma unroll
-    for (int r = 0; r < DEC_MAX_R; r++)
+    for (int r = 0; r < RMAX; r++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[r][e] = 0.f;
     for (int jb = c0 + warp * KPW; jb < c1; jb += 4 * KPB) {
@@ -694,7 +712,7 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
 #pragma unroll
             for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); vf[2 * e] = f.x; vf[2 * e + 1] = f.y; }
 #pragma unroll
-            for (int r = 0; r < DEC_MAX_R; r++) {
+            for (int r = 0; r < RMAX; r++) {
                 if (r < R) {
                     float p = s_p[r][j - c0];
 #pragma unroll
@@ -705,7 +723,7 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
     }
     /* reduce the KPW keys of a warp step, then the warps */
 #pragma unroll
-    for (int r = 0; r < DEC_MAX_R; r++) {
+    for (int r = 0; r < RMAX; r++) {
         if (r < R) {
 #pragma unroll
             for (int e = 0; e < 8; e++) {
@@ -753,13 +771,22 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
  * Host API (declared in common.h)
  * ------------------------------------------------------------------------------------- */
 
-/* tile shapes (measured on H100; see bench/NOTES.md) */
-#define FWD_BM 128
-#define FWD_BN 64
-#define FWD_NW 8
-#define BWD_BM 64
-#define BWD_BN 128
-#define BWD_NW 8
+/* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
+ * the fastest measured on the H100 (bench/NOTES.md). `04_s2attn --variants` times them all. */
+static int g_fwd_variant = 0, g_bwd_variant = 0;
+#define N_FWD_VARIANTS 3
+#define N_BWD_VARIANTS 2
+[[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"BM128 BN64 4 warps (32 rows each)", "BM128 BN64 8 warps (16 rows each)", "BM64 BN64 4 warps (16 rows each)"};
+[[maybe_unused]] static const char *bwd_variant_name[N_BWD_VARIANTS] = {"BN128 BM64 8 warps", "BN64 BM64 4 warps"};
+
+extern "C" void attn_tile_variants(int *n_fwd, int *n_bwd) { *n_fwd = N_FWD_VARIANTS; *n_bwd = N_BWD_VARIANTS; }
+extern "C" int attn_set_tile_variant(int fwd, int bwd) {
+    if (fwd < 0 || fwd >= N_FWD_VARIANTS || bwd < 0 || bwd >= N_BWD_VARIANTS)
+        return set_error("attention: tile variant (%d, %d) does not exist", fwd, bwd);
+    g_fwd_variant = fwd;
+    g_bwd_variant = bwd;
+    return 0;
+}
 
 static int check_shape(int B, int N, int H, int Hk, int d, int G) {
     if (B <= 0 || N <= 0 || H <= 0 || Hk <= 0) return set_error("attention: B=%d N=%d H=%d Hk=%d must all be positive", B, N, H, Hk);
@@ -771,14 +798,22 @@ static int check_shape(int B, int N, int H, int Hk, int d, int G) {
     return 0;
 }
 
+template <int D, int BM, int BN, int NW>
+static void launch_fwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
+    constexpr size_t smem = (size_t)(BM * D + 4 * BN * D) * 2; /* Q + two K/V stages */
+    auto kern = flash_fwd_kernel<D, BM, BN, NW>;
+    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((N + BM - 1) / BM), (unsigned)H, (unsigned)B);
+    kern<<<grid, NW * 32, smem>>>(q, k, v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
+    LAUNCH_OK();
+}
 template <int D>
 static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
-    constexpr size_t smem = (size_t)(FWD_BM * D + 4 * FWD_BN * D) * 2;
-    auto kern = flash_fwd_kernel<D, FWD_BM, FWD_BN, FWD_NW>;
-    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    dim3 grid((unsigned)((N + FWD_BM - 1) / FWD_BM), (unsigned)H, (unsigned)B);
-    kern<<<grid, FWD_NW * 32, smem>>>(q, k, v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
-    LAUNCH_OK();
+    switch (g_fwd_variant) {
+    case 0: launch_fwd_tiles<D, 128, 64, 4>(q, k, v, o, lse, B, N, H, Hk, G); break;
+    case 1: launch_fwd_tiles<D, 128, 64, 8>(q, k, v, o, lse, B, N, H, Hk, G); break;
+    default: launch_fwd_tiles<D, 64, 64, 4>(q, k, v, o, lse, B, N, H, Hk, G); break;
+    }
 }
 
 extern "C" int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
@@ -795,6 +830,17 @@ extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
     return dq + ((delta + 255) / 256) * 256;
 }
 
+template <int D, int BM, int BN, int NW>
+static void launch_bwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
+                             float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
+    /* K, V, two Q/dO stages, two dS^T stages; lse, Delta and window starts per query; per-head tile ranges */
+    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + (2 * BM + 2 * MAX_GQA_GROUP) * sizeof(int);
+    auto kern = flash_bwd_kernel<D, BM, BN, NW>;
+    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
+    kern<<<grid, NW * 32, smem>>>(q, k, v, dout, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
+    LAUNCH_OK();
+}
 template <int D>
 static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
                        bf16 *dq, bf16 *dk, bf16 *dv, void *workspace, int B, int N, int H, int Hk, int G) {
@@ -804,13 +850,9 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
     CUDA_OK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float)));
     bwd_preprocess_kernel<D><<<(unsigned)((rows + 7) / 8), 256>>>(o, dout, delta, N, H, rows);
     LAUNCH_OK();
-    constexpr size_t smem = (size_t)(2 * BWD_BN * D + 4 * BWD_BM * D + BWD_BN * BWD_BM) * 2 + 4 * BWD_BM * sizeof(float) + 2 * MAX_GQA_GROUP * sizeof(int);
-    auto kern = flash_bwd_kernel<D, BWD_BM, BWD_BN, BWD_NW>;
-    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    dim3 grid((unsigned)((N + BWD_BN - 1) / BWD_BN), (unsigned)Hk, (unsigned)B);
     const float scale = 1.f / sqrtf((float)D);
-    kern<<<grid, BWD_NW * 32, smem>>>(q, k, v, dout, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
-    LAUNCH_OK();
+    if (g_bwd_variant == 0) launch_bwd_tiles<D, 64, 128, 8>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
+    else launch_bwd_tiles<D, 64, 64, 4>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
     const size_t n4 = rows * D / 4;
     dq_convert_kernel<<<(unsigned)((n4 + 255) / 256), 256>>>(dq_acc, dq, n4, scale);
     LAUNCH_OK();
@@ -848,10 +890,15 @@ extern "C" int attn_decode(const uint16_t *q, const uint16_t *k_cache, const uin
     float *part_ml = part_o + (size_t)B * H * n_split * d;      /* [B, H, n_split, 2] */
     dim3 grid((unsigned)n_split, (unsigned)Hk, (unsigned)B);
     const float scale_log2 = LOG2E / sqrtf((float)d);
-    if (d == 64)
-        decode_split_kernel<64><<<grid, DEC_THREADS>>>((const bf16 *)q, (const bf16 *)k_cache, (const bf16 *)v_cache, part_o, part_ml, H, Hk, n_cap, n_keys, scale_log2);
-    else
-        decode_split_kernel<128><<<grid, DEC_THREADS>>>((const bf16 *)q, (const bf16 *)k_cache, (const bf16 *)v_cache, part_o, part_ml, H, Hk, n_cap, n_keys, scale_log2);
+    const bf16 *qb = (const bf16 *)q, *kb = (const bf16 *)k_cache, *vb = (const bf16 *)v_cache;
+    const int R = H / Hk;
+#define DECODE_LAUNCH(DD, RR) decode_split_kernel<DD, RR><<<grid, DEC_THREADS>>>(qb, kb, vb, part_o, part_ml, H, Hk, n_cap, n_keys, scale_log2)
+    if (d == 64) {
+        if (R == 1) DECODE_LAUNCH(64, 1); else if (R == 2) DECODE_LAUNCH(64, 2); else if (R <= 4) DECODE_LAUNCH(64, 4); else DECODE_LAUNCH(64, 8);
+    } else {
+        if (R == 1) DECODE_LAUNCH(128, 1); else if (R == 2) DECODE_LAUNCH(128, 2); else if (R <= 4) DECODE_LAUNCH(128, 4); else DECODE_LAUNCH(128, 8);
+    }
+#undef DECODE_LAUNCH
     LAUNCH_OK();
     decode_merge_kernel<<<dim3((unsigned)H, (unsigned)B), 128>>>(part_o, part_ml, (bf16 *)o, n_split, d);
     LAUNCH_OK();
@@ -992,18 +1039,71 @@ static void bench(const char *json_path) {
     CUDA_OK(cudaFree(dq)); CUDA_OK(cudaFree(dk)); CUDA_OK(cudaFree(dv)); CUDA_OK(cudaFree(lse)); CUDA_OK(cudaFree(ws));
 }
 
+/* times every tile variant on a few shapes (the sweep behind bench/NOTES.md) */
+static void sweep_variants(void) {
+    const int H = 32, d = 128, tokens = 32768, reps = 10;
+    const int cases[][2] = {{4096, 0}, {16384, 0}, {16384, 4096}};
+    const size_t n_el = (size_t)tokens * H * d;
+    uint16_t *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse;
+    void *ws;
+    CUDA_OK(cudaMalloc(&q, n_el * 2)); CUDA_OK(cudaMalloc(&k, n_el * 2)); CUDA_OK(cudaMalloc(&v, n_el * 2));
+    CUDA_OK(cudaMalloc(&o, n_el * 2)); CUDA_OK(cudaMalloc(&dout, n_el * 2)); CUDA_OK(cudaMalloc(&dq, n_el * 2));
+    CUDA_OK(cudaMalloc(&dk, n_el * 2)); CUDA_OK(cudaMalloc(&dv, n_el * 2));
+    CUDA_OK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
+    CUDA_OK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
+    fill_random_bf16(q, n_el, 1, 1.f); fill_random_bf16(k, n_el, 2, 1.f); fill_random_bf16(v, n_el, 3, 1.f);
+    fill_random_bf16(dout, n_el, 4, 1.f);
+    cudaEvent_t e0, e1;
+    CUDA_OK(cudaEventCreate(&e0)); CUDA_OK(cudaEventCreate(&e1));
+    for (int pass = 0; pass < 2; pass++) {
+        const int n_var = pass == 0 ? N_FWD_VARIANTS : N_BWD_VARIANTS;
+        for (int var = 0; var < n_var; var++) {
+            if (pass == 0) attn_set_tile_variant(var, 0); else attn_set_tile_variant(0, var);
+            printf("%s variant %d (%s):", pass == 0 ? "forward" : "backward", var, pass == 0 ? fwd_variant_name[var] : bwd_variant_name[var]);
+            for (int c = 0; c < 3; c++) {
+                const int N = cases[c][0], G = cases[c][1], B = tokens / N;
+                double pairs = 0;
+                for (int h = 0; h < H; h++) pairs += s2_pairs(N, G, h, H);
+                const double flop = 4.0 * B * pairs * d * (pass == 0 ? 1.0 : 2.5);
+                float ts[32];
+                for (int r = -2; r < reps; r++) {
+                    float ms;
+                    if (pass == 1 && attn_forward(q, k, v, o, lse, B, N, H, H, d, G) != 0) die("%s", last_error());
+                    CUDA_OK(cudaEventRecord(e0));
+                    if (pass == 0 && attn_forward(q, k, v, o, lse, B, N, H, H, d, G) != 0) die("%s", last_error());
+                    if (pass == 1 && attn_backward(q, k, v, o, dout, lse, dq, dk, dv, ws, B, N, H, H, d, G) != 0) die("%s", last_error());
+                    CUDA_OK(cudaEventRecord(e1));
+                    CUDA_OK(cudaEventSynchronize(e1));
+                    CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+                    if (r >= 0) ts[r] = ms;
+                }
+                qsort(ts, reps, sizeof(float), cmp_float);
+                printf("  N=%d G=%d %.1f TF/s", N, G, flop / (ts[reps / 2] * 1e-3) / 1e12);
+            }
+            printf("\n");
+            fflush(stdout);
+        }
+    }
+    attn_set_tile_variant(0, 0);
+    CUDA_OK(cudaFree(q)); CUDA_OK(cudaFree(k)); CUDA_OK(cudaFree(v)); CUDA_OK(cudaFree(o)); CUDA_OK(cudaFree(dout));
+    CUDA_OK(cudaFree(dq)); CUDA_OK(cudaFree(dk)); CUDA_OK(cudaFree(dv)); CUDA_OK(cudaFree(lse)); CUDA_OK(cudaFree(ws));
+}
+
 int main(int argc, char **argv) {
     const char *out = "bench/results/attn_ours.json";
-    int do_bench = 0;
+    int do_bench = 0, do_variants = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bench")) do_bench = 1;
+        else if (!strcmp(argv[i], "--variants")) do_variants = 1;
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
-        else die("usage: %s --bench [--out results.json]", argv[0]);
+        else die("usage: %s --bench [--out results.json] | --variants", argv[0]);
     }
-    if (!do_bench) die("usage: %s --bench [--out results.json]   (kernel checks: make test)", argv[0]);
+    if (!do_bench && !do_variants) die("usage: %s --bench [--out results.json] | --variants   (kernel checks: make test)", argv[0]);
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
-    bench(out);
+    if (do_variants) sweep_variants();
+    if (do_bench) bench(out);
     return 0;
 }
 #endif /* S2ATTN_MAIN */

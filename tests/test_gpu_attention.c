@@ -9,7 +9,7 @@
  * LSE (fp32) must be within 1e-3 of fp64. Decode attention: the same criterion on its output,
  * with the cache past n_keys filled with NaN so a read beyond it shows. Outputs are filled
  * with NaN bytes before every launch, so an element the kernel does not write fails.
- * Exit 77 without a GPU.
+ * Every tile variant of the forward and backward kernels is checked. Exit 77 without a GPU.
  */
 #ifndef STAGE
 #define STAGE 0
@@ -196,6 +196,14 @@ static int test_attention(const Shape *s, Rng *rng) {
 
     uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
     uint16_t *d_do = (uint16_t *)dev_upload(dout, nq * 2);
+    uint16_t *o = (uint16_t *)xmalloc(nq * 2), *dq = (uint16_t *)xmalloc(nq * 2), *dk = (uint16_t *)xmalloc(nk * 2), *dv = (uint16_t *)xmalloc(nk * 2);
+    float *lse = (float *)xmalloc(nl * 4);
+    int fails = 0, n_fwd, n_bwd;
+    attn_tile_variants(&n_fwd, &n_bwd);
+    for (int var = 0; var < n_fwd || var < n_bwd; var++) { /* every tile variant of both kernels */
+    const int fv = var < n_fwd ? var : 0, bv = var < n_bwd ? var : 0;
+    if (attn_set_tile_variant(fv, bv) != 0) die("%s", last_error());
+    printf("  tile variant forward %d, backward %d\n", fv, bv);
     uint16_t *d_o = (uint16_t *)dev_poisoned(nq * 2), *d_dq = (uint16_t *)dev_poisoned(nq * 2);
     uint16_t *d_dk = (uint16_t *)dev_poisoned(nk * 2), *d_dv = (uint16_t *)dev_poisoned(nk * 2);
     float *d_lse = (float *)dev_poisoned(nl * 4);
@@ -203,16 +211,12 @@ static int test_attention(const Shape *s, Rng *rng) {
     if (attn_forward(d_q, d_k, d_v, d_o, d_lse, s->B, s->N, s->H, s->Hk, s->d, s->G) != 0) die("%s", last_error());
     if (attn_backward(d_q, d_k, d_v, d_o, d_do, d_lse, d_dq, d_dk, d_dv, ws, s->B, s->N, s->H, s->Hk, s->d, s->G) != 0) die("%s", last_error());
     CUDA_OK(cudaDeviceSynchronize());
-
-    uint16_t *o = (uint16_t *)xmalloc(nq * 2), *dq = (uint16_t *)xmalloc(nq * 2), *dk = (uint16_t *)xmalloc(nk * 2), *dv = (uint16_t *)xmalloc(nk * 2);
-    float *lse = (float *)xmalloc(nl * 4);
     CUDA_OK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
     CUDA_OK(cudaMemcpy(dq, d_dq, nq * 2, cudaMemcpyDeviceToHost));
     CUDA_OK(cudaMemcpy(dk, d_dk, nk * 2, cudaMemcpyDeviceToHost));
     CUDA_OK(cudaMemcpy(dv, d_dv, nk * 2, cudaMemcpyDeviceToHost));
     CUDA_OK(cudaMemcpy(lse, d_lse, nl * 4, cudaMemcpyDeviceToHost));
 
-    int fails = 0;
     check("O", max_err_bf16(o, ref.o, nq), max_err_d(base.o, ref.o, nq), &fails);
     check("dQ", max_err_bf16(dq, ref.dq, nq), max_err_d(base.dq, ref.dq, nq), &fails);
     check("dK", max_err_bf16(dk, ref.dk, nk), max_err_d(base.dk, ref.dk, nk), &fails);
@@ -224,13 +228,15 @@ static int test_attention(const Shape *s, Rng *rng) {
     }
     printf("    LSE err %.3e  limit %.1e  %s\n", lse_err, LSE_TOL, lse_err <= LSE_TOL ? "ok" : "FAIL");
     if (!(lse_err <= LSE_TOL)) fails++;
+    CUDA_OK(cudaFree(d_o)); CUDA_OK(cudaFree(d_dq)); CUDA_OK(cudaFree(d_dk)); CUDA_OK(cudaFree(d_dv));
+    CUDA_OK(cudaFree(d_lse)); CUDA_OK(cudaFree(ws));
+    }
+    if (attn_set_tile_variant(0, 0) != 0) die("%s", last_error());
 
     free_result(&ref); free_result(&base);
     free(q); free(k); free(v); free(dout); free(qf); free(kf); free(vf); free(df);
     free(o); free(dq); free(dk); free(dv); free(lse);
     CUDA_OK(cudaFree(d_q)); CUDA_OK(cudaFree(d_k)); CUDA_OK(cudaFree(d_v)); CUDA_OK(cudaFree(d_do));
-    CUDA_OK(cudaFree(d_o)); CUDA_OK(cudaFree(d_dq)); CUDA_OK(cudaFree(d_dk)); CUDA_OK(cudaFree(d_dv));
-    CUDA_OK(cudaFree(d_lse)); CUDA_OK(cudaFree(ws));
     return fails;
 }
 
@@ -315,12 +321,14 @@ int main(int argc, char **argv) {
     }
     fails += test_decode(2, 8, 2, 128, 1100, 1000, &rng);
     fails += test_decode(1, 4, 4, 64, 80, 77, &rng);
+    fails += test_decode(2, 4, 2, 128, 600, 513, &rng);
+    fails += test_decode(1, 16, 2, 64, 300, 260, &rng);
     if (!quick) fails += test_decode(1, 32, 8, 128, 5000, 4999, &rng);
     /* unsupported arguments are refused with a sentence, not run */
     if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 96, 0) == 0) { printf("head dim 96 was accepted\n"); fails++; }
     if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 64, 30) == 0) { printf("N %% G != 0 was accepted\n"); fails++; }
     if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 6, 4, 64, 0) == 0) { printf("H %% Hk != 0 was accepted\n"); fails++; }
     CUDA_OK(cudaDeviceSynchronize());
-    printf("%s: %d attention shapes and %d decode shapes, %d check(s) failed\n", fails ? "FAIL" : "ok", run, quick ? 2 : 3, fails);
+    printf("%s: %d attention shapes and %d decode shapes, %d check(s) failed\n", fails ? "FAIL" : "ok", run, quick ? 4 : 5, fails);
     return fails ? 1 : 0;
 }
