@@ -904,6 +904,10 @@ static void bpe_encode_text(EncodeCtx *e, const uint8_t *s, size_t n) {
  * progress (may be NULL) is called now and then with how far it got. */
 static int32_t *tok_encode_progress(const Tokenizer *t, const char *text, size_t len, int add_bos, size_t *n_out,
                                     TokProgressFn progress, void *progress_ctx) {
+    if (len > (size_t)INT32_MAX) { /* symbol indices are 32-bit */
+        set_error("text of %zu bytes is longer than the 2 GB one call encodes; split it into documents", len);
+        return NULL;
+    }
     IdList out = {0};
     MergeWork w = {0};
     if (add_bos && t->bos_id >= 0) ids_push(&out, t->bos_id);
@@ -921,9 +925,9 @@ static int32_t *tok_encode_progress(const Tokenizer *t, const char *text, size_t
             seg = i;
             if (progress && i >= e.next_report) { progress((size_t)((double)i / (double)n * (double)len), len, out.n, progress_ctx); e.next_report = i + ((size_t)4 << 20); }
         }
-        if (n - seg > (size_t)INT32_MAX) {
+        if (n - seg > (size_t)INT32_MAX) { /* normalizing can triple the length */
             free(norm); work_free(&w); free(out.ids);
-            set_error("text of %zu bytes is too long to encode as one piece", len);
+            set_error("text of %zu bytes is too long to encode as one piece; split it into documents", len);
             return NULL;
         }
         spm_encode_segment(t, &w, norm + seg, n - seg, &out);

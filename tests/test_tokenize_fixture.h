@@ -85,10 +85,16 @@ static long check_fixture(const Tokenizer *t, const char *path, int round_trip) 
         tok_decoder_init(&d);
         TokText stream = {0};
         text_put(&stream, "", 0);
-        for (uint32_t i = 0; i < ni; i++) tok_decode_next(t, &d, want[i], &stream);
+        int stream_ok = 1; /* every step emits whole UTF-8 characters only */
+        for (uint32_t i = 0; i < ni; i++) {
+            size_t before = stream.len;
+            tok_decode_next(t, &d, want[i], &stream);
+            for (size_t k = before, l; k < stream.len; k += l)
+                if (!(l = utf8_valid_len((const uint8_t *)stream.data + k, stream.len - k))) { stream_ok = 0; break; }
+        }
         tok_decode_flush(t, &d, &stream);
         int ids_ok = got && n == ni && memcmp(got, want, n * 4) == 0;
-        int dec_ok = dec && got_len == dl && memcmp(dec, want_dec, dl) == 0 && stream.len == got_len && memcmp(stream.data, dec, got_len) == 0;
+        int dec_ok = dec && got_len == dl && memcmp(dec, want_dec, dl) == 0 && stream_ok && stream.len == got_len && memcmp(stream.data, dec, got_len) == 0;
         int rt_ok = !round_trip || (dec && got_len == tl && memcmp(dec, text, tl) == 0);
         if (!ids_ok || !dec_ok || !rt_ok) {
             if (failures < 8) {
