@@ -142,6 +142,7 @@ static void train_usage(FILE *f) {
         "  --log-every K          a progress line every K steps (default 1)\n"
         "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
         "  --quiet                no progress lines\n"
+        "  --device cpu           where the step runs (the GPU step is not written yet)\n"
         "  --help                 this text\n");
 }
 
@@ -194,6 +195,10 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
         }
         else if (!strcmp(a, "--shape")) o->shape = v;
         else if (!strcmp(a, "--tokenizer")) o->tokenizer_path = v;
+        else if (!strcmp(a, "--device")) {
+            if (!strcmp(v, "gpu")) return set_error("--device gpu: the GPU training step is not written yet; this build trains on the CPU (--device cpu)");
+            if (strcmp(v, "cpu") != 0) return set_error("--device must be cpu or gpu, got '%s'", v);
+        }
         else if (!strcmp(a, "--sft")) o->sft_file = v;
         else if (!strcmp(a, "--template")) {
             if (strcmp(v, "llama2-chat") && strcmp(v, "alpaca") && strcmp(v, "none"))
@@ -1083,7 +1088,10 @@ static StepResult train_step(Trainer *t) {
  * ===================================================================================== */
 
 static volatile sig_atomic_t g_stop_signal = 0;
-static void on_stop_signal(int sig) { g_stop_signal = sig; }
+static void on_stop_signal(int sig) {
+    g_stop_signal = sig;
+    signal(sig, SIG_DFL); /* a second Ctrl-C ends the program at once */
+}
 
 /* Shapes for --init random: the real models' configs (and a tiny one for tests). */
 typedef struct {
@@ -1159,12 +1167,17 @@ static int32_t *codec_tok_encode(void *tok, const char *text, size_t len, int ad
 /* Opens the tokenizer the data code uses: --tokenizer, else the model folder's; none for
  * --init random without --tokenizer (then --data must be token files). -1 + last_error()
  * when it cannot be read or does not fit the model's vocabulary. */
-static int codec_open(TextCodec *c, Tokenizer *tok, const char *path, const Config *cfg) {
+static int codec_open(TextCodec *c, Tokenizer *tok, const char *path, int explicit_path, const Config *cfg) {
     memset(c, 0, sizeof *c);
     c->vocab_size = cfg->vocab_size;
     c->bos_id = cfg->bos_id;
     c->eos_id = cfg->eos_id;
     if (!path) return 0;
+    struct stat st;
+    char buf[4200];
+    if (!explicit_path && stat(path, &st) == 0 && S_ISDIR(st.st_mode) && !file_exists(path_join(buf, sizeof buf, path, "tokenizer.model")) &&
+        !file_exists(path_join(buf, sizeof buf, path, "tokenizer.json")))
+        return 0; /* a model folder without a tokenizer: token files only */
     if (tok_load(tok, path) != 0) return -1;
     if (tok->vocab_size > cfg->vocab_size) {
         int v = tok->vocab_size;
@@ -1190,7 +1203,7 @@ static void trainer_init(Trainer *t) {
     if (train_validate(o) != 0) die("%s", last_error());
 
     /* data */
-    if (codec_open(&t->codec, &t->tokenizer, o->tokenizer_path ? o->tokenizer_path : o->model_dir, c) != 0) die("%s", last_error());
+    if (codec_open(&t->codec, &t->tokenizer, o->tokenizer_path ? o->tokenizer_path : o->model_dir, o->tokenizer_path != NULL, c) != 0) die("%s", last_error());
     int rc = o->sft_file ? dataset_load_sft(&t->data, &t->codec, o->sft_file, o->template_name, o->sft_pack, o->ctx)
                          : dataset_load_text(&t->data, &t->codec, o->data_files, o->n_data_files, o->ctx);
     if (rc != 0) die("%s", last_error());
