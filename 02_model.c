@@ -106,6 +106,15 @@ static void config_set_target_ctx(Config *c, long target_ctx) {
     }
 }
 
+/* A string from the file, safe to put in a one-line message: control bytes become '?',
+ * and it is cut at 60 bytes. */
+static const char *printable(const char *s, char *buf, size_t cap) {
+    size_t n = 0;
+    for (; s[n] && n + 1 < cap && n < 60; n++) buf[n] = ((unsigned char)s[n] < 0x20 || s[n] == 0x7f) ? '?' : s[n];
+    buf[n] = 0;
+    return buf;
+}
+
 static int config_int(const Json *j, const char *key, int required, int fallback, int *out) {
     const Json *v = json_get(j, key);
     if (!v || v->type == JSON_NULL) {
@@ -135,8 +144,9 @@ static int config_parse_rope(Config *c, const Json *j) {
     if (!r || r->type != JSON_OBJECT) return 0;
     const char *type = json_get_string(r, "rope_type", json_get_string(r, "type", "default"));
     if (strcmp(type, "default") == 0) return 0;
+    char buf[64];
     if (strcmp(type, "linear") != 0)
-        return set_error("config.json: rope type \"%s\" is not supported (only linear position interpolation is)", type);
+        return set_error("config.json: rope type \"%s\" is not supported (only linear position interpolation is)", printable(type, buf, sizeof buf));
     double f = json_get_number(r, "factor", 0);
     if (!(f >= 1.0 && f <= 1e6)) return set_error("config.json: the linear rope_scaling factor must be a number >= 1");
     c->rope_config_factor = (float)f;
@@ -149,17 +159,18 @@ static int config_from_json(Config *c, const Json *j, long target_ctx) {
     if (!j || j->type != JSON_OBJECT) return set_error("config.json is not a JSON object");
     const char *mt = json_get_string(j, "model_type", NULL);
     const Json *arch = json_get_type(j, "architectures", JSON_ARRAY);
-    if (mt && strcmp(mt, "llama") != 0) return set_error("config.json: model_type \"%s\" is not supported (only llama)", mt);
+    char buf[64];
+    if (mt && strcmp(mt, "llama") != 0) return set_error("config.json: model_type \"%s\" is not supported (only llama)", printable(mt, buf, sizeof buf));
     if (arch)
         for (size_t i = 0; i < arch->count; i++)
             if (arch->items[i].type != JSON_STRING || strcmp(arch->items[i].string, "LlamaForCausalLM") != 0)
                 return set_error("config.json: architecture %s is not supported (only LlamaForCausalLM)",
-                                 arch->items[i].type == JSON_STRING ? arch->items[i].string : "(not a string)");
+                                 arch->items[i].type == JSON_STRING ? printable(arch->items[i].string, buf, sizeof buf) : "(not a string)");
     if (!mt && !arch) return set_error("config.json names neither a model_type nor architectures");
     if (json_get_bool(j, "attention_bias", 0) || json_get_bool(j, "mlp_bias", 0))
         return set_error("config.json: biases (attention_bias / mlp_bias) are not supported");
     const char *act = json_get_string(j, "hidden_act", "silu");
-    if (strcmp(act, "silu") != 0) return set_error("config.json: hidden_act \"%s\" is not supported (only silu)", act);
+    if (strcmp(act, "silu") != 0) return set_error("config.json: hidden_act \"%s\" is not supported (only silu)", printable(act, buf, sizeof buf));
     if (json_get_number(j, "pretraining_tp", 1) != 1) return set_error("config.json: pretraining_tp other than 1 is not supported");
     int rc = 0;
     rc |= config_int(j, "hidden_size", 1, 0, &c->dim);
@@ -181,12 +192,13 @@ static int config_from_json(Config *c, const Json *j, long target_ctx) {
                     + 2.0 * c->vocab_size * c->dim;
     if (n_params > 2e11 || c->head_dim > 65536) return set_error("config.json describes %.3g parameters, implausibly many", n_params);
     double eps = json_get_number(j, "rms_norm_eps", 1e-6);
-    if (!(eps > 0 && eps < 1)) return set_error("config.json: rms_norm_eps %g is out of range", eps);
+    if (!(eps >= 1e-12 && eps < 1)) return set_error("config.json: rms_norm_eps %g is out of range [1e-12, 1)", eps);
     c->rms_eps = (float)eps;
     if (config_parse_rope(c, j)) return -1;
     c->tie_embeddings = json_get_bool(j, "tie_word_embeddings", 0);
-    c->bos_id = (int)json_get_number(j, "bos_token_id", -1);
-    c->eos_id = (int)json_get_number(j, "eos_token_id", -1); /* a list of eos ids keeps -1 */
+    double bos = json_get_number(j, "bos_token_id", -1), eos = json_get_number(j, "eos_token_id", -1);
+    c->bos_id = bos >= 0 && bos < c->vocab_size && bos == floor(bos) ? (int)bos : -1; /* absent or odd: none */
+    c->eos_id = eos >= 0 && eos < c->vocab_size && eos == floor(eos) ? (int)eos : -1; /* a list of eos ids: none */
     config_set_target_ctx(c, target_ctx);
     return 0;
 }
