@@ -387,7 +387,9 @@ static int model_try_load(Model *m, const char *dir, long target_ctx) {
         files = (SafeTensors *)xcalloc(map->count ? map->count : 1, sizeof(SafeTensors));
         for (size_t i = 0; i < map->count && rc == 0; i++) {
             const Json *f = &map->items[i];
-            if (f->type != JSON_STRING || strchr(f->string, '/') || strlen(f->string) == 0) { rc = set_error("%s: tensor '%s' maps to a bad file name", path, map->keys[i]); break; }
+            int bad_name = f->type != JSON_STRING || f->len == 0 || strlen(f->string) != f->len || strchr(f->string, '/');
+            for (size_t b = 0; !bad_name && b < f->len; b++) bad_name = (unsigned char)f->string[b] < 0x20;
+            if (bad_name) { char buf[64]; rc = set_error("%s: tensor '%s' maps to a bad file name", path, printable(map->keys[i], buf, sizeof buf)); break; }
             size_t k = 0;
             while (k < n_files && strcmp(strrchr(files[k].path, '/') + 1, f->string) != 0) k++;
             if (k < n_files) continue;
