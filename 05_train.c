@@ -44,6 +44,7 @@ typedef struct {
     int n_data_files;
     const char *sft_file;           /* --sft FILE.json: instruction records */
     const char *template_name;      /* --template llama2-chat|alpaca|none */
+    const char *save_tokens;        /* --save-tokens FILE: write the joined --data stream as a token file */
     int sft_pack;                   /* --pack: several SFT examples per sequence */
     /* shapes */
     int ctx;                        /* --ctx N: training sequence length (and PI target) */
@@ -118,6 +119,7 @@ static void train_usage(FILE *f) {
         "                         JSONL); the loss is on the output tokens only\n"
         "  --template NAME        llama2-chat | alpaca | none (default llama2-chat)\n"
         "  --pack                 SFT: pack several examples per sequence (default: pad)\n"
+        "  --save-tokens FILE     also write the joined --data tokens as a token file (reuse it as --data)\n"
         "shapes:\n"
         "  --ctx N                sequence length N = the extended context (default: the model's)\n"
         "  --batch B              sequences per micro-batch (default 1)\n"
@@ -200,6 +202,7 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
             if (strcmp(v, "cpu") != 0) return set_error("--device must be cpu or gpu, got '%s'", v);
         }
         else if (!strcmp(a, "--sft")) o->sft_file = v;
+        else if (!strcmp(a, "--save-tokens")) o->save_tokens = v;
         else if (!strcmp(a, "--template")) {
             if (strcmp(v, "llama2-chat") && strcmp(v, "alpaca") && strcmp(v, "none"))
                 return set_error("--template must be llama2-chat, alpaca or none, got '%s'", v);
@@ -294,6 +297,7 @@ static int train_validate(TrainOptions *o) {
     if (!o->n_data_files && !o->sft_file) return set_error("say what to train on: --data FILE... or --sft FILE.json");
     if (o->n_data_files && o->sft_file) return set_error("--data and --sft exclude each other; run them as two trainings");
     if (o->sft_pack && !o->sft_file) return set_error("--pack applies to --sft data (--data is always packed)");
+    if (o->save_tokens && !o->n_data_files) return set_error("--save-tokens applies to --data (the joined token stream)");
     if (o->ctx < 2) return set_error("--ctx must be at least 2, got %d", o->ctx);
     o->group = 0;
     if (o->s2 && s2_group_size(o->ctx, o->group_ratio, &o->group) != 0) return -1;
@@ -1207,6 +1211,10 @@ static void trainer_init(Trainer *t) {
     int rc = o->sft_file ? dataset_load_sft(&t->data, &t->codec, o->sft_file, o->template_name, o->sft_pack, o->ctx)
                          : dataset_load_text(&t->data, &t->codec, o->data_files, o->n_data_files, o->ctx);
     if (rc != 0) die("%s", last_error());
+    if (o->save_tokens) { /* tokenize once: later runs can read this file instead of the text */
+        if (tokfile_write(o->save_tokens, t->data.stream, t->data.stream_len, c->vocab_size) != 0) die("%s", last_error());
+        printf("wrote %zu tokens to %s\n", t->data.stream_len, o->save_tokens);
+    }
     dataset_start(&t->data, o->seed);
 
     /* LoRA+ and AdamW over exactly the trainable tensors */
