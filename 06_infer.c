@@ -852,8 +852,7 @@ static int write_export_config(const char *base_dir, const char *out_dir, const 
     size_t trained_ctx = config_context(c);
     fprintf(f, "%s\n  \"max_position_embeddings\": %zu,\n  \"rope_theta\": %.9g,\n", n ? "," : "", trained_ctx, (double)c->rope_theta);
     if (c->rope_factor > 1.0f)
-        fprintf(f, "  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g, \"original_max_position_embeddings\": %d},\n",
-                (double)c->rope_factor, c->max_pos);
+        fprintf(f, "  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g},\n", (double)c->rope_factor);
     else fputs("  \"rope_scaling\": null,\n", f);
     fputs("  \"torch_dtype\": \"bfloat16\"\n}\n", f);
     json_free(j);

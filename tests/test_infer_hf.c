@@ -1,0 +1,176 @@
+/* tests/test_infer_hf.c: 06_infer.c against HF transformers + peft (tests/fixtures/infer,
+ * written by tests/ref/make_infer_fixtures.py).
+ *
+ *  1. perplexity by LongLoRA's protocol on a tiny GQA model with a LoRA adapter on all seven
+ *     projections, at ctx 64 over a trained 32 (RoPE linear factor 2), seq_len 24 and 64,
+ *     stride 16: every window's loss (1e-5 relative) and the PPL (1e-4 relative) equal
+ *     transformers' (float64), with the adapter applied through the hook and merged;
+ *  2. export: the folder we write from base + adapter is byte-identical (FNV-1a 64 of every
+ *     file) to the one transformers loaded when the fixture was made, and 02's loader reading
+ *     it gives transformers' logits for it (1e-4 relative max-norm).
+ */
+#define STAGE 0
+#include "../06_infer.c"
+
+static int g_checks, g_failures;
+#define EXPECT(cond, ...)                                                   \
+    do {                                                                    \
+        g_checks++;                                                         \
+        if (!(cond)) {                                                      \
+            g_failures++;                                                   \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                     \
+            printf(__VA_ARGS__);                                            \
+            printf("\n");                                                   \
+        }                                                                   \
+    } while (0)
+
+#define FIX "tests/fixtures/infer"
+
+typedef struct { char name[128]; int code; size_t numel; void *data; } FxArr;
+typedef struct { FxArr *a; size_t n; } Fx;
+
+static int fx_load(Fx *fx, const char *path) {
+    memset(fx, 0, sizeof *fx);
+    size_t len;
+    char *raw = read_file(path, &len);
+    if (!raw) return -1;
+    const uint8_t *p = (const uint8_t *)raw, *end = p + len;
+#define NEED(n) do { if ((size_t)(end - p) < (size_t)(n)) { free(raw); return set_error("%s: truncated", path); } } while (0)
+    NEED(12);
+    uint32_t ver, count;
+    if (memcmp(p, "INFX", 4) != 0) { free(raw); return set_error("%s: bad magic", path); }
+    memcpy(&ver, p + 4, 4); memcpy(&count, p + 8, 4); p += 12;
+    if (ver != 1) { free(raw); return set_error("%s: version %u", path, ver); }
+    fx->a = (FxArr *)xcalloc(count ? count : 1, sizeof(FxArr));
+    for (uint32_t k = 0; k < count; k++) {
+        FxArr *t = &fx->a[fx->n++];
+        uint32_t nl, code, nd;
+        NEED(4); memcpy(&nl, p, 4); p += 4;
+        NEED(nl); if (nl >= sizeof t->name) { free(raw); return set_error("%s: long name", path); }
+        memcpy(t->name, p, nl); p += nl;
+        NEED(8); memcpy(&code, p, 4); memcpy(&nd, p + 4, 4); p += 8;
+        if (code > 2 || nd > 4) { free(raw); return set_error("%s: bad header", path); }
+        t->code = (int)code; t->numel = 1;
+        for (uint32_t d = 0; d < nd; d++) { uint64_t v; NEED(8); memcpy(&v, p, 8); p += 8; t->numel *= (size_t)v; }
+        size_t bytes = t->numel * (code == 2 ? 8 : 4);
+        NEED(bytes);
+        t->data = xmalloc(bytes + 1);
+        memcpy(t->data, p, bytes);
+        p += bytes;
+    }
+#undef NEED
+    free(raw);
+    return 0;
+}
+static const FxArr *fx_get(const Fx *fx, const char *name) {
+    for (size_t k = 0; k < fx->n; k++) if (!strcmp(fx->a[k].name, name)) return &fx->a[k];
+    return NULL;
+}
+
+static uint64_t fnv1a64_file(const char *path) {
+    size_t len;
+    char *data = read_file(path, &len);
+    if (!data) return 0;
+    uint64_t h = 0xCBF29CE484222325ull;
+    for (size_t i = 0; i < len; i++) { h ^= (uint8_t)data[i]; h *= 0x100000001B3ull; }
+    free(data);
+    return h;
+}
+
+static void check_ppl(const Fx *fx, const int32_t *tokens, size_t n_tokens, int merged) {
+    Model m;
+    if (model_try_load(&m, FIX "/base", 64) != 0) die("%s", last_error());
+    EXPECT(m.cfg.rope_factor == 2.0f, "rope factor %g at ctx 64", (double)m.cfg.rope_factor);
+    LoraAdapter ad;
+    if (lora_load_adapter(&ad, &m, FIX "/adapter") != 0) die("%s", last_error());
+    ad.training = 0;
+    if (merged) lora_merge(&ad, &m);
+    Engine e;
+    engine_init(&e, &m, merged ? NULL : &ad.hook, 64, 0);
+    size_t lens[2] = {24, 64};
+    for (int k = 0; k < 2; k++) {
+        char name[64];
+        snprintf(name, sizeof name, "window_loss_%zu", lens[k]);
+        const FxArr *ref = fx_get(fx, name);
+        snprintf(name, sizeof name, "ppl_%zu", lens[k]);
+        const FxArr *ref_ppl = fx_get(fx, name);
+        if (!ref || !ref_ppl) die("fixture lacks %s", name);
+        size_t *starts;
+        size_t count = ppl_window_starts(n_tokens, lens[k], 16, &starts);
+        EXPECT(count == ref->numel, "seq_len %zu: %zu windows, transformers ran %zu", lens[k], count, ref->numel);
+        double worst = 0;
+        for (size_t w = 0; w < count && w < ref->numel; w++) {
+            double got = engine_window_loss(&e, tokens + starts[w], lens[k]), want = ((const double *)ref->data)[w];
+            double err = fabs(got - want) / fabs(want);
+            if (err > worst) worst = err;
+        }
+        EXPECT(worst <= 1e-5, "seq_len %zu (%s): window loss off by %.3g relative", lens[k], merged ? "merged" : "applied", worst);
+        PplRow r = perplexity(&e, tokens, n_tokens, lens[k], 16, 0);
+        double want = ((const double *)ref_ppl->data)[0];
+        EXPECT(fabs(r.ppl - want) <= 1e-4 * want, "seq_len %zu (%s): PPL %.6f, transformers %.6f", lens[k], merged ? "merged" : "applied", r.ppl, want);
+        printf("ppl seq_len %zu (%s): ours %.6f, transformers %.6f (%zu windows, worst window loss %.1e relative)\n", lens[k],
+               merged ? "merged" : "applied", r.ppl, want, r.windows, worst);
+        free(starts);
+    }
+    engine_free(&e);
+    lora_free(&ad);
+    model_free(&m);
+}
+
+static void check_export(const Fx *fx, const int32_t *tokens) {
+    Model m;
+    if (model_try_load(&m, FIX "/base", 64) != 0) die("%s", last_error());
+    LoraAdapter ad;
+    if (lora_load_adapter(&ad, &m, FIX "/adapter") != 0) die("%s", last_error());
+    lora_merge(&ad, &m);
+    char dir[] = "/tmp/test_infer_hf_XXXXXX";
+    if (!mkdtemp(dir)) die("mkdtemp: %s", strerror(errno));
+    char out[256], path[512];
+    snprintf(out, sizeof out, "%s/merged", dir);
+    EXPECT(export_merged(&m, FIX "/base", out, 20000) == 0, "export: %s", last_error());
+    size_t n_files = 0;
+    for (size_t k = 0; k < fx->n; k++) {
+        if (strncmp(fx->a[k].name, "hash:", 5) != 0) continue;
+        n_files++;
+        snprintf(path, sizeof path, "%s/%s", out, fx->a[k].name + 5);
+        const uint32_t *hw = (const uint32_t *)fx->a[k].data;
+        uint64_t want = (uint64_t)hw[0] | ((uint64_t)hw[1] << 32);
+        EXPECT(file_exists(path) && fnv1a64_file(path) == want, "exported %s differs from the file transformers loaded", fx->a[k].name + 5);
+    }
+    EXPECT(n_files >= 4, "the fixture names %zu exported files (shards, index, config)", n_files);
+    Model back;
+    EXPECT(model_try_load(&back, out, 0) == 0, "reload: %s", last_error());
+    const FxArr *ref = fx_get(fx, "export_logits");
+    if (!ref) die("fixture lacks export_logits");
+    size_t N = 40, V = (size_t)back.cfg.vocab_size;
+    EXPECT(ref->numel == N * V, "export_logits has %zu values", ref->numel);
+    Activations act;
+    act_plan(&act, &back.cfg, 1, N, 0);
+    model_forward(&back, &act, tokens, NULL, 1, N, NULL);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < N * V && i < ref->numel; i++) {
+        double want = ((const double *)ref->data)[i];
+        num = fmax(num, fabs(act.logits[i] - want));
+        den = fmax(den, fabs(want));
+    }
+    EXPECT(num / den <= 1e-4, "the exported model's logits differ from transformers' by %.3g relative", num / den);
+    printf("export: %zu files identical to what transformers loaded; logits %.2e relative to transformers'\n", n_files, num / den);
+    act_free(&act);
+    model_free(&back);
+    snprintf(path, sizeof path, "rm -rf '%s'", dir);
+    EXPECT(system(path) == 0, "cleanup");
+    lora_free(&ad);
+    model_free(&m);
+}
+
+int main(void) {
+    Fx fx;
+    if (fx_load(&fx, FIX "/ref.bin") != 0) die("%s", last_error());
+    const FxArr *tok = fx_get(&fx, "tokens");
+    if (!tok || tok->code != 1) die("fixture lacks tokens");
+    check_ppl(&fx, (const int32_t *)tok->data, tok->numel, 0);
+    check_ppl(&fx, (const int32_t *)tok->data, tok->numel, 1);
+    check_export(&fx, (const int32_t *)tok->data);
+    printf("test_infer_hf: %d checks, %d failures\n", g_checks, g_failures);
+    return g_failures ? 1 : 0;
+}
