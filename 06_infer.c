@@ -756,6 +756,13 @@ static char *passkey_prompt(size_t n_garbage, size_t depth, long key) {
 
 typedef struct { size_t target_tokens, n_garbage, trials, correct, total_prompt_tokens; } PasskeyRow;
 
+/* One CSV field, quoted, with its quotes doubled (RFC 4180). */
+static void csv_write_field(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) { if (*s == '"') fputc('"', f); fputc(*s, f); }
+    fputc('"', f);
+}
+
 /* Runs the grid; rows [max_tokens / interval] get the results; per-trial lines go to csv. */
 static size_t passkey_run(Engine *e, const Tokenizer *tok, size_t max_tokens, size_t interval, size_t trials, uint64_t seed,
                           FILE *csv, PasskeyRow *rows) {
@@ -795,7 +802,7 @@ static size_t passkey_run(Engine *e, const Tokenizer *tok, size_t max_tokens, si
                 if (csv) {
                     char *said = tok_decode(tok, got, made, NULL);
                     fprintf(csv, "%zu,%zu,%zu,%zu,%ld,%zu,%ld,", row->target_tokens, row->n_garbage, j, depth, key, n_prompt, key);
-                    json_write_string(csv, said ? said : "");
+                    csv_write_field(csv, said ? said : "");
                     fprintf(csv, ",%d\n", ok);
                     free(said);
                 }

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# tests/test_infer_cli.sh: ./06_infer as a user runs it (CPU, tiny random models).
+#  1. user errors end with one clear sentence and exit 1 (never a signal): a context whose KV
+#     cache does not fit in memory (the message gives the GiB needed), a prompt longer than
+#     the context, ids outside the vocabulary, a missing adapter, bad flags;
+#  2. generation: greedy is deterministic, a seed reproduces sampling, --max-new bounds the
+#     output, --template llama2-chat runs, prefill and decode tokens/s are printed;
+#  3. perplexity: several --seq-len values print one row each;
+#  4. passkey: the CSV has one row per (length, trial), its accuracy per length is the table's,
+#     depths stay inside the filler, a seed reproduces the CSV and another seed changes the keys.
+# Parts 2 and 4 need LLaMA-2's tokenizer from ../shared/data (skipped, with a note, without it).
+cd "$(dirname "$0")/.." || exit 1
+BIN=./06_infer
+[ -x "$BIN" ] || make -s 06_infer >/dev/null || { echo "cannot build 06_infer"; exit 1; }
+TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+fails=0; checks=0
+ok()   { checks=$((checks+1)); }
+bad()  { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL: $*"; }
+# expect_error "what" "message pattern" command...: exit 1, one line matching the pattern
+expect_error() {
+  local what=$1 pat=$2; shift 2
+  "$@" >"$TMP/out" 2>"$TMP/err"; local rc=$?
+  if [ $rc -ne 1 ]; then bad "$what: exit $rc (want 1)"; sed 's/^/  | /' "$TMP/err" | tail -5; return; fi
+  if ! grep -q -- "$pat" "$TMP/err"; then bad "$what: message lacks '$pat':"; sed 's/^/  | /' "$TMP/err" | tail -5; return; fi
+  ok
+}
+"$PYTHON" -c "import numpy as np; np.random.default_rng(1).integers(0, 256, 1200).astype(np.uint16).tofile('$TMP/ids.bin')" \
+  || { echo "numpy is needed to write the token file"; exit 1; }
+"$PYTHON" -c "import numpy as np; np.full(600, 300, dtype=np.uint16).tofile('$TMP/big_ids.bin')"
+
+# 1. user errors
+expect_error "huge context" "needs a KV cache of .* GiB" $BIN --init random --shape tiny --ctx 100000000000 --ppl "$TMP/ids.bin"
+expect_error "ids outside the vocabulary" "outside the vocabulary" $BIN --init random --shape tiny --ctx 256 --ppl "$TMP/big_ids.bin"
+expect_error "seq-len over ctx" "longer than the context" $BIN --init random --shape tiny --ctx 128 --ppl "$TMP/ids.bin" --seq-len 256
+expect_error "too few tokens" "too few" $BIN --init random --shape tiny --ctx 4096 --ppl "$TMP/ids.bin" --seq-len 1100
+expect_error "missing adapter" "adapter_config.json" $BIN --model tests/fixtures/infer/base --adapter "$TMP/none" --ppl "$TMP/ids.bin"
+expect_error "two jobs" "exactly one job" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --passkey
+expect_error "unknown flag" "unknown flag" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --frobnicate 3
+expect_error "bad number" "expects an integer" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --stride 1.5
+expect_error "gpu in a CPU build or bad head_dim" "GPU\|head_dim\|CUDA" $BIN --init random --shape tiny --device gpu --ppl "$TMP/ids.bin"
+
+# 3. perplexity table
+$BIN --init random --shape tiny --ctx 256 --ppl "$TMP/ids.bin" --seq-len 64,128,256 --stride 128 >"$TMP/ppl" 2>"$TMP/err"
+rows=$(grep -cE '^(64|128|256) ' "$TMP/ppl")
+if [ "$rows" = 3 ]; then ok; else bad "perplexity table has $rows rows, want 3"; cat "$TMP/ppl" "$TMP/err"; fi
+awk '$1 ~ /^[0-9]+$/ { if (!($4 > 1 && $4 < 1e6)) exit 1 }' "$TMP/ppl" && ok || bad "perplexity out of range: $(cat "$TMP/ppl")"
+
+TOK=../shared/data/llama2-tokenizer/tokenizer.model
+if [ ! -f "$TOK" ]; then
+  echo "test_infer_cli: $checks checks, $fails failures; generation and passkey skipped: $TOK is absent"
+  [ $fails -eq 0 ] && exit 77 || exit 1
+fi
+M="--init random --shape tiny-llama2 --tokenizer $TOK"
+
+# 1b. a prompt longer than the context
+yes "the quick brown fox jumps over the lazy dog" | head -n 40 >"$TMP/long.txt"
+expect_error "prompt over ctx" "do not fit the context" $BIN $M --ctx 64 --prompt-file "$TMP/long.txt" --max-new 4
+
+# 2. generation
+$BIN $M --ctx 256 --prompt "Once upon a time" --max-new 12 >"$TMP/g1" 2>"$TMP/e1"
+$BIN $M --ctx 256 --prompt "Once upon a time" --max-new 12 >"$TMP/g2" 2>/dev/null
+cmp -s "$TMP/g1" "$TMP/g2" && [ -s "$TMP/g1" ] && ok || bad "greedy generation is not deterministic (or empty)"
+grep -q "prefill: .* tokens/s); decode: .* tokens/s" "$TMP/e1" && ok || bad "no prefill/decode tokens/s line: $(cat "$TMP/e1")"
+n=$(grep -o "decode: [0-9]* tokens" "$TMP/e1" | grep -o "[0-9]*")
+[ "${n:-99}" -le 12 ] && ok || bad "decoded $n tokens with --max-new 12"
+$BIN $M --ctx 256 --prompt "Once upon a time" --max-new 12 --temperature 0.9 --top-p 0.9 --seed 7 >"$TMP/s1" 2>/dev/null
+$BIN $M --ctx 256 --prompt "Once upon a time" --max-new 12 --temperature 0.9 --top-p 0.9 --seed 7 >"$TMP/s2" 2>/dev/null
+$BIN $M --ctx 256 --prompt "Once upon a time" --max-new 12 --temperature 0.9 --top-p 0.9 --seed 8 >"$TMP/s3" 2>/dev/null
+cmp -s "$TMP/s1" "$TMP/s2" && ok || bad "the same seed sampled different text"
+cmp -s "$TMP/s1" "$TMP/s3" && bad "seeds 7 and 8 sampled the same 12 tokens" || ok
+$BIN $M --ctx 256 --prompt "Write a haiku." --template llama2-chat --max-new 4 >/dev/null 2>"$TMP/e4" && ok || bad "llama2-chat template: $(cat "$TMP/e4")"
+
+# 4. passkey
+P="--ctx 1024 --passkey --max-tokens 600 --interval 300 --trials 3"
+$BIN $M $P --seed 11 --csv "$TMP/pk1.csv" >"$TMP/pk1" 2>"$TMP/pe1" || bad "passkey run failed: $(cat "$TMP/pe1")"
+$BIN $M $P --seed 11 --csv "$TMP/pk2.csv" >/dev/null 2>&1
+$BIN $M $P --seed 12 --csv "$TMP/pk3.csv" >/dev/null 2>&1
+cmp -s "$TMP/pk1.csv" "$TMP/pk2.csv" && ok || bad "the same seed gave a different passkey CSV"
+"$PYTHON" - "$TMP/pk1.csv" "$TMP/pk3.csv" "$TMP/pk1" <<'EOF' && ok || bad "passkey CSV bookkeeping"
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+other = list(csv.DictReader(open(sys.argv[2])))
+table = {}
+for line in open(sys.argv[3]):
+    f = line.split()
+    if f and f[0].isdigit():
+        table[int(f[0])] = (int(f[1]), int(f[2]), float(f[3]))
+assert len(rows) == 6, len(rows)
+assert sorted(table) == [300, 600], table
+for t, (avg_tokens, trials, acc) in table.items():
+    mine = [r for r in rows if int(r["target_tokens"]) == t]
+    assert len(mine) == trials == 3
+    assert [int(r["trial"]) for r in mine] == [0, 1, 2]
+    assert abs(acc - sum(int(r["correct"]) for r in mine) / 3) < 1e-9, (t, acc)
+    assert avg_tokens == sum(int(r["prompt_tokens"]) for r in mine) // 3
+    for r in mine:
+        n = int(r["n_garbage"])
+        assert n == int(3.75 * t // 1024 * 1024), (n, t)
+        assert 0 <= int(r["depth_chars"]) < n and 1 <= int(r["key"]) < 50000
+        assert int(r["correct"]) == (r["model_answer"].strip() == r["answer"])
+# trial j uses seed + j at every length (as LongLoRA seeds trial j with j): same keys across lengths
+assert [r["key"] for r in rows[:3]] == [r["key"] for r in rows[3:]]
+assert [r["key"] for r in rows] != [r["key"] for r in other], "seed 12 drew seed 11's keys"
+EOF
+
+echo "test_infer_cli: $checks checks, $fails failures"
+[ $fails -eq 0 ]
