@@ -71,6 +71,12 @@ static int cp_class(uint32_t cp) {
     return CP_OTHER;
 }
 
+/* The Digits pre-tokenizer's test (Rust's Unicode version, a little newer than the regexes'). */
+static int is_numeric(uint32_t cp) {
+    if (cp < 0x80) return cp >= '0' && cp <= '9';
+    return in_ranges(UNI_NUMERIC, COUNT_OF(UNI_NUMERIC), cp);
+}
+
 /* The code point at s[0..n) (n >= 1) and its byte length. A byte that does not start a valid
  * UTF-8 sequence decodes as U+FFFD, one byte long: hostile text never stalls a loop. */
 static uint32_t utf8_next(const uint8_t *s, size_t n, size_t *len) {
@@ -317,7 +323,7 @@ static void tok_alloc_vocab(Tokenizer *t, int32_t V) {
 }
 
 /* Text from a file, made safe to quote in an error sentence: control bytes and invalid UTF-8
- * as \\xNN, at most about 80 bytes. Returns one of four rotating static buffers. */
+ * as \xNN, at most about 80 bytes. Returns one of four rotating static buffers. */
 static const char *quoted(const char *s, size_t n) {
     static char bufs[4][400];
     static int which = 0;
@@ -810,13 +816,13 @@ static void bpe_pretokenize(EncodeCtx *e, int step, const uint8_t *s, size_t n) 
             i += m;
         }
     } else if (ps->kind == PRE_DIGITS) {
-        /* "digits" are what Rust's char::is_numeric() says: all of \p{N}, not just 0-9 */
+        /* "digits" are what Rust's char::is_numeric() says: \p{N}, not just 0-9 */
         for (size_t i = 0; i < n;) {
             size_t len, j;
-            int digit = cp_class(utf8_next(s + i, n - i, &len)) == CP_NUMBER;
+            int digit = is_numeric(utf8_next(s + i, n - i, &len));
             j = i + len;
             if (!digit || !ps->individual)
-                while (j < n && (cp_class(utf8_next(s + j, n - j, &len)) == CP_NUMBER) == digit) j += len;
+                while (j < n && is_numeric(utf8_next(s + j, n - j, &len)) == digit) j += len;
             bpe_pretokenize(e, step + 1, s + i, j - i);
             i = j;
         }
@@ -844,7 +850,7 @@ static void bpe_pretokenize(EncodeCtx *e, int step, const uint8_t *s, size_t n) 
     }
 }
 
-/* single_word tokens need no \\w character (Rust regex's: letters, marks, Nd, Nl, Pc) beside them. */
+/* single_word tokens need no \w character (Rust regex's: Alphabetic, marks, Nd, Pc, joiners) beside them. */
 static int is_word_char(uint32_t cp) {
     if (cp < 0x80) return (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z') || (cp >= '0' && cp <= '9') || cp == '_';
     return in_ranges(UNI_WORD, COUNT_OF(UNI_WORD), cp);
