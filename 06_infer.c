@@ -17,7 +17,6 @@
  * path (the GPU's greedy tokens and logits).
  * Leaves out: batching several prompts, beam search, chunked prefill on the GPU (a prompt
  * is prefilled in one pass, so the activations are planned for the whole context),
- * LoRA applied unmerged on the GPU (there the adapter is merged into the bf16 weights),
  * speculative decoding and quantised weights.
  *
  * CLI (one of the four jobs per run):
@@ -220,6 +219,11 @@ typedef struct {
     float *logits;                /* [V] */
     void *decode_ws;              /* attn_decode's workspace for n_cap keys */
     double weight_bytes;
+    /* an adapter applied unmerged (04's LoRA path after each projection), or none */
+    uint16_t **lora_A, **lora_B;  /* [L * N_PROJ]: [R, in] and [out, R] bf16, NULL where none */
+    size_t lora_R;                /* R */
+    float lora_scale;             /* alpha / R */
+    uint16_t *xa;                 /* [n_cap, R] */
 } GpuEngine;
 
 static void *gpu_alloc(size_t bytes, const char *what) {
@@ -344,8 +348,49 @@ static void gpu_engine_alloc_cache(GpuEngine *g, size_t n_cap) {
     g->decode_ws = gpu_alloc(attn_decode_workspace_bytes(1, c->n_heads, c->head_dim, (int)n_cap), "the decode workspace");
 }
 
+/* Uploads an adapter to apply unmerged: its A and B in bf16 (after gpu_engine_alloc_cache). */
+static void gpu_engine_upload_lora(GpuEngine *g, const LoraAdapter *ad) {
+    size_t n = (size_t)g->cfg.n_layers * N_PROJ, R = (size_t)ad->cfg.rank;
+    g->lora_A = (uint16_t **)xcalloc(n, sizeof(uint16_t *));
+    g->lora_B = (uint16_t **)xcalloc(n, sizeof(uint16_t *));
+    g->lora_R = R;
+    g->lora_scale = ad->scale;
+    g->xa = (uint16_t *)gpu_alloc(g->n_cap * R * sizeof(uint16_t), "the LoRA activations");
+    for (size_t k = 0; k < n; k++) {
+        const LoraPair *p = &ad->pairs[k];
+        if (!p->A) continue;
+        const float *src[2] = {p->A, p->B};
+        size_t numel[2] = {R * p->in, p->out * R};
+        uint16_t **dst[2] = {&g->lora_A[k], &g->lora_B[k]};
+        for (int w = 0; w < 2; w++) {
+            uint16_t *host = (uint16_t *)xmalloc(numel[w] * sizeof(uint16_t));
+            for (size_t i = 0; i < numel[w]; i++) host[i] = f32_to_bf16(src[w][i]);
+            *dst[w] = (uint16_t *)gpu_alloc(numel[w] * sizeof(uint16_t), "the adapter");
+            GPU_CHECK(cudaMemcpy(*dst[w], host, numel[w] * sizeof(uint16_t), cudaMemcpyHostToDevice));
+            g->weight_bytes += (double)numel[w] * 2.0;
+            free(host);
+        }
+    }
+}
+
+/* y [T, out] += scale * (x A^T) B^T for projection `which` of layer l, when it has an adapter. */
+static void gpu_lora(GpuEngine *g, int l, int which, const uint16_t *x /* [T, in] */, uint16_t *y /* [T, out] */, size_t T) {
+    if (!g->lora_A) return;
+    size_t k = (size_t)l * N_PROJ + (size_t)which, in, out;
+    if (!g->lora_A[k]) return;
+    proj_shape(&g->cfg, which, &in, &out);
+    gpu_lora_forward(y, g->xa, x, g->lora_A[k], g->lora_B[k], T, in, out, g->lora_R, g->lora_scale);
+}
+
 static void gpu_engine_free(GpuEngine *g) {
     for (size_t i = 0; i < g->n_tensors; i++) cudaFree(g->tensors[i].ptr);
+    for (size_t k = 0; g->lora_A && k < (size_t)g->cfg.n_layers * N_PROJ; k++) {
+        if (g->lora_A[k]) cudaFree(g->lora_A[k]);
+        if (g->lora_B[k]) cudaFree(g->lora_B[k]);
+    }
+    if (g->xa) cudaFree(g->xa);
+    free(g->lora_A);
+    free(g->lora_B);
     void *bufs[] = {g->k_cache, g->v_cache, g->tokens, g->targets, g->x, g->xn, g->proj, g->q, g->att, g->gate, g->up, g->lse, g->logits, g->decode_ws};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) if (bufs[i]) cudaFree(bufs[i]);
     free(g->layers);
@@ -371,20 +416,27 @@ static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size
         uint16_t *kc = g->k_cache + (size_t)l * g->n_cap * Hkd, *vc = g->v_cache + (size_t)l * g->n_cap * Hkd;
         gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->attn_norm, T, D, c->rms_eps);
         gpu_matmul_bf16(0, 1, T, Hd, D, 1.0f, g->xn, gl->wq, 0.0f, g->q, 0);
+        gpu_lora(g, l, PROJ_Q, g->xn, g->q, T);
         gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wk, 0.0f, kc + pos0 * Hkd, 0);
+        gpu_lora(g, l, PROJ_K, g->xn, kc + pos0 * Hkd, T);
         gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wv, 0.0f, vc + pos0 * Hkd, 0);
+        gpu_lora(g, l, PROJ_V, g->xn, vc + pos0 * Hkd, T);
         gpu_rope_forward(g->q, T, H, d, Hd, pos0, c->rope_theta, c->rope_factor);
         gpu_rope_forward(kc + pos0 * Hkd, T, Hk, d, Hkd, pos0, c->rope_theta, c->rope_factor);
         int rc = pos0 == 0 ? attn_forward(g->q, kc, vc, g->att, g->lse, 1, (int)T, (int)H, (int)Hk, (int)d, 0)
                            : attn_decode(g->q, kc, vc, g->att, g->decode_ws, 1, (int)H, (int)Hk, (int)d, (int)g->n_cap, (int)(pos0 + 1));
         if (rc != 0) die("GPU attention: %s", last_error());
         gpu_matmul_bf16(0, 1, T, D, Hd, 1.0f, g->att, gl->wo, 0.0f, g->proj, 0);
+        gpu_lora(g, l, PROJ_O, g->att, g->proj, T);
         gpu_add(g->x, g->x, g->proj, T * D);
         gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->mlp_norm, T, D, c->rms_eps);
         gpu_matmul_bf16(0, 1, T, F, D, 1.0f, g->xn, gl->w_gate, 0.0f, g->gate, 0);
+        gpu_lora(g, l, PROJ_GATE, g->xn, g->gate, T);
         gpu_matmul_bf16(0, 1, T, F, D, 1.0f, g->xn, gl->w_up, 0.0f, g->up, 0);
+        gpu_lora(g, l, PROJ_UP, g->xn, g->up, T);
         gpu_swiglu_forward(g->gate, g->gate, g->up, T * F);
         gpu_matmul_bf16(0, 1, T, D, F, 1.0f, g->gate, gl->w_down, 0.0f, g->proj, 0);
+        gpu_lora(g, l, PROJ_DOWN, g->gate, g->proj, T);
         gpu_add(g->x, g->x, g->proj, T * D);
     }
 }
@@ -406,7 +458,7 @@ static void gpu_last_logits(GpuEngine *g, size_t row, float *logits) {
 typedef struct {
     int on_gpu;
     Model *model;         /* host model (fp32); NULL for GPU-only random weights */
-    RunOptions run;       /* the adapter's hook when it is applied unmerged (CPU) */
+    RunOptions run;       /* the adapter's hook when it is applied unmerged */
     Config cfg;
     size_t n_cap;         /* context: KV cache positions */
     size_t pos;           /* positions filled */
@@ -428,10 +480,13 @@ static void engine_init(Engine *e, Model *m, LinearHook *hook, size_t n_cap, int
     e->on_gpu = on_gpu;
     if (!on_gpu) { cpu_engine_init(&e->cpu, &m->cfg, n_cap); return; }
 #ifdef USE_CUDA
-    CHECK(hook == NULL, "the GPU engine runs merged weights only");
     gpu_engine_alloc_weights(&e->gpu, &m->cfg);
     gpu_engine_upload(&e->gpu, m);
     gpu_engine_alloc_cache(&e->gpu, n_cap);
+    if (hook) { /* the only hook this program makes is a LoRA adapter's */
+        CHECK(hook->forward == lora_hook_forward, "the GPU engine applies LoRA adapters only");
+        gpu_engine_upload_lora(&e->gpu, (const LoraAdapter *)hook->ctx);
+    }
 #else
     die("this build has no GPU support (built without CUDA); use --device cpu");
 #endif
@@ -969,7 +1024,7 @@ static void infer_usage(FILE *f) {
             "  --export DIR                      merged bf16 HF folder; [--shard-size BYTES (5e9)]\n"
             "  --bench                           GPU: prefill at 32k, decode at 4k and 32k; [--bench-out F]\n"
             "--ctx sets the context (KV cache size) and the position interpolation factor ceil(ctx / max_position_embeddings).\n"
-            "The adapter is applied unmerged on the CPU unless --merge; the GPU always merges it.\n");
+            "The adapter is applied unmerged (its own low-rank path after each projection) unless --merge.\n");
 }
 
 static long parse_long_arg(const char *flag, const char *s, long lo, long hi) {
@@ -1144,9 +1199,9 @@ static int infer_main(int argc, char **argv) {
         if (lora_load_adapter(&adapter, &model, o.adapter_dir) != 0) die("%s", last_error());
         adapter.training = 0;
         have_adapter = 1;
-        if (o.merge || o.on_gpu || o.export_dir) { lora_merge(&adapter, &model); }
+        if (o.merge || o.export_dir) lora_merge(&adapter, &model);
     }
-    LinearHook *hook = have_adapter && !(o.merge || o.on_gpu || o.export_dir) ? &adapter.hook : NULL;
+    LinearHook *hook = have_adapter && !(o.merge || o.export_dir) ? &adapter.hook : NULL;
     fprintf(stderr, "06_infer: %s, %d layers, D %d, V %d; context %zu (RoPE factor %g); adapter %s; %s\n",
             o.model_dir ? o.model_dir : o.shape, model.cfg.n_layers, model.cfg.dim, model.cfg.vocab_size, ctx,
             (double)model.cfg.rope_factor, !have_adapter ? "none" : hook ? "applied" : "merged", o.on_gpu ? "GPU (bf16)" : "CPU (fp32)");

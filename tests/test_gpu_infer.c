@@ -10,7 +10,10 @@
  *  2. logits along that path (prefill, then every decode step reading the bf16 cache with
  *     04's decode attention): max |gpu - cpu| <= 2e-2 x max |cpu logit| at every step;
  *  3. the window loss (prefill with flash attention, chunked cross-entropy): 5e-3 relative;
- *  4. a decode step at position p equals the last row of a prefill of p + 1 tokens.
+ *  4. a decode step at position p equals the last row of a prefill of p + 1 tokens;
+ *  5. a LoRA adapter (rank 3, all seven projections, random A and B) applied unmerged on
+ *     the GPU (04's LoRA path) against the CPU's hook: logits after a prefill and 16 decode
+ *     steps (2e-2 of the largest logit) and the window loss (5e-3 relative).
  * Without a GPU it exits 77.
  */
 #define STAGE 0
@@ -128,6 +131,38 @@ int main(void) {
     engine_prefill(&gpu, win, p + 1);
     float scale, d = max_abs_diff(cpu_logits, gpu.logits, V, &scale);
     EXPECT(d <= 1e-2f * scale, "decode at %zu differs from prefill's last row by %.4g (scale %.4g)", p, (double)d, (double)scale);
+
+    /* 5. an adapter applied unmerged */
+    engine_free(&cpu);
+    engine_free(&gpu);
+    LoraConfig lc = lora_default_config();
+    lc.targets = (1u << N_PROJ) - 1;
+    lc.rank = 3;
+    LoraAdapter ad;
+    if (lora_init(&ad, &c, &lc) != 0) die("%s", last_error());
+    ad.training = 0;
+    for (size_t k = 0; k < (size_t)c.n_layers * N_PROJ; k++) {
+        LoraPair *pr = &ad.pairs[k];
+        for (size_t i = 0; i < pr->out * 3; i++) pr->B[i] = bf16_to_f32(f32_to_bf16(0.2f * rng_normal(&r)));
+        for (size_t i = 0; i < pr->in * 3; i++) pr->A[i] = bf16_to_f32(f32_to_bf16(pr->A[i]));
+    }
+    engine_init(&cpu, &m, &ad.hook, CTX, 0);
+    engine_init(&gpu, &m, &ad.hook, CTX, 1);
+    engine_prefill(&cpu, win, 100);
+    engine_prefill(&gpu, win, 100);
+    float worst_lora = 0;
+    for (int s = 0; s < 17; s++) {
+        if (s > 0) { engine_decode(&cpu, win[99 + s]); engine_decode(&gpu, win[99 + s]); }
+        d = max_abs_diff(gpu.logits, cpu.logits, V, &scale);
+        EXPECT(d <= 2e-2f * scale, "adapter, step %d: GPU logits differ by %.4g (largest %.4g)", s, (double)d, (double)scale);
+        if (d / scale > worst_lora) worst_lora = d / scale;
+    }
+    l_cpu = engine_window_loss(&cpu, win, n_win);
+    l_gpu = engine_window_loss(&gpu, win, n_win);
+    EXPECT(fabs(l_gpu - l_cpu) <= 5e-3 * l_cpu, "adapter window loss: gpu %.6f cpu %.6f", l_gpu, l_cpu);
+    printf("adapter applied: largest GPU logit error %.2e of the largest logit; window loss gpu %.6f, cpu %.6f\n",
+           (double)worst_lora, l_gpu, l_cpu);
+    lora_free(&ad);
 
     free(win);
     free(cpu_logits);
