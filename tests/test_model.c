@@ -9,7 +9,8 @@
  * set) against training buffers (identical); attention with S2-Attn groups against an
  * explicit-mask attention in double, forward and backward, on fresh random inputs; the
  * LinearHook (a hook adding x D^T must act exactly like W + D, and grads_for_frozen_linears
- * = 0 must leave the projection gradients at zero while the others stay the same).
+ * = 0 must leave the projection gradients at zero while the others stay the same);
+ * a second backward into the same Grads must double them (they accumulate).
  */
 #define STAGE 0
 #include "02_model.c"
@@ -157,6 +158,22 @@ static void check_fixture(const char *name) {
         EXPECT(e <= 1e-4, "%s: gradient of %s differs from HF by %.3g (L2 relative, limit 1e-4)", name, refs[i].name, e);
         if (e > worst || e != e) { worst = e; worst_name = refs[i].name; }
     }
+    /* gradients accumulate: a second forward + backward into the same Grads doubles them */
+    model_forward(&m, &act, tokens, targets, B, N, &opt);
+    model_backward(&m, &act, &g, tokens, targets, B, N, &opt);
+    double worst2 = 0;
+    for (size_t i = 0; i < n; i++) {
+        char key[160];
+        snprintf(key, sizeof key, "grad.%s", refs[i].name);
+        size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
+        const float *gref = (const float *)ref_need(&ref, key, numel)->data;
+        float *twice = xmalloc(numel * sizeof(float));
+        for (size_t k = 0; k < numel; k++) twice[k] = 2.0f * gref[k];
+        double e = l2_rel(refs[i].data, twice, numel);
+        if (e > worst2 || e != e) worst2 = e;
+        free(twice);
+    }
+    EXPECT(worst2 <= 1e-4, "%s: a second backward did not add to the gradients (worst %.3g from 2 x HF)", name, worst2);
     EXPECT(n + 5 == ref.count - (ref_get(&ref, "logits_ctx") ? 1 : 0) - (ref_get(&ref, "logits_bf16") ? 1 : 0),
            "%s: the fixture has gradients for %zu tensors, the model %zu", name, ref.count - 5, n);
     printf("%s: B=%zu N=%zu logits %.2g loss %.2g (%.6f vs HF %.6f), worst gradient %.2g (%s), %zu tensors, %.2fs, act %.1f KiB\n",
