@@ -13,7 +13,9 @@ An object is R's "XDR" serialization (format 2 or 3). We read only the node type
 plain data (character/logical/integer/double vectors, lists, pairlists, symbols, references)
 and refuse anything else with a clear message, so no R is needed.
 
-Usage: extract_austen.py PACKAGE_ROOT OUT.txt      (PACKAGE_ROOT is where the .deb was unpacked)
+Usage: extract_austen.py PACKAGE_ROOT OUT.txt [--train TRAIN.txt] [--eval EVAL.txt]
+  PACKAGE_ROOT is where the .deb was unpacked; OUT.txt gets all six novels, TRAIN.txt the
+  first five and EVAL.txt the last one (Persuasion), so an evaluation can use unseen text.
 Standard library only.
 """
 import bz2
@@ -174,10 +176,23 @@ def parse_object(name, get_bytes):
         raise RFormatError("%s is corrupt (%s: %s)" % (name, type(e).__name__, e))
 
 
+def write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    print("  %d characters, %d words -> %s" % (len(text), len(text.split()), path))
+
+
 def main(argv):
-    if len(argv) != 3:
-        sys.exit("usage: extract_austen.py PACKAGE_ROOT OUT.txt")
-    root, out_path = argv[1], argv[2]
+    args = argv[1:]
+    split = {}
+    while len(args) >= 2 and args[-2] in ("--train", "--eval"):
+        split[args[-2]] = args[-1]
+        args = args[:-2]
+    if len(args) != 2:
+        sys.exit("usage: extract_austen.py PACKAGE_ROOT OUT.txt [--train TRAIN.txt] [--eval EVAL.txt]")
+    root, out_path = args
     try:
         objects = read_lazyload_db(root)
     except RFormatError as e:
@@ -191,12 +206,12 @@ def main(argv):
         parts.append(text)
         print("  %-22s %7d lines %8d words" % (title, len(lines), len(text.split())))
     # Books are separated by blank lines; the model sees them as one long stream of English.
-    body = "\n\n\n".join(parts)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(body)
-    os.replace(tmp, out_path)
-    print("  total %d characters, %d words -> %s" % (len(body), len(body.split()), out_path))
+    # The split for fine-tuning and evaluation keeps the last novel (Persuasion) unseen.
+    write_text(out_path, "\n\n\n".join(parts))
+    if "--train" in split:
+        write_text(split["--train"], "\n\n\n".join(parts[:-1]))
+    if "--eval" in split:
+        write_text(split["--eval"], parts[-1])
 
 
 if __name__ == "__main__":

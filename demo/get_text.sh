@@ -3,6 +3,10 @@
 #
 #   bash demo/get_text.sh           prints the text file's path as its last line
 #
+# Writes three files into $CACHE/text: austen.txt (all six novels), austen-train.txt (the
+# first five, for fine-tuning) and austen-eval.txt (Persuasion, about 110k tokens, held out
+# for perplexity and passkey haystacks).
+#
 # Jane Austen's six novels (public domain; about 4 MB, 718k words, 1.0M SmolLM2 tokens), as
 # Debian ships them in the package r-cran-janeaustenr (data for R, MIT-licensed packaging):
 #   1. apt-get download the .deb (no root needed, nothing is installed)
@@ -16,9 +20,11 @@ cd "$(dirname "$0")/.."
 PACKAGE=r-cran-janeaustenr
 CACHE=${LONGLORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/longlora-c}
 OUT=$CACHE/text/austen.txt
+TRAIN=$CACHE/text/austen-train.txt
+EVAL=$CACHE/text/austen-eval.txt
 die() { echo "get_text.sh: $*" >&2; exit 1; }
 
-if [ -s "$OUT" ]; then echo "$OUT"; exit 0; fi
+if [ -s "$OUT" ] && [ -s "$TRAIN" ] && [ -s "$EVAL" ]; then echo "$OUT"; exit 0; fi
 command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
   || die "this needs a Debian or Ubuntu machine (apt-get and dpkg-deb) to fetch $PACKAGE"
 command -v python3 >/dev/null || die "python3 is needed"
@@ -43,8 +49,11 @@ fi
 deb=$(ls "$tmp"/${PACKAGE}_*.deb | head -n 1)
 echo "get_text.sh: $(basename "$deb")" >&2
 dpkg-deb -x "$deb" "$tmp/root" || die "could not unpack $deb"
-python3 demo/extract_austen.py "$tmp/root" "$tmp/austen.txt" >&2 || die "could not extract the text"
+python3 demo/extract_austen.py "$tmp/root" "$tmp/austen.txt" --train "$tmp/austen-train.txt" \
+  --eval "$tmp/austen-eval.txt" >&2 || die "could not extract the text"
 chars=$(wc -c < "$tmp/austen.txt")
 [ "$chars" -gt 3000000 ] || die "the extracted text is only $chars bytes; expected about 4 MB"
+mv "$tmp/austen-train.txt" "$TRAIN"
+mv "$tmp/austen-eval.txt" "$EVAL"
 mv "$tmp/austen.txt" "$OUT"
 echo "$OUT"

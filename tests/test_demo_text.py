@@ -7,7 +7,8 @@ NA elements, integer and logical vectors, named lists whose `names` attribute is
 pairlist, the second `names` symbol as a back-reference the way R writes repeated symbols),
 builds the package layout demo/get_text.sh unpacks (data/Rdata.rdx gzip'd index,
 data/Rdata.rdb objects compressed with zlib, bzip2 and xz), and checks that the extracted
-text is exactly the six novels' lines in publication order. Then hostile packages: missing
+text is exactly the six novels' lines in publication order (and --train / --eval the first
+five and the last). Then hostile packages: missing
 files, a truncated database, an index pointing past its end, an unsupported R type, a novel
 missing, and 150 random byte mutations of a good database; each must end with exit status
 non-zero and one line on stderr naming the problem (or, for a mutation that happens to stay
@@ -123,8 +124,8 @@ def expected_text(books):
     return "\n\n\n".join("\n".join(s or "" for s in books[n]).strip() + "\n" for n in NOVELS)
 
 
-def extract(root, out):
-    return subprocess.run([sys.executable, EXTRACT, root, out], capture_output=True, text=True)
+def extract(root, out, *split):
+    return subprocess.run([sys.executable, EXTRACT, root, out, *split], capture_output=True, text=True)
 
 
 def expect_clean_failure(what, root, out):
@@ -146,13 +147,18 @@ def main():
     good = os.path.join(tmp, "good")
     rdb = write_package(good, books)
     out = os.path.join(tmp, "out.txt")
-    r = extract(good, out)
+    train, evaluation = os.path.join(tmp, "train.txt"), os.path.join(tmp, "eval.txt")
+    r = extract(good, out, "--train", train, "--eval", evaluation)
     expect(r.returncode == 0, "good package: exit %d: %s" % (r.returncode, r.stderr.strip()))
     if r.returncode == 0:
         got = open(out, encoding="utf-8").read()
         expect(got == expected_text(books), "good package: the text differs from the novels' lines")
-        print("  good package: %d characters, six novels in order, NA lines empty" % len(got))
-        os.remove(out)
+        last = "\n".join(s or "" for s in books[NOVELS[-1]]).strip() + "\n"
+        expect(open(evaluation, encoding="utf-8").read() == last, "--eval is not the last novel")
+        expect(open(train, encoding="utf-8").read() + "\n\n\n" + last == got, "--train is not the first five novels")
+        print("  good package: %d characters, six novels in order, NA lines empty; train/eval split" % len(got))
+        for f in (out, train, evaluation):
+            os.remove(f)
 
     print("  " + expect_clean_failure("no package", os.path.join(tmp, "nowhere"), out))
     bad = os.path.join(tmp, "truncated")
