@@ -1284,6 +1284,12 @@ static int trainer_run(Trainer *t) {
                o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, tokens_per_step, c->rope_factor,
                t->data.n_seqs, o->lr, o->warmup);
         if (o->group) printf("S2-Attn: G=%d (N/G=%d groups, shift %d)\n", o->group, o->ctx / o->group, o->group / 2);
+        if (t->data.stream)
+            printf("data: %zu tokens packed into %zu sequences of %d; an epoch is %.1f steps\n", t->data.stream_len, t->data.n_seqs, o->ctx,
+                   (double)t->data.n_seqs / ((double)o->batch * o->grad_accum));
+        else
+            printf("data: SFT (%s template), %zu sequences of %d, %zu target tokens (%.1f%% of positions carry loss)\n", o->template_name,
+                   t->data.n_seqs, o->ctx, t->data.loss_tokens, 100.0 * t->data.loss_tokens / ((double)t->data.n_seqs * o->ctx));
     }
     g_stop_signal = 0;
     struct sigaction sa, old_int, old_term;
