@@ -260,10 +260,10 @@ static void gpu_engine_alloc_weights(GpuEngine *g, const Config *c) {
         proj_shape(c, PROJ_K, &in, &out); GPU_TENSOR(gl->wk, in * out, 0);
         proj_shape(c, PROJ_V, &in, &out); GPU_TENSOR(gl->wv, in * out, 0);
         proj_shape(c, PROJ_O, &in, &out); GPU_TENSOR(gl->wo, in * out, 0);
-        GPU_TENSOR(gl->mlp_norm, D, 1);
         proj_shape(c, PROJ_GATE, &in, &out); GPU_TENSOR(gl->w_gate, in * out, 0);
         proj_shape(c, PROJ_UP, &in, &out); GPU_TENSOR(gl->w_up, in * out, 0);
         proj_shape(c, PROJ_DOWN, &in, &out); GPU_TENSOR(gl->w_down, in * out, 0);
+        GPU_TENSOR(gl->mlp_norm, D, 1);
     }
     GPU_TENSOR(g->final_norm, D, 1);
     if (c->tie_embeddings) g->lm_head = g->embed;
@@ -282,7 +282,8 @@ static void gpu_engine_upload(GpuEngine *g, const Model *m) {
     uint16_t *host = (uint16_t *)xmalloc(biggest * sizeof(uint16_t)); /* [biggest] */
     for (size_t i = 0; i < n; i++) {
         size_t numel = g->tensors[i].numel;
-        CHECK((size_t)refs[i].shape[0] * (size_t)refs[i].shape[1] == numel, "tensor %s has the wrong size", refs[i].name);
+        CHECK((size_t)refs[i].shape[0] * (size_t)refs[i].shape[1] == numel && (refs[i].ndim == 1) == g->tensors[i].is_norm,
+              "tensor %s does not match the GPU layout", refs[i].name);
 #pragma omp parallel for
         for (size_t k = 0; k < numel; k++) host[k] = f32_to_bf16(refs[i].data[k]);
         GPU_CHECK(cudaMemcpy(g->tensors[i].ptr, host, numel * sizeof(uint16_t), cudaMemcpyHostToDevice));
@@ -401,8 +402,10 @@ static void gpu_engine_free(GpuEngine *g) {
 /* Tokens [T] at positions pos0 .. pos0+T-1 through the layers; keys and values go into the
  * cache. A prefill (T rows) must start at position 0 (flash attention over the rows); a
  * decode step (T = 1) reads every cached key with 04's decode attention. The last layer's
- * output stays in g->x [T, D]. */
-static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size_t pos0) {
+ * output stays in g->x [T, D]. With last_row_only, only row T-1 of the output is wanted
+ * (generation): the last layer then computes keys and values for every row (the cache
+ * needs them) but its queries, attention, o projection and MLP for row T-1 alone. */
+static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size_t pos0, int last_row_only) {
     const Config *c = &g->cfg;
     size_t D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size, H = (size_t)c->n_heads, Hk = (size_t)c->n_kv_heads;
     size_t d = (size_t)c->head_dim, Hd = H * d, Hkd = Hk * d;
@@ -415,14 +418,22 @@ static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size
         const GpuLayer *gl = &g->layers[l];
         uint16_t *kc = g->k_cache + (size_t)l * g->n_cap * Hkd, *vc = g->v_cache + (size_t)l * g->n_cap * Hkd;
         gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->attn_norm, T, D, c->rms_eps);
-        gpu_matmul_bf16(0, 1, T, Hd, D, 1.0f, g->xn, gl->wq, 0.0f, g->q, 0);
-        gpu_lora(g, l, PROJ_Q, g->xn, g->q, T);
         gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wk, 0.0f, kc + pos0 * Hkd, 0);
         gpu_lora(g, l, PROJ_K, g->xn, kc + pos0 * Hkd, T);
         gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wv, 0.0f, vc + pos0 * Hkd, 0);
         gpu_lora(g, l, PROJ_V, g->xn, vc + pos0 * Hkd, T);
-        gpu_rope_forward(g->q, T, H, d, Hd, pos0, c->rope_theta, c->rope_factor);
         gpu_rope_forward(kc + pos0 * Hkd, T, Hk, d, Hkd, pos0, c->rope_theta, c->rope_factor);
+        if (last_row_only && T > 1 && l == c->n_layers - 1) {
+            /* from here on one row: the last, at position pos0 + T - 1, seeing all T keys */
+            size_t last = T - 1;
+            GPU_CHECK(cudaMemcpy(g->x, g->x + last * D, D * sizeof(uint16_t), cudaMemcpyDeviceToDevice));
+            GPU_CHECK(cudaMemcpy(g->xn, g->xn + last * D, D * sizeof(uint16_t), cudaMemcpyDeviceToDevice));
+            pos0 += last;
+            T = 1;
+        }
+        gpu_matmul_bf16(0, 1, T, Hd, D, 1.0f, g->xn, gl->wq, 0.0f, g->q, 0);
+        gpu_lora(g, l, PROJ_Q, g->xn, g->q, T);
+        gpu_rope_forward(g->q, T, H, d, Hd, pos0, c->rope_theta, c->rope_factor);
         int rc = pos0 == 0 ? attn_forward(g->q, kc, vc, g->att, g->lse, 1, (int)T, (int)H, (int)Hk, (int)d, 0)
                            : attn_decode(g->q, kc, vc, g->att, g->decode_ws, 1, (int)H, (int)Hk, (int)d, (int)g->n_cap, (int)(pos0 + 1));
         if (rc != 0) die("GPU attention: %s", last_error());
@@ -522,8 +533,8 @@ static void engine_prefill(Engine *e, const int32_t *tokens, size_t n) {
     }
 #ifdef USE_CUDA
     else {
-        gpu_forward_rows(&e->gpu, tokens, n, 0);
-        gpu_last_logits(&e->gpu, n - 1, e->logits);
+        gpu_forward_rows(&e->gpu, tokens, n, 0, 1);
+        gpu_last_logits(&e->gpu, 0, e->logits); /* the last row, now row 0 */
     }
 #endif
     e->pos = n;
@@ -535,7 +546,7 @@ static void engine_decode(Engine *e, int32_t token) {
     if (!e->on_gpu) cpu_forward_rows(&e->cpu, e->model, &e->run, &token, 1, e->pos, e->logits);
 #ifdef USE_CUDA
     else {
-        gpu_forward_rows(&e->gpu, &token, 1, e->pos);
+        gpu_forward_rows(&e->gpu, &token, 1, e->pos, 0);
         gpu_last_logits(&e->gpu, 0, e->logits);
     }
 #endif
@@ -562,7 +573,7 @@ static double engine_window_loss(Engine *e, const int32_t *tokens, size_t n) {
 #ifdef USE_CUDA
     else {
         GpuEngine *g = &e->gpu;
-        gpu_forward_rows(g, tokens, n, 0);
+        gpu_forward_rows(g, tokens, n, 0, 0);
         size_t D = (size_t)e->cfg.dim, V = (size_t)e->cfg.vocab_size;
         gpu_rmsnorm_forward(g->xn, NULL, g->x, g->final_norm, n, D, e->cfg.rms_eps);
         GPU_CHECK(cudaMemcpy(g->targets, targets, n * sizeof(int32_t), cudaMemcpyHostToDevice));
@@ -1114,6 +1125,54 @@ static int infer_shape(const char *name, Config *c) {
 }
 
 #ifdef USE_CUDA
+/* Where a prefill's time goes: layer 0 at T rows, each group of kernels timed alone (best of
+ * 3 after a warm-up): the 7 projections, the attention, the rest (norms, RoPE, adds, SwiGLU). */
+static void bench_breakdown(GpuEngine *g, size_t T, double ms[3]) {
+    const Config *c = &g->cfg;
+    size_t D = (size_t)c->dim, F = (size_t)c->ffn_dim, H = (size_t)c->n_heads, Hk = (size_t)c->n_kv_heads, d = (size_t)c->head_dim;
+    size_t Hd = H * d, Hkd = Hk * d;
+    const GpuLayer *gl = &g->layers[0];
+    uint16_t *kc = g->k_cache, *vc = g->v_cache;
+    cudaEvent_t ev[2];
+    GPU_CHECK(cudaEventCreate(&ev[0]));
+    GPU_CHECK(cudaEventCreate(&ev[1]));
+    for (int k = 0; k < 3; k++) ms[k] = 1e30;
+    for (int rep = 0; rep < 4; rep++)
+        for (int k = 0; k < 3; k++) {
+            GPU_CHECK(cudaEventRecord(ev[0], 0));
+            if (k == 0) {
+                gpu_matmul_bf16(0, 1, T, Hd, D, 1.0f, g->xn, gl->wq, 0.0f, g->q, 0);
+                gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wk, 0.0f, kc, 0);
+                gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wv, 0.0f, vc, 0);
+                gpu_matmul_bf16(0, 1, T, D, Hd, 1.0f, g->att, gl->wo, 0.0f, g->proj, 0);
+                gpu_matmul_bf16(0, 1, T, F, D, 1.0f, g->xn, gl->w_gate, 0.0f, g->gate, 0);
+                gpu_matmul_bf16(0, 1, T, F, D, 1.0f, g->xn, gl->w_up, 0.0f, g->up, 0);
+                gpu_matmul_bf16(0, 1, T, D, F, 1.0f, g->gate, gl->w_down, 0.0f, g->proj, 0);
+            } else if (k == 1) {
+                if (attn_forward(g->q, kc, vc, g->att, g->lse, 1, (int)T, (int)H, (int)Hk, (int)d, 0) != 0) die("%s", last_error());
+            } else {
+                gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->attn_norm, T, D, c->rms_eps);
+                gpu_rope_forward(g->q, T, H, d, Hd, 0, c->rope_theta, c->rope_factor);
+                gpu_rope_forward(kc, T, Hk, d, Hkd, 0, c->rope_theta, c->rope_factor);
+                gpu_add(g->x, g->x, g->proj, T * D);
+                gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->mlp_norm, T, D, c->rms_eps);
+                gpu_swiglu_forward(g->gate, g->gate, g->up, T * F);
+                gpu_add(g->x, g->x, g->proj, T * D);
+            }
+            GPU_CHECK(cudaEventRecord(ev[1], 0));
+            GPU_CHECK(cudaEventSynchronize(ev[1]));
+            float t;
+            GPU_CHECK(cudaEventElapsedTime(&t, ev[0], ev[1]));
+            if (rep > 0 && t < ms[k]) ms[k] = t;
+        }
+    cudaEventDestroy(ev[0]);
+    cudaEventDestroy(ev[1]);
+    double gemm_flop = 2.0 * (double)T * (double)(2 * Hd * D + 2 * Hkd * D + 3 * F * D);
+    double attn_flop = 4.0 * (double)T * (double)T * (double)d * (double)H / 2.0;
+    fprintf(stderr, "bench: one layer at %zu rows: projections %.2f ms (%.0f TFLOP/s), attention %.2f ms (%.0f TFLOP/s), the rest %.2f ms\n",
+            T, ms[0], gemm_flop / ms[0] / 1e9, ms[1], attn_flop / ms[1] / 1e9, ms[2]);
+}
+
 /* Prefill at 32k and decode at 4k and 32k on random weights of a shape (GPU only). */
 static void run_bench(const InferOptions *o, const Config *cfg_in) {
     Config c = *cfg_in;
@@ -1152,6 +1211,8 @@ static void run_bench(const InferOptions *o, const Config *cfg_in) {
         fprintf(stderr, "bench: decode at %zu context: %.1f tokens/s\n", ctxs[k], decode_tps[k]);
     }
     fprintf(stderr, "bench: prefill of %zu tokens: %.0f tokens/s\n", long_ctx, prefill_tps);
+    double ms[3];
+    bench_breakdown(&e.gpu, long_ctx, ms);
     struct cudaDeviceProp prop;
     GPU_CHECK(cudaGetDeviceProperties(&prop, 0));
     FILE *f = o->bench_out ? fopen(o->bench_out, "w") : stdout;
@@ -1161,8 +1222,9 @@ static void run_bench(const InferOptions *o, const Config *cfg_in) {
     fprintf(f, ",\n  \"shape\": ");
     json_write_string(f, o->shape ? o->shape : "model");
     fprintf(f, ",\n  \"dtype\": \"bf16\",\n  \"prefill_tokens\": %zu,\n  \"prefill_tokens_per_s\": %.1f,\n"
-               "  \"decode_steps\": %zu,\n  \"decode_tokens_per_s\": {\"%zu\": %.2f, \"%zu\": %.2f}\n}\n",
-            long_ctx, prefill_tps, steps, short_ctx, decode_tps[0], long_ctx, decode_tps[1]);
+               "  \"decode_steps\": %zu,\n  \"decode_tokens_per_s\": {\"%zu\": %.2f, \"%zu\": %.2f},\n"
+               "  \"layer_ms_at_prefill\": {\"projections\": %.3f, \"attention\": %.3f, \"rest\": %.3f}\n}\n",
+            long_ctx, prefill_tps, steps, short_ctx, decode_tps[0], long_ctx, decode_tps[1], ms[0], ms[1], ms[2]);
     if (f != stdout) fclose(f);
     free(tokens);
     engine_free(&e);

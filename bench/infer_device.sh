@@ -8,7 +8,7 @@ nvidia-smi -L
 make -j16 GPU_ARCH=sm_90 06_infer build/tests/test_gpu_infer 2>&1 | grep -E "error|warning|06_infer" | head -40
 echo "== test_gpu_infer"; build/tests/test_gpu_infer; echo "exit $?"
 echo "== a context too long for the GPU (expect one clear error)"
-python3 -c "import numpy as np; np.arange(3000, dtype=np.uint16).tofile('/tmp/ids.bin')"
+python3 -c "import numpy as np; (np.arange(3000) % 512).astype(np.uint16).tofile('/tmp/ids.bin')"
 ./06_infer --init random --shape tiny-gpu --device gpu --ctx 2000000000 --ppl /tmp/ids.bin; echo "exit $?"
 echo "== perplexity, GPU vs CPU (tiny random model, RoPE factor 4)"
 ./06_infer --init random --shape tiny-gpu --device gpu --ctx 1024 --ppl /tmp/ids.bin --seq-len 512,1024 --stride 256

@@ -33,6 +33,49 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
+def best_ms(fn, reps=3):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        best = min(best, e0.elapsed_time(e1))
+    return best
+
+
+def layer_breakdown(model, T):
+    """torch's pieces of one layer at T rows, timed alone: the 7 projections (F.linear, as HF
+    calls them) and SDPA causal with the default backend choice, flash and cuDNN."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    layer = model.model.layers[0]
+    D = model.config.hidden_size
+    x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
+    a, m = layer.self_attn, layer.mlp
+    out = {}
+    with torch.no_grad():
+        def gemms():
+            for w in (a.q_proj, a.k_proj, a.v_proj, a.o_proj):
+                F.linear(x, w.weight)
+            g, u = F.linear(x, m.gate_proj.weight), F.linear(x, m.up_proj.weight)
+            F.linear(g, m.down_proj.weight)
+        out["projections"] = round(best_ms(gemms), 3)
+        H, d = model.config.num_attention_heads, D // model.config.num_attention_heads
+        q, k, v = (torch.randn(1, H, T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        out["attention_sdpa_default"] = round(best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), 3)
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel(be):
+                    out["attention_sdpa_" + name] = round(best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), 3)
+            except RuntimeError as err:
+                out["attention_sdpa_" + name] = str(err).splitlines()[0][:80]
+    print("peer: one layer at %d rows (ms): %s" % (T, out), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama2-7b")
@@ -75,10 +118,12 @@ def main():
             print(f"peer: decode at {ctx} context: {decode[str(ctx)]:.1f} tokens/s", flush=True)
             torch.cuda.empty_cache()
 
+    breakdown = layer_breakdown(model, args.prefill)
+
     peer = {"impl": "hf-transformers-sdpa", "device": torch.cuda.get_device_name(), "shape": args.shape, "dtype": "bf16",
             "transformers": transformers.__version__, "torch": torch.__version__, "prefill_tokens": args.prefill,
             "prefill_tokens_per_s": round(best, 1), "decode_steps": args.steps,
-            "decode_tokens_per_s": {k: round(v, 2) for k, v in decode.items()}}
+            "decode_tokens_per_s": {k: round(v, 2) for k, v in decode.items()}, "layer_ms_at_prefill": breakdown}
     result = {"peer": peer}
     if args.ours:
         with open(args.ours) as f:
