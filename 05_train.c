@@ -8,12 +8,24 @@
  * memory and ETA, a CSV log, and checkpoints that resume exactly: the adapter in PEFT's
  * format, the fp32 trainable weights with their AdamW moments, the data position and the
  * RNG state, written under a temporary name and renamed into place.
- * Runs on: the CPU, with the fp32 code of 02 and 03, the same flags as the GPU run would
- * take. That trains tiny models end to end on a laptop or in CI; a real model on the CPU
- * is slow but correct.
- * Leaves out (for now): the GPU step. train_step() is where it goes: the CPU step below is
- * the reference it will be checked against; a build with USE_CUDA still trains on the CPU
- * and says so. Multi-GPU, bf16 compute and activation checkpointing belong to that path.
+ * Runs on: the CPU, with the fp32 code of 02 and 03, with the flags the GPU run will take.
+ * That trains tiny models end to end on a laptop or in CI; a real model on the CPU is
+ * correct but slow (SmolLM2-135M: about 15 tokens/s on 2 cores) and holds fp32 weights
+ * plus a full-size gradient buffer (02's Grads).
+ * Leaves out (for now): the GPU step. train_step() is where it goes; the CPU step is the
+ * reference it will be checked against. Every build, USE_CUDA or not, trains on the CPU
+ * and says so; --device gpu is refused. Multi-GPU, bf16 compute and activation
+ * checkpointing belong to that path. Weight decay (off in the recipe) applies to every
+ * trainable tensor, norms included (HF's Trainer exempts norms).
+ * Checked by: tests/test_train.c (flags, data, SFT masking, exact resume, SIGINT, non-finite
+ * loss), tests/test_train_e2e.c (a tiny model learns; its adapter reloads and helps on
+ * held-out text), tests/test_train_text.sh (text and SFT through a real tokenizer).
+ *
+ * CLI (see --help):
+ *   05_train --model DIR --data a.txt b.jsonl c.tok --ctx 8192 --out OUT [--max-steps S] ...
+ *   05_train --model DIR --sft LongAlpaca-12k.json --template llama2-chat --ctx 8192 --out OUT
+ *   05_train --init random --shape tiny --data text.tok --ctx 128 --out OUT     (CI-sized)
+ *   05_train ... --resume OUT     continues from OUT's newest checkpoint-<step>
  *
  * Shape legend: B batch, N sequence (--ctx), D model width, H heads, Hk kv heads,
  * d head dim, F ffn width, V vocab, L layers, G S2 group, R LoRA rank.
