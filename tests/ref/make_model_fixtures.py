@@ -144,6 +144,8 @@ def make(out_root, name, cfg_kwargs, B, N, seed, ctx=0, bf16_copy=False, lm_chec
     print(f"{name}: B={B} N={N} loss={loss:.6f} params={sum(p.numel() for p in model.parameters())} bytes={size}")
 
 
+# Sizes are chosen off the matmul tiles (4 rows, 4 weight rows, blocks of 32/64): F = 88, 70,
+# 90 and V = 61, 67 exercise every remainder path; T = 26, 74, 75 rows.
 def main():
     out_root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "fixtures", "model")
     os.makedirs(out_root, exist_ok=True)
@@ -155,14 +157,14 @@ def main():
               bos_token_id=1, eos_token_id=2),
          B=2, N=13, seed=1, ctx=40, lm_check=True)
     make(out_root, "smollm2_like",
-         dict(hidden_size=192, intermediate_size=72, num_hidden_layers=1, num_attention_heads=3,
-              num_key_value_heads=1, head_dim=64, vocab_size=64, max_position_embeddings=2048,
+         dict(hidden_size=192, intermediate_size=70, num_hidden_layers=1, num_attention_heads=3,
+              num_key_value_heads=1, head_dim=64, vocab_size=61, max_position_embeddings=2048,
               rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
               bos_token_id=1, eos_token_id=2),
          B=2, N=37, seed=2)
     make(out_root, "rope_linear4",
-         dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, head_dim=32, vocab_size=64, max_position_embeddings=32,
+         dict(hidden_size=64, intermediate_size=90, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=32, vocab_size=67, max_position_embeddings=32,
               rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
               rope_scaling={"rope_type": "linear", "factor": 4.0},
               bos_token_id=1, eos_token_id=2),
