@@ -10,13 +10,11 @@
  * RNG state, written under a temporary name and renamed into place.
  * Runs on: the CPU, with the fp32 code of 02 and 03, with the flags the GPU run will take.
  * That trains tiny models end to end on a laptop or in CI; a real model on the CPU is
- * correct but slow (SmolLM2-135M: about 15 tokens/s on 2 cores) and holds fp32 weights
- * plus a full-size gradient buffer (02's Grads).
+ * correct but slow (SmolLM2-135M: about 15 tokens/s on 2 busy cores), in fp32.
  * Leaves out (for now): the GPU step. train_step() is where it goes; the CPU step is the
  * reference it will be checked against. Every build, USE_CUDA or not, trains on the CPU
  * and says so; --device gpu is refused. Multi-GPU, bf16 compute and activation
- * checkpointing belong to that path. Weight decay (off in the recipe) applies to every
- * trainable tensor, norms included (HF's Trainer exempts norms).
+ * checkpointing belong to that path.
  * Checked by: tests/test_train.c (flags, data, SFT masking, exact resume, SIGINT, non-finite
  * loss), tests/test_train_e2e.c (a tiny model learns; its adapter reloads and helps on
  * held-out text), tests/test_train_text.sh (text and SFT through a real tokenizer).
@@ -702,7 +700,7 @@ static int dataset_load_sft(Dataset *ds, const TextCodec *c, const char *path, c
 typedef struct {
     TrainOptions opt;
     Model model;                /* fp32 base weights (frozen) and the LoRA+ embed/norms (trained) */
-    Grads grads;                /* gradients of the trainable tensors */
+    Grads grads;                /* gradients of embed and the norms (03's lora_grads_alloc) */
     Activations acts;           /* for one micro-batch of [B, N] */
     LoraAdapter lora;           /* A, B of q,k,v,o (and their gradients) */
     AdamW adamw;                /* fp32 master weights are the tensors themselves; m, v here */
@@ -1235,7 +1233,7 @@ static void trainer_init(Trainer *t) {
     lc.alpha = (float)o->lora_alpha;
     lc.seed = o->seed;
     if (lora_init(&t->lora, c, &lc) != 0) die("%s", last_error());
-    grads_alloc(&t->grads, c);
+    lora_grads_alloc(&t->grads, c); /* embed and norms only: the linears are frozen */
     memset(&t->adamw, 0, sizeof t->adamw);
     t->adamw.cfg.lr = (float)o->lr;
     t->adamw.cfg.beta1 = (float)o->beta1;

@@ -497,7 +497,7 @@ static void test_sft_masking(void) {
     for (size_t i = 0; i < (size_t)cfg.n_layers * LORA_NUM_TARGETS; i++)
         if (ad.pairs[i].B) for (size_t k = 0; k < ad.pairs[i].out * (size_t)lc.rank; k++) ad.pairs[i].B[k] = 0.1f * rng_normal(&rng);
     Grads g;
-    grads_alloc(&g, &cfg);
+    lora_grads_alloc(&g, &cfg);
     AdamW opt;
     memset(&opt, 0, sizeof opt);
     lora_register_params(&opt, &ad, &m, &g);
