@@ -5,7 +5,8 @@ set -u
 out=${1:-bench/results}
 mkdir -p "$out"
 nvidia-smi -L
-make -j16 GPU_ARCH=sm_90 06_infer build/tests/test_gpu_infer 2>&1 | grep -E "error|warning|06_infer" | head -40
+rm -f build/04_*.o build/tests/test_gpu_infer 06_infer   # objects left by an older tree may not link
+make -j16 GPU_ARCH=sm_90 06_infer build/tests/test_gpu_infer 2>&1 | grep -vE "^(nvcc|/|cc|gcc) " | tail -40
 echo "== test_gpu_infer"; build/tests/test_gpu_infer; echo "exit $?"
 echo "== a context too long for the GPU (expect one clear error)"
 python3 -c "import numpy as np; (np.arange(3000) % 512).astype(np.uint16).tofile('/tmp/ids.bin')"
