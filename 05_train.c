@@ -49,6 +49,7 @@ typedef struct {
     const char *init;               /* --init random (instead of --model) */
     const char *shape;              /* --shape NAME, with --init random */
     const char *tokenizer_path;     /* --tokenizer PATH (default: the model folder) */
+    const char *adapter_dir;        /* --adapter DIR: start from this PEFT adapter (else a fresh one) */
     /* data */
     const char *data_files[TRAIN_MAX_DATA_FILES]; /* --data FILE...: text, .jsonl or token files */
     int n_data_files;
@@ -122,6 +123,7 @@ static void train_usage(FILE *f) {
         "  --shape NAME           llama2-7b | llama2-13b | smollm2-135m | tiny (tests: V from\n"
         "                         --tokenizer, else 256)\n"
         "  --tokenizer PATH       tokenizer.model / tokenizer.json or a folder (default: --model)\n"
+        "  --adapter DIR          start from this PEFT adapter (its rank, alpha, targets) instead of a fresh one\n"
         "data:\n"
         "  --data FILE...         text files (one document each), .jsonl ({\"text\": ...} per line)\n"
         "                         or token files; documents are joined with EOS and packed\n"
@@ -207,6 +209,7 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
         }
         else if (!strcmp(a, "--shape")) o->shape = v;
         else if (!strcmp(a, "--tokenizer")) o->tokenizer_path = v;
+        else if (!strcmp(a, "--adapter")) o->adapter_dir = v;
         else if (!strcmp(a, "--device")) {
             if (!strcmp(v, "gpu")) return set_error("--device gpu: the GPU training step is not written yet; this build trains on the CPU (--device cpu)");
             if (strcmp(v, "cpu") != 0) return set_error("--device must be cpu or gpu, got '%s'", v);
@@ -851,7 +854,7 @@ static int write_trainer_state_json(const Trainer *t, const char *path, double l
     fprintf(f, "  \"data_rng\": [\"%s\", \"%s\", \"%s\", \"%s\"],\n", data_rng[0], data_rng[1], data_rng[2], data_rng[3]);
     fprintf(f, "  \"dropout_rng\": [\"%s\", \"%s\", \"%s\", \"%s\"],\n", drop_rng[0], drop_rng[1], drop_rng[2], drop_rng[3]);
     fprintf(f, "  \"settings\": {\"ctx\": %d, \"group\": %d, \"batch\": %d, \"grad_accum\": %d, \"lora_rank\": %d, "
-               "\"lora_alpha\": %.9g, \"seed\": \"%llu\", \"lr\": %.9g, \"warmup\": %d, \"max_steps\": %d}\n}\n",
+               "\"lora_alpha\": %.17g, \"seed\": \"%llu\", \"lr\": %.9g, \"warmup\": %d, \"max_steps\": %d}\n}\n",
             o->ctx, o->group, o->batch, o->grad_accum, o->lora_rank, o->lora_alpha, (unsigned long long)o->seed, o->lr, o->warmup,
             o->max_steps);
     return atomic_commit(&af);
@@ -1228,11 +1231,18 @@ static void trainer_init(Trainer *t) {
     dataset_start(&t->data, o->seed);
 
     /* LoRA+ and AdamW over exactly the trainable tensors */
-    LoraConfig lc = lora_default_config();
-    lc.rank = o->lora_rank;
-    lc.alpha = (float)o->lora_alpha;
-    lc.seed = o->seed;
-    if (lora_init(&t->lora, c, &lc) != 0) die("%s", last_error());
+    if (o->adapter_dir) { /* start from an existing PEFT adapter: its rank, alpha and targets */
+        if (lora_load_adapter(&t->lora, &t->model, o->adapter_dir) != 0) die("%s", last_error());
+        t->lora.cfg.train_embed = t->lora.cfg.train_norms = 1; /* LoRA+ trains them whether or not it carried them */
+        o->lora_rank = t->lora.cfg.rank;
+        o->lora_alpha = t->lora.cfg.alpha;
+    } else {
+        LoraConfig lc = lora_default_config();
+        lc.rank = o->lora_rank;
+        lc.alpha = (float)o->lora_alpha;
+        lc.seed = o->seed;
+        if (lora_init(&t->lora, c, &lc) != 0) die("%s", last_error());
+    }
     lora_grads_alloc(&t->grads, c); /* embed and norms only: the linears are frozen */
     memset(&t->adamw, 0, sizeof t->adamw);
     t->adamw.cfg.lr = (float)o->lr;
@@ -1287,9 +1297,15 @@ static int trainer_run(Trainer *t) {
     t->csv = open_csv_log(o->out_dir, t->step);
     size_t tokens_per_step = (size_t)o->batch * o->ctx * o->grad_accum;
     if (!o->quiet) {
-        printf("model: D=%d L=%d H=%d Hk=%d d=%d F=%d V=%d, %.2fM parameters, %.3fM trainable (LoRA r=%d on q,k,v,o + embed + norms)\n",
+        char targets[64] = "";
+        for (int w = 0; w < LORA_NUM_TARGETS; w++)
+            if (t->lora.cfg.targets & (1u << w))
+                snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%.*s", targets[0] ? "," : "",
+                         (int)strcspn(LORA_TARGET_NAMES[w], "_"), LORA_TARGET_NAMES[w]);
+        printf("model: D=%d L=%d H=%d Hk=%d d=%d F=%d V=%d, %.2fM parameters, %.3fM trainable (LoRA r=%d alpha %g on %s + embed + norms)\n",
                c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->ffn_dim, c->vocab_size, t->n_params / 1e6,
-               t->n_trainable / 1e6, o->lora_rank);
+               t->n_trainable / 1e6, o->lora_rank, o->lora_alpha, targets);
+        if (o->adapter_dir) printf("adapter: started from %s\n", o->adapter_dir);
         printf("train: N=%d %s, B=%d x %d accumulation = %zu tokens/step, RoPE factor %g, %zu sequences/epoch, lr %g (warmup %d), on the CPU\n",
                o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, tokens_per_step, c->rope_factor,
                t->data.n_seqs, o->lr, o->warmup);
