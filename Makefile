@@ -60,13 +60,6 @@ endif
 05_train: 05_train.c 03_lora.c 02_model.c 01_tokenize.c common.h
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
-# Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere.
-ifneq ($(wildcard 06_infer.c),)
-all: 06_infer
-endif
-06_infer: 06_infer.c 05_train.c 03_lora.c 02_model.c 01_tokenize.c common.h $(if $(USE_CUDA),$(GPU_OBJ))
-	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS)) $(LDLIBS)
-
 # ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
 GPU_SRC := $(wildcard 04_*.cu)
 GPU_OBJ := $(patsubst %.cu,build/%.o,$(GPU_SRC))
@@ -90,6 +83,14 @@ bench: 04_s2attn build/libs2attn.so
 	@mkdir -p bench/results
 	./04_s2attn --bench --out bench/results/attn_ours.json
 	$(PYTHON) bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
+
+# Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere
+# (after GPU_OBJ: a prerequisite list is expanded where the rule is read).
+ifneq ($(wildcard 06_infer.c),)
+all: 06_infer
+endif
+06_infer: 06_infer.c 05_train.c 03_lora.c 02_model.c 01_tokenize.c common.h $(if $(USE_CUDA),$(GPU_OBJ))
+	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS)) $(LDLIBS)
 
 # ---- tests -------------------------------------------------------------------------------
 # tests/test_*.c      CPU tests: each includes the stage it checks (defining STAGE 0 first).
