@@ -820,6 +820,7 @@ typedef struct {
 
 typedef struct {
     size_t B, N;          /* the largest batch and sequence this plan holds */
+    Config cfg;           /* the model it was planned for (shapes and RoPE tables) */
     int for_training;     /* 1: every layer keeps its buffers and the backward ones exist */
     int n_threads;
     LayerActs *layers;    /* [L] */
@@ -850,7 +851,7 @@ typedef struct {
 /* Plans (allocates, once) every buffer for up to B x N tokens. */
 static void act_plan(Activations *a, const Config *c, size_t B, size_t N, int for_training) {
     memset(a, 0, sizeof *a);
-    a->B = B; a->N = N; a->for_training = for_training; a->n_threads = max_threads();
+    a->B = B; a->N = N; a->cfg = *c; a->for_training = for_training; a->n_threads = max_threads();
     size_t T = B * N, D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
     size_t Hd = H * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim, L = (size_t)c->n_layers;
     size_t kept = for_training ? L : 1;
@@ -911,6 +912,11 @@ static void project_backward(const Model *m, Grads *g, const RunOptions *o, int 
 }
 
 static void check_run(const Model *m, const Activations *a, const int32_t *tokens, size_t B, size_t N, const RunOptions *o) {
+    const Config *c = &m->cfg, *p = &a->cfg;
+    if (c->dim != p->dim || c->ffn_dim != p->ffn_dim || c->n_layers != p->n_layers || c->n_heads != p->n_heads ||
+        c->n_kv_heads != p->n_kv_heads || c->head_dim != p->head_dim || c->vocab_size != p->vocab_size ||
+        c->rope_theta != p->rope_theta || c->rope_factor != p->rope_factor)
+        die("the activations were planned for a model of another shape or RoPE scaling");
     if (B * N > a->B * a->N || N > a->N) die("a batch of %zu x %zu tokens does not fit activations planned for %zu x %zu", B, N, a->B, a->N);
     if (o && o->s2_group && N % o->s2_group != 0) die("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, o->s2_group);
     for (size_t t = 0; t < B * N; t++)
