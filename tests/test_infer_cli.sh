@@ -7,8 +7,10 @@
 #     output, --template llama2-chat runs, prefill and decode tokens/s are printed;
 #  3. perplexity: several --seq-len values print one row each;
 #  4. passkey: the CSV has one row per (length, trial), its accuracy per length is the table's,
-#     depths stay inside the filler, a seed reproduces the CSV and another seed changes the keys.
-# Parts 2 and 4 need LLaMA-2's tokenizer from ../shared/data (skipped, with a note, without it).
+#     depths stay inside the filler, a seed reproduces the CSV and another seed changes the keys;
+#  5. export: sharded bf16 folder with index, config and the tokenizer copied; its perplexity
+#     matches base + adapter within bf16 rounding.
+# Parts 2, 4 and 5 need LLaMA-2's tokenizer from ../shared/data (skipped, with a note, without it).
 cd "$(dirname "$0")/.." || exit 1
 BIN=./06_infer
 [ -x "$BIN" ] || make -s 06_infer >/dev/null || { echo "cannot build 06_infer"; exit 1; }
@@ -103,6 +105,21 @@ for t, (avg_tokens, trials, acc) in table.items():
 assert [r["key"] for r in rows[:3]] == [r["key"] for r in rows[3:]]
 assert [r["key"] for r in rows] != [r["key"] for r in other], "seed 12 drew seed 11's keys"
 EOF
+
+# 5. export from the command line: shards + index, config, tokenizer copied; its perplexity
+#    (bf16 weights) is the applied adapter's within bf16 rounding (2e-2 relative)
+mkdir -p "$TMP/base" && cp tests/fixtures/infer/base/* "$TMP/base/" && cp "$TOK" "$TMP/base/"
+"$PYTHON" -c "import numpy as np; np.random.default_rng(2).integers(0, 120, 400).astype(np.uint16).tofile('$TMP/small.bin')"
+$BIN --model "$TMP/base" --adapter tests/fixtures/infer/adapter --ctx 64 --export "$TMP/exp" --shard-size 20000 2>"$TMP/err" \
+  || bad "export failed: $(cat "$TMP/err")"
+[ -f "$TMP/exp/model.safetensors.index.json" ] && [ -f "$TMP/exp/model-00001-of-00003.safetensors" ] && ok || bad "export is not sharded: $(ls "$TMP/exp")"
+cmp -s "$TOK" "$TMP/exp/tokenizer.model" && ok || bad "tokenizer.model was not copied"
+grep -q '"max_position_embeddings": 64' "$TMP/exp/config.json" && grep -q '"factor": 2' "$TMP/exp/config.json" && ok \
+  || bad "config.json: $(cat "$TMP/exp/config.json")"
+a=$($BIN --model "$TMP/base" --adapter tests/fixtures/infer/adapter --ctx 64 --ppl "$TMP/small.bin" --seq-len 64 --stride 32 2>/dev/null | awk '$1 == 64 {print $4}')
+b=$($BIN --model "$TMP/exp" --ppl "$TMP/small.bin" --seq-len 64 --stride 32 2>/dev/null | awk '$1 == 64 {print $4}')
+"$PYTHON" -c "import sys; a, b = float('$a'), float('$b'); sys.exit(0 if abs(a - b) <= 2e-2 * a else 1)" && ok \
+  || bad "perplexity of the export $b, of base + adapter $a"
 
 echo "test_infer_cli: $checks checks, $fails failures"
 [ $fails -eq 0 ]
