@@ -157,7 +157,10 @@ static void train_usage(FILE *f) {
         "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
         "  --quiet                no progress lines\n"
         "  --device cpu           where the step runs (the GPU step is not written yet)\n"
-        "  --help                 this text\n");
+        "  --help                 this text\n"
+        "Flags may be spelled with _ for -, and HF Trainer names work too (--learning_rate,\n"
+        "--per_device_train_batch_size, --gradient_accumulation_steps, --warmup_steps,\n"
+        "--max_grad_norm, --output_dir, --model_name_or_path, --model_max_length, --save_steps).\n");
 }
 
 /* Strict number parsing: the whole string must be a finite number. */
@@ -179,11 +182,31 @@ static int parse_int_arg(const char *flag, const char *s, long lo, long hi, int 
     return 0;
 }
 
+/* HF Trainer spellings a user may reach for, and the flag each means here. */
+static const char *const FLAG_ALIASES[][2] = {
+    {"--model-name-or-path", "--model"}, {"--output-dir", "--out"}, {"--learning-rate", "--lr"},
+    {"--model-max-length", "--ctx"}, {"--per-device-train-batch-size", "--batch"},
+    {"--gradient-accumulation-steps", "--grad-accum"}, {"--warmup-steps", "--warmup"}, {"--max-grad-norm", "--clip"},
+    {"--save-steps", "--save-every"}, {"--logging-steps", "--log-every"}, {"--adam-epsilon", "--eps"},
+    {"--resume-from-checkpoint", "--resume"}, {"--data-path", "--data"}, {"--lora-r", "--lora-rank"},
+};
+
+/* "--learning_rate" and "--learning-rate" both become "--lr" (in buf); other flags stay. */
+static const char *canonical_flag(const char *arg, char *buf, size_t cap) {
+    if (strncmp(arg, "--", 2) != 0 || strlen(arg) >= cap) return arg;
+    snprintf(buf, cap, "%s", arg);
+    for (char *c = buf + 2; *c; c++) if (*c == '_') *c = '-';
+    for (size_t k = 0; k < sizeof FLAG_ALIASES / sizeof *FLAG_ALIASES; k++)
+        if (!strcmp(buf, FLAG_ALIASES[k][0])) return FLAG_ALIASES[k][1];
+    return buf;
+}
+
 /* Parses argv into o (which holds the defaults). -1 + last_error() on a bad flag; returns 1
  * when --help was asked for. Does not check cross-flag rules: train_validate does. */
 static int train_parse_args(TrainOptions *o, int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
+        char flag[64];
+        const char *a = canonical_flag(argv[i], flag, sizeof flag);
         /* flags without a value */
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return 1;
         if (!strcmp(a, "--s2")) { o->s2 = 1; continue; }

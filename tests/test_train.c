@@ -196,6 +196,11 @@ static void test_flags(void) {
     rc = parse_flags(&o, "--init random --shape tiny --sft s.json --template alpaca --pack --ctx 64");
     EXPECT(rc == 0 && o.sft_pack && !strcmp(o.template_name, "alpaca"), "SFT flags parsed");
     EXPECT(parse_flags(&o, "--help") == 1, "--help is reported");
+    rc = parse_flags(&o, "--model_name_or_path m --data_path a --learning_rate 1e-4 --model_max_length 2048 --per_device_train_batch_size 3 "
+                         "--gradient_accumulation_steps 5 --warmup_steps 7 --max_grad_norm 0.3 --output_dir od --save_steps 9 --weight_decay 0.5");
+    EXPECT(rc == 0 && !strcmp(o.model_dir, "m") && o.n_data_files == 1 && o.lr == 1e-4 && o.ctx == 2048 && o.batch == 3 && o.grad_accum == 5 &&
+           o.warmup == 7 && o.clip == 0.3 && !strcmp(o.out_dir, "od") && o.save_every == 9 && o.weight_decay == 0.5,
+           "HF Trainer spellings (underscores, learning_rate, per_device_train_batch_size, ...) work: %s", last_error());
 
     struct { const char *flags, *says; } bad[] = {
         {"--model m --data a --ctx 1002", "divide"},               /* 1002 * 0.25 = 250.5 */
