@@ -135,7 +135,8 @@ def spm_fixture(model, path, n, seed):
     spm = need("sentencepiece")
     sp = spm.SentencePieceProcessor(model_file=model)
     cases = []
-    for s in gen_strings(n, seed):
+    # user-defined and control pieces written as text: only user-defined ones are matched whole
+    for s in gen_strings(n, seed, ["<sep>", "LongLoRA", "<s>", "</s>", "<unk>", "<0x41>"]):
         ids = sp.encode(s)
         cases.append((s, ids, sp.decode(ids)))
     write_fixture(path, cases)
