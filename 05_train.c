@@ -80,6 +80,7 @@ typedef struct {
     const char *out_dir;            /* --out DIR */
     const char *resume_dir;         /* --resume DIR: a checkpoint folder, or an --out folder */
     int save_every;                 /* --save-every K (0: only at the end) */
+    int save_total_limit;           /* --save-total-limit K: keep the newest K checkpoints (0: all) */
     int log_every;                  /* --log-every K: progress lines */
     double peak_tflops;             /* --peak-tflops: the device's peak, for MFU (0: n/a on CPU) */
     int quiet;                      /* --quiet: no progress lines (the CSV is still written) */
@@ -152,6 +153,7 @@ static void train_usage(FILE *f) {
         "output:\n"
         "  --out DIR              adapter, checkpoints and train_log.csv (default out)\n"
         "  --save-every K         checkpoint every K steps (default 0: at the end only)\n"
+        "  --save-total-limit K   keep only the newest K checkpoints (default 0: keep all)\n"
         "  --resume DIR           continue from a checkpoint folder (or the newest in an --out folder)\n"
         "  --log-every K          a progress line every K steps (default 1)\n"
         "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
@@ -302,6 +304,7 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
         else if (!strcmp(a, "--out")) o->out_dir = v;
         else if (!strcmp(a, "--resume")) o->resume_dir = v;
         else if (!strcmp(a, "--save-every")) { if (parse_int_arg(a, v, 0, INT32_MAX, &o->save_every)) return -1; }
+        else if (!strcmp(a, "--save-total-limit")) { if (parse_int_arg(a, v, 0, INT32_MAX, &o->save_total_limit)) return -1; }
         else if (!strcmp(a, "--log-every")) { if (parse_int_arg(a, v, 1, INT32_MAX, &o->log_every)) return -1; }
         else if (!strcmp(a, "--peak-tflops")) {
             if (parse_double_arg(a, v, &x)) return -1;
@@ -945,6 +948,34 @@ static int checkpoint_save(Trainer *t, double last_loss) {
     return 0;
 }
 
+/* With --save-total-limit K, removes all but the newest K checkpoint-<step> folders of OUT. */
+static void prune_checkpoints(const TrainOptions *o) {
+    if (o->save_total_limit <= 0) return;
+    DIR *d = opendir(o->out_dir);
+    if (!d) return;
+    long *steps = NULL;
+    size_t n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        long s;
+        int used = 0;
+        if (sscanf(e->d_name, "checkpoint-%ld%n", &s, &used) == 1 && e->d_name[used] == 0 && s >= 0) {
+            steps = (long *)xrealloc(steps, (n + 1) * sizeof(long));
+            steps[n++] = s;
+        }
+    }
+    closedir(d);
+    for (size_t i = 0; i < n; i++) { /* newest first */
+        size_t newer = 0;
+        for (size_t j = 0; j < n; j++) newer += steps[j] > steps[i];
+        if (newer < (size_t)o->save_total_limit) continue;
+        char name[64], path[4200];
+        snprintf(name, sizeof name, "checkpoint-%ld", steps[i]);
+        if (remove_flat_dir(path_join(path, sizeof path, o->out_dir, name)) != 0) fprintf(stderr, "warning: %s\n", last_error());
+    }
+    free(steps);
+}
+
 /* The checkpoint folder --resume DIR means: DIR itself when it holds trainer_state.json,
  * else the checkpoint-<step> inside it with the largest step. */
 static int checkpoint_find(const char *dir, char *out, size_t cap) {
@@ -1309,6 +1340,7 @@ static void trainer_free(Trainer *t) {
 /* The adapter of the final step also goes into OUT itself, so OUT is a PEFT folder. */
 static void save_or_die(Trainer *t, double loss, int final) {
     if (checkpoint_save(t, loss) != 0) die("%s", last_error());
+    prune_checkpoints(&t->opt);
     if (final && lora_save_adapter(&t->lora, &t->model, t->opt.out_dir, t->opt.model_dir) != 0) die("%s", last_error());
 }
 

@@ -680,6 +680,20 @@ static void test_resume(void) {
         free(l1); free(l2);
     }
 
+    /* --save-total-limit keeps the newest checkpoints only */
+    char f_dir[512];
+    tmp_path(f_dir, "runF");
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 5 --save-every 1 --save-total-limit 2 --out %s", common, data, f_dir);
+    rc = run_training(flags, tmp_path(log, "f.log"), NULL, 0);
+    int kept = 0, newest = 0;
+    d = opendir(f_dir);
+    for (struct dirent *e; d && (e = readdir(d));) {
+        int s;
+        if (sscanf(e->d_name, "checkpoint-%d", &s) == 1) { kept++; newest += s == 4 || s == 5; }
+    }
+    if (d) closedir(d);
+    EXPECT(rc == 0 && kept == 2 && newest == 2, "--save-total-limit 2 keeps checkpoint-4 and checkpoint-5 only (%d kept)", kept);
+
     /* a non-finite loss stops the run, names the step, keeps the last good checkpoint */
     char e_dir[512];
     tmp_path(e_dir, "runE");
