@@ -11,10 +11,12 @@
  * Runs on: the CPU in fp32 for small models (02's pieces, the KV cache in fp32, the
  * adapter applied through 02's LinearHook or merged), or with USE_CUDA on the GPU: bf16
  * weights, cuBLAS for the projections, 04's layer kernels, 04's flash attention for the
- * prefill and its split-K decode attention for every new token, a bf16 KV cache.
+ * prefill and its split-K decode attention for every new token, a bf16 KV cache, the
+ * adapter applied through 04's LoRA path or merged. A generation prefill's last layer
+ * computes keys and values for every row but everything else for the last row only.
  * Checked against: 02's full forward (every logit of a cached decode), HF transformers'
  * perplexity and its reload of our exported folder (fixtures from tests/ref/), the CPU
- * path (the GPU's greedy tokens and logits).
+ * path (the GPU's greedy tokens, logits and window losses: tests/test_gpu_infer.c).
  * Leaves out: batching several prompts, beam search, chunked prefill on the GPU (a prompt
  * is prefilled in one pass, so the activations are planned for the whole context),
  * speculative decoding and quantised weights.
@@ -1286,6 +1288,7 @@ static int infer_main(int argc, char **argv) {
                 lens[n_lens++] = (size_t)parse_long_arg("--seq-len", tk, 2, 1L << 40);
             }
         }
+        if (n_lens == 0) die("--seq-len needs at least one length");
         size_t biggest = 0;
         for (size_t i = 0; i < n_lens; i++) if (lens[i] > biggest) biggest = lens[i];
         if (biggest > ctx) die("--seq-len %zu is longer than the context (--ctx %zu)", biggest, ctx);
