@@ -399,7 +399,7 @@ static void dataset_shuffle(Dataset *ds) {
 /* Sets up the order once the sequences exist. */
 static void dataset_start(Dataset *ds, uint64_t seed) {
     rng_seed(&ds->rng, seed ^ 0xda7a5eedda7a5eedull);
-    ds->order = (uint32_t *)xmalloc(ds->n_seqs * sizeof(uint32_t));
+    ds->order = (uint32_t *)xmalloc(ds->n_seqs * sizeof(uint32_t)); /* [n_seqs] */
     ds->pos = 0;
     ds->epoch = 0;
     dataset_shuffle(ds);
@@ -571,7 +571,7 @@ static char *sft_prompt(const char *template_name, const char *instruction, cons
     else
         fmt = has_input ? "%s\n\n%s" : "%s%s";
     size_t cap = strlen(fmt) + strlen(instruction) + (has_input ? strlen(input) : 0) + 1;
-    char *s = (char *)xmalloc(cap);
+    char *s = (char *)xmalloc(cap); /* [cap] the prompt text */
     snprintf(s, cap, fmt, instruction, has_input ? input : "");
     return s;
 }
@@ -605,7 +605,7 @@ static int sft_example_from_record(SftExample *ex, const TextCodec *c, const cha
     if (!o_ids) { free(p_ids); return -1; }
     ex->len = n_prompt + n_out + (c->eos_id >= 0 ? 1 : 0);
     ex->n_prompt = n_prompt;
-    ex->ids = (int32_t *)xmalloc((ex->len ? ex->len : 1) * sizeof(int32_t));
+    ex->ids = (int32_t *)xmalloc((ex->len ? ex->len : 1) * sizeof(int32_t)); /* [len] */
     memcpy(ex->ids, p_ids, n_prompt * sizeof(int32_t));
     memcpy(ex->ids + n_prompt, o_ids, n_out * sizeof(int32_t));
     if (c->eos_id >= 0) ex->ids[ex->len - 1] = c->eos_id;
@@ -673,7 +673,7 @@ static int dataset_load_sft(Dataset *ds, const TextCodec *c, const char *path, c
     free(raw);
     int rc = 0;
     if (n_rec == 0) rc = set_error("%s holds no records", path);
-    SftExample *ex = (SftExample *)xcalloc(n_rec ? n_rec : 1, sizeof(SftExample));
+    SftExample *ex = (SftExample *)xcalloc(n_rec ? n_rec : 1, sizeof(SftExample)); /* [n_rec] */
     for (size_t i = 0; i < n_rec && rc == 0; i++)
         rc = sft_example_from_record(&ex[i], c, template_name, whole ? &whole->items[i] : lines[i], path, i);
     json_free(whole);
@@ -902,8 +902,8 @@ static int checkpoint_save(Trainer *t, double last_loss) {
         /* fp32 trainable tensors, their moments, and the epoch's data order */
         StWriter sw = {0};
         size_t n = t->adamw.count;
-        char (*names)[200] = (char (*)[200])xmalloc((3 * n + 1) * sizeof *names);
-        int64_t *order = (int64_t *)xmalloc(t->data.n_seqs * sizeof(int64_t));
+        char (*names)[200] = (char (*)[200])xmalloc((3 * n + 1) * sizeof *names); /* [3n] param, m, v names */
+        int64_t *order = (int64_t *)xmalloc(t->data.n_seqs * sizeof(int64_t)); /* [n_seqs] */
         for (size_t i = 0; i < t->data.n_seqs; i++) order[i] = t->data.order[i];
         for (size_t k = 0; k < n; k++) {
             const TrainParam *p = &t->adamw.params[k];
@@ -1060,7 +1060,7 @@ static int checkpoint_load(Trainer *t, const char *dir) {
     SafeTensors st;
     if (st_open(&st, path_join(path, sizeof path, dir, "train_state.safetensors")) != 0) return -1;
     size_t n = t->adamw.count;
-    const StTensor **src = (const StTensor **)xcalloc(3 * n + 1, sizeof *src);
+    const StTensor **src = (const StTensor **)xcalloc(3 * n + 1, sizeof *src); /* [3n] param, m, v */
     char name[220];
     for (size_t k = 0; k < n && rc == 0; k++) {
         const TrainParam *p = &t->adamw.params[k];
@@ -1082,8 +1082,8 @@ static int checkpoint_load(Trainer *t, const char *dir) {
     uint32_t *new_order = NULL;
     if (rc == 0) {
         /* must be a permutation of 0..n_seqs-1 */
-        new_order = (uint32_t *)xmalloc((t->data.n_seqs ? t->data.n_seqs : 1) * sizeof(uint32_t));
-        uint8_t *seen = (uint8_t *)xcalloc(t->data.n_seqs ? t->data.n_seqs : 1, 1);
+        new_order = (uint32_t *)xmalloc((t->data.n_seqs ? t->data.n_seqs : 1) * sizeof(uint32_t)); /* [n_seqs] */
+        uint8_t *seen = (uint8_t *)xcalloc(t->data.n_seqs ? t->data.n_seqs : 1, 1); /* [n_seqs] */
         for (size_t i = 0; i < t->data.n_seqs && rc == 0; i++) {
             int64_t v;
             memcpy(&v, order->data + 8 * i, 8);
@@ -1308,8 +1308,8 @@ static void trainer_init(Trainer *t) {
     lora_register_params(&t->adamw, &t->lora, &t->model, &t->grads);
 
     act_plan(&t->acts, c, (size_t)o->batch, (size_t)o->ctx, 1);
-    t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));
-    t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));
+    t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
+    t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
     t->n_params = config_param_count(c);
     for (size_t k = 0; k < t->adamw.count; k++) t->n_trainable += t->adamw.params[k].numel;
     t->flops_per_token = train_flops_per_token(c, o->ctx, o->group);
