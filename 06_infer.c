@@ -683,7 +683,9 @@ static size_t generate(Engine *e, Sampler *s, const Tokenizer *tok, const int32_
         produced++;
         if (tok && stream) {
             text.len = 0;
-            if (tok_decode_next(tok, &dec, next, &text) != 0) die("%s", last_error());
+            /* an id past the tokenizer's vocabulary (LongLoRA's models add a pad token, V = 32001)
+             * has no text: it is generated but prints nothing */
+            if (tok_decode_next(tok, &dec, next, &text) != 0) text.len = 0;
             fwrite(text.data, 1, text.len, stream);
             fflush(stream);
         }
