@@ -16,9 +16,10 @@
  *   held back until it is complete.
  * Runs on: the CPU, one core.
  * Leaves out: SentencePiece unigram models and precompiled normalizers (nmt_nfkc: we
- *   accept only the identity normalizer LLaMA uses), tokenizer.json normalizers, BPE
- *   dropout, WordPiece/Unigram models; all of these are refused with a clear error
- *   rather than tokenized wrongly. HF post-processors are not run: the caller asks for BOS.
+ *   accept only the identity normalizer LLaMA uses), tokenizer.json normalizers (Qwen2's
+ *   NFC among them), BPE dropout, WordPiece/Unigram models and regex patterns other than
+ *   the three below; all of these are refused with a clear error rather than tokenized
+ *   wrongly. HF post-processors are not run: the caller asks for BOS.
  *
  * CLI:
  *   ./01_tokenize --tokenizer PATH [--bos] [--pieces] TEXT
@@ -28,7 +29,7 @@
  *
  * API for later stages:
  *   tok_load(&t, path) / tok_free(&t)                  0 or -1 + last_error()
- *   tok_encode(&t, text, len, add_bos, &n)             malloc'd ids [n]
+ *   tok_encode(&t, text, len, add_bos, &n)             malloc'd ids [n] (NULL over 2 GB of text)
  *   tok_decoder_init(&dec); tok_decode_next(&t, &dec, id, &text); tok_decode_flush(...)
  *   tok_decode(&t, ids, n, &len)                       malloc'd text
  *   t.bos_id, t.eos_id (-1 when the tokenizer has none), t.vocab_size
@@ -694,6 +695,8 @@ static size_t contraction(const uint8_t *s, size_t n, int any_case) {
         }
         if (j == m) return 1 + m;
     }
+    /* case-insensitively the long s U+017F "ſ" folds to 's' (Oniguruma matches "'ſ" too) */
+    if (any_case && n >= 3 && (uint8_t)s[1] == 0xC5 && (uint8_t)s[2] == 0xBF) return 3;
     return 0;
 }
 static size_t pattern_match(Pattern pat, const uint8_t *s, size_t n) {

@@ -36,7 +36,8 @@ ACCENTED = ["caf\u00e9", "na\u00efve", "F\u00fchrer", "se\u00f1or", "\u00e5ngstr
             "\u0393\u03b5\u03b9\u03ac \u03c3\u03bf\u03c5", "\u041f\u0440\u0438\u0432\u0435\u0442",
             "\u0645\u0631\u062d\u0628\u0627", "\u05e9\u05dc\u05d5\u05dd", "\u0928\u092e\u0938\u094d\u0924\u0947",
             "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35"]
-CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'T", "'RE", "'Ve", "'LL", "'D", "'x", "'"]
+CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'T", "'RE", "'Ve", "'LL", "'D", "'x", "'",
+                "'\u017f", "'\u212a"]
 SPACES = [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n", "\n ", " \t ", "\u00a0", "\u3000", "\u2009",
           "\u2028", "\u0085", "\u000b", "\u000c", "\u200b", "\u1680", "\u202f", "\u205f"]
 CONTROLS = [chr(c) for c in list(range(0, 9)) + list(range(14, 32)) + [0x7f, 0x80, 0x9f, 0xad, 0x200d, 0xfeff]]
@@ -87,7 +88,7 @@ def fragment(rng, specials):
 def gen_strings(n, seed, specials=()):
     rng = random.Random(seed)
     out = ["", " ", "  ", "\n", "a", "Hello world", " Hello world", "Hello World!", "1234567", "\u00bd", "\U0001F999.cpp",
-           "don't you'll I'M", "   leading", "trailing   ", "a  b   c", "<s>", "</s>", "<unk>", "<0x41>"]
+           "don't you'll I'M", "he'\u017fx she'Sy it'REd", "   leading", "trailing   ", "a  b   c", "<s>", "</s>", "<unk>", "<0x41>"]
     out += list(specials)
     while len(out) < n:
         r = rng.random()
