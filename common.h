@@ -1021,7 +1021,8 @@ void gpu_rope_forward(uint16_t *x, size_t N, size_t heads, size_t d, size_t row_
                       float theta, float scale);
 void gpu_rope_backward(uint16_t *dx, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
                        float theta, float scale);
-/* h = silu(gate) * up over count elements; backward may write dgate over gate and dup over up. */
+/* h = silu(gate) * up over count elements (h may be gate or up); backward may write dgate over
+ * gate and dup over up. */
 void gpu_swiglu_forward(uint16_t *h, const uint16_t *gate, const uint16_t *up, size_t count);
 void gpu_swiglu_backward(uint16_t *dgate, uint16_t *dup, const uint16_t *dh, const uint16_t *gate, const uint16_t *up,
                          size_t count);
