@@ -706,6 +706,95 @@ static void test_resume(void) {
            "lr 1e30: exit %d, 'not finite at step 2', checkpoint-1 kept, no checkpoint-2", rc);
 }
 
+/* ---- hostile files: mutated SFT data and checkpoints never crash the loaders ----------- */
+
+static void mutate(char *buf, size_t *len, Rng *r) {
+    int kind = (int)rng_below(r, 4);
+    if (kind == 0 && *len > 1) *len = (size_t)rng_below(r, *len);                      /* truncate */
+    else if (kind == 1) for (int k = 0; k < 3; k++) buf[rng_below(r, *len)] = (char)rng_below(r, 256); /* random bytes */
+    else if (kind == 2) buf[rng_below(r, *len)] ^= (char)(1u << rng_below(r, 8));      /* one bit */
+    else { const char *s = "\"-1e999[{,:}]0x"; buf[rng_below(r, *len)] = s[rng_below(r, strlen(s))]; } /* JSON-ish */
+}
+
+static void test_hostile(void) {
+    Rng r;
+    rng_seed(&r, (uint64_t)time(NULL) ^ 0xbad);
+    char path[512];
+    TextCodec c = byte_codec();
+    /* SFT files */
+    const char *good = "[{\"instruction\": \"Name a color\", \"input\": \"sky\", \"output\": \"blue\"},"
+                       " {\"instruction\": \"Add\", \"output\": \"4\"}]";
+    size_t accepted = 0, bad_invariants = 0;
+    for (int it = 0; it < 400; it++) {
+        char buf[512];
+        size_t len = strlen(good);
+        memcpy(buf, good, len);
+        mutate(buf, &len, &r);
+        CHECK(write_file_atomic(tmp_path(path, "fuzz.json"), buf, len) == 0, "%s", last_error());
+        Dataset ds;
+        if (dataset_load_sft(&ds, &c, path, it % 2 ? "alpaca" : "none", it % 3 == 0, 40) != 0) continue;
+        accepted++;
+        for (size_t k = 0; k < ds.n_seqs * 40; k++)
+            if (ds.seq_inputs[k] < 0 || ds.seq_inputs[k] >= 259 || (ds.seq_targets[k] != IGNORE_INDEX && (ds.seq_targets[k] < 0 || ds.seq_targets[k] >= 259)))
+                bad_invariants++;
+        dataset_free(&ds);
+    }
+    EXPECT(bad_invariants == 0, "a mutated SFT file that loads has ids outside the vocabulary");
+    printf("hostile SFT files: 400 mutations, %zu still valid, none crashed\n", accepted);
+
+    /* checkpoints: a trainer set up as test_resume's run A, then runA/checkpoint-10 mutated */
+    char data[512], ckpt[512], dir[512], flags[1024];
+    tmp_path(data, "resume.tok");
+    snprintf(ckpt, sizeof ckpt, "%s/runA/checkpoint-10", g_tmp);
+    tmp_path(dir, "fuzz-ckpt");
+    snprintf(flags, sizeof flags, "05_train --init random --shape tiny --ctx 64 --batch 2 --grad-accum 2 --quiet --data %s --out %s", data, dir);
+    char *argv[32];
+    int argc = 0;
+    for (char *tok = strtok(flags, " "); tok && argc < 31; tok = strtok(NULL, " ")) argv[argc++] = tok;
+    Trainer *t = (Trainer *)xcalloc(1, sizeof(Trainer));
+    train_defaults(&t->opt);
+    CHECK(train_parse_args(&t->opt, argc, argv) == 0, "%s", last_error());
+    trainer_init(t);
+    const char *files[2] = {"trainer_state.json", "train_state.safetensors"};
+    size_t lens[2];
+    char *orig[2];
+    for (int f = 0; f < 2; f++) {
+        char p[1024];
+        snprintf(p, sizeof p, "%s/%s", ckpt, files[f]);
+        orig[f] = read_file(p, &lens[f]);
+        CHECK(orig[f], "%s", last_error());
+    }
+    make_dir(dir);
+    int loads = 0;
+    for (int it = 0; it < 301; it++) {
+        for (int f = 0; f < 2; f++) {
+            char p[1024];
+            snprintf(p, sizeof p, "%s/%s", dir, files[f]);
+            size_t len = lens[f];
+            char *buf = (char *)xmalloc(len + 1);
+            memcpy(buf, orig[f], len);
+            if (it > 0 && (int)(it % 2) == f) {
+                if (f == 1 && rng_below(&r, 2)) { /* aim at the safetensors header */
+                    size_t at = (size_t)rng_below(&r, len < 600 ? len : 600);
+                    buf[at] = (char)rng_below(&r, 256);
+                } else mutate(buf, &len, &r);
+            }
+            CHECK(write_file_atomic(p, buf, len) == 0, "%s", last_error());
+            free(buf);
+        }
+        int rc = checkpoint_load(t, dir);
+        if (it == 0) EXPECT(rc == 0, "the unmutated checkpoint loads: %s", last_error());
+        loads += rc == 0;
+        EXPECT(rc == 0 || (rc == -1 && strlen(last_error()) > 10), "a refused checkpoint says why");
+        EXPECT(t->data.pos <= t->data.n_seqs, "the data position stays in range");
+    }
+    printf("hostile checkpoints: 300 mutations, %d still loaded, none crashed\n", loads - 1);
+    free(orig[0]);
+    free(orig[1]);
+    trainer_free(t);
+    free(t);
+}
+
 int main(int argc, char **argv) {
     g_self = argv[0];
     if (argc > 1 && !strcmp(argv[1], "--train")) return train_main(argc - 1, argv + 1);
@@ -717,6 +806,7 @@ int main(int argc, char **argv) {
     test_sft();
     test_sft_masking();
     test_resume();
+    test_hostile();
     if (g_failures == 0) remove_tree(g_tmp);
     else printf("scratch files kept in %s\n", g_tmp);
     printf("test_train: %d checks, %d failed (%.1f s)\n", g_checks, g_failures, now_seconds() - t0);
