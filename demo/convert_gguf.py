@@ -264,9 +264,8 @@ GPT2_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets"
 PRE_TOKENIZERS = {
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, GPT2_BYTELEVEL]},
     "starcoder": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, GPT2_BYTELEVEL]},
-    "gpt-2": GPT2_BYTELEVEL,
-    "default": GPT2_BYTELEVEL,
-}
+    "gpt-2": GPT2_BYTELEVEL,   # llama.cpp's 'gpt-2' is the GPT-2 regex alone
+}                              # ('default' is not: llama.cpp splits punctuation and 3-digit runs)
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 1, 3, 4
 
 
@@ -275,7 +274,7 @@ def tokenizer_files(reader, config):
     model = field_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ConvertError("tokenizer.ggml.model is '%s'; only byte-level BPE ('gpt2') is supported" % model)
-    pre = field_value(reader, "tokenizer.ggml.pre", required=False, default="default")
+    pre = field_value(reader, "tokenizer.ggml.pre", required=False, default="(none)")
     if pre not in PRE_TOKENIZERS:
         raise ConvertError("pre-tokenizer '%s' is not supported (known: %s)" % (pre, ", ".join(sorted(PRE_TOKENIZERS))))
     tokens = field_value(reader, "tokenizer.ggml.tokens")
