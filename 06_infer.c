@@ -324,6 +324,7 @@ static void gpu_engine_alloc_cache(GpuEngine *g, size_t n_cap) {
     size_t D = (size_t)c->dim, F = (size_t)c->ffn_dim, Hd = (size_t)c->n_heads * c->head_dim, V = (size_t)c->vocab_size;
     if (c->head_dim != 64 && c->head_dim != 128) die("the GPU path needs head_dim 64 or 128 (this model has %d); use --device cpu", c->head_dim);
     if (c->n_heads / c->n_kv_heads > 8) die("the GPU decode attention needs at most 8 query heads per kv head (this model has %d)", c->n_heads / c->n_kv_heads);
+    if (n_cap > (size_t)INT_MAX) die("a context of %zu positions is beyond the GPU kernels' int sizes; lower --ctx", n_cap);
     g->n_cap = n_cap;
     double kv = kv_cache_bytes(c, n_cap, sizeof(uint16_t));
     double acts = (double)n_cap * (3.0 * D + 2.0 * Hd + 2.0 * F) * 2.0 + (double)n_cap * (c->n_heads * 4.0 + 8.0) + V * 4.0 +
