@@ -16,8 +16,8 @@
  *   held back until it is complete.
  * Runs on: the CPU, one core.
  * Leaves out: SentencePiece unigram models and precompiled normalizers (nmt_nfkc: we
- *   accept only the identity normalizer LLaMA uses), tokenizer.json normalizers (Qwen2's
- *   NFC among them), BPE dropout, WordPiece/Unigram models and regex patterns other than
+ *   accept only the identity normalizer LLaMA uses), tokenizer.json normalizers other than
+ *   NFC (Qwen2's), BPE dropout, WordPiece/Unigram models and regex patterns other than
  *   the three below; all of these are refused with a clear error rather than tokenized
  *   wrongly. HF post-processors are not run: the caller asks for BOS.
  *
@@ -88,6 +88,122 @@ static uint32_t utf8_next(const uint8_t *s, size_t n, size_t *len) {
     if (l == 2) return (uint32_t)(s[0] & 0x1f) << 6 | (s[1] & 0x3f);
     if (l == 3) return (uint32_t)(s[0] & 0x0f) << 12 | (uint32_t)(s[1] & 0x3f) << 6 | (s[2] & 0x3f);
     return (uint32_t)(s[0] & 0x07) << 18 | (uint32_t)(s[1] & 0x3f) << 12 | (uint32_t)(s[2] & 0x3f) << 6 | (s[3] & 0x3f);
+}
+
+/* A NUL-terminated copy of p[0..n). */
+static char *dup_bytes(const void *p, size_t n) {
+    char *s = (char *)xmalloc(n + 1);
+    if (n) memcpy(s, p, n);
+    s[n] = 0;
+    return s;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * NFC (the normalizer Qwen2's tokenizer.json asks for): decompose every character
+ * canonically, put each run of combining marks in combining-class order, then compose each
+ * mark with the last starter it is not blocked from. Hangul syllables are arithmetic.
+ * ------------------------------------------------------------------------------------- */
+
+enum { HANGUL_S = 0xAC00, HANGUL_L = 0x1100, HANGUL_V = 0x1161, HANGUL_T = 0x11A7,
+       HANGUL_LN = 19, HANGUL_VN = 21, HANGUL_TN = 28, HANGUL_N = 21 * 28, HANGUL_SN = 19 * 21 * 28 };
+
+static int combining_class(uint32_t cp) {
+    if (cp < 0x300) return 0;
+    size_t lo = 0, hi = COUNT_OF(UNI_CCC);
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (cp < UNI_CCC[mid][0]) hi = mid;
+        else if (cp > UNI_CCC[mid][1]) lo = mid + 1;
+        else return (int)UNI_CCC[mid][2];
+    }
+    return 0;
+}
+
+/* Appends the canonical decomposition of cp to out (at most 4 code points). */
+static size_t decompose(uint32_t cp, uint32_t *out) {
+    if (cp >= HANGUL_S && cp < HANGUL_S + HANGUL_SN) {
+        uint32_t si = cp - HANGUL_S, t = si % HANGUL_TN;
+        out[0] = HANGUL_L + si / HANGUL_N;
+        out[1] = HANGUL_V + (si % HANGUL_N) / HANGUL_TN;
+        if (t) { out[2] = HANGUL_T + t; return 3; }
+        return 2;
+    }
+    if (cp >= 0xC0) {
+        size_t lo = 0, hi = COUNT_OF(UNI_DECOMP);
+        while (lo < hi) {
+            size_t mid = (lo + hi) / 2;
+            if (cp < UNI_DECOMP[mid][0]) hi = mid;
+            else if (cp > UNI_DECOMP[mid][0]) lo = mid + 1;
+            else {
+                for (uint32_t k = 0; k < UNI_DECOMP[mid][2]; k++) out[k] = UNI_DECOMP_POOL[UNI_DECOMP[mid][1] + k];
+                return UNI_DECOMP[mid][2];
+            }
+        }
+    }
+    out[0] = cp;
+    return 1;
+}
+
+/* The primary composite of (a, b), or 0. */
+static uint32_t compose(uint32_t a, uint32_t b) {
+    if (a >= HANGUL_L && a < HANGUL_L + HANGUL_LN && b >= HANGUL_V && b < HANGUL_V + HANGUL_VN)
+        return HANGUL_S + ((a - HANGUL_L) * HANGUL_VN + (b - HANGUL_V)) * HANGUL_TN;
+    if (a >= HANGUL_S && a < HANGUL_S + HANGUL_SN && (a - HANGUL_S) % HANGUL_TN == 0 && b > HANGUL_T && b < HANGUL_T + HANGUL_TN)
+        return a + (b - HANGUL_T);
+    size_t lo = 0, hi = COUNT_OF(UNI_COMPOSE);
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (a < UNI_COMPOSE[mid][0] || (a == UNI_COMPOSE[mid][0] && b < UNI_COMPOSE[mid][1])) hi = mid;
+        else if (a > UNI_COMPOSE[mid][0] || b > UNI_COMPOSE[mid][1]) lo = mid + 1;
+        else return UNI_COMPOSE[mid][2];
+    }
+    return 0;
+}
+
+/* NFC of s[0..n) (invalid UTF-8 bytes become U+FFFD); malloc'd [*out_len]. */
+static char *nfc_normalize(const uint8_t *s, size_t n, size_t *out_len) {
+    size_t i = 0;
+    while (i < n && s[i] < 0xCC) i++; /* below U+0300 nothing changes unless a mark follows */
+    if (i == n) { *out_len = n; return dup_bytes(s, n); }
+    uint32_t *cp = (uint32_t *)xmalloc((4 * n + 4) * sizeof(uint32_t)); /* [4 n] decomposed code points */
+    size_t m = 0;
+    for (i = 0; i < n;) {
+        size_t len;
+        uint32_t c = utf8_next(s + i, n - i, &len);
+        i += len;
+        m += decompose(c, cp + m);
+    }
+    for (size_t k = 1; k < m; k++) { /* canonical order: stable insertion sort inside mark runs */
+        int cc = combining_class(cp[k]);
+        if (cc == 0) continue;
+        uint32_t c = cp[k];
+        size_t j = k;
+        while (j > 0 && combining_class(cp[j - 1]) > cc) { cp[j] = cp[j - 1]; j--; }
+        cp[j] = c;
+    }
+    /* Compose in place. Every character kept after the last starter is a mark, sorted by
+     * class, so a mark is blocked from the starter exactly when the last one kept has a
+     * class >= its own; a starter composes only with the starter right before it. */
+    size_t w = 0;               /* composed length */
+    size_t starter = SIZE_MAX;  /* index in cp[0..w) of the last starter */
+    int last_cc = -1;           /* class of the last character kept after it; -1: none */
+    for (size_t k = 0; k < m; k++) {
+        int cc = combining_class(cp[k]);
+        if (starter != SIZE_MAX && (last_cc == -1 || last_cc < cc)) {
+            uint32_t comp = compose(cp[starter], cp[k]);
+            if (comp) { cp[starter] = comp; continue; }
+        }
+        if (cc == 0) { starter = w; last_cc = -1; }
+        else last_cc = cc;
+        cp[w++] = cp[k];
+    }
+    char *out = (char *)xmalloc(4 * w + 1);
+    size_t o = 0;
+    for (size_t k = 0; k < w; k++) o += utf8_encode(cp[k], out + o);
+    out[o] = 0;
+    free(cp);
+    *out_len = o;
+    return out;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -285,6 +401,7 @@ typedef struct {
     /* byte-level BPE */
     MergeMap merges;
     int ignore_merges;
+    int nfc;              /* the normalizer is NFC (Qwen2) */
     PreStep pre[TOK_MAX_PRE];
     int n_pre;
     AddedToken *added;    /* [n_added], sorted by first byte then longest first */
@@ -341,13 +458,6 @@ static const char *quoted(const char *s, size_t n) {
     return b;
 }
 static const char *quoted_str(const char *s) { return s ? quoted(s, strlen(s)) : "?"; }
-
-static char *dup_bytes(const void *p, size_t n) {
-    char *s = (char *)xmalloc(n + 1);
-    if (n) memcpy(s, p, n);
-    s[n] = 0;
-    return s;
-}
 
 /* ---------------------------------------------------------------------------------------
  * Loading tokenizer.model: a protobuf ModelProto, read field by field.
@@ -883,6 +993,15 @@ static int is_space_at(const uint8_t *s, size_t n, size_t i, size_t *len) {
     return cp_class(utf8_next(s + i, n - i, len)) == CP_SPACE;
 }
 
+/* A stretch of text between added tokens: normalized (NFC, if asked), then pre-tokenized. */
+static void bpe_encode_gap(EncodeCtx *e, const uint8_t *s, size_t n) {
+    if (!e->t->nfc) { bpe_pretokenize(e, 0, s, n); return; }
+    size_t m;
+    char *norm = nfc_normalize(s, n, &m);
+    bpe_pretokenize(e, 0, (const uint8_t *)norm, m);
+    free(norm);
+}
+
 static void bpe_encode_text(EncodeCtx *e, const uint8_t *s, size_t n) {
     const Tokenizer *t = e->t;
     size_t gap = 0; /* start of the text not yet encoded */
@@ -898,11 +1017,11 @@ static void bpe_encode_text(EncodeCtx *e, const uint8_t *s, size_t n) {
                 start = j;
             }
         if (a->rstrip) while (end < n && is_space_at(s, n, end, &len)) end += len;
-        bpe_pretokenize(e, 0, s + gap, start - gap);
+        bpe_encode_gap(e, s + gap, start - gap);
         ids_push(e->out, a->id);
         gap = i = end;
     }
-    bpe_pretokenize(e, 0, s + gap, n - gap);
+    bpe_encode_gap(e, s + gap, n - gap);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -1193,8 +1312,9 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
     if (json_get_number(model, "dropout", 0) != 0) return set_error("%s: BPE dropout is not supported", name);
     t->ignore_merges = json_get_bool(model, "ignore_merges", 0);
     const Json *norm = json_get(root, "normalizer");
-    if (norm && norm->type != JSON_NULL)
-        return set_error("%s: normalizer '%s' is not supported (byte-level BPE files we read have none)", name, quoted_str(json_get_string(norm, "type", "?")));
+    if (norm && norm->type == JSON_OBJECT && strcmp(json_get_string(norm, "type", ""), "NFC") == 0) t->nfc = 1;
+    else if (norm && norm->type != JSON_NULL)
+        return set_error("%s: normalizer '%s' is not supported (only none or NFC)", name, quoted_str(json_get_string(norm, "type", "?")));
     const Json *pre = json_get(root, "pre_tokenizer");
     if (!pre || pre->type != JSON_OBJECT) return set_error("%s: it has no pre_tokenizer; only byte-level BPE (a ByteLevel pre_tokenizer) is supported", name);
     if (parse_pre_tokenizer(t, pre, name, 0) != 0) return -1;

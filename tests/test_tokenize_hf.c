@@ -4,7 +4,8 @@
  *   gpt2     ByteLevel pre-tokenizer (GPT-2 regex), merges written as "left right" strings
  *   llama3   Split(LLaMA-3 regex) + ByteLevel(use_regex=false), ignore_merges, BOS template
  *   smollm2  Digits(individual) + ByteLevel (SmolLM2's configuration)
- *   qwen2    Split(Qwen2 regex) + ByteLevel, plus added tokens with lstrip/rstrip/single_word
+ *   qwen2    NFC normalizer, Split(Qwen2 regex) + ByteLevel, plus added tokens with
+ *            lstrip/rstrip/single_word
  * Checked: exact ids, our decode == the library's decode (== the input, but for qwen2 whose
  * stripping tokens eat spaces), streaming decode == whole decode, and BOS/EOS ids. */
 #define STAGE 0
@@ -34,7 +35,7 @@ int main(void) {
         if (bos < 0 && want_bos[s]) for (size_t i = 0; i < t.n_added; i++) if (strcmp(t.added[i].content, want_bos[s]) == 0) bos = t.added[i].id;
         if (t.bos_id != bos || t.eos_id != eos) { printf("FAIL: %s: BOS/EOS ids %d/%d, want %d/%d\n", styles[s], t.bos_id, t.eos_id, bos, eos); return 1; }
         double t0 = now_seconds();
-        /* qwen2's lstrip/rstrip tokens swallow spaces: there only our decode == the library's */
+        /* qwen2 normalizes and its lstrip/rstrip tokens swallow spaces: there only our decode == the library's */
         long n = check_fixture(&t, fx, s != 3);
         tok_free(&t);
         if (n < 0) { printf("FAIL: the %s-style tokenizer differs from the tokenizers library\n", styles[s]); return 1; }

@@ -35,7 +35,8 @@ ACCENTED = ["caf\u00e9", "na\u00efve", "F\u00fchrer", "se\u00f1or", "\u00e5ngstr
             "cre\u0300me", "e\u0301", "\u0141\u00f3d\u017a", "\u0130stanbul", "stra\u00dfe", "\u00d8resund",
             "\u0393\u03b5\u03b9\u03ac \u03c3\u03bf\u03c5", "\u041f\u0440\u0438\u0432\u0435\u0442",
             "\u0645\u0631\u062d\u0628\u0627", "\u05e9\u05dc\u05d5\u05dd", "\u0928\u092e\u0938\u094d\u0924\u0947",
-            "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35"]
+            "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35", "A\u030a", "\u212b", "\u1100\u1161\u11a8", "\uac00\u11a8",
+            "e\u0301\u0327", "A\u0323\u0302", "\u1e9b\u0323", "\u0dd9\u0dcf\u0dca", "\u0344", "\u2126"]
 CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'T", "'RE", "'Ve", "'LL", "'D", "'x", "'",
                 "'\u017f", "'\u212a"]
 SPACES = [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n", "\n ", " \t ", "\u00a0", "\u3000", "\u2009",
@@ -146,7 +147,7 @@ def spm_fixture(model, path, n, seed):
 
 def hf_build(style, out):
     tk = need("tokenizers")
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors, Regex, AddedToken
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, decoders, trainers, processors, Regex, AddedToken
     specials = {"gpt2": ["<|endoftext|>"],
                 "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|eot_id|>"],
                 "smollm2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -161,7 +162,8 @@ def hf_build(style, out):
     elif style == "smollm2":
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      bl(add_prefix_space=False, use_regex=True)])
-    else:
+    else:  # Qwen2 also normalizes to NFC
+        tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_RE), behavior="isolated"),
                                                      bl(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
