@@ -206,7 +206,7 @@ int main(void) {
     }
     printf("tokenizer.json: %d truncated/corrupted images, %d still loaded, the rest failed with one sentence\n", tries, loaded);
     struct { char *j; const char *want; } json_bad[] = {
-        {make_json(bl, "{\"type\":\"NFC\"}", "BPE", 0, NULL), "normalizer 'NFC' is not supported"},
+        {make_json(bl, "{\"type\":\"NFKC\"}", "BPE", 0, NULL), "normalizer 'NFKC' is not supported"},
         {make_json(bl, "null", "WordPiece", 0, NULL), "model type 'WordPiece' is not supported"},
         {make_json("{\"type\":\"Whitespace\"}", "null", "BPE", 0, NULL), "pre_tokenizer type 'Whitespace' is not supported"},
         {make_json("{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\",\"pattern\":{\"Regex\":\"\\\\w+\"},\"behavior\":\"Isolated\",\"invert\":false},"
