@@ -120,7 +120,7 @@ static int combining_class(uint32_t cp) {
 }
 
 /* Appends the canonical decomposition of cp to out (at most 4 code points). */
-static size_t decompose(uint32_t cp, uint32_t *out) {
+static size_t nfc_decompose(uint32_t cp, uint32_t *out) {
     if (cp >= HANGUL_S && cp < HANGUL_S + HANGUL_SN) {
         uint32_t si = cp - HANGUL_S, t = si % HANGUL_TN;
         out[0] = HANGUL_L + si / HANGUL_N;
@@ -145,7 +145,7 @@ static size_t decompose(uint32_t cp, uint32_t *out) {
 }
 
 /* The primary composite of (a, b), or 0. */
-static uint32_t compose(uint32_t a, uint32_t b) {
+static uint32_t nfc_compose(uint32_t a, uint32_t b) {
     if (a >= HANGUL_L && a < HANGUL_L + HANGUL_LN && b >= HANGUL_V && b < HANGUL_V + HANGUL_VN)
         return HANGUL_S + ((a - HANGUL_L) * HANGUL_VN + (b - HANGUL_V)) * HANGUL_TN;
     if (a >= HANGUL_S && a < HANGUL_S + HANGUL_SN && (a - HANGUL_S) % HANGUL_TN == 0 && b > HANGUL_T && b < HANGUL_T + HANGUL_TN)
@@ -171,7 +171,7 @@ static char *nfc_normalize(const uint8_t *s, size_t n, size_t *out_len) {
         size_t len;
         uint32_t c = utf8_next(s + i, n - i, &len);
         i += len;
-        m += decompose(c, cp + m);
+        m += nfc_decompose(c, cp + m);
     }
     for (size_t k = 1; k < m; k++) { /* canonical order: stable insertion sort inside mark runs */
         int cc = combining_class(cp[k]);
@@ -190,7 +190,7 @@ static char *nfc_normalize(const uint8_t *s, size_t n, size_t *out_len) {
     for (size_t k = 0; k < m; k++) {
         int cc = combining_class(cp[k]);
         if (starter != SIZE_MAX && (last_cc == -1 || last_cc < cc)) {
-            uint32_t comp = compose(cp[starter], cp[k]);
+            uint32_t comp = nfc_compose(cp[starter], cp[k]);
             if (comp) { cp[starter] = comp; continue; }
         }
         if (cc == 0) { starter = w; last_cc = -1; }
@@ -442,7 +442,7 @@ static void tok_alloc_vocab(Tokenizer *t, int32_t V) {
 
 /* Text from a file, made safe to quote in an error sentence: control bytes and invalid UTF-8
  * as \xNN, at most about 80 bytes. Returns one of four rotating static buffers. */
-static const char *quoted(const char *s, size_t n) {
+static const char *quote_bytes(const char *s, size_t n) {
     static char bufs[4][400];
     static int which = 0;
     char *b = bufs[which = (which + 1) % 4];
@@ -457,7 +457,7 @@ static const char *quoted(const char *s, size_t n) {
     b[m] = 0;
     return b;
 }
-static const char *quoted_str(const char *s) { return s ? quoted(s, strlen(s)) : "?"; }
+static const char *quote_str(const char *s) { return s ? quote_bytes(s, strlen(s)) : "?"; }
 
 /* ---------------------------------------------------------------------------------------
  * Loading tokenizer.model: a protobuf ModelProto, read field by field.
@@ -598,7 +598,7 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
     strmap_init(&t->map, n_pieces, t->key, t->key_len);
     for (int32_t i = 0; i < t->vocab_size; i++) {
         int32_t dup = strmap_put(&t->map, i);
-        if (dup >= 0) { set_error("%s: pieces %d and %d are both '%s'", name, dup, i, quoted(t->piece[i], t->piece_len[i])); tok_free(t); return -1; }
+        if (dup >= 0) { set_error("%s: pieces %d and %d are both '%s'", name, dup, i, quote_bytes(t->piece[i], t->piece_len[i])); tok_free(t); return -1; }
     }
     const uint8_t SPACE[3] = {0xE2, 0x96, 0x81}; /* U+2581 "▁" */
     t->split_at_space = 1;
@@ -615,7 +615,7 @@ static int tok_load_spm_bytes(Tokenizer *t, const uint8_t *data, size_t size, co
             if (n == 6 && memcmp(p, "<0x", 3) == 0 && p[5] == '>' && isxdigit((unsigned char)p[3]) && isxdigit((unsigned char)p[4]))
                 v = (int)strtol(p + 3, NULL, 16);
             if (v < 0 || t->byte_id[v] >= 0) {
-                set_error("%s: byte piece %d is '%s', not a distinct <0xXX>", name, i, quoted(p, n));
+                set_error("%s: byte piece %d is '%s', not a distinct <0xXX>", name, i, quote_bytes(p, n));
                 tok_free(t);
                 return -1;
             }
@@ -1251,12 +1251,12 @@ static int parse_pre_tokenizer(Tokenizer *t, const Json *p, const char *name, in
         const char *behavior = json_get_string(p, "behavior", "");
         if (!re) return json_fail_in(name, "a Split pre_tokenizer without a Regex pattern is not supported");
         if (known_pattern(re, &s->pattern) != 0)
-            return set_error("%s: the Split pattern '%s' is not one we implement (GPT-2, LLaMA-3 and Qwen2 patterns are)", name, quoted_str(re));
+            return set_error("%s: the Split pattern '%s' is not one we implement (GPT-2, LLaMA-3 and Qwen2 patterns are)", name, quote_str(re));
         if (strcmp(behavior, "Isolated") != 0)
-            return set_error("%s: Split behavior '%s' is not supported (only Isolated)", name, quoted_str(behavior));
+            return set_error("%s: Split behavior '%s' is not supported (only Isolated)", name, quote_str(behavior));
         if (json_get_bool(p, "invert", 0)) return json_fail_in(name, "an inverted Split is not supported");
     } else {
-        return set_error("%s: pre_tokenizer type '%s' is not supported (ByteLevel, Split, Digits and Sequence are)", name, quoted_str(type));
+        return set_error("%s: pre_tokenizer type '%s' is not supported (ByteLevel, Split, Digits and Sequence are)", name, quote_str(type));
     }
     t->n_pre++;
     return 0;
@@ -1303,7 +1303,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
     const Json *model = json_get_type(root, "model", JSON_OBJECT);
     if (!model) return json_fail_in(name, "it has no model object");
     const char *mtype = json_get_string(model, "type", "BPE");
-    if (strcmp(mtype, "BPE") != 0) return set_error("%s: model type '%s' is not supported (only byte-level BPE)", name, quoted_str(mtype));
+    if (strcmp(mtype, "BPE") != 0) return set_error("%s: model type '%s' is not supported (only byte-level BPE)", name, quote_str(mtype));
     if (json_get_bool(model, "byte_fallback", 0))
         return set_error("%s: a BPE model with byte_fallback (SentencePiece style) is not supported: load its tokenizer.model instead", name);
     const char *cont = json_get_string(model, "continuing_subword_prefix", NULL);
@@ -1314,7 +1314,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
     const Json *norm = json_get(root, "normalizer");
     if (norm && norm->type == JSON_OBJECT && strcmp(json_get_string(norm, "type", ""), "NFC") == 0) t->nfc = 1;
     else if (norm && norm->type != JSON_NULL)
-        return set_error("%s: normalizer '%s' is not supported (only none or NFC)", name, quoted_str(json_get_string(norm, "type", "?")));
+        return set_error("%s: normalizer '%s' is not supported (only none or NFC)", name, quote_str(json_get_string(norm, "type", "?")));
     const Json *pre = json_get(root, "pre_tokenizer");
     if (!pre || pre->type != JSON_OBJECT) return set_error("%s: it has no pre_tokenizer; only byte-level BPE (a ByteLevel pre_tokenizer) is supported", name);
     if (parse_pre_tokenizer(t, pre, name, 0) != 0) return -1;
@@ -1322,7 +1322,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         return set_error("%s: the pre_tokenizer has no ByteLevel step; only byte-level BPE is supported", name);
     const Json *dec = json_get(root, "decoder");
     if (dec && dec->type != JSON_NULL && strcmp(json_get_string(dec, "type", ""), "ByteLevel") != 0)
-        return set_error("%s: decoder '%s' is not supported (only ByteLevel)", name, quoted_str(json_get_string(dec, "type", "?")));
+        return set_error("%s: decoder '%s' is not supported (only ByteLevel)", name, quote_str(json_get_string(dec, "type", "?")));
 
     const Json *vocab = json_get_type(model, "vocab", JSON_OBJECT);
     const Json *merges = json_get_type(model, "merges", JSON_ARRAY);
@@ -1334,7 +1334,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
     /* The vocabulary size: one past the largest id anywhere. */
     double max_id = -1;
     for (size_t i = 0; i < vocab->count; i++) {
-        if (!json_is_id(&vocab->items[i])) return set_error("%s: vocab entry '%s' has no valid id", name, quoted(vocab->keys[i], vocab->key_lens[i]));
+        if (!json_is_id(&vocab->items[i])) return set_error("%s: vocab entry '%s' has no valid id", name, quote_bytes(vocab->keys[i], vocab->key_lens[i]));
         if (vocab->items[i].number > max_id) max_id = vocab->items[i].number;
     }
     for (size_t i = 0; i < n_added; i++) {
@@ -1353,7 +1353,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         int32_t id = (int32_t)vocab->items[i].number;
         const char *k = vocab->keys[i];
         size_t klen = vocab->key_lens[i];
-        if (t->piece[id]) return set_error("%s: tokens '%s' and '%s' share id %d", name, quoted(t->piece[id], t->piece_len[id]), quoted(k, klen), id);
+        if (t->piece[id]) return set_error("%s: tokens '%s' and '%s' share id %d", name, quote_bytes(t->piece[id], t->piece_len[id]), quote_bytes(k, klen), id);
         t->piece[id] = dup_bytes(k, klen);
         t->piece_len[id] = (uint32_t)klen;
         t->type[id] = PIECE_NORMAL;
@@ -1368,7 +1368,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         const Json *content = json_get_type(a, "content", JSON_STRING);
         int32_t id = (int32_t)json_get_number(a, "id", 0);
         if (t->piece[id] && (t->piece_len[id] != content->len || memcmp(t->piece[id], content->string, content->len) != 0))
-            return set_error("%s: added token '%s' reuses id %d of '%s'", name, quoted(content->string, content->len), id, quoted(t->piece[id], t->piece_len[id]));
+            return set_error("%s: added token '%s' reuses id %d of '%s'", name, quote_bytes(content->string, content->len), id, quote_bytes(t->piece[id], t->piece_len[id]));
         AddedToken *at = &t->added[t->n_added++];
         at->content = dup_bytes(content->string, content->len);
         at->len = content->len;
@@ -1413,7 +1413,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         if (mg->type == JSON_STRING) {
             const char *sp = memchr(mg->string, ' ', mg->len);
             if (!sp || memchr(sp + 1, ' ', mg->len - (size_t)(sp + 1 - mg->string)))
-                return set_error("%s: merge %zu ('%s') is not two tokens separated by one space", name, r, quoted(mg->string, mg->len));
+                return set_error("%s: merge %zu ('%s') is not two tokens separated by one space", name, r, quote_bytes(mg->string, mg->len));
             parts[0] = mg->string; lens[0] = (size_t)(sp - mg->string);
             parts[1] = sp + 1; lens[1] = mg->len - lens[0] - 1;
         } else if (mg->type == JSON_ARRAY && mg->count == 2 && mg->items[0].type == JSON_STRING && mg->items[1].type == JSON_STRING) {
@@ -1434,7 +1434,7 @@ static int tok_load_json_root(Tokenizer *t, const Json *root, const Json *config
         }
         free(r0); free(r1); free(owned);
         if (a < 0 || b < 0 || ab < 0)
-            return set_error("%s: merge %zu ('%s' + '%s') uses or makes a token that is not in the vocabulary", name, r, quoted(parts[0], lens[0]), quoted(parts[1], lens[1]));
+            return set_error("%s: merge %zu ('%s' + '%s') uses or makes a token that is not in the vocabulary", name, r, quote_bytes(parts[0], lens[0]), quote_bytes(parts[1], lens[1]));
         mergemap_put(&t->merges, a, b, (int32_t)r, ab);
     }
 
