@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The 01_tokenize command line: ids on one line (and --pieces), --encode-file / --decode-file
 # round trips through a token file (with the progress line on a large input), a model folder
-# as --tokenizer, and LLaMA-2's exact ids for one sentence when ../shared/data is here.
+# as --tokenizer, BOS from tokenizer_config.json, and LLaMA-2's exact ids for one sentence
+# when ../shared/data is here.
 # The small models are the fuzz seeds committed in tests/fuzz_corpus.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +34,16 @@ done
 # a folder holding tokenizer.json works as --tokenizer and gives the same ids
 mkdir -p "$out/model"; cp "$bbpe3" "$out/model/tokenizer.json"
 [ "$(./01_tokenize --tokenizer "$out/model" "the 1234 an")" = "$(./01_tokenize --tokenizer "$bbpe3" "the 1234 an")" ] || bad "a model folder gives other ids than its tokenizer.json"
+
+# tokenizer_config.json beside tokenizer.json names BOS and EOS (either spelling)
+mkdir -p "$out/withcfg"; cp "$bbpe" "$out/withcfg/tokenizer.json"
+printf '{"bos_token": {"content": "<|endoftext|>", "lstrip": false}, "eos_token": "<|endoftext|>"}' > "$out/withcfg/tokenizer_config.json"
+got=$(./01_tokenize --tokenizer "$out/withcfg" --bos " the")
+[ "$got" = "262 259" ] || bad "BOS from tokenizer_config.json: got '$got', want '262 259'"
+[ "$(./01_tokenize --tokenizer "$bbpe" --bos " the")" = "259" ] || bad "a tokenizer.json without BOS still added one"
+printf '{"bos_token": ' > "$out/withcfg/tokenizer_config.json"
+./01_tokenize --tokenizer "$out/withcfg" "x" >/dev/null 2>"$out/err.txt" && bad "a broken tokenizer_config.json was accepted"
+grep -q "^error: .*tokenizer_config.json" "$out/err.txt" || bad "a broken tokenizer_config.json gave: $(cat "$out/err.txt")"
 
 if [ -f "$llama" ]; then
   got=$(./01_tokenize --tokenizer "$llama" --bos "Hello world")
