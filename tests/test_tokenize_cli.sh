@@ -56,6 +56,7 @@ if [ -f "$llama" ] && [ -f "$book" ]; then
   grep -q "^encoding: " <(tr '\r' '\n' < "$out/err.txt") || bad "no progress line for a large input: $(cat "$out/err.txt")"
   grep "^wrote" "$out/err.txt"
   ./01_tokenize --tokenizer "$llama" --decode-file "$out/big.bin" > "$out/big.dec" && cmp -s "$out/big.txt" "$out/big.dec" || bad "the big file does not round-trip"
+  rm -f "$out/big.txt" "$out/big.bin" "$out/big.dec"
 fi
 [ $fail = 0 ] || exit 1
 echo "CLI: ids, pieces, token-file round trips and folder loading work"
