@@ -1,0 +1,551 @@
+/* 05_train_gpu.c: the GPU training step of stage 05 (host C code; 05_train.c includes it
+ * under USE_CUDA, tests and the benchmark include it after 05_train.c).
+ *
+ * Teaches: how a LongLoRA step runs on one GPU with a frozen bf16 model.
+ *   - Weights: every frozen tensor lives on the GPU once, in bf16. Each trainable tensor
+ *     (LoRA A and B, embed_tokens, the RMSNorm weights) has an fp32 master copy, an fp32
+ *     gradient and AdamW's two fp32 moments there too, plus the bf16 copy the kernels read;
+ *     04's AdamW writes master and bf16 copy in one pass.
+ *   - Activation checkpointing per layer: the forward pass keeps only each layer's input
+ *     ([L+1, T, D] bf16). The backward pass walks the layers from the top, runs each
+ *     layer's forward again from its kept input (into one set of work buffers, minus the
+ *     down projection, whose output the backward never reads), then its backward.
+ *     So the step costs forward 2PT + recompute ~2PT + input gradients 2PT FLOPs (no dW for
+ *     frozen weights) plus the attention, and activation memory is (L+1) T D + one layer.
+ *   - The projections are cuBLAS products (gpu_matmul_bf16), LoRA is 04's low-rank path,
+ *     attention is 04's flash attention with S2-Attn's bounds (G from --group-ratio; 0 is
+ *     full causal), RoPE uses the interpolated positions of Config.rope_factor, and the loss
+ *     is 04's chunked cross-entropy: the T x V logits never exist at once.
+ *   - Memory is planned before anything is allocated: a context that does not fit ends
+ *     with one sentence saying how much it needs and what to change.
+ * Runs on: one NVIDIA GPU (sm_80+) with head_dim 64 or 128, through 04's extern "C" API.
+ * Checked against: the CPU step of 02 + 03 (tests/test_gpu_train.c: loss, every trainable
+ * gradient, a few AdamW steps), the CPU resume test's GPU twin.
+ * Leaves out: LoRA dropout on the GPU (LongLoRA uses none), multi-GPU, fused q/k/v
+ * products (04's attention takes q, k and v as separate [T, heads, d] buffers).
+ *
+ * Shape legend: B batch, N sequence, T = B*N tokens, D model width, H heads, Hk kv heads,
+ * d head dim, F ffn width, V vocab, L layers, G S2 group, R LoRA rank.
+ */
+#ifndef TRAIN_GPU_C
+#define TRAIN_GPU_C
+#include <cuda_runtime.h>
+
+#define TG_CHECK(call)                                                                                          \
+    do {                                                                                                        \
+        cudaError_t tg_err_ = (call);                                                                           \
+        if (tg_err_ != cudaSuccess) die("%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(tg_err_)); \
+    } while (0)
+
+static double tg_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
+
+/* Is there a GPU this process can use? (No message: the caller says what it does instead.) */
+static int gpu_train_available(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
+    return n > 0;
+}
+
+static void *tg_alloc(size_t bytes, const char *what) {
+    void *p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
+    if (err != cudaSuccess) {
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        die("the GPU cannot hold %s (%.2f GiB; %.2f GiB of %.2f GiB free): %s", what, tg_gib((double)bytes), tg_gib((double)free_b),
+            tg_gib((double)total_b), cudaGetErrorString(err));
+    }
+    return p;
+}
+static void tg_free_ptr(void *p) { if (p) TG_CHECK(cudaFree(p)); }
+
+/* ---------------------------------------------------------------------------------------
+ * Weights on the GPU
+ * ------------------------------------------------------------------------------------- */
+
+/* One tensor: its bf16 copy (what kernels read) and, when trainable, the fp32 state. */
+typedef struct {
+    uint16_t *w;        /* [numel] bf16 */
+    float *master;      /* [numel] fp32 master weights (trainable only, else NULL) */
+    float *grad;        /* [numel] fp32, += over micro-batches */
+    float *m, *v;       /* [numel] AdamW moments */
+    size_t numel;
+    TrainParam *host;   /* the host optimizer's entry for it (trainable only) */
+} TgParam;
+
+typedef struct {
+    TgParam attn_norm, mlp_norm;                      /* [D] */
+    uint16_t *wq, *wk, *wv, *wo;                      /* [H*d, D], [Hk*d, D] x 2, [D, H*d] (frozen) */
+    uint16_t *w_gate, *w_up, *w_down;                 /* [F, D] x 2, [D, F] (frozen) */
+    TgParam lora_A[N_PROJ], lora_B[N_PROJ];           /* [R, in], [out, R]; w == NULL where no adapter */
+} TgLayer;
+
+typedef struct GpuTrainer {
+    Config cfg;
+    /* weights */
+    TgParam embed;            /* [V, D] */
+    TgParam final_norm;       /* [D] */
+    uint16_t *lm_head;        /* [V, D]: embed.w when tied (frozen when untied) */
+    TgLayer *layers;          /* [L] */
+    size_t R;                 /* LoRA rank */
+    float lora_scale;         /* alpha / R */
+    int lora_mlp_down;        /* the down projection has an adapter (its input h must survive) */
+    TgParam **trainable;      /* [n_trainable] in the host optimizer's order */
+    size_t n_trainable;
+    double weight_bytes;      /* frozen + trainable state */
+    /* activations, planned for B x N (tg_plan) */
+    size_t B, N, T, G;
+    int32_t *tokens, *targets;        /* [T] */
+    uint16_t *saved;                  /* [L+1, T, D]: layer l's input at l, the last output at L */
+    uint16_t *xn1, *x2, *xn2;         /* [T, D] norm of the input, input + attention, its norm */
+    uint16_t *dx, *dtmp;              /* [T, D] gradient of the residual stream, of a norm's output */
+    float *rstd1, *rstd2;             /* [T] */
+    uint16_t *q, *att;                /* [T, H*d] q after RoPE, attention output */
+    uint16_t *k, *v;                  /* [T, Hk*d] k after RoPE, v */
+    float *lse;                       /* [B, H, N] */
+    uint16_t *xa;                     /* [N_PROJ, T, R] x A^T of each projection of the current layer */
+    uint16_t *arena;                  /* MLP: gate, up, h (and dh) [T, F]; later datt, dq [T, H*d], dk, dv [T, Hk*d] */
+    uint16_t *gate, *up, *h, *dh;     /* views into arena */
+    uint16_t *datt, *dq, *dk, *dv;    /* views into arena */
+    void *attn_ws;                    /* attn_backward's workspace */
+    double act_bytes;
+    size_t ce_chunk;                  /* rows of logits the cross-entropy computes at a time */
+} GpuTrainer;
+
+/* Host fp32 -> device bf16, through a staging buffer, `numel` values. */
+static void tg_upload_bf16(uint16_t *dst, const float *src, size_t numel, uint16_t *stage, size_t stage_cap) {
+    for (size_t at = 0; at < numel; at += stage_cap) {
+        size_t n = numel - at < stage_cap ? numel - at : stage_cap;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) stage[i] = f32_to_bf16(src[at + i]);
+        TG_CHECK(cudaMemcpy(dst + at, stage, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    }
+}
+
+/* Random bf16 values base + std * (about) N(0, 1), from a counter hash (threads share no
+ * state): for benchmarks at 7B, where an fp32 host copy of the frozen weights is 27 GB. */
+static void tg_random_bf16(uint16_t *dst, size_t numel, uint64_t seed, float base, float std, uint16_t *stage, size_t stage_cap) {
+    for (size_t at = 0; at < numel; at += stage_cap) {
+        size_t n = numel - at < stage_cap ? numel - at : stage_cap;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) {
+            uint64_t z = seed * 0x9e3779b97f4a7c15ull ^ (at + i);
+            uint64_t r = splitmix64(&z);
+            float u = (float)(r & 0xffff) + (float)((r >> 16) & 0xffff) + (float)((r >> 32) & 0xffff) + (float)(r >> 48);
+            stage[i] = f32_to_bf16(base + std * (u / 65536.0f - 2.0f) * 1.7320508f); /* sum of 4 uniforms: variance 1 */
+        }
+        TG_CHECK(cudaMemcpy(dst + at, stage, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    }
+}
+
+/* Bytes the weights and the trainable state take on the GPU. */
+static double tg_weight_bytes(const Config *c, const AdamW *opt) {
+    double frozen = (double)config_param_count(c) * 2.0, trainable = 0;
+    for (size_t k = 0; k < opt->count; k++) trainable += (double)opt->params[k].numel * 16.0; /* master, grad, m, v */
+    for (size_t k = 0; k < opt->count; k++)
+        if (strstr(opt->params[k].name, "lora_")) trainable += (double)opt->params[k].numel * 2.0; /* their bf16 copies */
+    return frozen + trainable;
+}
+
+/* Makes p trainable: fp32 master, gradient and moments beside its bf16 copy. */
+static void tg_make_trainable(GpuTrainer *g, TgParam *p, TrainParam *host) {
+    CHECK(host->numel == p->numel, "trainable tensor %s has %zu values on the host and %zu on the GPU", host->name, host->numel, p->numel);
+    p->host = host;
+    p->master = (float *)tg_alloc(p->numel * sizeof(float), "the fp32 master weights");
+    p->grad = (float *)tg_alloc(p->numel * sizeof(float), "the fp32 gradients");
+    p->m = (float *)tg_alloc(p->numel * sizeof(float), "the AdamW moments");
+    p->v = (float *)tg_alloc(p->numel * sizeof(float), "the AdamW moments");
+    g->trainable[g->n_trainable++] = p;
+}
+
+/* Uploads the trainable state from the host optimizer (masters, moments) and refreshes the
+ * bf16 copies: at set-up and after a checkpoint was loaded on the host. */
+static void gpu_train_upload_state(GpuTrainer *g) {
+    for (size_t k = 0; k < g->n_trainable; k++) {
+        TgParam *p = g->trainable[k];
+        TG_CHECK(cudaMemcpy(p->master, p->host->param, p->numel * sizeof(float), cudaMemcpyHostToDevice));
+        TG_CHECK(cudaMemcpy(p->m, p->host->m, p->numel * sizeof(float), cudaMemcpyHostToDevice));
+        TG_CHECK(cudaMemcpy(p->v, p->host->v, p->numel * sizeof(float), cudaMemcpyHostToDevice));
+        gpu_f32_to_bf16(p->w, p->master, p->numel);
+    }
+    TG_CHECK(cudaDeviceSynchronize());
+}
+
+/* Copies the trainable state back (masters and moments into the host optimizer's arrays,
+ * which are the model's embed/norms and the adapter's A/B): before every checkpoint. */
+static void gpu_train_download_state(const GpuTrainer *g) {
+    TG_CHECK(cudaDeviceSynchronize());
+    for (size_t k = 0; k < g->n_trainable; k++) {
+        const TgParam *p = g->trainable[k];
+        TG_CHECK(cudaMemcpy(p->host->param, p->master, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+        TG_CHECK(cudaMemcpy(p->host->m, p->m, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+        TG_CHECK(cudaMemcpy(p->host->v, p->v, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+}
+
+/* The gradients into the host optimizer's grad arrays (tests compare them with the CPU's). */
+static void gpu_train_download_grads(const GpuTrainer *g) {
+    TG_CHECK(cudaDeviceSynchronize());
+    for (size_t k = 0; k < g->n_trainable; k++) {
+        const TgParam *p = g->trainable[k];
+        TG_CHECK(cudaMemcpy(p->host->grad, p->grad, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+}
+
+/* The host optimizer entry whose param array is `param`, or NULL (then the tensor is frozen). */
+static TrainParam *tg_find_host(AdamW *opt, const float *param) {
+    for (size_t k = 0; k < opt->count; k++)
+        if (opt->params[k].param == param) return &opt->params[k];
+    return NULL;
+}
+
+/* Puts the model on the GPU: frozen tensors in bf16 (from the host model, or random when
+ * frozen_random_seed != 0, for benchmarks), and every tensor the host optimizer trains
+ * with its fp32 state (uploaded from the host). Dies with one sentence on an unsupported
+ * model or when the weights do not fit. */
+static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad, AdamW *opt, uint64_t frozen_random_seed) {
+    memset(g, 0, sizeof *g);
+    const Config *c = &m->cfg;
+    g->cfg = *c;
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
+    if (c->head_dim != 64 && c->head_dim != 128)
+        die("the GPU training step needs head_dim 64 or 128 (this model has %d); train it with --device cpu", c->head_dim);
+    if (c->n_heads / c->n_kv_heads > 32)
+        die("the GPU attention needs at most 32 query heads per kv head (this model has %d); train it with --device cpu", c->n_heads / c->n_kv_heads);
+    if (ad->cfg.dropout > 0.0f) die("LoRA dropout %g is not supported by the GPU training step (LongLoRA uses 0); train with --device cpu", (double)ad->cfg.dropout);
+    g->weight_bytes = tg_weight_bytes(c, opt);
+    size_t free_b = 0, total_b = 0;
+    TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (g->weight_bytes + 512.0 * 1024 * 1024 > (double)free_b)
+        die("the model needs %.2f GiB on the GPU for its bf16 weights and the fp32 state of the trainable tensors, but only %.2f GiB of %.2f GiB is free; "
+            "use a smaller model or a larger GPU", tg_gib(g->weight_bytes), tg_gib((double)free_b), tg_gib((double)total_b));
+    g->R = (size_t)ad->cfg.rank;
+    g->lora_scale = ad->scale;
+    g->trainable = (TgParam **)xcalloc(opt->count + 1, sizeof(TgParam *));
+    g->layers = (TgLayer *)xcalloc(L, sizeof(TgLayer));
+
+    size_t stage_cap = (size_t)1 << 26; /* 64M values: 128 MiB of staging */
+    uint16_t *stage = (uint16_t *)xmalloc(stage_cap * sizeof(uint16_t));
+    uint64_t tensor_no = 0;
+    /* a frozen or trainable bf16 tensor from host values (or random ones) */
+#define TG_TENSOR(dst, src, n, is_norm)                                                                          \
+    do {                                                                                                         \
+        (dst) = (uint16_t *)tg_alloc((n) * sizeof(uint16_t), "the model's bf16 weights");                      \
+        if (frozen_random_seed) tg_random_bf16((dst), (n), frozen_random_seed + 7919 * tensor_no, (is_norm) ? 1.0f : 0.0f, (is_norm) ? 0.1f : 0.02f, stage, stage_cap); \
+        else tg_upload_bf16((dst), (src), (n), stage, stage_cap);                                                \
+        tensor_no++;                                                                                             \
+    } while (0)
+    /* embed: trainable (LoRA+) or frozen; its values always come from the host (trainable
+     * tensors are uploaded again from the optimizer by gpu_train_upload_state) */
+    g->embed.numel = V * D;
+    g->embed.w = (uint16_t *)tg_alloc(V * D * sizeof(uint16_t), "the embedding");
+    tg_upload_bf16(g->embed.w, m->w.embed, V * D, stage, stage_cap);
+    TrainParam *hp = tg_find_host(opt, m->w.embed);
+    if (hp) tg_make_trainable(g, &g->embed, hp);
+    for (size_t l = 0; l < L; l++) {
+        const LayerParams *lp = &m->w.layers[l];
+        TgLayer *gl = &g->layers[l];
+        size_t in, out;
+        TgParam *norms[2] = {&gl->attn_norm, &gl->mlp_norm};
+        const float *norm_src[2] = {lp->attn_norm, lp->mlp_norm};
+        for (int k = 0; k < 2; k++) {
+            norms[k]->numel = D;
+            norms[k]->w = (uint16_t *)tg_alloc(D * sizeof(uint16_t), "the norm weights");
+            tg_upload_bf16(norms[k]->w, norm_src[k], D, stage, stage_cap);
+            if ((hp = tg_find_host(opt, norm_src[k])) != NULL) tg_make_trainable(g, norms[k], hp);
+        }
+        uint16_t **frozen[N_PROJ] = {&gl->wq, &gl->wk, &gl->wv, &gl->wo, &gl->w_gate, &gl->w_up, &gl->w_down};
+        for (int w = 0; w < N_PROJ; w++) {
+            proj_shape(c, w, &in, &out);
+            TG_TENSOR(*frozen[w], proj_weight(lp, w), in * out, 0);
+        }
+        for (int w = 0; w < N_PROJ; w++) {
+            const LoraPair *p = &ad->pairs[l * LORA_NUM_TARGETS + (size_t)w];
+            if (!p->A) continue;
+            TgParam *pa = &gl->lora_A[w], *pb = &gl->lora_B[w];
+            pa->numel = g->R * p->in;
+            pb->numel = p->out * g->R;
+            pa->w = (uint16_t *)tg_alloc(pa->numel * sizeof(uint16_t), "the adapter");
+            pb->w = (uint16_t *)tg_alloc(pb->numel * sizeof(uint16_t), "the adapter");
+            tg_upload_bf16(pa->w, p->A, pa->numel, stage, stage_cap);
+            tg_upload_bf16(pb->w, p->B, pb->numel, stage, stage_cap);
+            if ((hp = tg_find_host(opt, p->A)) != NULL) tg_make_trainable(g, pa, hp);
+            if ((hp = tg_find_host(opt, p->B)) != NULL) tg_make_trainable(g, pb, hp);
+            if (w == PROJ_DOWN) g->lora_mlp_down = 1;
+        }
+    }
+    g->final_norm.numel = D;
+    g->final_norm.w = (uint16_t *)tg_alloc(D * sizeof(uint16_t), "the norm weights");
+    tg_upload_bf16(g->final_norm.w, m->w.final_norm, D, stage, stage_cap);
+    if ((hp = tg_find_host(opt, m->w.final_norm)) != NULL) tg_make_trainable(g, &g->final_norm, hp);
+    if (c->tie_embeddings) g->lm_head = g->embed.w;
+    else TG_TENSOR(g->lm_head, m->w.lm_head, V * D, 0);
+#undef TG_TENSOR
+    free(stage);
+    if (g->n_trainable != opt->count) die("the GPU step found %zu of the %zu trainable tensors in the model", g->n_trainable, opt->count);
+    /* keep the host optimizer's order, so norms and updates match the CPU step's */
+    for (size_t k = 0; k < g->n_trainable; k++)
+        for (size_t j = 0; j < g->n_trainable; j++)
+            if (g->trainable[j]->host == &opt->params[k] && j != k) { TgParam *t = g->trainable[k]; g->trainable[k] = g->trainable[j]; g->trainable[j] = t; }
+    gpu_train_upload_state(g);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Activations: planned for B x N before anything is allocated
+ * ------------------------------------------------------------------------------------- */
+
+static size_t tg_arena_elems(const Config *c, size_t T, int lora_down) {
+    size_t F = (size_t)c->ffn_dim, Hd = (size_t)c->n_heads * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t mlp = (lora_down ? 4 : 3) * T * F, attn = T * (2 * Hd + 2 * Hkd);
+    return mlp > attn ? mlp : attn;
+}
+
+/* Bytes of activations and work buffers for B x N (the kernels' own workspaces included). */
+static double tg_act_bytes(const Config *c, size_t B, size_t N, size_t R, int lora_down, size_t ce_chunk) {
+    size_t T = B * N, D = (size_t)c->dim, L = (size_t)c->n_layers, H = (size_t)c->n_heads, V = (size_t)c->vocab_size;
+    size_t Hd = H * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
+    double b = 0;
+    b += (double)(L + 1) * T * D * 2;                 /* kept layer inputs */
+    b += 5.0 * T * D * 2 + 2.0 * T * 4;               /* xn1 x2 xn2 dx dtmp, rstd */
+    b += (2.0 * T * Hd + 2.0 * T * Hkd) * 2;          /* q att k v */
+    b += (double)B * H * N * 4 + 2.0 * T * 4;         /* lse, tokens, targets */
+    b += (double)N_PROJ * T * R * 2 + (double)T * R * 2; /* xa, LoRA's dxa workspace */
+    b += (double)tg_arena_elems(c, T, lora_down) * 2;
+    b += (double)attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim);
+    size_t rows = ce_chunk < T ? ce_chunk : T;
+    b += (double)rows * V * 6 + (double)T * 4;         /* cross-entropy logits (fp32), dlogits (bf16), row losses */
+    return b;
+}
+
+/* Plans and allocates the buffers of a B x N step. Returns 0, or -1 + last_error() (one
+ * sentence with the bytes needed and what to change) when they would not fit. */
+static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
+    const Config *c = &g->cfg;
+    size_t T = B * N, D = (size_t)c->dim, L = (size_t)c->n_layers, H = (size_t)c->n_heads;
+    size_t F = (size_t)c->ffn_dim, Hd = H * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
+    if (T > (size_t)INT_MAX || B > 65535)
+        return set_error("a batch of %zu x %zu tokens is too large for the GPU kernels' int sizes", B, N);
+    if (G && N % G) return set_error("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, G);
+    g->ce_chunk = 2048;
+    double need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk);
+    size_t free_b = 0, total_b = 0;
+    TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    double margin = 768.0 * 1024 * 1024; /* cuBLAS workspaces and fragmentation */
+    if (need + margin > (double)free_b) {
+        double per_token = need / (double)T;
+        double fits = ((double)free_b - margin) / per_token / (double)B;
+        return set_error("a context of %zu tokens (batch %zu) needs %.2f GiB of GPU memory for activations (%.2f GiB of them the %zu kept layer inputs) "
+                         "beside the %.2f GiB of weights, but only %.2f GiB of %.2f GiB is free; lower --ctx to about %.0f or less (or --batch)",
+                         N, B, tg_gib(need), tg_gib((double)(L + 1) * T * D * 2), L + 1, tg_gib(g->weight_bytes), tg_gib((double)free_b),
+                         tg_gib((double)total_b), fits > 0 ? fits : 0);
+    }
+    g->B = B; g->N = N; g->T = T; g->G = G; g->act_bytes = need;
+    g->tokens = (int32_t *)tg_alloc(T * sizeof(int32_t), "token ids");
+    g->targets = (int32_t *)tg_alloc(T * sizeof(int32_t), "target ids");
+    g->saved = (uint16_t *)tg_alloc((L + 1) * T * D * 2, "the kept layer inputs");
+    g->xn1 = (uint16_t *)tg_alloc(T * D * 2, "activations");
+    g->x2 = (uint16_t *)tg_alloc(T * D * 2, "activations");
+    g->xn2 = (uint16_t *)tg_alloc(T * D * 2, "activations");
+    g->dx = (uint16_t *)tg_alloc(T * D * 2, "activations");
+    g->dtmp = (uint16_t *)tg_alloc(T * D * 2, "activations");
+    g->rstd1 = (float *)tg_alloc(T * 4, "activations");
+    g->rstd2 = (float *)tg_alloc(T * 4, "activations");
+    g->q = (uint16_t *)tg_alloc(T * Hd * 2, "activations");
+    g->att = (uint16_t *)tg_alloc(T * Hd * 2, "activations");
+    g->k = (uint16_t *)tg_alloc(T * Hkd * 2, "activations");
+    g->v = (uint16_t *)tg_alloc(T * Hkd * 2, "activations");
+    g->lse = (float *)tg_alloc(B * H * N * 4, "activations");
+    g->xa = (uint16_t *)tg_alloc((size_t)N_PROJ * T * (g->R ? g->R : 1) * 2, "the LoRA activations");
+    g->arena = (uint16_t *)tg_alloc(tg_arena_elems(c, T, g->lora_mlp_down) * 2, "activations");
+    g->gate = g->arena; g->up = g->gate + T * F; g->h = g->up + T * F;
+    g->dh = g->lora_mlp_down ? g->h + T * F : g->h;
+    g->datt = g->arena; g->dq = g->datt + T * Hd; g->dk = g->dq + T * Hd; g->dv = g->dk + T * Hkd;
+    g->attn_ws = tg_alloc(attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim), "the attention backward workspace");
+    return 0;
+}
+
+static void gpu_train_unplan(GpuTrainer *g) {
+    void *bufs[] = {g->tokens, g->targets, g->saved, g->xn1, g->x2, g->xn2, g->dx, g->dtmp, g->rstd1, g->rstd2, g->q, g->att,
+                    g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) tg_free_ptr(bufs[i]);
+    g->tokens = g->targets = NULL; g->saved = g->xn1 = g->x2 = g->xn2 = g->dx = g->dtmp = NULL;
+    g->rstd1 = g->rstd2 = g->lse = NULL; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
+    g->T = g->B = g->N = 0;
+}
+
+static void tg_param_free(TgParam *p) {
+    tg_free_ptr(p->w); tg_free_ptr(p->master); tg_free_ptr(p->grad); tg_free_ptr(p->m); tg_free_ptr(p->v);
+    memset(p, 0, sizeof *p);
+}
+
+static void gpu_train_free(GpuTrainer *g) {
+    if (g->T) gpu_train_unplan(g);
+    if (!g->cfg.tie_embeddings) tg_free_ptr(g->lm_head);
+    tg_param_free(&g->embed);
+    tg_param_free(&g->final_norm);
+    for (int l = 0; g->layers && l < g->cfg.n_layers; l++) {
+        TgLayer *gl = &g->layers[l];
+        tg_param_free(&gl->attn_norm); tg_param_free(&gl->mlp_norm);
+        uint16_t *frozen[N_PROJ] = {gl->wq, gl->wk, gl->wv, gl->wo, gl->w_gate, gl->w_up, gl->w_down};
+        for (int w = 0; w < N_PROJ; w++) { tg_free_ptr(frozen[w]); tg_param_free(&gl->lora_A[w]); tg_param_free(&gl->lora_B[w]); }
+    }
+    free(g->layers);
+    free(g->trainable);
+    gpu_layers_free();
+    memset(g, 0, sizeof *g);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Forward and backward
+ * ------------------------------------------------------------------------------------- */
+
+static uint16_t *tg_xa(GpuTrainer *g, int which) { return g->xa + (size_t)which * g->T * g->R; }
+
+/* y [T, out] (= or +=) x [T, in] W^T, then the adapter's path of projection `which` (if any). */
+static void tg_project(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, uint16_t *y, float beta) {
+    size_t in, out;
+    proj_shape(&g->cfg, which, &in, &out);
+    gpu_matmul_bf16(0, 1, g->T, out, in, 1.0f, x, W, beta, y, 0);
+    const TgLayer *gl = &g->layers[l];
+    if (gl->lora_A[which].w)
+        gpu_lora_forward(y, tg_xa(g, which), x, gl->lora_A[which].w, gl->lora_B[which].w, g->T, in, out, g->R, g->lora_scale);
+}
+
+/* dx [T, in] (= or += by beta) dy [T, out] W, plus the adapter's share; dA, dB +=. */
+static void tg_project_backward(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, const uint16_t *dy, uint16_t *dx,
+                                float beta) {
+    size_t in, out;
+    proj_shape(&g->cfg, which, &in, &out);
+    gpu_matmul_bf16(0, 0, g->T, in, out, 1.0f, dy, W, beta, dx, 0);
+    TgLayer *gl = &g->layers[l];
+    TgParam *A = &gl->lora_A[which], *Bp = &gl->lora_B[which];
+    if (A->w) gpu_lora_backward(dx, A->grad, Bp->grad, dy, x, tg_xa(g, which), A->w, Bp->w, g->T, in, out, g->R, g->lora_scale);
+}
+
+/* RoPE (forward or backward) over each sequence of the batch: positions restart at 0. */
+static void tg_rope(GpuTrainer *g, uint16_t *x, size_t heads, int backward) {
+    const Config *c = &g->cfg;
+    size_t d = (size_t)c->head_dim, stride = heads * d;
+    for (size_t b = 0; b < g->B; b++) {
+        uint16_t *xb = x + b * g->N * stride;
+        if (backward) gpu_rope_backward(xb, g->N, heads, d, stride, 0, c->rope_theta, c->rope_factor);
+        else gpu_rope_forward(xb, g->N, heads, d, stride, 0, c->rope_theta, c->rope_factor);
+    }
+}
+
+/* Layer l from its input x_in [T, D]. With x_out, the whole layer (into x_out); without,
+ * the recompute for the backward: everything the backward reads, and no down projection. */
+static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_t *x_out) {
+    const Config *c = &g->cfg;
+    size_t T = g->T, D = (size_t)c->dim, F = (size_t)c->ffn_dim;
+    TgLayer *gl = &g->layers[l];
+    gpu_rmsnorm_forward(g->xn1, g->rstd1, x_in, gl->attn_norm.w, T, D, c->rms_eps);
+    tg_project(g, l, PROJ_Q, gl->wq, g->xn1, g->q, 0.0f);
+    tg_project(g, l, PROJ_K, gl->wk, g->xn1, g->k, 0.0f);
+    tg_project(g, l, PROJ_V, gl->wv, g->xn1, g->v, 0.0f);
+    tg_rope(g, g->q, (size_t)c->n_heads, 0);
+    tg_rope(g, g->k, (size_t)c->n_kv_heads, 0);
+    if (attn_forward(g->q, g->k, g->v, g->att, g->lse, (int)g->B, (int)g->N, c->n_heads, c->n_kv_heads, c->head_dim, (int)g->G) != 0)
+        die("GPU attention: %s", last_error());
+    tg_project(g, l, PROJ_O, gl->wo, g->att, g->x2, 0.0f);
+    gpu_add(g->x2, g->x2, x_in, T * D);
+    gpu_rmsnorm_forward(g->xn2, g->rstd2, g->x2, gl->mlp_norm.w, T, D, c->rms_eps);
+    tg_project(g, l, PROJ_GATE, gl->w_gate, g->xn2, g->gate, 0.0f);
+    tg_project(g, l, PROJ_UP, gl->w_up, g->xn2, g->up, 0.0f);
+    gpu_swiglu_forward(g->h, g->gate, g->up, T * F);
+    if (x_out) {
+        tg_project(g, l, PROJ_DOWN, gl->w_down, g->h, x_out, 0.0f);
+        gpu_add(x_out, x_out, g->x2, T * D);
+    } else if (gl->lora_A[PROJ_DOWN].w) { /* the backward needs x A^T of the down adapter */
+        gpu_matmul_bf16(0, 1, T, g->R, F, 1.0f, g->h, gl->lora_A[PROJ_DOWN].w, 0.0f, tg_xa(g, PROJ_DOWN), 0);
+    }
+}
+
+/* Backward of layer l after tg_layer_forward(g, l, x_in, NULL): g->dx holds dL/d(output)
+ * on entry and dL/d(x_in) on return; LoRA and norm gradients accumulate. */
+static void tg_layer_backward(GpuTrainer *g, int l, const uint16_t *x_in) {
+    const Config *c = &g->cfg;
+    size_t T = g->T, D = (size_t)c->dim, F = (size_t)c->ffn_dim;
+    TgLayer *gl = &g->layers[l];
+    /* MLP: out = x2 + down(silu(gate) * up), gate/up = proj(rmsnorm(x2)) */
+    tg_project_backward(g, l, PROJ_DOWN, gl->w_down, g->h, g->dx, g->dh, 0.0f);
+    gpu_swiglu_backward(g->gate, g->up, g->dh, g->gate, g->up, T * F); /* dgate over gate, dup over up */
+    tg_project_backward(g, l, PROJ_GATE, gl->w_gate, g->xn2, g->gate, g->dtmp, 0.0f);
+    tg_project_backward(g, l, PROJ_UP, gl->w_up, g->xn2, g->up, g->dtmp, 1.0f);
+    gpu_rmsnorm_backward(g->dx, gl->mlp_norm.grad, g->dtmp, g->x2, gl->mlp_norm.w, g->rstd2, T, D, c->rms_eps, 1);
+    /* attention: x2 = x_in + o(attn(rope(q), rope(k), v)), q/k/v = proj(rmsnorm(x_in)) */
+    tg_project_backward(g, l, PROJ_O, gl->wo, g->att, g->dx, g->datt, 0.0f);
+    if (attn_backward(g->q, g->k, g->v, g->att, g->datt, g->lse, g->dq, g->dk, g->dv, g->attn_ws, (int)g->B, (int)g->N, c->n_heads,
+                      c->n_kv_heads, c->head_dim, (int)g->G) != 0)
+        die("GPU attention backward: %s", last_error());
+    tg_rope(g, g->dq, (size_t)c->n_heads, 1);
+    tg_rope(g, g->dk, (size_t)c->n_kv_heads, 1);
+    tg_project_backward(g, l, PROJ_Q, gl->wq, g->xn1, g->dq, g->dtmp, 0.0f);
+    tg_project_backward(g, l, PROJ_K, gl->wk, g->xn1, g->dk, g->dtmp, 1.0f);
+    tg_project_backward(g, l, PROJ_V, gl->wv, g->xn1, g->dv, g->dtmp, 1.0f);
+    gpu_rmsnorm_backward(g->dx, gl->attn_norm.grad, g->dtmp, x_in, gl->attn_norm.w, g->rstd1, T, D, c->rms_eps, 1);
+}
+
+static void gpu_train_zero_grads(GpuTrainer *g) {
+    for (size_t k = 0; k < g->n_trainable; k++) TG_CHECK(cudaMemset(g->trainable[k]->grad, 0, g->trainable[k]->numel * sizeof(float)));
+}
+
+/* Forward and backward of one micro-batch (tokens, targets [B*N] on the host); gradients
+ * accumulate (+=). Returns the mean loss over the targets that are not IGNORE_INDEX; a
+ * non-finite loss returns before the backward. */
+static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, const int32_t *targets) {
+    const Config *c = &g->cfg;
+    size_t T = g->T, D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
+    for (size_t t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= c->vocab_size) die("token %zu has id %d, outside the vocabulary of %d", t, tokens[t], c->vocab_size);
+    TG_CHECK(cudaMemcpy(g->tokens, tokens, T * sizeof(int32_t), cudaMemcpyHostToDevice));
+    TG_CHECK(cudaMemcpy(g->targets, targets, T * sizeof(int32_t), cudaMemcpyHostToDevice));
+    /* forward, keeping each layer's input */
+    gpu_embedding_forward(g->saved, g->tokens, g->embed.w, T, D, V);
+    for (size_t l = 0; l < L; l++) tg_layer_forward(g, (int)l, g->saved + l * T * D, g->saved + (l + 1) * T * D);
+    const uint16_t *x_last = g->saved + L * T * D;
+    gpu_rmsnorm_forward(g->xn1, g->rstd1, x_last, g->final_norm.w, T, D, c->rms_eps);
+    /* the loss and dL/d(final norm output) into dtmp; a tied head's dW goes to embed */
+    double loss_sum = 0;
+    size_t n_valid = 0;
+    float *dW = c->tie_embeddings ? g->embed.grad : NULL;
+    gpu_cross_entropy(&loss_sum, &n_valid, g->dtmp, dW, g->xn1, g->lm_head, g->targets, T, D, V, g->ce_chunk, 1.0f);
+    double loss = n_valid ? loss_sum / (double)n_valid : 0.0;
+    if (!isfinite(loss)) return loss;
+    gpu_rmsnorm_backward(g->dx, g->final_norm.grad, g->dtmp, x_last, g->final_norm.w, g->rstd1, T, D, c->rms_eps, 0);
+    /* backward, recomputing each layer from its kept input */
+    for (size_t l = L; l-- > 0;) {
+        const uint16_t *x_in = g->saved + l * T * D;
+        tg_layer_forward(g, (int)l, x_in, NULL);
+        tg_layer_backward(g, (int)l, x_in);
+    }
+    if (g->embed.grad) gpu_embedding_backward(g->embed.grad, g->tokens, g->dx, T, D, V);
+    return loss;
+}
+
+/* Global L2 norm of the (accumulated) gradients times grad_scale, in the optimizer's order. */
+static double gpu_train_grad_norm(GpuTrainer *g, double grad_scale) {
+    double sum = 0;
+    for (size_t k = 0; k < g->n_trainable; k++) sum += gpu_sum_squares(g->trainable[k]->grad, g->trainable[k]->numel);
+    return sqrt(sum) * grad_scale;
+}
+
+/* AdamW on every trainable tensor with gradients times grad_scale; opt->steps_taken counts it. */
+static void gpu_train_adamw(GpuTrainer *g, AdamW *opt, float lr, float grad_scale) {
+    const AdamWConfig *oc = &opt->cfg;
+    long step = ++opt->steps_taken;
+    for (size_t k = 0; k < g->n_trainable; k++) {
+        TgParam *p = g->trainable[k];
+        gpu_adamw(p->master, p->w, p->grad, p->m, p->v, p->numel, lr, oc->beta1, oc->beta2, oc->eps, p->host->no_decay ? 0.0f : oc->weight_decay,
+                  (int)step, grad_scale);
+    }
+}
+
+/* GPU memory in use on the device now (everything: this process's context too), in bytes. */
+static double gpu_train_used_bytes(void) {
+    size_t free_b = 0, total_b = 0;
+    TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    return (double)(total_b - free_b);
+}
+
+#endif /* TRAIN_GPU_C */
