@@ -96,6 +96,13 @@ def main():
             if "lora_B" in n:
                 p.normal_(0.0, 0.05)
     init.save_pretrained(os.path.join(OUT, "adapter_init"))
+    # peft records the absolute path of the base model; keep the fixture free of machine paths
+    cfg_path = os.path.join(OUT, "adapter_init", "adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["base_model_name_or_path"] = "tests/fixtures/train/model"
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
     for extra in ("adapter_init/README.md", "model/generation_config.json"):  # not needed
         if os.path.exists(os.path.join(OUT, extra)):
             os.remove(os.path.join(OUT, extra))
