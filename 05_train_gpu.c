@@ -548,4 +548,79 @@ static double gpu_train_used_bytes(void) {
     return (double)(total_b - free_b);
 }
 
+/* ---------------------------------------------------------------------------------------
+ * The hooks 05_train.c calls (its Trainer, TrainOptions and StepResult are defined above
+ * the point where it includes this file)
+ * ------------------------------------------------------------------------------------- */
+
+static char tg_device_note[320];
+
+/* Where the step runs: --device gpu (or no --device, where a GPU is found) puts it on the
+ * GPU when the model suits the kernels; --device gpu dies with the reason otherwise. Sets
+ * t->device_note for the startup line. */
+static int train_gpu_choose(Trainer *t) {
+    const TrainOptions *o = &t->opt;
+    const Config *c = &t->model.cfg;
+    int asked = o->device && !strcmp(o->device, "gpu");
+    if (o->device && !strcmp(o->device, "cpu")) { t->device_note = "on the CPU (--device cpu)"; return 0; }
+    const char *why_not = NULL;
+    if (!gpu_train_available()) why_not = "no CUDA GPU is visible to this process";
+    else if (c->head_dim != 64 && c->head_dim != 128) why_not = "the GPU kernels need head_dim 64 or 128";
+    else if (c->n_heads / c->n_kv_heads > 32) why_not = "the GPU attention takes at most 32 query heads per kv head";
+    else if (t->lora.cfg.dropout > 0.0f) why_not = "the GPU step has no LoRA dropout";
+    if (why_not) {
+        if (asked) die("--device gpu: %s; use --device cpu", why_not);
+        snprintf(tg_device_note, sizeof tg_device_note, "on the CPU (%s)", why_not);
+        t->device_note = tg_device_note;
+        return 0;
+    }
+    struct cudaDeviceProp prop;
+    int dev = 0;
+    TG_CHECK(cudaGetDevice(&dev));
+    TG_CHECK(cudaGetDeviceProperties(&prop, dev));
+    snprintf(tg_device_note, sizeof tg_device_note, "on the GPU (%s, %s)", prop.name,
+             asked ? "--device gpu" : "found one; --device cpu trains on the CPU");
+    t->device_note = tg_device_note;
+    return 1;
+}
+
+/* Weights, trainable state (the host's, so after a resume the checkpoint's) and the
+ * activations of a --batch x --ctx step on the GPU; dies with one sentence if they do not fit. */
+static void train_gpu_setup(Trainer *t) {
+    const TrainOptions *o = &t->opt;
+    t->gpu = (GpuTrainer *)xcalloc(1, sizeof(GpuTrainer));
+    gpu_train_init(t->gpu, &t->model, &t->lora, &t->adamw, 0);
+    if (gpu_train_plan(t->gpu, (size_t)o->batch, (size_t)o->ctx, (size_t)o->group) != 0) die("%s", last_error());
+}
+
+static void train_gpu_free(Trainer *t) {
+    if (!t->gpu) return;
+    gpu_train_free(t->gpu);
+    free(t->gpu);
+    t->gpu = NULL;
+}
+
+/* The GPU twin of train_step_cpu: grad_accum micro-batches, the global norm, clipping folded
+ * into AdamW's gradient scale, AdamW on the GPU. A non-finite loss or norm returns before
+ * any weight changes, so the last checkpoint stays the last good state. */
+static StepResult train_step_gpu(Trainer *t) {
+    const TrainOptions *o = &t->opt;
+    StepResult r = {0, 0, 0};
+    gpu_train_zero_grads(t->gpu);
+    for (int micro = 0; micro < o->grad_accum; micro++) {
+        dataset_next_batch(&t->data, o->batch, t->inputs, t->targets);
+        double loss = gpu_train_forward_backward(t->gpu, t->inputs, t->targets);
+        r.loss += (float)loss;
+        if (!isfinite(loss)) { r.loss = loss; return r; }
+    }
+    r.loss /= o->grad_accum;
+    double scale = 1.0 / o->grad_accum;
+    r.grad_norm = gpu_train_grad_norm(t->gpu, scale);
+    if (!isfinite(r.grad_norm)) return r;
+    if (o->clip > 0 && r.grad_norm > o->clip) scale *= o->clip / (r.grad_norm + 1e-6);
+    r.lr = adamw_lr_at(&t->adamw.cfg, t->step);
+    gpu_train_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale);
+    return r;
+}
+
 #endif /* TRAIN_GPU_C */
