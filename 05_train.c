@@ -84,6 +84,7 @@ typedef struct {
     int log_every;                  /* --log-every K: progress lines */
     double peak_tflops;             /* --peak-tflops: the device's peak, for MFU (0: n/a on CPU) */
     int quiet;                      /* --quiet: no progress lines (the CSV is still written) */
+    const char *device;             /* --device cpu|gpu (NULL: the GPU where this build has one, else the CPU) */
 } TrainOptions;
 
 static void train_defaults(TrainOptions *o) {
@@ -158,7 +159,7 @@ static void train_usage(FILE *f) {
         "  --log-every K          a progress line every K steps (default 1)\n"
         "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
         "  --quiet                no progress lines\n"
-        "  --device cpu           where the step runs (the GPU step is not written yet)\n"
+        "  --device cpu|gpu       where the step runs (default: the GPU when this build and machine have one)\n"
         "  --help                 this text\n"
         "Flags may be spelled with _ for -, and HF Trainer names work too (--learning_rate,\n"
         "--per_device_train_batch_size, --gradient_accumulation_steps, --warmup_steps,\n"
@@ -236,8 +237,11 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
         else if (!strcmp(a, "--tokenizer")) o->tokenizer_path = v;
         else if (!strcmp(a, "--adapter")) o->adapter_dir = v;
         else if (!strcmp(a, "--device")) {
-            if (!strcmp(v, "gpu")) return set_error("--device gpu: the GPU training step is not written yet; this build trains on the CPU (--device cpu)");
-            if (strcmp(v, "cpu") != 0) return set_error("--device must be cpu or gpu, got '%s'", v);
+            if (strcmp(v, "cpu") != 0 && strcmp(v, "gpu") != 0) return set_error("--device must be cpu or gpu, got '%s'", v);
+#ifndef USE_CUDA
+            if (!strcmp(v, "gpu")) return set_error("--device gpu: this build has no CUDA (build with nvcc and cuBLAS present); use --device cpu");
+#endif
+            o->device = v;
         }
         else if (!strcmp(a, "--sft")) o->sft_file = v;
         else if (!strcmp(a, "--save-tokens")) o->save_tokens = v;
@@ -744,6 +748,8 @@ typedef struct {
     double flops_per_token;     /* model FLOPs: 6 * params + attention, per trained token */
     size_t n_params, n_trainable;
     FILE *csv;                  /* OUT/train_log.csv */
+    struct GpuTrainer *gpu;     /* the GPU step's state (05_train_gpu.c), or NULL: the step runs on the CPU */
+    const char *device_note;    /* where the step runs and why, for the startup line */
 } Trainer;
 
 /* ---- model FLOPs (for MFU) ------------------------------------------------------------ */
@@ -1148,9 +1154,15 @@ static StepResult train_step_cpu(Trainer *t) {
     return r;
 }
 
-/* One optimizer step. The GPU step (04's kernels, bf16 compute, activation checkpointing)
- * goes here under USE_CUDA once it exists; until then every build runs the CPU step. */
+#ifdef USE_CUDA
+#include "05_train_gpu.c" /* the GPU step: 04's kernels, bf16 compute, activation checkpointing */
+#endif
+
+/* One optimizer step, on the GPU when trainer_init set one up, else on the CPU. */
 static StepResult train_step(Trainer *t) {
+#ifdef USE_CUDA
+    if (t->gpu) return train_step_gpu(t);
+#endif
     return train_step_cpu(t);
 }
 
@@ -1307,7 +1319,11 @@ static void trainer_init(Trainer *t) {
     t->adamw.cfg.warmup_steps = o->warmup;
     lora_register_params(&t->adamw, &t->lora, &t->model, &t->grads);
 
-    act_plan(&t->acts, c, (size_t)o->batch, (size_t)o->ctx, 1);
+    int on_gpu = 0;
+#ifdef USE_CUDA
+    on_gpu = train_gpu_choose(t); /* --device, else the GPU where there is one the model suits */
+#endif
+    if (!on_gpu) act_plan(&t->acts, c, (size_t)o->batch, (size_t)o->ctx, 1);
     t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
     t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
     t->n_params = config_param_count(c);
@@ -1321,9 +1337,15 @@ static void trainer_init(Trainer *t) {
         printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
                (unsigned long long)t->data.epoch, t->data.pos, t->data.n_seqs);
     }
+#ifdef USE_CUDA
+    if (on_gpu) train_gpu_setup(t); /* after a resume, so the GPU starts from the checkpoint's state */
+#endif
 }
 
 static void trainer_free(Trainer *t) {
+#ifdef USE_CUDA
+    train_gpu_free(t);
+#endif
     if (t->csv) fclose(t->csv);
     free(t->inputs);
     free(t->targets);
@@ -1339,6 +1361,9 @@ static void trainer_free(Trainer *t) {
 
 /* The adapter of the final step also goes into OUT itself, so OUT is a PEFT folder. */
 static void save_or_die(Trainer *t, double loss, int final) {
+#ifdef USE_CUDA
+    if (t->gpu) gpu_train_download_state(t->gpu); /* the trained fp32 masters and moments back to the host */
+#endif
     if (checkpoint_save(t, loss) != 0) die("%s", last_error());
     prune_checkpoints(&t->opt);
     if (final && lora_save_adapter(&t->lora, &t->model, t->opt.out_dir, t->opt.model_dir) != 0) die("%s", last_error());
@@ -1361,9 +1386,9 @@ static int trainer_run(Trainer *t) {
                c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->ffn_dim, c->vocab_size, t->n_params / 1e6,
                t->n_trainable / 1e6, o->lora_rank, o->lora_alpha, targets);
         if (o->adapter_dir) printf("adapter: started from %s\n", o->adapter_dir);
-        printf("train: N=%d %s, B=%d x %d accumulation = %zu tokens/step, RoPE factor %g, %zu sequences/epoch, lr %g (warmup %d), on the CPU\n",
+        printf("train: N=%d %s, B=%d x %d accumulation = %zu tokens/step, RoPE factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",
                o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, tokens_per_step, c->rope_factor,
-               t->data.n_seqs, o->lr, o->warmup);
+               t->data.n_seqs, o->lr, o->warmup, t->device_note ? t->device_note : "on the CPU");
         if (o->group) printf("S2-Attn: G=%d (N/G=%d groups, shift %d)\n", o->group, o->ctx / o->group, o->group / 2);
         if (t->data.stream)
             printf("data: %zu tokens packed into %zu sequences of %d; an epoch is %.1f steps\n", t->data.stream_len, t->data.n_seqs, o->ctx,
@@ -1399,6 +1424,9 @@ static int trainer_run(Trainer *t) {
         double tok_s = (double)tokens_per_step / dt;
         double mfu = o->peak_tflops > 0 ? t->flops_per_token * tok_s / (o->peak_tflops * 1e12) : -1;
         double mem = peak_memory_gib();
+#ifdef USE_CUDA
+        if (t->gpu) mem = tg_gib(gpu_train_used_bytes()); /* GPU memory in use (all of it is allocated up front) */
+#endif
         fprintf(t->csv, "%d,%.9g,%.9g,%.9g,%zu,%.6f,%.3f,%.6f,%.4f\n", t->step, r.loss, r.lr, r.grad_norm, tokens_per_step, dt, tok_s,
                 mfu >= 0 ? mfu : NAN, mem); /* mfu nan: no --peak-tflops */
         fflush(t->csv);

@@ -53,12 +53,14 @@ found:
 03_lora: 03_lora.c 02_model.c 01_tokenize.c common.h
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
-# Stage 5 (training) runs on the CPU for now; its GPU step is not written yet.
+# Stage 5 (training) runs on the GPU where nvcc and cuBLAS are (05_train_gpu.c, 04's kernels),
+# and on the CPU everywhere. GPU_OBJ is defined below: the prerequisite list is expanded
+# where the rule is read, so it names them through 04_*.cu.
 ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
-05_train: 05_train.c 03_lora.c 02_model.c 01_tokenize.c common.h
-	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+05_train: 05_train.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c common.h $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
+	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS)) $(LDLIBS)
 
 # ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
 GPU_SRC := $(wildcard 04_*.cu)
