@@ -8,13 +8,13 @@
  * memory and ETA, a CSV log, and checkpoints that resume exactly: the adapter in PEFT's
  * format, the fp32 trainable weights with their AdamW moments, the data position and the
  * RNG state, written under a temporary name and renamed into place.
- * Runs on: the CPU, with the fp32 code of 02 and 03, with the flags the GPU run will take.
- * That trains tiny models end to end on a laptop or in CI; a real model on the CPU is
- * correct but slow (SmolLM2-135M: about 15 tokens/s on 2 busy cores), in fp32.
- * Leaves out (for now): the GPU step. train_step() is where it goes; the CPU step is the
- * reference it will be checked against. Every build, USE_CUDA or not, trains on the CPU
- * and says so; --device gpu is refused. Multi-GPU, bf16 compute and activation
- * checkpointing belong to that path.
+ * Runs on: the GPU where the build has CUDA and the machine a GPU (05_train_gpu.c: bf16
+ * weights, 04's kernels, activation checkpointing; --device cpu|gpu chooses, the startup
+ * line says which and why), else the CPU, with the fp32 code of 02 and 03. The CPU trains
+ * tiny models end to end on a laptop or in CI; a real model there is correct but slow
+ * (SmolLM2-135M: about 15 tokens/s on 2 busy cores). train_step() dispatches; the CPU step
+ * is the reference the GPU step is checked against (tests/test_gpu_train.c).
+ * Leaves out: multi-GPU.
  * Checked by: tests/test_train.c (flags, data, SFT masking, exact resume, SIGINT, non-finite
  * loss), tests/test_train_e2e.c (a tiny model learns; its adapter reloads and helps on
  * held-out text), tests/test_train_text.sh (text and SFT through a real tokenizer).
@@ -116,8 +116,8 @@ static void train_usage(FILE *f) {
         "usage: 05_train (--model DIR | --init random --shape NAME) (--data FILE... | --sft FILE.json) [flags]\n"
         "\n"
         "LongLoRA fine-tuning: LoRA on q,k,v,o plus trainable embeddings and norms, S2-Attn,\n"
-        "RoPE position interpolation to --ctx. Runs on the CPU (tiny models; the GPU step is not\n"
-        "written yet).\n"
+        "RoPE position interpolation to --ctx. Runs on the GPU (bf16, checkpointed) where there is\n"
+        "one, else on the CPU (tiny models).\n"
         "\n"
         "model:\n"
         "  --model DIR            HuggingFace folder (config.json, *.safetensors, tokenizer)\n"
