@@ -39,6 +39,10 @@
 
 static double tg_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
 
+/* Whether gpu_train_plan keeps every layer's attention output: -1 decides by cost and
+ * memory (below), 1 keeps it whenever it fits, 0 never (tests and benchmarks set it). */
+static int tg_keep_att_policy = -1;
+
 /* Is there a GPU this process can use? (No message: the caller says what it does instead.) */
 static int gpu_train_available(void) {
     int n = 0;
@@ -99,8 +103,11 @@ typedef struct GpuTrainer {
     uint16_t *saved;                  /* [L+1, T, D]: layer l's input at l, the last output at L */
     uint16_t *xn1, *x2, *xn2;         /* [T, D] norm of the input, input + attention, its norm */
     uint16_t *dx, *dtmp;              /* [T, D] gradient of the residual stream, of a norm's output */
-    float *rstd1, *rstd2;             /* [T] */
+    float *rstd1, *rstd2, *rstd_final;/* [T] */
     uint16_t *q, *att;                /* [T, H*d] q after RoPE, attention output */
+    int keep_att;                     /* 1: every layer keeps its attention output and lse (no attention in the recompute) */
+    uint16_t *att_all;                /* [L, T, H*d] with keep_att */
+    float *lse_all;                   /* [L, B, H, N] with keep_att */
     uint16_t *k, *v;                  /* [T, Hk*d] k after RoPE, v */
     float *lse;                       /* [B, H, N] */
     uint16_t *xa;                     /* [N_PROJ, T, R] x A^T of each projection of the current layer */
@@ -301,14 +308,15 @@ static size_t tg_arena_elems(const Config *c, size_t T, int lora_down) {
 }
 
 /* Bytes of activations and work buffers for B x N (the kernels' own workspaces included). */
-static double tg_act_bytes(const Config *c, size_t B, size_t N, size_t R, int lora_down, size_t ce_chunk) {
+static double tg_act_bytes(const Config *c, size_t B, size_t N, size_t R, int lora_down, size_t ce_chunk, int keep_att) {
     size_t T = B * N, D = (size_t)c->dim, L = (size_t)c->n_layers, H = (size_t)c->n_heads, V = (size_t)c->vocab_size;
     size_t Hd = H * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
     double b = 0;
     b += (double)(L + 1) * T * D * 2;                 /* kept layer inputs */
     b += 5.0 * T * D * 2 + 2.0 * T * 4;               /* xn1 x2 xn2 dx dtmp, rstd */
     b += (2.0 * T * Hd + 2.0 * T * Hkd) * 2;          /* q att k v */
-    b += (double)B * H * N * 4 + 2.0 * T * 4;         /* lse, tokens, targets */
+    b += (double)B * H * N * 4 + 3.0 * T * 4;         /* lse, tokens, targets, rstd_final */
+    if (keep_att) b += (double)L * (T * Hd * 2.0 + (double)B * H * N * 4); /* every layer's attention output and lse */
     b += (double)N_PROJ * T * R * 2 + (double)T * R * 2; /* xa, LoRA's dxa workspace */
     b += (double)tg_arena_elems(c, T, lora_down) * 2;
     b += (double)attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim);
@@ -327,10 +335,19 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
         return set_error("a batch of %zu x %zu tokens is too large for the GPU kernels' int sizes", B, N);
     if (G && N % G) return set_error("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, G);
     g->ce_chunk = 2048;
-    double need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk);
+    double need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, 0);
     size_t free_b = 0, total_b = 0;
     TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
     double margin = 768.0 * 1024 * 1024; /* cuBLAS workspaces and fragmentation */
+    /* Keeping each layer's attention output and lse spares the recompute its attention
+     * forward. Worth its memory (L x T x H*d bf16) only where attention is a large share of
+     * the step: when a query sees 4096 keys or more on average (S2: G/2, full: N/2); and
+     * only when it fits. */
+    double keys_seen = G ? (double)G / 2.0 : (double)N / 2.0;
+    double need_keep = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, 1);
+    int worth = tg_keep_att_policy < 0 ? keys_seen >= 4096.0 : tg_keep_att_policy;
+    g->keep_att = worth && need_keep + margin + 2.0 * 1024 * 1024 * 1024 <= (double)free_b;
+    if (g->keep_att) need = need_keep;
     if (need + margin > (double)free_b) {
         double per_token = need / (double)T;
         double fits = ((double)free_b - margin) / per_token / (double)B;
@@ -350,6 +367,11 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     g->dtmp = (uint16_t *)tg_alloc(T * D * 2, "activations");
     g->rstd1 = (float *)tg_alloc(T * 4, "activations");
     g->rstd2 = (float *)tg_alloc(T * 4, "activations");
+    g->rstd_final = (float *)tg_alloc(T * 4, "activations");
+    if (g->keep_att) {
+        g->att_all = (uint16_t *)tg_alloc(L * T * Hd * 2, "the kept attention outputs");
+        g->lse_all = (float *)tg_alloc(L * B * H * N * 4, "the kept attention outputs");
+    }
     g->q = (uint16_t *)tg_alloc(T * Hd * 2, "activations");
     g->att = (uint16_t *)tg_alloc(T * Hd * 2, "activations");
     g->k = (uint16_t *)tg_alloc(T * Hkd * 2, "activations");
@@ -365,11 +387,11 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
 }
 
 static void gpu_train_unplan(GpuTrainer *g) {
-    void *bufs[] = {g->tokens, g->targets, g->saved, g->xn1, g->x2, g->xn2, g->dx, g->dtmp, g->rstd1, g->rstd2, g->q, g->att,
-                    g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws};
+    void *bufs[] = {g->tokens, g->targets, g->saved, g->xn1, g->x2, g->xn2, g->dx, g->dtmp, g->rstd1, g->rstd2, g->rstd_final, g->q,
+                    g->att, g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws, g->att_all, g->lse_all};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) tg_free_ptr(bufs[i]);
     g->tokens = g->targets = NULL; g->saved = g->xn1 = g->x2 = g->xn2 = g->dx = g->dtmp = NULL;
-    g->rstd1 = g->rstd2 = g->lse = NULL; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
+    g->rstd1 = g->rstd2 = g->rstd_final = g->lse = g->lse_all = NULL; g->att_all = NULL; g->keep_att = 0; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
     g->T = g->B = g->N = 0;
 }
 
@@ -400,6 +422,9 @@ static void gpu_train_free(GpuTrainer *g) {
  * ------------------------------------------------------------------------------------- */
 
 static uint16_t *tg_xa(GpuTrainer *g, int which) { return g->xa + (size_t)which * g->T * g->R; }
+/* Layer l's attention output [T, H*d] and lse [B, H, N]: its own with keep_att, else the shared ones. */
+static uint16_t *tg_att(GpuTrainer *g, int l) { return g->keep_att ? g->att_all + (size_t)l * g->T * g->cfg.n_heads * g->cfg.head_dim : g->att; }
+static float *tg_lse(GpuTrainer *g, int l) { return g->keep_att ? g->lse_all + (size_t)l * g->B * g->cfg.n_heads * g->N : g->lse; }
 
 /* y [T, out] (= or +=) x [T, in] W^T, then the adapter's path of projection `which` (if any). */
 static void tg_project(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, uint16_t *y, float beta) {
@@ -434,7 +459,8 @@ static void tg_rope(GpuTrainer *g, uint16_t *x, size_t heads, int backward) {
 }
 
 /* Layer l from its input x_in [T, D]. With x_out, the whole layer (into x_out); without,
- * the recompute for the backward: everything the backward reads, and no down projection. */
+ * the recompute for the backward: everything the backward reads, and no down projection
+ * (nor attention, when the forward kept its output). */
 static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_t *x_out) {
     const Config *c = &g->cfg;
     size_t T = g->T, D = (size_t)c->dim, F = (size_t)c->ffn_dim;
@@ -445,9 +471,11 @@ static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_
     tg_project(g, l, PROJ_V, gl->wv, g->xn1, g->v, 0.0f);
     tg_rope(g, g->q, (size_t)c->n_heads, 0);
     tg_rope(g, g->k, (size_t)c->n_kv_heads, 0);
-    if (attn_forward(g->q, g->k, g->v, g->att, g->lse, (int)g->B, (int)g->N, c->n_heads, c->n_kv_heads, c->head_dim, (int)g->G) != 0)
+    uint16_t *att = tg_att(g, l);
+    if ((x_out || !g->keep_att) &&
+        attn_forward(g->q, g->k, g->v, att, tg_lse(g, l), (int)g->B, (int)g->N, c->n_heads, c->n_kv_heads, c->head_dim, (int)g->G) != 0)
         die("GPU attention: %s", last_error());
-    tg_project(g, l, PROJ_O, gl->wo, g->att, g->x2, 0.0f);
+    tg_project(g, l, PROJ_O, gl->wo, att, g->x2, 0.0f);
     gpu_add(g->x2, g->x2, x_in, T * D);
     gpu_rmsnorm_forward(g->xn2, g->rstd2, g->x2, gl->mlp_norm.w, T, D, c->rms_eps);
     tg_project(g, l, PROJ_GATE, gl->w_gate, g->xn2, g->gate, 0.0f);
@@ -474,8 +502,9 @@ static void tg_layer_backward(GpuTrainer *g, int l, const uint16_t *x_in) {
     tg_project_backward(g, l, PROJ_UP, gl->w_up, g->xn2, g->up, g->dtmp, 1.0f);
     gpu_rmsnorm_backward(g->dx, gl->mlp_norm.grad, g->dtmp, g->x2, gl->mlp_norm.w, g->rstd2, T, D, c->rms_eps, 1);
     /* attention: x2 = x_in + o(attn(rope(q), rope(k), v)), q/k/v = proj(rmsnorm(x_in)) */
-    tg_project_backward(g, l, PROJ_O, gl->wo, g->att, g->dx, g->datt, 0.0f);
-    if (attn_backward(g->q, g->k, g->v, g->att, g->datt, g->lse, g->dq, g->dk, g->dv, g->attn_ws, (int)g->B, (int)g->N, c->n_heads,
+    const uint16_t *att = tg_att(g, l);
+    tg_project_backward(g, l, PROJ_O, gl->wo, att, g->dx, g->datt, 0.0f);
+    if (attn_backward(g->q, g->k, g->v, att, g->datt, tg_lse(g, l), g->dq, g->dk, g->dv, g->attn_ws, (int)g->B, (int)g->N, c->n_heads,
                       c->n_kv_heads, c->head_dim, (int)g->G) != 0)
         die("GPU attention backward: %s", last_error());
     tg_rope(g, g->dq, (size_t)c->n_heads, 1);
@@ -503,20 +532,23 @@ static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, c
     /* forward, keeping each layer's input */
     gpu_embedding_forward(g->saved, g->tokens, g->embed.w, T, D, V);
     for (size_t l = 0; l < L; l++) tg_layer_forward(g, (int)l, g->saved + l * T * D, g->saved + (l + 1) * T * D);
+    /* the final norm goes to dx (free until the backward writes it), so the work buffers
+     * still hold the last layer's activations: its backward needs no recompute */
     const uint16_t *x_last = g->saved + L * T * D;
-    gpu_rmsnorm_forward(g->xn1, g->rstd1, x_last, g->final_norm.w, T, D, c->rms_eps);
+    uint16_t *h_final = g->dx; /* [T, D] */
+    gpu_rmsnorm_forward(h_final, g->rstd_final, x_last, g->final_norm.w, T, D, c->rms_eps);
     /* the loss and dL/d(final norm output) into dtmp; a tied head's dW goes to embed */
     double loss_sum = 0;
     size_t n_valid = 0;
     float *dW = c->tie_embeddings ? g->embed.grad : NULL;
-    gpu_cross_entropy(&loss_sum, &n_valid, g->dtmp, dW, g->xn1, g->lm_head, g->targets, T, D, V, g->ce_chunk, 1.0f);
+    gpu_cross_entropy(&loss_sum, &n_valid, g->dtmp, dW, h_final, g->lm_head, g->targets, T, D, V, g->ce_chunk, 1.0f);
     double loss = n_valid ? loss_sum / (double)n_valid : 0.0;
     if (!isfinite(loss)) return loss;
-    gpu_rmsnorm_backward(g->dx, g->final_norm.grad, g->dtmp, x_last, g->final_norm.w, g->rstd1, T, D, c->rms_eps, 0);
-    /* backward, recomputing each layer from its kept input */
+    gpu_rmsnorm_backward(g->dx, g->final_norm.grad, g->dtmp, x_last, g->final_norm.w, g->rstd_final, T, D, c->rms_eps, 0);
+    /* backward, recomputing each layer from its kept input (the last one's are still there) */
     for (size_t l = L; l-- > 0;) {
         const uint16_t *x_in = g->saved + l * T * D;
-        tg_layer_forward(g, (int)l, x_in, NULL);
+        if (l + 1 < L) tg_layer_forward(g, (int)l, x_in, NULL);
         tg_layer_backward(g, (int)l, x_in);
     }
     if (g->embed.grad) gpu_embedding_backward(g->embed.grad, g->tokens, g->dx, T, D, V);
