@@ -235,7 +235,7 @@ static void test_flags(void) {
         {"--model m --data a --frobnicate 3", "unknown flag"},
         {"stray --model m --data a", "unexpected argument"},
         {"--model m --data a --lr", "needs a value"},
-        {"--model m --data a --device gpu", "not written yet"},
+        {"--model m --data a --device gpu", "no CUDA"}, /* this test is built without USE_CUDA */
         {"--model m --data a --device tpu", "--device"},
         {"--model m --sft s.json --save-tokens t.tok", "--save-tokens"},
     };
