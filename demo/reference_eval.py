@@ -6,15 +6,21 @@ at 2x-4x beyond it. This script pins down exactly what is measured, so the C/CUD
 stage can be checked against it number for number, and it gives the "before" column (and the
 PyTorch peer's numbers) for the demo's table:
 
-  perplexity(N)  the held-out text (austen-eval.txt, Persuasion) tokenized without BOS, cut
-                 into consecutive windows of N tokens from the start (at most --windows of
-                 them); exp of the mean next-token cross-entropy over every predicted token
-                 of every window (N - 1 per window). Full causal attention.
-  passkey(N)     LongLoRA's passkey test: an instruction, filler sentences repeated to about N
-                 tokens, and at a uniformly random depth "The pass key is K. Remember it. K is
-                 the pass key." (K a random 5-digit number), ending with "What is the pass
-                 key? The pass key is"; greedy decoding of 10 tokens; a trial passes when K
-                 appears in the generated text. --trials trials per length, seeded.
+The protocols are LongLoRA's, exactly as 06_infer.c writes them down (its sections 6 and 7),
+so the C numbers and these can be compared directly, prompt for prompt:
+  perplexity(N)  sliding windows over the held-out token stream (no BOS): starts 0, S, 2S,
+                 ... while start < n_tokens - N, the last start dropped (LongLoRA's eval.py),
+                 at most --max-windows of them; a window's loss is the mean of its N - 1
+                 next-token losses; PPL = exp(mean of the window losses). S = --stride (256).
+  passkey(N)     LongLoRA's passkey test: five lines joined by newlines (the task; the first
+                 `depth` characters of the repeated filler; "The pass key is K. Remember it.
+                 K is the pass key."; the remaining filler; "What is the pass key? The pass
+                 key is"), floor(3.75 N / 1024) * 1024 filler characters, depth and K drawn
+                 from common.h's generator (xoshiro256**, splitmix64-seeded, re-implemented
+                 below) seeded with seed + trial, BOS first. Two verdicts per trial:
+                 "exact" (06_infer's rule: the greedy continuation equals the tokens of K
+                 encoded alone) and "found" (K appears in the decoded continuation of that
+                 many tokens plus one).
   RoPE variants  "none": the model as it is (positions past its trained context are
                  extrapolated); "pi-xS": linear position interpolation, positions divided by
                  S (HF rope_type "linear"), the way LongLoRA runs a model fine-tuned for a
@@ -24,33 +30,68 @@ Usage (a Python with torch + transformers; CUDA if there is one):
   reference_eval.py --model DIR --text austen-eval.txt --lengths 2048,4096,8192,16384,32768 \
                     --rope none,pi-x2,pi-x4 --out results.json
 Writes a JSON file: {"model", "protocol", "device", "results": [{"rope", "length",
-"perplexity", "windows", "passkey_accuracy", "trials", "seconds"}, ...]}.
+"perplexity", "windows", "stride", "passkey_accuracy" (exact), "passkey_found", "trials",
+"seconds"}, ...]}.
 """
 import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-               "them. I will quiz you about the important information there.\n\n")
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = "What is the pass key? The pass key is"
+MASK = (1 << 64) - 1
 
 
-def passkey_prompt(tok, n_tokens, rng):
-    """(prompt ids of about n_tokens, the key) with the key at a random depth."""
-    key = rng.randint(10000, 99999)
-    needle = " The pass key is %d. Remember it. %d is the pass key. " % (key, key)
-    fixed = len(tok.encode(INSTRUCTION + needle + QUESTION, add_special_tokens=False))
-    per_filler = len(tok.encode(FILLER * 10, add_special_tokens=False)) / 10
-    n_filler = max(1, int((n_tokens - fixed) / per_filler))
-    depth = rng.randint(0, n_filler)
-    text = INSTRUCTION + FILLER * depth + needle + FILLER * (n_filler - depth) + QUESTION
-    ids = tok.encode(text, add_special_tokens=False)
-    return ids, key
+class Rng:
+    """common.h's Rng: xoshiro256** seeded by splitmix64; below(n) = next() % n."""
+
+    def __init__(self, seed):
+        self.s, x = [], seed & MASK
+        for _ in range(4):
+            x = (x + 0x9E3779B97F4A7C15) & MASK
+            z = x
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+            self.s.append(z ^ (z >> 31))
+
+    def next(self):
+        s = self.s
+        m = (s[1] * 5) & MASK
+        result = ((((m << 7) | (m >> 57)) & MASK) * 9) & MASK
+        t = (s[1] << 17) & MASK
+        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = ((s[3] << 45) | (s[3] >> 19)) & MASK
+        return result
+
+    def below(self, n):
+        return self.next() % n if n else 0
+
+
+def filler(n):
+    period = FILLER + " "
+    return (period * (n // len(period) + 1))[:n]
+
+
+def passkey_trial(target_tokens, seed, trial):
+    """(prompt text, key) for one trial, as 06_infer.c's passkey_draw and passkey_prompt."""
+    n_garbage = int(3.75 * target_tokens / 1024) * 1024
+    r = Rng(seed + trial)
+    depth = r.below(n_garbage)
+    key = 1 + r.below(49999)
+    prompt = (TASK + "\n" + filler(depth) + "\nThe pass key is %d. Remember it. %d is the pass key.\n" % (key, key)
+              + filler(n_garbage - depth) + "\n" + QUESTION)
+    return prompt, key
+
+
+def window_starts(n_tokens, seq_len, stride):
+    starts = list(range(0, n_tokens - seq_len, stride)) if n_tokens > seq_len else []
+    return starts[:-1]
 
 
 def load_model(model_dir, rope, torch, device, dtype):
@@ -81,7 +122,8 @@ def main():
     ap.add_argument("--text", required=True, help="held-out text for perplexity (austen-eval.txt)")
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     ap.add_argument("--rope", default="none,pi-x2,pi-x4")
-    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--max-windows", type=int, default=8)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -95,43 +137,44 @@ def main():
     ids = tok.encode(open(args.text, encoding="utf-8").read(), add_special_tokens=False)
     lengths = [int(x) for x in args.lengths.split(",")]
     results = []
-    print("%d eval tokens; device %s, %s" % (len(ids), device, dtype), flush=True)
-    print("%-7s %7s %10s %8s %8s %7s" % ("rope", "length", "perplexity", "windows", "passkey", "secs"), flush=True)
+    bos = tok.convert_tokens_to_ids(tok.bos_token) if tok.bos_token else None
+    print("%d eval tokens; device %s, %s; BOS %s" % (len(ids), device, dtype, bos), flush=True)
+    print("%-7s %7s %10s %8s %8s %8s %7s" % ("rope", "length", "perplexity", "windows", "exact", "found", "secs"), flush=True)
     for rope in args.rope.split(","):
         model = load_model(args.model, rope, torch, device, dtype)
         for n in lengths:
             t0 = time.time()
-            nll, count, windows = 0.0, 0, 0
+            starts = window_starts(len(ids), n, args.stride)[:args.max_windows]
+            losses = []
             with torch.no_grad():
-                for s in range(0, len(ids) - n + 1, n):
-                    if windows == args.windows:
-                        break
+                for s in starts:
                     x = torch.tensor(ids[s:s + n], device=device).unsqueeze(0)
                     logits = model(x).logits[0, :-1].float()
-                    nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-                    count += n - 1
-                    windows += 1
+                    losses.append(torch.nn.functional.cross_entropy(logits, x[0, 1:]).item())
                     del logits
-            ppl = math.exp(nll / count) if count else None
-            rng = random.Random("%d-%d" % (args.seed, n))
-            passed = 0
+            ppl = math.exp(sum(losses) / len(losses)) if losses else None
+            exact = found = 0
             with torch.no_grad():
-                for _ in range(args.trials):
-                    prompt, key = passkey_prompt(tok, n, rng)
-                    x = torch.tensor(prompt, device=device).unsqueeze(0)
-                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
-                                         pad_token_id=tok.eos_token_id)
-                    passed += str(key) in tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
-            r = {"rope": rope, "length": n, "perplexity": ppl, "windows": windows,
-                 "passkey_accuracy": passed / args.trials if args.trials else None, "trials": args.trials,
+                for j in range(args.trials):
+                    prompt, key = passkey_trial(n, args.seed, j)
+                    pids = ([bos] if bos is not None else []) + tok.encode(prompt, add_special_tokens=False)
+                    answer = tok.encode(str(key), add_special_tokens=False)
+                    x = torch.tensor(pids, device=device).unsqueeze(0)
+                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=len(answer) + 1,
+                                         do_sample=False, pad_token_id=tok.eos_token_id)[0, x.shape[1]:].tolist()
+                    exact += out[:len(answer)] == answer
+                    found += str(key) in tok.decode(out, skip_special_tokens=True)
+            r = {"rope": rope, "length": n, "perplexity": ppl, "windows": len(losses), "stride": args.stride,
+                 "passkey_accuracy": exact / args.trials if args.trials else None,
+                 "passkey_found": found / args.trials if args.trials else None, "trials": args.trials,
                  "seconds": round(time.time() - t0, 1)}
             results.append(r)
-            print("%-7s %7d %10s %8d %8s %7.1f" % (rope, n, "%.3f" % ppl if ppl else "-", windows,
-                                                  "%d/%d" % (passed, args.trials), r["seconds"]), flush=True)
+            print("%-7s %7d %10s %8d %8s %8s %7.1f" % (rope, n, "%.4f" % ppl if ppl else "-", len(losses),
+                  "%d/%d" % (exact, args.trials), "%d/%d" % (found, args.trials), r["seconds"]), flush=True)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-    out = {"model": os.path.basename(os.path.normpath(args.model)), "protocol": "demo/reference_eval.py",
+    out = {"model": os.path.basename(os.path.normpath(args.model)), "protocol": "LongLoRA eval.py / passkey_retrivial.py as in 06_infer.c",
            "engine": "PyTorch %s + transformers" % torch.__version__,
            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype).replace("torch.", ""),
            "eval_tokens": len(ids), "results": results}
