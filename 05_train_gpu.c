@@ -9,9 +9,13 @@
  *   - Activation checkpointing per layer: the forward pass keeps only each layer's input
  *     ([L+1, T, D] bf16). The backward pass walks the layers from the top, runs each
  *     layer's forward again from its kept input (into one set of work buffers, minus the
- *     down projection, whose output the backward never reads), then its backward.
+ *     down projection, whose output the backward never reads), then its backward; the top
+ *     layer's activations are still in the buffers, so it is not recomputed.
  *     So the step costs forward 2PT + recompute ~2PT + input gradients 2PT FLOPs (no dW for
  *     frozen weights) plus the attention, and activation memory is (L+1) T D + one layer.
+ *     Where a query sees 4096 keys or more (long S2 groups) and memory allows, each layer
+ *     also keeps its attention output and lse ([L, T, H*d] bf16), and the recompute skips
+ *     the attention forward (gpu_train_plan decides; bench/TRAIN_NOTES.md has the numbers).
  *   - The projections are cuBLAS products (gpu_matmul_bf16), LoRA is 04's low-rank path,
  *     attention is 04's flash attention with S2-Attn's bounds (G from --group-ratio; 0 is
  *     full causal), RoPE uses the interpolated positions of Config.rope_factor, and the loss
@@ -20,7 +24,11 @@
  *     with one sentence saying how much it needs and what to change.
  * Runs on: one NVIDIA GPU (sm_80+) with head_dim 64 or 128, through 04's extern "C" API.
  * Checked against: the CPU step of 02 + 03 (tests/test_gpu_train.c: loss, every trainable
- * gradient, a few AdamW steps), the CPU resume test's GPU twin.
+ * gradient, a few AdamW steps); 05_train --device gpu end to end, exact resume and the
+ * non-finite stop (tests/test_gpu_train_resume.c). Benchmark: bench/train_bench.c.
+ * The API 05_train.c uses: train_gpu_choose (where the step runs, and why), train_gpu_setup
+ * (gpu_train_init: weights and trainable state; gpu_train_plan: the B x N buffers),
+ * train_step_gpu, gpu_train_download_state (before each checkpoint), train_gpu_free.
  * Leaves out: LoRA dropout on the GPU (LongLoRA uses none), multi-GPU, fused q/k/v
  * products (04's attention takes q, k and v as separate [T, heads, d] buffers).
  *
