@@ -116,7 +116,28 @@ def load_model(model_dir, rope, torch, device, dtype):
     return model
 
 
+PROTOCOL_TARGETS = (1, 100, 512, 1000, 2048, 4321, 32768)
+PROTOCOL_WINDOWS = ((1000, 100, 7), (100000, 4096, 256), (115862, 32768, 4096), (300, 300, 1), (301, 300, 1),
+                    (5000, 1024, 1024))
+
+
+def dump_protocol(seed):
+    """--dump-protocol SEED: the prompts and windows, for tests/test_demo_protocol.c to compare
+    with 06_infer.c's. Lines: "passkey TARGET TRIAL N_GARBAGE DEPTH KEY PROMPT_HEX" and
+    "windows TOKENS SEQ_LEN STRIDE START...". Needs no torch."""
+    for target in PROTOCOL_TARGETS:
+        for trial in range(3):
+            n_garbage = int(3.75 * target / 1024) * 1024
+            prompt, key = passkey_trial(target, seed, trial)
+            depth = Rng(seed + trial).below(n_garbage)
+            print("passkey %d %d %d %d %d %s" % (target, trial, n_garbage, depth, key, prompt.encode().hex()))
+    for tokens, seq_len, stride in PROTOCOL_WINDOWS:
+        print(" ".join(["windows %d %d %d" % (tokens, seq_len, stride)] + [str(s) for s in window_starts(tokens, seq_len, stride)]))
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--dump-protocol":
+        return dump_protocol(int(sys.argv[2]))
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--text", required=True, help="held-out text for perplexity (austen-eval.txt)")
