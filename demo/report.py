@@ -44,9 +44,13 @@ def fmt_ppl(r):
 
 
 def fmt_pass(r):
+    """exact/trials, and (found/trials) where the key was in the answer more often than exactly."""
     if not r or r.get("passkey_accuracy") is None:
         return "-"
-    return "%d/%d" % (round(r["passkey_accuracy"] * r["trials"]), r["trials"])
+    text = "%d/%d" % (round(r["passkey_accuracy"] * r["trials"]), r["trials"])
+    if r.get("passkey_found") is not None and r["passkey_found"] != r["passkey_accuracy"]:
+        text += " (found %d)" % round(r["passkey_found"] * r["trials"])
+    return text
 
 
 def write_table(path, series, meta):
