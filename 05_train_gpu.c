@@ -13,9 +13,10 @@
  *     layer's activations are still in the buffers, so it is not recomputed.
  *     So the step costs forward 2PT + recompute ~2PT + input gradients 2PT FLOPs (no dW for
  *     frozen weights) plus the attention, and activation memory is (L+1) T D + one layer.
- *     Where a query sees 4096 keys or more (long S2 groups) and memory allows, each layer
- *     also keeps its attention output and lse ([L, T, H*d] bf16), and the recompute skips
- *     the attention forward (gpu_train_plan decides; bench/TRAIN_NOTES.md has the numbers).
+ *     Where a query sees 4096 keys or more (long S2 groups), as many layers as memory
+ *     allows also keep their attention output and lse ([T, H*d] bf16 each), and their
+ *     recompute skips the attention forward (gpu_train_plan decides; bench/TRAIN_NOTES.md
+ *     has the numbers).
  *   - The projections are cuBLAS products (gpu_matmul_bf16), LoRA is 04's low-rank path,
  *     attention is 04's flash attention with S2-Attn's bounds (G from --group-ratio; 0 is
  *     full causal), RoPE uses the interpolated positions of Config.rope_factor, and the loss
@@ -47,8 +48,8 @@
 
 static double tg_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
 
-/* Whether gpu_train_plan keeps every layer's attention output: -1 decides by cost and
- * memory (below), 1 keeps it whenever it fits, 0 never (tests and benchmarks set it). */
+/* How many layers' attention outputs gpu_train_plan keeps: -1 decides by cost and memory
+ * (below), k >= 0 keeps at most k, as many as fit (tests set it). */
 static int tg_keep_att_policy = -1;
 
 /* Is there a GPU this process can use? (No message: the caller says what it does instead.) */
@@ -113,9 +114,9 @@ typedef struct GpuTrainer {
     uint16_t *dx, *dtmp;              /* [T, D] gradient of the residual stream, of a norm's output */
     float *rstd1, *rstd2, *rstd_final;/* [T] */
     uint16_t *q, *att;                /* [T, H*d] q after RoPE, attention output */
-    int keep_att;                     /* 1: every layer keeps its attention output and lse (no attention in the recompute) */
-    uint16_t *att_all;                /* [L, T, H*d] with keep_att */
-    float *lse_all;                   /* [L, B, H, N] with keep_att */
+    int n_keep_att;                   /* layers 0 .. n_keep_att-1 keep their attention output and lse (no attention in their recompute) */
+    uint16_t *att_all;                /* [n_keep_att, T, H*d] */
+    float *lse_all;                   /* [n_keep_att, B, H, N] */
     uint16_t *k, *v;                  /* [T, Hk*d] k after RoPE, v */
     float *lse;                       /* [B, H, N] */
     uint16_t *xa;                     /* [N_PROJ, T, R] x A^T of each projection of the current layer */
@@ -316,15 +317,14 @@ static size_t tg_arena_elems(const Config *c, size_t T, int lora_down) {
 }
 
 /* Bytes of activations and work buffers for B x N (the kernels' own workspaces included). */
-static double tg_act_bytes(const Config *c, size_t B, size_t N, size_t R, int lora_down, size_t ce_chunk, int keep_att) {
+static double tg_act_bytes(const Config *c, size_t B, size_t N, size_t R, int lora_down, size_t ce_chunk, size_t n_keep_att) {
     size_t T = B * N, D = (size_t)c->dim, L = (size_t)c->n_layers, H = (size_t)c->n_heads, V = (size_t)c->vocab_size;
     size_t Hd = H * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
     double b = 0;
     b += (double)(L + 1) * T * D * 2;                 /* kept layer inputs */
     b += 5.0 * T * D * 2 + 2.0 * T * 4;               /* xn1 x2 xn2 dx dtmp, rstd */
-    b += (2.0 * T * Hd + 2.0 * T * Hkd) * 2;          /* q att k v */
-    b += (double)B * H * N * 4 + 3.0 * T * 4;         /* lse, tokens, targets, rstd_final */
-    if (keep_att) b += (double)L * (T * Hd * 2.0 + (double)B * H * N * 4); /* every layer's attention output and lse */
+    b += (T * Hd + 2.0 * T * Hkd) * 2 + 3.0 * T * 4;  /* q k v, tokens, targets, rstd_final */
+    b += (double)(n_keep_att < L ? n_keep_att + 1 : L) * (T * Hd * 2.0 + (double)B * H * N * 4); /* attention outputs and lse: kept + shared */
     b += (double)N_PROJ * T * R * 2 + (double)T * R * 2; /* xa, LoRA's dxa workspace */
     b += (double)tg_arena_elems(c, T, lora_down) * 2;
     b += (double)attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim);
@@ -344,18 +344,20 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     if (G && N % G) return set_error("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, G);
     g->ce_chunk = 2048;
     double need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, 0);
+    size_t n_keep = 0;
     size_t free_b = 0, total_b = 0;
     TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
     double margin = 768.0 * 1024 * 1024; /* cuBLAS workspaces and fragmentation */
-    /* Keeping each layer's attention output and lse spares the recompute its attention
-     * forward. Worth its memory (L x T x H*d bf16) only where attention is a large share of
-     * the step: when a query sees 4096 keys or more on average (S2: G/2, full: N/2); and
-     * only when it fits. */
+    /* Keeping a layer's attention output and lse spares its recompute the attention forward.
+     * Worth the memory (T x H*d bf16 a layer) only where attention is a large share of the
+     * step: when a query sees 4096 keys or more on average (S2: G/2, full: N/2). Then as
+     * many layers keep it as fit beside everything else, with 2 GiB to spare. */
     double keys_seen = G ? (double)G / 2.0 : (double)N / 2.0;
-    double need_keep = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, 1);
-    int worth = tg_keep_att_policy < 0 ? keys_seen >= 4096.0 : tg_keep_att_policy;
-    g->keep_att = worth && need_keep + margin + 2.0 * 1024 * 1024 * 1024 <= (double)free_b;
-    if (g->keep_att) need = need_keep;
+    size_t want = tg_keep_att_policy < 0 ? (keys_seen >= 4096.0 ? L : 0) : (size_t)tg_keep_att_policy;
+    if (want > L) want = L;
+    for (n_keep = want; n_keep > 0; n_keep--)
+        if (tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, n_keep) + margin + 2.0 * 1024 * 1024 * 1024 <= (double)free_b) break;
+    if (n_keep) need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, n_keep);
     if (need + margin > (double)free_b) {
         double per_token = need / (double)T;
         double fits = ((double)free_b - margin) / per_token / (double)B;
@@ -364,7 +366,7 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
                          N, B, tg_gib(need), tg_gib((double)(L + 1) * T * D * 2), L + 1, tg_gib(g->weight_bytes), tg_gib((double)free_b),
                          tg_gib((double)total_b), fits > 0 ? fits : 0);
     }
-    g->B = B; g->N = N; g->T = T; g->G = G; g->act_bytes = need;
+    g->B = B; g->N = N; g->T = T; g->G = G; g->act_bytes = need; g->n_keep_att = (int)n_keep;
     g->tokens = (int32_t *)tg_alloc(T * sizeof(int32_t), "token ids");
     g->targets = (int32_t *)tg_alloc(T * sizeof(int32_t), "target ids");
     g->saved = (uint16_t *)tg_alloc((L + 1) * T * D * 2, "the kept layer inputs");
@@ -376,15 +378,15 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     g->rstd1 = (float *)tg_alloc(T * 4, "activations");
     g->rstd2 = (float *)tg_alloc(T * 4, "activations");
     g->rstd_final = (float *)tg_alloc(T * 4, "activations");
-    if (g->keep_att) {
-        g->att_all = (uint16_t *)tg_alloc(L * T * Hd * 2, "the kept attention outputs");
-        g->lse_all = (float *)tg_alloc(L * B * H * N * 4, "the kept attention outputs");
+    if (n_keep) {
+        g->att_all = (uint16_t *)tg_alloc(n_keep * T * Hd * 2, "the kept attention outputs");
+        g->lse_all = (float *)tg_alloc(n_keep * B * H * N * 4, "the kept attention outputs");
     }
     g->q = (uint16_t *)tg_alloc(T * Hd * 2, "activations");
-    g->att = (uint16_t *)tg_alloc(T * Hd * 2, "activations");
+    if (n_keep < L) g->att = (uint16_t *)tg_alloc(T * Hd * 2, "activations"); /* for the layers that do not keep theirs */
     g->k = (uint16_t *)tg_alloc(T * Hkd * 2, "activations");
     g->v = (uint16_t *)tg_alloc(T * Hkd * 2, "activations");
-    g->lse = (float *)tg_alloc(B * H * N * 4, "activations");
+    if (n_keep < L) g->lse = (float *)tg_alloc(B * H * N * 4, "activations");
     g->xa = (uint16_t *)tg_alloc((size_t)N_PROJ * T * (g->R ? g->R : 1) * 2, "the LoRA activations");
     g->arena = (uint16_t *)tg_alloc(tg_arena_elems(c, T, g->lora_mlp_down) * 2, "activations");
     g->gate = g->arena; g->up = g->gate + T * F; g->h = g->up + T * F;
@@ -399,7 +401,7 @@ static void gpu_train_unplan(GpuTrainer *g) {
                     g->att, g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws, g->att_all, g->lse_all};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) tg_free_ptr(bufs[i]);
     g->tokens = g->targets = NULL; g->saved = g->xn1 = g->x2 = g->xn2 = g->dx = g->dtmp = NULL;
-    g->rstd1 = g->rstd2 = g->rstd_final = g->lse = g->lse_all = NULL; g->att_all = NULL; g->keep_att = 0; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
+    g->rstd1 = g->rstd2 = g->rstd_final = g->lse = g->lse_all = NULL; g->att_all = NULL; g->n_keep_att = 0; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
     g->T = g->B = g->N = 0;
 }
 
@@ -430,9 +432,9 @@ static void gpu_train_free(GpuTrainer *g) {
  * ------------------------------------------------------------------------------------- */
 
 static uint16_t *tg_xa(GpuTrainer *g, int which) { return g->xa + (size_t)which * g->T * g->R; }
-/* Layer l's attention output [T, H*d] and lse [B, H, N]: its own with keep_att, else the shared ones. */
-static uint16_t *tg_att(GpuTrainer *g, int l) { return g->keep_att ? g->att_all + (size_t)l * g->T * g->cfg.n_heads * g->cfg.head_dim : g->att; }
-static float *tg_lse(GpuTrainer *g, int l) { return g->keep_att ? g->lse_all + (size_t)l * g->B * g->cfg.n_heads * g->N : g->lse; }
+/* Layer l's attention output [T, H*d] and lse [B, H, N]: its own where it keeps them, else the shared ones. */
+static uint16_t *tg_att(GpuTrainer *g, int l) { return l < g->n_keep_att ? g->att_all + (size_t)l * g->T * g->cfg.n_heads * g->cfg.head_dim : g->att; }
+static float *tg_lse(GpuTrainer *g, int l) { return l < g->n_keep_att ? g->lse_all + (size_t)l * g->B * g->cfg.n_heads * g->N : g->lse; }
 
 /* y [T, out] (= or +=) x [T, in] W^T, then the adapter's path of projection `which` (if any). */
 static void tg_project(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, uint16_t *y, float beta) {
@@ -480,7 +482,7 @@ static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_
     tg_rope(g, g->q, (size_t)c->n_heads, 0);
     tg_rope(g, g->k, (size_t)c->n_kv_heads, 0);
     uint16_t *att = tg_att(g, l);
-    if ((x_out || !g->keep_att) &&
+    if ((x_out || l >= g->n_keep_att) &&
         attn_forward(g->q, g->k, g->v, att, tg_lse(g, l), (int)g->B, (int)g->N, c->n_heads, c->n_kv_heads, c->head_dim, (int)g->G) != 0)
         die("GPU attention: %s", last_error());
     tg_project(g, l, PROJ_O, gl->wo, att, g->x2, 0.0f);

@@ -139,13 +139,13 @@ int main(int argc, char **argv) {
         double peak = gpu_train_used_bytes();
         qsort(times + 1, (size_t)steps, sizeof(double), by_double);
         double median = times[1 + steps / 2], tps = (double)N / median;
-        printf("%-8zu %-6s %12.0f %12.2f %10.3f %8.4f%s\n", N, G ? "S2" : "full", tps, tg_gib(peak), median, loss,
-               g.keep_att ? "  (attention outputs kept)" : "");
+        printf("%-8zu %-6s %12.0f %12.2f %10.3f %8.4f  (%d layers keep their attention output)\n", N, G ? "S2" : "full", tps, tg_gib(peak),
+               median, loss, g.n_keep_att);
         fflush(stdout);
         snprintf(rows[n_rows++], sizeof rows[0],
                  "    {\"N\": %zu, \"s2_group\": %zu, \"fits\": true, \"tokens_per_s\": %.1f, \"step_s_median\": %.4f, \"fwd_bwd_s_mean\": %.4f, "
-                 "\"peak_gib_device_used\": %.3f, \"planned_activation_gib\": %.3f, \"attention_outputs_kept\": %s, \"loss\": %.5f}",
-                 N, G, tps, median, fwd_bwd_s, tg_gib(peak), tg_gib(g.act_bytes), g.keep_att ? "true" : "false", loss);
+                 "\"peak_gib_device_used\": %.3f, \"planned_activation_gib\": %.3f, \"layers_keeping_attention_output\": %d, \"loss\": %.5f}",
+                 N, G, tps, median, fwd_bwd_s, tg_gib(peak), tg_gib(g.act_bytes), g.n_keep_att, loss);
         free(tokens);
         free(targets);
         gpu_train_unplan(&g);
