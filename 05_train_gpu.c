@@ -106,19 +106,20 @@ typedef struct GpuTrainer {
     TgParam **trainable;      /* [n_trainable] in the host optimizer's order */
     size_t n_trainable;
     double weight_bytes;      /* frozen + trainable state */
-    /* activations, planned for B x N (tg_plan) */
+    /* activations, planned for B x N (gpu_train_plan) */
     size_t B, N, T, G;
     int32_t *tokens, *targets;        /* [T] */
     uint16_t *saved;                  /* [L+1, T, D]: layer l's input at l, the last output at L */
     uint16_t *xn1, *x2, *xn2;         /* [T, D] norm of the input, input + attention, its norm */
     uint16_t *dx, *dtmp;              /* [T, D] gradient of the residual stream, of a norm's output */
     float *rstd1, *rstd2, *rstd_final;/* [T] */
-    uint16_t *q, *att;                /* [T, H*d] q after RoPE, attention output */
+    uint16_t *q;                      /* [T, H*d] q after RoPE */
+    uint16_t *att;                    /* [T, H*d] attention output of a layer that keeps none (NULL when all keep theirs) */
     int n_keep_att;                   /* layers 0 .. n_keep_att-1 keep their attention output and lse (no attention in their recompute) */
     uint16_t *att_all;                /* [n_keep_att, T, H*d] */
     float *lse_all;                   /* [n_keep_att, B, H, N] */
     uint16_t *k, *v;                  /* [T, Hk*d] k after RoPE, v */
-    float *lse;                       /* [B, H, N] */
+    float *lse;                       /* [B, H, N] its lse (NULL when all layers keep theirs) */
     uint16_t *xa;                     /* [N_PROJ, T, R] x A^T of each projection of the current layer */
     uint16_t *arena;                  /* MLP: gate, up, h (and dh) [T, F]; later datt, dq [T, H*d], dk, dv [T, Hk*d] */
     uint16_t *gate, *up, *h, *dh;     /* views into arena */
