@@ -46,11 +46,12 @@ found:
 	@$(if $(HAVE_NCCL),true,echo "make: skipping multi-GPU (no NCCL)")
 
 # Each stage includes the one before it, so every earlier file is a dependency.
-01_tokenize: 01_tokenize.c common.h
+HEADERS := common.h $(wildcard 0*.h)
+01_tokenize: 01_tokenize.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
-02_model: 02_model.c 01_tokenize.c common.h
+02_model: 02_model.c 01_tokenize.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
-03_lora: 03_lora.c 02_model.c 01_tokenize.c common.h
+03_lora: 03_lora.c 02_model.c 01_tokenize.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
 # Stage 5 (training) runs on the GPU where nvcc and cuBLAS are (05_train_gpu.c, 04's kernels),
@@ -59,13 +60,13 @@ found:
 ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
-05_train: 05_train.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c common.h $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
+05_train: 05_train.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS)) $(LDLIBS)
 
 # ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
 GPU_SRC := $(wildcard 04_*.cu)
 GPU_OBJ := $(patsubst %.cu,build/%.o,$(GPU_SRC))
-build/%.o: %.cu common.h
+build/%.o: %.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -c -o $@ $<
 ifeq ($(USE_CUDA),1)
@@ -95,7 +96,7 @@ bench: 04_s2attn build/libs2attn.so
 ifneq ($(wildcard 06_infer.c),)
 all: 06_infer
 endif
-06_infer: 06_infer.c 05_train.c 03_lora.c 02_model.c 01_tokenize.c common.h $(if $(USE_CUDA),$(GPU_OBJ))
+06_infer: 06_infer.c 05_train.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS)) $(LDLIBS)
 
 # ---- tests -------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ endif
 # A test exits 0 (pass), 77 (skip, printing why on its last line) or anything else (fail).
 TEST_CPU := $(filter-out build/tests/test_gpu_%,$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c)))
 TEST_GPU := $(if $(USE_CUDA),$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_gpu_*.c)) $(patsubst tests/%.cu,build/tests/%,$(wildcard tests/test_*.cu)))
-ALL_SRC  := common.h $(wildcard 0*.c)
+ALL_SRC  := $(HEADERS) $(wildcard 0*.c)
 
 build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
