@@ -10,17 +10,7 @@
  */
 #include "common.h"
 
-static int g_checks, g_failures;
-#define EXPECT(cond, ...)                                                   \
-    do {                                                                    \
-        g_checks++;                                                         \
-        if (!(cond)) {                                                      \
-            g_failures++;                                                   \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                     \
-            printf(__VA_ARGS__);                                            \
-            printf("\n");                                                   \
-        }                                                                   \
-    } while (0)
+#include "check.h"
 
 static Json *parse_str(const char *s) { return json_parse(s, strlen(s)); }
 

@@ -18,13 +18,7 @@
 #include "05_train.c"
 #include "05_train_gpu.c"
 
-static int g_checks, g_failures;
-#define EXPECT(cond, ...)                                                        \
-    do {                                                                         \
-        g_checks++;                                                              \
-        if (!(cond)) { g_failures++; printf("FAIL "); printf(__VA_ARGS__); printf("\n"); } \
-        else { printf("ok   "); printf(__VA_ARGS__); printf("\n"); }             \
-    } while (0)
+#include "check.h"
 
 typedef struct {
     const char *name;

@@ -18,13 +18,7 @@
 
 #include <sys/wait.h>
 
-static int g_checks, g_failures;
-#define EXPECT(cond, ...)                                                        \
-    do {                                                                         \
-        g_checks++;                                                              \
-        if (!(cond)) { g_failures++; printf("FAIL "); printf(__VA_ARGS__); printf("\n"); } \
-        else { printf("ok   "); printf(__VA_ARGS__); printf("\n"); }             \
-    } while (0)
+#include "check.h"
 
 static char g_tmp[256], g_self[1024];
 

@@ -27,17 +27,7 @@
 #include "../03_lora.c"
 #include <sys/wait.h>
 
-static int g_checks, g_failures;
-#define EXPECT(cond, ...)                                                   \
-    do {                                                                    \
-        g_checks++;                                                         \
-        if (!(cond)) {                                                      \
-            g_failures++;                                                   \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                     \
-            printf(__VA_ARGS__);                                            \
-            printf("\n");                                                   \
-        }                                                                   \
-    } while (0)
+#include "check.h"
 
 #define FIXTURES "tests/fixtures/lora"
 

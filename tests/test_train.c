@@ -23,17 +23,7 @@
 #include <sys/wait.h>
 #pragma GCC diagnostic ignored "-Wformat-truncation" /* scratch paths are short */
 
-static int g_checks, g_failures;
-#define EXPECT(cond, ...)                                                   \
-    do {                                                                    \
-        g_checks++;                                                         \
-        if (!(cond)) {                                                      \
-            g_failures++;                                                   \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                     \
-            printf(__VA_ARGS__);                                            \
-            printf("\n");                                                   \
-        }                                                                   \
-    } while (0)
+#include "check.h"
 
 static char g_tmp[256]; /* this test's scratch folder */
 
