@@ -9,12 +9,14 @@
  * LSE (fp32) must be within 1e-3 of fp64. Decode attention: the same criterion on its output,
  * with the cache past n_keys filled with NaN so a read beyond it shows. Outputs are filled
  * with NaN bytes before every launch, so an element the kernel does not write fails.
- * Every tile variant of the forward and backward kernels is checked. Exit 77 without a GPU.
+ * Every tile variant of the forward and backward kernels is checked. The CPU stage's fp32
+ * attention (02_model.c) must agree with the fp64 reference (1e-4 of the largest value), and
+ * the kernels must meet the same criterion with the stage as the reference. Exit 77 without a GPU.
  */
 #ifndef STAGE
 #define STAGE 0
 #endif
-#include "common.h"
+#include "02_model.c" /* the CPU stage's attention_forward/backward: the reference the kernels stand on */
 
 #include <cuda_runtime.h>
 
@@ -177,6 +179,34 @@ static uint16_t *random_bf16(Rng *rng, size_t n, float **widened) {
     return x;
 }
 
+/* 02_model.c's fp32 attention forward and backward on the same (widened bf16) inputs,
+ * widened to double so the same error measures apply. */
+static Result stage02_reference(const Shape *s, const float *q, const float *k, const float *v, const float *dout) {
+    const size_t nq = (size_t)s->B * s->N * s->H * s->d, nk = (size_t)s->B * s->N * s->Hk * s->d;
+    const size_t nl = (size_t)s->B * s->H * s->N;
+    float *o = (float *)xmalloc(nq * sizeof(float)), *lse = (float *)xmalloc(nl * sizeof(float));
+    float *dq = (float *)xmalloc(nq * sizeof(float)), *dk = (float *)xmalloc(nk * sizeof(float));
+    float *dv = (float *)xmalloc(nk * sizeof(float)), *delta = (float *)xmalloc(nl * sizeof(float));
+    float *scratch = (float *)xmalloc((size_t)max_threads() * s->N * sizeof(float));
+    attention_forward(o, lse, q, k, v, (size_t)s->B, (size_t)s->N, s->H, s->Hk, s->d, (size_t)s->G, scratch);
+    attention_backward(dq, dk, dv, delta, dout, q, k, v, o, lse, (size_t)s->B, (size_t)s->N, s->H, s->Hk, s->d, (size_t)s->G);
+    Result r;
+    r.o = (double *)xmalloc(nq * sizeof(double)); r.dq = (double *)xmalloc(nq * sizeof(double));
+    r.dk = (double *)xmalloc(nk * sizeof(double)); r.dv = (double *)xmalloc(nk * sizeof(double));
+    r.lse = (double *)xmalloc(nl * sizeof(double));
+    for (size_t i = 0; i < nq; i++) { r.o[i] = o[i]; r.dq[i] = dq[i]; }
+    for (size_t i = 0; i < nk; i++) { r.dk[i] = dk[i]; r.dv[i] = dv[i]; }
+    for (size_t i = 0; i < nl; i++) r.lse[i] = lse[i];
+    free(o); free(lse); free(dq); free(dk); free(dv); free(delta); free(scratch);
+    return r;
+}
+
+static double max_abs_d(const double *a, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fabs(a[i]) > m ? fabs(a[i]) : m;
+    return m;
+}
+
 static int check(const char *what, double ours, double base, int *fails) {
     double limit = ERR_FACTOR * base + ERR_FLOOR;
     int ok = ours <= limit;
@@ -193,12 +223,23 @@ static int test_attention(const Shape *s, Rng *rng) {
     uint16_t *q = random_bf16(rng, nq, &qf), *k = random_bf16(rng, nk, &kf), *v = random_bf16(rng, nk, &vf);
     uint16_t *dout = random_bf16(rng, nq, &df);
     Result ref = reference(s, 0, qf, kf, vf, df), base = reference(s, 1, qf, kf, vf, df);
+    Result stage = stage02_reference(s, qf, kf, vf, df);
+    int fails = 0;
+    { /* the CPU stage agrees with the fp64 reference */
+        const double *st[5] = {stage.o, stage.dq, stage.dk, stage.dv, stage.lse}, *rf[5] = {ref.o, ref.dq, ref.dk, ref.dv, ref.lse};
+        const size_t n[5] = {nq, nq, nk, nk, nl};
+        const char *name[5] = {"O", "dQ", "dK", "dV", "LSE"};
+        for (int t = 0; t < 5; t++) {
+            double e = max_err_d(st[t], rf[t], n[t]), lim = 1e-4 * max_abs_d(rf[t], n[t]) + 1e-6;
+            if (!(e <= lim)) { printf("    02_model %s differs from fp64 by %.3e (limit %.3e) FAIL\n", name[t], e, lim); fails++; }
+        }
+    }
 
     uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
     uint16_t *d_do = (uint16_t *)dev_upload(dout, nq * 2);
     uint16_t *o = (uint16_t *)xmalloc(nq * 2), *dq = (uint16_t *)xmalloc(nq * 2), *dk = (uint16_t *)xmalloc(nk * 2), *dv = (uint16_t *)xmalloc(nk * 2);
     float *lse = (float *)xmalloc(nl * 4);
-    int fails = 0, n_fwd, n_bwd;
+    int n_fwd, n_bwd;
     attn_tile_variants(&n_fwd, &n_bwd);
     for (int var = 0; var < n_fwd || var < n_bwd; var++) { /* every tile variant of both kernels */
     const int fv = var < n_fwd ? var : 0, bv = var < n_bwd ? var : 0;
@@ -221,6 +262,11 @@ static int test_attention(const Shape *s, Rng *rng) {
     check("dQ", max_err_bf16(dq, ref.dq, nq), max_err_d(base.dq, ref.dq, nq), &fails);
     check("dK", max_err_bf16(dk, ref.dk, nk), max_err_d(base.dk, ref.dk, nk), &fails);
     check("dV", max_err_bf16(dv, ref.dv, nk), max_err_d(base.dv, ref.dv, nk), &fails);
+    /* the same criterion with the CPU stage (02_model.c, fp32) as the reference */
+    check("O/02", max_err_bf16(o, stage.o, nq), max_err_d(base.o, stage.o, nq), &fails);
+    check("dQ/02", max_err_bf16(dq, stage.dq, nq), max_err_d(base.dq, stage.dq, nq), &fails);
+    check("dK/02", max_err_bf16(dk, stage.dk, nk), max_err_d(base.dk, stage.dk, nk), &fails);
+    check("dV/02", max_err_bf16(dv, stage.dv, nk), max_err_d(base.dv, stage.dv, nk), &fails);
     double lse_err = 0;
     for (size_t i = 0; i < nl; i++) {
         double e = fabs((double)lse[i] - ref.lse[i]);
@@ -233,7 +279,7 @@ static int test_attention(const Shape *s, Rng *rng) {
     }
     if (attn_set_tile_variant(0, 0) != 0) die("%s", last_error());
 
-    free_result(&ref); free_result(&base);
+    free_result(&ref); free_result(&base); free_result(&stage);
     free(q); free(k); free(v); free(dout); free(qf); free(kf); free(vf); free(df);
     free(o); free(dq); free(dk); free(dv); free(lse);
     CUDA_OK(cudaFree(d_q)); CUDA_OK(cudaFree(d_k)); CUDA_OK(cudaFree(d_v)); CUDA_OK(cudaFree(d_do));
