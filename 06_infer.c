@@ -781,9 +781,16 @@ static int32_t *read_tokens(const char *path, size_t *count) {
  *   uniform in [0, n_garbage) and the key uniform in [1, 50000) (numpy's randint excludes
  *   the top), both drawn from a generator seeded with (seed + trial), the same for every
  *   length, as LongLoRA seeds trial j with j. Grid point i (1-based) aims at i * interval
- *   tokens with n_garbage = floor(3.75 * i * interval / 1024) * 1024 characters. The
- *   answer is the key's tokens without BOS; the model decodes that many tokens greedily
- *   and is right on an exact match.
+ *   tokens with n_garbage = floor(3.75 * i * interval / 1024) * 1024 characters.
+ *   The verdict: LongLoRA decodes as many tokens as the key has (encoded alone, BOS
+ *   dropped) and compares token ids. That only works with LLaMA's SentencePiece, whose
+ *   "▁" prefix makes the key alone tokenize as the model's answer " 348" does; with a
+ *   byte-level BPE (SmolLM2, LLaMA-3) the answer starts with a space token the key alone
+ *   lacks, and the rule scores 0 forever. So we compare text, which is what the id rule
+ *   means: the model decodes the key's token count + 2 tokens (room for a leading space
+ *   token and one token past the key) greedily, and is right when the first run of digits
+ *   in the decoded continuation is the key (so " 348." passes, " 3481" and " 34" fail).
+ *   The prompt gets BOS where the tokenizer adds one (tokenizer_adds_bos below).
  * ===================================================================================== */
 
 #define PASSKEY_TASK "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there."
@@ -827,6 +834,61 @@ static char *passkey_prompt(size_t n_garbage, size_t depth, long key) {
 
 typedef struct { size_t target_tokens, n_garbage, trials, correct, total_prompt_tokens; } PasskeyRow;
 
+/* 1 when the first run of ASCII digits in the model's decoded continuation is the key. */
+static int passkey_correct(const char *continuation, long key) {
+    const char *p = continuation;
+    while (*p && !(*p >= '0' && *p <= '9')) p++;
+    if (!*p) return 0;
+    char digits[32];
+    size_t n = 0;
+    while (p[n] >= '0' && p[n] <= '9') { if (n + 1 < sizeof digits) digits[n] = p[n]; n++; }
+    if (n + 1 > sizeof digits) return 0;
+    digits[n] = 0;
+    char want[32];
+    snprintf(want, sizeof want, "%ld", key);
+    return strcmp(digits, want) == 0;
+}
+
+/* Tokens the model decodes for a key: the key's own count (BOS dropped), plus 2. */
+static size_t passkey_budget(const Tokenizer *tok, long key) {
+    char key_text[32];
+    snprintf(key_text, sizeof key_text, "%ld", key);
+    size_t n;
+    int32_t *ids = tok_encode(tok, key_text, strlen(key_text), 0, &n);
+    if (!ids) die("%s", last_error());
+    free(ids);
+    return n + 2;
+}
+
+/* The verdict on the tokens the model decoded; *said (if not NULL) gets their text (malloc'd). */
+static int passkey_score(const Tokenizer *tok, const int32_t *got, size_t n, long key, char **said) {
+    char *text = tok_decode(tok, got, n, NULL);
+    if (!text) die("%s", last_error());
+    int ok = passkey_correct(text, key);
+    if (said) *said = text; else free(text);
+    return ok;
+}
+
+/* Whether text gets a BOS in front, as transformers decides: tokenizer_config.json's
+ * "add_bos_token" where the tokenizer's folder has one that says (SmolLM2: false), else
+ * yes (LLaMA-2's tokenizer.model, whose config says true). */
+static int tokenizer_adds_bos(const char *tok_path) {
+    char dir[4096], cfg[4200];
+    struct stat st;
+    snprintf(dir, sizeof dir, "%s", tok_path);
+    if (stat(tok_path, &st) != 0 || !S_ISDIR(st.st_mode)) { /* a file: its folder */
+        char *slash = strrchr(dir, '/');
+        if (slash) slash[1] = 0; else snprintf(dir, sizeof dir, ".");
+    }
+    path_join(cfg, sizeof cfg, dir, "tokenizer_config.json");
+    if (!file_exists(cfg)) return 1;
+    Json *config = json_parse_file(cfg);
+    if (!config) die("%s", last_error());
+    int adds = json_get_bool(config, "add_bos_token", 1);
+    json_free(config);
+    return adds;
+}
+
 /* One CSV field, quoted, with its quotes doubled (RFC 4180). */
 static void csv_write_field(FILE *f, const char *s) {
     fputc('"', f);
@@ -835,7 +897,7 @@ static void csv_write_field(FILE *f, const char *s) {
 }
 
 /* Runs the grid; rows [max_tokens / interval] get the results; per-trial lines go to csv. */
-static size_t passkey_run(Engine *e, const Tokenizer *tok, size_t max_tokens, size_t interval, size_t trials, uint64_t seed,
+static size_t passkey_run(Engine *e, const Tokenizer *tok, int add_bos, size_t max_tokens, size_t interval, size_t trials, uint64_t seed,
                           FILE *csv, PasskeyRow *rows) {
     size_t points = max_tokens / interval, done = 0;
     Sampler greedy;
@@ -851,14 +913,9 @@ static size_t passkey_run(Engine *e, const Tokenizer *tok, size_t max_tokens, si
             size_t depth; long key;
             passkey_draw(seed + j, row->n_garbage, &depth, &key);
             char *prompt = passkey_prompt(row->n_garbage, depth, key);
-            char key_text[32];
-            snprintf(key_text, sizeof key_text, "%ld", key);
-            size_t n_prompt, n_answer;
-            int32_t *ids = tok_encode(tok, prompt, strlen(prompt), 1, &n_prompt);
-            int32_t *answer = tok_encode(tok, key_text, strlen(key_text), 1, &n_answer);
-            if (!ids || !answer) die("%s", last_error());
-            int32_t *ans = answer;
-            if (n_answer && tok->bos_id >= 0 && ans[0] == tok->bos_id) { ans++; n_answer--; } /* LongLoRA's [:, 1:] */
+            size_t n_prompt, n_answer = passkey_budget(tok, key);
+            int32_t *ids = tok_encode(tok, prompt, strlen(prompt), add_bos, &n_prompt);
+            if (!ids) die("%s", last_error());
             if (n_prompt + n_answer > e->n_cap) {
                 fprintf(stderr, "passkey: prompts of ~%zu tokens (%zu here) do not fit --ctx %zu; the grid stops here\n",
                         row->target_tokens, n_prompt, e->n_cap);
@@ -866,20 +923,20 @@ static size_t passkey_run(Engine *e, const Tokenizer *tok, size_t max_tokens, si
             } else {
                 int32_t *got = (int32_t *)xcalloc(n_answer ? n_answer : 1, sizeof(int32_t)); /* [n_answer] */
                 size_t made = generate(e, &greedy, tok, ids, n_prompt, n_answer, -1, got, NULL, NULL);
-                int ok = made == n_answer && memcmp(got, ans, n_answer * sizeof(int32_t)) == 0;
+                char *said;
+                int ok = passkey_score(tok, got, made, key, &said);
                 row->trials++;
                 row->correct += (size_t)ok;
                 row->total_prompt_tokens += n_prompt;
                 if (csv) {
-                    char *said = tok_decode(tok, got, made, NULL);
                     fprintf(csv, "%zu,%zu,%zu,%zu,%ld,%zu,%ld,", row->target_tokens, row->n_garbage, j, depth, key, n_prompt, key);
-                    csv_write_field(csv, said ? said : "");
+                    csv_write_field(csv, said);
                     fprintf(csv, ",%d\n", ok);
-                    free(said);
                 }
+                free(said);
                 free(got);
             }
-            free(ids); free(answer); free(prompt);
+            free(ids); free(prompt);
         }
         if (!fits) break;
         done++;
@@ -1322,7 +1379,7 @@ static int infer_main(int argc, char **argv) {
             FILE *csv = NULL;
             AtomicFile af;
             if (o.csv) { if (atomic_open(&af, o.csv) != 0) die("%s", last_error()); csv = af.f; }
-            size_t done = passkey_run(&e, &tok, max_tokens, (size_t)o.interval, (size_t)o.trials, o.seed, csv, rows);
+            size_t done = passkey_run(&e, &tok, tokenizer_adds_bos(tok_path), max_tokens, (size_t)o.interval, (size_t)o.trials, o.seed, csv, rows);
             if (csv && atomic_commit(&af) != 0) die("%s", last_error());
             printf("%-14s %14s %8s %10s\n", "target_tokens", "prompt_tokens", "trials", "accuracy");
             for (size_t p = 0; p < done; p++)
@@ -1335,7 +1392,7 @@ static int infer_main(int argc, char **argv) {
             else text = xstrdup(o.prompt);
             char *prompt = sft_prompt(o.template_name, text, NULL);
             size_t n;
-            int32_t *ids = tok_encode(&tok, prompt, strlen(prompt), 1, &n);
+            int32_t *ids = tok_encode(&tok, prompt, strlen(prompt), tokenizer_adds_bos(tok_path), &n);
             if (!ids) die("%s", last_error());
             Sampler s;
             sampler_init(&s, (size_t)model.cfg.vocab_size, (float)o.temperature, (float)o.top_p, o.seed);

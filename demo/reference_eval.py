@@ -17,10 +17,11 @@ so the C numbers and these can be compared directly, prompt for prompt:
                  K is the pass key."; the remaining filler; "What is the pass key? The pass
                  key is"), floor(3.75 N / 1024) * 1024 filler characters, depth and K drawn
                  from common.h's generator (xoshiro256**, splitmix64-seeded, re-implemented
-                 below) seeded with seed + trial, BOS first. Two verdicts per trial:
-                 "exact" (06_infer's rule: the greedy continuation equals the tokens of K
-                 encoded alone) and "found" (K appears in the decoded continuation of that
-                 many tokens plus one).
+                 below) seeded with seed + trial, BOS first where tokenizer_config.json's
+                 add_bos_token says so (absent: yes). Greedy decoding of the tokens of K
+                 encoded alone plus 2; two verdicts per trial: "exact" (06_infer's rule: the
+                 first run of digits in the decoded continuation is K) and "found" (K appears
+                 anywhere in it).
   RoPE variants  "none": the model as it is (positions past its trained context are
                  extrapolated); "pi-xS": linear position interpolation, positions divided by
                  S (HF rope_type "linear"), the way LongLoRA runs a model fine-tuned for a
@@ -37,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -159,6 +161,9 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",")]
     results = []
     bos = tok.convert_tokens_to_ids(tok.bos_token) if tok.bos_token else None
+    config_path = os.path.join(args.model, "tokenizer_config.json")
+    if os.path.exists(config_path) and json.load(open(config_path)).get("add_bos_token", True) is False:
+        bos = None  # as 06_infer's tokenizer_adds_bos
     print("%d eval tokens; device %s, %s; BOS %s" % (len(ids), device, dtype, bos), flush=True)
     print("%-7s %7s %10s %8s %8s %8s %7s" % ("rope", "length", "perplexity", "windows", "exact", "found", "secs"), flush=True)
     for rope in args.rope.split(","):
@@ -181,10 +186,12 @@ def main():
                     pids = ([bos] if bos is not None else []) + tok.encode(prompt, add_special_tokens=False)
                     answer = tok.encode(str(key), add_special_tokens=False)
                     x = torch.tensor(pids, device=device).unsqueeze(0)
-                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=len(answer) + 1,
+                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=len(answer) + 2,
                                          do_sample=False, pad_token_id=tok.eos_token_id)[0, x.shape[1]:].tolist()
-                    exact += out[:len(answer)] == answer
-                    found += str(key) in tok.decode(out, skip_special_tokens=True)
+                    said = tok.decode(out, skip_special_tokens=True)
+                    first = re.search(r"[0-9]+", said)
+                    exact += first is not None and first.group(0) == str(key)
+                    found += str(key) in said
             r = {"rope": rope, "length": n, "perplexity": ppl, "windows": len(losses), "stride": args.stride,
                  "passkey_accuracy": exact / args.trials if args.trials else None,
                  "passkey_found": found / args.trials if args.trials else None, "trials": args.trials,

@@ -12,6 +12,12 @@
  *  4. passkey: the prompt equals LongLoRA's construction ("\n".join of its five lines, the
  *     filler " ".join'ed 5000 times and cut at characters) for depths 0, n-1 and random ones;
  *     keys and depths are reproducible from the seed and in range; the grid's n_garbage;
+ *  4b. passkey verdict, on a SmolLM2-style byte-level BPE (Digits + ByteLevel, built here)
+ *     and LLaMA-2's SentencePiece (../shared/data, skipped where absent): the tokens of the
+ *     right answer as it follows the prompt (" 348." encoded after the prompt, which with a
+ *     byte-level BPE starts with a space token the key alone lacks) fit the decode budget
+ *     and score right; a wrong key, a longer number, a cut-off number score wrong;
+ *     tokenizer_config.json's add_bos_token decides BOS (false, true, absent = true);
  *  5. export: sharded bf16 folder + index reloads through 02's loader to the bf16-rounded
  *     merged weights exactly; config.json carries rope_scaling and max_position_embeddings;
  *  6. generation stops at EOS and never passes --max-new.
@@ -302,6 +308,114 @@ static void check_export(void) {
     model_free(&m);
 }
 
+/* Check 4b: the passkey verdict on both tokenizer kinds. */
+static Tokenizer smollm2_style_tokenizer(void) {
+    uint32_t b2c[256];
+    int16_t c2b[512];
+    bytelevel_alphabet(b2c, c2b);
+    TokText j = {0};
+    const char *head = "{\"version\":\"1.0\",\"added_tokens\":[],\"normalizer\":null,\"pre_tokenizer\":{\"type\":\"Sequence\","
+                       "\"pretokenizers\":[{\"type\":\"Digits\",\"individual_digits\":true},{\"type\":\"ByteLevel\","
+                       "\"add_prefix_space\":false,\"trim_offsets\":true,\"use_regex\":true}]},\"post_processor\":null,"
+                       "\"decoder\":{\"type\":\"ByteLevel\"},\"model\":{\"type\":\"BPE\",\"dropout\":null,\"unk_token\":null,"
+                       "\"ignore_merges\":false,\"vocab\":{";
+    text_put(&j, head, strlen(head));
+    for (int b = 0; b < 256; b++) {
+        char u[8], tmp[32];
+        size_t n = utf8_encode(b2c[b], u);
+        text_put(&j, b ? ",\"" : "\"", b ? 2 : 1);
+        if (b == '"' || b == '\\') text_put(&j, "\\", 1);
+        text_put(&j, u, n);
+        snprintf(tmp, sizeof tmp, "\":%d", b);
+        text_put(&j, tmp, strlen(tmp));
+    }
+    const char *tail = ",\"is\":256,\"\xC4\xA0is\":257},\"merges\":[\"i s\",\"\xC4\xA0 is\"]}}";
+    text_put(&j, tail, strlen(tail));
+    Tokenizer t;
+    EXPECT(tok_load_json_bytes(&t, j.data, j.len, NULL, "smollm2-style.json") == 0, "the byte-level tokenizer: %s", last_error());
+    free(j.data);
+    return t;
+}
+
+/* The right answer as the model continues the prompt: the ids after the prompt's in
+ * encode(prompt + " key."), i.e. what a model that knows the key decodes greedily. */
+static int32_t *answer_after_prompt(const Tokenizer *t, const char *prompt, const char *answer, size_t *n_out) {
+    size_t n_prompt, n_full;
+    size_t lp = strlen(prompt), la = strlen(answer);
+    char *full = (char *)xmalloc(lp + la + 1);
+    memcpy(full, prompt, lp); memcpy(full + lp, answer, la + 1);
+    int32_t *p = tok_encode(t, prompt, lp, 0, &n_prompt), *f = tok_encode(t, full, lp + la, 0, &n_full);
+    EXPECT(n_full > n_prompt && memcmp(p, f, n_prompt * sizeof(int32_t)) == 0, "the prompt's ids are not a prefix of the prompt + answer's");
+    *n_out = n_full - n_prompt;
+    int32_t *out = (int32_t *)xmalloc((*n_out ? *n_out : 1) * sizeof(int32_t));
+    memcpy(out, f + n_prompt, *n_out * sizeof(int32_t));
+    free(p); free(f); free(full);
+    return out;
+}
+
+static void check_passkey_verdict_with(const Tokenizer *t, const char *kind, uint64_t seed) {
+    for (int trial = 0; trial < 6; trial++) {
+        size_t depth; long key;
+        passkey_draw(seed + (uint64_t)trial, 3072, &depth, &key);
+        char *prompt = passkey_prompt(3072, depth, key);
+        size_t budget = passkey_budget(t, key);
+        char text[64];
+        /* right: the key, then the sentence goes on */
+        snprintf(text, sizeof text, " %ld. Remember it.", key);
+        size_t n;
+        int32_t *ids = answer_after_prompt(t, prompt, text, &n);
+        EXPECT(n >= budget, "%s: the right answer is shorter than the budget", kind);
+        EXPECT(passkey_score(t, ids, budget < n ? budget : n, key, NULL) == 1, "%s: the right answer to key %ld scores wrong", kind, key);
+        free(ids);
+        /* wrong: another key, a longer number, the key cut short, no number */
+        long wrong[3] = {key == 49999 ? 1 : key + 1, key * 10 + 7, key / 10};
+        for (int w = 0; w < 3; w++) {
+            snprintf(text, sizeof text, w == 2 ? " %ld" : " %ld.", wrong[w]);
+            ids = answer_after_prompt(t, prompt, text, &n);
+            EXPECT(passkey_score(t, ids, budget < n ? budget : n, key, NULL) == 0, "%s: the answer '%s' to key %ld scores right", kind, text, key);
+            free(ids);
+        }
+        ids = answer_after_prompt(t, prompt, " the grass is green.", &n);
+        EXPECT(passkey_score(t, ids, n, key, NULL) == 0, "%s: an answer without a number scores right", kind);
+        free(ids);
+        free(prompt);
+    }
+    EXPECT(passkey_correct("  348\n", 348) && passkey_correct(" is 348, yes", 348) && !passkey_correct(" 0348", 348) &&
+           !passkey_correct(" 34 8", 348) && !passkey_correct("", 348), "passkey_correct on hand-written strings");
+}
+
+static void check_passkey_verdict(void) {
+    uint64_t seed = (uint64_t)time(NULL);
+    Tokenizer bpe = smollm2_style_tokenizer();
+    /* the bug this replaces: with a byte-level BPE the answer starts with a space token */
+    size_t n_key, n_ans;
+    int32_t *key_ids = tok_encode(&bpe, "348", 3, 0, &n_key);
+    char *prompt = passkey_prompt(1024, 10, 348);
+    int32_t *ans = answer_after_prompt(&bpe, prompt, " 348.", &n_ans);
+    EXPECT(n_ans > n_key && memcmp(ans, key_ids, n_key * sizeof(int32_t)) != 0, "byte-level BPE: the answer's first ids are the key's alone");
+    free(key_ids); free(ans); free(prompt);
+    check_passkey_verdict_with(&bpe, "byte-level BPE", seed);
+    tok_free(&bpe);
+    const char *spm_path = "../shared/data/llama2-tokenizer/tokenizer.model";
+    Tokenizer spm;
+    if (file_exists(spm_path) && tok_load(&spm, spm_path) == 0) {
+        check_passkey_verdict_with(&spm, "SentencePiece", seed + 100);
+        tok_free(&spm);
+    } else {
+        printf("note: %s is absent; the SentencePiece half of the passkey verdict check is skipped\n", spm_path);
+    }
+    /* BOS follows tokenizer_config.json's add_bos_token */
+    const char *dir = "build/tests/infer_bos";
+    EXPECT(system("mkdir -p build/tests/infer_bos && rm -f build/tests/infer_bos/tokenizer_config.json") == 0, "mkdir");
+    EXPECT(tokenizer_adds_bos(dir) == 1, "no tokenizer_config.json: BOS");
+    const char *cfgs[3] = {"{\"add_bos_token\": false}", "{\"add_bos_token\": true}", "{\"bos_token\": \"<s>\"}"};
+    for (int i = 0; i < 3; i++) {
+        EXPECT(write_file_atomic("build/tests/infer_bos/tokenizer_config.json", cfgs[i], strlen(cfgs[i])) == 0, "write");
+        EXPECT(tokenizer_adds_bos(dir) == (i != 0), "tokenizer_config %s: BOS %d", cfgs[i], tokenizer_adds_bos(dir));
+        EXPECT(tokenizer_adds_bos("build/tests/infer_bos/tokenizer.json") == (i != 0), "a file path looks in its folder");
+    }
+}
+
 /* Check 6: EOS and --max-new. */
 static void check_stops(void) {
     Config c = small_config();
@@ -329,6 +443,7 @@ int main(void) {
     check_windows();
     check_sampler();
     check_passkey();
+    check_passkey_verdict();
     check_export();
     check_stops();
     printf("test_infer: %d checks, %d failures\n", g_checks, g_failures);
