@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The demo's table and plot from evaluation results.
 
-  report.py --out PREFIX LABEL=results.json [LABEL=results.json ...]
+  report.py --out PREFIX LABEL=results.json [LABEL=results.json ...] [--title TEXT]
 
 Each results file is what demo/reference_eval.py writes (the inference stage's evaluation
 writes the same shape): {"model", "engine", "device", "results": [{"rope", "length",
@@ -100,18 +100,86 @@ def write_plot(path, series, title):
     os.replace(path + ".tmp.png", path)
 
 
+def write_plain_png(path, series):
+    """The same two panels without matplotlib (standard library only): a plain raster with
+    axes, grid lines at the measured lengths and one coloured line per series, no text (the
+    Markdown table beside it carries the numbers; the series in the table's order are orange,
+    blue, green, red). Used where matplotlib is not installed, e.g. in CI."""
+    import math
+    import struct
+    import zlib
+    w, h, pad = 900, 360, 30
+    img = bytearray(b"\xff" * (w * h * 3))
+
+    def dot(x, y, c, r=1):
+        for yy in range(y - r, y + r + 1):
+            for xx in range(x - r, x + r + 1):
+                if 0 <= xx < w and 0 <= yy < h:
+                    img[3 * (yy * w + xx):3 * (yy * w + xx) + 3] = bytes(c)
+
+    def line(x0, y0, x1, y1, c, r=1):
+        n = max(abs(x1 - x0), abs(y1 - y0), 1)
+        for i in range(n + 1):
+            dot(round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), c, r)
+
+    colours = [(230, 150, 60), (40, 90, 200), (120, 200, 120), (200, 40, 40), (150, 80, 180), (90, 90, 90)]
+    lengths = sorted({n for _, _, by_len in series for n in by_len})
+    if not lengths:
+        return
+    lx = [math.log2(n) for n in lengths]
+    x_lo, x_hi = min(lx), max(lx) if max(lx) > min(lx) else min(lx) + 1
+    ppls = [r["perplexity"] for _, _, b in series for r in b.values() if r.get("perplexity")]
+    y_lo, y_hi = (math.log(min(ppls)), math.log(max(ppls))) if ppls else (0.0, 1.0)
+    if y_hi - y_lo < 1e-9:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    panels = [(0, lambda r: math.log(r["perplexity"]) if r.get("perplexity") else None, y_lo, y_hi),
+              (w // 2, lambda r: r.get("passkey_accuracy"), -0.05, 1.05)]
+    for x_off, value, lo, hi in panels:
+        left, right, top, bottom = x_off + pad, x_off + w // 2 - pad, pad, h - pad
+        px = lambda v: round(left + (v - x_lo) / (x_hi - x_lo) * (right - left))  # noqa: E731
+        py = lambda v: round(bottom - (v - lo) / (hi - lo) * (bottom - top))  # noqa: E731
+        for v in lx:
+            line(px(v), top, px(v), bottom, (225, 225, 225), 0)
+        line(left, bottom, right, bottom, (0, 0, 0), 0)
+        line(left, top, left, bottom, (0, 0, 0), 0)
+        for k, (label, rope, by_len) in enumerate(series):
+            pts = [(px(math.log2(n)), py(value(by_len[n]))) for n in sorted(by_len) if value(by_len[n]) is not None]
+            c = colours[k % len(colours)]
+            for (a, b), (cx, cy) in zip(pts, pts[1:]):
+                line(a, b, cx, cy, c)
+            for a, b in pts:
+                dot(a, b, c, 3)
+    raw = b"".join(b"\x00" + bytes(img[3 * w * y:3 * w * (y + 1)]) for y in range(h))
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)  # noqa: E731
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    with open(path + ".tmp.png", "wb") as f:
+        f.write(png)
+    os.replace(path + ".tmp.png", path)
+
+
 def main():
     argv = sys.argv[1:]
     if len(argv) < 3 or argv[0] != "--out":
         sys.exit("usage: report.py --out PREFIX LABEL=results.json [LABEL=results.json ...]")
     prefix, series_args = argv[1], argv[2:]
+    title = None
+    if "--title" in series_args:
+        i = series_args.index("--title")
+        if i + 1 >= len(series_args):
+            sys.exit("report.py: --title needs a value")
+        title = series_args[i + 1]
+        series_args = series_args[:i] + series_args[i + 2:]
     series, meta = load(series_args)
+    if title:
+        meta.insert(0, title)
     print(write_table(prefix + ".md", series, meta), end="")
     try:
         write_plot(prefix + ".png", series, "; ".join(meta))
         print("wrote %s.md and %s.png" % (prefix, prefix))
     except ImportError:
-        print("wrote %s.md (no matplotlib: no plot)" % prefix)
+        write_plain_png(prefix + ".png", series)
+        print("wrote %s.md and %s.png (no matplotlib: a plain plot without text)" % (prefix, prefix))
 
 
 if __name__ == "__main__":

