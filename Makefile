@@ -127,7 +127,7 @@ test: all $(TEST_CPU) $(TEST_GPU)
 
 # ---- the demo: a real model (PyPI) and real text (Debian), see demo/run.sh -----------------
 .PHONY: demo
-demo: $(filter 01_tokenize 02_model,$(STAGES_CPU))
+demo: $(filter 01_tokenize 02_model,$(STAGES_CPU)) 05_train 06_infer
 	@bash demo/run.sh
 
 clean:
