@@ -14,7 +14,9 @@
  * tiny models end to end on a laptop or in CI; a real model there is correct but slow
  * (SmolLM2-135M: about 15 tokens/s on 2 busy cores). train_step() dispatches; the CPU step
  * is the reference the GPU step is checked against (tests/test_gpu_train.c).
- * Leaves out: multi-GPU.
+ * Several processes: --world-size K with --rank and --dist-file (or mpirun's environment)
+ * train data-parallel (05_dist.c): the same losses and adapter as one process with K times
+ * the gradient accumulation; CPU ranks share a file, GPU ranks talk through NCCL.
  * Checked by: tests/test_train.c (flags, data, SFT masking, exact resume, SIGINT, non-finite
  * loss), tests/test_train_e2e.c (a tiny model learns; its adapter reloads and helps on
  * held-out text), tests/test_train_text.sh (text and SFT through a real tokenizer).
@@ -32,6 +34,10 @@
 #define STAGE 5
 #endif
 #include "03_lora.c"
+#ifdef USE_NCCL
+#include <cuda_runtime.h>
+#endif
+#include "05_dist.c" /* several processes: the communicator, ZeRO-1's slices, the memory plan */
 
 #include <dirent.h>
 #include <signal.h>
@@ -85,6 +91,10 @@ typedef struct {
     double peak_tflops;             /* --peak-tflops: the device's peak, for MFU (0: n/a on CPU) */
     int quiet;                      /* --quiet: no progress lines (the CSV is still written) */
     const char *device;             /* --device cpu|gpu (NULL: the GPU where this build has one, else the CPU) */
+    /* several processes (05_dist.c) */
+    int rank, world_size;           /* --rank R --world-size K (0: from mpirun's environment, else 1) */
+    const char *dist_file;          /* --dist-file PATH: where the ranks meet (rank 0 creates it) */
+    int shard_weights;              /* --shard-weights: ZeRO-3 for the frozen bf16 weights */
 } TrainOptions;
 
 static void train_defaults(TrainOptions *o) {
@@ -160,6 +170,13 @@ static void train_usage(FILE *f) {
         "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
         "  --quiet                no progress lines\n"
         "  --device cpu|gpu       where the step runs (default: the GPU when this build and machine have one)\n"
+        "several processes (data parallel; one per GPU):\n"
+        "  --world-size K         K ranks (mpirun -np K sets it and --rank from its environment)\n"
+        "  --rank R               this process's rank, 0..K-1\n"
+        "  --dist-file PATH       a path every rank sees, not existing yet: rank 0 creates it\n"
+        "                         (CPU: the shared segment; GPU: NCCL's unique id) and removes it\n"
+        "  --shard-weights        shard the frozen bf16 weights over the GPU ranks (ZeRO-3): prints the memory\n"
+        "                         plan; the layer-by-layer gather is not written yet, so the run stops there\n"
         "  --help                 this text\n"
         "Flags may be spelled with _ for -, and HF Trainer names work too (--learning_rate,\n"
         "--per_device_train_batch_size, --gradient_accumulation_steps, --warmup_steps,\n"
@@ -216,6 +233,7 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
         if (!strcmp(a, "--no-s2")) { o->s2 = 0; continue; }
         if (!strcmp(a, "--pack")) { o->sft_pack = 1; continue; }
         if (!strcmp(a, "--quiet")) { o->quiet = 1; continue; }
+        if (!strcmp(a, "--shard-weights")) { o->shard_weights = 1; continue; }
         if (strncmp(a, "--", 2) != 0) return set_error("unexpected argument '%s' (flags start with --; see --help)", a);
         if (i + 1 >= argc) return set_error("%s needs a value", a);
         const char *v = argv[++i];
@@ -306,6 +324,9 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
             o->seed = (uint64_t)s;
         }
         else if (!strcmp(a, "--out")) o->out_dir = v;
+        else if (!strcmp(a, "--rank")) { if (parse_int_arg(a, v, 0, DIST_MAX_RANKS - 1, &o->rank)) return -1; }
+        else if (!strcmp(a, "--world-size")) { if (parse_int_arg(a, v, 1, DIST_MAX_RANKS, &o->world_size)) return -1; }
+        else if (!strcmp(a, "--dist-file")) o->dist_file = v;
         else if (!strcmp(a, "--resume")) o->resume_dir = v;
         else if (!strcmp(a, "--save-every")) { if (parse_int_arg(a, v, 0, INT32_MAX, &o->save_every)) return -1; }
         else if (!strcmp(a, "--save-total-limit")) { if (parse_int_arg(a, v, 0, INT32_MAX, &o->save_total_limit)) return -1; }
@@ -428,6 +449,14 @@ static void dataset_next_batch(Dataset *ds, int B, int32_t *inputs /* [B, N] */,
         if (ds->pos == ds->n_seqs) { ds->epoch++; ds->pos = 0; dataset_shuffle(ds); }
         size_t index = ds->order[ds->pos++];
         dataset_sequence(ds, index, inputs + (size_t)b * ds->N, targets + (size_t)b * ds->N);
+    }
+}
+
+/* Moves past the next B sequences exactly as dataset_next_batch would (another rank reads them). */
+static void dataset_skip_batch(Dataset *ds, int B) {
+    for (int b = 0; b < B; b++) {
+        if (ds->pos == ds->n_seqs) { ds->epoch++; ds->pos = 0; dataset_shuffle(ds); }
+        ds->pos++;
     }
 }
 
@@ -750,6 +779,7 @@ typedef struct {
     FILE *csv;                  /* OUT/train_log.csv */
     struct GpuTrainer *gpu;     /* the GPU step's state (05_train_gpu.c), or NULL: the step runs on the CPU */
     const char *device_note;    /* where the step runs and why, for the startup line */
+    float *dist_flat;           /* [P + 1] several ranks: the flat gradients (+ the loss sum) they add up */
 } Trainer;
 
 /* ---- model FLOPs (for MFU) ------------------------------------------------------------ */
@@ -885,9 +915,11 @@ static int write_trainer_state_json(const Trainer *t, const char *path, double l
             (unsigned long long)t->data.fingerprint);
     fprintf(f, "  \"data_rng\": [\"%s\", \"%s\", \"%s\", \"%s\"],\n", data_rng[0], data_rng[1], data_rng[2], data_rng[3]);
     fprintf(f, "  \"dropout_rng\": [\"%s\", \"%s\", \"%s\", \"%s\"],\n", drop_rng[0], drop_rng[1], drop_rng[2], drop_rng[3]);
+    /* grad_accum is the global one (ranks x --grad-accum): the files do not depend on the world size */
+    fprintf(f, "  \"world_size\": %d,\n", comm_world());
     fprintf(f, "  \"settings\": {\"ctx\": %d, \"group\": %d, \"batch\": %d, \"grad_accum\": %d, \"lora_rank\": %d, "
                "\"lora_alpha\": %.17g, \"seed\": \"%llu\", \"lr\": %.9g, \"warmup\": %d, \"max_steps\": %d}\n}\n",
-            o->ctx, o->group, o->batch, o->grad_accum, o->lora_rank, o->lora_alpha, (unsigned long long)o->seed, o->lr, o->warmup,
+            o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank, o->lora_alpha, (unsigned long long)o->seed, o->lr, o->warmup,
             o->max_steps);
     return atomic_commit(&af);
 }
@@ -1039,8 +1071,8 @@ static int checkpoint_load(Trainer *t, const char *dir) {
     if (rc == 0) {
         /* the settings that shape the data stream and the tensors must match */
         const char *keys[] = {"ctx", "group", "batch", "grad_accum", "lora_rank"};
-        const char *flags[] = {"--ctx", "S2-Attn group (--group-ratio / --no-s2)", "--batch", "--grad-accum", "--lora-rank"};
-        int now[] = {o->ctx, o->group, o->batch, o->grad_accum, o->lora_rank};
+        const char *flags[] = {"--ctx", "S2-Attn group (--group-ratio / --no-s2)", "--batch", "--grad-accum (times the ranks)", "--lora-rank"};
+        int now[] = {o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank};
         for (int i = 0; i < 5 && rc == 0; i++) {
             double was = json_get_number(settings, keys[i], -1);
             if (was != now[i]) rc = set_error("the checkpoint %s was trained with %s %g but this run asks for %d; resume with the same value",
@@ -1131,26 +1163,50 @@ typedef struct {
 } StepResult;
 
 /* Forward and backward of grad_accum micro-batches, then clip and AdamW: the reference
- * implementation on the CPU (02's fp32 model, 03's LoRA hook and S2-Attn). */
+ * implementation on the CPU (02's fp32 model, 03's LoRA hook and S2-Attn).
+ * With K ranks (05_dist.c) the step covers K * grad_accum micro-batches: micro-batch j is
+ * rank j mod K's (the others skip it), the gradients and the loss sum are all-reduced, and
+ * AdamW updates this rank's ZeRO-1 slice, then the slices are all-gathered. */
 static StepResult train_step_cpu(Trainer *t) {
     const TrainOptions *o = &t->opt;
     StepResult r = {0, 0, 0};
     RunOptions run = {(size_t)o->group, 0, &t->lora.hook}; /* no dW for the frozen linears */
+    int K = comm_world(), rank = g_comm.rank, n_micro = K * o->grad_accum;
     trainer_zero_grads(t);
-    for (int micro = 0; micro < o->grad_accum; micro++) {
+    for (int micro = 0; micro < n_micro; micro++) {
+        if (micro % K != rank) { dataset_skip_batch(&t->data, o->batch); continue; }
         dataset_next_batch(&t->data, o->batch, t->inputs, t->targets);
         float loss = model_forward(&t->model, &t->acts, t->inputs, t->targets, (size_t)o->batch, (size_t)o->ctx, &run);
         r.loss += loss;
-        if (!isfinite(loss)) { r.loss = loss; return r; }
+        if (!isfinite(loss)) {
+            if (K == 1) { r.loss = loss; return r; }
+            continue; /* the other ranks still wait for this one's sum: it carries the non-finite loss */
+        }
         model_backward(&t->model, &t->acts, &t->grads, t->inputs, t->targets, (size_t)o->batch, (size_t)o->ctx, &run);
     }
-    r.loss /= o->grad_accum;
-    if (o->grad_accum > 1) trainer_scale_grads(t, 1.0f / (float)o->grad_accum);
+    size_t P = flat_count(&t->adamw);
+    if (K > 1) { /* gradients and the loss sum, added over the ranks */
+        flat_copy(&t->adamw, 1, t->dist_flat, 1);
+        t->dist_flat[P] = (float)r.loss;
+        comm_allreduce_sum(t->dist_flat, P + 1);
+        flat_copy(&t->adamw, 1, t->dist_flat, 0);
+        r.loss = t->dist_flat[P];
+        if (!isfinite(r.loss)) return r;
+    }
+    r.loss /= n_micro;
+    if (n_micro > 1) trainer_scale_grads(t, 1.0f / (float)n_micro);
     r.grad_norm = trainer_grad_norm(t);
     if (!isfinite(r.grad_norm)) return r;
     if (o->clip > 0 && r.grad_norm > o->clip) trainer_scale_grads(t, (float)(o->clip / (r.grad_norm + 1e-6)));
     r.lr = adamw_lr_at(&t->adamw.cfg, t->step);
-    adamw_step(&t->adamw, (float)r.lr);
+    if (K == 1) {
+        adamw_step(&t->adamw, (float)r.lr);
+    } else { /* ZeRO-1: this rank's slice, then everyone's */
+        size_t lo, hi;
+        dist_shard(P, rank, K, &lo, &hi);
+        adamw_step_range(&t->adamw, (float)r.lr, lo, hi);
+        dist_gather_state(&t->adamw, 0, t->dist_flat);
+    }
     return r;
 }
 
@@ -1290,7 +1346,7 @@ static void trainer_init(Trainer *t) {
     int rc = o->sft_file ? dataset_load_sft(&t->data, &t->codec, o->sft_file, o->template_name, o->sft_pack, o->ctx)
                          : dataset_load_text(&t->data, &t->codec, o->data_files, o->n_data_files, o->ctx);
     if (rc != 0) die("%s", last_error());
-    if (o->save_tokens) { /* tokenize once: later runs can read this file instead of the text */
+    if (o->save_tokens && comm_is_root()) { /* tokenize once: later runs can read this file instead of the text */
         if (tokfile_write(o->save_tokens, t->data.stream, t->data.stream_len, c->vocab_size) != 0) die("%s", last_error());
         printf("wrote %zu tokens to %s\n", t->data.stream_len, o->save_tokens);
     }
@@ -1323,6 +1379,15 @@ static void trainer_init(Trainer *t) {
 #ifdef USE_CUDA
     on_gpu = train_gpu_choose(t); /* --device, else the GPU where there is one the model suits */
 #endif
+    /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */
+    if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
+    if (!comm_is_root()) o->quiet = 1; /* logs come from rank 0 */
+    if (comm_world() > 1) t->dist_flat = (float *)xmalloc((flat_count(&t->adamw) + 1) * sizeof(float)); /* [P + 1] */
+    if (o->shard_weights) {
+        if (comm_is_root()) dist_print_memory_plan(stdout, o->model_dir ? o->model_dir : o->shape, c, (size_t)o->ctx, comm_world(), 80.0);
+        die("--shard-weights: the layer-by-layer all-gather of the frozen weights is not written yet (the memory plan is above); "
+            "train without it");
+    }
     if (!on_gpu) act_plan(&t->acts, c, (size_t)o->batch, (size_t)o->ctx, 1);
     t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
     t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
@@ -1334,7 +1399,7 @@ static void trainer_init(Trainer *t) {
         char dir[4096];
         if (checkpoint_find(o->resume_dir, dir, sizeof dir) != 0 || checkpoint_load(t, dir) != 0) die("%s", last_error());
         if (t->step >= o->max_steps) die("the checkpoint %s is at step %d, already at --max-steps %d; raise --max-steps to train on", dir, t->step, o->max_steps);
-        printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
+        if (comm_is_root()) printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
                (unsigned long long)t->data.epoch, t->data.pos, t->data.n_seqs);
     }
 #ifdef USE_CUDA
@@ -1347,6 +1412,7 @@ static void trainer_free(Trainer *t) {
     train_gpu_free(t);
 #endif
     if (t->csv) fclose(t->csv);
+    free(t->dist_flat);
     free(t->inputs);
     free(t->targets);
     act_free(&t->acts);
@@ -1362,11 +1428,22 @@ static void trainer_free(Trainer *t) {
 /* The adapter of the final step also goes into OUT itself, so OUT is a PEFT folder. */
 static void save_or_die(Trainer *t, double loss, int final) {
 #ifdef USE_CUDA
-    if (t->gpu) gpu_train_download_state(t->gpu); /* the trained fp32 masters and moments back to the host */
+    if (t->gpu) gpu_train_download_state(t->gpu); /* the trained fp32 masters and moments back to the host (all ranks' slices) */
 #endif
-    if (checkpoint_save(t, loss) != 0) die("%s", last_error());
-    prune_checkpoints(&t->opt);
-    if (final && lora_save_adapter(&t->lora, &t->model, t->opt.out_dir, t->opt.model_dir) != 0) die("%s", last_error());
+    if (!t->gpu) { /* ZeRO-1 on the CPU: each rank updated only its slice of the moments */
+        dist_gather_state(&t->adamw, 2, t->dist_flat);
+        dist_gather_state(&t->adamw, 3, t->dist_flat);
+    }
+    if (comm_is_root()) { /* rank 0 writes what a single process writes */
+        if (checkpoint_save(t, loss) != 0) die("%s", last_error());
+        prune_checkpoints(&t->opt);
+        if (final && lora_save_adapter(&t->lora, &t->model, t->opt.out_dir, t->opt.model_dir) != 0) die("%s", last_error());
+    } else {
+        char name[64];
+        snprintf(name, sizeof name, "checkpoint-%d", t->step);
+        path_join(t->last_checkpoint, sizeof t->last_checkpoint, t->opt.out_dir, name);
+    }
+    comm_barrier(); /* nobody goes on (or ends) before the checkpoint is in place */
 }
 
 /* Trains from t->step to --max-steps. Returns the exit status (0, or 130 after a signal). */
@@ -1374,8 +1451,8 @@ static int trainer_run(Trainer *t) {
     const TrainOptions *o = &t->opt;
     const Config *c = &t->model.cfg;
     if (make_dir(o->out_dir) != 0) die("%s", last_error());
-    t->csv = open_csv_log(o->out_dir, t->step);
-    size_t tokens_per_step = (size_t)o->batch * o->ctx * o->grad_accum;
+    if (comm_is_root()) t->csv = open_csv_log(o->out_dir, t->step);
+    size_t tokens_per_step = (size_t)o->batch * o->ctx * o->grad_accum * comm_world();
     if (!o->quiet) {
         char targets[64] = "";
         for (int w = 0; w < LORA_NUM_TARGETS; w++)
@@ -1386,13 +1463,16 @@ static int trainer_run(Trainer *t) {
                c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->ffn_dim, c->vocab_size, t->n_params / 1e6,
                t->n_trainable / 1e6, o->lora_rank, o->lora_alpha, targets);
         if (o->adapter_dir) printf("adapter: started from %s\n", o->adapter_dir);
-        printf("train: N=%d %s, B=%d x %d accumulation = %zu tokens/step, RoPE factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",
-               o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, tokens_per_step, c->rope_factor,
+        if (comm_world() > 1)
+            printf("ranks: %d (%s), each takes every %d-th micro-batch; AdamW state sharded (ZeRO-1)\n", comm_world(),
+                   g_comm.backend == COMM_NCCL ? "NCCL" : "shared file", comm_world());
+        printf("train: N=%d %s, B=%d x %d accumulation x %d ranks = %zu tokens/step, RoPE factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",
+               o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, comm_world(), tokens_per_step, c->rope_factor,
                t->data.n_seqs, o->lr, o->warmup, t->device_note ? t->device_note : "on the CPU");
         if (o->group) printf("S2-Attn: G=%d (N/G=%d groups, shift %d)\n", o->group, o->ctx / o->group, o->group / 2);
         if (t->data.stream)
             printf("data: %zu tokens packed into %zu sequences of %d; an epoch is %.1f steps\n", t->data.stream_len, t->data.n_seqs, o->ctx,
-                   (double)t->data.n_seqs / ((double)o->batch * o->grad_accum));
+                   (double)t->data.n_seqs / ((double)o->batch * o->grad_accum * comm_world()));
         else
             printf("data: SFT (%s template), %zu sequences of %d, %zu target tokens (%.1f%% of positions carry loss)\n", o->template_name,
                    t->data.n_seqs, o->ctx, t->data.loss_tokens, 100.0 * t->data.loss_tokens / ((double)t->data.n_seqs * o->ctx));
@@ -1427,9 +1507,9 @@ static int trainer_run(Trainer *t) {
 #ifdef USE_CUDA
         if (t->gpu) mem = tg_gib(gpu_train_used_bytes()); /* GPU memory in use (all of it is allocated up front) */
 #endif
-        fprintf(t->csv, "%d,%.9g,%.9g,%.9g,%zu,%.6f,%.3f,%.6f,%.4f\n", t->step, r.loss, r.lr, r.grad_norm, tokens_per_step, dt, tok_s,
+        if (t->csv) fprintf(t->csv, "%d,%.9g,%.9g,%.9g,%zu,%.6f,%.3f,%.6f,%.4f\n", t->step, r.loss, r.lr, r.grad_norm, tokens_per_step, dt, tok_s,
                 mfu >= 0 ? mfu : NAN, mem); /* mfu nan: no --peak-tflops */
-        fflush(t->csv);
+        if (t->csv) fflush(t->csv);
         if (!o->quiet && (t->step % o->log_every == 0 || t->step == o->max_steps || t->step == 1)) {
             char eta[32], mfu_s[32];
             format_duration(eta, sizeof eta, run_seconds / steps_this_run * (o->max_steps - t->step));
@@ -1439,9 +1519,10 @@ static int trainer_run(Trainer *t) {
                    (int)snprintf(NULL, 0, "%d", o->max_steps), t->step, o->max_steps, r.loss, r.lr, r.grad_norm, tok_s, mfu_s, mem, dt, eta);
             fflush(stdout);
         }
-        if (g_stop_signal) {
+        if (comm_any(g_stop_signal != 0)) { /* a signal to any rank stops them all, after one checkpoint */
+            if (!g_stop_signal) g_stop_signal = SIGTERM;
             save_or_die(t, loss, 0);
-            printf("interrupted by signal %d after step %d; saved %s (continue with --resume %s)\n", (int)g_stop_signal, t->step,
+            if (comm_is_root()) printf("interrupted by signal %d after step %d; saved %s (continue with --resume %s)\n", (int)g_stop_signal, t->step,
                    t->last_checkpoint, o->out_dir);
             status = 130;
             break;
@@ -1467,6 +1548,7 @@ static int train_main(int argc, char **argv) {
     trainer_init(t);
     int status = trainer_run(t);
     trainer_free(t);
+    comm_finish();
     free(t);
     return status;
 }
