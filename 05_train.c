@@ -1428,7 +1428,8 @@ static void trainer_free(Trainer *t) {
 /* The adapter of the final step also goes into OUT itself, so OUT is a PEFT folder. */
 static void save_or_die(Trainer *t, double loss, int final) {
 #ifdef USE_CUDA
-    if (t->gpu) gpu_train_download_state(t->gpu); /* the trained fp32 masters and moments back to the host (all ranks' slices) */
+    train_gpu_gather_state(t); /* several ranks: every slice of the moments to every rank */
+    if (t->gpu) gpu_train_download_state(t->gpu); /* the trained fp32 masters and moments back to the host */
 #endif
     if (!t->gpu) { /* ZeRO-1 on the CPU: each rank updated only its slice of the moments */
         dist_gather_state(&t->adamw, 2, t->dist_flat);

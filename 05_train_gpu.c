@@ -30,7 +30,12 @@
  * The API 05_train.c uses: train_gpu_choose (where the step runs, and why), train_gpu_setup
  * (gpu_train_init: weights and trainable state; gpu_train_plan: the B x N buffers),
  * train_step_gpu, gpu_train_download_state (before each checkpoint), train_gpu_free.
- * Leaves out: LoRA dropout on the GPU (LongLoRA uses none), multi-GPU, fused q/k/v
+ * Several GPUs (one process each, NCCL through 05_dist.c): the step takes every K-th
+ * micro-batch, all-reduces the fp32 gradients (all tensors in one NCCL group, once per step)
+ * and the loss sum, runs AdamW on this rank's ZeRO-1 slice of the flat trainable vector and
+ * broadcasts each slice from its owner (an all-gather), then refreshes the bf16 copies.
+ * UNRUN: no GPU was available when this was written; it compiles, the CPU twin is tested.
+ * Leaves out: LoRA dropout on the GPU (LongLoRA uses none), fused q/k/v
  * products (04's attention takes q, k and v as separate [T, heads, d] buffers).
  *
  * Shape legend: B batch, N sequence, T = B*N tokens, D model width, H heads, Hk kv heads,
@@ -127,6 +132,7 @@ typedef struct GpuTrainer {
     void *attn_ws;                    /* attn_backward's workspace */
     double act_bytes;
     size_t ce_chunk;                  /* rows of logits the cross-entropy computes at a time */
+    float *dist_loss;                 /* [1] several ranks: the loss sum they add up */
 } GpuTrainer;
 
 /* Host fp32 -> device bf16, through a staging buffer, `numel` values. */
@@ -638,30 +644,125 @@ static void train_gpu_setup(Trainer *t) {
 
 static void train_gpu_free(Trainer *t) {
     if (!t->gpu) return;
+    tg_free_ptr(t->gpu->dist_loss);
     gpu_train_free(t->gpu);
     free(t->gpu);
     t->gpu = NULL;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Several GPUs (NCCL, 05_dist.c). UNRUN: written and compiled without a GPU at hand.
+ * ------------------------------------------------------------------------------------- */
+
+#ifdef USE_NCCL
+/* The gradients of every trainable tensor and the loss sum, added over the ranks: one NCCL
+ * group (NCCL fuses the calls). The compute runs on the legacy default stream, NCCL on its
+ * own: the device is synchronised first, and nccl_wait waits for the sums. */
+static double tg_dist_allreduce_grads(GpuTrainer *g, double loss_sum) {
+    if (!g->dist_loss) g->dist_loss = (float *)tg_alloc(sizeof(float), "the loss sum");
+    float l = (float)loss_sum;
+    TG_CHECK(cudaMemcpy(g->dist_loss, &l, sizeof l, cudaMemcpyHostToDevice));
+    TG_CHECK(cudaDeviceSynchronize());
+    NCCL_CHECK(ncclGroupStart());
+    for (size_t k = 0; k < g->n_trainable; k++)
+        NCCL_CHECK(ncclAllReduce(g->trainable[k]->grad, g->trainable[k]->grad, g->trainable[k]->numel, ncclFloat32, ncclSum, g_comm.nccl, g_comm.stream));
+    NCCL_CHECK(ncclAllReduce(g->dist_loss, g->dist_loss, 1, ncclFloat32, ncclSum, g_comm.nccl, g_comm.stream));
+    NCCL_CHECK(ncclGroupEnd());
+    nccl_wait();
+    TG_CHECK(cudaMemcpy(&l, g->dist_loss, sizeof l, cudaMemcpyDeviceToHost));
+    return l;
+}
+
+/* fp32 array `which` (0 master, 1 m, 2 v) of every trainable tensor: each rank's ZeRO-1
+ * slice of the flat vector is broadcast from its owner, so every rank ends with all of it
+ * (an all-gather whose pieces need not line up with the tensors). */
+static void tg_dist_gather_slices(GpuTrainer *g, int which) {
+    size_t P = 0;
+    for (size_t k = 0; k < g->n_trainable; k++) P += g->trainable[k]->numel;
+    TG_CHECK(cudaDeviceSynchronize());
+    NCCL_CHECK(ncclGroupStart());
+    size_t base = 0;
+    for (size_t k = 0; k < g->n_trainable; base += g->trainable[k]->numel, k++) {
+        TgParam *p = g->trainable[k];
+        float *a = which == 0 ? p->master : which == 1 ? p->m : p->v;
+        for (int r = 0; r < g_comm.world; r++) {
+            size_t lo, hi;
+            dist_shard(P, r, g_comm.world, &lo, &hi);
+            size_t from = lo > base ? lo - base : 0, to = hi < base + p->numel ? hi - base : p->numel;
+            if (hi <= base || lo >= base + p->numel || from >= to) continue;
+            NCCL_CHECK(ncclBroadcast(a + from, a + from, to - from, ncclFloat32, r, g_comm.nccl, g_comm.stream));
+        }
+    }
+    NCCL_CHECK(ncclGroupEnd());
+    nccl_wait();
+}
+
+/* AdamW (04's kernel) on this rank's slice only, then every slice to every rank and the
+ * bf16 copies refreshed from the gathered masters. */
+static void tg_dist_adamw(GpuTrainer *g, AdamW *opt, float lr, float grad_scale) {
+    const AdamWConfig *oc = &opt->cfg;
+    long step = ++opt->steps_taken;
+    size_t P = 0, lo, hi, base = 0;
+    for (size_t k = 0; k < g->n_trainable; k++) P += g->trainable[k]->numel;
+    dist_shard(P, g_comm.rank, g_comm.world, &lo, &hi);
+    for (size_t k = 0; k < g->n_trainable; base += g->trainable[k]->numel, k++) {
+        TgParam *p = g->trainable[k];
+        if (hi <= base || lo >= base + p->numel) continue;
+        size_t from = lo > base ? lo - base : 0, to = hi < base + p->numel ? hi - base : p->numel;
+        gpu_adamw(p->master + from, p->w + from, p->grad + from, p->m + from, p->v + from, to - from, lr, oc->beta1, oc->beta2, oc->eps,
+                  p->host->no_decay ? 0.0f : oc->weight_decay, (int)step, grad_scale);
+    }
+    tg_dist_gather_slices(g, 0);
+    for (size_t k = 0; k < g->n_trainable; k++) gpu_f32_to_bf16(g->trainable[k]->w, g->trainable[k]->master, g->trainable[k]->numel);
+}
+#endif
+
+/* Before a checkpoint with several ranks: the moments' slices to every rank (rank 0 writes). */
+static void train_gpu_gather_state(Trainer *t) {
+#ifdef USE_NCCL
+    if (t->gpu && g_comm.backend == COMM_NCCL) {
+        tg_dist_gather_slices(t->gpu, 1);
+        tg_dist_gather_slices(t->gpu, 2);
+    }
+#else
+    (void)t;
+#endif
+}
+
 /* The GPU twin of train_step_cpu: grad_accum micro-batches, the global norm, clipping folded
  * into AdamW's gradient scale, AdamW on the GPU. A non-finite loss or norm returns before
- * any weight changes, so the last checkpoint stays the last good state. */
+ * any weight changes, so the last checkpoint stays the last good state. With K ranks: every
+ * K-th of K * grad_accum micro-batches, the sums over the ranks, ZeRO-1's AdamW slice. */
 static StepResult train_step_gpu(Trainer *t) {
     const TrainOptions *o = &t->opt;
     StepResult r = {0, 0, 0};
+    int K = comm_world(), rank = g_comm.rank, n_micro = K * o->grad_accum;
     gpu_train_zero_grads(t->gpu);
-    for (int micro = 0; micro < o->grad_accum; micro++) {
+    for (int micro = 0; micro < n_micro; micro++) {
+        if (micro % K != rank) { dataset_skip_batch(&t->data, o->batch); continue; }
         dataset_next_batch(&t->data, o->batch, t->inputs, t->targets);
         double loss = gpu_train_forward_backward(t->gpu, t->inputs, t->targets);
         r.loss += (float)loss;
-        if (!isfinite(loss)) { r.loss = loss; return r; }
+        if (!isfinite(loss)) {
+            if (K == 1) { r.loss = loss; return r; }
+            continue; /* the other ranks wait for this one's sum, which carries the non-finite loss */
+        }
     }
-    r.loss /= o->grad_accum;
-    double scale = 1.0 / o->grad_accum;
+#ifdef USE_NCCL
+    if (K > 1) {
+        r.loss = tg_dist_allreduce_grads(t->gpu, r.loss);
+        if (!isfinite(r.loss)) return r;
+    }
+#endif
+    r.loss /= n_micro;
+    double scale = 1.0 / n_micro;
     r.grad_norm = gpu_train_grad_norm(t->gpu, scale);
     if (!isfinite(r.grad_norm)) return r;
     if (o->clip > 0 && r.grad_norm > o->clip) scale *= o->clip / (r.grad_norm + 1e-6);
     r.lr = adamw_lr_at(&t->adamw.cfg, t->step);
+#ifdef USE_NCCL
+    if (K > 1) { tg_dist_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale); return r; }
+#endif
     gpu_train_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale);
     return r;
 }

@@ -60,8 +60,8 @@ HEADERS := common.h $(wildcard 0*.h)
 ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
-05_train: 05_train.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
-	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS)) $(LDLIBS)
+05_train: 05_train.c 05_dist.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
+	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
 
 # ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
 GPU_SRC := $(wildcard 04_*.cu)
@@ -96,7 +96,7 @@ bench: 04_s2attn build/libs2attn.so
 ifneq ($(wildcard 06_infer.c),)
 all: 06_infer
 endif
-06_infer: 06_infer.c 05_train.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
+06_infer: 06_infer.c 05_train.c 05_dist.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS)) $(LDLIBS)
 
 # ---- tests -------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ ALL_SRC  := $(HEADERS) $(wildcard 0*.c)
 
 build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -DUSE_CUDA -I. -I$(CUDA_HOME)/include -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
+	$(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
 
 build/tests/%: tests/%.c $(ALL_SRC)
 	@mkdir -p $(dir $@)

@@ -133,6 +133,7 @@ timeout 60 ./05_train "${COMMON[@]}" --max-steps 100000 --save-every 0 --out "$T
 p0=$!
 for _ in $(seq 100); do grep -q "^step" "$T/kill0.log" 2>/dev/null && break; sleep 0.1; done
 kill -9 $p1
+{ wait $p1; } 2>/dev/null
 wait $p0; rc0=$?
 check "rank 0 stops when rank 1 is killed" '[ $rc0 -ne 0 ] && [ $rc0 -ne 124 ] && grep -q "error: rank 1 of 2 (pid [0-9]*) ended without a word" "$T/kill0.log"'
 
