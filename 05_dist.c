@@ -516,9 +516,12 @@ static DistMemPlan dist_memory_plan(const Config *c, size_t N, size_t R, int K, 
     p.gather = shard_weights ? 2 * per_layer * 2.0 : 0;                       /* double buffer, bf16 */
     p.trainable = trainable * (4 + 4) + L * R * ((D + Hd) + 2 * (D + Hkd) + (Hd + D)) * 2; /* master, grad; LoRA bf16 copies */
     p.moments = trainable * 8.0 / K;
-    /* activations: kept inputs [L+1, N, D] bf16, one layer's buffers (norms, q, k, v, att,
-     * the MLP arena [N, 3F] bf16, gradients), the chunked cross-entropy's logits */
-    p.activations = (L + 1) * N * D * 2 + N * (6 * D + 2 * Hd + 2 * Hkd + 3 * F) * 2 + N * 16.0 + 8192.0 * V * 4;
+    /* activations: 05_train_gpu.c's tg_act_bytes for B = 1 keeping no attention outputs (its
+     * attention workspace left out): kept inputs [L+1, N, D], five [N, D] work buffers,
+     * q k v, one attention output and lse, LoRA's xa, the MLP arena, 8192 rows of logits */
+    double n = (double)N, H = c->n_heads, mlp = 3 * n * F, attn = n * (2 * Hd + 2 * Hkd);
+    p.activations = (L + 1) * n * D * 2 + 5 * n * D * 2 + 2 * n * 4 + (n * Hd + 2 * n * Hkd) * 2 + 3 * n * 4 + (n * Hd * 2 + H * n * 4) +
+                    8 * n * (double)R * 2 + (mlp > attn ? mlp : attn) * 2 + 8192.0 * V * 6 + n * 4;
     p.total = p.frozen + p.gather + p.trainable + p.moments + p.activations + 1.0 * (1 << 30); /* + 1 GiB CUDA context, workspaces */
     return p;
 }

@@ -132,7 +132,7 @@ static void train_usage(FILE *f) {
         "model:\n"
         "  --model DIR            HuggingFace folder (config.json, *.safetensors, tokenizer)\n"
         "  --init random          random weights instead, with --shape\n"
-        "  --shape NAME           llama2-7b | llama2-13b | smollm2-135m | tiny (tests: V from\n"
+        "  --shape NAME           llama2-7b | llama2-13b | llama2-70b | smollm2-135m | tiny (tests: V from\n"
         "                         --tokenizer, else 256)\n"
         "  --tokenizer PATH       tokenizer.model / tokenizer.json or a folder (default: --model)\n"
         "  --adapter DIR          start from this PEFT adapter (its rank, alpha, targets) instead of a fresh one\n"
@@ -1241,6 +1241,7 @@ typedef struct {
 static const ShapePreset SHAPES[] = {
     {"llama2-7b", 4096, 32, 32, 32, 11008, 32000, 4096, 0, 10000.0f, 1e-5f},
     {"llama2-13b", 5120, 40, 40, 40, 13824, 32000, 4096, 0, 10000.0f, 1e-5f},
+    {"llama2-70b", 8192, 80, 64, 8, 28672, 32000, 4096, 0, 10000.0f, 1e-5f},
     {"smollm2-135m", 576, 30, 9, 3, 1536, 49152, 8192, 1, 100000.0f, 1e-5f},
     {"tiny", 64, 2, 4, 2, 160, 256, 256, 1, 10000.0f, 1e-5f},
 };
@@ -1253,15 +1254,21 @@ static const ShapePreset *shape_preset(const char *name) {
 
 /* A random model of a preset shape (weights N(0, 0.02^2), norms near 1), RoPE interpolated
  * to ctx. -1 + last_error() for an unknown shape or an unreadable tokenizer. */
-static int model_init_shape(Model *m, const char *shape, const char *tokenizer_path, long ctx, uint64_t seed) {
-    const ShapePreset *p = shape_preset(shape);
-    if (!p) return set_error("unknown --shape '%s' (llama2-7b, llama2-13b, smollm2-135m or tiny)", shape);
+static void shape_config(const ShapePreset *p, Config *cfg) {
     Config c;
     memset(&c, 0, sizeof c);
     c.dim = p->dim; c.ffn_dim = p->ffn_dim; c.n_layers = p->n_layers; c.n_heads = p->n_heads;
     c.n_kv_heads = p->n_kv_heads; c.head_dim = p->dim / p->n_heads; c.vocab_size = p->vocab_size;
     c.rms_eps = p->norm_eps; c.rope_theta = p->rope_theta; c.rope_config_factor = 1.0f; c.max_pos = p->max_pos;
     c.tie_embeddings = p->tied; c.bos_id = -1; c.eos_id = -1;
+    *cfg = c;
+}
+
+static int model_init_shape(Model *m, const char *shape, const char *tokenizer_path, long ctx, uint64_t seed) {
+    const ShapePreset *p = shape_preset(shape);
+    if (!p) return set_error("unknown --shape '%s' (llama2-7b, llama2-13b, llama2-70b, smollm2-135m or tiny)", shape);
+    Config c;
+    shape_config(p, &c);
     if (!strcmp(p->name, "tiny") && tokenizer_path) { /* the test shape takes its vocabulary from the tokenizer */
         Tokenizer tok;
         if (tok_load(&tok, tokenizer_path) != 0) return -1;
@@ -1383,11 +1390,6 @@ static void trainer_init(Trainer *t) {
     if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
     if (!comm_is_root()) o->quiet = 1; /* logs come from rank 0 */
     if (comm_world() > 1) t->dist_flat = (float *)xmalloc((flat_count(&t->adamw) + 1) * sizeof(float)); /* [P + 1] */
-    if (o->shard_weights) {
-        if (comm_is_root()) dist_print_memory_plan(stdout, o->model_dir ? o->model_dir : o->shape, c, (size_t)o->ctx, comm_world(), 80.0);
-        die("--shard-weights: the layer-by-layer all-gather of the frozen weights is not written yet (the memory plan is above); "
-            "train without it");
-    }
     if (!on_gpu) act_plan(&t->acts, c, (size_t)o->batch, (size_t)o->ctx, 1);
     t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
     t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
@@ -1539,6 +1541,27 @@ static int trainer_run(Trainer *t) {
     return status;
 }
 
+/* --shard-weights: prints what a GPU needs for this model and --ctx over K GPUs of 80 GB
+ * (--world-size, else 8), replicated and sharded, then stops: the ZeRO-3 gather of the
+ * frozen weights is planned but not written. Reads only the shape (no weights). */
+static int shard_weights_plan(const TrainOptions *o) {
+    Config c;
+    if (o->model_dir) {
+        char path[4200];
+        Json *j = json_parse_file(path_join(path, sizeof path, o->model_dir, "config.json"));
+        if (!j) die("%s", last_error());
+        if (config_from_json(&c, j, o->ctx) != 0) die("%s", last_error());
+        json_free(j);
+    } else {
+        const ShapePreset *p = o->shape ? shape_preset(o->shape) : NULL;
+        if (!p) die("--shard-weights needs --model DIR or --init random --shape NAME (llama2-7b, llama2-13b, llama2-70b, smollm2-135m or tiny)");
+        shape_config(p, &c);
+    }
+    int ctx = o->ctx ? o->ctx : c.max_pos;
+    dist_print_memory_plan(stdout, o->model_dir ? o->model_dir : o->shape, &c, (size_t)ctx, o->world_size > 1 ? o->world_size : 8, 80.0);
+    die("--shard-weights: the layer-by-layer all-gather of the frozen weights is not written yet (its memory plan is above); train without it");
+}
+
 /* The whole program; tests call it as a function. */
 static int train_main(int argc, char **argv) {
     Trainer *t = (Trainer *)xcalloc(1, sizeof(Trainer));
@@ -1546,6 +1569,7 @@ static int train_main(int argc, char **argv) {
     int rc = train_parse_args(&t->opt, argc, argv);
     if (rc == 1) { train_usage(stdout); free(t); return 0; }
     if (rc != 0) die("%s", last_error());
+    if (t->opt.shard_weights) shard_weights_plan(&t->opt);
     trainer_init(t);
     int status = trainer_run(t);
     trainer_free(t);
