@@ -279,8 +279,8 @@ static int nccl_open_comm(Comm *c) {
     }
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) return set_error("rank %d sees no CUDA GPU; NCCL training needs one per rank", c->rank);
-    int local = getenv("OMPI_COMM_WORLD_LOCAL_RANK") ? atoi(getenv("OMPI_COMM_WORLD_LOCAL_RANK")) : c->rank % n_dev;
-    if (cudaSetDevice(local % n_dev) != cudaSuccess) return set_error("rank %d cannot use GPU %d", c->rank, local % n_dev);
+    int dev = -1;
+    if (cudaGetDevice(&dev) != cudaSuccess) return set_error("rank %d cannot query its GPU", c->rank); /* 05_train chose it (rank mod GPUs) */
     if (cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking) != cudaSuccess) return set_error("rank %d cannot create a CUDA stream", c->rank);
     ncclResult_t r = ncclCommInitRank(&c->nccl, c->world, id, c->rank);
     if (r != ncclSuccess) return set_error("NCCL could not connect rank %d of %d: %s", c->rank, c->world, ncclGetErrorString(r));

@@ -1384,6 +1384,7 @@ static void trainer_init(Trainer *t) {
 
     int on_gpu = 0;
 #ifdef USE_CUDA
+    train_gpu_select_device(o);   /* several ranks: rank r on GPU r */
     on_gpu = train_gpu_choose(t); /* --device, else the GPU where there is one the model suits */
 #endif
     /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */

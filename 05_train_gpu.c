@@ -604,6 +604,18 @@ static double gpu_train_used_bytes(void) {
 
 static char tg_device_note[320];
 
+/* Several ranks on one host: rank r uses GPU r mod (GPUs), set before anything touches a GPU
+ * (mpirun: its local rank). A single process keeps the default device. */
+static void train_gpu_select_device(const TrainOptions *o) {
+    const char *local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    int world = o->world_size > 0 ? o->world_size : (getenv("OMPI_COMM_WORLD_SIZE") ? atoi(getenv("OMPI_COMM_WORLD_SIZE")) : 1);
+    if (world <= 1 || (o->device && !strcmp(o->device, "cpu"))) return;
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) { cudaGetLastError(); return; }
+    int r = local ? atoi(local) : (o->world_size > 0 ? o->rank : (getenv("OMPI_COMM_WORLD_RANK") ? atoi(getenv("OMPI_COMM_WORLD_RANK")) : 0));
+    TG_CHECK(cudaSetDevice(r % n));
+}
+
 /* Where the step runs: --device gpu (or no --device, where a GPU is found) puts it on the
  * GPU when the model suits the kernels; --device gpu dies with the reason otherwise. Sets
  * t->device_note for the startup line. */
