@@ -28,17 +28,22 @@
  *   - Logs, the CSV and checkpoint writes come from rank 0. A rank that dies (die() runs
  *     exit, and an atexit hook marks the segment) makes every other rank stop at its next
  *     collective with one sentence naming it; so does a rank that vanished (its pid is gone).
- *   - The memory plan for --shard-weights (ZeRO-3 for the frozen bf16 weights): what a GPU
- *     needs for a model and context over K GPUs (dist_print_memory_plan).
+ *   - --shard-weights (ZeRO-3 for the frozen bf16 weights, 05_train_gpu.c): each rank keeps
+ *     1/K of every layer's matrices and all-gathers a layer into a double buffer before it
+ *     runs (forward and recompute), the next layer's gather overlapping this one's compute;
+ *     dist_print_memory_plan says what a GPU needs, replicated and sharded.
  * Runs on: the CPU (shm backend, any Linux); NCCL on GPUs where the build has NCCL.
  * Checked by: tests/test_dist.c (the shm collectives with K processes, ZeRO-1's AdamW slices
  * against 03's adamw_step, the data split, the memory plan) and tests/test_dist_train.sh
  * (K = 2, 3 processes give the losses and adapter of one process with K-times accumulation;
  * save with K=2, resume with K=1 and K=3).
+ * UNRUN: the NCCL paths (the GPU step, --shard-weights) were written and compiled without
+ * a GPU; only the shm backend and the CPU step are tested.
  * Leaves out: overlapping the all-reduce with the backward (the GPU step all-reduces once
- * per step, all tensors in one NCCL group), sharding the moments' memory on the GPU (the
- * work and the checkpoint are sharded, the buffers are full size), and the ZeRO-3 gather
- * itself (the flag is parsed and planned; the step refuses it with the plan).
+ * per step, all tensors in one NCCL group: for 7B at 32k that is ~0.56 GB of fp32 gradients,
+ * mostly embed_tokens, against a ~3 s step), sharding the moments' memory on the GPU (the
+ * work and the checkpoint are sharded, the buffers are full size), sharding an untied
+ * lm_head (it stays replicated), LoRA dropout across ranks (each rank would draw its own).
  *
  * Shape legend: K ranks (world size), P trainable parameters (flat), B batch, N sequence.
  */
@@ -492,10 +497,10 @@ static void dist_gather_state(AdamW *opt, int which, float *flat) {
  * 3. Memory plan for --shard-weights (ZeRO-3 of the frozen bf16 weights)
  *
  * Per GPU: frozen bf16 weights (all of them, or 1/K plus two layers' worth of gather
- * buffers), the trainable fp32 state (master + grad: full; the two moments: 1/K with
- * ZeRO-1), and the activations of 05_train_gpu.c's checkpointed step: the kept layer inputs
- * [L+1, N, D] bf16 plus one layer's work buffers (tg_act_bytes, when the GPU code is built;
- * else the same formula's main terms).
+ * buffers), the trainable fp32 state (master, grad and the two moments: full size; ZeRO-1
+ * shards the moments' work and the checkpoint gather, not yet their memory), and the
+ * activations of 05_train_gpu.c's checkpointed step: the kept layer inputs [L+1, N, D] bf16
+ * plus one layer's work buffers (tg_act_bytes' terms, keeping no attention outputs).
  * ===================================================================================== */
 
 static size_t config_param_count(const Config *c); /* 05_train.c: every parameter of the model */
@@ -515,7 +520,7 @@ static DistMemPlan dist_memory_plan(const Config *c, size_t N, size_t R, int K, 
     p.frozen = shard_weights ? frozen / K : frozen;
     p.gather = shard_weights ? 2 * per_layer * 2.0 : 0;                       /* double buffer, bf16 */
     p.trainable = trainable * (4 + 4) + L * R * ((D + Hd) + 2 * (D + Hkd) + (Hd + D)) * 2; /* master, grad; LoRA bf16 copies */
-    p.moments = trainable * 8.0 / K;
+    p.moments = trainable * 8.0; /* the GPU step keeps full-size moment buffers (it updates only its slice) */
     /* activations: 05_train_gpu.c's tg_act_bytes for B = 1 keeping no attention outputs (its
      * attention workspace left out): kept inputs [L+1, N, D], five [N, D] work buffers,
      * q k v, one attention output and lse, LoRA's xa, the MLP arena, 8192 rows of logits */

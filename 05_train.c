@@ -175,8 +175,8 @@ static void train_usage(FILE *f) {
         "  --rank R               this process's rank, 0..K-1\n"
         "  --dist-file PATH       a path every rank sees, not existing yet: rank 0 creates it\n"
         "                         (CPU: the shared segment; GPU: NCCL's unique id) and removes it\n"
-        "  --shard-weights        shard the frozen bf16 weights over the GPU ranks (ZeRO-3): prints the memory\n"
-        "                         plan; the layer-by-layer gather is not written yet, so the run stops there\n"
+        "  --shard-weights        shard the frozen bf16 weights over the GPU ranks (ZeRO-3: each layer is\n"
+        "                         all-gathered before it runs); prints the per-GPU memory plan\n"
         "  --help                 this text\n"
         "Flags may be spelled with _ for -, and HF Trainer names work too (--learning_rate,\n"
         "--per_device_train_batch_size, --gradient_accumulation_steps, --warmup_steps,\n"
@@ -1387,6 +1387,7 @@ static void trainer_init(Trainer *t) {
     train_gpu_select_device(o);   /* several ranks: rank r on GPU r */
     on_gpu = train_gpu_choose(t); /* --device, else the GPU where there is one the model suits */
 #endif
+    if (o->shard_weights && !on_gpu) die("--shard-weights shards the frozen bf16 weights of the GPU step; this run trains on the CPU");
     /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */
     if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
     if (!comm_is_root()) o->quiet = 1; /* logs come from rank 0 */
@@ -1543,9 +1544,9 @@ static int trainer_run(Trainer *t) {
 }
 
 /* --shard-weights: prints what a GPU needs for this model and --ctx over K GPUs of 80 GB
- * (--world-size, else 8), replicated and sharded, then stops: the ZeRO-3 gather of the
- * frozen weights is planned but not written. Reads only the shape (no weights). */
-static int shard_weights_plan(const TrainOptions *o) {
+ * (--world-size, else 8), replicated and sharded. Reads only the shape (no weights). A
+ * single process (nothing to shard over) stops after the plan: a way to size a run. */
+static void shard_weights_plan(const TrainOptions *o, int world) {
     Config c;
     if (o->model_dir) {
         char path[4200];
@@ -1559,8 +1560,8 @@ static int shard_weights_plan(const TrainOptions *o) {
         shape_config(p, &c);
     }
     int ctx = o->ctx ? o->ctx : c.max_pos;
-    dist_print_memory_plan(stdout, o->model_dir ? o->model_dir : o->shape, &c, (size_t)ctx, o->world_size > 1 ? o->world_size : 8, 80.0);
-    die("--shard-weights: the layer-by-layer all-gather of the frozen weights is not written yet (its memory plan is above); train without it");
+    dist_print_memory_plan(stdout, o->model_dir ? o->model_dir : o->shape, &c, (size_t)ctx, world > 1 ? world : 8, 80.0);
+    if (world <= 1) die("--shard-weights shards the frozen weights over several GPU ranks (--world-size K, or mpirun); the plan above is for 8");
 }
 
 /* The whole program; tests call it as a function. */
@@ -1570,7 +1571,12 @@ static int train_main(int argc, char **argv) {
     int rc = train_parse_args(&t->opt, argc, argv);
     if (rc == 1) { train_usage(stdout); free(t); return 0; }
     if (rc != 0) die("%s", last_error());
-    if (t->opt.shard_weights) shard_weights_plan(&t->opt);
+    if (t->opt.shard_weights) {
+        const char *ompi = getenv("OMPI_COMM_WORLD_SIZE");
+        int world = t->opt.world_size > 0 ? t->opt.world_size : ompi ? atoi(ompi) : 1;
+        const char *rank = getenv("OMPI_COMM_WORLD_RANK");
+        if (world <= 1 || (t->opt.world_size > 0 ? t->opt.rank : rank ? atoi(rank) : 0) == 0) shard_weights_plan(&t->opt, world);
+    }
     trainer_init(t);
     int status = trainer_run(t);
     trainer_free(t);

@@ -133,7 +133,19 @@ typedef struct GpuTrainer {
     double act_bytes;
     size_t ce_chunk;                  /* rows of logits the cross-entropy computes at a time */
     float *dist_loss;                 /* [1] several ranks: the loss sum they add up */
+    /* --shard-weights (ZeRO-3, several ranks over NCCL): each layer's seven frozen matrices,
+     * concatenated (q, k, v, o, gate, up, down), are cut into K equal shards; this rank keeps
+     * its shard, and a layer is all-gathered into one of two buffers before it runs */
+    int z3;                           /* 1 when the frozen layer weights are sharded */
+    size_t z3_shard;                  /* values per shard (the layer's count rounded up to K) */
+    uint16_t **z3_mine;               /* [L] -> [z3_shard] bf16: this rank's shard of layer l */
+    uint16_t *z3_buf[2];              /* [K * z3_shard] bf16 each: gathered layers, by parity of l */
+    int z3_holds[2];                  /* the layer each buffer holds (-1: none) */
+    void *z3_ready[2], *z3_free[2];   /* cudaEvent_t: the gather into a buffer is done / its last reader is done */
 } GpuTrainer;
+
+/* Set by train_gpu_setup before gpu_train_init: shard the frozen layer weights (ZeRO-3). */
+static int tg_shard_weights = 0;
 
 /* Host fp32 -> device bf16, through a staging buffer, `numel` values. */
 static void tg_upload_bf16(uint16_t *dst, const float *src, size_t numel, uint16_t *stage, size_t stage_cap) {
@@ -237,6 +249,14 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
         die("the GPU attention needs at most 32 query heads per kv head (this model has %d); train it with --device cpu", c->n_heads / c->n_kv_heads);
     if (ad->cfg.dropout > 0.0f) die("LoRA dropout %g is not supported by the GPU training step (LongLoRA uses 0); train with --device cpu", (double)ad->cfg.dropout);
     g->weight_bytes = tg_weight_bytes(c, opt);
+#ifdef USE_NCCL
+    if (tg_shard_weights) { /* the frozen layer matrices: 1/K of them, plus two gathered layers */
+        size_t in, out, per_layer = 0;
+        for (int w = 0; w < N_PROJ; w++) { proj_shape(c, w, &in, &out); per_layer += in * out; }
+        g->weight_bytes -= (double)L * per_layer * 2.0 * (1.0 - 1.0 / g_comm.world);
+        g->weight_bytes += 2.0 * per_layer * 2.0;
+    }
+#endif
     size_t free_b = 0, total_b = 0;
     TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
     if (g->weight_bytes + 512.0 * 1024 * 1024 > (double)free_b)
@@ -246,6 +266,23 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
     g->lora_scale = ad->scale;
     g->trainable = (TgParam **)xcalloc(opt->count + 1, sizeof(TgParam *));
     g->layers = (TgLayer *)xcalloc(L, sizeof(TgLayer));
+#ifdef USE_NCCL
+    if (tg_shard_weights) { /* ZeRO-3: two gather buffers and the per-layer shards (below) */
+        if (frozen_random_seed) die("--shard-weights loads the frozen weights from the host model (no random bf16 path)");
+        size_t in, out, per_layer = 0, K = (size_t)g_comm.world;
+        for (int w = 0; w < N_PROJ; w++) { proj_shape(c, w, &in, &out); per_layer += in * out; }
+        g->z3 = 1;
+        g->z3_shard = (per_layer + K - 1) / K;
+        g->z3_mine = (uint16_t **)xcalloc(L, sizeof(uint16_t *));
+        for (int b = 0; b < 2; b++) {
+            g->z3_buf[b] = (uint16_t *)tg_alloc(K * g->z3_shard * sizeof(uint16_t), "a gathered layer of frozen weights");
+            g->z3_holds[b] = -1;
+            TG_CHECK(cudaEventCreateWithFlags((cudaEvent_t *)&g->z3_ready[b], cudaEventDisableTiming));
+            TG_CHECK(cudaEventCreateWithFlags((cudaEvent_t *)&g->z3_free[b], cudaEventDisableTiming));
+            TG_CHECK(cudaEventRecord((cudaEvent_t)g->z3_free[b], cudaStreamLegacy));
+        }
+    }
+#endif
 
     size_t stage_cap = (size_t)1 << 26; /* 64M values: 128 MiB of staging */
     uint16_t *stage = (uint16_t *)xmalloc(stage_cap * sizeof(uint16_t));
@@ -278,10 +315,21 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
             if ((hp = tg_find_host(opt, norm_src[k])) != NULL) tg_make_trainable(g, norms[k], hp);
         }
         uint16_t **frozen[N_PROJ] = {&gl->wq, &gl->wk, &gl->wv, &gl->wo, &gl->w_gate, &gl->w_up, &gl->w_down};
-        for (int w = 0; w < N_PROJ; w++) {
-            proj_shape(c, w, &in, &out);
-            TG_TENSOR(*frozen[w], proj_weight(lp, w), in * out, 0);
-        }
+        if (g->z3) { /* ZeRO-3: only this rank's shard of the concatenated matrices */
+            size_t lo = (size_t)g_comm.rank * g->z3_shard, hi = lo + g->z3_shard, at = 0;
+            g->z3_mine[l] = (uint16_t *)tg_alloc(g->z3_shard * sizeof(uint16_t), "this rank's shard of the frozen weights");
+            TG_CHECK(cudaMemset(g->z3_mine[l], 0, g->z3_shard * sizeof(uint16_t))); /* the padding of the last shard */
+            for (int w = 0; w < N_PROJ; at += in * out, w++) {
+                proj_shape(c, w, &in, &out);
+                size_t a = lo > at ? lo - at : 0, z = hi < at + in * out ? hi - at : in * out;
+                if (hi <= at || lo >= at + in * out || a >= z) continue;
+                tg_upload_bf16(g->z3_mine[l] + (at + a - lo), proj_weight(lp, w) + a, z - a, stage, stage_cap);
+            }
+        } else
+            for (int w = 0; w < N_PROJ; w++) {
+                proj_shape(c, w, &in, &out);
+                TG_TENSOR(*frozen[w], proj_weight(lp, w), in * out, 0);
+            }
         for (int w = 0; w < N_PROJ; w++) {
             const LoraPair *p = &ad->pairs[l * LORA_NUM_TARGETS + (size_t)w];
             if (!p->A) continue;
@@ -426,7 +474,19 @@ static void gpu_train_free(GpuTrainer *g) {
         TgLayer *gl = &g->layers[l];
         tg_param_free(&gl->attn_norm); tg_param_free(&gl->mlp_norm);
         uint16_t *frozen[N_PROJ] = {gl->wq, gl->wk, gl->wv, gl->wo, gl->w_gate, gl->w_up, gl->w_down};
-        for (int w = 0; w < N_PROJ; w++) { tg_free_ptr(frozen[w]); tg_param_free(&gl->lora_A[w]); tg_param_free(&gl->lora_B[w]); }
+        for (int w = 0; w < N_PROJ; w++) {
+            if (!g->z3) tg_free_ptr(frozen[w]); /* sharded: they point into the gather buffers */
+            tg_param_free(&gl->lora_A[w]); tg_param_free(&gl->lora_B[w]);
+        }
+        if (g->z3) tg_free_ptr(g->z3_mine[l]);
+    }
+    if (g->z3) {
+        free(g->z3_mine);
+        for (int b = 0; b < 2; b++) {
+            tg_free_ptr(g->z3_buf[b]);
+            TG_CHECK(cudaEventDestroy((cudaEvent_t)g->z3_ready[b]));
+            TG_CHECK(cudaEventDestroy((cudaEvent_t)g->z3_free[b]));
+        }
     }
     free(g->layers);
     free(g->trainable);
@@ -437,6 +497,55 @@ static void gpu_train_free(GpuTrainer *g) {
 /* ---------------------------------------------------------------------------------------
  * Forward and backward
  * ------------------------------------------------------------------------------------- */
+
+/* ZeRO-3 (--shard-weights): the gather of layer l into buffer l % 2 on NCCL's stream, after
+ * the buffer's last reader (the layer two before, or after in the backward) is done. Issued
+ * one layer ahead, so the gather of the next layer runs during this layer's compute. Every
+ * rank issues the same gathers in the same order (NCCL's rule). No-ops when unsharded. */
+static void tg_z3_fetch(GpuTrainer *g, int l) {
+#ifdef USE_NCCL
+    int b = l & 1;
+    if (!g->z3 || l < 0 || l >= g->cfg.n_layers || g->z3_holds[b] == l) return;
+    TG_CHECK(cudaStreamWaitEvent(g_comm.stream, (cudaEvent_t)g->z3_free[b], 0));
+    NCCL_CHECK(ncclAllGather(g->z3_mine[l], g->z3_buf[b], g->z3_shard, ncclBfloat16, g_comm.nccl, g_comm.stream));
+    TG_CHECK(cudaEventRecord((cudaEvent_t)g->z3_ready[b], g_comm.stream));
+    g->z3_holds[b] = l;
+#else
+    (void)g; (void)l;
+#endif
+}
+
+/* Before layer l computes: its gather is done (the compute stream waits for it), and its
+ * seven matrix pointers point into the buffer; the next layer's gather starts (next = l+1
+ * in the forward, l-1 in the backward). */
+static void tg_z3_use(GpuTrainer *g, int l, int next) {
+#ifdef USE_NCCL
+    if (!g->z3) return;
+    tg_z3_fetch(g, l);
+    int b = l & 1;
+    TG_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, (cudaEvent_t)g->z3_ready[b], 0));
+    TgLayer *gl = &g->layers[l];
+    uint16_t **frozen[N_PROJ] = {&gl->wq, &gl->wk, &gl->wv, &gl->wo, &gl->w_gate, &gl->w_up, &gl->w_down};
+    size_t in, out, at = 0;
+    for (int w = 0; w < N_PROJ; w++) {
+        proj_shape(&g->cfg, w, &in, &out);
+        *frozen[w] = g->z3_buf[b] + at;
+        at += in * out;
+    }
+    tg_z3_fetch(g, next);
+#else
+    (void)g; (void)l; (void)next;
+#endif
+}
+
+/* After layer l's compute is queued: its buffer may be overwritten once that compute is done. */
+static void tg_z3_done(GpuTrainer *g, int l) {
+#ifdef USE_NCCL
+    if (g->z3) TG_CHECK(cudaEventRecord((cudaEvent_t)g->z3_free[l & 1], cudaStreamLegacy));
+#else
+    (void)g; (void)l;
+#endif
+}
 
 static uint16_t *tg_xa(GpuTrainer *g, int which) { return g->xa + (size_t)which * g->T * g->R; }
 /* Layer l's attention output [T, H*d] and lse [B, H, N]: its own where it keeps them, else the shared ones. */
@@ -548,7 +657,11 @@ static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, c
     TG_CHECK(cudaMemcpy(g->targets, targets, T * sizeof(int32_t), cudaMemcpyHostToDevice));
     /* forward, keeping each layer's input */
     gpu_embedding_forward(g->saved, g->tokens, g->embed.w, T, D, V);
-    for (size_t l = 0; l < L; l++) tg_layer_forward(g, (int)l, g->saved + l * T * D, g->saved + (l + 1) * T * D);
+    for (size_t l = 0; l < L; l++) {
+        tg_z3_use(g, (int)l, (int)l + 1); /* --shard-weights: gather this layer (the next one's gather starts) */
+        tg_layer_forward(g, (int)l, g->saved + l * T * D, g->saved + (l + 1) * T * D);
+        tg_z3_done(g, (int)l);
+    }
     /* the final norm goes to dx (free until the backward writes it), so the work buffers
      * still hold the last layer's activations: its backward needs no recompute */
     const uint16_t *x_last = g->saved + L * T * D;
@@ -565,8 +678,10 @@ static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, c
     /* backward, recomputing each layer from its kept input (the last one's are still there) */
     for (size_t l = L; l-- > 0;) {
         const uint16_t *x_in = g->saved + l * T * D;
+        tg_z3_use(g, (int)l, (int)l - 1);
         if (l + 1 < L) tg_layer_forward(g, (int)l, x_in, NULL);
         tg_layer_backward(g, (int)l, x_in);
+        tg_z3_done(g, (int)l);
     }
     if (g->embed.grad) gpu_embedding_backward(g->embed.grad, g->tokens, g->dx, T, D, V);
     return loss;
@@ -650,6 +765,9 @@ static int train_gpu_choose(Trainer *t) {
 static void train_gpu_setup(Trainer *t) {
     const TrainOptions *o = &t->opt;
     t->gpu = (GpuTrainer *)xcalloc(1, sizeof(GpuTrainer));
+    if (o->shard_weights && g_comm.backend != COMM_NCCL)
+        die("--shard-weights shards the frozen weights over several GPU ranks: it needs --world-size 2 or more on GPUs with NCCL");
+    tg_shard_weights = o->shard_weights;
     gpu_train_init(t->gpu, &t->model, &t->lora, &t->adamw, 0);
     if (gpu_train_plan(t->gpu, (size_t)o->batch, (size_t)o->ctx, (size_t)o->group) != 0) die("%s", last_error());
 }
