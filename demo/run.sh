@@ -6,7 +6,7 @@
 #   2. demo/get_text.sh    Jane Austen's novels from Debian's r-cran-janeaustenr (five to
 #                          train on, Persuasion held out)
 #   3. 01_tokenize         both texts -> token files (cached)
-#   4. 02_model            a sanity check: the model's first words after a chat prompt
+#   4. 06_infer            a sanity check: the model's greedy answer to a chat question
 #   5. before              06_infer: perplexity of the held-out text at every length of the
 #                          grid and passkey retrieval over a length grid, with the positions
 #                          interpolated to the target context (RoPE factor target / original)
@@ -17,11 +17,11 @@
 #
 # Two sizes, picked by where 05_train and 06_infer run (DEMO_DEVICE=cpu|gpu overrides):
 #   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, PI x4), 300 steps,
-#        perplexity at 2k..32k, passkey every 4k up to 32k, 10 trials.
+#        perplexity at 2000..32000, passkey every 4000 tokens up to 32000, 10 trials.
 #   CPU  scaled down to finish in under 15 minutes on 2 cores, and it says so: the model's
 #        config is copied with max_position_embeddings 512 (as if SmolLM2 had been trained at
-#        512 tokens), the target is 2048 (PI x4), 12 steps at a higher learning rate,
-#        perplexity at 512..2048, passkey every 500 tokens up to 2000, 3 trials.
+#        512 tokens), the target is 2048 (PI x4), 18 steps at a higher learning rate,
+#        perplexity at 500, 1000, 2000, passkey every 500 tokens up to 2000, 3 trials.
 # DEMO_MODEL / DEMO_TRAIN_TEXT / DEMO_EVAL_TEXT run the same pipeline on another HF folder and
 # texts without downloading anything (tests/test_demo_cpu.sh does that on a tiny model);
 # the DEMO_* sizes below override either branch. Results go to demo/results/<cpu|gpu>/
@@ -92,10 +92,11 @@ tokenize "$EVAL_TEXT" "$EVAL_TOK"
 
 # ---- 4. a sanity check of the model in C -----------------------------------------------------
 if grep -q '<|im_start|>' "$MODEL/tokenizer.json" 2>/dev/null; then
-  say "4. the model in C (02_model): most likely first words after \"What is the capital of France?\""
-  printf '%s' $'<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n' > "$WORK/prompt.txt"
-  ./01_tokenize --tokenizer "$MODEL" --encode-file "$WORK/prompt.txt" --out "$WORK/prompt.tok" 2>/dev/null
-  ./02_model --model "$MODEL" --tokens "$WORK/prompt.tok" --top 5 2>/dev/null | sed 's/^/   rank, id, probability: /' || die "02_model failed"
+  say "4. the model in C (06_infer, greedy, CPU): \"What is the capital of France?\""
+  answer=$(./06_infer --model "$MODEL" --ctx 256 --device cpu --template none --max-new 16 \
+      --prompt $'<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n' 2>/dev/null) \
+    || die "06_infer could not generate"
+  echo "   $answer"
 else
   say "4. the model in C: skipped (no chat markers in this tokenizer)"
 fi
@@ -116,20 +117,20 @@ if [ "$DEVICE" = gpu ]; then
   STEPS=${DEMO_STEPS:-300}
   LR=${DEMO_LR:-2e-5}
   WARMUP=${DEMO_WARMUP:-20}
-  PPL_LENS=${DEMO_PPL_LENGTHS:-2048,4096,8192,16384,32768}
+  PPL_LENS=${DEMO_PPL_LENGTHS:-2000,4000,8000,16000,32000}
   PPL_STRIDE=${DEMO_PPL_STRIDE:-4096}
   PPL_WINDOWS=${DEMO_PPL_WINDOWS:-8}
-  PK_INTERVAL=${DEMO_PASSKEY_INTERVAL:-4096}
+  PK_INTERVAL=${DEMO_PASSKEY_INTERVAL:-4000}
   PK_MAX=${DEMO_PASSKEY_MAX:-32000}
   PK_TRIALS=${DEMO_PASSKEY_TRIALS:-10}
   VERSION="GPU version"
 else
   ORIG=${DEMO_ORIG_CTX:-512}
   CTX=${DEMO_CTX:-2048}
-  STEPS=${DEMO_STEPS:-12}
+  STEPS=${DEMO_STEPS:-18}
   LR=${DEMO_LR:-2e-4}
   WARMUP=${DEMO_WARMUP:-2}
-  PPL_LENS=${DEMO_PPL_LENGTHS:-512,1024,2048}
+  PPL_LENS=${DEMO_PPL_LENGTHS:-500,1000,2000}
   PPL_STRIDE=${DEMO_PPL_STRIDE:-1024}
   PPL_WINDOWS=${DEMO_PPL_WINDOWS:-2}
   PK_INTERVAL=${DEMO_PASSKEY_INTERVAL:-500}
