@@ -98,6 +98,7 @@ typedef struct {
 #ifdef USE_NCCL
     ncclComm_t nccl;
     cudaStream_t stream;
+    float *scratch;         /* [1] on the GPU: barriers and flags */
 #endif
 } Comm;
 
@@ -234,6 +235,11 @@ static int shm_open_comm(Comm *c) {
 /* ---- the NCCL backend (device buffers) ---------------------------------------------- */
 
 #ifdef USE_NCCL
+#define DIST_CUDA_CHECK(call)                                                                                      \
+    do {                                                                                                        \
+        cudaError_t cu_err_ = (call);                                                                           \
+        if (cu_err_ != cudaSuccess) die("%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(cu_err_)); \
+    } while (0)
 #define NCCL_CHECK(call)                                                                                        \
     do {                                                                                                        \
         ncclResult_t nc_err_ = (call);                                                                          \
@@ -269,6 +275,9 @@ static int nccl_open_comm(Comm *c) {
     ncclUniqueId id;
     if (c->rank == 0) {
         if (file_exists(c->path)) return set_error("--dist-file %s already exists (left from another run?); remove it or name a new one", c->path);
+        char mark[4200];
+        snprintf(mark, sizeof mark, "%s.failed", c->path);
+        unlink(mark); /* a failure marker left by an earlier run */
         NCCL_CHECK(ncclGetUniqueId(&id));
         if (write_file_atomic(c->path, &id, sizeof id) != 0) return -1;
     } else {
@@ -287,13 +296,11 @@ static int nccl_open_comm(Comm *c) {
     int dev = -1;
     if (cudaGetDevice(&dev) != cudaSuccess) return set_error("rank %d cannot query its GPU", c->rank); /* 05_train chose it (rank mod GPUs) */
     if (cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking) != cudaSuccess) return set_error("rank %d cannot create a CUDA stream", c->rank);
-    ncclResult_t r = ncclCommInitRank(&c->nccl, c->world, id, c->rank);
+    if (cudaMalloc((void **)&c->scratch, sizeof(float)) != cudaSuccess) return set_error("rank %d cannot allocate 4 bytes on its GPU", c->rank);
+    ncclResult_t r = ncclCommInitRank(&c->nccl, c->world, id, c->rank); /* returns once every rank has joined */
     if (r != ncclSuccess) return set_error("NCCL could not connect rank %d of %d: %s", c->rank, c->world, ncclGetErrorString(r));
     atexit(comm_atexit);
-    /* everyone is connected: the id file is no longer needed */
-    NCCL_CHECK(ncclAllReduce(NULL, NULL, 0, ncclFloat32, ncclSum, c->nccl, c->stream));
-    nccl_wait();
-    if (c->rank == 0) unlink(c->path);
+    if (c->rank == 0) unlink(c->path); /* everyone has read the id */
     return 0;
 }
 #endif
@@ -337,7 +344,8 @@ static void comm_finish(void) {
     if (g_comm.backend == COMM_NCCL) {
         g_comm.finished = 1;
         NCCL_CHECK(ncclCommDestroy(g_comm.nccl));
-        cudaStreamDestroy(g_comm.stream);
+        DIST_CUDA_CHECK(cudaFree(g_comm.scratch));
+        DIST_CUDA_CHECK(cudaStreamDestroy(g_comm.stream));
     }
 #endif
     g_comm.backend = COMM_NONE;
@@ -346,8 +354,9 @@ static void comm_finish(void) {
 static void comm_barrier(void) {
     if (g_comm.backend == COMM_SHM) shm_barrier();
 #ifdef USE_NCCL
-    if (g_comm.backend == COMM_NCCL) { /* a zero-size all-reduce is a barrier */
-        NCCL_CHECK(ncclAllReduce(NULL, NULL, 0, ncclFloat32, ncclSum, g_comm.nccl, g_comm.stream));
+    if (g_comm.backend == COMM_NCCL) { /* a one-value all-reduce (NCCL skips zero-size ones) */
+        DIST_CUDA_CHECK(cudaDeviceSynchronize());
+        NCCL_CHECK(ncclAllReduce(g_comm.scratch, g_comm.scratch, 1, ncclFloat32, ncclSum, g_comm.nccl, g_comm.stream));
         nccl_wait();
     }
 #endif
@@ -416,12 +425,9 @@ static int comm_any(int flag) {
     float f = flag ? 1.0f : 0.0f;
 #ifdef USE_NCCL
     if (g_comm.backend == COMM_NCCL) {
-        float *d = NULL;
-        if (cudaMalloc((void **)&d, sizeof f) != cudaSuccess) die("cannot allocate 4 bytes on the GPU");
-        cudaMemcpy(d, &f, sizeof f, cudaMemcpyHostToDevice);
-        comm_allreduce_sum(d, 1);
-        cudaMemcpy(&f, d, sizeof f, cudaMemcpyDeviceToHost);
-        cudaFree(d);
+        DIST_CUDA_CHECK(cudaMemcpy(g_comm.scratch, &f, sizeof f, cudaMemcpyHostToDevice));
+        comm_allreduce_sum(g_comm.scratch, 1);
+        DIST_CUDA_CHECK(cudaMemcpy(&f, g_comm.scratch, sizeof f, cudaMemcpyDeviceToHost));
         return f > 0;
     }
 #endif

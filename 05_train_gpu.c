@@ -673,7 +673,7 @@ static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, c
     float *dW = c->tie_embeddings ? g->embed.grad : NULL;
     gpu_cross_entropy(&loss_sum, &n_valid, g->dtmp, dW, h_final, g->lm_head, g->targets, T, D, V, g->ce_chunk, 1.0f);
     double loss = n_valid ? loss_sum / (double)n_valid : 0.0;
-    if (!isfinite(loss)) return loss;
+    if (!isfinite(loss) && !g->z3) return loss; /* sharded: the backward still runs, so every rank issues the same gathers */
     gpu_rmsnorm_backward(g->dx, g->final_norm.grad, g->dtmp, x_last, g->final_norm.w, g->rstd_final, T, D, c->rms_eps, 0);
     /* backward, recomputing each layer from its kept input (the last one's are still there) */
     for (size_t l = L; l-- > 0;) {
