@@ -12,7 +12,8 @@
 #   3. logs and checkpoints come from rank 0 only (the other ranks print no step lines);
 #   4. a rank that fails (its --out is a file) stops the others with one sentence naming it,
 #      and a rank killed with SIGKILL stops the others too (no hang);
-#   5. a mismatched checkpoint (global accumulation 4 instead of 6) is refused with a sentence.
+#   5. ranks taken from Open MPI's environment (as mpirun starts them) run the same as flags;
+#   6. a mismatched checkpoint (global accumulation 4 instead of 6) is refused with a sentence.
 # Tolerance: fp32 throughout; the only difference is the order of the gradient sums (per rank,
 # then across ranks), so values agree to ~1e-7 relative. We allow |a-b| <= 1e-6 + 1e-5 |b| for
 # the tensors and 1e-5 relative for the losses (1e-4 for the gradient norms).
@@ -61,6 +62,13 @@ export OMP_NUM_THREADS=1
 check "reference: 1 process, --grad-accum 6" 'run 1 6 "$T/ref" --max-steps 4'
 check "K=2 x --grad-accum 3" 'run 2 3 "$T/k2" --max-steps 4'
 check "K=3 x --grad-accum 2" 'run 3 2 "$T/k3" --max-steps 4'
+# as mpirun starts them: rank and size from Open MPI's environment, no --rank/--world-size
+OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 ./05_train "${COMMON[@]}" --grad-accum 3 --max-steps 4 --out "$T/env" --dist-file "$T/env.dist" >"$T/env1.log" 2>&1 &
+penv=$!
+OMPI_COMM_WORLD_RANK=0 OMPI_COMM_WORLD_SIZE=2 timeout 120 ./05_train "${COMMON[@]}" --grad-accum 3 --max-steps 4 --out "$T/env" --dist-file "$T/env.dist" >"$T/env0.log" 2>&1
+rcenv=$?
+wait $penv
+check "ranks from OMPI_COMM_WORLD_RANK/SIZE (mpirun) give K=2's log exactly" '[ $rcenv -eq 0 ] && grep -q "^ranks: 2" "$T/env0.log" && cmp -s <(cut -d, -f1-4 "$T/env/train_log.csv") <(cut -d, -f1-4 "$T/k2/train_log.csv")'
 mkdir -p "$T/r1" "$T/r3"
 cp -r "$T/k2/checkpoint-2" "$T/r1/" && cp -r "$T/k2/checkpoint-2" "$T/r3/" && cp "$T/k2/train_log.csv" "$T/r1/" && cp "$T/k2/train_log.csv" "$T/r3/"
 check "resume K=2's step-2 checkpoint with K=1 x 6" 'run 1 6 "$T/r1" --max-steps 4 --resume "$T/r1"'
