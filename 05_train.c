@@ -19,7 +19,8 @@
  * the gradient accumulation; CPU ranks share a file, GPU ranks talk through NCCL.
  * Checked by: tests/test_train.c (flags, data, SFT masking, exact resume, SIGINT, non-finite
  * loss), tests/test_train_e2e.c (a tiny model learns; its adapter reloads and helps on
- * held-out text), tests/test_train_text.sh (text and SFT through a real tokenizer).
+ * held-out text), tests/test_train_text.sh (text and SFT through a real tokenizer),
+ * tests/test_dist_train.sh and tests/test_dist.c (several processes, 05_dist.c).
  *
  * CLI (see --help):
  *   05_train --model DIR --data a.txt b.jsonl c.tok --ctx 8192 --out OUT [--max-steps S] ...

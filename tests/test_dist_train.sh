@@ -20,8 +20,8 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import numpy" 2>/dev/null; then
-  echo "skip: numpy is not installed for $PY (pip install -r tests/requirements.txt)"
+if ! "$PY" -c "import array, json, struct" 2>/dev/null; then
+  echo "skip: no working Python at $PY"
   exit 77
 fi
 make -s 05_train >/dev/null || { echo "FAIL: cannot build 05_train"; exit 1; }
@@ -77,10 +77,9 @@ check "rank 0 logs the steps, rank 1 prints none" 'grep -q "^step 4/4" "$T/k2.ra
 check "the checkpoint records the global accumulation" 'grep -q "\"grad_accum\": 6" "$T/k3/checkpoint-4/trainer_state.json"'
 
 "$PY" - "$T" <<'EOF' || fail=1
-import json, struct, sys
-import numpy as np
+import array, json, struct, sys
 T = sys.argv[1]
-def st(path):
+def st(path):  # safetensors -> {name: flat list}; F32 and I64 are all these files hold
     raw = open(path, "rb").read()
     n = struct.unpack("<Q", raw[:8])[0]
     head = json.loads(raw[8:8 + n])
@@ -88,8 +87,8 @@ def st(path):
     for k, v in head.items():
         if k == "__metadata__": continue
         a, b = v["data_offsets"]
-        dt = {"F32": np.float32, "I64": np.int64, "BF16": np.uint16, "F16": np.float16}[v["dtype"]]
-        out[k] = np.frombuffer(raw[8 + n + a: 8 + n + b], dtype=dt).reshape(v["shape"])
+        assert v["dtype"] in ("F32", "I64"), v["dtype"]
+        out[k] = array.array("f" if v["dtype"] == "F32" else "q", raw[8 + n + a: 8 + n + b]).tolist()
     return out
 def log(path):
     rows = [l.split(",") for l in open(path).read().strip().split("\n")[1:]]
@@ -112,14 +111,15 @@ for name in ["k2", "k3", "r1", "r3"]:
         ok, worst = sorted(mine) == sorted(ref), 0.0
         for k in ref:
             if k == "data.order":
-                ok &= np.array_equal(mine[k], ref[k]); continue
-            a, b = mine[k].astype(np.float64), ref[k].astype(np.float64)
-            excess = np.abs(a - b) - (1e-6 + 1e-5 * np.abs(b))
-            worst = max(worst, float(np.max(np.abs(a - b) / (1e-6 + 1e-5 * np.abs(b)))))
-            ok &= bool(np.all(excess <= 0))
+                ok &= mine[k] == ref[k]; continue
+            ok &= len(mine[k]) == len(ref[k])
+            for a, b in zip(mine[k], ref[k]):
+                r = abs(a - b) / (1e-6 + 1e-5 * abs(b))
+                worst = max(worst, r)
+                ok &= r <= 1
         expect(ok, "%s: final %s match the reference (worst |a-b| / (1e-6 + 1e-5|b|) = %.3f)" % (name, what, worst))
     # the trained state really moved (the comparison is not of two untouched copies)
-moved = float(np.max(np.abs(ref_ad[sorted(k for k in ref_ad if "lora_B" in k)[0]])))
+moved = max(abs(x) for x in ref_ad[sorted(k for k in ref_ad if "lora_B" in k)[0]])
 expect(moved > 1e-4, "training moved the adapter (max |B| = %.3g after 4 steps from B = 0)" % moved)
 sys.exit(1 if bad else 0)
 EOF
