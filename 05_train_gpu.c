@@ -34,7 +34,11 @@
  * micro-batch, all-reduces the fp32 gradients (all tensors in one NCCL group, once per step)
  * and the loss sum, runs AdamW on this rank's ZeRO-1 slice of the flat trainable vector and
  * broadcasts each slice from its owner (an all-gather), then refreshes the bf16 copies.
- * UNRUN: no GPU was available when this was written; it compiles, the CPU twin is tested.
+ * --shard-weights (ZeRO-3): each rank keeps 1/K of every layer's frozen matrices; a layer
+ * is all-gathered into one of two buffers before it runs (forward and recompute), the next
+ * layer's gather overlapping this one's compute (tg_z3_use / tg_z3_done, CUDA events).
+ * UNRUN: no GPU was available when this was written; it compiles, the CPU twin is tested,
+ * tests/test_gpu_dist.sh is the check to run on 2 GPUs.
  * Leaves out: LoRA dropout on the GPU (LongLoRA uses none), fused q/k/v
  * products (04's attention takes q, k and v as separate [T, heads, d] buffers).
  *
@@ -141,7 +145,7 @@ typedef struct GpuTrainer {
     uint16_t **z3_mine;               /* [L] -> [z3_shard] bf16: this rank's shard of layer l */
     uint16_t *z3_buf[2];              /* [K * z3_shard] bf16 each: gathered layers, by parity of l */
     int z3_holds[2];                  /* the layer each buffer holds (-1: none) */
-    void *z3_ready[2], *z3_free[2];   /* cudaEvent_t: the gather into a buffer is done / its last reader is done */
+    cudaEvent_t z3_ready[2], z3_free[2]; /* the gather into a buffer is done / its last reader is done */
 } GpuTrainer;
 
 /* Set by train_gpu_setup before gpu_train_init: shard the frozen layer weights (ZeRO-3). */
@@ -277,9 +281,9 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
         for (int b = 0; b < 2; b++) {
             g->z3_buf[b] = (uint16_t *)tg_alloc(K * g->z3_shard * sizeof(uint16_t), "a gathered layer of frozen weights");
             g->z3_holds[b] = -1;
-            TG_CHECK(cudaEventCreateWithFlags((cudaEvent_t *)&g->z3_ready[b], cudaEventDisableTiming));
-            TG_CHECK(cudaEventCreateWithFlags((cudaEvent_t *)&g->z3_free[b], cudaEventDisableTiming));
-            TG_CHECK(cudaEventRecord((cudaEvent_t)g->z3_free[b], cudaStreamLegacy));
+            TG_CHECK(cudaEventCreateWithFlags(&g->z3_ready[b], cudaEventDisableTiming));
+            TG_CHECK(cudaEventCreateWithFlags(&g->z3_free[b], cudaEventDisableTiming));
+            TG_CHECK(cudaEventRecord(g->z3_free[b], cudaStreamLegacy));
         }
     }
 #endif
@@ -484,8 +488,8 @@ static void gpu_train_free(GpuTrainer *g) {
         free(g->z3_mine);
         for (int b = 0; b < 2; b++) {
             tg_free_ptr(g->z3_buf[b]);
-            TG_CHECK(cudaEventDestroy((cudaEvent_t)g->z3_ready[b]));
-            TG_CHECK(cudaEventDestroy((cudaEvent_t)g->z3_free[b]));
+            TG_CHECK(cudaEventDestroy(g->z3_ready[b]));
+            TG_CHECK(cudaEventDestroy(g->z3_free[b]));
         }
     }
     free(g->layers);
@@ -506,9 +510,9 @@ static void tg_z3_fetch(GpuTrainer *g, int l) {
 #ifdef USE_NCCL
     int b = l & 1;
     if (!g->z3 || l < 0 || l >= g->cfg.n_layers || g->z3_holds[b] == l) return;
-    TG_CHECK(cudaStreamWaitEvent(g_comm.stream, (cudaEvent_t)g->z3_free[b], 0));
+    TG_CHECK(cudaStreamWaitEvent(g_comm.stream, g->z3_free[b], 0));
     NCCL_CHECK(ncclAllGather(g->z3_mine[l], g->z3_buf[b], g->z3_shard, ncclBfloat16, g_comm.nccl, g_comm.stream));
-    TG_CHECK(cudaEventRecord((cudaEvent_t)g->z3_ready[b], g_comm.stream));
+    TG_CHECK(cudaEventRecord(g->z3_ready[b], g_comm.stream));
     g->z3_holds[b] = l;
 #else
     (void)g; (void)l;
@@ -523,7 +527,7 @@ static void tg_z3_use(GpuTrainer *g, int l, int next) {
     if (!g->z3) return;
     tg_z3_fetch(g, l);
     int b = l & 1;
-    TG_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, (cudaEvent_t)g->z3_ready[b], 0));
+    TG_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, g->z3_ready[b], 0));
     TgLayer *gl = &g->layers[l];
     uint16_t **frozen[N_PROJ] = {&gl->wq, &gl->wk, &gl->wv, &gl->wo, &gl->w_gate, &gl->w_up, &gl->w_down};
     size_t in, out, at = 0;
@@ -541,7 +545,7 @@ static void tg_z3_use(GpuTrainer *g, int l, int next) {
 /* After layer l's compute is queued: its buffer may be overwritten once that compute is done. */
 static void tg_z3_done(GpuTrainer *g, int l) {
 #ifdef USE_NCCL
-    if (g->z3) TG_CHECK(cudaEventRecord((cudaEvent_t)g->z3_free[l & 1], cudaStreamLegacy));
+    if (g->z3) TG_CHECK(cudaEventRecord(g->z3_free[l & 1], cudaStreamLegacy));
 #else
     (void)g; (void)l;
 #endif
