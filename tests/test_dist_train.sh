@@ -13,7 +13,9 @@
 #   4. a rank that fails (its --out is a file) stops the others with one sentence naming it,
 #      and a rank killed with SIGKILL stops the others too (no hang);
 #   5. ranks taken from Open MPI's environment (as mpirun starts them) run the same as flags;
-#   6. a mismatched checkpoint (global accumulation 4 instead of 6) is refused with a sentence.
+#   6. a mismatched checkpoint (global accumulation 4 instead of 6) is refused with a sentence;
+#   7. flags a user can get wrong (no --dist-file, a rank outside the world, a stale file,
+#      --shard-weights on the CPU) end with one sentence.
 # Tolerance: fp32 throughout; the only difference is the order of the gradient sums (per rank,
 # then across ranks), so values agree to ~1e-7 relative. We allow |a-b| <= 1e-6 + 1e-5 |b| for
 # the tensors and 1e-5 relative for the losses (1e-4 for the gradient norms).
@@ -149,6 +151,17 @@ check "rank 0 stops when rank 1 is killed" '[ $rc0 -ne 0 ] && [ $rc0 -ne 124 ] &
 mkdir -p "$T/bad" && cp -r "$T/k2/checkpoint-4" "$T/bad/"
 run 2 2 "$T/bad" --max-steps 6 --resume "$T/bad" >/dev/null 2>&1
 check "resuming with another global accumulation is refused" 'grep -q "trained with --grad-accum (times the ranks) 6 but this run asks for 4" "$T/bad.rank0.log"'
+
+# 7. flags a user can get wrong end with one sentence
+bad_flags() {  # expected-text flags...
+  local want=$1; shift
+  ./05_train --init random --shape tiny --data "$T/d.tok" --ctx 64 --max-steps 1 --device cpu --out "$T/flags" "$@" >"$T/flags.log" 2>&1
+  [ $? -ne 0 ] && grep -q "^error: .*$want" "$T/flags.log"
+}
+check "--world-size without --dist-file is refused" 'bad_flags "give --dist-file" --world-size 2'
+check "--rank outside the world is refused" 'bad_flags "outside 0..1" --world-size 2 --rank 2 --dist-file "$T/f.dist"'
+check "an existing --dist-file is refused" 'touch "$T/old.dist" && bad_flags "already exists" --world-size 2 --rank 0 --dist-file "$T/old.dist"'
+check "--shard-weights on the CPU is refused after the plan" 'bad_flags "several GPU ranks\|trains on the CPU" --shard-weights && grep -q "shard-weights.*GiB per GPU" "$T/flags.log"'
 
 [ $fail -eq 0 ] && echo "test_dist_train: K=2,3 ranks match one process with K-times accumulation, resume across world sizes, failures stop all ranks (seed $SEED)" && exit 0
 echo "test_dist_train: FAILED (seed $SEED; logs in $T)"
