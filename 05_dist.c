@@ -65,7 +65,6 @@
 #define DIST_MAX_RANKS 256
 #define DIST_SHM_MAGIC 0x4c4c444953543031ull /* "LLDIST01" */
 #define DIST_SHM_SLOT_FLOATS ((size_t)1 << 20) /* per rank: 4 MiB of fp32 per round */
-#define DIST_NCCL_ID_BYTES 128
 
 /* =======================================================================================
  * 1. The communicator
@@ -390,9 +389,10 @@ static void comm_allreduce_sum(float *buf, size_t n) {
 /* buf [n]: rank r's slice dist_shard(n, r) is valid on rank r; afterwards all of it is on
  * every rank. elem: bytes per value (4: fp32). Host buffers (shm). */
 static void comm_allgather_shards(void *buf, size_t n, size_t elem) {
+    CHECK(g_comm.backend != COMM_NCCL, "comm_allgather_shards takes host buffers (the shm backend); GPU ranks gather with NCCL");
     if (g_comm.backend != COMM_SHM) return;
-    size_t lo, hi, cap = DIST_SHM_SLOT_FLOATS * sizeof(float) / elem; /* values per round, in slot 0.. */
-    cap *= (size_t)g_comm.world; /* the slots together are one window */
+    /* values per round: the K slots together are one window */
+    size_t lo, hi, cap = DIST_SHM_SLOT_FLOATS * sizeof(float) / elem * (size_t)g_comm.world;
     dist_shard(n, g_comm.rank, g_comm.world, &lo, &hi);
     char *window = (char *)g_comm.slots, *b = (char *)buf;
     for (size_t at = 0; at < n; at += cap) {
@@ -407,6 +407,7 @@ static void comm_allgather_shards(void *buf, size_t n, size_t elem) {
 
 /* buf [bytes] from rank `root` to every rank (host buffers, shm). */
 static void comm_broadcast(void *buf, size_t bytes, int root) {
+    CHECK(g_comm.backend != COMM_NCCL, "comm_broadcast takes host buffers (the shm backend); GPU ranks broadcast with NCCL");
     if (g_comm.backend != COMM_SHM) return;
     size_t cap = DIST_SHM_SLOT_FLOATS * sizeof(float) * (size_t)g_comm.world;
     char *window = (char *)g_comm.slots, *b = (char *)buf;
