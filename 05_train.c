@@ -1497,7 +1497,8 @@ static int trainer_run(Trainer *t) {
         double dt = now_seconds() - t0;
         if (!isfinite(r.loss) || !isfinite(r.grad_norm)) {
             fflush(stdout);
-            fprintf(stderr, "error: the %s is not finite at step %d, so training stops there (try a lower --lr or --clip 1); %s%s\n",
+            if (comm_is_root()) /* every rank sees the same summed loss and norm; one says so */
+                fprintf(stderr, "error: the %s is not finite at step %d, so training stops there (try a lower --lr or --clip 1); %s%s\n",
                     isfinite(r.loss) ? "gradient norm" : "loss", t->step + 1,
                     t->last_checkpoint[0] ? "the last good checkpoint is " : "no checkpoint was written", t->last_checkpoint);
             status = 1;

@@ -152,6 +152,14 @@ mkdir -p "$T/bad" && cp -r "$T/k2/checkpoint-4" "$T/bad/"
 run 2 2 "$T/bad" --max-steps 6 --resume "$T/bad" >/dev/null 2>&1
 check "resuming with another global accumulation is refused" 'grep -q "trained with --grad-accum (times the ranks) 6 but this run asks for 4" "$T/bad.rank0.log"'
 
+# a non-finite step: every rank sees the same sums, all stop, rank 0 alone says so
+./05_train "${COMMON[@]}" --max-steps 5 --lr 1e35 --out "$T/nf" --world-size 2 --rank 1 --dist-file "$T/nf.dist" >"$T/nf1.log" 2>&1 &
+p1=$!
+timeout 60 ./05_train "${COMMON[@]}" --max-steps 5 --lr 1e35 --out "$T/nf" --world-size 2 --rank 0 --dist-file "$T/nf.dist" >"$T/nf0.log" 2>&1
+rc0=$?
+wait $p1; rc1=$?
+check "a non-finite step stops both ranks (rank 0 says why, rank 1 is silent)" '[ $rc0 -eq 1 ] && [ $rc1 -eq 1 ] && grep -q "is not finite at step" "$T/nf0.log" && ! grep -q "not finite" "$T/nf1.log"'
+
 # 7. flags a user can get wrong end with one sentence
 bad_flags() {  # expected-text flags...
   local want=$1; shift
