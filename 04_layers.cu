@@ -62,8 +62,14 @@
 static cublasHandle_t g_cublas = NULL;
 static int g_sm_count = 0;
 
+/* The handle every product uses. Split-K products with bf16 output may otherwise reduce
+ * their partial sums in bf16, which adds a rounding of each partial sum (seen as rare
+ * outliers in dh of the cross-entropy against the CPU stage); we ask for fp32 reductions. */
 static cublasHandle_t cublas_handle(void) {
-    if (!g_cublas) CUBLAS_CHECK(cublasCreate(&g_cublas));
+    if (!g_cublas) {
+        CUBLAS_CHECK(cublasCreate(&g_cublas));
+        CUBLAS_CHECK(cublasSetMathMode(g_cublas, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+    }
     return g_cublas;
 }
 static int sm_count(void) {
