@@ -175,7 +175,7 @@ def main():
         meta.insert(0, title)
     print(write_table(prefix + ".md", series, meta), end="")
     try:
-        write_plot(prefix + ".png", series, "; ".join(meta))
+        write_plot(prefix + ".png", series, title or "; ".join(meta))
         print("wrote %s.md and %s.png" % (prefix, prefix))
     except ImportError:
         write_plain_png(prefix + ".png", series)

@@ -20,7 +20,7 @@
 #        perplexity at 2000..32000, passkey every 4000 tokens up to 32000, 10 trials.
 #   CPU  scaled down to finish in under 15 minutes on 2 cores, and it says so: the model's
 #        config is copied with max_position_embeddings 512 (as if SmolLM2 had been trained at
-#        512 tokens), the target is 2048 (PI x4), 18 steps at a higher learning rate,
+#        512 tokens), the target is 2048 (PI x4), 12 steps at a higher learning rate,
 #        perplexity at 500, 1000, 2000, passkey every 500 tokens up to 2000, 3 trials.
 # DEMO_MODEL / DEMO_TRAIN_TEXT / DEMO_EVAL_TEXT run the same pipeline on another HF folder and
 # texts without downloading anything (tests/test_demo_cpu.sh does that on a tiny model);
@@ -127,7 +127,7 @@ if [ "$DEVICE" = gpu ]; then
 else
   ORIG=${DEMO_ORIG_CTX:-512}
   CTX=${DEMO_CTX:-2048}
-  STEPS=${DEMO_STEPS:-18}
+  STEPS=${DEMO_STEPS:-12}
   LR=${DEMO_LR:-2e-4}
   WARMUP=${DEMO_WARMUP:-2}
   PPL_LENS=${DEMO_PPL_LENGTHS:-500,1000,2000}
