@@ -38,20 +38,6 @@
 #include <cuda_runtime.h>
 #include <limits.h>
 
-#ifndef CUDA_CHECK
-#define CUDA_CHECK(call)                                                                         \
-    do {                                                                                         \
-        cudaError_t err_ = (call);                                                               \
-        CHECK(err_ == cudaSuccess, "%s failed: %s", #call, cudaGetErrorString(err_));            \
-    } while (0)
-#endif
-#ifndef CUBLAS_CHECK
-#define CUBLAS_CHECK(call)                                                                       \
-    do {                                                                                         \
-        cublasStatus_t st_ = (call);                                                             \
-        CHECK(st_ == CUBLAS_STATUS_SUCCESS, "%s failed: %s", #call, cublasGetStatusString(st_)); \
-    } while (0)
-#endif
 /* After every launch: a bad configuration shows here, a fault at the next synchronising call. */
 #define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
 

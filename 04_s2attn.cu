@@ -34,12 +34,7 @@
 
 typedef __nv_bfloat16 bf16;
 
-#define CUDA_OK(call)                                                                          \
-    do {                                                                                       \
-        cudaError_t err_ = (call);                                                             \
-        CHECK(err_ == cudaSuccess, "CUDA call %s failed: %s", #call, cudaGetErrorString(err_)); \
-    } while (0)
-#define LAUNCH_OK() CUDA_OK(cudaGetLastError())
+#define LAUNCH_OK() CUDA_CHECK(cudaGetLastError())
 
 static const float LOG2E = 1.4426950408889634f;
 static const float LN2 = 0.6931471805599453f;
@@ -1049,19 +1044,19 @@ static int wgmma_available(void) {
     static int available = -1;
     if (available < 0) {
         int *flag;
-        CUDA_OK(cudaMalloc(&flag, sizeof(int)));
-        CUDA_OK(cudaMemset(flag, 0, sizeof(int)));
+        CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+        CUDA_CHECK(cudaMemset(flag, 0, sizeof(int)));
         cudaDeviceProp prop;
         int dev;
-        CUDA_OK(cudaGetDevice(&dev));
-        CUDA_OK(cudaGetDeviceProperties(&prop, dev));
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
         available = 0;
         if (prop.major == 9 && prop.minor == 0) {
             wgmma_probe_kernel<<<1, 1>>>(flag);
             LAUNCH_OK();
-            CUDA_OK(cudaMemcpy(&available, flag, sizeof(int), cudaMemcpyDeviceToHost));
+            CUDA_CHECK(cudaMemcpy(&available, flag, sizeof(int), cudaMemcpyDeviceToHost));
         }
-        CUDA_OK(cudaFree(flag));
+        CUDA_CHECK(cudaFree(flag));
     }
     return available;
 }
@@ -1090,7 +1085,7 @@ template <int D, int BM, int BN, int NW>
 static void launch_fwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
     constexpr size_t smem = (size_t)(BM * D + 4 * BN * D) * 2; /* Q + two K/V stages */
     auto kern = flash_fwd_kernel<D, BM, BN, NW>;
-    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BM - 1) / BM), (unsigned)H, (unsigned)B);
     kern<<<grid, NW * 32, smem>>>(q, k, v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
     LAUNCH_OK();
@@ -1100,7 +1095,7 @@ static void launch_fwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *
     constexpr int BM = 128;
     constexpr size_t smem = (size_t)(4 * BN * D + BM * D) * 2 + 1024; /* two K/V stages, Q, alignment */
     auto kern = flash_fwd_wgmma_kernel<D, BN>;
-    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BM - 1) / BM), (unsigned)H, (unsigned)B);
     kern<<<grid, 256, smem>>>(q, k, v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
     LAUNCH_OK();
@@ -1138,7 +1133,7 @@ static void launch_bwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, const 
     /* K, V, two Q/dO stages, two dS^T stages; lse, Delta and window starts per query; per-head tile ranges */
     constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + (2 * BM + 2 * MAX_GQA_GROUP) * sizeof(int);
     auto kern = flash_bwd_kernel<D, BM, BN, NW>;
-    CUDA_OK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
     kern<<<grid, NW * 32, smem>>>(q, k, v, dout, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
     LAUNCH_OK();
@@ -1149,7 +1144,7 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
     float *dq_acc = (float *)workspace;                       /* [B, N, H, d] */
     float *delta = dq_acc + (size_t)B * N * H * D;            /* [B, H, N] */
     const size_t rows = (size_t)B * N * H;
-    CUDA_OK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float)));
+    CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float)));
     bwd_preprocess_kernel<D><<<(unsigned)((rows + 7) / 8), 256>>>(o, dout, delta, N, H, rows);
     LAUNCH_OK();
     const float scale = 1.f / sqrtf((float)D);
@@ -1217,7 +1212,7 @@ static void fill_random_bf16(uint16_t *dev, size_t n, uint64_t seed, float scale
     rng_seed(&rng, seed);
     uint16_t *host = (uint16_t *)xmalloc(n * sizeof(uint16_t));
     for (size_t i = 0; i < n; i++) host[i] = f32_to_bf16(rng_normal(&rng) * scale);
-    CUDA_OK(cudaMemcpy(dev, host, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(dev, host, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
     free(host);
 }
 
@@ -1249,15 +1244,15 @@ static void bench(const char *json_path) {
     uint16_t *q, *k, *v, *o, *dout, *dq, *dk, *dv;
     float *lse;
     void *ws;
-    CUDA_OK(cudaMalloc(&q, n_el * 2)); CUDA_OK(cudaMalloc(&k, n_el * 2)); CUDA_OK(cudaMalloc(&v, n_el * 2));
-    CUDA_OK(cudaMalloc(&o, n_el * 2)); CUDA_OK(cudaMalloc(&dout, n_el * 2)); CUDA_OK(cudaMalloc(&dq, n_el * 2));
-    CUDA_OK(cudaMalloc(&dk, n_el * 2)); CUDA_OK(cudaMalloc(&dv, n_el * 2));
-    CUDA_OK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
-    CUDA_OK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
+    CUDA_CHECK(cudaMalloc(&q, n_el * 2)); CUDA_CHECK(cudaMalloc(&k, n_el * 2)); CUDA_CHECK(cudaMalloc(&v, n_el * 2));
+    CUDA_CHECK(cudaMalloc(&o, n_el * 2)); CUDA_CHECK(cudaMalloc(&dout, n_el * 2)); CUDA_CHECK(cudaMalloc(&dq, n_el * 2));
+    CUDA_CHECK(cudaMalloc(&dk, n_el * 2)); CUDA_CHECK(cudaMalloc(&dv, n_el * 2));
+    CUDA_CHECK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
     fill_random_bf16(q, n_el, 1, 1.f); fill_random_bf16(k, n_el, 2, 1.f); fill_random_bf16(v, n_el, 3, 1.f);
     fill_random_bf16(dout, n_el, 4, 1.f);
     cudaEvent_t e0, e1;
-    CUDA_OK(cudaEventCreate(&e0)); CUDA_OK(cudaEventCreate(&e1));
+    CUDA_CHECK(cudaEventCreate(&e0)); CUDA_CHECK(cudaEventCreate(&e1));
     BenchRow rows[16];
     printf("attention benchmark: causal, H=%d, d=%d, B*N=%d tokens, bf16, median of %d\n", H, d, tokens, reps);
     printf("%-8s %-6s %10s %10s %12s %12s\n", "N", "G", "fwd ms", "fwd TF/s", "fwd+bwd ms", "f+b TF/s");
@@ -1269,18 +1264,18 @@ static void bench(const char *json_path) {
         float t_f[32], t_fb[32];
         for (int r = -2; r < reps; r++) {
             float ms;
-            CUDA_OK(cudaEventRecord(e0));
+            CUDA_CHECK(cudaEventRecord(e0));
             if (attn_forward(q, k, v, o, lse, B, N, H, Hk, d, G) != 0) die("%s", last_error());
-            CUDA_OK(cudaEventRecord(e1));
-            CUDA_OK(cudaEventSynchronize(e1));
-            CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+            CUDA_CHECK(cudaEventRecord(e1));
+            CUDA_CHECK(cudaEventSynchronize(e1));
+            CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
             if (r >= 0) t_f[r] = ms;
-            CUDA_OK(cudaEventRecord(e0));
+            CUDA_CHECK(cudaEventRecord(e0));
             if (attn_forward(q, k, v, o, lse, B, N, H, Hk, d, G) != 0) die("%s", last_error());
             if (attn_backward(q, k, v, o, dout, lse, dq, dk, dv, ws, B, N, H, Hk, d, G) != 0) die("%s", last_error());
-            CUDA_OK(cudaEventRecord(e1));
-            CUDA_OK(cudaEventSynchronize(e1));
-            CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+            CUDA_CHECK(cudaEventRecord(e1));
+            CUDA_CHECK(cudaEventSynchronize(e1));
+            CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
             if (r >= 0) t_fb[r] = ms;
         }
         qsort(t_f, reps, sizeof(float), cmp_float);
@@ -1302,28 +1297,28 @@ static void bench(const char *json_path) {
         const int n_keys = dec_cases[c][0], dHk = dec_cases[c][1];
         uint16_t *kc, *vc; /* [1, n_keys, Hk, d] */
         const size_t n_kv = (size_t)n_keys * dHk * d;
-        CUDA_OK(cudaMalloc(&kc, n_kv * 2)); CUDA_OK(cudaMalloc(&vc, n_kv * 2));
+        CUDA_CHECK(cudaMalloc(&kc, n_kv * 2)); CUDA_CHECK(cudaMalloc(&vc, n_kv * 2));
         fill_random_bf16(kc, n_kv, 5, 1.f); fill_random_bf16(vc, n_kv, 6, 1.f);
         void *dws;
-        CUDA_OK(cudaMalloc(&dws, attn_decode_workspace_bytes(1, H, d, n_keys)));
+        CUDA_CHECK(cudaMalloc(&dws, attn_decode_workspace_bytes(1, H, d, n_keys)));
         float ts[32];
         for (int r = -2; r < reps; r++) {
             float ms;
-            CUDA_OK(cudaEventRecord(e0));
+            CUDA_CHECK(cudaEventRecord(e0));
             if (attn_decode(q, kc, vc, o, dws, 1, H, dHk, d, n_keys, n_keys) != 0) die("%s", last_error());
-            CUDA_OK(cudaEventRecord(e1));
-            CUDA_OK(cudaEventSynchronize(e1));
-            CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+            CUDA_CHECK(cudaEventRecord(e1));
+            CUDA_CHECK(cudaEventSynchronize(e1));
+            CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
             if (r >= 0) ts[r] = ms;
         }
         qsort(ts, reps, sizeof(float), cmp_float);
         dec_ms[c] = ts[reps / 2];
         dec_gbs[c] = 2.0 * n_keys * dHk * d * 2 / (dec_ms[c] * 1e-3) / 1e9;
         printf("%-8d %-6d %10.4f %10.0f\n", n_keys, dHk, dec_ms[c], dec_gbs[c]);
-        CUDA_OK(cudaFree(dws)); CUDA_OK(cudaFree(kc)); CUDA_OK(cudaFree(vc));
+        CUDA_CHECK(cudaFree(dws)); CUDA_CHECK(cudaFree(kc)); CUDA_CHECK(cudaFree(vc));
     }
     cudaDeviceProp prop;
-    CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     FILE *f = fopen(json_path, "w");
     if (!f) die("cannot write %s: %s", json_path, strerror(errno));
     fprintf(f, "{\n  \"device\": \"%s\",\n  \"command\": \"make bench\",\n  \"H\": %d, \"d\": %d, \"tokens\": %d, \"reps\": %d,\n", prop.name, H, d, tokens, reps);
@@ -1337,8 +1332,8 @@ static void bench(const char *json_path) {
     fprintf(f, "  ]\n}\n");
     CHECK(fclose(f) == 0, "closing %s failed", json_path);
     printf("wrote %s\n", json_path);
-    CUDA_OK(cudaFree(q)); CUDA_OK(cudaFree(k)); CUDA_OK(cudaFree(v)); CUDA_OK(cudaFree(o)); CUDA_OK(cudaFree(dout));
-    CUDA_OK(cudaFree(dq)); CUDA_OK(cudaFree(dk)); CUDA_OK(cudaFree(dv)); CUDA_OK(cudaFree(lse)); CUDA_OK(cudaFree(ws));
+    CUDA_CHECK(cudaFree(q)); CUDA_CHECK(cudaFree(k)); CUDA_CHECK(cudaFree(v)); CUDA_CHECK(cudaFree(o)); CUDA_CHECK(cudaFree(dout));
+    CUDA_CHECK(cudaFree(dq)); CUDA_CHECK(cudaFree(dk)); CUDA_CHECK(cudaFree(dv)); CUDA_CHECK(cudaFree(lse)); CUDA_CHECK(cudaFree(ws));
 }
 
 /* times every tile variant on a few shapes (the sweep behind bench/NOTES.md) */
@@ -1349,15 +1344,15 @@ static void sweep_variants(void) {
     uint16_t *q, *k, *v, *o, *dout, *dq, *dk, *dv;
     float *lse;
     void *ws;
-    CUDA_OK(cudaMalloc(&q, n_el * 2)); CUDA_OK(cudaMalloc(&k, n_el * 2)); CUDA_OK(cudaMalloc(&v, n_el * 2));
-    CUDA_OK(cudaMalloc(&o, n_el * 2)); CUDA_OK(cudaMalloc(&dout, n_el * 2)); CUDA_OK(cudaMalloc(&dq, n_el * 2));
-    CUDA_OK(cudaMalloc(&dk, n_el * 2)); CUDA_OK(cudaMalloc(&dv, n_el * 2));
-    CUDA_OK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
-    CUDA_OK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
+    CUDA_CHECK(cudaMalloc(&q, n_el * 2)); CUDA_CHECK(cudaMalloc(&k, n_el * 2)); CUDA_CHECK(cudaMalloc(&v, n_el * 2));
+    CUDA_CHECK(cudaMalloc(&o, n_el * 2)); CUDA_CHECK(cudaMalloc(&dout, n_el * 2)); CUDA_CHECK(cudaMalloc(&dq, n_el * 2));
+    CUDA_CHECK(cudaMalloc(&dk, n_el * 2)); CUDA_CHECK(cudaMalloc(&dv, n_el * 2));
+    CUDA_CHECK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
     fill_random_bf16(q, n_el, 1, 1.f); fill_random_bf16(k, n_el, 2, 1.f); fill_random_bf16(v, n_el, 3, 1.f);
     fill_random_bf16(dout, n_el, 4, 1.f);
     cudaEvent_t e0, e1;
-    CUDA_OK(cudaEventCreate(&e0)); CUDA_OK(cudaEventCreate(&e1));
+    CUDA_CHECK(cudaEventCreate(&e0)); CUDA_CHECK(cudaEventCreate(&e1));
     for (int pass = 0; pass < 2; pass++) {
         const int n_var = pass == 0 ? N_FWD_VARIANTS : N_BWD_VARIANTS;
         for (int var = 0; var < n_var; var++) {
@@ -1372,12 +1367,12 @@ static void sweep_variants(void) {
                 for (int r = -2; r < reps; r++) {
                     float ms;
                     if (pass == 1 && attn_forward(q, k, v, o, lse, B, N, H, H, d, G) != 0) die("%s", last_error());
-                    CUDA_OK(cudaEventRecord(e0));
+                    CUDA_CHECK(cudaEventRecord(e0));
                     if (pass == 0 && attn_forward(q, k, v, o, lse, B, N, H, H, d, G) != 0) die("%s", last_error());
                     if (pass == 1 && attn_backward(q, k, v, o, dout, lse, dq, dk, dv, ws, B, N, H, H, d, G) != 0) die("%s", last_error());
-                    CUDA_OK(cudaEventRecord(e1));
-                    CUDA_OK(cudaEventSynchronize(e1));
-                    CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+                    CUDA_CHECK(cudaEventRecord(e1));
+                    CUDA_CHECK(cudaEventSynchronize(e1));
+                    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
                     if (r >= 0) ts[r] = ms;
                 }
                 qsort(ts, reps, sizeof(float), cmp_float);
@@ -1388,8 +1383,8 @@ static void sweep_variants(void) {
         }
     }
     attn_set_tile_variant(0, 0);
-    CUDA_OK(cudaFree(q)); CUDA_OK(cudaFree(k)); CUDA_OK(cudaFree(v)); CUDA_OK(cudaFree(o)); CUDA_OK(cudaFree(dout));
-    CUDA_OK(cudaFree(dq)); CUDA_OK(cudaFree(dk)); CUDA_OK(cudaFree(dv)); CUDA_OK(cudaFree(lse)); CUDA_OK(cudaFree(ws));
+    CUDA_CHECK(cudaFree(q)); CUDA_CHECK(cudaFree(k)); CUDA_CHECK(cudaFree(v)); CUDA_CHECK(cudaFree(o)); CUDA_CHECK(cudaFree(dout));
+    CUDA_CHECK(cudaFree(dq)); CUDA_CHECK(cudaFree(dk)); CUDA_CHECK(cudaFree(dv)); CUDA_CHECK(cudaFree(lse)); CUDA_CHECK(cudaFree(ws));
 }
 
 int main(int argc, char **argv) {

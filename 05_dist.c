@@ -234,11 +234,6 @@ static int shm_open_comm(Comm *c) {
 /* ---- the NCCL backend (device buffers) ---------------------------------------------- */
 
 #ifdef USE_NCCL
-#define DIST_CUDA_CHECK(call)                                                                                      \
-    do {                                                                                                        \
-        cudaError_t cu_err_ = (call);                                                                           \
-        if (cu_err_ != cudaSuccess) die("%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(cu_err_)); \
-    } while (0)
 #define NCCL_CHECK(call)                                                                                        \
     do {                                                                                                        \
         ncclResult_t nc_err_ = (call);                                                                          \
@@ -343,8 +338,8 @@ static void comm_finish(void) {
     if (g_comm.backend == COMM_NCCL) {
         g_comm.finished = 1;
         NCCL_CHECK(ncclCommDestroy(g_comm.nccl));
-        DIST_CUDA_CHECK(cudaFree(g_comm.scratch));
-        DIST_CUDA_CHECK(cudaStreamDestroy(g_comm.stream));
+        CUDA_CHECK(cudaFree(g_comm.scratch));
+        CUDA_CHECK(cudaStreamDestroy(g_comm.stream));
     }
 #endif
     g_comm.backend = COMM_NONE;
@@ -354,7 +349,7 @@ static void comm_barrier(void) {
     if (g_comm.backend == COMM_SHM) shm_barrier();
 #ifdef USE_NCCL
     if (g_comm.backend == COMM_NCCL) { /* a one-value all-reduce (NCCL skips zero-size ones) */
-        DIST_CUDA_CHECK(cudaDeviceSynchronize());
+        CUDA_CHECK(cudaDeviceSynchronize());
         NCCL_CHECK(ncclAllReduce(g_comm.scratch, g_comm.scratch, 1, ncclFloat32, ncclSum, g_comm.nccl, g_comm.stream));
         nccl_wait();
     }
@@ -426,9 +421,9 @@ static int comm_any(int flag) {
     float f = flag ? 1.0f : 0.0f;
 #ifdef USE_NCCL
     if (g_comm.backend == COMM_NCCL) {
-        DIST_CUDA_CHECK(cudaMemcpy(g_comm.scratch, &f, sizeof f, cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(g_comm.scratch, &f, sizeof f, cudaMemcpyHostToDevice));
         comm_allreduce_sum(g_comm.scratch, 1);
-        DIST_CUDA_CHECK(cudaMemcpy(&f, g_comm.scratch, sizeof f, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(&f, g_comm.scratch, sizeof f, cudaMemcpyDeviceToHost));
         return f > 0;
     }
 #endif

@@ -49,11 +49,6 @@
 #define TRAIN_GPU_C
 #include <cuda_runtime.h>
 
-#define TG_CHECK(call)                                                                                          \
-    do {                                                                                                        \
-        cudaError_t tg_err_ = (call);                                                                           \
-        if (tg_err_ != cudaSuccess) die("%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(tg_err_)); \
-    } while (0)
 
 static double tg_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
 
@@ -68,18 +63,7 @@ static int gpu_train_available(void) {
     return n > 0;
 }
 
-static void *tg_alloc(size_t bytes, const char *what) {
-    void *p = NULL;
-    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
-    if (err != cudaSuccess) {
-        size_t free_b = 0, total_b = 0;
-        cudaMemGetInfo(&free_b, &total_b);
-        die("the GPU cannot hold %s (%.2f GiB; %.2f GiB of %.2f GiB free): %s", what, tg_gib((double)bytes), tg_gib((double)free_b),
-            tg_gib((double)total_b), cudaGetErrorString(err));
-    }
-    return p;
-}
-static void tg_free_ptr(void *p) { if (p) TG_CHECK(cudaFree(p)); }
+static void tg_free_ptr(void *p) { if (p) CUDA_CHECK(cudaFree(p)); }
 
 /* ---------------------------------------------------------------------------------------
  * Weights on the GPU
@@ -157,7 +141,7 @@ static void tg_upload_bf16(uint16_t *dst, const float *src, size_t numel, uint16
         size_t n = numel - at < stage_cap ? numel - at : stage_cap;
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < n; i++) stage[i] = f32_to_bf16(src[at + i]);
-        TG_CHECK(cudaMemcpy(dst + at, stage, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(dst + at, stage, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
     }
 }
 
@@ -173,7 +157,7 @@ static void tg_random_bf16(uint16_t *dst, size_t numel, uint64_t seed, float bas
             float u = (float)(r & 0xffff) + (float)((r >> 16) & 0xffff) + (float)((r >> 32) & 0xffff) + (float)(r >> 48);
             stage[i] = f32_to_bf16(base + std * (u / 65536.0f - 2.0f) * 1.7320508f); /* sum of 4 uniforms: variance 1 */
         }
-        TG_CHECK(cudaMemcpy(dst + at, stage, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(dst + at, stage, n * sizeof(uint16_t), cudaMemcpyHostToDevice));
     }
 }
 
@@ -190,10 +174,10 @@ static double tg_weight_bytes(const Config *c, const AdamW *opt) {
 static void tg_make_trainable(GpuTrainer *g, TgParam *p, TrainParam *host) {
     CHECK(host->numel == p->numel, "trainable tensor %s has %zu values on the host and %zu on the GPU", host->name, host->numel, p->numel);
     p->host = host;
-    p->master = (float *)tg_alloc(p->numel * sizeof(float), "the fp32 master weights");
-    p->grad = (float *)tg_alloc(p->numel * sizeof(float), "the fp32 gradients");
-    p->m = (float *)tg_alloc(p->numel * sizeof(float), "the AdamW moments");
-    p->v = (float *)tg_alloc(p->numel * sizeof(float), "the AdamW moments");
+    p->master = (float *)gpu_malloc(p->numel * sizeof(float), "the fp32 master weights");
+    p->grad = (float *)gpu_malloc(p->numel * sizeof(float), "the fp32 gradients");
+    p->m = (float *)gpu_malloc(p->numel * sizeof(float), "the AdamW moments");
+    p->v = (float *)gpu_malloc(p->numel * sizeof(float), "the AdamW moments");
     g->trainable[g->n_trainable++] = p;
 }
 
@@ -202,32 +186,32 @@ static void tg_make_trainable(GpuTrainer *g, TgParam *p, TrainParam *host) {
 static void gpu_train_upload_state(GpuTrainer *g) {
     for (size_t k = 0; k < g->n_trainable; k++) {
         TgParam *p = g->trainable[k];
-        TG_CHECK(cudaMemcpy(p->master, p->host->param, p->numel * sizeof(float), cudaMemcpyHostToDevice));
-        TG_CHECK(cudaMemcpy(p->m, p->host->m, p->numel * sizeof(float), cudaMemcpyHostToDevice));
-        TG_CHECK(cudaMemcpy(p->v, p->host->v, p->numel * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(p->master, p->host->param, p->numel * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(p->m, p->host->m, p->numel * sizeof(float), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(p->v, p->host->v, p->numel * sizeof(float), cudaMemcpyHostToDevice));
         gpu_f32_to_bf16(p->w, p->master, p->numel);
     }
-    TG_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 /* Copies the trainable state back (masters and moments into the host optimizer's arrays,
  * which are the model's embed/norms and the adapter's A/B): before every checkpoint. */
 static void gpu_train_download_state(const GpuTrainer *g) {
-    TG_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
     for (size_t k = 0; k < g->n_trainable; k++) {
         const TgParam *p = g->trainable[k];
-        TG_CHECK(cudaMemcpy(p->host->param, p->master, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
-        TG_CHECK(cudaMemcpy(p->host->m, p->m, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
-        TG_CHECK(cudaMemcpy(p->host->v, p->v, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(p->host->param, p->master, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(p->host->m, p->m, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(p->host->v, p->v, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
     }
 }
 
 /* The gradients into the host optimizer's grad arrays (tests compare them with the CPU's). */
 static void gpu_train_download_grads(const GpuTrainer *g) {
-    TG_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
     for (size_t k = 0; k < g->n_trainable; k++) {
         const TgParam *p = g->trainable[k];
-        TG_CHECK(cudaMemcpy(p->host->grad, p->grad, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(p->host->grad, p->grad, p->numel * sizeof(float), cudaMemcpyDeviceToHost));
     }
 }
 
@@ -262,7 +246,7 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
     }
 #endif
     size_t free_b = 0, total_b = 0;
-    TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     if (g->weight_bytes + 512.0 * 1024 * 1024 > (double)free_b)
         die("the model needs %.2f GiB on the GPU for its bf16 weights and the fp32 state of the trainable tensors, but only %.2f GiB of %.2f GiB is free; "
             "use a smaller model or a larger GPU", tg_gib(g->weight_bytes), tg_gib((double)free_b), tg_gib((double)total_b));
@@ -279,11 +263,11 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
         g->z3_shard = (per_layer + K - 1) / K;
         g->z3_mine = (uint16_t **)xcalloc(L, sizeof(uint16_t *));
         for (int b = 0; b < 2; b++) {
-            g->z3_buf[b] = (uint16_t *)tg_alloc(K * g->z3_shard * sizeof(uint16_t), "a gathered layer of frozen weights");
+            g->z3_buf[b] = (uint16_t *)gpu_malloc(K * g->z3_shard * sizeof(uint16_t), "a gathered layer of frozen weights");
             g->z3_holds[b] = -1;
-            TG_CHECK(cudaEventCreateWithFlags(&g->z3_ready[b], cudaEventDisableTiming));
-            TG_CHECK(cudaEventCreateWithFlags(&g->z3_free[b], cudaEventDisableTiming));
-            TG_CHECK(cudaEventRecord(g->z3_free[b], cudaStreamLegacy));
+            CUDA_CHECK(cudaEventCreateWithFlags(&g->z3_ready[b], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&g->z3_free[b], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventRecord(g->z3_free[b], cudaStreamLegacy));
         }
     }
 #endif
@@ -294,7 +278,7 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
     /* a frozen or trainable bf16 tensor from host values (or random ones) */
 #define TG_TENSOR(dst, src, n, is_norm)                                                                          \
     do {                                                                                                         \
-        (dst) = (uint16_t *)tg_alloc((n) * sizeof(uint16_t), "the model's bf16 weights");                      \
+        (dst) = (uint16_t *)gpu_malloc((n) * sizeof(uint16_t), "the model's bf16 weights");                      \
         if (frozen_random_seed) tg_random_bf16((dst), (n), frozen_random_seed + 7919 * tensor_no, (is_norm) ? 1.0f : 0.0f, (is_norm) ? 0.1f : 0.02f, stage, stage_cap); \
         else tg_upload_bf16((dst), (src), (n), stage, stage_cap);                                                \
         tensor_no++;                                                                                             \
@@ -302,7 +286,7 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
     /* embed: trainable (LoRA+) or frozen; its values always come from the host (trainable
      * tensors are uploaded again from the optimizer by gpu_train_upload_state) */
     g->embed.numel = V * D;
-    g->embed.w = (uint16_t *)tg_alloc(V * D * sizeof(uint16_t), "the embedding");
+    g->embed.w = (uint16_t *)gpu_malloc(V * D * sizeof(uint16_t), "the embedding");
     tg_upload_bf16(g->embed.w, m->w.embed, V * D, stage, stage_cap);
     TrainParam *hp = tg_find_host(opt, m->w.embed);
     if (hp) tg_make_trainable(g, &g->embed, hp);
@@ -314,15 +298,15 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
         const float *norm_src[2] = {lp->attn_norm, lp->mlp_norm};
         for (int k = 0; k < 2; k++) {
             norms[k]->numel = D;
-            norms[k]->w = (uint16_t *)tg_alloc(D * sizeof(uint16_t), "the norm weights");
+            norms[k]->w = (uint16_t *)gpu_malloc(D * sizeof(uint16_t), "the norm weights");
             tg_upload_bf16(norms[k]->w, norm_src[k], D, stage, stage_cap);
             if ((hp = tg_find_host(opt, norm_src[k])) != NULL) tg_make_trainable(g, norms[k], hp);
         }
         uint16_t **frozen[N_PROJ] = {&gl->wq, &gl->wk, &gl->wv, &gl->wo, &gl->w_gate, &gl->w_up, &gl->w_down};
         if (g->z3) { /* ZeRO-3: only this rank's shard of the concatenated matrices */
             size_t lo = (size_t)g_comm.rank * g->z3_shard, hi = lo + g->z3_shard, at = 0;
-            g->z3_mine[l] = (uint16_t *)tg_alloc(g->z3_shard * sizeof(uint16_t), "this rank's shard of the frozen weights");
-            TG_CHECK(cudaMemset(g->z3_mine[l], 0, g->z3_shard * sizeof(uint16_t))); /* the padding of the last shard */
+            g->z3_mine[l] = (uint16_t *)gpu_malloc(g->z3_shard * sizeof(uint16_t), "this rank's shard of the frozen weights");
+            CUDA_CHECK(cudaMemset(g->z3_mine[l], 0, g->z3_shard * sizeof(uint16_t))); /* the padding of the last shard */
             for (int w = 0; w < N_PROJ; at += in * out, w++) {
                 proj_shape(c, w, &in, &out);
                 size_t a = lo > at ? lo - at : 0, z = hi < at + in * out ? hi - at : in * out;
@@ -340,8 +324,8 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
             TgParam *pa = &gl->lora_A[w], *pb = &gl->lora_B[w];
             pa->numel = g->R * p->in;
             pb->numel = p->out * g->R;
-            pa->w = (uint16_t *)tg_alloc(pa->numel * sizeof(uint16_t), "the adapter");
-            pb->w = (uint16_t *)tg_alloc(pb->numel * sizeof(uint16_t), "the adapter");
+            pa->w = (uint16_t *)gpu_malloc(pa->numel * sizeof(uint16_t), "the adapter");
+            pb->w = (uint16_t *)gpu_malloc(pb->numel * sizeof(uint16_t), "the adapter");
             tg_upload_bf16(pa->w, p->A, pa->numel, stage, stage_cap);
             tg_upload_bf16(pb->w, p->B, pb->numel, stage, stage_cap);
             if ((hp = tg_find_host(opt, p->A)) != NULL) tg_make_trainable(g, pa, hp);
@@ -350,7 +334,7 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
         }
     }
     g->final_norm.numel = D;
-    g->final_norm.w = (uint16_t *)tg_alloc(D * sizeof(uint16_t), "the norm weights");
+    g->final_norm.w = (uint16_t *)gpu_malloc(D * sizeof(uint16_t), "the norm weights");
     tg_upload_bf16(g->final_norm.w, m->w.final_norm, D, stage, stage_cap);
     if ((hp = tg_find_host(opt, m->w.final_norm)) != NULL) tg_make_trainable(g, &g->final_norm, hp);
     if (c->tie_embeddings) g->lm_head = g->embed.w;
@@ -405,7 +389,7 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     double need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, 0);
     size_t n_keep = 0;
     size_t free_b = 0, total_b = 0;
-    TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     double margin = 768.0 * 1024 * 1024; /* cuBLAS workspaces and fragmentation */
     /* Keeping a layer's attention output and lse spares its recompute the attention forward.
      * Worth the memory (T x H*d bf16 a layer) only where attention is a large share of the
@@ -426,32 +410,32 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
                          tg_gib((double)total_b), fits > 0 ? fits : 0);
     }
     g->B = B; g->N = N; g->T = T; g->G = G; g->act_bytes = need; g->n_keep_att = (int)n_keep;
-    g->tokens = (int32_t *)tg_alloc(T * sizeof(int32_t), "token ids");
-    g->targets = (int32_t *)tg_alloc(T * sizeof(int32_t), "target ids");
-    g->saved = (uint16_t *)tg_alloc((L + 1) * T * D * 2, "the kept layer inputs");
-    g->xn1 = (uint16_t *)tg_alloc(T * D * 2, "activations");
-    g->x2 = (uint16_t *)tg_alloc(T * D * 2, "activations");
-    g->xn2 = (uint16_t *)tg_alloc(T * D * 2, "activations");
-    g->dx = (uint16_t *)tg_alloc(T * D * 2, "activations");
-    g->dtmp = (uint16_t *)tg_alloc(T * D * 2, "activations");
-    g->rstd1 = (float *)tg_alloc(T * 4, "activations");
-    g->rstd2 = (float *)tg_alloc(T * 4, "activations");
-    g->rstd_final = (float *)tg_alloc(T * 4, "activations");
+    g->tokens = (int32_t *)gpu_malloc(T * sizeof(int32_t), "token ids");
+    g->targets = (int32_t *)gpu_malloc(T * sizeof(int32_t), "target ids");
+    g->saved = (uint16_t *)gpu_malloc((L + 1) * T * D * 2, "the kept layer inputs");
+    g->xn1 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
+    g->x2 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
+    g->xn2 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
+    g->dx = (uint16_t *)gpu_malloc(T * D * 2, "activations");
+    g->dtmp = (uint16_t *)gpu_malloc(T * D * 2, "activations");
+    g->rstd1 = (float *)gpu_malloc(T * 4, "activations");
+    g->rstd2 = (float *)gpu_malloc(T * 4, "activations");
+    g->rstd_final = (float *)gpu_malloc(T * 4, "activations");
     if (n_keep) {
-        g->att_all = (uint16_t *)tg_alloc(n_keep * T * Hd * 2, "the kept attention outputs");
-        g->lse_all = (float *)tg_alloc(n_keep * B * H * N * 4, "the kept attention outputs");
+        g->att_all = (uint16_t *)gpu_malloc(n_keep * T * Hd * 2, "the kept attention outputs");
+        g->lse_all = (float *)gpu_malloc(n_keep * B * H * N * 4, "the kept attention outputs");
     }
-    g->q = (uint16_t *)tg_alloc(T * Hd * 2, "activations");
-    if (n_keep < L) g->att = (uint16_t *)tg_alloc(T * Hd * 2, "activations"); /* for the layers that do not keep theirs */
-    g->k = (uint16_t *)tg_alloc(T * Hkd * 2, "activations");
-    g->v = (uint16_t *)tg_alloc(T * Hkd * 2, "activations");
-    if (n_keep < L) g->lse = (float *)tg_alloc(B * H * N * 4, "activations");
-    g->xa = (uint16_t *)tg_alloc((size_t)N_PROJ * T * (g->R ? g->R : 1) * 2, "the LoRA activations");
-    g->arena = (uint16_t *)tg_alloc(tg_arena_elems(c, T, g->lora_mlp_down) * 2, "activations");
+    g->q = (uint16_t *)gpu_malloc(T * Hd * 2, "activations");
+    if (n_keep < L) g->att = (uint16_t *)gpu_malloc(T * Hd * 2, "activations"); /* for the layers that do not keep theirs */
+    g->k = (uint16_t *)gpu_malloc(T * Hkd * 2, "activations");
+    g->v = (uint16_t *)gpu_malloc(T * Hkd * 2, "activations");
+    if (n_keep < L) g->lse = (float *)gpu_malloc(B * H * N * 4, "activations");
+    g->xa = (uint16_t *)gpu_malloc((size_t)N_PROJ * T * (g->R ? g->R : 1) * 2, "the LoRA activations");
+    g->arena = (uint16_t *)gpu_malloc(tg_arena_elems(c, T, g->lora_mlp_down) * 2, "activations");
     g->gate = g->arena; g->up = g->gate + T * F; g->h = g->up + T * F;
     g->dh = g->lora_mlp_down ? g->h + T * F : g->h;
     g->datt = g->arena; g->dq = g->datt + T * Hd; g->dk = g->dq + T * Hd; g->dv = g->dk + T * Hkd;
-    g->attn_ws = tg_alloc(attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim), "the attention backward workspace");
+    g->attn_ws = gpu_malloc(attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim), "the attention backward workspace");
     return 0;
 }
 
@@ -488,8 +472,8 @@ static void gpu_train_free(GpuTrainer *g) {
         free(g->z3_mine);
         for (int b = 0; b < 2; b++) {
             tg_free_ptr(g->z3_buf[b]);
-            TG_CHECK(cudaEventDestroy(g->z3_ready[b]));
-            TG_CHECK(cudaEventDestroy(g->z3_free[b]));
+            CUDA_CHECK(cudaEventDestroy(g->z3_ready[b]));
+            CUDA_CHECK(cudaEventDestroy(g->z3_free[b]));
         }
     }
     free(g->layers);
@@ -510,9 +494,9 @@ static void tg_z3_fetch(GpuTrainer *g, int l) {
 #ifdef USE_NCCL
     int b = l & 1;
     if (!g->z3 || l < 0 || l >= g->cfg.n_layers || g->z3_holds[b] == l) return;
-    TG_CHECK(cudaStreamWaitEvent(g_comm.stream, g->z3_free[b], 0));
+    CUDA_CHECK(cudaStreamWaitEvent(g_comm.stream, g->z3_free[b], 0));
     NCCL_CHECK(ncclAllGather(g->z3_mine[l], g->z3_buf[b], g->z3_shard, ncclBfloat16, g_comm.nccl, g_comm.stream));
-    TG_CHECK(cudaEventRecord(g->z3_ready[b], g_comm.stream));
+    CUDA_CHECK(cudaEventRecord(g->z3_ready[b], g_comm.stream));
     g->z3_holds[b] = l;
 #else
     (void)g; (void)l;
@@ -527,7 +511,7 @@ static void tg_z3_use(GpuTrainer *g, int l, int next) {
     if (!g->z3) return;
     tg_z3_fetch(g, l);
     int b = l & 1;
-    TG_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, g->z3_ready[b], 0));
+    CUDA_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, g->z3_ready[b], 0));
     TgLayer *gl = &g->layers[l];
     uint16_t **frozen[N_PROJ] = {&gl->wq, &gl->wk, &gl->wv, &gl->wo, &gl->w_gate, &gl->w_up, &gl->w_down};
     size_t in, out, at = 0;
@@ -545,7 +529,7 @@ static void tg_z3_use(GpuTrainer *g, int l, int next) {
 /* After layer l's compute is queued: its buffer may be overwritten once that compute is done. */
 static void tg_z3_done(GpuTrainer *g, int l) {
 #ifdef USE_NCCL
-    if (g->z3) TG_CHECK(cudaEventRecord(g->z3_free[l & 1], cudaStreamLegacy));
+    if (g->z3) CUDA_CHECK(cudaEventRecord(g->z3_free[l & 1], cudaStreamLegacy));
 #else
     (void)g; (void)l;
 #endif
@@ -646,7 +630,7 @@ static void tg_layer_backward(GpuTrainer *g, int l, const uint16_t *x_in) {
 }
 
 static void gpu_train_zero_grads(GpuTrainer *g) {
-    for (size_t k = 0; k < g->n_trainable; k++) TG_CHECK(cudaMemset(g->trainable[k]->grad, 0, g->trainable[k]->numel * sizeof(float)));
+    for (size_t k = 0; k < g->n_trainable; k++) CUDA_CHECK(cudaMemset(g->trainable[k]->grad, 0, g->trainable[k]->numel * sizeof(float)));
 }
 
 /* Forward and backward of one micro-batch (tokens, targets [B*N] on the host); gradients
@@ -657,8 +641,8 @@ static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, c
     size_t T = g->T, D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
     for (size_t t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab_size) die("token %zu has id %d, outside the vocabulary of %d", t, tokens[t], c->vocab_size);
-    TG_CHECK(cudaMemcpy(g->tokens, tokens, T * sizeof(int32_t), cudaMemcpyHostToDevice));
-    TG_CHECK(cudaMemcpy(g->targets, targets, T * sizeof(int32_t), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(g->tokens, tokens, T * sizeof(int32_t), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(g->targets, targets, T * sizeof(int32_t), cudaMemcpyHostToDevice));
     /* forward, keeping each layer's input */
     gpu_embedding_forward(g->saved, g->tokens, g->embed.w, T, D, V);
     for (size_t l = 0; l < L; l++) {
@@ -712,7 +696,7 @@ static void gpu_train_adamw(GpuTrainer *g, AdamW *opt, float lr, float grad_scal
 /* GPU memory in use on the device now (everything: this process's context too), in bytes. */
 static double gpu_train_used_bytes(void) {
     size_t free_b = 0, total_b = 0;
-    TG_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     return (double)(total_b - free_b);
 }
 
@@ -732,7 +716,7 @@ static void train_gpu_select_device(const TrainOptions *o) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) { cudaGetLastError(); return; }
     int r = local ? atoi(local) : (o->world_size > 0 ? o->rank : (getenv("OMPI_COMM_WORLD_RANK") ? atoi(getenv("OMPI_COMM_WORLD_RANK")) : 0));
-    TG_CHECK(cudaSetDevice(r % n));
+    CUDA_CHECK(cudaSetDevice(r % n));
 }
 
 /* Where the step runs: --device gpu (or no --device, where a GPU is found) puts it on the
@@ -756,8 +740,8 @@ static int train_gpu_choose(Trainer *t) {
     }
     struct cudaDeviceProp prop;
     int dev = 0;
-    TG_CHECK(cudaGetDevice(&dev));
-    TG_CHECK(cudaGetDeviceProperties(&prop, dev));
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
     snprintf(tg_device_note, sizeof tg_device_note, "on the GPU (%s, %s)", prop.name,
              asked ? "--device gpu" : "found one; --device cpu trains on the CPU");
     t->device_note = tg_device_note;
@@ -793,17 +777,17 @@ static void train_gpu_free(Trainer *t) {
  * group (NCCL fuses the calls). The compute runs on the legacy default stream, NCCL on its
  * own: the device is synchronised first, and nccl_wait waits for the sums. */
 static double tg_dist_allreduce_grads(GpuTrainer *g, double loss_sum) {
-    if (!g->dist_loss) g->dist_loss = (float *)tg_alloc(sizeof(float), "the loss sum");
+    if (!g->dist_loss) g->dist_loss = (float *)gpu_malloc(sizeof(float), "the loss sum");
     float l = (float)loss_sum;
-    TG_CHECK(cudaMemcpy(g->dist_loss, &l, sizeof l, cudaMemcpyHostToDevice));
-    TG_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemcpy(g->dist_loss, &l, sizeof l, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaDeviceSynchronize());
     NCCL_CHECK(ncclGroupStart());
     for (size_t k = 0; k < g->n_trainable; k++)
         NCCL_CHECK(ncclAllReduce(g->trainable[k]->grad, g->trainable[k]->grad, g->trainable[k]->numel, ncclFloat32, ncclSum, g_comm.nccl, g_comm.stream));
     NCCL_CHECK(ncclAllReduce(g->dist_loss, g->dist_loss, 1, ncclFloat32, ncclSum, g_comm.nccl, g_comm.stream));
     NCCL_CHECK(ncclGroupEnd());
     nccl_wait();
-    TG_CHECK(cudaMemcpy(&l, g->dist_loss, sizeof l, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&l, g->dist_loss, sizeof l, cudaMemcpyDeviceToHost));
     return l;
 }
 
@@ -813,7 +797,7 @@ static double tg_dist_allreduce_grads(GpuTrainer *g, double loss_sum) {
 static void tg_dist_gather_slices(GpuTrainer *g, int which) {
     size_t P = 0;
     for (size_t k = 0; k < g->n_trainable; k++) P += g->trainable[k]->numel;
-    TG_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
     NCCL_CHECK(ncclGroupStart());
     size_t base = 0;
     for (size_t k = 0; k < g->n_trainable; base += g->trainable[k]->numel, k++) {

@@ -188,11 +188,6 @@ static void cpu_forward_rows(CpuEngine *e, const Model *m, const RunOptions *o, 
  * 2. The GPU engine: bf16 weights and KV cache, cuBLAS, 04's kernels
  * ===================================================================================== */
 #ifdef USE_CUDA
-#define GPU_CHECK(call)                                                                                   \
-    do {                                                                                                  \
-        cudaError_t err_ = (call);                                                                        \
-        if (err_ != cudaSuccess) die("%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-    } while (0)
 
 typedef struct {
     uint16_t *attn_norm, *mlp_norm;           /* [D] */
@@ -228,17 +223,6 @@ typedef struct {
     uint16_t *xa;                 /* [n_cap, R] */
 } GpuEngine;
 
-static void *gpu_alloc(size_t bytes, const char *what) {
-    void *p = NULL;
-    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 1);
-    if (err != cudaSuccess) {
-        size_t free_b = 0, total_b = 0;
-        cudaMemGetInfo(&free_b, &total_b);
-        die("the GPU cannot hold %s (%.2f GiB; %.2f GiB of %.2f GiB free): %s", what, gib((double)bytes), gib((double)free_b),
-            gib((double)total_b), cudaGetErrorString(err));
-    }
-    return p;
-}
 
 /* Allocates the weights (in 02's params_list order, so uploads can walk both lists). */
 static void gpu_engine_alloc_weights(GpuEngine *g, const Config *c) {
@@ -249,7 +233,7 @@ static void gpu_engine_alloc_weights(GpuEngine *g, const Config *c) {
     g->n_tensors = 0;
 #define GPU_TENSOR(dst, n, norm)                                                                    \
     do {                                                                                             \
-        (dst) = (uint16_t *)gpu_alloc((n) * sizeof(uint16_t), "the model's bf16 weights");         \
+        (dst) = (uint16_t *)gpu_malloc((n) * sizeof(uint16_t), "the model's bf16 weights");         \
         g->tensors[g->n_tensors++] = (GpuTensor){(dst), (n), (norm)};                                \
         g->weight_bytes += (double)(n) * 2.0;                                                        \
     } while (0)
@@ -288,7 +272,7 @@ static void gpu_engine_upload(GpuEngine *g, const Model *m) {
               "tensor %s does not match the GPU layout", refs[i].name);
 #pragma omp parallel for
         for (size_t k = 0; k < numel; k++) host[k] = f32_to_bf16(refs[i].data[k]);
-        GPU_CHECK(cudaMemcpy(g->tensors[i].ptr, host, numel * sizeof(uint16_t), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(g->tensors[i].ptr, host, numel * sizeof(uint16_t), cudaMemcpyHostToDevice));
     }
     free(host);
     free(refs);
@@ -312,7 +296,7 @@ static void gpu_engine_random(GpuEngine *g, uint64_t seed, float std) {
             float normal = (u / 65536.0f - 2.0f) * 1.7320508f; /* mean 0, variance 1 */
             host[k] = f32_to_bf16(base + s * normal);
         }
-        GPU_CHECK(cudaMemcpy(g->tensors[i].ptr, host, numel * sizeof(uint16_t), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(g->tensors[i].ptr, host, numel * sizeof(uint16_t), cudaMemcpyHostToDevice));
     }
     free(host);
 }
@@ -330,26 +314,26 @@ static void gpu_engine_alloc_cache(GpuEngine *g, size_t n_cap) {
     double acts = (double)n_cap * (3.0 * D + 2.0 * Hd + 2.0 * F) * 2.0 + (double)n_cap * (c->n_heads * 4.0 + 8.0) + V * 4.0 +
                   (double)attn_decode_workspace_bytes(1, c->n_heads, c->head_dim, (int)n_cap);
     size_t free_b = 0, total_b = 0;
-    GPU_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     if (kv + acts + (512.0 * 1024 * 1024) > (double)free_b)
         die("a context of %zu positions needs %.2f GiB on the GPU for the bf16 KV cache (2 x %d layers x %zu positions x %d kv heads x %d dims x 2 bytes) "
             "and %.2f GiB for the prefill activations, but only %.2f GiB of %.2f GiB is free after the %.2f GiB of weights; lower --ctx",
             n_cap, gib(kv), c->n_layers, n_cap, c->n_kv_heads, c->head_dim, gib(acts), gib((double)free_b), gib((double)total_b), gib(g->weight_bytes));
     size_t kv_elems = (size_t)c->n_layers * n_cap * (size_t)c->n_kv_heads * c->head_dim;
-    g->k_cache = (uint16_t *)gpu_alloc(kv_elems * 2, "the KV cache");
-    g->v_cache = (uint16_t *)gpu_alloc(kv_elems * 2, "the KV cache");
-    g->tokens = (int32_t *)gpu_alloc(n_cap * sizeof(int32_t), "token ids");
-    g->targets = (int32_t *)gpu_alloc(n_cap * sizeof(int32_t), "target ids");
-    g->x = (uint16_t *)gpu_alloc(n_cap * D * 2, "activations");
-    g->xn = (uint16_t *)gpu_alloc(n_cap * D * 2, "activations");
-    g->proj = (uint16_t *)gpu_alloc(n_cap * D * 2, "activations");
-    g->q = (uint16_t *)gpu_alloc(n_cap * Hd * 2, "activations");
-    g->att = (uint16_t *)gpu_alloc(n_cap * Hd * 2, "activations");
-    g->gate = (uint16_t *)gpu_alloc(n_cap * F * 2, "activations");
-    g->up = (uint16_t *)gpu_alloc(n_cap * F * 2, "activations");
-    g->lse = (float *)gpu_alloc((size_t)c->n_heads * n_cap * sizeof(float), "activations");
-    g->logits = (float *)gpu_alloc(V * sizeof(float), "logits");
-    g->decode_ws = gpu_alloc(attn_decode_workspace_bytes(1, c->n_heads, c->head_dim, (int)n_cap), "the decode workspace");
+    g->k_cache = (uint16_t *)gpu_malloc(kv_elems * 2, "the KV cache");
+    g->v_cache = (uint16_t *)gpu_malloc(kv_elems * 2, "the KV cache");
+    g->tokens = (int32_t *)gpu_malloc(n_cap * sizeof(int32_t), "token ids");
+    g->targets = (int32_t *)gpu_malloc(n_cap * sizeof(int32_t), "target ids");
+    g->x = (uint16_t *)gpu_malloc(n_cap * D * 2, "activations");
+    g->xn = (uint16_t *)gpu_malloc(n_cap * D * 2, "activations");
+    g->proj = (uint16_t *)gpu_malloc(n_cap * D * 2, "activations");
+    g->q = (uint16_t *)gpu_malloc(n_cap * Hd * 2, "activations");
+    g->att = (uint16_t *)gpu_malloc(n_cap * Hd * 2, "activations");
+    g->gate = (uint16_t *)gpu_malloc(n_cap * F * 2, "activations");
+    g->up = (uint16_t *)gpu_malloc(n_cap * F * 2, "activations");
+    g->lse = (float *)gpu_malloc((size_t)c->n_heads * n_cap * sizeof(float), "activations");
+    g->logits = (float *)gpu_malloc(V * sizeof(float), "logits");
+    g->decode_ws = gpu_malloc(attn_decode_workspace_bytes(1, c->n_heads, c->head_dim, (int)n_cap), "the decode workspace");
 }
 
 /* Uploads an adapter to apply unmerged: its A and B in bf16 (after gpu_engine_alloc_cache). */
@@ -359,7 +343,7 @@ static void gpu_engine_upload_lora(GpuEngine *g, const LoraAdapter *ad) {
     g->lora_B = (uint16_t **)xcalloc(n, sizeof(uint16_t *));
     g->lora_R = R;
     g->lora_scale = ad->scale;
-    g->xa = (uint16_t *)gpu_alloc(g->n_cap * R * sizeof(uint16_t), "the LoRA activations");
+    g->xa = (uint16_t *)gpu_malloc(g->n_cap * R * sizeof(uint16_t), "the LoRA activations");
     for (size_t k = 0; k < n; k++) {
         const LoraPair *p = &ad->pairs[k];
         if (!p->A) continue;
@@ -369,8 +353,8 @@ static void gpu_engine_upload_lora(GpuEngine *g, const LoraAdapter *ad) {
         for (int w = 0; w < 2; w++) {
             uint16_t *host = (uint16_t *)xmalloc(numel[w] * sizeof(uint16_t));
             for (size_t i = 0; i < numel[w]; i++) host[i] = f32_to_bf16(src[w][i]);
-            *dst[w] = (uint16_t *)gpu_alloc(numel[w] * sizeof(uint16_t), "the adapter");
-            GPU_CHECK(cudaMemcpy(*dst[w], host, numel[w] * sizeof(uint16_t), cudaMemcpyHostToDevice));
+            *dst[w] = (uint16_t *)gpu_malloc(numel[w] * sizeof(uint16_t), "the adapter");
+            CUDA_CHECK(cudaMemcpy(*dst[w], host, numel[w] * sizeof(uint16_t), cudaMemcpyHostToDevice));
             g->weight_bytes += (double)numel[w] * 2.0;
             free(host);
         }
@@ -415,7 +399,7 @@ static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size
     CHECK(T >= 1 && pos0 + T <= g->n_cap && (pos0 == 0 || T == 1), "GPU forward of %zu rows at %zu is not supported", T, pos0);
     for (size_t t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab_size) die("token id %d is outside the vocabulary of %d", tokens[t], c->vocab_size);
-    GPU_CHECK(cudaMemcpy(g->tokens, tokens, T * sizeof(int32_t), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(g->tokens, tokens, T * sizeof(int32_t), cudaMemcpyHostToDevice));
     gpu_embedding_forward(g->x, g->tokens, g->embed, T, D, V);
     for (int l = 0; l < c->n_layers; l++) {
         const GpuLayer *gl = &g->layers[l];
@@ -429,8 +413,8 @@ static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size
         if (last_row_only && T > 1 && l == c->n_layers - 1) {
             /* from here on one row: the last, at position pos0 + T - 1, seeing all T keys */
             size_t last = T - 1;
-            GPU_CHECK(cudaMemcpy(g->x, g->x + last * D, D * sizeof(uint16_t), cudaMemcpyDeviceToDevice));
-            GPU_CHECK(cudaMemcpy(g->xn, g->xn + last * D, D * sizeof(uint16_t), cudaMemcpyDeviceToDevice));
+            CUDA_CHECK(cudaMemcpy(g->x, g->x + last * D, D * sizeof(uint16_t), cudaMemcpyDeviceToDevice));
+            CUDA_CHECK(cudaMemcpy(g->xn, g->xn + last * D, D * sizeof(uint16_t), cudaMemcpyDeviceToDevice));
             pos0 += last;
             T = 1;
         }
@@ -461,7 +445,7 @@ static void gpu_last_logits(GpuEngine *g, size_t row, float *logits) {
     size_t D = (size_t)c->dim, V = (size_t)c->vocab_size;
     gpu_rmsnorm_forward(g->xn, NULL, g->x + row * D, g->final_norm, 1, D, c->rms_eps);
     gpu_matmul_bf16(0, 1, 1, V, D, 1.0f, g->xn, g->lm_head, 0.0f, g->logits, 1);
-    GPU_CHECK(cudaMemcpy(logits, g->logits, V * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(logits, g->logits, V * sizeof(float), cudaMemcpyDeviceToHost));
 }
 #endif /* USE_CUDA */
 
@@ -517,7 +501,7 @@ static void engine_free(Engine *e) {
 
 static void engine_sync(const Engine *e) {
 #ifdef USE_CUDA
-    if (e->on_gpu) GPU_CHECK(cudaDeviceSynchronize());
+    if (e->on_gpu) CUDA_CHECK(cudaDeviceSynchronize());
 #else
     (void)e;
 #endif
@@ -579,7 +563,7 @@ static double engine_window_loss(Engine *e, const int32_t *tokens, size_t n) {
         gpu_forward_rows(g, tokens, n, 0, 0);
         size_t D = (size_t)e->cfg.dim, V = (size_t)e->cfg.vocab_size;
         gpu_rmsnorm_forward(g->xn, NULL, g->x, g->final_norm, n, D, e->cfg.rms_eps);
-        GPU_CHECK(cudaMemcpy(g->targets, targets, n * sizeof(int32_t), cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(g->targets, targets, n * sizeof(int32_t), cudaMemcpyHostToDevice));
         double sum = 0;
         size_t valid = 0;
         gpu_cross_entropy(&sum, &valid, NULL, NULL, g->xn, g->lm_head, g->targets, n, D, V, 0, 1.0f);
@@ -1196,12 +1180,12 @@ static void bench_breakdown(GpuEngine *g, size_t T, double ms[3]) {
     const GpuLayer *gl = &g->layers[0];
     uint16_t *kc = g->k_cache, *vc = g->v_cache;
     cudaEvent_t ev[2];
-    GPU_CHECK(cudaEventCreate(&ev[0]));
-    GPU_CHECK(cudaEventCreate(&ev[1]));
+    CUDA_CHECK(cudaEventCreate(&ev[0]));
+    CUDA_CHECK(cudaEventCreate(&ev[1]));
     for (int k = 0; k < 3; k++) ms[k] = 1e30;
     for (int rep = 0; rep < 4; rep++)
         for (int k = 0; k < 3; k++) {
-            GPU_CHECK(cudaEventRecord(ev[0], 0));
+            CUDA_CHECK(cudaEventRecord(ev[0], 0));
             if (k == 0) {
                 gpu_matmul_bf16(0, 1, T, Hd, D, 1.0f, g->xn, gl->wq, 0.0f, g->q, 0);
                 gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wk, 0.0f, kc, 0);
@@ -1221,10 +1205,10 @@ static void bench_breakdown(GpuEngine *g, size_t T, double ms[3]) {
                 gpu_swiglu_forward(g->gate, g->gate, g->up, T * F);
                 gpu_add(g->x, g->x, g->proj, T * D);
             }
-            GPU_CHECK(cudaEventRecord(ev[1], 0));
-            GPU_CHECK(cudaEventSynchronize(ev[1]));
+            CUDA_CHECK(cudaEventRecord(ev[1], 0));
+            CUDA_CHECK(cudaEventSynchronize(ev[1]));
             float t;
-            GPU_CHECK(cudaEventElapsedTime(&t, ev[0], ev[1]));
+            CUDA_CHECK(cudaEventElapsedTime(&t, ev[0], ev[1]));
             if (rep > 0 && t < ms[k]) ms[k] = t;
         }
     cudaEventDestroy(ev[0]);
@@ -1276,7 +1260,7 @@ static void run_bench(const InferOptions *o, const Config *cfg_in) {
     double ms[3];
     bench_breakdown(&e.gpu, long_ctx, ms);
     struct cudaDeviceProp prop;
-    GPU_CHECK(cudaGetDeviceProperties(&prop, 0));
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     FILE *f = o->bench_out ? fopen(o->bench_out, "w") : stdout;
     if (!f) die("cannot write %s: %s", o->bench_out, strerror(errno));
     fprintf(f, "{\n  \"impl\": \"ours\",\n  \"device\": ");

@@ -966,6 +966,37 @@ static inline S2_HOSTDEV size_t s2_first_key(size_t i, int h, int H, size_t G) {
  * program is built with CUDA; every function checks its own CUDA and cuBLAS calls.
  * ------------------------------------------------------------------------------------- */
 #ifdef USE_CUDA
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+
+/* Every CUDA and cuBLAS call is checked; a failure ends the program with file:line. */
+#define CUDA_CHECK(call)                                                                         \
+    do {                                                                                         \
+        cudaError_t cuda_err_ = (call);                                                          \
+        CHECK(cuda_err_ == cudaSuccess, "%s failed: %s", #call, cudaGetErrorString(cuda_err_));  \
+    } while (0)
+#define CUBLAS_CHECK(call)                                                                       \
+    do {                                                                                         \
+        cublasStatus_t cublas_st_ = (call);                                                      \
+        CHECK(cublas_st_ == CUBLAS_STATUS_SUCCESS, "%s failed: %s", #call,                       \
+              cublasGetStatusString(cublas_st_));                                                \
+    } while (0)
+
+/* Checked device allocation: when the GPU cannot hold `what`, one sentence with the sizes. */
+static void *gpu_malloc(size_t bytes, const char *what) {
+    void *p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
+    if (err != cudaSuccess) {
+        size_t free_b = 0, total_b = 0;
+        cudaGetLastError();
+        cudaMemGetInfo(&free_b, &total_b);
+        const double gib = 1024.0 * 1024.0 * 1024.0;
+        die("the GPU cannot hold %s (%.2f GiB; %.2f GiB of %.2f GiB free): %s", what, (double)bytes / gib,
+            (double)free_b / gib, (double)total_b / gib, cudaGetErrorString(err));
+    }
+    return p;
+}
+
 #ifdef __cplusplus
 extern "C" {
 #endif

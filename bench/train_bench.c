@@ -88,9 +88,9 @@ int main(int argc, char **argv) {
     lora_register_params(&opt, &ad, &m, &grads);
     GpuTrainer g;
     gpu_train_init(&g, &m, &ad, &opt, 42);
-    TG_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
     struct cudaDeviceProp prop;
-    TG_CHECK(cudaGetDeviceProperties(&prop, 0));
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     size_t n_trainable = 0;
     for (size_t k = 0; k < opt.count; k++) n_trainable += opt.params[k].numel;
     fprintf(stderr, "train_bench: %s on %s: %.2f GiB of weights and trainable state ready in %.1f s (%zu trainable values, %.2f GiB in use before)\n",
@@ -123,15 +123,15 @@ int main(int argc, char **argv) {
         targets[N - 1] = IGNORE_INDEX;
         double times[101], loss = 0, fwd_bwd_s = 0;
         for (int s = 0; s <= steps; s++) {
-            TG_CHECK(cudaDeviceSynchronize());
+            CUDA_CHECK(cudaDeviceSynchronize());
             double a = now_seconds();
             gpu_train_zero_grads(&g);
             loss = gpu_train_forward_backward(&g, tokens, targets);
-            TG_CHECK(cudaDeviceSynchronize());
+            CUDA_CHECK(cudaDeviceSynchronize());
             double b = now_seconds();
             double norm = gpu_train_grad_norm(&g, 1.0);
             gpu_train_adamw(&g, &opt, opt.cfg.lr, 1.0f);
-            TG_CHECK(cudaDeviceSynchronize());
+            CUDA_CHECK(cudaDeviceSynchronize());
             times[s] = now_seconds() - a;
             if (s > 0) fwd_bwd_s += (b - a) / steps;
             if (!isfinite(loss) || !isfinite(norm)) die("train_bench: non-finite loss %g or gradient norm %g at N=%zu", loss, norm, N);

@@ -20,11 +20,6 @@
 
 #include <cuda_runtime.h>
 
-#define CUDA_OK(call)                                                                          \
-    do {                                                                                       \
-        cudaError_t err_ = (call);                                                             \
-        CHECK(err_ == cudaSuccess, "CUDA call %s failed: %s", #call, cudaGetErrorString(err_)); \
-    } while (0)
 
 static const double ERR_FACTOR = 2.0, ERR_FLOOR = 1e-5, LSE_TOL = 1e-3;
 
@@ -160,14 +155,14 @@ static double max_err_bf16(const uint16_t *a, const double *ref, size_t n) {
 
 static void *dev_upload(const void *host, size_t bytes) {
     void *p;
-    CUDA_OK(cudaMalloc(&p, bytes));
-    CUDA_OK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMalloc(&p, bytes));
+    CUDA_CHECK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
     return p;
 }
 static void *dev_poisoned(size_t bytes) {
     void *p;
-    CUDA_OK(cudaMalloc(&p, bytes));
-    CUDA_OK(cudaMemset(p, 0xff, bytes)); /* NaN in bf16 and fp32 */
+    CUDA_CHECK(cudaMalloc(&p, bytes));
+    CUDA_CHECK(cudaMemset(p, 0xff, bytes)); /* NaN in bf16 and fp32 */
     return p;
 }
 
@@ -251,12 +246,12 @@ static int test_attention(const Shape *s, Rng *rng) {
     void *ws = dev_poisoned(attn_backward_workspace_bytes(s->B, s->N, s->H, s->d));
     if (attn_forward(d_q, d_k, d_v, d_o, d_lse, s->B, s->N, s->H, s->Hk, s->d, s->G) != 0) die("%s", last_error());
     if (attn_backward(d_q, d_k, d_v, d_o, d_do, d_lse, d_dq, d_dk, d_dv, ws, s->B, s->N, s->H, s->Hk, s->d, s->G) != 0) die("%s", last_error());
-    CUDA_OK(cudaDeviceSynchronize());
-    CUDA_OK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(dq, d_dq, nq * 2, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(dk, d_dk, nk * 2, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(dv, d_dv, nk * 2, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(lse, d_lse, nl * 4, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(dq, d_dq, nq * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(dk, d_dk, nk * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(dv, d_dv, nk * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(lse, d_lse, nl * 4, cudaMemcpyDeviceToHost));
 
     check("O", max_err_bf16(o, ref.o, nq), max_err_d(base.o, ref.o, nq), &fails);
     check("dQ", max_err_bf16(dq, ref.dq, nq), max_err_d(base.dq, ref.dq, nq), &fails);
@@ -274,15 +269,15 @@ static int test_attention(const Shape *s, Rng *rng) {
     }
     printf("    LSE err %.3e  limit %.1e  %s\n", lse_err, LSE_TOL, lse_err <= LSE_TOL ? "ok" : "FAIL");
     if (!(lse_err <= LSE_TOL)) fails++;
-    CUDA_OK(cudaFree(d_o)); CUDA_OK(cudaFree(d_dq)); CUDA_OK(cudaFree(d_dk)); CUDA_OK(cudaFree(d_dv));
-    CUDA_OK(cudaFree(d_lse)); CUDA_OK(cudaFree(ws));
+    CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(d_dq)); CUDA_CHECK(cudaFree(d_dk)); CUDA_CHECK(cudaFree(d_dv));
+    CUDA_CHECK(cudaFree(d_lse)); CUDA_CHECK(cudaFree(ws));
     }
     if (attn_set_tile_variant(0, 0) != 0) die("%s", last_error());
 
     free_result(&ref); free_result(&base); free_result(&stage);
     free(q); free(k); free(v); free(dout); free(qf); free(kf); free(vf); free(df);
     free(o); free(dq); free(dk); free(dv); free(lse);
-    CUDA_OK(cudaFree(d_q)); CUDA_OK(cudaFree(d_k)); CUDA_OK(cudaFree(d_v)); CUDA_OK(cudaFree(d_do));
+    CUDA_CHECK(cudaFree(d_q)); CUDA_CHECK(cudaFree(d_k)); CUDA_CHECK(cudaFree(d_v)); CUDA_CHECK(cudaFree(d_do));
     return fails;
 }
 
@@ -329,11 +324,11 @@ static int test_decode(int B, int H, int Hk, int d, int n_cap, int n_keys, Rng *
     void *ws = dev_poisoned(attn_decode_workspace_bytes(B, H, d, n_keys));
     if (attn_decode(d_q, d_k, d_v, d_o, ws, B, H, Hk, d, n_cap, n_keys) != 0) die("%s", last_error());
     uint16_t *o = (uint16_t *)xmalloc(nq * 2);
-    CUDA_OK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
     int fails = 0;
     check("O", max_err_bf16(o, ref, nq), max_err_d(base, ref, nq), &fails);
     free(q); free(kc); free(vc); free(qf); free(kf); free(vf); free(ref); free(base); free(p); free(pb); free(o);
-    CUDA_OK(cudaFree(d_q)); CUDA_OK(cudaFree(d_k)); CUDA_OK(cudaFree(d_v)); CUDA_OK(cudaFree(d_o)); CUDA_OK(cudaFree(ws));
+    CUDA_CHECK(cudaFree(d_q)); CUDA_CHECK(cudaFree(d_k)); CUDA_CHECK(cudaFree(d_v)); CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(ws));
     return fails;
 }
 
@@ -374,7 +369,7 @@ int main(int argc, char **argv) {
     if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 96, 0) == 0) { printf("head dim 96 was accepted\n"); fails++; }
     if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 64, 30) == 0) { printf("N %% G != 0 was accepted\n"); fails++; }
     if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 6, 4, 64, 0) == 0) { printf("H %% Hk != 0 was accepted\n"); fails++; }
-    CUDA_OK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
     printf("%s: %d attention shapes and %d decode shapes, %d check(s) failed\n", fails ? "FAIL" : "ok", run, quick ? 4 : 5, fails);
     return fails ? 1 : 0;
 }

@@ -17,11 +17,6 @@
 
 #include <cuda_runtime.h>
 
-#define CUDA_OK(call)                                                                        \
-    do {                                                                                     \
-        cudaError_t e_ = (call);                                                             \
-        CHECK(e_ == cudaSuccess, "%s failed: %s", #call, cudaGetErrorString(e_));            \
-    } while (0)
 
 static Rng g_rng;
 static int g_checks, g_failures;
@@ -30,21 +25,21 @@ static int g_checks, g_failures;
 
 static void *dev_alloc(size_t bytes) {
     void *p = NULL;
-    CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+    CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
     return p;
 }
 static void *to_dev(const void *host, size_t bytes) {
     void *p = dev_alloc(bytes);
-    CUDA_OK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
     return p;
 }
-static void upload(void *dev, const void *host, size_t bytes) { CUDA_OK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice)); }
+static void upload(void *dev, const void *host, size_t bytes) { CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice)); }
 static void download(void *host, const void *dev, size_t bytes) {
-    CUDA_OK(cudaDeviceSynchronize());
-    CUDA_OK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
 }
 /* 0xff bytes: NaN as bf16 and as fp32, so an unwritten element fails every comparison. */
-static void poison(void *dev, size_t bytes) { CUDA_OK(cudaMemset(dev, 0xff, bytes)); }
+static void poison(void *dev, size_t bytes) { CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
 
 /* ---- random inputs ------------------------------------------------------------------- */
 
@@ -743,7 +738,7 @@ static void fill_random(void *dev, size_t bytes, int is_f32, float scale, int po
     upload(dev, host, block);
     for (size_t done = block; done < bytes;) {
         size_t n = done < bytes - done ? done : bytes - done;
-        CUDA_OK(cudaMemcpy((uint8_t *)dev + done, dev, n, cudaMemcpyDeviceToDevice));
+        CUDA_CHECK(cudaMemcpy((uint8_t *)dev + done, dev, n, cudaMemcpyDeviceToDevice));
         done += n;
     }
     free(host);
@@ -763,20 +758,20 @@ static int cmp_float(const void *a, const void *b) {
     do {                                                                                         \
         cudaEvent_t e0_, e1_;                                                                    \
         float t_[64];                                                                            \
-        CUDA_OK(cudaEventCreate(&e0_));                                                          \
-        CUDA_OK(cudaEventCreate(&e1_));                                                          \
+        CUDA_CHECK(cudaEventCreate(&e0_));                                                          \
+        CUDA_CHECK(cudaEventCreate(&e1_));                                                          \
         for (int w_ = 0; w_ < 2; w_++) { __VA_ARGS__; }                                          \
         for (int r_ = 0; r_ < (reps); r_++) {                                                    \
-            CUDA_OK(cudaEventRecord(e0_, 0));                                                    \
+            CUDA_CHECK(cudaEventRecord(e0_, 0));                                                    \
             __VA_ARGS__;                                                                         \
-            CUDA_OK(cudaEventRecord(e1_, 0));                                                    \
-            CUDA_OK(cudaEventSynchronize(e1_));                                                  \
-            CUDA_OK(cudaEventElapsedTime(&t_[r_], e0_, e1_));                                    \
+            CUDA_CHECK(cudaEventRecord(e1_, 0));                                                    \
+            CUDA_CHECK(cudaEventSynchronize(e1_));                                                  \
+            CUDA_CHECK(cudaEventElapsedTime(&t_[r_], e0_, e1_));                                    \
         }                                                                                        \
         qsort(t_, (size_t)(reps), sizeof(float), cmp_float);                                     \
         (out_ms) = t_[(reps) / 2];                                                               \
-        CUDA_OK(cudaEventDestroy(e0_));                                                          \
-        CUDA_OK(cudaEventDestroy(e1_));                                                          \
+        CUDA_CHECK(cudaEventDestroy(e0_));                                                          \
+        CUDA_CHECK(cudaEventDestroy(e1_));                                                          \
     } while (0)
 
 static int bench(const char *json_path) {
@@ -800,13 +795,13 @@ static int bench(const char *json_path) {
     fill_random(hbuf, NF * 2, 0, 1, 0); fill_random(table, VD * 2, 0, 0.02f, 0); fill_random(dtable, VD * 4, 1, 0.01f, 0);
     fill_random(p, VD * 4, 1, 0.02f, 0); fill_random(g, VD * 4, 1, 1e-3f, 0); fill_random(m, VD * 4, 1, 1e-4f, 0);
     fill_random(v, VD * 4, 1, 1e-6f, 1); fill_random(logits, chunk * V * 4, 1, 3, 0);
-    CUDA_OK(cudaMemset(dw, 0, D * 4));
+    CUDA_CHECK(cudaMemset(dw, 0, D * 4));
     double ms;
     /* the ceiling: a device-to-device copy of 2 GiB (read + write counted) */
     size_t copy_bytes = (size_t)2 << 30;
     void *c0 = dev_alloc(copy_bytes), *c1 = dev_alloc(copy_bytes);
-    CUDA_OK(cudaMemset(c0, 1, copy_bytes));
-    TIME_MS(ms, reps, CUDA_OK(cudaMemcpyAsync(c1, c0, copy_bytes, cudaMemcpyDeviceToDevice, 0)));
+    CUDA_CHECK(cudaMemset(c0, 1, copy_bytes));
+    TIME_MS(ms, reps, CUDA_CHECK(cudaMemcpyAsync(c1, c0, copy_bytes, cudaMemcpyDeviceToDevice, 0)));
     rows[nrows++] = (BenchRow){"copy (cudaMemcpy D2D, 2 GiB)", ms, 2.0 * copy_bytes, 0};
     cudaFree(c0); cudaFree(c1);
 
@@ -849,7 +844,7 @@ static int bench(const char *json_path) {
     uint16_t *A = dev_alloc(R * D * 2), *B = dev_alloc(D * R * 2), *xa = dev_alloc(N * R * 2);
     float *dA = dev_alloc(R * D * 4), *dB = dev_alloc(D * R * 4);
     fill_random(A, R * D * 2, 0, 0.02f, 0); fill_random(B, D * R * 2, 0, 0.02f, 0);
-    CUDA_OK(cudaMemset(dA, 0, R * D * 4)); CUDA_OK(cudaMemset(dB, 0, D * R * 4));
+    CUDA_CHECK(cudaMemset(dA, 0, R * D * 4)); CUDA_CHECK(cudaMemset(dB, 0, D * R * 4));
     TIME_MS(ms, reps, gpu_lora_forward(y, xa, x, A, B, N, D, D, R, 2.0f));
     rows[nrows++] = (BenchRow){"lora forward 4096->4096 r=8", ms, 2.0 * ND * 2 + ND * 2, 2.0 * 2.0 * N * D * R};
     TIME_MS(ms, reps, gpu_lora_backward(z, dA, dB, y, x, xa, A, B, N, D, D, R, 2.0f));
@@ -857,7 +852,7 @@ static int bench(const char *json_path) {
     cudaFree(A); cudaFree(B); cudaFree(xa); cudaFree(dA); cudaFree(dB);
 
     struct cudaDeviceProp prop;
-    CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     double copy_gbs = rows[0].bytes / (rows[0].ms * 1e6);
     FILE *f = json_path ? fopen(json_path, "w") : NULL;
     if (json_path && !f) die("cannot write %s: %s", json_path, strerror(errno));
@@ -969,7 +964,7 @@ int main(int argc, char **argv) {
     }
 
     gpu_layers_free();
-    CUDA_OK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
     printf("%d of %d layer-kernel checks passed (seed %llu)\n", g_checks - g_failures, g_checks, (unsigned long long)seed);
     return g_failures ? 1 : 0;
 }

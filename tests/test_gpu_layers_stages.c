@@ -18,30 +18,25 @@
 
 #include <cuda_runtime.h>
 
-#define CUDA_OK(call)                                                                        \
-    do {                                                                                     \
-        cudaError_t e_ = (call);                                                             \
-        CHECK(e_ == cudaSuccess, "%s failed: %s", #call, cudaGetErrorString(e_));            \
-    } while (0)
 
 static Rng g_rng;
 static int g_checks, g_failures;
 
 static void *dev_alloc(size_t bytes) {
     void *p = NULL;
-    CUDA_OK(cudaMalloc(&p, bytes ? bytes : 1));
+    CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
     return p;
 }
 static void *to_dev(const void *host, size_t bytes) {
     void *p = dev_alloc(bytes);
-    CUDA_OK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
     return p;
 }
 static void download(void *host, const void *dev, size_t bytes) {
-    CUDA_OK(cudaDeviceSynchronize());
-    CUDA_OK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
 }
-static void poison(void *dev, size_t bytes) { CUDA_OK(cudaMemset(dev, 0xff, bytes)); } /* NaN bytes */
+static void poison(void *dev, size_t bytes) { CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); } /* NaN bytes */
 
 /* n random bf16 values: bits for the GPU, the same values as float for the CPU stage. */
 static void rand_bf16(uint16_t *bits, float *vals, size_t n, float mean, float scale) {
@@ -98,7 +93,7 @@ static void rmsnorm_vs_stage(size_t T, size_t D) {
     void *DX = dev_alloc(T * D * 2), *R = dev_alloc(T * 4);
     float *DW = dev_alloc(D * 4);
     poison(Y, T * D * 2); poison(R, T * 4); poison(DX, T * D * 2);
-    CUDA_OK(cudaMemset(DW, 0, D * 4));
+    CUDA_CHECK(cudaMemset(DW, 0, D * 4));
     gpu_rmsnorm_forward(Y, R, X, W, T, D, eps);
     gpu_rmsnorm_backward(DX, DW, G, X, W, R, T, D, eps, 0);
     float *y_gpu = download_bf16(Y, T * D), *dx_gpu = download_bf16(DX, T * D), *r_gpu = xmalloc(T * 4), *dw_gpu = xmalloc(D * 4);
@@ -193,7 +188,7 @@ static void cross_entropy_vs_stage(size_t T, size_t D, size_t V, size_t chunk) {
     void *H = to_dev(hb, T * D * 2), *W = to_dev(wb, V * D * 2), *TG = to_dev(tgt, T * 4), *DH = dev_alloc(T * D * 2);
     float *DW = dev_alloc(V * D * 4);
     poison(DH, T * D * 2);
-    CUDA_OK(cudaMemset(DW, 0, V * D * 4));
+    CUDA_CHECK(cudaMemset(DW, 0, V * D * 4));
     double loss_sum = 0;
     size_t n_valid = 0;
     gpu_cross_entropy(&loss_sum, &n_valid, DH, DW, H, W, TG, T, D, V, chunk, 1.0f);
@@ -232,8 +227,8 @@ static void lora_vs_stage(size_t T, size_t in, size_t out, size_t R, float scale
     void *X = to_dev(xb, T * in * 2), *A = to_dev(ab, R * in * 2), *B = to_dev(bb, out * R * 2), *Y = to_dev(yb, T * out * 2);
     void *DY = to_dev(gb, T * out * 2), *DX = to_dev(dxb, T * in * 2), *XA = dev_alloc(T * R * 2);
     float *DA = dev_alloc(R * in * 4), *DB = dev_alloc(out * R * 4);
-    CUDA_OK(cudaMemset(DA, 0, R * in * 4));
-    CUDA_OK(cudaMemset(DB, 0, out * R * 4));
+    CUDA_CHECK(cudaMemset(DA, 0, R * in * 4));
+    CUDA_CHECK(cudaMemset(DB, 0, out * R * 4));
     poison(XA, T * R * 2);
     gpu_lora_forward(Y, XA, X, A, B, T, in, out, R, scale);
     gpu_lora_backward(DX, DA, DB, DY, X, XA, A, B, T, in, out, R, scale);
@@ -260,12 +255,12 @@ static void adamw_vs_stage(size_t n, float weight_decay) {
     adamw_add(&opt, "w", p, g, n);
     float *P = to_dev(p, n * 4), *G = dev_alloc(n * 4), *M = dev_alloc(n * 4), *Vd = dev_alloc(n * 4);
     uint16_t *PB = dev_alloc(n * 2);
-    CUDA_OK(cudaMemset(M, 0, n * 4));
-    CUDA_OK(cudaMemset(Vd, 0, n * 4));
+    CUDA_CHECK(cudaMemset(M, 0, n * 4));
+    CUDA_CHECK(cudaMemset(Vd, 0, n * 4));
     float lr = 1e-3f;
     for (int step = 1; step <= 3; step++) {
         for (size_t i = 0; i < n; i++) g[i] = 0.01f * rng_normal(&g_rng);
-        CUDA_OK(cudaMemcpy(G, g, n * 4, cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(G, g, n * 4, cudaMemcpyHostToDevice));
         adamw_step(&opt, lr);
         gpu_adamw(P, PB, G, M, Vd, n, lr, opt.cfg.beta1, opt.cfg.beta2, opt.cfg.eps, weight_decay, step, 1.0f);
         download(got, P, n * 4);

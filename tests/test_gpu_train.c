@@ -43,7 +43,7 @@ static void poison_acts(GpuTrainer *g) {
         {g->arena, tg_arena_elems(c, T, g->lora_mlp_down) * 2}, {g->rstd_final, T * 4},
         {g->att_all, (size_t)g->n_keep_att * T * Hd * 2}, {g->lse_all, (size_t)g->n_keep_att * T * c->n_heads * 4}};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
-        if (bufs[i].bytes) TG_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes));
+        if (bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes));
 }
 
 static void run_case(const Case *k, uint64_t seed) {
