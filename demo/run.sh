@@ -234,4 +234,5 @@ perplexity: lengths $PPL_LENS, stride $PPL_STRIDE, at most $PPL_WINDOWS windows 
 passkey: every $PK_INTERVAL tokens up to $PK_MAX, $PK_TRIALS trials each
 wall time: $(elapsed)
 EOF
+sed -i "s#$CACHE#\$LONGLORA_CACHE#g" "$OUT"/*.log # the logs name the cache, not this machine's paths
 say "done in $(elapsed) ($VERSION); results in $OUT"
