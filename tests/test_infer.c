@@ -25,17 +25,7 @@
 #define STAGE 0
 #include "../06_infer.c"
 
-static int g_checks, g_failures;
-#define EXPECT(cond, ...)                                                   \
-    do {                                                                    \
-        g_checks++;                                                         \
-        if (!(cond)) {                                                      \
-            g_failures++;                                                   \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                     \
-            printf(__VA_ARGS__);                                            \
-            printf("\n");                                                   \
-        }                                                                   \
-    } while (0)
+#include "check.h"
 
 static Config small_config(void) {
     Config c;
