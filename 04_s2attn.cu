@@ -1236,21 +1236,40 @@ typedef struct {
     double fwd_tflops, fwdbwd_tflops;
 } BenchRow;
 
+/* The benchmark's device buffers: random bf16 q, k, v, dout [tokens, H, d]; outputs and
+ * gradients of the same shape; lse [H * tokens]; the backward's workspace. */
+typedef struct {
+    uint16_t *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse;
+    void *ws;
+} BenchBuffers;
+
+static BenchBuffers bench_buffers_alloc(size_t n_el, size_t n_rows, size_t ws_bytes) {
+    BenchBuffers b;
+    uint16_t **bf[8] = {&b.q, &b.k, &b.v, &b.o, &b.dout, &b.dq, &b.dk, &b.dv};
+    for (int i = 0; i < 8; i++) *bf[i] = (uint16_t *)gpu_malloc(n_el * 2, "an attention benchmark tensor");
+    b.lse = (float *)gpu_malloc(n_rows * sizeof(float), "the benchmark's lse");
+    b.ws = gpu_malloc(ws_bytes, "the backward workspace");
+    fill_random_bf16(b.q, n_el, 1, 1.f); fill_random_bf16(b.k, n_el, 2, 1.f); fill_random_bf16(b.v, n_el, 3, 1.f);
+    fill_random_bf16(b.dout, n_el, 4, 1.f);
+    return b;
+}
+
+static void bench_buffers_free(BenchBuffers *b) {
+    uint16_t *bf[8] = {b->q, b->k, b->v, b->o, b->dout, b->dq, b->dk, b->dv};
+    for (int i = 0; i < 8; i++) CUDA_CHECK(cudaFree(bf[i]));
+    CUDA_CHECK(cudaFree(b->lse)); CUDA_CHECK(cudaFree(b->ws));
+}
+
 static void bench(const char *json_path) {
     const int H = 32, Hk = 32, d = 128, tokens = 32768, reps = 10;
     const int cases[][2] = {{1024, 0}, {4096, 0}, {8192, 0}, {16384, 0}, {32768, 0}, {4096, 1024}, {16384, 4096}, {32768, 8192}};
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     const size_t n_el = (size_t)tokens * H * d;
-    uint16_t *q, *k, *v, *o, *dout, *dq, *dk, *dv;
-    float *lse;
-    void *ws;
-    CUDA_CHECK(cudaMalloc(&q, n_el * 2)); CUDA_CHECK(cudaMalloc(&k, n_el * 2)); CUDA_CHECK(cudaMalloc(&v, n_el * 2));
-    CUDA_CHECK(cudaMalloc(&o, n_el * 2)); CUDA_CHECK(cudaMalloc(&dout, n_el * 2)); CUDA_CHECK(cudaMalloc(&dq, n_el * 2));
-    CUDA_CHECK(cudaMalloc(&dk, n_el * 2)); CUDA_CHECK(cudaMalloc(&dv, n_el * 2));
-    CUDA_CHECK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
-    CUDA_CHECK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
-    fill_random_bf16(q, n_el, 1, 1.f); fill_random_bf16(k, n_el, 2, 1.f); fill_random_bf16(v, n_el, 3, 1.f);
-    fill_random_bf16(dout, n_el, 4, 1.f);
+    BenchBuffers buf = bench_buffers_alloc(n_el, (size_t)tokens * H, attn_backward_workspace_bytes(1, tokens, H, d));
+    uint16_t *q = buf.q, *k = buf.k, *v = buf.v, *o = buf.o, *dout = buf.dout, *dq = buf.dq, *dk = buf.dk, *dv = buf.dv;
+    float *lse = buf.lse;
+    void *ws = buf.ws;
     cudaEvent_t e0, e1;
     CUDA_CHECK(cudaEventCreate(&e0)); CUDA_CHECK(cudaEventCreate(&e1));
     BenchRow rows[16];
@@ -1332,8 +1351,7 @@ static void bench(const char *json_path) {
     fprintf(f, "  ]\n}\n");
     CHECK(fclose(f) == 0, "closing %s failed", json_path);
     printf("wrote %s\n", json_path);
-    CUDA_CHECK(cudaFree(q)); CUDA_CHECK(cudaFree(k)); CUDA_CHECK(cudaFree(v)); CUDA_CHECK(cudaFree(o)); CUDA_CHECK(cudaFree(dout));
-    CUDA_CHECK(cudaFree(dq)); CUDA_CHECK(cudaFree(dk)); CUDA_CHECK(cudaFree(dv)); CUDA_CHECK(cudaFree(lse)); CUDA_CHECK(cudaFree(ws));
+    bench_buffers_free(&buf);
 }
 
 /* times every tile variant on a few shapes (the sweep behind bench/NOTES.md) */
@@ -1341,16 +1359,10 @@ static void sweep_variants(void) {
     const int H = 32, d = 128, tokens = 32768, reps = 10;
     const int cases[][2] = {{4096, 0}, {16384, 0}, {16384, 4096}};
     const size_t n_el = (size_t)tokens * H * d;
-    uint16_t *q, *k, *v, *o, *dout, *dq, *dk, *dv;
-    float *lse;
-    void *ws;
-    CUDA_CHECK(cudaMalloc(&q, n_el * 2)); CUDA_CHECK(cudaMalloc(&k, n_el * 2)); CUDA_CHECK(cudaMalloc(&v, n_el * 2));
-    CUDA_CHECK(cudaMalloc(&o, n_el * 2)); CUDA_CHECK(cudaMalloc(&dout, n_el * 2)); CUDA_CHECK(cudaMalloc(&dq, n_el * 2));
-    CUDA_CHECK(cudaMalloc(&dk, n_el * 2)); CUDA_CHECK(cudaMalloc(&dv, n_el * 2));
-    CUDA_CHECK(cudaMalloc(&lse, (size_t)tokens * H * sizeof(float)));
-    CUDA_CHECK(cudaMalloc(&ws, attn_backward_workspace_bytes(1, tokens, H, d)));
-    fill_random_bf16(q, n_el, 1, 1.f); fill_random_bf16(k, n_el, 2, 1.f); fill_random_bf16(v, n_el, 3, 1.f);
-    fill_random_bf16(dout, n_el, 4, 1.f);
+    BenchBuffers buf = bench_buffers_alloc(n_el, (size_t)tokens * H, attn_backward_workspace_bytes(1, tokens, H, d));
+    uint16_t *q = buf.q, *k = buf.k, *v = buf.v, *o = buf.o, *dout = buf.dout, *dq = buf.dq, *dk = buf.dk, *dv = buf.dv;
+    float *lse = buf.lse;
+    void *ws = buf.ws;
     cudaEvent_t e0, e1;
     CUDA_CHECK(cudaEventCreate(&e0)); CUDA_CHECK(cudaEventCreate(&e1));
     for (int pass = 0; pass < 2; pass++) {
@@ -1383,8 +1395,7 @@ static void sweep_variants(void) {
         }
     }
     attn_set_tile_variant(0, 0);
-    CUDA_CHECK(cudaFree(q)); CUDA_CHECK(cudaFree(k)); CUDA_CHECK(cudaFree(v)); CUDA_CHECK(cudaFree(o)); CUDA_CHECK(cudaFree(dout));
-    CUDA_CHECK(cudaFree(dq)); CUDA_CHECK(cudaFree(dk)); CUDA_CHECK(cudaFree(dv)); CUDA_CHECK(cudaFree(lse)); CUDA_CHECK(cudaFree(ws));
+    bench_buffers_free(&buf);
 }
 
 int main(int argc, char **argv) {
