@@ -105,6 +105,8 @@ static Comm g_comm; /* one per process; backend COMM_NONE when training alone */
 
 static int comm_is_root(void) { return g_comm.rank == 0; }
 static int comm_world(void) { return g_comm.backend == COMM_NONE ? 1 : g_comm.world; }
+/* 1 where the collectives run: several ranks, or one given --dist-file */
+static int comm_active(void) { return g_comm.backend != COMM_NONE; }
 
 /* The slice of a flat vector of n values rank r owns: [lo, hi), sizes differing by <= 1. */
 static void dist_shard(size_t n, int rank, int world, size_t *lo, size_t *hi) {
@@ -302,12 +304,15 @@ static int nccl_open_comm(Comm *c) {
 /* ---- set-up and the collectives ------------------------------------------------------- */
 
 /* Joins the K processes: rank and world from the flags, else from Open MPI's environment
- * (mpirun), else a single process (no communicator). backend_gpu picks NCCL. */
+ * (mpirun), else a single process (no communicator). backend_gpu picks NCCL. One process
+ * given --dist-file (--world-size 1) still opens a communicator, of one rank: the collective
+ * code paths then run on a machine of one GPU, and must change nothing. */
 static int comm_init(int rank, int world, const char *dist_file, int backend_gpu) {
     memset(&g_comm, 0, sizeof g_comm);
     const char *er = getenv("OMPI_COMM_WORLD_RANK"), *ew = getenv("OMPI_COMM_WORLD_SIZE");
     if (world <= 0 && er && ew) { rank = atoi(er); world = atoi(ew); }
-    if (world <= 1) { g_comm.backend = COMM_NONE; g_comm.rank = 0; g_comm.world = 1; return 0; }
+    if (world <= 0) world = 1;
+    if (world == 1 && !dist_file) { g_comm.backend = COMM_NONE; g_comm.rank = 0; g_comm.world = 1; return 0; }
     if (world > DIST_MAX_RANKS) return set_error("--world-size %d is more than the %d ranks supported", world, DIST_MAX_RANKS);
     if (rank < 0 || rank >= world) return set_error("--rank %d is outside 0..%d (--world-size %d)", rank, world - 1, world);
     if (!dist_file) return set_error("with --world-size %d, give --dist-file PATH: a file path all ranks see (rank 0 creates it)", world);

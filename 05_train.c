@@ -1180,13 +1180,13 @@ static StepResult train_step_cpu(Trainer *t) {
         float loss = model_forward(&t->model, &t->acts, t->inputs, t->targets, (size_t)o->batch, (size_t)o->ctx, &run);
         r.loss += loss;
         if (!isfinite(loss)) {
-            if (K == 1) { r.loss = loss; return r; }
+            if (!comm_active()) { r.loss = loss; return r; }
             continue; /* the other ranks still wait for this one's sum: it carries the non-finite loss */
         }
         model_backward(&t->model, &t->acts, &t->grads, t->inputs, t->targets, (size_t)o->batch, (size_t)o->ctx, &run);
     }
     size_t P = flat_count(&t->adamw);
-    if (K > 1) { /* gradients and the loss sum, added over the ranks */
+    if (comm_active()) { /* gradients and the loss sum, added over the ranks */
         flat_copy(&t->adamw, 1, t->dist_flat, 1);
         t->dist_flat[P] = (float)r.loss;
         comm_allreduce_sum(t->dist_flat, P + 1);
@@ -1200,7 +1200,7 @@ static StepResult train_step_cpu(Trainer *t) {
     if (!isfinite(r.grad_norm)) return r;
     if (o->clip > 0 && r.grad_norm > o->clip) trainer_scale_grads(t, (float)(o->clip / (r.grad_norm + 1e-6)));
     r.lr = adamw_lr_at(&t->adamw.cfg, t->step);
-    if (K == 1) {
+    if (!comm_active()) {
         adamw_step(&t->adamw, (float)r.lr);
     } else { /* ZeRO-1: this rank's slice, then everyone's */
         size_t lo, hi;
@@ -1392,7 +1392,7 @@ static void trainer_init(Trainer *t) {
     /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */
     if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
     if (!comm_is_root()) o->quiet = 1; /* logs come from rank 0 */
-    if (comm_world() > 1) t->dist_flat = (float *)xmalloc((flat_count(&t->adamw) + 1) * sizeof(float)); /* [P + 1] */
+    if (comm_active()) t->dist_flat = (float *)xmalloc((flat_count(&t->adamw) + 1) * sizeof(float)); /* [P + 1] */
     if (!on_gpu) act_plan(&t->acts, c, (size_t)o->batch, (size_t)o->ctx, 1);
     t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
     t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
@@ -1469,7 +1469,7 @@ static int trainer_run(Trainer *t) {
                c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->ffn_dim, c->vocab_size, t->n_params / 1e6,
                t->n_trainable / 1e6, o->lora_rank, o->lora_alpha, targets);
         if (o->adapter_dir) printf("adapter: started from %s\n", o->adapter_dir);
-        if (comm_world() > 1)
+        if (comm_active())
             printf("ranks: %d (%s), each takes every %d-th micro-batch; AdamW state sharded (ZeRO-1)\n", comm_world(),
                    g_comm.backend == COMM_NCCL ? "NCCL" : "shared file", comm_world());
         printf("train: N=%d %s, B=%d x %d accumulation x %d ranks = %zu tokens/step, RoPE factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",

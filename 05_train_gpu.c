@@ -862,12 +862,12 @@ static StepResult train_step_gpu(Trainer *t) {
         double loss = gpu_train_forward_backward(t->gpu, t->inputs, t->targets);
         r.loss += (float)loss;
         if (!isfinite(loss)) {
-            if (K == 1) { r.loss = loss; return r; }
+            if (!comm_active()) { r.loss = loss; return r; }
             continue; /* the other ranks wait for this one's sum, which carries the non-finite loss */
         }
     }
 #ifdef USE_NCCL
-    if (K > 1) {
+    if (comm_active()) {
         r.loss = tg_dist_allreduce_grads(t->gpu, r.loss);
         if (!isfinite(r.loss)) return r;
     }
@@ -879,7 +879,7 @@ static StepResult train_step_gpu(Trainer *t) {
     if (o->clip > 0 && r.grad_norm > o->clip) scale *= o->clip / (r.grad_norm + 1e-6);
     r.lr = adamw_lr_at(&t->adamw.cfg, t->step);
 #ifdef USE_NCCL
-    if (K > 1) { tg_dist_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale); return r; }
+    if (comm_active()) { tg_dist_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale); return r; }
 #endif
     gpu_train_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale);
     return r;

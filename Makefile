@@ -15,7 +15,10 @@ HAVE_OPENMP := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - 
 HAVE_NVCC   := $(shell command -v $(NVCC) >/dev/null 2>&1 && echo 1)
 CUDA_HOME   ?= $(if $(HAVE_NVCC),$(patsubst %/bin/,%,$(dir $(shell command -v $(NVCC)))),/usr/local/cuda)
 HAVE_CUBLAS := $(if $(wildcard $(CUDA_HOME)/lib64/libcublas.so $(CUDA_HOME)/lib64/libcublas.so.*),1)
-HAVE_NCCL   := $(if $(wildcard $(CUDA_HOME)/lib64/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so),1)
+# NCCL: the CUDA toolkit's or the system's, or NCCL_HOME (a folder with include/nccl.h and
+# lib/libnccl.so*, e.g. the one the nvidia-nccl Python wheel installs)
+NCCL_HOME   ?=
+HAVE_NCCL   := $(if $(wildcard $(CUDA_HOME)/lib64/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so $(if $(NCCL_HOME),$(NCCL_HOME)/lib/libnccl.so*)),1)
 HAVE_MPI    := $(shell command -v mpicc >/dev/null 2>&1 && echo 1)
 HAVE_CLANG  := $(shell command -v clang >/dev/null 2>&1 && echo 1)
 HAVE_GPU    := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
@@ -31,6 +34,10 @@ ifeq ($(HAVE_NVCC)$(HAVE_CUBLAS),11)
 endif
 ifeq ($(HAVE_NCCL),1)
   NCCL_LIBS := -lnccl
+  ifneq ($(NCCL_HOME),)
+    NCCL_LIBS := -L$(NCCL_HOME)/lib -Wl,-rpath,$(NCCL_HOME)/lib $(if $(wildcard $(NCCL_HOME)/lib/libnccl.so),-lnccl,-l:$(notdir $(firstword $(wildcard $(NCCL_HOME)/lib/libnccl.so.*))))
+    NCCL_INC := -I$(NCCL_HOME)/include
+  endif
 endif
 export HAVE_GPU USE_CUDA HAVE_CLANG
 
@@ -61,7 +68,7 @@ ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
 05_train: 05_train.c 05_dist.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
-	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
+	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
 
 # ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
 GPU_SRC := $(wildcard 04_*.cu)
@@ -112,7 +119,7 @@ ALL_SRC  := $(HEADERS) $(wildcard 0*.c)
 
 build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
+	$(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include $(NCCL_INC) -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
 
 build/tests/%: tests/%.c $(ALL_SRC)
 	@mkdir -p $(dir $@)

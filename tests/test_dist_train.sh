@@ -4,7 +4,8 @@
 #
 # A tiny random model (--shape tiny, N=64, S2-Attn) on a fresh random token stream. The
 # reference is one process with --grad-accum 6 for 4 steps (a checkpoint at step 2). Checks:
-#   1. K=2 x accum 3 and K=3 x accum 2 give the reference's loss and gradient norm at every
+#   1. K=2 x accum 3, K=3 x accum 2 and one rank with a communicator of its own
+#      (--world-size 1 --dist-file: every collective runs, over one rank) give the reference's loss and gradient norm at every
 #      step, and its final adapter, fp32 masters and AdamW moments (the moments are ZeRO-1
 #      shards gathered for the checkpoint), within the tolerance below;
 #   2. the checkpoint K=2 wrote at step 2 resumes with K=1 (accum 6) and K=3 (accum 2), and
@@ -64,6 +65,7 @@ export OMP_NUM_THREADS=1
 check "reference: 1 process, --grad-accum 6" 'run 1 6 "$T/ref" --max-steps 4'
 check "K=2 x --grad-accum 3" 'run 2 3 "$T/k2" --max-steps 4'
 check "K=3 x --grad-accum 2" 'run 3 2 "$T/k3" --max-steps 4'
+check "K=1 with a communicator x --grad-accum 6" 'timeout 120 ./05_train "${COMMON[@]}" --grad-accum 6 --out "$T/k1c" --world-size 1 --dist-file "$T/k1c.dist" --max-steps 4 >"$T/k1c.rank0.log" 2>&1 && grep -q "^ranks: 1 (shared file)" "$T/k1c.rank0.log"'
 # as mpirun starts them: rank and size from Open MPI's environment, no --rank/--world-size
 OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 ./05_train "${COMMON[@]}" --grad-accum 3 --max-steps 4 --out "$T/env" --dist-file "$T/env.dist" >"$T/env1.log" 2>&1 &
 penv=$!
@@ -101,7 +103,7 @@ def expect(cond, msg):
     print(("ok   " if cond else "FAIL ") + msg)
     bad += not cond
 ref_log, ref_ad, ref_state = log(T + "/ref/train_log.csv"), st(T + "/ref/adapter_model.safetensors"), st(T + "/ref/checkpoint-4/train_state.safetensors")
-for name in ["k2", "k3", "r1", "r3"]:
+for name in ["k2", "k3", "k1c", "r1", "r3"]:
     L = log(T + "/" + name + "/train_log.csv")
     steps = sorted(L)
     worst = max(abs(L[s][0] - ref_log[s][0]) / abs(ref_log[s][0]) for s in steps)
