@@ -100,6 +100,11 @@ def llama_config(reader):
     F = read_int(reader, "llama.feed_forward_length")
     tokens = field_value(reader, "tokenizer.ggml.tokens")
     V = read_int(reader, "llama.vocab_size", required=False, default=len(tokens))
+    # every layer has 9 tensors: a block count beyond what the file holds is a corrupt header
+    # (and would otherwise have us list the shapes of that many layers)
+    if 9 * L + 2 > len(reader.tensors):
+        raise ConvertError("llama.block_count is %d, but the file holds only %d tensors (a layer has 9)"
+                           % (L, len(reader.tensors)))
     if D % H != 0 or H % Hk != 0:
         raise ConvertError("inconsistent heads: width %d, %d heads, %d kv heads" % (D, H, Hk))
     d = read_int(reader, "llama.attention.key_length", required=False, default=D // H)
@@ -389,6 +394,8 @@ def main():
         sys.exit("convert_gguf.py: %s: %s" % (args.gguf_file, e))
     except OSError as e:
         sys.exit("convert_gguf.py: cannot write %s (%s)" % (args.out_dir, e))
+    except MemoryError:
+        sys.exit("convert_gguf.py: %s: ran out of memory (a corrupt header, or a model too large for this machine)" % args.gguf_file)
 
 
 if __name__ == "__main__":

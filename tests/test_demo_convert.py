@@ -18,9 +18,12 @@ scale; F16: 2^-11 relative; F32: exact), for --dtype fp32 and, with 2^-8 relativ
 The same check against the rows *not* un-permuted must fail (the test can see a wrong order).
 config.json must carry every metadata value; tokenizer.json, run by `tokenizers`, must
 encode a string to ids worked out by hand from the merges. Broken inputs (truncated file,
-non-LLaMA architecture, a wrong tensor shape, a missing tensor) must end with one line on
+non-LLaMA architecture, a wrong tensor shape, a missing tensor, a block count of 2^31 - 1) must end with one line on
 stderr and no output folder; 200 randomly corrupted files must each convert or be refused with
-the converter's own error, never another exception; converting twice into one folder must replace it cleanly.
+the converter's own error, never another exception (under an 8 GiB address-space limit, so a
+header that makes it allocate without bound fails as a MemoryError); converting twice into one
+folder must replace it cleanly. TEST_SEED=N repeats a run; TEST_KEEP_MUTATION=PREFIX keeps each
+corrupted file as PREFIX.<trial>.
 """
 import contextlib
 import io
@@ -268,7 +271,7 @@ def check_weights(label, got, weights, stored, dtype):
 
 
 def main():
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = int(os.environ["TEST_SEED"]) if os.environ.get("TEST_SEED") else int.from_bytes(os.urandom(4), "little")
     print("seed %d" % seed)
     rng = np.random.default_rng(seed)
     tmp = tempfile.mkdtemp(prefix="test_demo_convert.")
@@ -317,7 +320,11 @@ def main():
         expect(tok.decode(got, skip_special_tokens=False) == text, "tokenizer: decode does not give the text back")
         print("  tokenizer: %r -> %s" % (text, got))
 
-    # hostile inputs: one line on stderr, non-zero exit, no output folder
+    # hostile inputs: one line on stderr, non-zero exit, no output folder. A header that makes
+    # the converter allocate without bound must fail here (MemoryError, in the converter run
+    # as a subprocess or in-process below), not take the machine's memory: 8 GiB of address space
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
     weights = random_model(rng, False)
     good = os.path.join(tmp, "good.gguf")
     write_gguf(good, weights)
@@ -333,6 +340,13 @@ def main():
     write_gguf(cases["missing tensor"], weights, skip=("model.layers.1.mlp.up_proj.weight",))
     cases["wrong shape"] = os.path.join(tmp, "shape.gguf")
     write_gguf(cases["wrong shape"], weights, bad_shape=("model.layers.0.mlp.gate_proj.weight",))
+    # llama.block_count set to 2^31 - 1 in place (a GGUF key/value: the key, a u32 type, the value)
+    cases["huge block count"] = os.path.join(tmp, "layers.gguf")
+    at = raw.find(b"llama.block_count") + len(b"llama.block_count")
+    vtype = struct.unpack("<I", raw[at:at + 4])[0]
+    assert vtype in (4, 10), vtype  # GGUF's UINT32 or UINT64
+    huge = struct.pack("<I", 0x7FFFFFFF) if vtype == 4 else struct.pack("<Q", 0x7FFFFFFF)
+    open(cases["huge block count"], "wb").write(raw[:at + 4] + huge + raw[at + 4 + len(huge):])
     cases["absent file"] = os.path.join(tmp, "no-such-file.gguf")
     for what, path in cases.items():
         dst = os.path.join(tmp, "bad-out")
@@ -355,6 +369,7 @@ def main():
             b[where] = int(rng.integers(0, 256))
         path = os.path.join(tmp, "mutated.gguf")
         open(path, "wb").write(bytes(b))
+        if os.environ.get("TEST_KEEP_MUTATION"): open(os.environ["TEST_KEEP_MUTATION"] + ".%d" % trial, "wb").write(bytes(b))
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 convert_gguf.convert(path, os.path.join(tmp, "mutated-out"), "fp32")
@@ -378,7 +393,7 @@ def main():
     if failures:
         print("%d checks failed (seed %d)" % (len(failures), seed))
         return 1
-    print("converter: tied/untied x fp32/bf16 weights within quantization tolerance, q/k order, config, tokenizer, 6 bad inputs: all pass")
+    print("converter: tied/untied x fp32/bf16 weights within quantization tolerance, q/k order, config, tokenizer, %d bad inputs: all pass" % len(cases))
     return 0
 
 
