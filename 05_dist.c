@@ -107,6 +107,8 @@ static int comm_is_root(void) { return g_comm.rank == 0; }
 static int comm_world(void) { return g_comm.backend == COMM_NONE ? 1 : g_comm.world; }
 /* 1 where the collectives run: several ranks, or one given --dist-file */
 static int comm_active(void) { return g_comm.backend != COMM_NONE; }
+/* The rule comm_init follows: one process without --dist-file trains alone, with no communicator. */
+static int comm_alone(int world, const char *dist_file) { return world <= 1 && !dist_file; }
 
 /* The slice of a flat vector of n values rank r owns: [lo, hi), sizes differing by <= 1. */
 static void dist_shard(size_t n, int rank, int world, size_t *lo, size_t *hi) {
@@ -312,7 +314,7 @@ static int comm_init(int rank, int world, const char *dist_file, int backend_gpu
     const char *er = getenv("OMPI_COMM_WORLD_RANK"), *ew = getenv("OMPI_COMM_WORLD_SIZE");
     if (world <= 0 && er && ew) { rank = atoi(er); world = atoi(ew); }
     if (world <= 0) world = 1;
-    if (world == 1 && !dist_file) { g_comm.backend = COMM_NONE; g_comm.rank = 0; g_comm.world = 1; return 0; }
+    if (comm_alone(world, dist_file)) { g_comm.backend = COMM_NONE; g_comm.rank = 0; g_comm.world = 1; return 0; }
     if (world > DIST_MAX_RANKS) return set_error("--world-size %d is more than the %d ranks supported", world, DIST_MAX_RANKS);
     if (rank < 0 || rank >= world) return set_error("--rank %d is outside 0..%d (--world-size %d)", rank, world - 1, world);
     if (!dist_file) return set_error("with --world-size %d, give --dist-file PATH: a file path all ranks see (rank 0 creates it)", world);

@@ -1562,7 +1562,7 @@ static void shard_weights_plan(const TrainOptions *o, int world) {
         shape_config(p, &c);
     }
     int ctx = o->ctx ? o->ctx : c.max_pos;
-    int alone = world <= 1 && !o->dist_file; /* one rank with --dist-file: a communicator of one */
+    int alone = comm_alone(world, o->dist_file); /* one rank with --dist-file: a communicator of one */
     dist_print_memory_plan(stdout, o->model_dir ? o->model_dir : o->shape, &c, (size_t)ctx, alone ? 8 : world, 80.0);
     if (alone) die("--shard-weights shards the frozen weights over several GPU ranks (--world-size K, or mpirun); the plan above is for 8");
 }
