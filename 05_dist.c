@@ -94,6 +94,7 @@ typedef struct {
     float *slots;           /* [K, SLOT_FLOATS] */
     size_t map_bytes;
     int finished;           /* comm_finish ran: exiting is not a failure */
+    int path_removed;       /* rank 0 has unlinked --dist-file */
 #ifdef USE_NCCL
     ncclComm_t nccl;
     cudaStream_t stream;
@@ -168,6 +169,13 @@ static void comm_atexit(void) {
         uint32_t zero = 0;
         __atomic_compare_exchange_n(&g_comm.shm->failed, &zero, (uint32_t)g_comm.rank + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     }
+    /* rank 0 stopped inside the joining barrier (a rank failed just after arriving): once every
+     * rank has mapped the file its name is not needed, so it goes as on the good path */
+    if (g_comm.backend == COMM_SHM && g_comm.shm && g_comm.rank == 0 && !g_comm.path_removed &&
+        __atomic_load_n(&g_comm.shm->joined, __ATOMIC_SEQ_CST) >= (uint32_t)g_comm.world) {
+        unlink(g_comm.path);
+        g_comm.path_removed = 1;
+    }
 #ifdef USE_NCCL
     if (g_comm.backend == COMM_NCCL && !g_comm.finished) {
         /* a marker beside the id file: the other ranks poll for it while they wait */
@@ -224,7 +232,7 @@ static int shm_open_comm(Comm *c) {
     if (joined > (uint32_t)c->world) return set_error("--dist-file %s already has %d ranks: it is left from another run; remove it", c->path, c->world);
     atexit(comm_atexit);
     shm_barrier_timeout(300);
-    if (c->rank == 0) unlink(c->path);
+    if (c->rank == 0) { unlink(c->path); c->path_removed = 1; }
 #ifdef _OPENMP
     /* K processes share the machine's cores: each takes its share (unless OMP_NUM_THREADS says) */
     if (!getenv("OMP_NUM_THREADS")) {
