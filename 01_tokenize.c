@@ -1069,7 +1069,7 @@ static int32_t *tok_encode_progress(const Tokenizer *t, const char *text, size_t
     if (!out.ids) out.ids = (int32_t *)xmalloc(sizeof(int32_t));
     return out.ids;
 }
-static int32_t *tok_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, size_t *n_out) {
+static API int32_t *tok_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, size_t *n_out) {
     return tok_encode_progress(t, text, len, add_bos, n_out, NULL, NULL);
 }
 
@@ -1158,7 +1158,7 @@ static void tok_decode_flush(const Tokenizer *t, TokDecoder *d, TokText *out) {
 }
 
 /* Decodes ids[0..n) into malloc'd text [*len_out]; NULL + last_error() on a bad id. */
-static char *tok_decode(const Tokenizer *t, const int32_t *ids, size_t n, size_t *len_out) {
+static API char *tok_decode(const Tokenizer *t, const int32_t *ids, size_t n, size_t *len_out) {
     TokDecoder d;
     tok_decoder_init(&d);
     TokText out = {0};
@@ -1481,7 +1481,7 @@ static int tok_load_json_bytes(Tokenizer *t, const char *text, size_t len, const
 
 /* Loads a tokenizer.model, a tokenizer.json, or a model folder holding one (tokenizer.model
  * first: LLaMA-2 folders carry both). -1 + last_error() on failure. */
-static int tok_load(Tokenizer *t, const char *path) {
+static API int tok_load(Tokenizer *t, const char *path) {
     char buf[4096];
     struct stat st;
     memset(t, 0, sizeof *t);
@@ -1520,6 +1520,36 @@ static int tok_load(Tokenizer *t, const char *path) {
 /* ---------------------------------------------------------------------------------------
  * The command line
  * ------------------------------------------------------------------------------------- */
+/* ---------------------------------------------------------------------------------------
+ * Prompt templates. Like HF, which keeps a model's chat template with its tokenizer, the
+ * text a prompt is wrapped in lives here: 05 trains on instruction records through it and
+ * 06 wraps a chat prompt the same way.
+ * ------------------------------------------------------------------------------------- */
+
+/* The prompt text of one record under a template. Alpaca's wording is the Stanford Alpaca
+ * prompt; llama2-chat is LLaMA-2-chat's [INST] ... [/INST] turn (no system prompt);
+ * none is the instruction (and input) as they are. Returns malloc'd text. */
+static API char *prompt_template(const char *template_name, const char *instruction, const char *input) {
+    int has_input = input && input[0];
+    const char *fmt;
+    if (!strcmp(template_name, "alpaca"))
+        fmt = has_input ? "Below is an instruction that describes a task, paired with an input that provides further context. "
+                          "Write a response that appropriately completes the request.\n\n"
+                          "### Instruction:\n%s\n\n### Input:\n%s\n\n### Response:"
+                        : "Below is an instruction that describes a task. "
+                          "Write a response that appropriately completes the request.\n\n"
+                          "### Instruction:\n%s\n\n### Response:%s";
+    else if (!strcmp(template_name, "llama2-chat"))
+        fmt = has_input ? "[INST] %s\n\n%s [/INST]" : "[INST] %s [/INST]%s";
+    else
+        fmt = has_input ? "%s\n\n%s" : "%s%s";
+    size_t cap = strlen(fmt) + strlen(instruction) + (has_input ? strlen(input) : 0) + 1;
+    char *s = (char *)xmalloc(cap); /* [cap] the prompt text */
+    snprintf(s, cap, fmt, instruction, has_input ? input : "");
+    return s;
+}
+
+
 #if STAGE == 1
 
 static void usage(void) {

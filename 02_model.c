@@ -93,7 +93,7 @@ typedef struct {
 } Config;
 
 /* The context the model runs at: its trained context stretched by the RoPE factor. */
-static size_t config_context(const Config *c) { return (size_t)((double)c->max_pos * c->rope_factor + 0.5); }
+static API size_t config_context(const Config *c) { return (size_t)((double)c->max_pos * c->rope_factor + 0.5); }
 
 /* Position interpolation (DESIGN.md): a target context longer than the model's gives the
  * linear factor s = ceil(target_ctx / max_pos); a factor in config.json is kept unless the
@@ -203,6 +203,40 @@ static int config_from_json(Config *c, const Json *j, long target_ctx) {
     return 0;
 }
 
+/* Shapes by name, for a model of random weights (05's and 06's --init random --shape NAME,
+ * the benchmarks, the tests): the real models' configs and small ones for tests (tiny-gpu
+ * and tiny-llama2 have head_dim 64, which the GPU kernels take). */
+typedef struct {
+    const char *name;
+    int dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, max_pos, tied;
+    float rope_theta, norm_eps;
+} ShapePreset;
+static const ShapePreset SHAPES[] = {
+    {"llama2-7b", 4096, 32, 32, 32, 11008, 32000, 4096, 0, 10000.0f, 1e-5f},
+    {"llama2-13b", 5120, 40, 40, 40, 13824, 32000, 4096, 0, 10000.0f, 1e-5f},
+    {"llama2-70b", 8192, 80, 64, 8, 28672, 32000, 4096, 0, 10000.0f, 1e-5f},
+    {"smollm2-135m", 576, 30, 9, 3, 1536, 49152, 8192, 1, 100000.0f, 1e-5f},
+    {"tiny", 64, 2, 4, 2, 160, 256, 256, 1, 10000.0f, 1e-5f},
+    {"tiny-gpu", 128, 2, 2, 1, 320, 512, 256, 0, 10000.0f, 1e-5f},
+    {"tiny-llama2", 128, 2, 2, 1, 320, 32000, 512, 0, 10000.0f, 1e-5f},
+};
+#define SHAPE_NAMES "llama2-7b, llama2-13b, llama2-70b, smollm2-135m, tiny, tiny-gpu or tiny-llama2"
+
+/* The config of shape `name` at its own context (no interpolation, no BOS/EOS ids).
+ * -1 + last_error() for an unknown name. */
+static API int config_from_shape(const char *name, Config *c) {
+    const ShapePreset *p = NULL;
+    for (size_t i = 0; i < sizeof SHAPES / sizeof *SHAPES; i++)
+        if (!strcmp(SHAPES[i].name, name)) p = &SHAPES[i];
+    if (!p) return set_error("unknown shape '%s' (" SHAPE_NAMES ")", name);
+    memset(c, 0, sizeof *c);
+    c->dim = p->dim; c->ffn_dim = p->ffn_dim; c->n_layers = p->n_layers; c->n_heads = p->n_heads;
+    c->n_kv_heads = p->n_kv_heads; c->head_dim = p->dim / p->n_heads; c->vocab_size = p->vocab_size;
+    c->rms_eps = p->norm_eps; c->rope_theta = p->rope_theta; c->rope_config_factor = 1.0f; c->rope_factor = 1.0f;
+    c->max_pos = p->max_pos; c->tie_embeddings = p->tied; c->bos_id = -1; c->eos_id = -1;
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------
  * Params: every weight (or gradient) as fp32, in one allocation
  * ------------------------------------------------------------------------------------- */
@@ -260,12 +294,19 @@ static float *proj_weight(const LayerParams *lp, int which) {
     }
 }
 
-/* Lays out every array of p in one zeroed allocation. */
-static void params_alloc(Params *p, const Config *c) {
+/* Every parameter of the model: embed, L x (two norms and the 7 projections), the final
+ * norm, and the head unless it is tied to embed. */
+static size_t config_param_count(const Config *c) {
     size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
     size_t per_layer = 2 * D;
     for (int w = 0; w < N_PROJ; w++) { size_t in, out; proj_shape(c, w, &in, &out); per_layer += in * out; }
-    p->count = V * D + L * per_layer + D + (c->tie_embeddings ? 0 : V * D);
+    return V * D + L * per_layer + D + (c->tie_embeddings ? 0 : V * D);
+}
+
+/* Lays out every array of p in one zeroed allocation. */
+static void params_alloc(Params *p, const Config *c) {
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
+    p->count = config_param_count(c);
     p->memory = (float *)xcalloc(p->count, sizeof(float));
     p->layers = (LayerParams *)xcalloc(L, sizeof(LayerParams));
     float *m = p->memory;
@@ -293,8 +334,8 @@ static void params_free(Params *p) {
     free(p->layers);
     memset(p, 0, sizeof *p);
 }
-static void grads_alloc(Grads *g, const Config *c) { params_alloc(g, c); }
-static void grads_zero(Grads *g) { memset(g->memory, 0, g->count * sizeof(float)); }
+static API void grads_alloc(Grads *g, const Config *c) { params_alloc(g, c); }
+static API void grads_zero(Grads *g) { memset(g->memory, 0, g->count * sizeof(float)); }
 
 /* One named tensor of the model, as HF names it. */
 typedef struct {
@@ -337,7 +378,7 @@ static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
 }
 
 /* A random model (for tests and benchmarks): linears ~ N(0, std^2), norms ~ 1 + N(0, 0.1^2). */
-static void model_init_random(Model *m, const Config *c, uint64_t seed, float std) {
+static API void model_init_random(Model *m, const Config *c, uint64_t seed, float std) {
     m->cfg = *c;
     params_alloc(&m->w, c);
     size_t n = params_list(&m->w, c, NULL);
@@ -351,7 +392,7 @@ static void model_init_random(Model *m, const Config *c, uint64_t seed, float st
     }
     free(refs);
 }
-static void model_free(Model *m) { params_free(&m->w); }
+static API void model_free(Model *m) { params_free(&m->w); }
 
 /* ---------------------------------------------------------------------------------------
  * Loading a HF folder: config.json + model.safetensors, or shards listed in
@@ -442,7 +483,7 @@ static int model_try_load(Model *m, const char *dir, long target_ctx) {
 }
 
 /* Loads a model folder or ends the program with one sentence. */
-static void model_load(Model *m, const char *dir, long target_ctx) {
+static API void model_load(Model *m, const char *dir, long target_ctx) {
     if (model_try_load(m, dir, target_ctx) != 0) die("%s", last_error());
 }
 
@@ -628,6 +669,34 @@ static void rope_backward(float *dx, const float *cos_t, const float *sin_t, siz
     rope_apply(dx, cos_t, sin_t, B, N, nh, d, -1.0f);
 }
 
+/* One query row: out [d] = sum_j softmax_j(q . k_j / sqrt(d)) v_j over keys j0 <= j <= j1,
+ * key j read at k + j * kv_stride (and its value at v + j * kv_stride). p [j1 + 1] is
+ * scratch. Returns the row's natural log-sum-exp of the scaled scores. The one CPU
+ * attention: the training forward below and 06's KV-cache decode both call it. */
+static float attention_row(float *out /* [d] */, const float *q /* [d] */, const float *k, const float *v, size_t kv_stride,
+                           size_t j0, size_t j1, int d, float *p /* [j1 + 1] */) {
+    float scale = 1.0f / sqrtf((float)d);
+    float mx = -INFINITY;
+    for (size_t j = j0; j <= j1; j++) {
+        const float *kj = k + j * kv_stride;
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int c = 0; c < d; c++) s += q[c] * kj[c];
+        p[j] = s * scale;
+        if (p[j] > mx) mx = p[j];
+    }
+    float sum = 0;
+    for (size_t j = j0; j <= j1; j++) { p[j] = expf(p[j] - mx); sum += p[j]; }
+    for (int c = 0; c < d; c++) out[c] = 0;
+    for (size_t j = j0; j <= j1; j++) {
+        const float *vj = v + j * kv_stride;
+        float pj = p[j] / sum;
+#pragma omp simd
+        for (int c = 0; c < d; c++) out[c] += pj * vj[c];
+    }
+    return mx + logf(sum);
+}
+
 /* Causal attention with grouped-query heads: query head h reads KV head h / (H/Hk).
  * Query i sees keys s2_first_key(i, h, H, G) <= j <= i (G == 0: all j <= i).
  * lse [B, H, N] keeps each row's log-sum-exp so the backward can rebuild the probabilities
@@ -636,35 +705,14 @@ static void attention_forward(float *out /* [B*N, H*d] */, float *lse /* [B, H, 
                               const float *k /* [B*N, Hk*d] */, const float *v /* [B*N, Hk*d] */,
                               size_t B, size_t N, int H, int Hk, int d, size_t G, float *scratch /* [threads, N] */) {
     size_t qs = (size_t)H * d, ks = (size_t)Hk * d;
-    float scale = 1.0f / sqrtf((float)d);
 #pragma omp parallel for collapse(2) schedule(dynamic, 8)
     for (size_t bh = 0; bh < B * (size_t)H; bh++)
         for (size_t i = 0; i < N; i++) {
             size_t b = bh / (size_t)H;
             int h = (int)(bh % (size_t)H), kvh = h / (H / Hk);
-            float *p = scratch + (size_t)thread_id() * N;
-            const float *qi = q + (b * N + i) * qs + (size_t)h * d;
-            size_t j0 = s2_first_key(i, h, H, G);
-            float mx = -INFINITY;
-            for (size_t j = j0; j <= i; j++) {
-                const float *kj = k + (b * N + j) * ks + (size_t)kvh * d;
-                float s = 0;
-#pragma omp simd reduction(+ : s)
-                for (int c = 0; c < d; c++) s += qi[c] * kj[c];
-                p[j] = s * scale;
-                if (p[j] > mx) mx = p[j];
-            }
-            float sum = 0;
-            for (size_t j = j0; j <= i; j++) { p[j] = expf(p[j] - mx); sum += p[j]; }
-            float *oi = out + (b * N + i) * qs + (size_t)h * d;
-            for (int c = 0; c < d; c++) oi[c] = 0;
-            for (size_t j = j0; j <= i; j++) {
-                const float *vj = v + (b * N + j) * ks + (size_t)kvh * d;
-                float pj = p[j] / sum;
-#pragma omp simd
-                for (int c = 0; c < d; c++) oi[c] += pj * vj[c];
-            }
-            lse[bh * N + i] = mx + logf(sum);
+            const float *kb = k + b * N * ks + (size_t)kvh * d, *vb = v + b * N * ks + (size_t)kvh * d; /* row 0 of this kv head */
+            lse[bh * N + i] = attention_row(out + (b * N + i) * qs + (size_t)h * d, q + (b * N + i) * qs + (size_t)h * d, kb, vb, ks,
+                                            s2_first_key(i, h, H, G), i, d, scratch + (size_t)thread_id() * N);
         }
 }
 
@@ -849,7 +897,7 @@ typedef struct {
 } Activations;
 
 /* Plans (allocates, once) every buffer for up to B x N tokens. */
-static void act_plan(Activations *a, const Config *c, size_t B, size_t N, int for_training) {
+static API void act_plan(Activations *a, const Config *c, size_t B, size_t N, int for_training) {
     memset(a, 0, sizeof *a);
     a->B = B; a->N = N; a->cfg = *c; a->for_training = for_training; a->n_threads = max_threads();
     size_t T = B * N, D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size, H = (size_t)c->n_heads;
@@ -884,7 +932,7 @@ static void act_plan(Activations *a, const Config *c, size_t B, size_t N, int fo
     CHECK((size_t)(m - a->memory) == total, "activation plan miscounted");
     rope_tables(a->rope_cos, a->rope_sin, N, c->head_dim, c->rope_theta, c->rope_factor);
 }
-static void act_free(Activations *a) {
+static API void act_free(Activations *a) {
     free(a->memory);
     free(a->layers);
     memset(a, 0, sizeof *a);
@@ -924,7 +972,7 @@ static void check_run(const Model *m, const Activations *a, const int32_t *token
 }
 
 /* Runs the model over tokens [B*N]; returns the mean loss over targets (0 without targets). */
-static float model_forward(const Model *m, Activations *a, const int32_t *tokens /* [B*N] */,
+static API float model_forward(const Model *m, Activations *a, const int32_t *tokens /* [B*N] */,
                            const int32_t *targets /* [B*N] or NULL */, size_t B, size_t N, const RunOptions *o) {
     const Config *c = &m->cfg;
     check_run(m, a, tokens, B, N, o);
@@ -967,7 +1015,7 @@ static float model_forward(const Model *m, Activations *a, const int32_t *tokens
 }
 
 /* Backpropagates the loss of the last model_forward (same arguments) and accumulates into g. */
-static void model_backward(const Model *m, Activations *a, Grads *g, const int32_t *tokens, const int32_t *targets,
+static API void model_backward(const Model *m, Activations *a, Grads *g, const int32_t *tokens, const int32_t *targets,
                            size_t B, size_t N, const RunOptions *o) {
     const Config *c = &m->cfg;
     if (!a->for_training) die("model_backward needs activations planned for training");
@@ -1023,14 +1071,6 @@ static void model_backward(const Model *m, Activations *a, Grads *g, const int32
 #if STAGE == 2
 
 /* SmolLM2-135M's shape, for the benchmark with random weights. */
-static Config config_smollm2_135m(void) {
-    Config c = {0};
-    c.dim = 576; c.ffn_dim = 1536; c.n_layers = 30; c.n_heads = 9; c.n_kv_heads = 3; c.head_dim = 64;
-    c.vocab_size = 49152; c.rms_eps = 1e-5f; c.rope_theta = 100000.0f; c.rope_config_factor = 1.0f;
-    c.rope_factor = 1.0f; c.max_pos = 8192; c.tie_embeddings = 1; c.bos_id = 1; c.eos_id = 2;
-    return c;
-}
-
 static void usage(void) {
     fprintf(stderr,
             "usage: 02_model --model DIR --text-file F [--ctx N] [--window W]   mean next-token loss over a text\n"
@@ -1039,14 +1079,6 @@ static void usage(void) {
             "       02_model --bench N [--model DIR] [--batch B] [--train]      forward (and with --train forward + backward) tokens/s;\n"
             "                                                                   a random SmolLM2-135M-shaped model without --model\n");
     exit(2);
-}
-
-static long parse_count(const char *flag, const char *s) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *end || v <= 0) die("%s needs a positive integer, not \"%s\"", flag, s);
-    return v;
 }
 
 int main(int argc, char **argv) {
@@ -1061,17 +1093,21 @@ int main(int argc, char **argv) {
         else if (!strcmp(f, "--text-file")) text_file = argv[++i];
         else if (!strcmp(f, "--text")) text = argv[++i];
         else if (!strcmp(f, "--tokens")) token_file = argv[++i];
-        else if (!strcmp(f, "--ctx")) ctx = parse_count(f, argv[++i]);
-        else if (!strcmp(f, "--window")) window = parse_count(f, argv[++i]);
-        else if (!strcmp(f, "--top")) top = parse_count(f, argv[++i]);
-        else if (!strcmp(f, "--bench")) bench = parse_count(f, argv[++i]);
-        else if (!strcmp(f, "--batch")) batch = parse_count(f, argv[++i]);
+        else if (!strcmp(f, "--ctx")) ctx = need_long_arg(f, argv[++i], 1, LONG_MAX);
+        else if (!strcmp(f, "--window")) window = need_long_arg(f, argv[++i], 1, LONG_MAX);
+        else if (!strcmp(f, "--top")) top = need_long_arg(f, argv[++i], 1, LONG_MAX);
+        else if (!strcmp(f, "--bench")) bench = need_long_arg(f, argv[++i], 1, LONG_MAX);
+        else if (!strcmp(f, "--batch")) batch = need_long_arg(f, argv[++i], 1, LONG_MAX);
         else usage();
     }
     Model model;
     if (bench) {
         if (model_dir) model_load(&model, model_dir, ctx);
-        else { Config c = config_smollm2_135m(); model_init_random(&model, &c, 1234, 0.02f); }
+        else {
+            Config c;
+            if (config_from_shape("smollm2-135m", &c) != 0) die("%s", last_error());
+            model_init_random(&model, &c, 1234, 0.02f);
+        }
         const Config *c = &model.cfg;
         Activations act;
         act_plan(&act, c, (size_t)batch, (size_t)bench, 0);

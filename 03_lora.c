@@ -61,7 +61,7 @@ static LoraConfig lora_default_config(void) {
 }
 
 /* Parses "q,k,v,o" or "q_proj,v_proj,gate_proj" into a target mask; -1 + last_error() otherwise. */
-static int lora_parse_targets(const char *list, unsigned *mask) {
+static API int lora_parse_targets(const char *list, unsigned *mask) {
     *mask = 0;
     const char *p = list;
     while (*p) {
@@ -175,7 +175,7 @@ typedef struct {
     int warmup_steps;
 } AdamWConfig;
 
-static AdamWConfig adamw_default_config(void) {
+static API AdamWConfig adamw_default_config(void) {
     AdamWConfig c = {2e-5f, 0.9f, 0.95f, 1e-8f, 0.0f, 20};
     return c;
 }
@@ -225,22 +225,28 @@ static void adamw_free(AdamW *opt) {
     memset(opt, 0, sizeof *opt);
 }
 
-/* One step with learning rate lr, in the order torch does it (weight decay skipped where
- * no_decay is set):
+/* One step with learning rate lr on the flat index range [lo, hi) of the trainable
+ * tensors laid end to end in the order they were added (ZeRO-1 in 05_dist.c gives each
+ * rank its own slice; adamw_step is the whole range). The arithmetic, in the order torch
+ * does it (weight decay skipped where no_decay is set):
  *   p *= 1 - lr*wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
- *   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) */
-static void adamw_step(AdamW *opt, float lr) {
+ *   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+ * Every caller counts the step, whatever its range. */
+static void adamw_step_range(AdamW *opt, float lr, size_t lo, size_t hi) {
     const AdamWConfig *c = &opt->cfg;
     long t = ++opt->steps_taken;
     double bc1 = 1.0 - pow((double)c->beta1, (double)t);
     double bc2 = 1.0 - pow((double)c->beta2, (double)t);
     float step_size = (float)(lr / bc1);
     float bc2_sqrt = (float)sqrt(bc2);
-    for (size_t k = 0; k < opt->count; k++) {
+    size_t base = 0; /* flat index of tensor k's first element */
+    for (size_t k = 0; k < opt->count; base += opt->params[k].numel, k++) {
         TrainParam *p = &opt->params[k];
+        if (hi <= base || lo >= base + p->numel) continue;
+        size_t first = lo > base ? lo - base : 0, end = hi < base + p->numel ? hi - base : p->numel;
         float decay = p->no_decay ? 1.0f : 1.0f - lr * c->weight_decay;
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < p->numel; i++) {
+        for (size_t i = first; i < end; i++) {
             float g = p->grad[i];
             float w = p->param[i] * decay;
             float m = p->m[i] + (1.0f - c->beta1) * (g - p->m[i]);
@@ -251,6 +257,7 @@ static void adamw_step(AdamW *opt, float lr) {
         }
     }
 }
+static void adamw_step(AdamW *opt, float lr) { adamw_step_range(opt, lr, 0, SIZE_MAX); }
 
 /* ---------------------------------------------------------------------------------------
  * An adapter: A and B (and their gradients) for every targeted projection of every layer.
@@ -469,8 +476,8 @@ static void lora_merge_sign(LoraAdapter *ad, Model *m, float sign) {
             }
         }
 }
-static void lora_merge(LoraAdapter *ad, Model *m) { lora_merge_sign(ad, m, 1.0f); }
-static void lora_unmerge(LoraAdapter *ad, Model *m) { lora_merge_sign(ad, m, -1.0f); }
+static API void lora_merge(LoraAdapter *ad, Model *m) { lora_merge_sign(ad, m, 1.0f); }
+static API void lora_unmerge(LoraAdapter *ad, Model *m) { lora_merge_sign(ad, m, -1.0f); }
 
 /* ---------------------------------------------------------------------------------------
  * PEFT adapter folders.
@@ -497,7 +504,7 @@ static int make_dir(const char *dir) {
 
 /* Writes adapter_config.json and adapter_model.safetensors into dir (created if needed).
  * base_name goes into base_model_name_or_path (may be NULL). -1 + last_error() on failure. */
-static int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, const char *base_name) {
+static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, const char *base_name) {
     if (make_dir(dir) != 0) return -1;
     char path[4096];
     AtomicFile af;
@@ -727,20 +734,6 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
  * S2-Attn group size and one training step
  * ------------------------------------------------------------------------------------- */
 
-/* The S2-Attn group for N tokens at group ratio `ratio` (DESIGN.md: G = N * ratio, N % G == 0).
- * A ratio of 1 is one group spanning the whole sequence: nothing is sparse or shifted, so
- * that is full causal attention and *G = 0. -1 + last_error() when the sizes do not divide. */
-static int lora_s2_group(size_t N, double ratio, size_t *G) {
-    *G = 0;
-    if (!(ratio > 0.0 && ratio <= 1.0)) return set_error("the S2-Attn group ratio %g is not in (0, 1]", ratio);
-    double g = (double)N * ratio;
-    size_t gi = (size_t)llround(g);
-    if (gi < 1 || fabs(g - (double)gi) > 1e-9) return set_error("the S2-Attn group N * ratio = %zu * %g = %g is not a whole number of tokens", N, ratio, g);
-    if (N % gi != 0) return set_error("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, gi);
-    *G = gi >= N ? 0 : gi;
-    return 0;
-}
-
 /* Gradients for a LoRA+ run: only what 02's backward writes when grads_for_frozen_linears
  * is 0 (embed [V, D], the norms [D], and the head when it is tied, which is embed), so a 7B
  * model needs 0.5 GB here instead of a second copy of every weight. The projection and an
@@ -758,22 +751,23 @@ static void lora_grads_alloc(Grads *g, const Config *c) {
     g->lm_head = c->tie_embeddings ? g->embed : NULL;
 }
 
-/* Everything one LoRA+ training run holds. */
+/* Everything one LoRA+ training run holds on the CPU: 05's trainer keeps one (its GPU step
+ * uses the optimizer's fp32 masters and moments, not the activations). */
 typedef struct {
     Model *model;      /* base weights (frozen) plus the LoRA+ embed/norms (trained in place) */
     Grads grads;       /* lora_grads_alloc: embed, norms (and a tied head) only */
-    Activations act;   /* planned for B x N */
+    Activations act;   /* planned for B x N; none when B * N is 0 */
     LoraAdapter *ad;
-    AdamW opt;
-    RunOptions run;    /* s2_group, the LoRA hook */
+    AdamW opt;         /* every trainable tensor, its gradient and moments */
+    RunOptions run;    /* s2_group, the LoRA hook, no dW for the frozen linears */
 } LoraTrainer;
 
-static void lora_trainer_init(LoraTrainer *tr, Model *m, LoraAdapter *ad, const AdamWConfig *oc, size_t B, size_t N, size_t s2_group) {
+static API void lora_trainer_init(LoraTrainer *tr, Model *m, LoraAdapter *ad, const AdamWConfig *oc, size_t B, size_t N, size_t s2_group) {
     memset(tr, 0, sizeof *tr);
     tr->model = m;
     tr->ad = ad;
     lora_grads_alloc(&tr->grads, &m->cfg);
-    act_plan(&tr->act, &m->cfg, B, N, 1);
+    if (B * N > 0) act_plan(&tr->act, &m->cfg, B, N, 1);
     tr->opt.cfg = *oc;
     lora_register_params(&tr->opt, ad, m, &tr->grads);
     tr->run.s2_group = s2_group;
@@ -781,27 +775,63 @@ static void lora_trainer_init(LoraTrainer *tr, Model *m, LoraAdapter *ad, const 
     tr->run.hook = &ad->hook;
 }
 
-static void lora_trainer_free(LoraTrainer *tr) {
+static API void lora_trainer_free(LoraTrainer *tr) {
     params_free(&tr->grads);
-    act_free(&tr->act);
+    if (tr->act.memory) act_free(&tr->act);
     adamw_free(&tr->opt);
     memset(tr, 0, sizeof *tr);
 }
 
-/* Forward, backward and one AdamW step on tokens/targets [B*N]; returns the loss. */
-static float lora_train_step(LoraTrainer *tr, const int32_t *tokens, const int32_t *targets, size_t B, size_t N) {
+static void lora_trainer_zero_grads(LoraTrainer *tr) {
     grads_zero(&tr->grads);
     lora_zero_grads(tr->ad);
+}
+
+/* Forward and backward of one micro-batch tokens/targets [B*N], the gradients added to what
+ * is there; returns its loss (no backward when the loss is not finite). */
+static float lora_trainer_accumulate(LoraTrainer *tr, const int32_t *tokens, const int32_t *targets, size_t B, size_t N) {
     tr->ad->training = 1;
     float loss = model_forward(tr->model, &tr->act, tokens, targets, B, N, &tr->run);
-    model_backward(tr->model, &tr->act, &tr->grads, tokens, targets, B, N, &tr->run);
+    if (isfinite(loss)) model_backward(tr->model, &tr->act, &tr->grads, tokens, targets, B, N, &tr->run);
+    return loss;
+}
+
+/* Global L2 norm of every trainable gradient (for clipping). */
+static API double lora_trainer_grad_norm(const LoraTrainer *tr) {
+    double sum = 0;
+    for (size_t k = 0; k < tr->opt.count; k++) {
+        const TrainParam *p = &tr->opt.params[k];
+        double s = 0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+        for (size_t i = 0; i < p->numel; i++) s += (double)p->grad[i] * p->grad[i];
+        sum += s;
+    }
+    return sqrt(sum);
+}
+
+static API void lora_trainer_scale_grads(LoraTrainer *tr, float scale) {
+    for (size_t k = 0; k < tr->opt.count; k++) {
+        TrainParam *p = &tr->opt.params[k];
+        for (size_t i = 0; i < p->numel; i++) p->grad[i] *= scale;
+    }
+}
+
+/* Forward, backward and one AdamW step on tokens/targets [B*N]; returns the loss. */
+static API float lora_train_step(LoraTrainer *tr, const int32_t *tokens, const int32_t *targets, size_t B, size_t N) {
+    lora_trainer_zero_grads(tr);
+    float loss = lora_trainer_accumulate(tr, tokens, targets, B, N);
     adamw_step(&tr->opt, adamw_lr_at(&tr->opt.cfg, tr->opt.steps_taken));
     return loss;
 }
 
 /* ---------------------------------------------------------------------------------------
- * A merged HF model folder: config.json (with the rope_scaling trained with), the merged
- * weights in model.safetensors (fp32), and the tokenizer files copied across.
+ * A merged HF model folder transformers loads (03's --merge-out in fp32, 06's --export in bf16):
+ *   config.json       the base's, with "rope_scaling" {"type": "linear", "factor": s} and
+ *                     "max_position_embeddings" = the context trained for (s x the base's),
+ *                     "torch_dtype" the weights' dtype
+ *   model.safetensors or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+ *                     when the weights exceed the shard size: HF's tensor names
+ *   tokenizer files   copied as they are
  * ------------------------------------------------------------------------------------- */
 
 /* Writes a parsed JSON value back out (2-space indents; integers stay integers). */
@@ -833,55 +863,103 @@ static void json_write_value(FILE *f, const Json *v, int indent) {
     }
 }
 
-/* config.json of the merged model: the base's, with torch_dtype float32 and, when RoPE was
- * interpolated, the linear rope_scaling (and transformers 5's rope_parameters) it ran with. */
-static int write_merged_config(const char *base_dir, const char *out_dir, const Config *c) {
+static int write_export_config(const char *base_dir, const char *out_dir, const Config *c, DType dtype) {
     char path[4096];
-    Json *j = json_parse_file(path_join(path, sizeof path, base_dir, "config.json"));
-    if (!j) return -1;
+    Json *j = NULL;
+    if (base_dir) {
+        j = json_parse_file(path_join(path, sizeof path, base_dir, "config.json"));
+        if (!j) return -1;
+    }
     AtomicFile af;
     if (atomic_open(&af, path_join(path, sizeof path, out_dir, "config.json")) != 0) { json_free(j); return -1; }
     FILE *f = af.f;
-    int scaled = c->rope_factor > 1.0f, wrote_scaling = 0;
-    fputc('{', f);
+    static const char *const ours[] = {"torch_dtype", "dtype", "rope_scaling", "rope_parameters", "max_position_embeddings", "rope_theta"};
     size_t n = 0;
-    for (size_t i = 0; i < j->count; i++) {
-        const char *k = j->keys[i];
-        if (strcmp(k, "torch_dtype") == 0 || strcmp(k, "dtype") == 0) continue;
-        if (scaled && (strcmp(k, "rope_scaling") == 0 || strcmp(k, "rope_parameters") == 0)) continue;
+    fputc('{', f);
+    for (size_t i = 0; j && i < j->count; i++) {
+        int skip = 0;
+        for (size_t k = 0; k < sizeof ours / sizeof *ours; k++) skip |= strcmp(j->keys[i], ours[k]) == 0;
+        if (skip) continue;
         fprintf(f, "%s\n  ", n++ ? "," : "");
-        json_write_string(f, k);
+        json_write_string(f, j->keys[i]);
         fputs(": ", f);
         json_write_value(f, &j->items[i], 2);
     }
-    if (scaled) {
-        fprintf(f, "%s\n  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g, \"rope_theta\": %.9g}", n++ ? "," : "",
-                (double)c->rope_factor, (double)c->rope_theta);
-        fprintf(f, ",\n  \"rope_parameters\": {\"rope_type\": \"linear\", \"factor\": %.9g, \"rope_theta\": %.9g}", (double)c->rope_factor, (double)c->rope_theta);
-        wrote_scaling = 1;
-    }
-    fprintf(f, "%s\n  \"torch_dtype\": \"float32\"\n}\n", n ? "," : "");
-    (void)wrote_scaling;
+    if (!j) /* random weights: a complete LLaMA config */
+        fprintf(f, "\n  \"architectures\": [\"LlamaForCausalLM\"],\n  \"model_type\": \"llama\",\n  \"hidden_size\": %d,\n"
+                   "  \"intermediate_size\": %d,\n  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
+                   "  \"num_key_value_heads\": %d,\n  \"head_dim\": %d,\n  \"vocab_size\": %d,\n  \"rms_norm_eps\": %.9g,\n"
+                   "  \"tie_word_embeddings\": %s,\n  \"hidden_act\": \"silu\"",
+                c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, (double)c->rms_eps,
+                c->tie_embeddings ? "true" : "false"), n = 1;
+    size_t trained_ctx = config_context(c);
+    fprintf(f, "%s\n  \"max_position_embeddings\": %zu,\n  \"rope_theta\": %.9g,\n", n ? "," : "", trained_ctx, (double)c->rope_theta);
+    if (c->rope_factor > 1.0f)
+        fprintf(f, "  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g},\n", (double)c->rope_factor);
+    else fputs("  \"rope_scaling\": null,\n", f);
+    fprintf(f, "  \"torch_dtype\": \"%s\"\n}\n", dtype == DT_BF16 ? "bfloat16" : "float32");
     json_free(j);
     return atomic_commit(&af);
 }
 
-/* Writes m (already merged) as a HF model folder; base_dir supplies config.json and tokenizer files. */
-static int save_merged_model(const Model *m, const char *base_dir, const char *out_dir) {
-    if (make_dir(out_dir) != 0 || write_merged_config(base_dir, out_dir, &m->cfg) != 0) return -1;
+/* Writes m's weights (the adapter already merged in) as shards of at most shard_bytes (a
+ * tensor is never split) in dtype (DT_BF16 or DT_F32), the index when there is more than
+ * one, the config, and the base's tokenizer files (base_dir NULL: random weights, a
+ * complete config written from m's). */
+static API int export_merged(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes, DType dtype) {
+    if (dtype != DT_BF16 && dtype != DT_F32) return set_error("an export is written in bf16 or fp32");
+    if (make_dir(out_dir) != 0 || write_export_config(base_dir, out_dir, &m->cfg, dtype) != 0) return -1;
     size_t n = params_list(&m->w, &m->cfg, NULL);
     ParamRef *refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
     params_list(&m->w, &m->cfg, refs);
-    StWriter sw = {0};
-    sw.metadata_json = (char *)"{\"format\":\"pt\"}";
-    for (size_t i = 0; i < n; i++) st_writer_add(&sw, refs[i].name, DT_F32, refs[i].ndim, refs[i].shape, refs[i].data);
-    char path[4096];
-    int rc = st_write(&sw, path_join(path, sizeof path, out_dir, "model.safetensors"));
-    st_writer_free(&sw);
-    free(refs);
+    size_t *shard_of = (size_t *)xmalloc(n * sizeof(size_t)); /* [n] */
+    size_t n_shards = 1, in_shard = 0, total = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t bytes = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1] * DTYPE_SIZES[dtype];
+        if (in_shard > 0 && in_shard + bytes > shard_bytes) { n_shards++; in_shard = 0; }
+        shard_of[i] = n_shards - 1;
+        in_shard += bytes;
+        total += bytes;
+    }
+    int rc = 0;
+    char path[4096], name[64];
+    for (size_t s = 0; s < n_shards && rc == 0; s++) {
+        StWriter sw = {0};
+        sw.metadata_json = (char *)"{\"format\":\"pt\"}";
+        uint16_t **bufs = (uint16_t **)xcalloc(n, sizeof(uint16_t *));
+        for (size_t i = 0; i < n; i++) {
+            if (shard_of[i] != s) continue;
+            int64_t shape[2] = {refs[i].shape[0], refs[i].shape[1]};
+            if (dtype == DT_F32) { st_writer_add(&sw, refs[i].name, DT_F32, refs[i].ndim, shape, refs[i].data); continue; }
+            size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
+            bufs[i] = (uint16_t *)xmalloc(numel * sizeof(uint16_t)); /* [numel] the tensor in bf16 */
+            for (size_t k = 0; k < numel; k++) bufs[i][k] = f32_to_bf16(refs[i].data[k]);
+            st_writer_add(&sw, refs[i].name, DT_BF16, refs[i].ndim, shape, bufs[i]);
+        }
+        if (n_shards == 1) snprintf(name, sizeof name, "model.safetensors");
+        else snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, n_shards);
+        rc = st_write(&sw, path_join(path, sizeof path, out_dir, name));
+        st_writer_free(&sw);
+        for (size_t i = 0; i < n; i++) free(bufs[i]);
+        free(bufs);
+    }
+    if (rc == 0 && n_shards > 1) {
+        AtomicFile af;
+        if (atomic_open(&af, path_join(path, sizeof path, out_dir, "model.safetensors.index.json")) != 0) rc = -1;
+        else {
+            fprintf(af.f, "{\n  \"metadata\": {\"total_size\": %zu},\n  \"weight_map\": {", total);
+            for (size_t i = 0; i < n; i++) {
+                fprintf(af.f, "%s\n    ", i ? "," : "");
+                json_write_string(af.f, refs[i].name);
+                fprintf(af.f, ": \"model-%05zu-of-%05zu.safetensors\"", shard_of[i] + 1, n_shards);
+            }
+            fputs("\n  }\n}\n", af.f);
+            rc = atomic_commit(&af);
+        }
+    }
     static const char *const copies[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                                          "special_tokens_map.json", "generation_config.json"};
-    for (size_t i = 0; rc == 0 && i < sizeof copies / sizeof copies[0]; i++) {
+    for (size_t i = 0; rc == 0 && base_dir && i < sizeof copies / sizeof *copies; i++) {
         char src[4096];
         if (!file_exists(path_join(src, sizeof src, base_dir, copies[i]))) continue;
         size_t len;
@@ -889,6 +967,8 @@ static int save_merged_model(const Model *m, const char *base_dir, const char *o
         if (!data || write_file_atomic(path_join(path, sizeof path, out_dir, copies[i]), data, len) != 0) rc = -1;
         free(data);
     }
+    free(shard_of);
+    free(refs);
     return rc;
 }
 
@@ -911,21 +991,6 @@ static void usage(void) {
     exit(2);
 }
 
-static double parse_number(const char *flag, const char *s) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || *end || end == s || v != v) die("%s needs a number, not \"%s\"", flag, s);
-    return v;
-}
-static long parse_count(const char *flag, const char *s, long min) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *end || end == s || v < min) die("%s needs an integer >= %ld, not \"%s\"", flag, min, s);
-    return v;
-}
-
 int main(int argc, char **argv) {
     const char *model_dir = NULL, *text_file = NULL, *token_file = NULL;
     const char *save_dir = NULL, *load_dir = NULL, *merge_dir = NULL;
@@ -944,21 +1009,21 @@ int main(int argc, char **argv) {
         if (!strcmp(f, "--model")) model_dir = v;
         else if (!strcmp(f, "--text-file")) text_file = v;
         else if (!strcmp(f, "--tokens")) token_file = v;
-        else if (!strcmp(f, "--steps")) steps = parse_count(f, v, 0);
-        else if (!strcmp(f, "--ctx")) ctx = parse_count(f, v, 2);
-        else if (!strcmp(f, "--batch")) batch = parse_count(f, v, 1);
-        else if (!strcmp(f, "--s2-ratio")) { s2_ratio = parse_number(f, v); use_s2 = 1; }
-        else if (!strcmp(f, "--rank")) lc.rank = (int)parse_count(f, v, 1);
-        else if (!strcmp(f, "--alpha")) lc.alpha = (float)parse_number(f, v);
-        else if (!strcmp(f, "--dropout")) lc.dropout = (float)parse_number(f, v);
+        else if (!strcmp(f, "--steps")) steps = need_long_arg(f, v, 0, LONG_MAX);
+        else if (!strcmp(f, "--ctx")) ctx = need_long_arg(f, v, 2, LONG_MAX);
+        else if (!strcmp(f, "--batch")) batch = need_long_arg(f, v, 1, LONG_MAX);
+        else if (!strcmp(f, "--s2-ratio")) { s2_ratio = need_double_arg(f, v, -HUGE_VAL, HUGE_VAL); use_s2 = 1; }
+        else if (!strcmp(f, "--rank")) lc.rank = (int)need_long_arg(f, v, 1, LONG_MAX);
+        else if (!strcmp(f, "--alpha")) lc.alpha = (float)need_double_arg(f, v, -HUGE_VAL, HUGE_VAL);
+        else if (!strcmp(f, "--dropout")) lc.dropout = (float)need_double_arg(f, v, -HUGE_VAL, HUGE_VAL);
         else if (!strcmp(f, "--targets")) { if (lora_parse_targets(v, &lc.targets) != 0) die("%s", last_error()); }
-        else if (!strcmp(f, "--lr")) oc.lr = (float)parse_number(f, v);
-        else if (!strcmp(f, "--warmup")) oc.warmup_steps = (int)parse_count(f, v, 0);
-        else if (!strcmp(f, "--beta1")) oc.beta1 = (float)parse_number(f, v);
-        else if (!strcmp(f, "--beta2")) oc.beta2 = (float)parse_number(f, v);
-        else if (!strcmp(f, "--eps")) oc.eps = (float)parse_number(f, v);
-        else if (!strcmp(f, "--weight-decay")) oc.weight_decay = (float)parse_number(f, v);
-        else if (!strcmp(f, "--seed")) lc.seed = (uint64_t)parse_count(f, v, 0);
+        else if (!strcmp(f, "--lr")) oc.lr = (float)need_double_arg(f, v, -HUGE_VAL, HUGE_VAL);
+        else if (!strcmp(f, "--warmup")) oc.warmup_steps = (int)need_long_arg(f, v, 0, LONG_MAX);
+        else if (!strcmp(f, "--beta1")) oc.beta1 = (float)need_double_arg(f, v, -HUGE_VAL, HUGE_VAL);
+        else if (!strcmp(f, "--beta2")) oc.beta2 = (float)need_double_arg(f, v, -HUGE_VAL, HUGE_VAL);
+        else if (!strcmp(f, "--eps")) oc.eps = (float)need_double_arg(f, v, -HUGE_VAL, HUGE_VAL);
+        else if (!strcmp(f, "--weight-decay")) oc.weight_decay = (float)need_double_arg(f, v, -HUGE_VAL, HUGE_VAL);
+        else if (!strcmp(f, "--seed")) lc.seed = (uint64_t)need_long_arg(f, v, 0, LONG_MAX);
         else if (!strcmp(f, "--save-adapter")) save_dir = v;
         else if (!strcmp(f, "--load-adapter")) load_dir = v;
         else if (!strcmp(f, "--merge-out")) merge_dir = v;
@@ -970,7 +1035,7 @@ int main(int argc, char **argv) {
     if (!(oc.beta1 >= 0 && oc.beta1 < 1 && oc.beta2 >= 0 && oc.beta2 < 1 && oc.eps > 0 && oc.lr >= 0 && oc.weight_decay >= 0))
         die("AdamW needs 0 <= beta1, beta2 < 1, eps > 0, lr >= 0 and weight decay >= 0");
     size_t N = (size_t)ctx, B = (size_t)batch, G = 0;
-    if (use_s2 && lora_s2_group(N, s2_ratio, &G) != 0) die("%s", last_error());
+    if (use_s2 && s2_group_size(N, s2_ratio, &G) != 0) die("%s", last_error());
 
     Model model;
     model_load(&model, model_dir, ctx);
@@ -1036,7 +1101,7 @@ int main(int argc, char **argv) {
     }
     if (merge_dir) {
         lora_merge(&ad, &model);
-        if (save_merged_model(&model, model_dir, merge_dir) != 0) die("%s", last_error());
+        if (export_merged(&model, model_dir, merge_dir, (size_t)5e9, DT_F32) != 0) die("%s", last_error());
         fprintf(stderr, "03_lora: merged model written to %s\n", merge_dir);
     }
     lora_free(&ad);

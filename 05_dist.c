@@ -34,11 +34,13 @@
  *     dist_print_memory_plan says what a GPU needs, replicated and sharded.
  * Runs on: the CPU (shm backend, any Linux); NCCL on GPUs where the build has NCCL.
  * Checked by: tests/test_dist.c (the shm collectives with K processes, ZeRO-1's AdamW slices
- * against 03's adamw_step, the data split, the memory plan) and tests/test_dist_train.sh
+ * (03's adamw_step_range) against 03's adamw_step, the data split, the memory plan) and tests/test_dist_train.sh
  * (K = 2, 3 processes give the losses and adapter of one process with K-times accumulation;
  * save with K=2, resume with K=1 and K=3).
- * UNRUN: the NCCL paths (the GPU step, --shard-weights) were written and compiled without
- * a GPU; only the shm backend and the CPU step are tested.
+ * What has run where: the shm backend with K = 1, 2 and 3 processes (the CPU tests above);
+ * NCCL with one rank on one H200 (tests/test_gpu_dist.sh, plain and --shard-weights, against
+ * one GPU without a communicator). NCCL with K >= 2 ranks (the K = 2 half of that test) has
+ * not run yet: no machine with several GPUs was at hand.
  * Leaves out: overlapping the all-reduce with the backward (the GPU step all-reduces once
  * per step, all tensors in one NCCL group: for 7B at 32k that is ~0.56 GB of fp32 gradients,
  * mostly embed_tokens, against a ~3 s step), sharding the moments' memory on the GPU (the
@@ -59,10 +61,10 @@
 #include <omp.h>
 #endif
 #ifdef USE_NCCL
+#include <cuda_runtime.h>
 #include <nccl.h>
 #endif
 
-#define DIST_MAX_RANKS 256
 #define DIST_SHM_MAGIC 0x4c4c444953543031ull /* "LLDIST01" */
 #define DIST_SHM_SLOT_FLOATS ((size_t)1 << 20) /* per rank: 4 MiB of fp32 per round */
 
@@ -416,7 +418,7 @@ static void comm_allgather_shards(void *buf, size_t n, size_t elem) {
 }
 
 /* buf [bytes] from rank `root` to every rank (host buffers, shm). */
-static void comm_broadcast(void *buf, size_t bytes, int root) {
+static API void comm_broadcast(void *buf, size_t bytes, int root) {
     CHECK(g_comm.backend != COMM_NCCL, "comm_broadcast takes host buffers (the shm backend); GPU ranks broadcast with NCCL");
     if (g_comm.backend != COMM_SHM) return;
     size_t cap = DIST_SHM_SLOT_FLOATS * sizeof(float) * (size_t)g_comm.world;
@@ -473,34 +475,6 @@ static void flat_copy(AdamW *opt, int which, float *flat, int to_flat) {
     }
 }
 
-/* 03's AdamW (adamw_step, the same arithmetic in the same order) on the flat range [lo, hi)
- * only: this rank's ZeRO-1 slice. Every rank counts the step. */
-static void adamw_step_range(AdamW *opt, float lr, size_t lo, size_t hi) {
-    const AdamWConfig *c = &opt->cfg;
-    long t = ++opt->steps_taken;
-    double bc1 = 1.0 - pow((double)c->beta1, (double)t);
-    double bc2 = 1.0 - pow((double)c->beta2, (double)t);
-    float step_size = (float)(lr / bc1);
-    float bc2_sqrt = (float)sqrt(bc2);
-    size_t base = 0;
-    for (size_t k = 0; k < opt->count; base += opt->params[k].numel, k++) {
-        TrainParam *p = &opt->params[k];
-        size_t a = lo > base ? lo - base : 0, z = hi < base + p->numel ? hi - base : p->numel;
-        if (hi <= base || lo >= base + p->numel) continue;
-        float decay = p->no_decay ? 1.0f : 1.0f - lr * c->weight_decay;
-#pragma omp parallel for schedule(static)
-        for (size_t i = a; i < z; i++) {
-            float g = p->grad[i];
-            float w = p->param[i] * decay;
-            float m = p->m[i] + (1.0f - c->beta1) * (g - p->m[i]);
-            float v = c->beta2 * p->v[i] + (1.0f - c->beta2) * g * g;
-            p->m[i] = m;
-            p->v[i] = v;
-            p->param[i] = w - step_size * (m / (sqrtf(v) / bc2_sqrt + c->eps));
-        }
-    }
-}
-
 /* After a ZeRO-1 step: every rank gets every rank's slice of `which` (params each step,
  * the moments before a checkpoint). flat [P] is scratch. */
 static void dist_gather_state(AdamW *opt, int which, float *flat) {
@@ -511,7 +485,41 @@ static void dist_gather_state(AdamW *opt, int which, float *flat) {
 }
 
 /* =======================================================================================
- * 3. Memory plan for --shard-weights (ZeRO-3 of the frozen bf16 weights)
+ * 3. The CPU step over K ranks
+ *
+ * 05_train.c's train_step_cpu, spread: the step covers K * grad_accum micro-batches, micro-
+ * batch j is rank j mod K's (the others skip it), the gradients and the loss sum are
+ * all-reduced, and AdamW updates this rank's ZeRO-1 slice, then the slices are all-gathered.
+ * ===================================================================================== */
+
+static StepResult train_step_cpu_ranks(Trainer *t) {
+    const TrainOptions *o = &t->opt;
+    StepResult r = {0, 0, 0};
+    int K = comm_world(), rank = g_comm.rank, n_micro = K * o->grad_accum;
+    lora_trainer_zero_grads(&t->lt);
+    for (int micro = 0; micro < n_micro; micro++) {
+        if (micro % K != rank) { dataset_skip_batch(&t->data, o->batch); continue; }
+        dataset_next_batch(&t->data, o->batch, t->inputs, t->targets);
+        /* a non-finite loss rides along in the sum: the other ranks wait for this one's */
+        r.loss += lora_trainer_accumulate(&t->lt, t->inputs, t->targets, (size_t)o->batch, (size_t)o->ctx);
+    }
+    size_t P = flat_count(&t->lt.opt);
+    flat_copy(&t->lt.opt, 1, t->dist_flat, 1); /* gradients and the loss sum, added over the ranks */
+    t->dist_flat[P] = (float)r.loss;
+    comm_allreduce_sum(t->dist_flat, P + 1);
+    flat_copy(&t->lt.opt, 1, t->dist_flat, 0);
+    r.loss = t->dist_flat[P];
+    if (step_finish_grads(t, &r, n_micro) == 0) {
+        size_t lo, hi;
+        dist_shard(P, rank, K, &lo, &hi);
+        adamw_step_range(&t->lt.opt, (float)r.lr, lo, hi);
+        dist_gather_state(&t->lt.opt, 0, t->dist_flat);
+    }
+    return r;
+}
+
+/* =======================================================================================
+ * 4. Memory plan for --shard-weights (ZeRO-3 of the frozen bf16 weights)
  *
  * Per GPU: frozen bf16 weights (all of them, or 1/K plus two layers' worth of gather
  * buffers), the trainable fp32 state (master, grad and the two moments: full size; ZeRO-1
@@ -519,8 +527,6 @@ static void dist_gather_state(AdamW *opt, int which, float *flat) {
  * activations of 05_train_gpu.c's checkpointed step: the kept layer inputs [L+1, N, D] bf16
  * plus one layer's work buffers (tg_act_bytes' terms, keeping no attention outputs).
  * ===================================================================================== */
-
-static size_t config_param_count(const Config *c); /* 05_train.c: every parameter of the model */
 
 typedef struct {
     double frozen, gather, trainable, moments, activations, total; /* bytes per GPU */

@@ -756,7 +756,7 @@ static void train_gpu_setup(Trainer *t) {
     if (o->shard_weights && g_comm.backend != COMM_NCCL)
         die("--shard-weights shards the frozen weights over several GPU ranks: it needs --world-size 2 or more on GPUs with NCCL");
     tg_shard_weights = o->shard_weights;
-    gpu_train_init(t->gpu, &t->model, &t->lora, &t->adamw, 0);
+    gpu_train_init(t->gpu, &t->model, &t->lora, &t->lt.opt, 0);
     if (gpu_train_plan(t->gpu, (size_t)o->batch, (size_t)o->ctx, (size_t)o->group) != 0) die("%s", last_error());
 }
 
@@ -877,11 +877,11 @@ static StepResult train_step_gpu(Trainer *t) {
     r.grad_norm = gpu_train_grad_norm(t->gpu, scale);
     if (!isfinite(r.grad_norm)) return r;
     if (o->clip > 0 && r.grad_norm > o->clip) scale *= o->clip / (r.grad_norm + 1e-6);
-    r.lr = adamw_lr_at(&t->adamw.cfg, t->step);
+    r.lr = adamw_lr_at(&t->lt.opt.cfg, t->step);
 #ifdef USE_NCCL
-    if (comm_active()) { tg_dist_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale); return r; }
+    if (comm_active()) { tg_dist_adamw(t->gpu, &t->lt.opt, (float)r.lr, (float)scale); return r; }
 #endif
-    gpu_train_adamw(t->gpu, &t->adamw, (float)r.lr, (float)scale);
+    gpu_train_adamw(t->gpu, &t->lt.opt, (float)r.lr, (float)scale);
     return r;
 }
 

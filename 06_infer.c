@@ -36,7 +36,7 @@
 #ifndef STAGE
 #define STAGE 6
 #endif
-#include "05_train.c"
+#include "03_lora.c"
 
 #include <unistd.h>
 #ifdef USE_CUDA
@@ -111,38 +111,17 @@ static void cpu_engine_free(CpuEngine *e) {
 }
 
 /* Causal attention of T new queries at positions pos0.. over the cache rows [0, pos0 + t]:
- * 02's attention_forward with the keys read from the cache. */
+ * 02's attention_row with the keys read from the cache. */
 static void attention_cached(float *out /* [T, H*d] */, const float *q /* [T, H*d] */, const float *k_cache /* [n_cap, Hk*d] */,
                              const float *v_cache /* [n_cap, Hk*d] */, size_t T, size_t pos0, int H, int Hk, int d,
                              float *scratch /* [threads, n_cap] */, size_t n_cap) {
     size_t qs = (size_t)H * d, ks = (size_t)Hk * d;
-    float scale = 1.0f / sqrtf((float)d);
 #pragma omp parallel for collapse(2) schedule(dynamic, 4)
     for (size_t t = 0; t < T; t++)
         for (int h = 0; h < H; h++) {
-            int kvh = h / (H / Hk);
-            size_t last = pos0 + t; /* keys 0..last */
-            float *p = scratch + (size_t)thread_id() * n_cap;
-            const float *qi = q + t * qs + (size_t)h * d;
-            float mx = -INFINITY;
-            for (size_t j = 0; j <= last; j++) {
-                const float *kj = k_cache + j * ks + (size_t)kvh * d;
-                float s = 0;
-#pragma omp simd reduction(+ : s)
-                for (int c = 0; c < d; c++) s += qi[c] * kj[c];
-                p[j] = s * scale;
-                if (p[j] > mx) mx = p[j];
-            }
-            float sum = 0;
-            for (size_t j = 0; j <= last; j++) { p[j] = expf(p[j] - mx); sum += p[j]; }
-            float *oi = out + t * qs + (size_t)h * d;
-            for (int c = 0; c < d; c++) oi[c] = 0;
-            for (size_t j = 0; j <= last; j++) {
-                const float *vj = v_cache + j * ks + (size_t)kvh * d;
-                float pj = p[j] / sum;
-#pragma omp simd
-                for (int c = 0; c < d; c++) oi[c] += pj * vj[c];
-            }
+            size_t kv = (size_t)(h / (H / Hk)) * d;
+            attention_row(out + t * qs + (size_t)h * d, q + t * qs + (size_t)h * d, k_cache + kv, v_cache + kv, ks, 0, pos0 + t, d,
+                          scratch + (size_t)thread_id() * n_cap);
         }
 }
 
@@ -930,122 +909,7 @@ static size_t passkey_run(Engine *e, const Tokenizer *tok, int add_bos, size_t m
 }
 
 /* =======================================================================================
- * 8. Export: a merged HF folder transformers loads
- *   config.json       the base's, with "rope_scaling" {"type": "linear", "factor": s} and
- *                     "max_position_embeddings" = the context trained for (s x the base's),
- *                     "torch_dtype" bfloat16
- *   model.safetensors or model-0000k-of-0000n.safetensors + model.safetensors.index.json
- *                     when the weights exceed --shard-size: bf16, HF's tensor names
- *   tokenizer files   copied as they are
- * ===================================================================================== */
-
-static int write_export_config(const char *base_dir, const char *out_dir, const Config *c) {
-    char path[4096];
-    Json *j = NULL;
-    if (base_dir) {
-        j = json_parse_file(path_join(path, sizeof path, base_dir, "config.json"));
-        if (!j) return -1;
-    }
-    AtomicFile af;
-    if (atomic_open(&af, path_join(path, sizeof path, out_dir, "config.json")) != 0) { json_free(j); return -1; }
-    FILE *f = af.f;
-    static const char *const ours[] = {"torch_dtype", "dtype", "rope_scaling", "rope_parameters", "max_position_embeddings", "rope_theta"};
-    size_t n = 0;
-    fputc('{', f);
-    for (size_t i = 0; j && i < j->count; i++) {
-        int skip = 0;
-        for (size_t k = 0; k < sizeof ours / sizeof *ours; k++) skip |= strcmp(j->keys[i], ours[k]) == 0;
-        if (skip) continue;
-        fprintf(f, "%s\n  ", n++ ? "," : "");
-        json_write_string(f, j->keys[i]);
-        fputs(": ", f);
-        json_write_value(f, &j->items[i], 2);
-    }
-    if (!j) /* random weights: a complete LLaMA config */
-        fprintf(f, "\n  \"architectures\": [\"LlamaForCausalLM\"],\n  \"model_type\": \"llama\",\n  \"hidden_size\": %d,\n"
-                   "  \"intermediate_size\": %d,\n  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
-                   "  \"num_key_value_heads\": %d,\n  \"head_dim\": %d,\n  \"vocab_size\": %d,\n  \"rms_norm_eps\": %.9g,\n"
-                   "  \"tie_word_embeddings\": %s,\n  \"hidden_act\": \"silu\"",
-                c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, (double)c->rms_eps,
-                c->tie_embeddings ? "true" : "false"), n = 1;
-    size_t trained_ctx = config_context(c);
-    fprintf(f, "%s\n  \"max_position_embeddings\": %zu,\n  \"rope_theta\": %.9g,\n", n ? "," : "", trained_ctx, (double)c->rope_theta);
-    if (c->rope_factor > 1.0f)
-        fprintf(f, "  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g},\n", (double)c->rope_factor);
-    else fputs("  \"rope_scaling\": null,\n", f);
-    fputs("  \"torch_dtype\": \"bfloat16\"\n}\n", f);
-    json_free(j);
-    return atomic_commit(&af);
-}
-
-/* Writes m's weights as bf16 shards of at most shard_bytes (a tensor is never split), the
- * index when there is more than one, the config, and the base's tokenizer files. */
-static int export_merged(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes) {
-    if (make_dir(out_dir) != 0 || write_export_config(base_dir, out_dir, &m->cfg) != 0) return -1;
-    size_t n = params_list(&m->w, &m->cfg, NULL);
-    ParamRef *refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
-    params_list(&m->w, &m->cfg, refs);
-    size_t *shard_of = (size_t *)xmalloc(n * sizeof(size_t)); /* [n] */
-    size_t n_shards = 1, in_shard = 0, total = 0;
-    for (size_t i = 0; i < n; i++) {
-        size_t bytes = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1] * 2;
-        if (in_shard > 0 && in_shard + bytes > shard_bytes) { n_shards++; in_shard = 0; }
-        shard_of[i] = n_shards - 1;
-        in_shard += bytes;
-        total += bytes;
-    }
-    int rc = 0;
-    char path[4096], name[64];
-    for (size_t s = 0; s < n_shards && rc == 0; s++) {
-        StWriter sw = {0};
-        sw.metadata_json = (char *)"{\"format\":\"pt\"}";
-        uint16_t **bufs = (uint16_t **)xcalloc(n, sizeof(uint16_t *));
-        for (size_t i = 0; i < n; i++) {
-            if (shard_of[i] != s) continue;
-            size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
-            bufs[i] = (uint16_t *)xmalloc(numel * sizeof(uint16_t));
-            for (size_t k = 0; k < numel; k++) bufs[i][k] = f32_to_bf16(refs[i].data[k]);
-            int64_t shape[2] = {refs[i].shape[0], refs[i].shape[1]};
-            st_writer_add(&sw, refs[i].name, DT_BF16, refs[i].ndim, shape, bufs[i]);
-        }
-        if (n_shards == 1) snprintf(name, sizeof name, "model.safetensors");
-        else snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, n_shards);
-        rc = st_write(&sw, path_join(path, sizeof path, out_dir, name));
-        st_writer_free(&sw);
-        for (size_t i = 0; i < n; i++) free(bufs[i]);
-        free(bufs);
-    }
-    if (rc == 0 && n_shards > 1) {
-        AtomicFile af;
-        if (atomic_open(&af, path_join(path, sizeof path, out_dir, "model.safetensors.index.json")) != 0) rc = -1;
-        else {
-            fprintf(af.f, "{\n  \"metadata\": {\"total_size\": %zu},\n  \"weight_map\": {", total);
-            for (size_t i = 0; i < n; i++) {
-                fprintf(af.f, "%s\n    ", i ? "," : "");
-                json_write_string(af.f, refs[i].name);
-                fprintf(af.f, ": \"model-%05zu-of-%05zu.safetensors\"", shard_of[i] + 1, n_shards);
-            }
-            fputs("\n  }\n}\n", af.f);
-            rc = atomic_commit(&af);
-        }
-    }
-    static const char *const copies[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                                         "special_tokens_map.json", "generation_config.json"};
-    for (size_t i = 0; rc == 0 && base_dir && i < sizeof copies / sizeof *copies; i++) {
-        char src[4096];
-        if (!file_exists(path_join(src, sizeof src, base_dir, copies[i]))) continue;
-        size_t len;
-        char *data = read_file(src, &len);
-        if (!data || write_file_atomic(path_join(path, sizeof path, out_dir, copies[i]), data, len) != 0) rc = -1;
-        free(data);
-    }
-    free(shard_of);
-    free(refs);
-    return rc;
-}
-
-/* =======================================================================================
- * 9. The program
+ * 8. The program
  * ===================================================================================== */
 
 typedef struct {
@@ -1084,22 +948,6 @@ static void infer_usage(FILE *f) {
             "The adapter is applied unmerged (its own low-rank path after each projection) unless --merge.\n");
 }
 
-static long parse_long_arg(const char *flag, const char *s, long lo, long hi) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || v != floor(v) || v < (double)lo || v > (double)hi)
-        die("%s expects an integer in %ld..%ld, not '%s'", flag, lo, hi, s);
-    return (long)v;
-}
-static double parse_double_flag(const char *flag, const char *s, double lo, double hi) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) die("%s expects a number in [%g, %g], not '%s'", flag, lo, hi, s);
-    return v;
-}
-
 static void infer_parse(InferOptions *o, int argc, char **argv) {
     memset(o, 0, sizeof *o);
     o->max_new = 256; o->top_p = 1.0; o->seed = 1234; o->stride = 256; o->interval = 1000; o->trials = 10;
@@ -1121,26 +969,26 @@ static void infer_parse(InferOptions *o, int argc, char **argv) {
             if (!strcmp(v, "cpu")) o->on_gpu = 0;
             else if (!strcmp(v, "gpu")) o->on_gpu = 1;
             else die("--device is cpu or gpu, not '%s'", v);
-        } else if (!strcmp(a, "--ctx")) o->ctx = parse_long_arg(a, v, 1, 1L << 40);
+        } else if (!strcmp(a, "--ctx")) o->ctx = need_long_arg(a, v, 1, 1L << 40);
         else if (!strcmp(a, "--prompt")) o->prompt = v;
         else if (!strcmp(a, "--prompt-file")) o->prompt_file = v;
         else if (!strcmp(a, "--template")) {
             if (strcmp(v, "none") && strcmp(v, "llama2-chat")) die("--template is none or llama2-chat, not '%s'", v);
             o->template_name = v;
-        } else if (!strcmp(a, "--max-new")) o->max_new = parse_long_arg(a, v, 0, 1L << 30);
-        else if (!strcmp(a, "--temperature")) o->temperature = parse_double_flag(a, v, 0, 100);
-        else if (!strcmp(a, "--top-p")) o->top_p = parse_double_flag(a, v, 1e-6, 1);
-        else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_long_arg(a, v, 0, LONG_MAX);
+        } else if (!strcmp(a, "--max-new")) o->max_new = need_long_arg(a, v, 0, 1L << 30);
+        else if (!strcmp(a, "--temperature")) o->temperature = need_double_arg(a, v, 0, 100);
+        else if (!strcmp(a, "--top-p")) o->top_p = need_double_arg(a, v, 1e-6, 1);
+        else if (!strcmp(a, "--seed")) o->seed = (uint64_t)need_long_arg(a, v, 0, LONG_MAX);
         else if (!strcmp(a, "--ppl")) o->ppl_file = v;
         else if (!strcmp(a, "--seq-len")) o->seq_lens = v;
-        else if (!strcmp(a, "--stride")) o->stride = parse_long_arg(a, v, 1, 1L << 40);
-        else if (!strcmp(a, "--max-windows")) o->max_windows = parse_long_arg(a, v, 0, 1L << 40);
-        else if (!strcmp(a, "--max-tokens")) o->max_tokens = parse_long_arg(a, v, 1, 1L << 40);
-        else if (!strcmp(a, "--interval")) o->interval = parse_long_arg(a, v, 1, 1L << 40);
-        else if (!strcmp(a, "--trials")) o->trials = parse_long_arg(a, v, 1, 1L << 20);
+        else if (!strcmp(a, "--stride")) o->stride = need_long_arg(a, v, 1, 1L << 40);
+        else if (!strcmp(a, "--max-windows")) o->max_windows = need_long_arg(a, v, 0, 1L << 40);
+        else if (!strcmp(a, "--max-tokens")) o->max_tokens = need_long_arg(a, v, 1, 1L << 40);
+        else if (!strcmp(a, "--interval")) o->interval = need_long_arg(a, v, 1, 1L << 40);
+        else if (!strcmp(a, "--trials")) o->trials = need_long_arg(a, v, 1, 1L << 20);
         else if (!strcmp(a, "--csv")) o->csv = v;
         else if (!strcmp(a, "--export")) o->export_dir = v;
-        else if (!strcmp(a, "--shard-size")) o->shard_size = parse_double_flag(a, v, 1, 1e15);
+        else if (!strcmp(a, "--shard-size")) o->shard_size = need_double_arg(a, v, 1, 1e15);
         else if (!strcmp(a, "--bench-out")) o->bench_out = v;
         else die("unknown flag %s (see --help)", a);
     }
@@ -1151,23 +999,6 @@ static void infer_parse(InferOptions *o, int argc, char **argv) {
     if (o->init && strcmp(o->init, "random")) die("--init takes only 'random'");
     if (o->init && !o->shape) die("--init random needs --shape NAME");
     if (o->init && o->adapter_dir) die("--adapter needs --model");
-}
-
-/* Shapes for --init random: 05's, plus small ones the GPU path can run (head_dim 64). */
-static int infer_shape(const char *name, Config *c) {
-    static const ShapePreset extra[] = {
-        {"tiny-gpu", 128, 2, 2, 1, 320, 512, 256, 0, 10000.0f, 1e-5f},
-        {"tiny-llama2", 128, 2, 2, 1, 320, 32000, 512, 0, 10000.0f, 1e-5f},
-    };
-    const ShapePreset *p = shape_preset(name);
-    for (size_t i = 0; !p && i < sizeof extra / sizeof *extra; i++) if (!strcmp(extra[i].name, name)) p = &extra[i];
-    if (!p) return set_error("unknown --shape %s", name);
-    memset(c, 0, sizeof *c);
-    c->dim = p->dim; c->n_layers = p->n_layers; c->n_heads = p->n_heads; c->n_kv_heads = p->n_kv_heads;
-    c->head_dim = p->dim / p->n_heads; c->ffn_dim = p->ffn_dim; c->vocab_size = p->vocab_size; c->max_pos = p->max_pos;
-    c->tie_embeddings = p->tied; c->rope_theta = p->rope_theta; c->rms_eps = p->norm_eps; c->rope_config_factor = 1.0f;
-    c->bos_id = 1; c->eos_id = 2;
-    return 0;
 }
 
 #ifdef USE_CUDA
@@ -1277,11 +1108,13 @@ static void run_bench(const InferOptions *o, const Config *cfg_in) {
 }
 #endif
 
-static int infer_main(int argc, char **argv) {
+static API int infer_main(int argc, char **argv) {
     InferOptions o;
     infer_parse(&o, argc, argv);
     Config shape_cfg;
-    if (o.init && infer_shape(o.shape, &shape_cfg) != 0) die("%s", last_error());
+    if (o.init && config_from_shape(o.shape, &shape_cfg) != 0) die("%s", last_error());
+    shape_cfg.bos_id = 1; /* LLaMA's ids, for prompts to a random model */
+    shape_cfg.eos_id = 2;
     if (o.bench) {
 #ifdef USE_CUDA
         if (!o.init) die("--bench runs on random weights: give --init random --shape NAME");
@@ -1315,7 +1148,7 @@ static int infer_main(int argc, char **argv) {
             (double)model.cfg.rope_factor, !have_adapter ? "none" : hook ? "applied" : "merged", o.on_gpu ? "GPU (bf16)" : "CPU (fp32)");
 
     if (o.export_dir) {
-        if (export_merged(&model, o.model_dir, o.export_dir, (size_t)o.shard_size) != 0) die("%s", last_error());
+        if (export_merged(&model, o.model_dir, o.export_dir, (size_t)o.shard_size, DT_BF16) != 0) die("%s", last_error());
         fprintf(stderr, "06_infer: wrote %s\n", o.export_dir);
     } else if (o.ppl_file) {
         size_t n_tokens;
@@ -1329,7 +1162,7 @@ static int infer_main(int argc, char **argv) {
             snprintf(buf, sizeof buf, "%s", o.seq_lens);
             for (char *tk = strtok(buf, ","); tk; tk = strtok(NULL, ",")) {
                 if (n_lens == 64) die("--seq-len takes at most 64 values");
-                lens[n_lens++] = (size_t)parse_long_arg("--seq-len", tk, 2, 1L << 40);
+                lens[n_lens++] = (size_t)need_long_arg("--seq-len", tk, 2, 1L << 40);
             }
         }
         if (n_lens == 0) die("--seq-len needs at least one length");
@@ -1374,7 +1207,7 @@ static int infer_main(int argc, char **argv) {
             char *text;
             if (o.prompt_file) { text = read_file(o.prompt_file, NULL); if (!text) die("%s", last_error()); }
             else text = xstrdup(o.prompt);
-            char *prompt = sft_prompt(o.template_name, text, NULL);
+            char *prompt = prompt_template(o.template_name, text, NULL);
             size_t n;
             int32_t *ids = tok_encode(&tok, prompt, strlen(prompt), tokenizer_adds_bos(tok_path), &n);
             if (!ids) die("%s", last_error());

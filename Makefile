@@ -4,7 +4,7 @@
 CC      ?= gcc
 NVCC    ?= nvcc
 CFLAGS  ?= -O2 -g -march=x86-64-v2
-CFLAGS  += -std=gnu11 -Wall -Wextra -Wno-unused-function
+CFLAGS  += -std=gnu11 -Wall -Wextra
 LDLIBS  += -lm
 GPU_ARCH ?= sm_80 sm_90
 PYTHON  ?= $(if $(wildcard .venv/bin/python),$(CURDIR)/.venv/bin/python,python3)
@@ -67,7 +67,7 @@ HEADERS := common.h $(wildcard 0*.h)
 ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
-05_train: 05_train.c 05_dist.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
+05_train: 05_train.c $(wildcard 05_*.c) 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
 
 # ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
@@ -103,7 +103,7 @@ bench: 04_s2attn build/libs2attn.so
 ifneq ($(wildcard 06_infer.c),)
 all: 06_infer
 endif
-06_infer: 06_infer.c 05_train.c 05_dist.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
+06_infer: 06_infer.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS)) $(LDLIBS)
 
 # ---- tests -------------------------------------------------------------------------------

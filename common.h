@@ -24,6 +24,7 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -34,6 +35,15 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+/* ---------------------------------------------------------------------------------------
+ * API marks a function that later stages or the tests call but the program built from its
+ * own stage may not, so that -Wunused-function stays quiet there; tests/test_dead_code.sh
+ * checks that every function, marked or not, is called by some program or test.
+ * ------------------------------------------------------------------------------------- */
+#ifndef API
+#define API __attribute__((unused))
+#endif
 
 /* ---------------------------------------------------------------------------------------
  * Errors
@@ -204,20 +214,20 @@ static void atomic_abort(AtomicFile *af) {
     af->f = NULL;
     remove(af->tmp_path);
 }
-static int write_file_atomic(const char *path, const void *data, size_t len) {
+static API int write_file_atomic(const char *path, const void *data, size_t len) {
     AtomicFile af;
     if (atomic_open(&af, path) != 0) return -1;
     if (len && fwrite(data, 1, len, af.f) != len) { atomic_abort(&af); return set_error("writing %s failed", path); }
     return atomic_commit(&af);
 }
 
-static int file_exists(const char *path) {
+static API int file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;
 }
 
 /* Joins a folder and a file name into buf. */
-static const char *path_join(char *buf, size_t cap, const char *dir, const char *name) {
+static API const char *path_join(char *buf, size_t cap, const char *dir, const char *name) {
     size_t n = strlen(dir);
     snprintf(buf, cap, "%s%s%s", dir, (n && dir[n - 1] == '/') ? "" : "/", name);
     return buf;
@@ -285,7 +295,7 @@ static uint64_t splitmix64(uint64_t *x) {
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
-static void rng_seed(Rng *r, uint64_t seed) {
+static API void rng_seed(Rng *r, uint64_t seed) {
     for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
 }
 static inline uint64_t rng_u64(Rng *r) {
@@ -313,7 +323,7 @@ static inline float rng_normal(Rng *r) {
  * Timer
  * ------------------------------------------------------------------------------------- */
 
-static double now_seconds(void) {
+static API double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
@@ -587,7 +597,7 @@ static void json_free(Json *j) {
     free(j);
 }
 /* Reads and parses a JSON file; NULL + last_error() (naming the file) on failure. */
-static Json *json_parse_file(const char *path) {
+static API Json *json_parse_file(const char *path) {
     size_t len;
     char *text = read_file(path, &len);
     if (!text) return NULL;
@@ -608,7 +618,7 @@ static const Json *json_get_type(const Json *obj, const char *key, JsonType t) {
     const Json *v = json_get(obj, key);
     return (v && v->type == t) ? v : NULL;
 }
-static double json_get_number(const Json *obj, const char *key, double fallback) {
+static API double json_get_number(const Json *obj, const char *key, double fallback) {
     const Json *v = json_get_type(obj, key, JSON_NUMBER);
     return v ? v->number : fallback;
 }
@@ -616,13 +626,13 @@ static const char *json_get_string(const Json *obj, const char *key, const char 
     const Json *v = json_get_type(obj, key, JSON_STRING);
     return v ? v->string : fallback;
 }
-static int json_get_bool(const Json *obj, const char *key, int fallback) {
+static API int json_get_bool(const Json *obj, const char *key, int fallback) {
     const Json *v = json_get_type(obj, key, JSON_BOOL);
     return v ? v->boolean : fallback;
 }
 
 /* Writes s as a JSON string literal (quotes and escapes). */
-static void json_write_string(FILE *f, const char *s) {
+static API void json_write_string(FILE *f, const char *s) {
     fputc('"', f);
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         if (*p == '"' || *p == '\\') { fputc('\\', f); fputc(*p, f); }
@@ -674,7 +684,7 @@ static int st_cmp_range(const void *a, const void *b) {
     return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end < y->end ? -1 : x->end > y->end);
 }
 
-static void st_close(SafeTensors *st) {
+static API void st_close(SafeTensors *st) {
     for (size_t i = 0; i < st->count; i++) free(st->tensors[i].name);
     free(st->tensors);
     unmap_file(&st->file);
@@ -766,7 +776,7 @@ static int st_parse(SafeTensors *st, const uint8_t *data, size_t size, const cha
 }
 
 /* Opens (memory-maps) and validates a .safetensors file. -1 + last_error() on failure. */
-static int st_open(SafeTensors *st, const char *path) {
+static API int st_open(SafeTensors *st, const char *path) {
     memset(st, 0, sizeof *st);
     snprintf(st->path, sizeof st->path, "%s", path);
     if (map_file(&st->file, path) != 0) return -1;
@@ -775,7 +785,7 @@ static int st_open(SafeTensors *st, const char *path) {
 }
 
 /* The tensor with this name, or NULL. */
-static const StTensor *st_find(const SafeTensors *st, const char *name) {
+static API const StTensor *st_find(const SafeTensors *st, const char *name) {
     size_t lo = 0, hi = st->count;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
@@ -787,7 +797,7 @@ static const StTensor *st_find(const SafeTensors *st, const char *name) {
 }
 
 /* Copies a floating-point tensor into fp32 (F32, F16, BF16 or F64). -1 + last_error() otherwise. */
-static int st_to_f32(const StTensor *t, float *out /* [numel] */) {
+static API int st_to_f32(const StTensor *t, float *out /* [numel] */) {
     const uint8_t *p = t->data;
     switch (t->dtype) {
     case DT_F32: memcpy(out, p, t->nbytes); return 0;
@@ -799,7 +809,7 @@ static int st_to_f32(const StTensor *t, float *out /* [numel] */) {
 }
 
 /* Checks a tensor's shape; -1 + a sentence naming the tensor and both shapes otherwise. */
-static int st_check_shape(const StTensor *t, int ndim, const int64_t *shape) {
+static API int st_check_shape(const StTensor *t, int ndim, const int64_t *shape) {
     int ok = t->ndim == ndim;
     for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == shape[i];
     if (ok) return 0;
@@ -824,7 +834,7 @@ typedef struct {
     char *metadata_json; /* optional: a JSON object body for "__metadata__" (string values only) */
 } StWriter;
 
-static void st_writer_add(StWriter *w, const char *name, DType dtype, int ndim, const int64_t *shape, const void *data) {
+static API void st_writer_add(StWriter *w, const char *name, DType dtype, int ndim, const int64_t *shape, const void *data) {
     if (w->count == w->cap) {
         w->cap = w->cap ? 2 * w->cap : 16;
         w->entries = (StEntry *)xrealloc(w->entries, w->cap * sizeof(StEntry));
@@ -839,12 +849,12 @@ static void st_writer_add(StWriter *w, const char *name, DType dtype, int ndim, 
     e->data = data;
     e->nbytes = numel * DTYPE_SIZES[dtype];
 }
-static void st_writer_free(StWriter *w) {
+static API void st_writer_free(StWriter *w) {
     free(w->entries);
     memset(w, 0, sizeof *w);
 }
 /* Writes every tensor added (in the order added) to path, via a temporary file. */
-static int st_write(const StWriter *w, const char *path) {
+static API int st_write(const StWriter *w, const char *path) {
     size_t cap = 256 + w->count * 160, len = 0, off = 0;
     for (size_t i = 0; i < w->count; i++) cap += strlen(w->entries[i].name) * 2;
     if (w->metadata_json) cap += strlen(w->metadata_json) + 32;
@@ -890,7 +900,7 @@ static int st_write(const StWriter *w, const char *path) {
 #define TOKFILE_VERSION 1u
 #define TOKFILE_HEADER 20
 
-static int tokfile_write(const char *path, const int32_t *ids /* [count] */, size_t count, int vocab_size) {
+static API int tokfile_write(const char *path, const int32_t *ids /* [count] */, size_t count, int vocab_size) {
     uint32_t width = vocab_size <= 65536 ? 2u : 4u;
     AtomicFile af;
     if (atomic_open(&af, path) != 0) return -1;
@@ -914,7 +924,7 @@ static int tokfile_write(const char *path, const int32_t *ids /* [count] */, siz
 }
 
 /* Reads a token file; returns malloc'd ids [*count] or NULL + last_error(). */
-static int32_t *tokfile_read(const char *path, size_t *count) {
+static API int32_t *tokfile_read(const char *path, size_t *count) {
     size_t len;
     char *raw = read_file(path, &len);
     if (!raw) return NULL;
@@ -940,6 +950,55 @@ static int32_t *tokfile_read(const char *path, size_t *count) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * Command-line numbers, parsed the same way by every stage's program: the whole string must
+ * be a number inside [lo, hi]; otherwise -1 + last_error() naming the flag.
+ * ------------------------------------------------------------------------------------- */
+static int parse_long_arg(const char *flag, const char *s, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end != 0 || errno != 0) return set_error("%s expects an integer, got '%s'", flag, s);
+    if (v < lo || v > hi) return set_error("%s expects an integer in %ld..%ld, got %ld", flag, lo, hi, v);
+    *out = v;
+    return 0;
+}
+static API int parse_int_arg(const char *flag, const char *s, long lo, long hi, int *out) {
+    long v = 0;
+    if (parse_long_arg(flag, s, lo < INT32_MIN ? INT32_MIN : lo, hi > INT32_MAX ? INT32_MAX : hi, &v) != 0) return -1;
+    *out = (int)v;
+    return 0;
+}
+static API int parse_u64_arg(const char *flag, const char *s, uint64_t *out) {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (end == s || *end != 0 || errno != 0 || s[0] == '-') return set_error("%s expects a non-negative integer, got '%s'", flag, s);
+    *out = (uint64_t)v;
+    return 0;
+}
+static int parse_double_arg(const char *flag, const char *s, double lo, double hi, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != 0 || errno != 0 || !isfinite(v)) return set_error("%s expects a number, got '%s'", flag, s);
+    if (!(v >= lo && v <= hi)) return set_error("%s expects a number in [%g, %g], got %s", flag, lo, hi, s);
+    *out = v;
+    return 0;
+}
+
+/* The same for a program's main(), which stops with the sentence instead. */
+static API long need_long_arg(const char *flag, const char *s, long lo, long hi) {
+    long v = 0;
+    if (parse_long_arg(flag, s, lo, hi, &v) != 0) die("%s", last_error());
+    return v;
+}
+static API double need_double_arg(const char *flag, const char *s, double lo, double hi) {
+    double v = 0;
+    if (parse_double_arg(flag, s, lo, hi, &v) != 0) die("%s", last_error());
+    return v;
+}
+
+/* ---------------------------------------------------------------------------------------
  * S2-Attn segment bounds (DESIGN.md): shared by the CPU stages and the GPU kernels.
  * Sequence length N, group size G (N % G == 0; G == 0 means full causal attention). A
  * single group (G == N) is not full attention for the shifted heads, whose segments are then
@@ -959,6 +1018,25 @@ static inline S2_HOSTDEV size_t s2_first_key(size_t i, int h, int H, size_t G) {
     size_t S = G / 2;
     if (i < S) return 0;                    /* the short first segment [0, S) */
     return S + ((i - S) / G) * G;
+}
+
+/* The S2-Attn group for N tokens at group ratio `ratio` (G = N * ratio, a whole number that
+ * divides N), the one rule every stage uses. A ratio of 1 is one group spanning the whole
+ * sequence: nothing is sparse or shifted, so that is full causal attention and *G = 0.
+ * -1 + last_error() when the sizes do not fit. */
+static API int s2_group_size(size_t N, double ratio, size_t *G) {
+    *G = 0;
+    if (!(ratio > 0.0 && ratio <= 1.0)) return set_error("the S2-Attn group ratio %g is not in (0, 1]", ratio);
+    double g = (double)N * ratio;
+    size_t gi = (size_t)llround(g);
+    if (gi < 1 || fabs(g - (double)gi) > 1e-9)
+        return set_error("the S2-Attn group G = N * ratio = %zu * %g = %g is not a whole number of tokens (pick N as a multiple of %g, "
+                         "or another group ratio)", N, ratio, g, 1.0 / ratio);
+    if (N % gi != 0)
+        return set_error("the sequence length %zu is not a multiple of the S2-Attn group size %zu = N * %g (pick N as a multiple of %zu, "
+                         "or another group ratio)", N, gi, ratio, gi);
+    *G = gi >= N ? 0 : gi;
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------

@@ -53,13 +53,8 @@ int main(int argc, char **argv) {
     }
     if (steps < 1 || steps > 100) die("--steps must be 1..100");
     if (!gpu_train_available()) { printf("train_bench: no GPU\n"); return 77; }
-    const ShapePreset *p = shape_preset(shape);
-    if (!p) die("unknown --shape %s", shape);
     Config c;
-    memset(&c, 0, sizeof c);
-    c.dim = p->dim; c.ffn_dim = p->ffn_dim; c.n_layers = p->n_layers; c.n_heads = p->n_heads; c.n_kv_heads = p->n_kv_heads;
-    c.head_dim = p->dim / p->n_heads; c.vocab_size = p->vocab_size; c.rms_eps = p->norm_eps; c.rope_theta = p->rope_theta;
-    c.rope_config_factor = 1.0f; c.rope_factor = 1.0f; c.max_pos = p->max_pos; c.tie_embeddings = p->tied; c.bos_id = c.eos_id = -1;
+    if (config_from_shape(shape, &c) != 0) die("%s", last_error());
     size_t D = (size_t)c.dim, V = (size_t)c.vocab_size;
     double used0 = gpu_train_used_bytes();
     double t0 = now_seconds();

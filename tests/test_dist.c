@@ -181,8 +181,7 @@ int main(void) {
     /* 5. the memory plan */
     {
         Config c13, c70;
-        shape_config(shape_preset("llama2-13b"), &c13);
-        shape_config(shape_preset("llama2-70b"), &c70);
+        EXPECT(config_from_shape("llama2-13b", &c13) == 0 && config_from_shape("llama2-70b", &c70) == 0, "%s", last_error());
         const double GiB = 1024.0 * 1024.0 * 1024.0;
         DistMemPlan r70 = dist_memory_plan(&c70, 32768, 8, 8, 0), s70 = dist_memory_plan(&c70, 32768, 8, 8, 1);
         DistMemPlan s13 = dist_memory_plan(&c13, 65536, 8, 8, 1);

@@ -83,7 +83,7 @@ static void run_case(const Case *k, uint64_t seed) {
     lora_register_params(&opt, &ad, &m, &grads);
 
     size_t G = 0, T = k->B * k->N;
-    if (lora_s2_group(k->N, k->group_ratio, &G) != 0) die("%s", last_error());
+    if (s2_group_size(k->N, k->group_ratio, &G) != 0) die("%s", last_error());
     int32_t *tokens = (int32_t *)xmalloc(T * sizeof(int32_t)), *targets = (int32_t *)xmalloc(T * sizeof(int32_t)); /* [B, N] */
     for (size_t t = 0; t < T; t++) {
         tokens[t] = (int32_t)rng_below(&rng, (uint64_t)c.vocab_size);

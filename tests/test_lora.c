@@ -297,7 +297,7 @@ static void check_against_peft(const TinyCfg *tc) {
     for (int s2 = 0; s2 < 2; s2++) {
         const char *tag = s2 ? "s2" : "full";
         size_t G = 0;
-        if (s2) EXPECT(lora_s2_group(N, 0.25, &G) == 0 && G == N / 4, "S2 group of N=%zu", N);
+        if (s2) EXPECT(s2_group_size(N, 0.25, &G) == 0 && G == N / 4, "S2 group of N=%zu", N);
         LoraTrainer tr;
         AdamWConfig oc = adamw_default_config();
         lora_trainer_init(&tr, &m, &ad, &oc, B, N, G);
@@ -555,9 +555,9 @@ static void check_s2_visibility(const TinyCfg *tc) {
     }
     /* ratio 1 (G = N) is full attention; ratios that do not divide N are refused */
     size_t G = 99;
-    EXPECT(lora_s2_group(N, 1.0, &G) == 0 && G == 0, "ratio 1 should be full attention (G=0), got %zu", G);
-    EXPECT(lora_s2_group(18, 0.25, &G) != 0 && strstr(last_error(), "whole number"), "N=18 ratio 1/4 should be refused");
-    EXPECT(lora_s2_group(20, 0.3, &G) != 0 && strstr(last_error(), "multiple"), "N=20 ratio 0.3 (G=6) should be refused");
+    EXPECT(s2_group_size(N, 1.0, &G) == 0 && G == 0, "ratio 1 should be full attention (G=0), got %zu", G);
+    EXPECT(s2_group_size(18, 0.25, &G) != 0 && strstr(last_error(), "whole number"), "N=18 ratio 1/4 should be refused");
+    EXPECT(s2_group_size(20, 0.3, &G) != 0 && strstr(last_error(), "multiple"), "N=20 ratio 0.3 (G=6) should be refused");
     printf("%s: S2-Attn visibility (k and v perturbations, G=N/4 and G=N) follows DESIGN.md\n", tc->name);
     free(base); free(bumped); free(tok);
     act_free(&act);
@@ -709,7 +709,7 @@ static void check_training(void) {
     LoraAdapter ad;
     EXPECT(lora_init(&ad, &m.cfg, &lc) == 0, "%s", last_error());
     size_t B = 2, N = 16, G;
-    EXPECT(lora_s2_group(N, 0.25, &G) == 0, "%s", last_error());
+    EXPECT(s2_group_size(N, 0.25, &G) == 0, "%s", last_error());
     AdamWConfig oc = adamw_default_config();
     oc.lr = 1e-2f;
     oc.warmup_steps = 2;

@@ -56,7 +56,7 @@ static uint32_t rd_u32(const uint8_t **p, const uint8_t *end, int *ok) {
 /* Encodes every fixture string, compares ids with the library's; decodes our ids (at once and
  * token by token) and compares with the library's decode, and (round_trip) with the input.
  * Returns the number of cases checked, or -1 when any failed. */
-static long check_fixture(const Tokenizer *t, const char *path, int round_trip) {
+static API long check_fixture(const Tokenizer *t, const char *path, int round_trip) {
     size_t len;
     char *raw = read_file(path, &len);
     if (!raw) { printf("FAIL: %s\n", last_error()); return -1; }

@@ -186,6 +186,9 @@ static void test_flags(void) {
     rc = parse_flags(&o, "--init random --shape tiny --sft s.json --template alpaca --pack --ctx 64");
     EXPECT(rc == 0 && o.sft_pack && !strcmp(o.template_name, "alpaca"), "SFT flags parsed");
     EXPECT(parse_flags(&o, "--help") == 1, "--help is reported");
+    /* one S2 rule (common.h's s2_group_size): a ratio of 1 is one group, i.e. full attention */
+    rc = parse_flags(&o, "--model m --data a --ctx 64 --group-ratio 1");
+    EXPECT(rc == 0 && o.group == 0, "--group-ratio 1 is full attention (G = 0), got G = %d: %s", o.group, last_error());
     rc = parse_flags(&o, "--model_name_or_path m --data_path a --learning_rate 1e-4 --model_max_length 2048 --per_device_train_batch_size 3 "
                          "--gradient_accumulation_steps 5 --warmup_steps 7 --max_grad_norm 0.3 --output_dir od --save_steps 9 --weight_decay 0.5");
     EXPECT(rc == 0 && !strcmp(o.model_dir, "m") && o.n_data_files == 1 && o.lr == 1e-4 && o.ctx == 2048 && o.batch == 3 && o.grad_accum == 5 &&
@@ -193,8 +196,8 @@ static void test_flags(void) {
            "HF Trainer spellings (underscores, learning_rate, per_device_train_batch_size, ...) work: %s", last_error());
 
     struct { const char *flags, *says; } bad[] = {
-        {"--model m --data a --ctx 1002", "divide"},               /* 1002 * 0.25 = 250.5 */
-        {"--model m --data a --ctx 1000 --group-ratio 0.3", "divide"}, /* G = 300 does not divide 1000 */
+        {"--model m --data a --ctx 1002", "whole number"},             /* 1002 * 0.25 = 250.5 */
+        {"--model m --data a --ctx 1000 --group-ratio 0.3", "multiple"}, /* G = 300 does not divide 1000 */
         {"--model m --data a --ctx 64 --group-ratio 0", "--group-ratio"},
         {"--model m --data a --ctx 64 --group-ratio 1.5", "--group-ratio"},
         {"--data a --ctx 64", "--model"},
@@ -332,7 +335,7 @@ static void test_packing(void) {
 
 /* The ids and targets test_sft expects for one record, computed from the template text. */
 static size_t expected_example(const char *tmpl, const char *ins, const char *inp, const char *out, int32_t *ids, size_t *n_prompt) {
-    char *prompt = sft_prompt(tmpl, ins, inp);
+    char *prompt = prompt_template(tmpl, ins, inp);
     size_t n = 0;
     ids[n++] = 1;
     for (const char *s = prompt; *s; s++) ids[n++] = (unsigned char)*s + 3;
@@ -347,20 +350,20 @@ static void test_sft(void) {
     char path[512];
     TextCodec c = byte_codec();
     /* the templates' exact text */
-    char *p = sft_prompt("llama2-chat", "Sum", "2+2");
+    char *p = prompt_template("llama2-chat", "Sum", "2+2");
     EXPECT(!strcmp(p, "[INST] Sum\n\n2+2 [/INST]"), "llama2-chat with input: '%s'", p);
     free(p);
-    p = sft_prompt("llama2-chat", "Hi", "");
+    p = prompt_template("llama2-chat", "Hi", "");
     EXPECT(!strcmp(p, "[INST] Hi [/INST]"), "llama2-chat without input: '%s'", p);
     free(p);
-    p = sft_prompt("alpaca", "Hi", NULL);
+    p = prompt_template("alpaca", "Hi", NULL);
     EXPECT(!strcmp(p, "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
                       "### Instruction:\nHi\n\n### Response:"), "alpaca without input: '%s'", p);
     free(p);
-    p = sft_prompt("alpaca", "Hi", "x");
+    p = prompt_template("alpaca", "Hi", "x");
     EXPECT(strstr(p, "paired with an input") && strstr(p, "### Input:\nx\n\n### Response:"), "alpaca with input: '%s'", p);
     free(p);
-    p = sft_prompt("none", "Hi", "x");
+    p = prompt_template("none", "Hi", "x");
     EXPECT(!strcmp(p, "Hi\n\nx"), "none: '%s'", p);
     free(p);
 
