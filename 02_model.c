@@ -95,7 +95,7 @@ typedef struct {
 /* The context the model runs at: its trained context stretched by the RoPE factor. */
 static API size_t config_context(const Config *c) { return (size_t)((double)c->max_pos * c->rope_factor + 0.5); }
 
-/* Position interpolation (DESIGN.md): a target context longer than the model's gives the
+/* Position interpolation (docs/DESIGN.md): a target context longer than the model's gives the
  * linear factor s = ceil(target_ctx / max_pos); a factor in config.json is kept unless the
  * target needs a larger one. target_ctx <= 0 means "as configured". */
 static void config_set_target_ctx(Config *c, long target_ctx) {

@@ -4,7 +4,7 @@
  * gains a low-rank path y += (alpha/R) (x A^T) B^T with A [R, in] and B [out, R] (PEFT's
  * initialisation: A kaiming-uniform, B zero, so training starts from the base model);
  * LoRA+ also trains embed_tokens and every RMSNorm weight; S2-Attn (the attention of
- * stage 02 restricted to shifted groups, DESIGN.md) makes long sequences cheap. AdamW
+ * stage 02 restricted to shifted groups, docs/DESIGN.md) makes long sequences cheap. AdamW
  * with decoupled weight decay and a warmup-then-constant learning rate updates only the
  * trainable tensors. Adapters are saved and loaded in PEFT's own format
  * (adapter_config.json + adapter_model.safetensors, the embed and norm weights as
@@ -827,7 +827,8 @@ static API float lora_train_step(LoraTrainer *tr, const int32_t *tokens, const i
 /* ---------------------------------------------------------------------------------------
  * A merged HF model folder transformers loads (03's --merge-out in fp32, 06's --export in bf16):
  *   config.json       the base's, with "rope_scaling" {"type": "linear", "factor": s} and
- *                     "max_position_embeddings" = the context trained for (s x the base's),
+ *                     "max_position_embeddings" the base's own (as LongLoRA saves its models:
+ *                     the context is max_position_embeddings x s),
  *                     "torch_dtype" the weights' dtype
  *   model.safetensors or model-0000k-of-0000n.safetensors + model.safetensors.index.json
  *                     when the weights exceed the shard size: HF's tensor names
@@ -892,8 +893,7 @@ static int write_export_config(const char *base_dir, const char *out_dir, const 
                    "  \"tie_word_embeddings\": %s,\n  \"hidden_act\": \"silu\"",
                 c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, (double)c->rms_eps,
                 c->tie_embeddings ? "true" : "false"), n = 1;
-    size_t trained_ctx = config_context(c);
-    fprintf(f, "%s\n  \"max_position_embeddings\": %zu,\n  \"rope_theta\": %.9g,\n", n ? "," : "", trained_ctx, (double)c->rope_theta);
+    fprintf(f, "%s\n  \"max_position_embeddings\": %d,\n  \"rope_theta\": %.9g,\n", n ? "," : "", c->max_pos, (double)c->rope_theta);
     if (c->rope_factor > 1.0f)
         fprintf(f, "  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g},\n", (double)c->rope_factor);
     else fputs("  \"rope_scaling\": null,\n", f);

@@ -999,7 +999,7 @@ static API double need_double_arg(const char *flag, const char *s, double lo, do
 }
 
 /* ---------------------------------------------------------------------------------------
- * S2-Attn segment bounds (DESIGN.md): shared by the CPU stages and the GPU kernels.
+ * S2-Attn segment bounds (docs/DESIGN.md): shared by the CPU stages and the GPU kernels.
  * Sequence length N, group size G (N % G == 0; G == 0 means full causal attention). A
  * single group (G == N) is not full attention for the shifted heads, whose segments are then
  * [0, N/2) and [N/2, N): stage 03 maps a group ratio of 1 to G = 0 (full attention).

@@ -335,7 +335,7 @@ static void test_atomic_write(void) {
 }
 
 static void test_s2_bounds(void) {
-    /* s2_first_key against a brute-force segment list built from DESIGN.md's words */
+    /* s2_first_key against a brute-force segment list built from docs/DESIGN.md's words */
     size_t Ns[3] = {16, 48, 40};
     size_t Gs[3] = {4, 12, 10};
     for (int c = 0; c < 3; c++) {

@@ -19,7 +19,7 @@
  *     and score right; a wrong key, a longer number, a cut-off number score wrong;
  *     tokenizer_config.json's add_bos_token decides BOS (false, true, absent = true);
  *  5. export: sharded bf16 folder + index reloads through 02's loader to the bf16-rounded
- *     merged weights exactly; config.json carries rope_scaling and max_position_embeddings;
+ *     merged weights exactly; config.json carries rope_scaling and the base's max_position_embeddings;
  *  6. generation stops at EOS and never passes --max-new.
  */
 #define STAGE 0
@@ -276,7 +276,7 @@ static void check_export(void) {
     Json *cj = json_parse_file(path);
     EXPECT(cj != NULL, "config.json: %s", last_error());
     if (cj) {
-        EXPECT(json_get_number(cj, "max_position_embeddings", 0) == 128, "max_position_embeddings %g, want 4 x 32",
+        EXPECT(json_get_number(cj, "max_position_embeddings", 0) == 32, "max_position_embeddings %g, want the base's 32 (x 4 by rope_scaling)",
                json_get_number(cj, "max_position_embeddings", 0));
         const Json *rs = json_get_type(cj, "rope_scaling", JSON_OBJECT);
         EXPECT(rs && json_get_number(rs, "factor", 0) == 4 && !strcmp(json_get_string(rs, "type", ""), "linear"), "rope_scaling");
@@ -286,7 +286,8 @@ static void check_export(void) {
     Model back;
     EXPECT(model_try_load(&back, out, 0) == 0, "reload: %s", last_error());
     if (back.w.memory) {
-        EXPECT(back.cfg.rope_factor == 4.0f, "reloaded rope factor %g", (double)back.cfg.rope_factor);
+        EXPECT(back.cfg.rope_factor == 4.0f && config_context(&back.cfg) == 128, "reloaded rope factor %g, context %zu (want 4, 128)",
+               (double)back.cfg.rope_factor, config_context(&back.cfg));
         size_t bad = 0;
         for (size_t i = 0; i < m.w.count; i++) bad += back.w.memory[i] != bf16_to_f32(f32_to_bf16(m.w.memory[i]));
         EXPECT(bad == 0, "%zu reloaded weights differ from their bf16 rounding", bad);

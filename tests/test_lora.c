@@ -14,7 +14,7 @@
  *  5. merge: running the merged model equals running with the adapter (1e-5), unmerge restores;
  *  6. S2-Attn: ratio 1 is full attention; a query sees exactly the keys of its segment
  *     (perturbing one value row, the attention outputs that move are exactly those allowed by
- *     DESIGN.md's rule written out here, independent of s2_first_key);
+ *     docs/DESIGN.md's rule written out here, independent of s2_first_key);
  *  7. bad adapters (rank, targets, shapes, layers, malformed files) end with a clear error
  *     and leave the model unchanged; a few training steps lower the loss;
  *  8. ./03_lora: three S2-Attn training steps print their losses; the adapter it saves on the
@@ -478,7 +478,7 @@ static void check_merge(const TinyCfg *tc) {
 
 /* ---- 6. S2-Attn visibility --------------------------------------------------------------- */
 
-/* DESIGN.md's rule written out, independently of s2_first_key: the segment id of token i. */
+/* docs/DESIGN.md's rule written out, independently of s2_first_key: the segment id of token i. */
 static size_t design_segment(size_t i, int h, int H, size_t G) {
     if (h < H / 2) return i / G;
     size_t S = G / 2;
@@ -550,7 +550,7 @@ static void check_s2_visibility(const TinyCfg *tc) {
                         }
                     }
             }
-            EXPECT(mismatches == 0, "%s G=%zu: %zu (head, query, key) visibilities break DESIGN.md's S2 rule", tc->name, G, mismatches);
+            EXPECT(mismatches == 0, "%s G=%zu: %zu (head, query, key) visibilities break docs/DESIGN.md's S2 rule", tc->name, G, mismatches);
         }
     }
     /* ratio 1 (G = N) is full attention; ratios that do not divide N are refused */
@@ -558,7 +558,7 @@ static void check_s2_visibility(const TinyCfg *tc) {
     EXPECT(s2_group_size(N, 1.0, &G) == 0 && G == 0, "ratio 1 should be full attention (G=0), got %zu", G);
     EXPECT(s2_group_size(18, 0.25, &G) != 0 && strstr(last_error(), "whole number"), "N=18 ratio 1/4 should be refused");
     EXPECT(s2_group_size(20, 0.3, &G) != 0 && strstr(last_error(), "multiple"), "N=20 ratio 0.3 (G=6) should be refused");
-    printf("%s: S2-Attn visibility (k and v perturbations, G=N/4 and G=N) follows DESIGN.md\n", tc->name);
+    printf("%s: S2-Attn visibility (k and v perturbations, G=N/4 and G=N) follows docs/DESIGN.md\n", tc->name);
     free(base); free(bumped); free(tok);
     act_free(&act);
     model_free(&m);

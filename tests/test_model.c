@@ -222,7 +222,7 @@ static void check_fixture(const char *name) {
 }
 
 /* ---- 2. attention with S2 groups against an explicit mask, in double -------------------- */
-/* The mask written from DESIGN.md, independently of s2_first_key: heads h < H/2 group
+/* The mask written from docs/DESIGN.md, independently of s2_first_key: heads h < H/2 group
  * positions by i / G; heads h >= H/2 by (i + G - S) / G with S = G / 2 (the first group
  * is [0, S)); G == 0 is plain causal attention. */
 static int allowed(size_t i, size_t j, int h, int H, size_t G) {

@@ -128,7 +128,7 @@ def main():
         files = sorted(os.listdir(export_dir))
         assert "model.safetensors.index.json" in files, files
         exported = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float64).eval()
-        assert exported.config.max_position_embeddings == CTX
+        assert exported.config.max_position_embeddings * factor == CTX  # the base's, stretched by rope_scaling
         x = torch.tensor(tokens[None, :N_LOGITS])
         logits = exported(x).logits[0].numpy()
         merged_ref = ref(x).logits[0].numpy()

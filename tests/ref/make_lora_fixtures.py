@@ -15,7 +15,7 @@ Writes tests/fixtures/lora/:
   adamw.bin                              torch.optim.AdamW steps and the warmup schedule of transformers
 
 S2-Attn reference: an attention function that builds the explicit per-head boolean mask from
-DESIGN.md's rule (segment ids per head, causal inside a segment), independent of the C code.
+docs/DESIGN.md's rule (segment ids per head, causal inside a segment), independent of the C code.
 Everything runs in float64; tensors are stored as float32 / int32.
 
 Fixture file format (little-endian): "LRFX", u32 version = 1, u32 count, then per tensor:
@@ -62,7 +62,7 @@ S2_GROUP = {"G": 0}
 
 
 def s2_allowed(N, H, G):
-    """[H, N, N] boolean: may query i of head h attend to key j (DESIGN.md, written out)."""
+    """[H, N, N] boolean: may query i of head h attend to key j (docs/DESIGN.md, written out)."""
     i = torch.arange(N)
     allowed = torch.zeros(H, N, N, dtype=torch.bool)
     S = G // 2

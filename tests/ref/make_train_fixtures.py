@@ -14,7 +14,7 @@ Writes tests/fixtures/train/:
 
 The reference run is the recipe of LongLoRA's fine-tune.py under the HF Trainer, written out:
 RoPE linearly interpolated to N = 92 (factor ceil(92 / 48) = 2); S2-Attn with G = N / 4 = 23
-through an attention function that builds DESIGN.md's per-head mask explicitly (no wrap-around);
+through an attention function that builds docs/DESIGN.md's per-head mask explicitly (no wrap-around);
 LoRA on q,k,v,o plus trainable embed_tokens and every RMSNorm weight; AdamW (betas 0.9, 0.95,
 eps 1e-8, weight decay 0.1 on everything but the norms, as the Trainer groups them), lr 5e-3
 with get_constant_schedule_with_warmup(3); micro-batches of 1 sequence, 2 accumulated per step
@@ -43,7 +43,7 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 def may_attend(n, heads, g):
-    """[heads, n, n] booleans from DESIGN.md: heads h < H/2 causal inside [kG, (k+1)G); the others
+    """[heads, n, n] booleans from docs/DESIGN.md: heads h < H/2 causal inside [kG, (k+1)G); the others
     shifted by S = G // 2: causal inside [0, S), [S, S+G), ..., the last segment ending at n."""
     pos = torch.arange(n)
     out = torch.empty(heads, n, n, dtype=torch.bool)
