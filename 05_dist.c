@@ -319,11 +319,20 @@ static int nccl_open_comm(Comm *c) {
  * (mpirun), else a single process (no communicator). backend_gpu picks NCCL. One process
  * given --dist-file (--world-size 1) still opens a communicator, of one rank: the collective
  * code paths then run on a machine of one GPU, and must change nothing. */
-static int comm_init(int rank, int world, const char *dist_file, int backend_gpu) {
-    memset(&g_comm, 0, sizeof g_comm);
+/* This process's rank and the world size: from the flags (--world-size > 0), else from
+ * Open MPI's environment (mpirun), else a single process. */
+static void dist_rank_world(int flag_rank, int flag_world, int *rank, int *world) {
     const char *er = getenv("OMPI_COMM_WORLD_RANK"), *ew = getenv("OMPI_COMM_WORLD_SIZE");
-    if (world <= 0 && er && ew) { rank = atoi(er); world = atoi(ew); }
-    if (world <= 0) world = 1;
+    if (flag_world > 0) { *rank = flag_rank; *world = flag_world; }
+    else if (er && ew) { *rank = atoi(er); *world = atoi(ew); }
+    else { *rank = 0; *world = 1; }
+    if (*world <= 0) *world = 1;
+}
+
+static int comm_init(int flag_rank, int flag_world, const char *dist_file, int backend_gpu) {
+    memset(&g_comm, 0, sizeof g_comm);
+    int rank, world;
+    dist_rank_world(flag_rank, flag_world, &rank, &world);
     if (comm_alone(world, dist_file)) { g_comm.backend = COMM_NONE; g_comm.rank = 0; g_comm.world = 1; return 0; }
     if (world > DIST_MAX_RANKS) return set_error("--world-size %d is more than the %d ranks supported", world, DIST_MAX_RANKS);
     if (rank < 0 || rank >= world) return set_error("--rank %d is outside 0..%d (--world-size %d)", rank, world - 1, world);

@@ -484,10 +484,9 @@ static API int train_main(int argc, char **argv) {
     if (rc == 1) { train_usage(stdout); free(t); return 0; }
     if (rc != 0) die("%s", last_error());
     if (t->opt.shard_weights) {
-        const char *ompi = getenv("OMPI_COMM_WORLD_SIZE");
-        int world = t->opt.world_size > 0 ? t->opt.world_size : ompi ? atoi(ompi) : 1;
-        const char *rank = getenv("OMPI_COMM_WORLD_RANK");
-        if (world <= 1 || (t->opt.world_size > 0 ? t->opt.rank : rank ? atoi(rank) : 0) == 0) shard_weights_plan(&t->opt, world);
+        int rank, world;
+        dist_rank_world(t->opt.rank, t->opt.world_size, &rank, &world);
+        if (world <= 1 || rank == 0) shard_weights_plan(&t->opt, world);
     }
     trainer_init(t);
     int status = trainer_run(t);

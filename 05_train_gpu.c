@@ -711,11 +711,12 @@ static char tg_device_note[320];
  * (mpirun: its local rank). A single process keeps the default device. */
 static void train_gpu_select_device(const TrainOptions *o) {
     const char *local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-    int world = o->world_size > 0 ? o->world_size : (getenv("OMPI_COMM_WORLD_SIZE") ? atoi(getenv("OMPI_COMM_WORLD_SIZE")) : 1);
+    int rank, world;
+    dist_rank_world(o->rank, o->world_size, &rank, &world);
     if (world <= 1 || (o->device && !strcmp(o->device, "cpu"))) return;
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) { cudaGetLastError(); return; }
-    int r = local ? atoi(local) : (o->world_size > 0 ? o->rank : (getenv("OMPI_COMM_WORLD_RANK") ? atoi(getenv("OMPI_COMM_WORLD_RANK")) : 0));
+    int r = local ? atoi(local) : rank;
     CUDA_CHECK(cudaSetDevice(r % n));
 }
 
