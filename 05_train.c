@@ -175,29 +175,12 @@ static void format_duration(char *buf, size_t cap, double s) {
     else snprintf(buf, cap, "%lds", t);
 }
 
-/* ---- set-up ---------------------------------------------------------------------------- */
+/* ---- the loop -------------------------------------------------------------------------- */
 
 static volatile sig_atomic_t g_stop_signal = 0;
 static void on_stop_signal(int sig) {
     g_stop_signal = sig;
     signal(sig, SIG_DFL); /* a second Ctrl-C ends the program at once */
-}
-
-/* A random model of a preset shape (02's config_from_shape; weights N(0, 0.02^2), norms
- * near 1), RoPE interpolated to ctx; the test shape "tiny" takes its vocabulary from the
- * tokenizer when there is one. -1 + last_error() for an unknown shape or an unreadable tokenizer. */
-static int model_init_shape(Model *m, const char *shape, const char *tokenizer_path, long ctx, uint64_t seed) {
-    Config c;
-    if (config_from_shape(shape, &c) != 0) return -1;
-    if (!strcmp(shape, "tiny") && tokenizer_path) {
-        Tokenizer tok;
-        if (tok_load(&tok, tokenizer_path) != 0) return -1;
-        c.vocab_size = tok.vocab_size;
-        tok_free(&tok);
-    }
-    config_set_target_ctx(&c, ctx);
-    model_init_random(m, &c, seed, 0.02f);
-    return 0;
 }
 
 /* The CSV log: rows past the step we resume from are dropped, so the log reads as one run. */
@@ -224,120 +207,6 @@ static FILE *open_csv_log(const char *out_dir, int resume_step) {
     FILE *f = fopen(path, "a");
     if (!f) die("cannot open %s: %s", path, strerror(errno));
     return f;
-}
-
-static int32_t *codec_tok_encode(void *tok, const char *text, size_t len, int add_bos, size_t *n_out) {
-    return tok_encode((const Tokenizer *)tok, text, len, add_bos, n_out);
-}
-
-/* Opens the tokenizer the data code uses: --tokenizer, else the model folder's; none for
- * --init random without --tokenizer (then --data must be token files). -1 + last_error()
- * when it cannot be read or does not fit the model's vocabulary. */
-static int codec_open(TextCodec *c, Tokenizer *tok, const char *path, int explicit_path, const Config *cfg) {
-    memset(c, 0, sizeof *c);
-    c->vocab_size = cfg->vocab_size;
-    c->bos_id = cfg->bos_id;
-    c->eos_id = cfg->eos_id;
-    if (!path) return 0;
-    struct stat st;
-    char buf[4200];
-    if (!explicit_path && stat(path, &st) == 0 && S_ISDIR(st.st_mode) && !file_exists(path_join(buf, sizeof buf, path, "tokenizer.model")) &&
-        !file_exists(path_join(buf, sizeof buf, path, "tokenizer.json")))
-        return 0; /* a model folder without a tokenizer: token files only */
-    if (tok_load(tok, path) != 0) return -1;
-    if (tok->vocab_size > cfg->vocab_size) {
-        int v = tok->vocab_size;
-        tok_free(tok);
-        return set_error("the tokenizer %s has %d ids but the model's vocabulary has only %d", path, v, cfg->vocab_size);
-    }
-    c->tok = tok;
-    c->text_encode = codec_tok_encode;
-    if (tok->bos_id >= 0) c->bos_id = tok->bos_id;
-    if (tok->eos_id >= 0) c->eos_id = tok->eos_id;
-    return 0;
-}
-
-/* Everything before the first step: model, adapter, optimizer, data, and a resume. */
-static void trainer_init(Trainer *t) {
-    TrainOptions *o = &t->opt;
-    /* the model: its context sets --ctx's default, --ctx sets the RoPE interpolation */
-    if (o->model_dir) {
-        if (model_try_load(&t->model, o->model_dir, o->ctx) != 0) die("%s", last_error());
-    } else if (model_init_shape(&t->model, o->shape, o->tokenizer_path, o->ctx, o->seed) != 0) die("%s", last_error());
-    const Config *c = &t->model.cfg;
-    if (o->ctx == 0) o->ctx = c->max_pos;
-    if (train_validate(o) != 0) die("%s", last_error());
-
-    /* data */
-    if (codec_open(&t->codec, &t->tokenizer, o->tokenizer_path ? o->tokenizer_path : o->model_dir, o->tokenizer_path != NULL, c) != 0) die("%s", last_error());
-    int rc = o->sft_file ? dataset_load_sft(&t->data, &t->codec, o->sft_file, o->template_name, o->sft_pack, o->ctx)
-                         : dataset_load_text(&t->data, &t->codec, o->data_files, o->n_data_files, o->ctx);
-    if (rc != 0) die("%s", last_error());
-    if (o->save_tokens && comm_is_root()) { /* tokenize once: later runs can read this file instead of the text */
-        if (tokfile_write(o->save_tokens, t->data.stream, t->data.stream_len, c->vocab_size) != 0) die("%s", last_error());
-        printf("wrote %zu tokens to %s\n", t->data.stream_len, o->save_tokens);
-    }
-    dataset_start(&t->data, o->seed);
-
-    /* LoRA+ and AdamW over exactly the trainable tensors */
-    if (o->adapter_dir) { /* start from an existing PEFT adapter: its rank, alpha and targets */
-        if (lora_load_adapter(&t->lora, &t->model, o->adapter_dir) != 0) die("%s", last_error());
-        t->lora.cfg.train_embed = t->lora.cfg.train_norms = 1; /* LoRA+ trains them whether or not it carried them */
-        o->lora_rank = t->lora.cfg.rank;
-        o->lora_alpha = t->lora.cfg.alpha;
-    } else {
-        LoraConfig lc = lora_default_config();
-        lc.rank = o->lora_rank;
-        lc.alpha = (float)o->lora_alpha;
-        lc.seed = o->seed;
-        if (lora_init(&t->lora, c, &lc) != 0) die("%s", last_error());
-    }
-    AdamWConfig oc = {(float)o->lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)o->weight_decay, o->warmup};
-    lora_trainer_init(&t->lt, &t->model, &t->lora, &oc, 0, 0, (size_t)o->group); /* activations below, for the CPU step only */
-
-    int on_gpu = 0;
-#ifdef USE_CUDA
-    train_gpu_select_device(o);   /* several ranks: rank r on GPU r */
-    on_gpu = train_gpu_choose(t); /* --device, else the GPU where there is one the model suits */
-#endif
-    if (o->shard_weights && !on_gpu) die("--shard-weights shards the frozen bf16 weights of the GPU step; this run trains on the CPU");
-    /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */
-    if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
-    if (!comm_is_root()) o->quiet = 1; /* logs come from rank 0 */
-    if (comm_active()) t->dist_flat = (float *)xmalloc((flat_count(&t->lt.opt) + 1) * sizeof(float)); /* [P + 1] */
-    if (!on_gpu) act_plan(&t->lt.act, c, (size_t)o->batch, (size_t)o->ctx, 1);
-    t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
-    t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
-    t->n_params = config_param_count(c);
-    for (size_t k = 0; k < t->lt.opt.count; k++) t->n_trainable += t->lt.opt.params[k].numel;
-    t->flops_per_token = train_flops_per_token(c, o->ctx, o->group);
-
-    if (o->resume_dir) {
-        char dir[4096];
-        if (checkpoint_find(o->resume_dir, dir, sizeof dir) != 0 || checkpoint_load(t, dir) != 0) die("%s", last_error());
-        if (t->step >= o->max_steps) die("the checkpoint %s is at step %d, already at --max-steps %d; raise --max-steps to train on", dir, t->step, o->max_steps);
-        if (comm_is_root()) printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
-               (unsigned long long)t->data.epoch, t->data.pos, t->data.n_seqs);
-    }
-#ifdef USE_CUDA
-    if (on_gpu) train_gpu_setup(t); /* after a resume, so the GPU starts from the checkpoint's state */
-#endif
-}
-
-static void trainer_free(Trainer *t) {
-#ifdef USE_CUDA
-    train_gpu_free(t);
-#endif
-    if (t->csv) fclose(t->csv);
-    free(t->dist_flat);
-    free(t->inputs);
-    free(t->targets);
-    lora_trainer_free(&t->lt);
-    lora_free(&t->lora);
-    dataset_free(&t->data);
-    if (t->codec.tok) tok_free(&t->tokenizer);
-    model_free(&t->model);
-    memset(t, 0, sizeof *t);
 }
 
 /* The adapter of the final step also goes into OUT itself, so OUT is a PEFT folder. */
@@ -453,6 +322,139 @@ static int trainer_run(Trainer *t) {
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     return status;
+}
+
+/* ---- set-up: model, adapter, optimizer, data, a resume ------------------------------------ */
+
+/* A random model of a preset shape (02's config_from_shape; weights N(0, 0.02^2), norms
+ * near 1), RoPE interpolated to ctx; the test shape "tiny" takes its vocabulary from the
+ * tokenizer when there is one. -1 + last_error() for an unknown shape or an unreadable tokenizer. */
+static int model_init_shape(Model *m, const char *shape, const char *tokenizer_path, long ctx, uint64_t seed) {
+    Config c;
+    if (config_from_shape(shape, &c) != 0) return -1;
+    if (!strcmp(shape, "tiny") && tokenizer_path) {
+        Tokenizer tok;
+        if (tok_load(&tok, tokenizer_path) != 0) return -1;
+        c.vocab_size = tok.vocab_size;
+        tok_free(&tok);
+    }
+    config_set_target_ctx(&c, ctx);
+    model_init_random(m, &c, seed, 0.02f);
+    return 0;
+}
+
+static int32_t *codec_tok_encode(void *tok, const char *text, size_t len, int add_bos, size_t *n_out) {
+    return tok_encode((const Tokenizer *)tok, text, len, add_bos, n_out);
+}
+
+/* Opens the tokenizer the data code uses: --tokenizer, else the model folder's; none for
+ * --init random without --tokenizer (then --data must be token files). -1 + last_error()
+ * when it cannot be read or does not fit the model's vocabulary. */
+static int codec_open(TextCodec *c, Tokenizer *tok, const char *path, int explicit_path, const Config *cfg) {
+    memset(c, 0, sizeof *c);
+    c->vocab_size = cfg->vocab_size;
+    c->bos_id = cfg->bos_id;
+    c->eos_id = cfg->eos_id;
+    if (!path) return 0;
+    struct stat st;
+    char buf[4200];
+    if (!explicit_path && stat(path, &st) == 0 && S_ISDIR(st.st_mode) && !file_exists(path_join(buf, sizeof buf, path, "tokenizer.model")) &&
+        !file_exists(path_join(buf, sizeof buf, path, "tokenizer.json")))
+        return 0; /* a model folder without a tokenizer: token files only */
+    if (tok_load(tok, path) != 0) return -1;
+    if (tok->vocab_size > cfg->vocab_size) {
+        int v = tok->vocab_size;
+        tok_free(tok);
+        return set_error("the tokenizer %s has %d ids but the model's vocabulary has only %d", path, v, cfg->vocab_size);
+    }
+    c->tok = tok;
+    c->text_encode = codec_tok_encode;
+    if (tok->bos_id >= 0) c->bos_id = tok->bos_id;
+    if (tok->eos_id >= 0) c->eos_id = tok->eos_id;
+    return 0;
+}
+
+/* Everything before the first step: model, adapter, optimizer, data, and a resume. */
+static void trainer_init(Trainer *t) {
+    TrainOptions *o = &t->opt;
+    /* the model: its context sets --ctx's default, --ctx sets the RoPE interpolation */
+    if (o->model_dir) {
+        if (model_try_load(&t->model, o->model_dir, o->ctx) != 0) die("%s", last_error());
+    } else if (model_init_shape(&t->model, o->shape, o->tokenizer_path, o->ctx, o->seed) != 0) die("%s", last_error());
+    const Config *c = &t->model.cfg;
+    if (o->ctx == 0) o->ctx = c->max_pos;
+    if (train_validate(o) != 0) die("%s", last_error());
+
+    /* data */
+    if (codec_open(&t->codec, &t->tokenizer, o->tokenizer_path ? o->tokenizer_path : o->model_dir, o->tokenizer_path != NULL, c) != 0) die("%s", last_error());
+    int rc = o->sft_file ? dataset_load_sft(&t->data, &t->codec, o->sft_file, o->template_name, o->sft_pack, o->ctx)
+                         : dataset_load_text(&t->data, &t->codec, o->data_files, o->n_data_files, o->ctx);
+    if (rc != 0) die("%s", last_error());
+    if (o->save_tokens && comm_is_root()) { /* tokenize once: later runs can read this file instead of the text */
+        if (tokfile_write(o->save_tokens, t->data.stream, t->data.stream_len, c->vocab_size) != 0) die("%s", last_error());
+        printf("wrote %zu tokens to %s\n", t->data.stream_len, o->save_tokens);
+    }
+    dataset_start(&t->data, o->seed);
+
+    /* LoRA+ and AdamW over exactly the trainable tensors */
+    if (o->adapter_dir) { /* start from an existing PEFT adapter: its rank, alpha and targets */
+        if (lora_load_adapter(&t->lora, &t->model, o->adapter_dir) != 0) die("%s", last_error());
+        t->lora.cfg.train_embed = t->lora.cfg.train_norms = 1; /* LoRA+ trains them whether or not it carried them */
+        o->lora_rank = t->lora.cfg.rank;
+        o->lora_alpha = t->lora.cfg.alpha;
+    } else {
+        LoraConfig lc = lora_default_config();
+        lc.rank = o->lora_rank;
+        lc.alpha = (float)o->lora_alpha;
+        lc.seed = o->seed;
+        if (lora_init(&t->lora, c, &lc) != 0) die("%s", last_error());
+    }
+    AdamWConfig oc = {(float)o->lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)o->weight_decay, o->warmup};
+    lora_trainer_init(&t->lt, &t->model, &t->lora, &oc, 0, 0, (size_t)o->group); /* activations below, for the CPU step only */
+
+    int on_gpu = 0;
+#ifdef USE_CUDA
+    train_gpu_select_device(o);   /* several ranks: rank r on GPU r */
+    on_gpu = train_gpu_choose(t); /* --device, else the GPU where there is one the model suits */
+#endif
+    if (o->shard_weights && !on_gpu) die("--shard-weights shards the frozen bf16 weights of the GPU step; this run trains on the CPU");
+    /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */
+    if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
+    if (!comm_is_root()) o->quiet = 1; /* logs come from rank 0 */
+    if (comm_active()) t->dist_flat = (float *)xmalloc((flat_count(&t->lt.opt) + 1) * sizeof(float)); /* [P + 1] */
+    if (!on_gpu) act_plan(&t->lt.act, c, (size_t)o->batch, (size_t)o->ctx, 1);
+    t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
+    t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
+    t->n_params = config_param_count(c);
+    for (size_t k = 0; k < t->lt.opt.count; k++) t->n_trainable += t->lt.opt.params[k].numel;
+    t->flops_per_token = train_flops_per_token(c, o->ctx, o->group);
+
+    if (o->resume_dir) {
+        char dir[4096];
+        if (checkpoint_find(o->resume_dir, dir, sizeof dir) != 0 || checkpoint_load(t, dir) != 0) die("%s", last_error());
+        if (t->step >= o->max_steps) die("the checkpoint %s is at step %d, already at --max-steps %d; raise --max-steps to train on", dir, t->step, o->max_steps);
+        if (comm_is_root()) printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
+               (unsigned long long)t->data.epoch, t->data.pos, t->data.n_seqs);
+    }
+#ifdef USE_CUDA
+    if (on_gpu) train_gpu_setup(t); /* after a resume, so the GPU starts from the checkpoint's state */
+#endif
+}
+
+static void trainer_free(Trainer *t) {
+#ifdef USE_CUDA
+    train_gpu_free(t);
+#endif
+    if (t->csv) fclose(t->csv);
+    free(t->dist_flat);
+    free(t->inputs);
+    free(t->targets);
+    lora_trainer_free(&t->lt);
+    lora_free(&t->lora);
+    dataset_free(&t->data);
+    if (t->codec.tok) tok_free(&t->tokenizer);
+    model_free(&t->model);
+    memset(t, 0, sizeof *t);
 }
 
 /* --shard-weights: prints what a GPU needs for this model and --ctx over K GPUs of 80 GB
