@@ -41,6 +41,10 @@ ifeq ($(HAVE_NCCL),1)
 endif
 export HAVE_GPU USE_CUDA HAVE_CLANG
 
+# The GPU code (04_*.cu): objects with an extern "C" API, linked into every program that runs on the GPU.
+GPU_SRC := $(wildcard 04_*.cu)
+GPU_OBJ := $(patsubst %.cu,build/%.o,$(GPU_SRC))
+
 STAGES_CPU := 01_tokenize 02_model 03_lora
 STAGES_CPU := $(foreach s,$(STAGES_CPU),$(if $(wildcard $(s).c),$(s)))
 
@@ -62,17 +66,14 @@ HEADERS := common.h $(wildcard 0*.h)
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
 # Stage 5 (training) runs on the GPU where nvcc and cuBLAS are (05_train_gpu.c, 04's kernels),
-# and on the CPU everywhere. GPU_OBJ is defined below: the prerequisite list is expanded
-# where the rule is read, so it names them through 04_*.cu.
+# and on the CPU everywhere.
 ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
-05_train: 05_train.c 05_dist.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
-	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
+05_train: 05_train.c 05_dist.c 05_train_gpu.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
+	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
 
-# ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
-GPU_SRC := $(wildcard 04_*.cu)
-GPU_OBJ := $(patsubst %.cu,build/%.o,$(GPU_SRC))
+# ---- GPU code (04_*.cu) ------------------------------------------------------------------
 build/%.o: %.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -c -o $@ $<
@@ -98,8 +99,7 @@ bench: 04_s2attn build/libs2attn.so
 	./04_s2attn --bench --out bench/results/attn_ours.json
 	$(PYTHON) bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
 
-# Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere
-# (after GPU_OBJ: a prerequisite list is expanded where the rule is read).
+# Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere.
 ifneq ($(wildcard 06_infer.c),)
 all: 06_infer
 endif
@@ -110,24 +110,25 @@ endif
 # tests/test_*.c      CPU tests: each includes the stage it checks (defining STAGE 0 first).
 # tests/test_gpu_*.c  GPU tests: C compiled with -DUSE_CUDA, linked with the 04 objects;
 #                     built where nvcc and cuBLAS are, run where a GPU is.
-# tests/test_*.cu     GPU tests written in CUDA C.
 # tests/test_*.sh     test scripts.
 # A test exits 0 (pass), 77 (skip, printing why on its last line) or anything else (fail).
 TEST_CPU := $(filter-out build/tests/test_gpu_%,$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c)))
-TEST_GPU := $(if $(USE_CUDA),$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_gpu_*.c)) $(patsubst tests/%.cu,build/tests/%,$(wildcard tests/test_*.cu)))
+TEST_GPU := $(if $(USE_CUDA),$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_gpu_*.c)))
 ALL_SRC  := $(HEADERS) $(wildcard 0*.c)
 
+# C that calls the GPU API (the GPU tests, the training benchmark), linked with the 04 objects
+GPU_C_PROGRAM = $(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include $(NCCL_INC) -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
 build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include $(NCCL_INC) -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
+	$(GPU_C_PROGRAM)
+# the GPU training benchmark (bench/train_device.sh runs it)
+build/train_bench: bench/train_bench.c $(ALL_SRC) $(GPU_OBJ)
+	@mkdir -p $(dir $@)
+	$(GPU_C_PROGRAM)
 
 build/tests/%: tests/%.c $(ALL_SRC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -I. -o $@ $< $(LDLIBS)
-
-build/tests/%: tests/%.cu $(ALL_SRC) $(GPU_OBJ)
-	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS)
 
 test: all $(TEST_CPU) $(TEST_GPU)
 	@bash tests/run.sh
