@@ -1,5 +1,6 @@
 # LongLoRA in C and CUDA. `make` builds every stage it can and says what it found;
-# `make test` runs every test and ends with "N passed, N failed".
+# `make test` sets up the tests' reference libraries, runs every test and ends with
+# "N passed, N failed, N skipped".
 
 CC      ?= gcc
 NVCC    ?= nvcc
@@ -7,7 +8,10 @@ CFLAGS  ?= -O2 -g -march=x86-64-v2
 CFLAGS  += -std=gnu11 -Wall -Wextra -Wno-unused-function
 LDLIBS  += -lm
 GPU_ARCH ?= sm_80 sm_90
-PYTHON  ?= $(if $(wildcard .venv/bin/python),$(CURDIR)/.venv/bin/python,python3)
+# The Python of the tests, `make bench` and the demo's report: PYTHON if given, else .venv's
+# where it exists, else python3. Looked up when a recipe runs, not when this file is read, so
+# `make test` runs with the .venv it has just made.
+PYTHON  ?= $(shell [ -x .venv/bin/python ] && echo "$(CURDIR)/.venv/bin/python" || echo python3)
 export PYTHON
 
 # ---- what this machine has -------------------------------------------------------------
@@ -130,7 +134,15 @@ build/tests/%: tests/%.c $(ALL_SRC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -I. -o $@ $< $(LDLIBS)
 
-test: all $(TEST_CPU) $(TEST_GPU)
+# The reference libraries the tests compare against (tests/requirements.txt, never used by the
+# product) go into .venv, which `make test` makes where it is missing, as `make demo` fetches
+# what it needs. Where that cannot work (no network, no python3-venv) it says so in one line
+# and the tests that need them skip. A PYTHON given to make is used as it is.
+TEST_VENV := $(if $(filter environment command line,$(origin PYTHON)),,.venv/requirements.installed)
+.venv/requirements.installed: tests/requirements.txt
+	@bash tests/venv.sh .venv $< && touch $@ || true
+
+test: all $(TEST_CPU) $(TEST_GPU) $(TEST_VENV)
 	@bash tests/run.sh
 
 # ---- the demo: a real model (PyPI) and real text (Debian), see demo/run.sh -----------------
