@@ -1,5 +1,6 @@
 # LongLoRA in C and CUDA. `make` builds every stage it can and says what it found;
-# `make test` runs every test and ends with "N passed, N failed".
+# `make test` sets up the tests' reference libraries, runs every test and ends with
+# "N passed, N failed, N skipped".
 
 CC      ?= gcc
 NVCC    ?= nvcc
@@ -7,7 +8,10 @@ CFLAGS  ?= -O2 -g -march=x86-64-v2
 CFLAGS  += -std=gnu11 -Wall -Wextra
 LDLIBS  += -lm
 GPU_ARCH ?= sm_80 sm_90
-PYTHON  ?= $(if $(wildcard .venv/bin/python),$(CURDIR)/.venv/bin/python,python3)
+# The Python of the tests, `make bench` and the demo's report: PYTHON if given, else .venv's
+# where it exists, else python3. Looked up when a recipe runs, not when this file is read, so
+# `make test` runs with the .venv it has just made.
+PYTHON  ?= $(shell [ -x .venv/bin/python ] && echo "$(CURDIR)/.venv/bin/python" || echo python3)
 export PYTHON
 
 # ---- what this machine has -------------------------------------------------------------
@@ -41,6 +45,10 @@ ifeq ($(HAVE_NCCL),1)
 endif
 export HAVE_GPU USE_CUDA HAVE_CLANG
 
+# The GPU code (04_*.cu): objects with an extern "C" API, linked into every program that runs on the GPU.
+GPU_SRC := $(wildcard 04_*.cu)
+GPU_OBJ := $(patsubst %.cu,build/%.o,$(GPU_SRC))
+
 STAGES_CPU := 01_tokenize 02_model 03_lora
 STAGES_CPU := $(foreach s,$(STAGES_CPU),$(if $(wildcard $(s).c),$(s)))
 
@@ -62,17 +70,14 @@ HEADERS := common.h $(wildcard 0*.h)
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
 # Stage 5 (training) runs on the GPU where nvcc and cuBLAS are (05_train_gpu.c, 04's kernels),
-# and on the CPU everywhere. GPU_OBJ is defined below: the prerequisite list is expanded
-# where the rule is read, so it names them through 04_*.cu.
+# and on the CPU everywhere.
 ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
-05_train: 05_train.c $(wildcard 05_*.c) 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)))
-	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(patsubst %.cu,build/%.o,$(wildcard 04_*.cu)) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
+05_train: 05_train.c $(wildcard 05_*.c) 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
+	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
 
-# ---- GPU code (04_*.cu): objects with an extern "C" API declared in common.h ------------
-GPU_SRC := $(wildcard 04_*.cu)
-GPU_OBJ := $(patsubst %.cu,build/%.o,$(GPU_SRC))
+# ---- GPU code (04_*.cu) ------------------------------------------------------------------
 build/%.o: %.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -c -o $@ $<
@@ -98,8 +103,7 @@ bench: 04_s2attn build/libs2attn.so
 	./04_s2attn --bench --out bench/results/attn_ours.json
 	$(PYTHON) bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
 
-# Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere
-# (after GPU_OBJ: a prerequisite list is expanded where the rule is read).
+# Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere.
 ifneq ($(wildcard 06_infer.c),)
 all: 06_infer
 endif
@@ -110,26 +114,35 @@ endif
 # tests/test_*.c      CPU tests: each includes the stage it checks (defining STAGE 0 first).
 # tests/test_gpu_*.c  GPU tests: C compiled with -DUSE_CUDA, linked with the 04 objects;
 #                     built where nvcc and cuBLAS are, run where a GPU is.
-# tests/test_*.cu     GPU tests written in CUDA C.
 # tests/test_*.sh     test scripts.
 # A test exits 0 (pass), 77 (skip, printing why on its last line) or anything else (fail).
 TEST_CPU := $(filter-out build/tests/test_gpu_%,$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c)))
-TEST_GPU := $(if $(USE_CUDA),$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_gpu_*.c)) $(patsubst tests/%.cu,build/tests/%,$(wildcard tests/test_*.cu)))
+TEST_GPU := $(if $(USE_CUDA),$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_gpu_*.c)))
 ALL_SRC  := $(HEADERS) $(wildcard 0*.c)
 
+# C that calls the GPU API (the GPU tests, the training benchmark), linked with the 04 objects
+GPU_C_PROGRAM = $(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include $(NCCL_INC) -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
 build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include $(NCCL_INC) -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
+	$(GPU_C_PROGRAM)
+# the GPU training benchmark (bench/train_device.sh runs it)
+build/train_bench: bench/train_bench.c $(ALL_SRC) $(GPU_OBJ)
+	@mkdir -p $(dir $@)
+	$(GPU_C_PROGRAM)
 
 build/tests/%: tests/%.c $(ALL_SRC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -I. -o $@ $< $(LDLIBS)
 
-build/tests/%: tests/%.cu $(ALL_SRC) $(GPU_OBJ)
-	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS)
+# The reference libraries the tests compare against (tests/requirements.txt, never used by the
+# product) go into .venv, which `make test` makes where it is missing, as `make demo` fetches
+# what it needs. Where that cannot work (no network, no python3-venv) it says so in one line
+# and the tests that need them skip. A PYTHON given to make is used as it is.
+TEST_VENV := $(if $(filter environment command line,$(origin PYTHON)),,.venv/requirements.installed)
+.venv/requirements.installed: tests/requirements.txt
+	@bash tests/venv.sh .venv $< && touch $@ || true
 
-test: all $(TEST_CPU) $(TEST_GPU)
+test: all $(TEST_CPU) $(TEST_GPU) $(TEST_VENV)
 	@bash tests/run.sh
 
 # ---- the demo: a real model (PyPI) and real text (Debian), see demo/run.sh -----------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU training benchmark and its checks, in one device run (from the repository root):
 #   bash bench/train_device.sh [OUTDIR]
-# builds the 04 objects for sm_90, runs tests/test_gpu_train (GPU step vs CPU step) and
+# builds (make's targets, for sm_90) and runs tests/test_gpu_train (GPU step vs CPU step) and
 # tests/test_gpu_train_resume (05_train --device gpu; MEMCHECK=1 adds compute-sanitizer), then
 # bench/train_bench.c (ours) and bench/train_peer.py (transformers + peft) at LLaMA-2-7B
 # shape, random weights, batch 1, LoRA r=8 q,k,v,o + embed + norms, S2-Attn, checkpointing,
@@ -11,13 +11,7 @@ out=${1:-bench/results}
 mkdir -p "$out" build/tests
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 t0=$SECONDS
-make -s build/04_layers.o build/04_s2attn.o GPU_ARCH=sm_90 -j 2 || exit 1
-CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
-CC_FLAGS="-O2 -g -march=x86-64-v2 -std=gnu11 -Wall -Wextra -Wno-unused-function -fopenmp -DUSE_CUDA -I. -I$CUDA_HOME/include"
-LIBS="build/04_layers.o build/04_s2attn.o -L$CUDA_HOME/lib64 -lcudart -lcublas -lcublasLt -lstdc++ -lm"
-gcc $CC_FLAGS -o build/tests/test_gpu_train tests/test_gpu_train.c $LIBS || exit 1
-gcc $CC_FLAGS -o build/tests/test_gpu_train_resume tests/test_gpu_train_resume.c $LIBS || exit 1
-gcc $CC_FLAGS -o build/train_bench bench/train_bench.c $LIBS || exit 1
+make -s GPU_ARCH=sm_90 -j 2 build/tests/test_gpu_train build/tests/test_gpu_train_resume build/train_bench || exit 1
 echo "built in $((SECONDS - t0)) s"
 timeout ${TEST_TIMEOUT:-120} build/tests/test_gpu_train 2>&1 | tee "$out/test_gpu_train.log"
 echo "test_gpu_train exit ${PIPESTATUS[0]}"

@@ -19,9 +19,9 @@ for src in tests/test_*.c; do
   case "$src" in tests/test_gpu_*) continue ;; esac
   name=$(basename "$src" .c); run_one "$name" "build/tests/$name"
 done
-for src in tests/test_gpu_*.c tests/test_*.cu; do
+for src in tests/test_gpu_*.c; do
   [ -e "$src" ] || continue
-  name=$(basename "${src%.*}")
+  name=$(basename "$src" .c)
   if [ -z "${USE_CUDA:-}" ]; then skip=$((skip+1)); printf 'SKIP  %-28s        no nvcc/cuBLAS: GPU test not built\n' "$name"
   elif [ -z "${HAVE_GPU:-}" ]; then skip=$((skip+1)); printf 'SKIP  %-28s        no GPU on this machine (built, not run)\n' "$name"
   else run_one "$name" "build/tests/$name"; fi

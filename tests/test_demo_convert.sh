@@ -3,8 +3,8 @@
 # The checks and their tolerances are described at the top of tests/test_demo_convert.py.
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
-  echo "skip: $PY has no gguf/numpy (bash .ci/run installs tests/requirements.txt into .venv)"
+if ! "$PY" -c 'import gguf, numpy, tokenizers' 2>/dev/null; then
+  echo "skip: $PY has no gguf/numpy/tokenizers (make test installs tests/requirements.txt into .venv)"
   exit 77
 fi
 exec "$PY" tests/test_demo_convert.py

@@ -14,7 +14,7 @@
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
-  echo "skip: $PY has no gguf/numpy (bash .ci/run installs tests/requirements.txt into .venv)"
+  echo "skip: $PY has no gguf/numpy (make test installs tests/requirements.txt into .venv)"
   exit 77
 fi
 for prog in 01_tokenize 02_model 05_train 06_infer; do

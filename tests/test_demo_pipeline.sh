@@ -4,7 +4,7 @@
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import gguf, numpy, tokenizers' 2>/dev/null; then
-  echo "skip: $PY has no gguf/numpy/tokenizers (bash .ci/run installs tests/requirements.txt into .venv)"
+  echo "skip: $PY has no gguf/numpy/tokenizers (make test installs tests/requirements.txt into .venv)"
   exit 77
 fi
 exec "$PY" tests/test_demo_pipeline.py

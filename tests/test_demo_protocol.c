@@ -9,18 +9,17 @@
  */
 #define STAGE 0
 #include "06_infer.c"
-
-static int failures = 0;
+#include "check.h"
 
 static void check_line(const char *line, uint64_t seed) {
     char kind[16];
-    if (sscanf(line, "%15s", kind) != 1) { failures++; printf("FAIL unreadable line: %.80s\n", line); return; }
+    if (!check_counted(sscanf(line, "%15s", kind) == 1)) { printf("FAIL unreadable line: %.80s\n", line); return; }
     if (!strcmp(kind, "passkey")) {
         size_t target, trial, n_garbage_py, depth_py;
         long key_py;
         int used = 0;
-        if (sscanf(line, "passkey %zu %zu %zu %zu %ld %n", &target, &trial, &n_garbage_py, &depth_py, &key_py, &used) != 5) {
-            failures++; printf("FAIL unreadable line: %.80s\n", line); return;
+        if (!check_counted(sscanf(line, "passkey %zu %zu %zu %zu %ld %n", &target, &trial, &n_garbage_py, &depth_py, &key_py, &used) == 5)) {
+            printf("FAIL unreadable line: %.80s\n", line); return;
         }
         const char *hex = line + used;
         size_t n_garbage = passkey_garbage_chars(target), depth;
@@ -34,8 +33,7 @@ static void check_line(const char *line, uint64_t seed) {
             same = sscanf(hex + 2 * i, "%2x", &v) == 1 && v == (unsigned char)prompt[i];
         }
         same = same && (hex[2 * len] == '\n' || hex[2 * len] == 0);
-        if (!same) {
-            failures++;
+        if (!check_counted(same)) {
             printf("FAIL passkey target %zu trial %zu: C n_garbage %zu depth %zu key %ld, Python %zu %zu %ld (or the prompt text differs)\n",
                    target, trial, n_garbage, depth, key, n_garbage_py, depth_py, key_py);
         }
@@ -43,8 +41,8 @@ static void check_line(const char *line, uint64_t seed) {
     } else if (!strcmp(kind, "windows")) {
         size_t tokens, seq_len, stride;
         int used = 0;
-        if (sscanf(line, "windows %zu %zu %zu%n", &tokens, &seq_len, &stride, &used) != 3) {
-            failures++; printf("FAIL unreadable line: %.80s\n", line); return;
+        if (!check_counted(sscanf(line, "windows %zu %zu %zu%n", &tokens, &seq_len, &stride, &used) == 3)) {
+            printf("FAIL unreadable line: %.80s\n", line); return;
         }
         size_t *starts;
         size_t count = ppl_window_starts(tokens, seq_len, stride, &starts);
@@ -56,14 +54,12 @@ static void check_line(const char *line, uint64_t seed) {
             k++;
             p += n;
         }
-        if (!same || k != count) {
-            failures++;
+        if (!check_counted(same && k == count)) {
             printf("FAIL windows %zu %zu %zu: C has %zu starts, Python %zu (or they differ)\n", tokens, seq_len, stride, count, k);
         }
         free(starts);
     } else {
-        failures++;
-        printf("FAIL unknown line kind %s\n", kind);
+        EXPECT(0, "unknown line kind %s", kind);
     }
 }
 
@@ -91,8 +87,8 @@ int main(void) {
         printf("skip: '%s demo/reference_eval.py --dump-protocol' did not run (exit %d)\n", py, rc);
         return 77;
     }
-    if (lines != 7 * 3 + 6) { failures++; printf("FAIL expected 27 protocol lines, got %zu\n", lines); }
-    printf("%s: %zu protocol lines from reference_eval.py (seed %llu), %d differ from 06_infer\n",
-           failures ? "FAIL" : "ok", lines, (unsigned long long)seed, failures);
-    return failures ? 1 : 0;
+    EXPECT(lines == 7 * 3 + 6, "expected 27 protocol lines, got %zu", lines);
+    printf("%s: %zu protocol lines from reference_eval.py (seed %llu), %d of %d checks differ from 06_infer\n",
+           g_failures ? "FAIL" : "ok", lines, (unsigned long long)seed, g_failures, g_checks);
+    return g_failures ? 1 : 0;
 }

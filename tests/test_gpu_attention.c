@@ -17,6 +17,7 @@
 #define STAGE 0
 #endif
 #include "02_model.c" /* the CPU stage's attention_forward/backward: the reference the kernels stand on */
+#include "check.h"
 
 #include <cuda_runtime.h>
 
@@ -202,15 +203,14 @@ static double max_abs_d(const double *a, size_t n) {
     return m;
 }
 
-static int check(const char *what, double ours, double base, int *fails) {
+static int check(const char *what, double ours, double base) {
     double limit = ERR_FACTOR * base + ERR_FLOOR;
-    int ok = ours <= limit;
+    int ok = check_counted(ours <= limit);
     printf("    %-4s err %.3e  bf16-baseline err %.3e  limit %.3e  %s\n", what, ours, base, limit, ok ? "ok" : "FAIL");
-    if (!ok) (*fails)++;
     return ok;
 }
 
-static int test_attention(const Shape *s, Rng *rng) {
+static void test_attention(const Shape *s, Rng *rng) {
     const size_t nq = (size_t)s->B * s->N * s->H * s->d, nk = (size_t)s->B * s->N * s->Hk * s->d;
     const size_t nl = (size_t)s->B * s->H * s->N;
     printf("attention B=%d N=%d H=%d Hk=%d d=%d G=%d\n", s->B, s->N, s->H, s->Hk, s->d, s->G);
@@ -219,14 +219,13 @@ static int test_attention(const Shape *s, Rng *rng) {
     uint16_t *dout = random_bf16(rng, nq, &df);
     Result ref = reference(s, 0, qf, kf, vf, df), base = reference(s, 1, qf, kf, vf, df);
     Result stage = stage02_reference(s, qf, kf, vf, df);
-    int fails = 0;
     { /* the CPU stage agrees with the fp64 reference */
         const double *st[5] = {stage.o, stage.dq, stage.dk, stage.dv, stage.lse}, *rf[5] = {ref.o, ref.dq, ref.dk, ref.dv, ref.lse};
         const size_t n[5] = {nq, nq, nk, nk, nl};
         const char *name[5] = {"O", "dQ", "dK", "dV", "LSE"};
         for (int t = 0; t < 5; t++) {
             double e = max_err_d(st[t], rf[t], n[t]), lim = 1e-4 * max_abs_d(rf[t], n[t]) + 1e-6;
-            if (!(e <= lim)) { printf("    02_model %s differs from fp64 by %.3e (limit %.3e) FAIL\n", name[t], e, lim); fails++; }
+            if (!check_counted(e <= lim)) printf("    02_model %s differs from fp64 by %.3e (limit %.3e) FAIL\n", name[t], e, lim);
         }
     }
 
@@ -253,22 +252,21 @@ static int test_attention(const Shape *s, Rng *rng) {
     CUDA_CHECK(cudaMemcpy(dv, d_dv, nk * 2, cudaMemcpyDeviceToHost));
     CUDA_CHECK(cudaMemcpy(lse, d_lse, nl * 4, cudaMemcpyDeviceToHost));
 
-    check("O", max_err_bf16(o, ref.o, nq), max_err_d(base.o, ref.o, nq), &fails);
-    check("dQ", max_err_bf16(dq, ref.dq, nq), max_err_d(base.dq, ref.dq, nq), &fails);
-    check("dK", max_err_bf16(dk, ref.dk, nk), max_err_d(base.dk, ref.dk, nk), &fails);
-    check("dV", max_err_bf16(dv, ref.dv, nk), max_err_d(base.dv, ref.dv, nk), &fails);
+    check("O", max_err_bf16(o, ref.o, nq), max_err_d(base.o, ref.o, nq));
+    check("dQ", max_err_bf16(dq, ref.dq, nq), max_err_d(base.dq, ref.dq, nq));
+    check("dK", max_err_bf16(dk, ref.dk, nk), max_err_d(base.dk, ref.dk, nk));
+    check("dV", max_err_bf16(dv, ref.dv, nk), max_err_d(base.dv, ref.dv, nk));
     /* the same criterion with the CPU stage (02_model.c, fp32) as the reference */
-    check("O/02", max_err_bf16(o, stage.o, nq), max_err_d(base.o, stage.o, nq), &fails);
-    check("dQ/02", max_err_bf16(dq, stage.dq, nq), max_err_d(base.dq, stage.dq, nq), &fails);
-    check("dK/02", max_err_bf16(dk, stage.dk, nk), max_err_d(base.dk, stage.dk, nk), &fails);
-    check("dV/02", max_err_bf16(dv, stage.dv, nk), max_err_d(base.dv, stage.dv, nk), &fails);
+    check("O/02", max_err_bf16(o, stage.o, nq), max_err_d(base.o, stage.o, nq));
+    check("dQ/02", max_err_bf16(dq, stage.dq, nq), max_err_d(base.dq, stage.dq, nq));
+    check("dK/02", max_err_bf16(dk, stage.dk, nk), max_err_d(base.dk, stage.dk, nk));
+    check("dV/02", max_err_bf16(dv, stage.dv, nk), max_err_d(base.dv, stage.dv, nk));
     double lse_err = 0;
     for (size_t i = 0; i < nl; i++) {
         double e = fabs((double)lse[i] - ref.lse[i]);
         if (!(e <= lse_err)) lse_err = e;
     }
-    printf("    LSE err %.3e  limit %.1e  %s\n", lse_err, LSE_TOL, lse_err <= LSE_TOL ? "ok" : "FAIL");
-    if (!(lse_err <= LSE_TOL)) fails++;
+    printf("    LSE err %.3e  limit %.1e  %s\n", lse_err, LSE_TOL, check_counted(lse_err <= LSE_TOL) ? "ok" : "FAIL");
     CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(d_dq)); CUDA_CHECK(cudaFree(d_dk)); CUDA_CHECK(cudaFree(d_dv));
     CUDA_CHECK(cudaFree(d_lse)); CUDA_CHECK(cudaFree(ws));
     }
@@ -278,11 +276,10 @@ static int test_attention(const Shape *s, Rng *rng) {
     free(q); free(k); free(v); free(dout); free(qf); free(kf); free(vf); free(df);
     free(o); free(dq); free(dk); free(dv); free(lse);
     CUDA_CHECK(cudaFree(d_q)); CUDA_CHECK(cudaFree(d_k)); CUDA_CHECK(cudaFree(d_v)); CUDA_CHECK(cudaFree(d_do));
-    return fails;
 }
 
 /* decode: q [B, H, d] against keys [0, n_keys) of a [B, n_cap, Hk, d] cache */
-static int test_decode(int B, int H, int Hk, int d, int n_cap, int n_keys, Rng *rng) {
+static void test_decode(int B, int H, int Hk, int d, int n_cap, int n_keys, Rng *rng) {
     printf("decode B=%d H=%d Hk=%d d=%d n_keys=%d (cache %d)\n", B, H, Hk, d, n_keys, n_cap);
     const size_t nq = (size_t)B * H * d, nc = (size_t)B * n_cap * Hk * d;
     float *qf, *kf, *vf;
@@ -325,11 +322,9 @@ static int test_decode(int B, int H, int Hk, int d, int n_cap, int n_keys, Rng *
     if (attn_decode(d_q, d_k, d_v, d_o, ws, B, H, Hk, d, n_cap, n_keys) != 0) die("%s", last_error());
     uint16_t *o = (uint16_t *)xmalloc(nq * 2);
     CUDA_CHECK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
-    int fails = 0;
-    check("O", max_err_bf16(o, ref, nq), max_err_d(base, ref, nq), &fails);
+    check("O", max_err_bf16(o, ref, nq), max_err_d(base, ref, nq));
     free(q); free(kc); free(vc); free(qf); free(kf); free(vf); free(ref); free(base); free(p); free(pb); free(o);
     CUDA_CHECK(cudaFree(d_q)); CUDA_CHECK(cudaFree(d_k)); CUDA_CHECK(cudaFree(d_v)); CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(ws));
-    return fails;
 }
 
 int main(int argc, char **argv) {
@@ -354,22 +349,22 @@ int main(int argc, char **argv) {
         {1, 1000, 2, 2, 64, 200},  /* S2 d=64, many tiles */
     };
     const int n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
-    int fails = 0, run = 0;
+    int run = 0;
     for (int i = 0; i < n_shapes; i++) {
         if (quick && shapes[i].N > 400) continue;
-        fails += test_attention(&shapes[i], &rng);
+        test_attention(&shapes[i], &rng);
         run++;
     }
-    fails += test_decode(2, 8, 2, 128, 1100, 1000, &rng);
-    fails += test_decode(1, 4, 4, 64, 80, 77, &rng);
-    fails += test_decode(2, 4, 2, 128, 600, 513, &rng);
-    fails += test_decode(1, 16, 2, 64, 300, 260, &rng);
-    if (!quick) fails += test_decode(1, 32, 8, 128, 5000, 4999, &rng);
+    test_decode(2, 8, 2, 128, 1100, 1000, &rng);
+    test_decode(1, 4, 4, 64, 80, 77, &rng);
+    test_decode(2, 4, 2, 128, 600, 513, &rng);
+    test_decode(1, 16, 2, 64, 300, 260, &rng);
+    if (!quick) test_decode(1, 32, 8, 128, 5000, 4999, &rng);
     /* unsupported arguments are refused with a sentence, not run */
-    if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 96, 0) == 0) { printf("head dim 96 was accepted\n"); fails++; }
-    if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 64, 30) == 0) { printf("N %% G != 0 was accepted\n"); fails++; }
-    if (attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 6, 4, 64, 0) == 0) { printf("H %% Hk != 0 was accepted\n"); fails++; }
+    EXPECT(attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 96, 0) != 0, "head dim 96 was accepted");
+    EXPECT(attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 4, 4, 64, 30) != 0, "N %% G != 0 was accepted");
+    EXPECT(attn_forward(NULL, NULL, NULL, NULL, NULL, 1, 100, 6, 4, 64, 0) != 0, "H %% Hk != 0 was accepted");
     CUDA_CHECK(cudaDeviceSynchronize());
-    printf("%s: %d attention shapes and %d decode shapes, %d check(s) failed\n", fails ? "FAIL" : "ok", run, quick ? 4 : 5, fails);
-    return fails ? 1 : 0;
+    printf("%s: %d attention shapes and %d decode shapes, %d of %d checks failed\n", g_failures ? "FAIL" : "ok", run, quick ? 4 : 5, g_failures, g_checks);
+    return g_failures ? 1 : 0;
 }

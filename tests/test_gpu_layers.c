@@ -14,12 +14,12 @@
  */
 #define STAGE 0
 #include "common.h"
+#include "check.h"
 
 #include <cuda_runtime.h>
 
 
 static Rng g_rng;
-static int g_checks, g_failures;
 
 /* ---- device memory helpers ------------------------------------------------------------ */
 
@@ -66,7 +66,6 @@ static double rms(const double *x, size_t n) {
 
 /* Passes when |got - want| <= atol + rtol * |want| + (extra ? extra[i] : 0) everywhere; NaN fails. */
 static void check(const char *what, const float *got, const double *want, size_t n, double atol, double rtol, const double *extra) {
-    g_checks++;
     size_t bad = 0, first = 0;
     double max_err = 0, max_ratio = 0;
     for (size_t i = 0; i < n; i++) {
@@ -79,16 +78,14 @@ static void check(const char *what, const float *got, const double *want, size_t
         if (err > max_err || err != err) max_err = err;
         if (tol > 0 && err / tol > max_ratio) max_ratio = err / tol;
     }
-    if (bad) {
-        g_failures++;
+    if (!check_counted(!bad)) {
         printf("FAIL %-58s %zu of %zu wrong; first [%zu] got %.7g want %.7g\n", what, bad, n, first, (double)got[first], want[first]);
     } else {
         printf("ok   %-58s n=%-8zu max|err| %.3g (%.2f of tolerance)\n", what, n, max_err, max_ratio);
     }
 }
 static void check_true(const char *what, int ok) {
-    g_checks++;
-    if (!ok) g_failures++;
+    check_counted(ok);
     printf("%s %s\n", ok ? "ok  " : "FAIL", what);
 }
 

@@ -15,12 +15,12 @@
  */
 #define STAGE 0
 #include "03_lora.c"
+#include "check.h"
 
 #include <cuda_runtime.h>
 
 
 static Rng g_rng;
-static int g_checks, g_failures;
 
 static void *dev_alloc(size_t bytes) {
     void *p = NULL;
@@ -66,9 +66,7 @@ static void agree_extra(const char *what, const float *got, const float *want, s
         if (!(err <= tol)) { if (!bad) first = i; bad++; }
         if (tol > 0 && err / tol > max_ratio) max_ratio = err / tol;
     }
-    g_checks++;
-    if (bad) {
-        g_failures++;
+    if (!check_counted(!bad)) {
         printf("FAIL %-52s %zu of %zu differ; first [%zu] gpu %.7g stage %.7g\n", what, bad, n, first, (double)got[first], (double)want[first]);
     } else {
         printf("ok   %-52s n=%-7zu (%.2f of tolerance)\n", what, n, max_ratio);
@@ -195,9 +193,7 @@ static void cross_entropy_vs_stage(size_t T, size_t D, size_t V, size_t chunk) {
     float *dh_gpu = download_bf16(DH, T * D), *dw_gpu = xmalloc(V * D * 4);
     download(dw_gpu, DW, V * D * 4);
     char what[96];
-    g_checks++;
-    int same_count = n_valid == count;
-    if (!same_count) g_failures++;
+    int same_count = check_counted(n_valid == count);
     printf("%s cross-entropy T=%zu V=%zu: %zu targets counted (stage %zu)\n", same_count ? "ok  " : "FAIL", T, V, n_valid, count);
     float mean_gpu = n_valid ? (float)(loss_sum / (double)n_valid) : 0.0f;
     snprintf(what, sizeof what, "cross-entropy T=%zu D=%zu V=%zu chunk=%zu mean loss", T, D, V, chunk);

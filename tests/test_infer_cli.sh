@@ -27,9 +27,12 @@ expect_error() {
   if ! grep -q -- "$pat" "$TMP/err"; then bad "$what: message lacks '$pat':"; sed 's/^/  | /' "$TMP/err" | tail -5; return; fi
   ok
 }
-"$PYTHON" -c "import numpy as np; np.random.default_rng(1).integers(0, 256, 1200).astype(np.uint16).tofile('$TMP/ids.bin')" \
-  || { echo "numpy is needed to write the token file"; exit 1; }
-"$PYTHON" -c "import numpy as np; np.full(600, 300, dtype=np.uint16).tofile('$TMP/big_ids.bin')"
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || { echo "skip: no python3 (to write the token files and read the CSV)"; exit 77; }
+# raw_ids FILE SEED N HIGH: N ids drawn from [0, HIGH) as a raw uint16 file (LongLoRA's .bin)
+raw_ids() { "$PY" -c "import array, random, sys; r = random.Random($2); array.array('H', [r.randrange($4) for _ in range($3)]).tofile(open(sys.argv[1], 'wb'))" "$1"; }
+raw_ids "$TMP/ids.bin" 1 1200 256 || { echo "FAIL: $PY could not write a token file"; exit 1; }
+"$PY" -c "import array, sys; array.array('H', [300] * 600).tofile(open(sys.argv[1], 'wb'))" "$TMP/big_ids.bin"
 
 # 1. user errors
 expect_error "huge context" "needs a KV cache of .* GiB" $BIN --init random --shape tiny --ctx 100000000000 --ppl "$TMP/ids.bin"
@@ -79,7 +82,7 @@ $BIN $M $P --seed 11 --csv "$TMP/pk1.csv" >"$TMP/pk1" 2>"$TMP/pe1" || bad "passk
 $BIN $M $P --seed 11 --csv "$TMP/pk2.csv" >/dev/null 2>&1
 $BIN $M $P --seed 12 --csv "$TMP/pk3.csv" >/dev/null 2>&1
 cmp -s "$TMP/pk1.csv" "$TMP/pk2.csv" && ok || bad "the same seed gave a different passkey CSV"
-"$PYTHON" - "$TMP/pk1.csv" "$TMP/pk3.csv" "$TMP/pk1" <<'EOF' && ok || bad "passkey CSV bookkeeping"
+"$PY" - "$TMP/pk1.csv" "$TMP/pk3.csv" "$TMP/pk1" <<'EOF' && ok || bad "passkey CSV bookkeeping"
 import csv, re, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 other = list(csv.DictReader(open(sys.argv[2])))
@@ -111,7 +114,7 @@ EOF
 # 5. export from the command line: shards + index, config, tokenizer copied; its perplexity
 #    (bf16 weights) is the applied adapter's within bf16 rounding (2e-2 relative)
 mkdir -p "$TMP/base" && cp tests/fixtures/infer/base/* "$TMP/base/" && cp "$TOK" "$TMP/base/"
-"$PYTHON" -c "import numpy as np; np.random.default_rng(2).integers(0, 120, 400).astype(np.uint16).tofile('$TMP/small.bin')"
+raw_ids "$TMP/small.bin" 2 400 120
 $BIN --model "$TMP/base" --adapter tests/fixtures/infer/adapter --ctx 64 --export "$TMP/exp" --shard-size 20000 2>"$TMP/err" \
   || bad "export failed: $(cat "$TMP/err")"
 [ -f "$TMP/exp/model.safetensors.index.json" ] && [ -f "$TMP/exp/model-00001-of-00003.safetensors" ] && ok || bad "export is not sharded: $(ls "$TMP/exp")"
@@ -120,7 +123,7 @@ grep -q '"max_position_embeddings": 64' "$TMP/exp/config.json" && grep -q '"fact
   || bad "config.json: $(cat "$TMP/exp/config.json")"
 a=$($BIN --model "$TMP/base" --adapter tests/fixtures/infer/adapter --ctx 64 --ppl "$TMP/small.bin" --seq-len 64 --stride 32 2>/dev/null | awk '$1 == 64 {print $4}')
 b=$($BIN --model "$TMP/exp" --ppl "$TMP/small.bin" --seq-len 64 --stride 32 2>/dev/null | awk '$1 == 64 {print $4}')
-"$PYTHON" -c "import sys; a, b = float('$a'), float('$b'); sys.exit(0 if abs(a - b) <= 2e-2 * a else 1)" && ok \
+"$PY" -c "import sys; a, b = float('$a'), float('$b'); sys.exit(0 if abs(a - b) <= 2e-2 * a else 1)" && ok \
   || bad "perplexity of the export $b, of base + adapter $a"
 
 echo "test_infer_cli: $checks checks, $fails failures"

@@ -14,19 +14,9 @@
  */
 #define STAGE 0
 #include "02_model.c"
+#include "check.h"
 
 #define FIXTURES "tests/fixtures/model"
-
-static int failures = 0;
-#define EXPECT(cond, ...)                                   \
-    do {                                                    \
-        if (!(cond)) {                                      \
-            failures++;                                     \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
-            printf(__VA_ARGS__);                            \
-            printf("\n");                                   \
-        }                                                   \
-    } while (0)
 
 /* ---- the fixture file: "LLMF", version 1, named f32 / i32 arrays ---------------------- */
 typedef struct {
@@ -396,6 +386,6 @@ int main(void) {
     check_attention(2, 21, 3, 1, 8, 7, seed + 3);   /* S2: odd H (1 plain, 2 shifted), odd G, shift 3 */
     check_attention(1, 37, 2, 2, 24, 0, seed + 4);  /* full causal */
     check_hook(seed + 5);
-    printf("%s: %d failure(s) (seed %llu)\n", failures ? "FAIL" : "ok", failures, (unsigned long long)seed);
-    return failures ? 1 : 0;
+    printf("%s: %d checks, %d failed (seed %llu)\n", g_failures ? "FAIL" : "ok", g_checks, g_failures, (unsigned long long)seed);
+    return g_failures ? 1 : 0;
 }

@@ -10,11 +10,10 @@
  */
 #define STAGE 0
 #include "02_model.c"
+#include "check.h"
 #include <dirent.h>
 
 #define FIXTURES "tests/fixtures/model"
-
-static int failures = 0, cases = 0;
 
 static void copy_file(const char *from, const char *to) {
     size_t len;
@@ -72,26 +71,22 @@ static void edit_text(const char *dir, const char *file, const char *from, const
 
 /* Loading dir must fail and the sentence must contain `want`. */
 static void expect_fail(const char *what, const char *dir, const char *want) {
-    cases++;
     Model m;
     g_last_error[0] = 0;
-    if (model_try_load(&m, dir, 0) == 0) {
-        failures++;
+    if (!check_counted(model_try_load(&m, dir, 0) != 0)) {
         printf("FAIL %s: the folder loaded\n", what);
         model_free(&m);
         return;
     }
     const char *msg = last_error();
     int one_line = strchr(msg, '\n') == NULL;
-    if (!strstr(msg, want) || !one_line) {
-        failures++;
+    if (!check_counted(strstr(msg, want) && one_line)) {
         printf("FAIL %s: error \"%s\" does not name \"%s\"\n", what, msg, want);
     } else printf("ok   %-34s error: %s\n", what, msg);
 }
 static void expect_load(const char *what, const char *dir) {
-    cases++;
     Model m;
-    if (model_try_load(&m, dir, 0) != 0) { failures++; printf("FAIL %s: %s\n", what, last_error()); return; }
+    if (!check_counted(model_try_load(&m, dir, 0) == 0)) { printf("FAIL %s: %s\n", what, last_error()); return; }
     printf("ok   %-34s loads (%zu parameters)\n", what, m.w.count);
     model_free(&m);
 }
@@ -247,9 +242,8 @@ int main(void) {
     rewrite_safetensors(keep, "model.safetensors", edit_to_f16);
     {
         Model m32, m16;
-        cases++;
         if (model_try_load(&m32, FIXTURES "/llama2_like", 0) != 0) die("%s", last_error());
-        if (model_try_load(&m16, keep, 0) != 0) { failures++; printf("FAIL fp16 weights: %s\n", last_error()); }
+        if (!check_counted(model_try_load(&m16, keep, 0) == 0)) { printf("FAIL fp16 weights: %s\n", last_error()); }
         else {
             size_t B = 1, N = 11, V = (size_t)m32.cfg.vocab_size;
             int32_t tokens[11] = {1, 5, 9, 63, 0, 17, 17, 42, 8, 30, 2};
@@ -264,7 +258,7 @@ int main(void) {
                 if (diff > md || diff != diff) md = diff;
                 if (fabs(a32.logits[i]) > mr) mr = fabs(a32.logits[i]);
             }
-            if (!(md / mr <= 5e-3 && md > 0)) { failures++; printf("FAIL fp16 weights: logits differ by %.3g relative (want (0, 5e-3])\n", md / mr); }
+            if (!check_counted(md / mr <= 5e-3 && md > 0)) { printf("FAIL fp16 weights: logits differ by %.3g relative (want (0, 5e-3])\n", md / mr); }
             else printf("ok   %-34s logits within %.2g of fp32\n", "fp16 weights", md / mr);
             act_free(&a32); act_free(&a16);
             model_free(&m16);
@@ -295,16 +289,15 @@ int main(void) {
         write_text(keep, "config.json", out);
         free(s);
         Model m;
-        cases++;
-        if (model_try_load(&m, keep, 0) != 0) { failures++; printf("FAIL transformers-4 config: %s\n", last_error()); }
+        if (!check_counted(model_try_load(&m, keep, 0) == 0)) { printf("FAIL transformers-4 config: %s\n", last_error()); }
         else {
-            if (m.cfg.rope_factor != 4.0f || m.cfg.rope_theta != 10000.0f) { failures++; printf("FAIL transformers-4 config: factor %g theta %g\n", m.cfg.rope_factor, m.cfg.rope_theta); }
+            if (!check_counted(m.cfg.rope_factor == 4.0f && m.cfg.rope_theta == 10000.0f)) { printf("FAIL transformers-4 config: factor %g theta %g\n", m.cfg.rope_factor, m.cfg.rope_theta); }
             else printf("ok   %-34s loads with factor 4, theta 1e4\n", "transformers-4 rope_scaling");
             model_free(&m);
         }
     }
     remove_dir(keep);
 
-    printf("%s: %d of %d loader cases failed\n", failures ? "FAIL" : "ok", failures, cases);
-    return failures ? 1 : 0;
+    printf("%s: %d of %d loader checks failed\n", g_failures ? "FAIL" : "ok", g_failures, g_checks);
+    return g_failures ? 1 : 0;
 }

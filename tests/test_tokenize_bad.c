@@ -5,11 +5,10 @@
  * built here, so this needs no shared data. */
 #define STAGE 0
 #include "01_tokenize.c"
+#include "check.h"
 #include <sys/wait.h>
 
 #define OUT "build/tests/tok"
-static int failures = 0;
-#define EXPECT(cond, ...) do { if (!(cond)) { failures++; printf("FAIL (line %d): ", __LINE__); printf(__VA_ARGS__); printf("\n"); } } while (0)
 
 /* ---- a small SentencePiece model, written as protobuf ---- */
 typedef struct { uint8_t *p; size_t n, cap; } Buf;
@@ -240,7 +239,7 @@ int main(void) {
     cli_fails("--tokenizer " OUT "/good.json --decode-file " OUT "/bad_ids.bin", "out of range");
     cli_fails("--tokenizer " OUT "/good.model --decode-file " OUT "/short.bin", "short.bin");
     cli_fails("--tokenizer " OUT "/good.model --encode-file " OUT "/no-such.txt --out " OUT "/x.bin", "no-such.txt");
-    if (failures) { printf("%d checks failed\n", failures); return 1; }
-    printf("bad tokenizer files, unsupported configurations, bad ids and token files all end in one clear error\n");
+    if (g_failures) { printf("%d of %d checks failed\n", g_failures, g_checks); return 1; }
+    printf("bad tokenizer files, unsupported configurations, bad ids and token files all end in one clear error (%d checks)\n", g_checks);
     return 0;
 }

@@ -25,7 +25,7 @@ static int run_ref(const char *fmt, ...) {
 static int library_missing(void) {
     const char *ci = getenv("CI");
     if (ci && ci[0]) { printf("FAIL: the reference library must be installed in CI (tests/requirements.txt)\n"); return 1; }
-    printf("skip: the reference library is not installed for $PYTHON (pip install -r tests/requirements.txt)\n");
+    printf("skip: the reference library is not installed for $PYTHON (make test installs tests/requirements.txt into .venv)\n");
     return 77;
 }
 

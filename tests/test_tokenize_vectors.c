@@ -4,6 +4,7 @@
  * Needs ../shared/data (skips without it). */
 #define STAGE 0
 #include "01_tokenize.c"
+#include "check.h"
 
 #define DATA "../shared/data/"
 
@@ -25,7 +26,7 @@ int main(void) {
     const char *sep = "\n__ggml_vocab_test__\n";
     size_t sep_len = strlen(sep);
     char *p = inp, *end = inp + inp_len, *line = outs;
-    int cases = 0, failures = 0;
+    int cases = 0;
     while (p < end) {
         char *q = memmem(p, (size_t)(end - p), sep, sep_len);
         if (!q) break; /* the file ends with a separator */
@@ -49,8 +50,7 @@ int main(void) {
         for (size_t i = 0; i < n; i++) tok_decode_next(&t, &d, got[i], &stream);
         tok_decode_flush(&t, &d, &stream);
         int round = dlen == text_len && memcmp(dec, p, text_len) == 0 && stream.len == dlen && memcmp(stream.data, dec, dlen) == 0;
-        if (!same || !round) {
-            failures++;
+        if (!check_counted(same && round)) {
             printf("FAIL case %d \"%.*s\": %s%s\n  want:", cases, (int)text_len, p, same ? "" : "ids differ ", round ? "" : "round trip differs");
             for (size_t i = 0; i < n_want; i++) printf(" %d", want[i]);
             printf("\n  got: ");
@@ -64,7 +64,7 @@ int main(void) {
     }
     free(inp); free(outs);
     tok_free(&t);
-    if (cases != 46) { printf("expected 46 cases, read %d\n", cases); return 1; }
-    printf("%d/%d llama.cpp vectors give exact ids and round-trip\n", cases - failures, cases);
-    return failures ? 1 : 0;
+    printf("%d/%d llama.cpp vectors give exact ids and round-trip\n", g_checks - g_failures, cases);
+    EXPECT(cases == 46, "expected 46 cases, read %d", cases);
+    return g_failures ? 1 : 0;
 }

@@ -12,6 +12,7 @@
  */
 #define STAGE 0
 #include "05_train.c"
+#include "check.h"
 #pragma GCC diagnostic ignored "-Wformat-truncation" /* scratch paths are short */
 
 /* Some English when the machine has no licence texts: sentences from a small grammar. */
@@ -32,8 +33,6 @@ static char *generated_text(size_t *len) {
 
 int main(void) {
     double t0 = now_seconds();
-    int failures = 0;
-#define REQUIRE(cond, ...) do { if (!(cond)) { failures++; printf("FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
 
     /* text -> byte tokens: 90% to train on, the last 10% held out */
     const char *source = "/usr/share/common-licenses/GPL-3";
@@ -61,44 +60,44 @@ int main(void) {
     for (char *tok = strtok(argbuf, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
     argv[argc] = NULL;
     int rc = train_main(argc, argv);
-    REQUIRE(rc == 0, "training exits %d", rc);
+    EXPECT(rc == 0, "training exits %d", rc);
 
     /* the loss curve from the CSV log */
     double loss[64];
     int steps = 0;
     char *csv = read_file(path_join(path, sizeof path, out, "train_log.csv"), NULL);
-    REQUIRE(csv != NULL, "no train_log.csv");
+    EXPECT(csv != NULL, "no train_log.csv");
     for (char *line = csv ? strchr(csv, '\n') : NULL; line && line[1] && steps < 64; line = strchr(line + 1, '\n')) {
         int step;
         double l;
         if (sscanf(line + 1, "%d,%lf", &step, &l) == 2 && step == steps + 1) loss[steps++] = l;
     }
     free(csv);
-    REQUIRE(steps == 40, "the log holds %d steps, want 40", steps);
+    EXPECT(steps == 40, "the log holds %d steps, want 40", steps);
     if (steps == 40) {
         double first = (loss[0] + loss[1] + loss[2]) / 3, last = 0;
         for (int i = 35; i < 40; i++) last += loss[i] / 5;
         int finite = 1;
         for (int i = 0; i < 40; i++) finite &= isfinite(loss[i]);
         printf("training loss: first 3 steps %.3f, last 5 steps %.3f\n", first, last);
-        REQUIRE(finite, "a loss is not finite");
-        REQUIRE(first > 5.0 && first < 6.0, "a random tiny model should start near ln 256 = 5.55, got %.3f", first);
-        REQUIRE(last < first - 1.5, "the loss did not fall clearly: %.3f -> %.3f (want a drop of 1.5 nats)", first, last);
+        EXPECT(finite, "a loss is not finite");
+        EXPECT(first > 5.0 && first < 6.0, "a random tiny model should start near ln 256 = 5.55, got %.3f", first);
+        EXPECT(last < first - 1.5, "the loss did not fall clearly: %.3f -> %.3f (want a drop of 1.5 nats)", first, last);
     }
 
     /* the output folder is a PEFT adapter that loads back into the same base model */
     Json *cfg = json_parse_file(path_join(path, sizeof path, out, "adapter_config.json"));
-    REQUIRE(cfg && json_get_number(cfg, "r", 0) == 8 && json_get_number(cfg, "lora_alpha", 0) == 16 &&
+    EXPECT(cfg && json_get_number(cfg, "r", 0) == 8 && json_get_number(cfg, "lora_alpha", 0) == 16 &&
             !strcmp(json_get_string(cfg, "peft_type", ""), "LORA"), "adapter_config.json: r 8, alpha 16, LORA");
     const Json *targets = json_get_type(cfg, "target_modules", JSON_ARRAY);
-    REQUIRE(targets && targets->count == 4, "the adapter targets q,k,v,o");
+    EXPECT(targets && targets->count == 4, "the adapter targets q,k,v,o");
     json_free(cfg);
     Model base, tuned;
     CHECK(model_init_shape(&base, "tiny", NULL, 128, 7) == 0, "%s", last_error());
     CHECK(model_init_shape(&tuned, "tiny", NULL, 128, 7) == 0, "%s", last_error());
     LoraAdapter ad;
     rc = lora_load_adapter(&ad, &tuned, out);
-    REQUIRE(rc == 0, "03's loader refuses the adapter: %s", last_error());
+    EXPECT(rc == 0, "03's loader refuses the adapter: %s", last_error());
     if (rc == 0) {
         /* held-out loss, full causal attention, windows of 128 */
         const size_t N = 128;
@@ -116,8 +115,8 @@ int main(void) {
             tuned_loss += model_forward(&tuned, &act, in, tg, 1, N, &with) / (double)windows;
         }
         printf("held-out loss (%zu windows of %zu): base %.3f, fine-tuned %.3f\n", windows, N, base_loss, tuned_loss);
-        REQUIRE(windows >= 4, "too little held-out text");
-        REQUIRE(tuned_loss < base_loss - 1.0, "the adapter does not help on held-out text: %.3f vs base %.3f", tuned_loss, base_loss);
+        EXPECT(windows >= 4, "too little held-out text");
+        EXPECT(tuned_loss < base_loss - 1.0, "the adapter does not help on held-out text: %.3f vs base %.3f", tuned_loss, base_loss);
         free(tg);
         act_free(&act);
         lora_free(&ad);
@@ -126,11 +125,11 @@ int main(void) {
     model_free(&tuned);
     free(ids);
     free(text);
-    if (failures == 0) {
+    if (g_failures == 0) {
         char cmd[600];
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
         if (system(cmd) != 0) printf("note: could not remove %s\n", dir);
     }
-    printf("test_train_e2e: %s (%.1f s)\n", failures ? "FAILED" : "loss falls, adapter loads and helps on held-out text", now_seconds() - t0);
-    return failures ? 1 : 0;
+    printf("test_train_e2e: %s (%.1f s)\n", g_failures ? "FAILED" : "loss falls, adapter loads and helps on held-out text", now_seconds() - t0);
+    return g_failures ? 1 : 0;
 }

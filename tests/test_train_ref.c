@@ -17,6 +17,7 @@
  */
 #define STAGE 0
 #include "05_train.c"
+#include "check.h"
 
 #define FIX "tests/fixtures/train"
 
@@ -64,10 +65,8 @@ int main(void) {
     int argc = 0;
     for (char *tok = strtok(argbuf, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
     argv[argc] = NULL;
-    int failures = 0;
-#define REQUIRE(cond, ...) do { if (!(cond)) { failures++; printf("FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
     int rc = train_main(argc, argv);
-    REQUIRE(rc == 0, "training exits %d", rc);
+    EXPECT(rc == 0, "training exits %d", rc);
 
     /* step by step: the CSV log */
     char path[600];
@@ -80,49 +79,49 @@ int main(void) {
     for (char *line = strchr(csv, '\n'); line && line[1]; line = strchr(line + 1, '\n')) {
         int step;
         double loss, lr, norm;
-        if (sscanf(line + 1, "%d,%lf,%lf,%lf", &step, &loss, &lr, &norm) != 4 || step != (int)seen + 1 || seen >= steps) { REQUIRE(0, "bad CSV line"); break; }
+        if (sscanf(line + 1, "%d,%lf,%lf,%lf", &step, &loss, &lr, &norm) != 4 || step != (int)seen + 1 || seen >= steps) { EXPECT(0, "bad CSV line"); break; }
         double rl = ref[seen], rn = ref[steps + seen], rlr = ref[2 * steps + seen];
         printf("%4d  %.6f / %.6f        %.6f / %.6f         %.2e\n", step, loss, rl, norm, rn, lr);
-        REQUIRE(fabs(loss - rl) <= 1e-5, "step %d: loss %.7f, reference %.7f", step, loss, rl);
-        REQUIRE(fabs(norm - rn) <= 1e-5 * fabs(rn), "step %d: grad norm %.7f, reference %.7f", step, norm, rn);
-        REQUIRE(fabs(lr - rlr) <= 1e-6 * fabs(rlr) + 1e-12, "step %d: lr %.9g, reference %.9g", step, lr, rlr);
+        EXPECT(fabs(loss - rl) <= 1e-5, "step %d: loss %.7f, reference %.7f", step, loss, rl);
+        EXPECT(fabs(norm - rn) <= 1e-5 * fabs(rn), "step %d: grad norm %.7f, reference %.7f", step, norm, rn);
+        EXPECT(fabs(lr - rlr) <= 1e-6 * fabs(rlr) + 1e-12, "step %d: lr %.9g, reference %.9g", step, lr, rlr);
         if (fabs(loss - rl) > worst_loss) worst_loss = fabs(loss - rl);
         if (fabs(norm - rn) / rn > worst_norm) worst_norm = fabs(norm - rn) / rn;
         seen++;
     }
     free(csv);
-    REQUIRE(seen == steps, "the log has %u steps, want %u", seen, steps);
+    EXPECT(seen == steps, "the log has %u steps, want %u", seen, steps);
 
     /* the trainable tensors after the last step (our checkpoint's fp32 master copies) */
     snprintf(path, sizeof path, "%s/out/checkpoint-%u/train_state.safetensors", dir, steps);
     SafeTensors st;
     double worst_tensor = 0;
     const char *worst_name = "";
-    if (st_open(&st, path) != 0) REQUIRE(0, "%s", last_error());
+    if (st_open(&st, path) != 0) EXPECT(0, "%s", last_error());
     else {
         for (uint32_t i = 0; i < count; i++) {
             const StTensor *t = st_find(&st, names[i]);
-            REQUIRE(t && t->dtype == DT_F32 && t->numel == numels[i], "tensor %s missing or of another size in our checkpoint", names[i]);
+            EXPECT(t && t->dtype == DT_F32 && t->numel == numels[i], "tensor %s missing or of another size in our checkpoint", names[i]);
             if (!t || t->numel != numels[i]) continue;
             const float *ours = (const float *)t->data;
             double d = 0;
             for (size_t k = 0; k < numels[i]; k++) d = fmax(d, fabs((double)ours[k] - values[i][k]));
-            REQUIRE(d <= 2e-5, "%s: max |ours - reference| = %.3g", names[i], d);
+            EXPECT(d <= 2e-5, "%s: max |ours - reference| = %.3g", names[i], d);
             if (d > worst_tensor) { worst_tensor = d; worst_name = names[i]; }
         }
         size_t ours_params = 0;
         for (size_t k = 0; k < st.count; k++) ours_params += strstr(st.tensors[k].name, ".exp_avg") == NULL && strcmp(st.tensors[k].name, "data.order") != 0;
-        REQUIRE(ours_params == count, "we train %zu tensors, the reference %u", ours_params, count);
+        EXPECT(ours_params == count, "we train %zu tensors, the reference %u", ours_params, count);
         st_close(&st);
     }
     printf("worst: loss %.2e, grad norm %.2e relative, tensor %.2e (%s)\n", worst_loss, worst_norm, worst_tensor, worst_name);
     for (uint32_t i = 0; i < count; i++) { free(names[i]); free(values[i]); }
     free(names); free(values); free(numels); free(ref);
-    if (failures == 0) {
+    if (g_failures == 0) {
         char cmd[600];
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
         if (system(cmd) != 0) printf("note: could not remove %s\n", dir);
     }
-    printf("test_train_ref: %u steps %s transformers + peft + torch AdamW (%.1f s)\n", steps, failures ? "DIFFER from" : "match", now_seconds() - t0);
-    return failures ? 1 : 0;
+    printf("test_train_ref: %u steps %s transformers + peft + torch AdamW (%.1f s)\n", steps, g_failures ? "DIFFER from" : "match", now_seconds() - t0);
+    return g_failures ? 1 : 0;
 }

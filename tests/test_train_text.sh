@@ -14,7 +14,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import tokenizers" 2>/dev/null; then
-  echo "skip: the tokenizers library is not installed for $PY (pip install -r tests/requirements.txt)"
+  echo "skip: the tokenizers library is not installed for $PY (make test installs tests/requirements.txt into .venv)"
   exit 77
 fi
 make -s 05_train >/dev/null || { echo "FAIL: cannot build 05_train"; exit 1; }
