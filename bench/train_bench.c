@@ -11,7 +11,7 @@
  * says is in use on the device after the steps (everything is allocated up front, the
  * kernels' workspaces on the first step), minus nothing: the CUDA context is included.
  * A length that does not fit is reported with the planner's sentence, not a crash.
- * Built by bench/train_device.sh (gcc, -DUSE_CUDA, the 04 objects, cuBLAS).
+ * Built by `make build/train_bench` (the 04 objects, cuBLAS), which bench/train_device.sh runs.
  */
 #define STAGE 0
 #include "05_train.c"
