@@ -30,7 +30,7 @@
 #include <float.h>
 #include <stdint.h>
 
-#include "common.h"
+#include "04_gpu.h" /* the API this file implements (and common.h) */
 
 typedef __nv_bfloat16 bf16;
 
@@ -1022,7 +1022,7 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 }
 
 /* ---------------------------------------------------------------------------------------
- * Host API (declared in common.h)
+ * Host API (declared in 04_gpu.h)
  * ------------------------------------------------------------------------------------- */
 
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,

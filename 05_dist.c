@@ -59,6 +59,7 @@
 #include <omp.h>
 #endif
 #ifdef USE_NCCL
+#include "04_gpu.h" /* CUDA_CHECK */
 #include <nccl.h>
 #endif
 

@@ -18,7 +18,7 @@
 #endif
 #include "02_model.c" /* the CPU stage's attention_forward/backward: the reference the kernels stand on */
 
-#include <cuda_runtime.h>
+#include "04_gpu.h" /* the kernels under test */
 
 
 static const double ERR_FACTOR = 2.0, ERR_FLOOR = 1e-5, LSE_TOL = 1e-3;

@@ -16,7 +16,7 @@
 #define STAGE 0
 #include "03_lora.c"
 
-#include <cuda_runtime.h>
+#include "04_gpu.h" /* the kernels under test */
 
 
 static Rng g_rng;
