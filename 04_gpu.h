@@ -4,8 +4,9 @@
  * Teaches: the seam between CUDA C++ and C: extern "C" functions on device pointers, bf16
  * passed as its raw uint16_t bits (C has no bf16 type), every size a size_t or int, and
  * errors in two kinds: arguments a kernel does not support are refused with -1 and one
- * sentence in last_error(); CUDA and cuBLAS failures end the program with file:line
- * (CUDA_CHECK, CUBLAS_CHECK below).
+ * sentence in last_error() (common.h: one buffer for the whole program, so the sentence
+ * set in a .cu object is the one the C caller reads); CUDA and cuBLAS failures end the
+ * program with file:line (CUDA_CHECK, CUBLAS_CHECK below).
  * Runs on: programs built with -DUSE_CUDA and linked with build/04_*.o (the Makefile).
  * Leaves out: streams (all work goes on the default stream), fp16.
  *

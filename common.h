@@ -39,7 +39,20 @@
  * Errors
  * ------------------------------------------------------------------------------------- */
 
-static char g_last_error[1024];
+/* The sentence of the last failure: one buffer for the whole program. Every object includes
+ * this header (the C program, 04_s2attn.o, 04_layers.o, the 04_s2attn program, build/libs2attn.so,
+ * each test), so the definition is weak: the linker keeps one copy, and a sentence that
+ * set_error() leaves in one object is the one last_error() reads in another (a `static` buffer
+ * gave each object its own, and a refusal from a .cu object reached the C caller as "unknown
+ * error"). A weak definition needs no defining file to pick, so a program of any set of
+ * these objects links; extern "C" keeps the one symbol name in C and in C++. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+__attribute__((weak)) char g_last_error[1024];
+#ifdef __cplusplus
+}
+#endif
 
 /* Records one sentence describing why a parser or loader failed; returns 0 or NULL-friendly -1. */
 static int set_error(const char *fmt, ...) {
