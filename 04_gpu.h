@@ -69,7 +69,15 @@ extern "C" {
  * support; CUDA failures end the program with file:line.
  * ------------------------------------------------------------------------------------- */
 
-/* d is 64 or 128; H/Hk <= 32. */
+/* Version 1 of the ladder, the naive kernel (a reference, not a fast path): one warp per
+ * query row, fp32 throughout. o [B, N, H, d] and lse [B, H, N] are fp32. d is a multiple of
+ * 32 up to 256; any H/Hk. bf16_math != 0 rounds the scores, the probabilities and the output
+ * to bf16 where PyTorch's bf16 math path rounds them (the baseline the flash kernels' error
+ * is measured against in tests/test_gpu_attention.c). */
+int attn_forward_naive(const uint16_t *q, const uint16_t *k, const uint16_t *v, float *o, float *lse,
+                       int B, int N, int H, int Hk, int d, int G, int bf16_math);
+
+/* The flash kernels: d is 64 or 128; H/Hk <= 32. */
 int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
                  int B, int N, int H, int Hk, int d, int G);
 /* bytes of device scratch attn_backward needs (fp32 dQ accumulator [B, N, H, d] + row sums [B, H, N]) */

@@ -44,6 +44,10 @@ static void test_refusals(void) {
     expect_refusal("attn_decode with 10 keys in a cache of 5", attn_decode(NULL, NULL, NULL, NULL, NULL, 1, 4, 4, 64, 5, 10),
                    "10 keys do not fit a cache of 5");
     expect_refusal("attn_set_tile_variant(99, 0)", attn_set_tile_variant(99, 0), "tile variant (99, 0) does not exist");
+    expect_refusal("attn_forward_naive with head dim 48", attn_forward_naive(NULL, NULL, NULL, NULL, NULL, 1, 10, 2, 2, 48, 0, 0),
+                   "head dim 48 is not supported");
+    expect_refusal("attn_forward_naive with H=6, Hk=4", attn_forward_naive(NULL, NULL, NULL, NULL, NULL, 1, 10, 6, 4, 64, 0, 0),
+                   "H=6 is not a multiple of Hk=4");
 }
 
 /* In the child: a tiny model's training step on the GPU with its S2 group spoilt after
