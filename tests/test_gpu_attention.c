@@ -14,8 +14,8 @@
  * the kernels must meet the same criterion with the stage as the reference.
  * The ladder's version 1 (attn_forward_naive, fp32) is checked against 02_model.c's attention
  * (1e-4) and its bf16-rounding mode against the CPU's bf16 baseline; then, as the reference,
- * it checks every flash forward variant at 4k-32k tokens (same criterion, LSE 1e-3), and
- * both are timed. Exit 77 without a GPU.
+ * it checks every flash forward variant at 4k-32k tokens (same criterion on O, LSE within
+ * 5e-5), and both are timed. Exit 77 without a GPU.
  */
 #ifndef STAGE
 #define STAGE 0
@@ -360,6 +360,10 @@ static double max_err_ff(const float *a, const float *ref, size_t n) {
 
 static const double NAIVE_TOL = 1e-4;     /* version 1 vs 02_model.c (both fp32): of the largest |O|; absolute on LSE */
 static const double NAIVE_BASE_FACTOR = 1.5; /* its bf16 baseline's error vs fp64, against the CPU baseline's */
+/* flash LSE vs version 1 (both fp32 sums; 7e-6 seen at 32k on the H200): a key missing from
+ * or added to a window of n keys moves its row's LSE by about 1/n, so this sees such a slip
+ * in windows up to ~20k keys, which LSE_TOL (1e-3) would let through past 1k */
+static const double NAIVE_LSE_TOL = 5e-5;
 
 /* Version 1 on the GPU: fp32 o [B, N, H, d] and lse [B, H, N] from poisoned buffers. */
 static void run_naive(const Shape *s, const uint16_t *d_q, const uint16_t *d_k, const uint16_t *d_v, int bf16_math, float *o, float *lse) {
@@ -428,7 +432,7 @@ static double time_forward(const Shape *s, int which, const uint16_t *d_q, const
 /* The flash forward, every tile variant, against version 1 where the CPU references would
  * take minutes: the fp64 test's criterion with version 1 (fp32) as the reference and version
  * 1 with bf16_math as the baseline: max |O - O_v1| <= 2 x max |O_v1,bf16 - O_v1| + 1e-5, and
- * |LSE - LSE_v1| <= 1e-3. Prints the time of version 1 and of the default flash forward. */
+ * |LSE - LSE_v1| <= NAIVE_LSE_TOL. Prints the time of version 1 and of the default flash forward. */
 static int test_flash_vs_naive(const Shape *s, Rng *rng) {
     const size_t nq = (size_t)s->B * s->N * s->H * s->d, nk = (size_t)s->B * s->N * s->Hk * s->d;
     const size_t nl = (size_t)s->B * s->H * s->N;
@@ -457,9 +461,9 @@ static int test_flash_vs_naive(const Shape *s, Rng *rng) {
         for (size_t i = 0; i < nq; i++) o_wide[i] = bf16_to_f32(o[i]);
         const double e_o = max_err_ff(o_wide, o_ref, nq), e_lse = max_err_ff(lse, lse_ref, nl);
         const double lim = ERR_FACTOR * e_base + ERR_FLOOR;
-        const int ok = e_o <= lim && e_lse <= LSE_TOL;
+        const int ok = e_o <= lim && e_lse <= NAIVE_LSE_TOL;
         printf("  forward variant %d: O err %.3e  bf16-baseline err %.3e  limit %.3e;  LSE err %.3e  limit %.1e  %s\n", var, e_o, e_base, lim,
-               e_lse, LSE_TOL, ok ? "ok" : "FAIL");
+               e_lse, NAIVE_LSE_TOL, ok ? "ok" : "FAIL");
         fails += !ok;
     }
     if (attn_set_tile_variant(0, 0) != 0) die("%s", last_error());
