@@ -83,7 +83,7 @@ all: 04_s2attn
 endif
 # The stage's own program (--bench and the kernel checks) is 04_s2attn.cu built with its main.
 04_s2attn: 04_s2attn.cu $(GPU_OBJ) $(HEADERS)
-	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -DS2ATTN_MAIN -I. -o $@ 04_s2attn.cu $(filter-out build/04_s2attn.o,$(GPU_OBJ)) $(CUDA_LIBS) $(NCCL_LIBS)
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -DS2ATTN_MAIN -I. -o $@ 04_s2attn.cu $(filter-out build/04_s2attn.o,$(GPU_OBJ)) $(CUDA_LIBS)
 # The attention kernels use Hopper's warpgroup MMA (wgmma), which exists only in sm_90a code:
 # where sm_90 is asked for, 04_s2attn.cu is built for sm_90a (same GPUs, H100/H200).
 S2ATTN_GENCODE := $(foreach a,$(GPU_ARCH),-gencode=arch=compute_$(subst sm_,,$(a:sm_90=sm_90a)),code=$(a:sm_90=sm_90a))
