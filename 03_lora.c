@@ -575,7 +575,7 @@ static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, con
  * disagrees with the model (rank, targets, shapes, layer numbers, unknown tensors) or that
  * we do not implement (DoRA, per-module ranks, biases) is refused: -1 + last_error(),
  * and then m is unchanged. */
-static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
+static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
     memset(ad, 0, sizeof *ad);
     const Config *c = &m->cfg;
     char path[4096];

@@ -20,7 +20,7 @@
  *   - one row-major wrapper around cublasGemmEx (bf16 in, fp32 accumulation), which the
  *     training stage also uses for the frozen base projections.
  * Runs on: NVIDIA GPUs with bf16 (sm_80 and newer), through the extern "C" API declared in
- * common.h. Activations are bf16 [N, D] row-major; every size and offset is size_t.
+ * 04_gpu.h. Activations are bf16 [N, D] row-major; every size and offset is size_t.
  * Everything runs on the default stream and returns before the GPU is done, except the
  * functions that hand a number back to the host (they wait for it).
  * Leaves out: attention (04_s2attn.cu), dropout (LongLoRA uses none), fp16, multi-GPU.
@@ -31,7 +31,7 @@
  * Floating-point sums that use atomics (the embedding and RMSNorm weight gradients, the
  * sum of squares) may differ in the last bits from run to run; the loss sum does not.
  */
-#include "common.h"
+#include "04_gpu.h" /* the API this file implements (and common.h) */
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>

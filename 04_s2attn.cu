@@ -2,7 +2,9 @@
  * and out, fp32 accumulation), S2-Attn as the same kernels with per-head segment bounds, and
  * decode attention (one new token against a long KV cache) split over the key axis.
  *
- * Teaches: how flash attention is laid out on tensor cores without a library. Each kernel
+ * Teaches: how flash attention is laid out on tensor cores without a library, starting from
+ * the naive kernel it replaces (version 1 of the ladder below: one warp per query row, fp32;
+ * the reference the tests check the fast versions against). Each flash kernel
  * is written with mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix from XOR-swizzled
  * shared memory, cp.async double buffering of the tiles that stream, an online softmax in
  * base 2 (exp2 with log2(e) folded into the scale), and tile skipping: a tile whose keys are
@@ -15,7 +17,7 @@
  * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; the Makefile builds sm_80 and
  * sm_90a code).
  * Leaves out: TMA and warp specialisation, a wgmma backward, dropout, non-causal attention,
- * head dims other than 64 and 128, fp16.
+ * head dims other than 64 and 128 in the flash kernels, fp16, a naive backward.
  *
  * Layout (every buffer row-major; bf16 passed as its raw uint16_t bits):
  *   q, o, dout, dq  [B, N, H, d]     as the q/o projections produce them
@@ -30,7 +32,7 @@
 #include <float.h>
 #include <stdint.h>
 
-#include "common.h"
+#include "04_gpu.h" /* the API this file implements (and common.h) */
 
 typedef __nv_bfloat16 bf16;
 
@@ -38,6 +40,112 @@ typedef __nv_bfloat16 bf16;
 
 static const float LOG2E = 1.4426950408889634f;
 static const float LN2 = 0.6931471805599453f;
+
+/* =======================================================================================
+ * The ladder, version 1: naive attention (llm.c's dev/cuda habit: the simplest kernel that
+ * is right comes first, is checked against the CPU stage, and then checks the fast ones).
+ *   version 1  attn_forward_naive (here): one warp per query row, fp32 on CUDA cores;
+ *   version 2  flash_fwd_kernel (below): a tile of queries per block, K/V tiles through
+ *              shared memory, mma.sync tensor cores, online softmax over tiles;
+ *   version 3  flash_fwd_wgmma_kernel (below): version 2 on Hopper's warpgroup MMA.
+ * tests/test_gpu_attention.c checks version 1 against 02_model.c's attention_forward (fp32)
+ * and then versions 2 and 3 against version 1 on sizes the CPU reference is too slow for,
+ * printing each one's time.
+ * ===================================================================================== */
+
+/* Which arguments every attention entry point needs (the head dim and GQA limits are each
+ * version's own): positive sizes that fit the grid, whole GQA groups, S2 groups dividing N.
+ * 0, or -1 with the sentence in last_error(). */
+static int check_attn_args(int B, int N, int H, int Hk, int G) {
+    if (B <= 0 || N <= 0 || H <= 0 || Hk <= 0) return set_error("attention: B=%d N=%d H=%d Hk=%d must all be positive", B, N, H, Hk);
+    if (H % Hk != 0) return set_error("attention: H=%d is not a multiple of Hk=%d", H, Hk);
+    if (H > 65535 || Hk > 65535 || B > 65535) return set_error("attention: B=%d or H=%d is too large for the grid", B, H);
+    if (G < 0 || (G > 0 && N % G != 0)) return set_error("attention: S2 group %d does not divide N=%d", G, N);
+    return 0;
+}
+
+#define NAIVE_MAX_D 256     /* head dims up to this, in multiples of 32 (one column per lane per step) */
+#define NAIVE_ROWS_PER_BLOCK 4 /* warps per block, one query row each */
+
+__device__ __forceinline__ float warp_sum(float x) { /* every lane ends with the same sum */
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+__device__ __forceinline__ float round_to_bf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+/* Warp (row i, head h, batch b). Lane `lane` holds columns lane, lane+32, ... of q_i and of
+ * its share of o_i. For each key j of the window the lanes multiply their columns of q_i and
+ * k_j and warp_sum adds the 32 partial dot products: s_j = q_i . k_j / sqrt(d).
+ *   pass 1: m = max_j s_j and l = sum_j exp(s_j - m), kept as a running pair (when a larger
+ *           score arrives, the sum so far is rescaled by exp(old m - new m)); lse = m + ln l;
+ *   pass 2: o_i = sum_j (exp(s_j - m) / l) v_j, the scores computed again.
+ * Two passes keep the probabilities final before they multiply V, so bf16_math can round
+ * them as PyTorch's bf16 math path does. Every K and V row of the window is read from global
+ * memory by every query row (twice): that traffic is what the flash kernels' tiles remove. */
+__global__ void __launch_bounds__(NAIVE_ROWS_PER_BLOCK * 32)
+naive_attn_fwd_kernel(const bf16 *__restrict__ Q, /* [B, N, H, d] */
+                      const bf16 *__restrict__ K, /* [B, N, Hk, d] */
+                      const bf16 *__restrict__ V, /* [B, N, Hk, d] */
+                      float *__restrict__ O,      /* [B, N, H, d] */
+                      float *__restrict__ LSE,    /* [B, H, N] */
+                      int N, int H, int Hk, int d, int G, float scale, int bf16_math) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int i = blockIdx.x * NAIVE_ROWS_PER_BLOCK + warp, h = blockIdx.y, b = blockIdx.z;
+    if (i >= N) return; /* the whole warp leaves together */
+    const int kh = h / (H / Hk), cols = d / 32; /* columns per lane */
+    const size_t kv_stride = (size_t)Hk * d;    /* from key row j to j+1 */
+    const bf16 *q = Q + (((size_t)b * N + i) * H + h) * d;
+    const bf16 *Kb = K + (size_t)b * N * kv_stride + (size_t)kh * d;
+    const bf16 *Vb = V + (size_t)b * N * kv_stride + (size_t)kh * d;
+    float q_reg[NAIVE_MAX_D / 32], o_acc[NAIVE_MAX_D / 32];
+#pragma unroll
+    for (int t = 0; t < NAIVE_MAX_D / 32; t++) {
+        q_reg[t] = t < cols ? __bfloat162float(q[lane + 32 * t]) : 0.f;
+        o_acc[t] = 0.f;
+    }
+    const int first = (int)s2_first_key((size_t)i, h, H, (size_t)G); /* keys first..i */
+    auto score = [&](int j) {
+        const bf16 *kj = Kb + (size_t)j * kv_stride;
+        float part = 0.f;
+#pragma unroll
+        for (int t = 0; t < NAIVE_MAX_D / 32; t++)
+            if (t < cols) part += q_reg[t] * __bfloat162float(kj[lane + 32 * t]);
+        const float s = warp_sum(part) * scale;
+        return bf16_math ? round_to_bf16(s) : s;
+    };
+    float m = -INFINITY, l = 0.f; /* pass 1: running max and sum of exp */
+    for (int j = first; j <= i; j++) {
+        const float s = score(j);
+        if (s > m) { l = l * expf(m - s) + 1.f; m = s; }
+        else l += expf(s - m);
+    }
+    for (int j = first; j <= i; j++) { /* pass 2: the probability-weighted sum of V */
+        float p = expf(score(j) - m) / l;
+        if (bf16_math) p = round_to_bf16(p);
+        const bf16 *vj = Vb + (size_t)j * kv_stride;
+#pragma unroll
+        for (int t = 0; t < NAIVE_MAX_D / 32; t++)
+            if (t < cols) o_acc[t] += p * __bfloat162float(vj[lane + 32 * t]);
+    }
+    float *o = O + (((size_t)b * N + i) * H + h) * d;
+#pragma unroll
+    for (int t = 0; t < NAIVE_MAX_D / 32; t++)
+        if (t < cols) o[lane + 32 * t] = bf16_math ? round_to_bf16(o_acc[t]) : o_acc[t];
+    if (lane == 0) LSE[((size_t)b * H + h) * N + i] = m + logf(l);
+}
+
+extern "C" int attn_forward_naive(const uint16_t *q, const uint16_t *k, const uint16_t *v, float *o, float *lse,
+                                  int B, int N, int H, int Hk, int d, int G, int bf16_math) {
+    if (check_attn_args(B, N, H, Hk, G) != 0) return -1;
+    if (d <= 0 || d % 32 != 0 || d > NAIVE_MAX_D)
+        return set_error("attention (naive): head dim %d is not supported (a multiple of 32 up to %d)", d, NAIVE_MAX_D);
+    dim3 grid((unsigned)((N + NAIVE_ROWS_PER_BLOCK - 1) / NAIVE_ROWS_PER_BLOCK), (unsigned)H, (unsigned)B);
+    naive_attn_fwd_kernel<<<grid, NAIVE_ROWS_PER_BLOCK * 32>>>((const bf16 *)q, (const bf16 *)k, (const bf16 *)v, o, lse, N, H, Hk, d,
+                                                               G, 1.f / sqrtf((float)d), bf16_math);
+    LAUNCH_OK();
+    return 0;
+}
 
 /* ---------------------------------------------------------------------------------------
  * Tensor-core and copy primitives (inline PTX, sm_80+)
@@ -1022,7 +1130,7 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 }
 
 /* ---------------------------------------------------------------------------------------
- * Host API (declared in common.h)
+ * Host API (declared in 04_gpu.h)
  * ------------------------------------------------------------------------------------- */
 
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
@@ -1071,13 +1179,11 @@ extern "C" int attn_set_tile_variant(int fwd, int bwd) {
     return 0;
 }
 
+/* the flash kernels' arguments: check_attn_args's, head dim 64 or 128, H/Hk <= MAX_GQA_GROUP */
 static int check_shape(int B, int N, int H, int Hk, int d, int G) {
-    if (B <= 0 || N <= 0 || H <= 0 || Hk <= 0) return set_error("attention: B=%d N=%d H=%d Hk=%d must all be positive", B, N, H, Hk);
+    if (check_attn_args(B, N, H, Hk, G) != 0) return -1;
     if (d != 64 && d != 128) return set_error("attention: head dim %d is not supported (64 or 128)", d);
-    if (H % Hk != 0) return set_error("attention: H=%d is not a multiple of Hk=%d", H, Hk);
     if (H / Hk > MAX_GQA_GROUP) return set_error("attention: %d query heads per kv head is more than %d", H / Hk, MAX_GQA_GROUP);
-    if (H > 65535 || Hk > 65535 || B > 65535) return set_error("attention: B=%d or H=%d is too large for the grid", B, H);
-    if (G < 0 || (G > 0 && N % G != 0)) return set_error("attention: S2 group %d does not divide N=%d", G, N);
     return 0;
 }
 

@@ -61,7 +61,7 @@
 #include <omp.h>
 #endif
 #ifdef USE_NCCL
-#include <cuda_runtime.h>
+#include "04_gpu.h" /* CUDA_CHECK */
 #include <nccl.h>
 #endif
 

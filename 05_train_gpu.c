@@ -37,8 +37,10 @@
  * --shard-weights (ZeRO-3): each rank keeps 1/K of every layer's frozen matrices; a layer
  * is all-gathered into one of two buffers before it runs (forward and recompute), the next
  * layer's gather overlapping this one's compute (tg_z3_use / tg_z3_done, CUDA events).
- * UNRUN: no GPU was available when this was written; it compiles, the CPU twin is tested,
- * tests/test_gpu_dist.sh is the check to run on 2 GPUs.
+ * Run: the one-GPU step on an H200 (tests/test_gpu_train*.c, the demo); the NCCL paths with
+ * one rank (a communicator of one: every collective of the step and --shard-weights' layer
+ * gathers, tests/test_gpu_dist.sh part 1). Not run: two or more GPUs (K >= 2: part 2 of
+ * tests/test_gpu_dist.sh, bench/dist_device.sh).
  * Leaves out: LoRA dropout on the GPU (LongLoRA uses none), fused q/k/v
  * products (04's attention takes q, k and v as separate [T, heads, d] buffers).
  *
@@ -47,7 +49,7 @@
  */
 #ifndef TRAIN_GPU_C
 #define TRAIN_GPU_C
-#include <cuda_runtime.h>
+#include "04_gpu.h" /* the kernels this step runs */
 
 
 static double tg_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
@@ -770,7 +772,8 @@ static void train_gpu_free(Trainer *t) {
 }
 
 /* ---------------------------------------------------------------------------------------
- * Several GPUs (NCCL, 05_dist.c). UNRUN: written and compiled without a GPU at hand.
+ * Several GPUs (NCCL, 05_dist.c). Run with one rank on one GPU (tests/test_gpu_dist.sh);
+ * not yet run with two or more.
  * ------------------------------------------------------------------------------------- */
 
 #ifdef USE_NCCL

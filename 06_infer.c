@@ -40,7 +40,7 @@
 
 #include <unistd.h>
 #ifdef USE_CUDA
-#include <cuda_runtime.h>
+#include "04_gpu.h" /* the GPU engine runs 04's kernels */
 #endif
 
 /* =======================================================================================

@@ -33,7 +33,7 @@ endif
 ifeq ($(HAVE_NVCC)$(HAVE_CUBLAS),11)
   USE_CUDA := 1
   NVCC_GENCODE := $(foreach a,$(GPU_ARCH),-gencode=arch=compute_$(subst sm_,,$(a)),code=$(a))
-  NVCCFLAGS ?= -O3 -std=c++17 -lineinfo $(NVCC_GENCODE) -Xcompiler -Wall,-Wextra,-Wno-unused-function
+  NVCCFLAGS ?= -O3 -std=c++17 -lineinfo $(NVCC_GENCODE) -Xcompiler -Wall,-Wextra
   CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
 endif
 ifeq ($(HAVE_NCCL),1)
@@ -77,7 +77,7 @@ endif
 05_train: 05_train.c $(wildcard 05_*.c) 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
 
-# ---- GPU code (04_*.cu) ------------------------------------------------------------------
+# ---- GPU code (04_*.cu): objects with an extern "C" API declared in 04_gpu.h -------------
 build/%.o: %.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -c -o $@ $<
@@ -87,15 +87,15 @@ all: 04_s2attn
   endif
 endif
 # The stage's own program (--bench and the kernel checks) is 04_s2attn.cu built with its main.
-04_s2attn: 04_s2attn.cu $(GPU_OBJ) common.h
-	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -DS2ATTN_MAIN -I. -o $@ 04_s2attn.cu $(filter-out build/04_s2attn.o,$(GPU_OBJ)) $(CUDA_LIBS) $(NCCL_LIBS)
+04_s2attn: 04_s2attn.cu $(GPU_OBJ) $(HEADERS)
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -DS2ATTN_MAIN -I. -o $@ 04_s2attn.cu $(filter-out build/04_s2attn.o,$(GPU_OBJ)) $(CUDA_LIBS)
 # The attention kernels use Hopper's warpgroup MMA (wgmma), which exists only in sm_90a code:
 # where sm_90 is asked for, 04_s2attn.cu is built for sm_90a (same GPUs, H100/H200).
 S2ATTN_GENCODE := $(foreach a,$(GPU_ARCH),-gencode=arch=compute_$(subst sm_,,$(a:sm_90=sm_90a)),code=$(a:sm_90=sm_90a))
 build/04_s2attn.o 04_s2attn build/libs2attn.so: NVCC_GENCODE = $(S2ATTN_GENCODE)
 # The attention benchmark (GPU): our kernels, then PyTorch SDPA (flash, cuDNN) on the same
 # shapes, which also checks our kernels against torch through build/libs2attn.so.
-build/libs2attn.so: 04_s2attn.cu common.h
+build/libs2attn.so: 04_s2attn.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -shared -Xcompiler -fPIC -o $@ 04_s2attn.cu $(CUDA_LIBS)
 bench: 04_s2attn build/libs2attn.so

@@ -49,7 +49,20 @@
  * Errors
  * ------------------------------------------------------------------------------------- */
 
-static char g_last_error[1024];
+/* The sentence of the last failure: one buffer for the whole program. Every object includes
+ * this header (the C program, 04_s2attn.o, 04_layers.o, the 04_s2attn program, build/libs2attn.so,
+ * each test), so the definition is weak: the linker keeps one copy, and a sentence that
+ * set_error() leaves in one object is the one last_error() reads in another (a `static` buffer
+ * gave each object its own, and a refusal from a .cu object reached the C caller as "unknown
+ * error"). A weak definition needs no defining file to pick, so a program of any set of
+ * these objects links; extern "C" keeps the one symbol name in C and in C++. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+__attribute__((weak)) char g_last_error[1024];
+#ifdef __cplusplus
+}
+#endif
 
 /* Records one sentence describing why a parser or loader failed; returns 0 or NULL-friendly -1. */
 static int set_error(const char *fmt, ...) {
@@ -1002,7 +1015,7 @@ static API double need_double_arg(const char *flag, const char *s, double lo, do
  * S2-Attn segment bounds (docs/DESIGN.md): shared by the CPU stages and the GPU kernels.
  * Sequence length N, group size G (N % G == 0; G == 0 means full causal attention). A
  * single group (G == N) is not full attention for the shifted heads, whose segments are then
- * [0, N/2) and [N/2, N): stage 03 maps a group ratio of 1 to G = 0 (full attention).
+ * [0, N/2) and [N/2, N): s2_group_size below maps a group ratio of 1 to G = 0 (full attention).
  * Heads h < H/2 attend causally inside [kG, (k+1)G); heads h >= H/2 are shifted by
  * S = G/2 and attend inside [0, S), [S, S+G), ..., [S+(N/G-1)G, N): no wrap-around.
  * Query i of head h may see keys j with s2_first_key(...) <= j <= i.
@@ -1039,127 +1052,6 @@ static API int s2_group_size(size_t N, double ratio, size_t *G) {
     return 0;
 }
 
-/* ---------------------------------------------------------------------------------------
- * GPU API (implemented in 04_s2attn.cu, called from the C stages). Declared only when the
- * program is built with CUDA; every function checks its own CUDA and cuBLAS calls.
- * ------------------------------------------------------------------------------------- */
-#ifdef USE_CUDA
-#include <cuda_runtime.h>
-#include <cublas_v2.h>
-
-/* Every CUDA and cuBLAS call is checked; a failure ends the program with file:line. */
-#define CUDA_CHECK(call)                                                                         \
-    do {                                                                                         \
-        cudaError_t cuda_err_ = (call);                                                          \
-        CHECK(cuda_err_ == cudaSuccess, "%s failed: %s", #call, cudaGetErrorString(cuda_err_));  \
-    } while (0)
-#define CUBLAS_CHECK(call)                                                                       \
-    do {                                                                                         \
-        cublasStatus_t cublas_st_ = (call);                                                      \
-        CHECK(cublas_st_ == CUBLAS_STATUS_SUCCESS, "%s failed: %s", #call,                       \
-              cublasGetStatusString(cublas_st_));                                                \
-    } while (0)
-
-/* Checked device allocation: when the GPU cannot hold `what`, one sentence with the sizes. */
-static void *gpu_malloc(size_t bytes, const char *what) {
-    void *p = NULL;
-    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 16);
-    if (err != cudaSuccess) {
-        size_t free_b = 0, total_b = 0;
-        cudaGetLastError();
-        cudaMemGetInfo(&free_b, &total_b);
-        const double gib = 1024.0 * 1024.0 * 1024.0;
-        die("the GPU cannot hold %s (%.2f GiB; %.2f GiB of %.2f GiB free): %s", what, (double)bytes / gib,
-            (double)free_b / gib, (double)total_b / gib, cudaGetErrorString(err));
-    }
-    return p;
-}
-
-#ifdef __cplusplus
-extern "C" {
-#endif
-/* --- attention (04_s2attn.cu) --- */
-/* Device pointers; bf16 as raw uint16_t bits; work goes on the default stream.
- *   q, o, dout, dq  [B, N, H, d]       k, v, dk, dv  [B, N, Hk, d]
- *   lse             [B, H, N] fp32: natural log-sum-exp of each query's scores * d^-1/2
- * d is 64 or 128; H % Hk == 0 (query head h uses kv head h / (H/Hk)), H/Hk <= 32.
- * G == 0: causal attention; G > 0: S2-Attn with group G (N % G == 0), window from
- * s2_first_key(). Each returns 0, or -1 with last_error() for arguments it does not support;
- * CUDA failures end the program with file:line. */
-int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
-                 int B, int N, int H, int Hk, int d, int G);
-/* bytes of device scratch attn_backward needs (fp32 dQ accumulator + row sums) */
-size_t attn_backward_workspace_bytes(int B, int N, int H, int d);
-int attn_backward(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
-                  const uint16_t *dout, const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv,
-                  void *workspace, int B, int N, int H, int Hk, int d, int G);
-/* Generation: q [B, H, d] (one new token per sequence) attends to keys [0, n_keys) of the
- * cache k_cache, v_cache [B, n_cap, Hk, d] (the new token's k/v already written); o [B, H, d].
- * H/Hk <= 8. */
-size_t attn_decode_workspace_bytes(int B, int H, int d, int n_keys);
-int attn_decode(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *o,
-                void *workspace, int B, int H, int Hk, int d, int n_cap, int n_keys);
-/* Tile-shape variants of the forward and backward kernels, for tests and benchmarks (the
- * default, 0 and 0, is the fastest measured). */
-void attn_tile_variants(int *n_fwd, int *n_bwd);
-int attn_set_tile_variant(int fwd, int bwd);
-
-/* --- layer kernels (04_layers.cu) --- */
-/* bf16 tensors are uint16_t (raw bf16 bits); all pointers are device memory unless marked host.
- * Row-major. "+=" outputs accumulate into what is there; the rest are overwritten. All run on the
- * default stream and return early, except gpu_cross_entropy and gpu_sum_squares (they wait). */
-void gpu_layers_free(void); /* the cuBLAS handle and workspaces */
-/* C [M, N] = alpha * op(A) op(B) + beta * C; A is [M, K] ([K, M] if trans_a), B is [K, N] ([N, K]
- * if trans_b); bf16 inputs, fp32 accumulation, C bf16 or (c_fp32) fp32. */
-void gpu_matmul_bf16(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha, const uint16_t *A,
-                     const uint16_t *B, float beta, void *C, int c_fp32);
-void gpu_f32_to_bf16(uint16_t *dst /* [count] */, const float *src /* [count] */, size_t count);
-/* x [N, D] = table [V, D] rows at tokens [N]; an id outside [0, V) gives a NaN row. */
-void gpu_embedding_forward(uint16_t *x, const int32_t *tokens, const uint16_t *table, size_t N, size_t D, size_t V);
-/* dtable [V, D] (fp32) += dx [N, D] scattered by tokens [N]. */
-void gpu_embedding_backward(float *dtable, const int32_t *tokens, const uint16_t *dx, size_t N, size_t D, size_t V);
-/* y [N, D] = x * rsqrt(mean(x^2) + eps) * w [D]; rstd [N] (may be NULL) keeps the rsqrt. */
-void gpu_rmsnorm_forward(uint16_t *y, float *rstd, const uint16_t *x, const uint16_t *w, size_t N, size_t D, float eps);
-/* dx [N, D] = (or += if accumulate_dx) the input gradient; dw [D] fp32 += (may be NULL);
- * rstd [N] from the forward, or NULL to recompute it with eps. */
-void gpu_rmsnorm_backward(uint16_t *dx, float *dw, const uint16_t *dy, const uint16_t *x, const uint16_t *w,
-                          const float *rstd, size_t N, size_t D, float eps, int accumulate_dx);
-/* In place on x [N, row_stride] holding heads x d per row: rotate-half RoPE at positions
- * (pos_offset + n) / scale, inv_freq = theta^(-2i/d). Backward applies the transposed rotation. */
-void gpu_rope_forward(uint16_t *x, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
-                      float theta, float scale);
-void gpu_rope_backward(uint16_t *dx, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
-                       float theta, float scale);
-/* h = silu(gate) * up over count elements (h may be gate or up); backward may write dgate over
- * gate and dup over up. */
-void gpu_swiglu_forward(uint16_t *h, const uint16_t *gate, const uint16_t *up, size_t count);
-void gpu_swiglu_backward(uint16_t *dgate, uint16_t *dup, const uint16_t *dh, const uint16_t *gate, const uint16_t *up,
-                         size_t count);
-void gpu_add(uint16_t *out, const uint16_t *a, const uint16_t *b, size_t count); /* out = a + b, may alias */
-/* Chunked cross-entropy of the head: logits = h [N, D] W [V, D]^T, chunk_rows rows at a time
- * (0: 4096), targets [N] with -100 ignored. Host gets the loss sum and the count of valid targets;
- * dh [N, D] = dL/dh and dW [V, D] fp32 += dL/dW (either may be NULL), for L = dloss * mean loss. */
-void gpu_cross_entropy(double *loss_sum, size_t *n_valid, uint16_t *dh, float *dW, const uint16_t *h,
-                       const uint16_t *W, const int32_t *targets, size_t N, size_t D, size_t V, size_t chunk_rows,
-                       float dloss);
-/* Its fused row kernel on given logits [rows, V] fp32: row_loss [rows] = lse - logit[target] (0 if
- * ignored), dlogits [rows, V] bf16 (may be NULL) = (softmax - onehot) * grad_scale. */
-void gpu_cross_entropy_logits(float *row_loss, uint16_t *dlogits, const float *logits, const int32_t *targets,
-                              size_t rows, size_t V, float grad_scale);
-/* AdamW step `step` (from 1) on fp32 param/m/v [count] with grad * grad_scale; writes param_bf16 too. */
-void gpu_adamw(float *param, uint16_t *param_bf16, const float *grad, float *m, float *v, size_t count, float lr,
-               float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale);
-double gpu_sum_squares(const float *x, size_t count); /* in double, for gradient clipping */
-/* LoRA: xa [T, R] = x [T, in] A [R, in]^T; y [T, out] += scaling * xa B [out, R]^T. */
-void gpu_lora_forward(uint16_t *y, uint16_t *xa, const uint16_t *x, const uint16_t *A, const uint16_t *B, size_t T,
-                      size_t in, size_t out, size_t R, float scaling);
-/* dA [R, in] fp32 +=, dB [out, R] fp32 +=, dx [T, in] += (may be NULL), from dy [T, out]. */
-void gpu_lora_backward(uint16_t *dx, float *dA, float *dB, const uint16_t *dy, const uint16_t *x, const uint16_t *xa,
-                       const uint16_t *A, const uint16_t *B, size_t T, size_t in, size_t out, size_t R, float scaling);
-
-#ifdef __cplusplus
-}
-#endif
-#endif
+/* The GPU stage's API (04_s2attn.cu, 04_layers.cu) is declared in 04_gpu.h. */
 
 #endif /* COMMON_H */

@@ -11,7 +11,11 @@
  * with NaN bytes before every launch, so an element the kernel does not write fails.
  * Every tile variant of the forward and backward kernels is checked. The CPU stage's fp32
  * attention (02_model.c) must agree with the fp64 reference (1e-4 of the largest value), and
- * the kernels must meet the same criterion with the stage as the reference. Exit 77 without a GPU.
+ * the kernels must meet the same criterion with the stage as the reference.
+ * The ladder's version 1 (attn_forward_naive, fp32) is checked against 02_model.c's attention
+ * (1e-4) and its bf16-rounding mode against the CPU's bf16 baseline; then, as the reference,
+ * it checks every flash forward variant at 4k-32k tokens (same criterion on O, LSE within
+ * 5e-5), and both are timed. Exit 77 without a GPU.
  */
 #ifndef STAGE
 #define STAGE 0
@@ -19,7 +23,7 @@
 #include "02_model.c" /* the CPU stage's attention_forward/backward: the reference the kernels stand on */
 #include "check.h"
 
-#include <cuda_runtime.h>
+#include "04_gpu.h" /* the kernels under test */
 
 
 static const double ERR_FACTOR = 2.0, ERR_FLOOR = 1e-5, LSE_TOL = 1e-3;
@@ -327,6 +331,144 @@ static void test_decode(int B, int H, int Hk, int d, int n_cap, int n_keys, Rng 
     CUDA_CHECK(cudaFree(d_q)); CUDA_CHECK(cudaFree(d_k)); CUDA_CHECK(cudaFree(d_v)); CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(ws));
 }
 
+/* ---------------------------------------------------------------------------------------
+ * The ladder's version 1, attn_forward_naive: checked against the CPU stage here, then the
+ * reference of the flash forward on sizes the CPU references are too slow for.
+ * ------------------------------------------------------------------------------------- */
+
+static double max_err_fd(const float *a, const double *ref, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - ref[i]);
+        if (!(e <= m)) m = e; /* NaN wins */
+    }
+    return m;
+}
+static double max_err_ff(const float *a, const float *ref, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - (double)ref[i]);
+        if (!(e <= m)) m = e;
+    }
+    return m;
+}
+
+static const double NAIVE_TOL = 1e-4;     /* version 1 vs 02_model.c (both fp32): of the largest |O|; absolute on LSE */
+static const double NAIVE_BASE_FACTOR = 1.5; /* its bf16 baseline's error vs fp64, against the CPU baseline's */
+/* flash LSE vs version 1 (both fp32 sums; 7e-6 seen at 32k on the H200): a key missing from
+ * or added to a window of n keys moves its row's LSE by about 1/n, so this sees such a slip
+ * in windows up to ~20k keys, which LSE_TOL (1e-3) would let through past 1k */
+static const double NAIVE_LSE_TOL = 5e-5;
+
+/* Version 1 on the GPU: fp32 o [B, N, H, d] and lse [B, H, N] from poisoned buffers. */
+static void run_naive(const Shape *s, const uint16_t *d_q, const uint16_t *d_k, const uint16_t *d_v, int bf16_math, float *o, float *lse) {
+    const size_t nq = (size_t)s->B * s->N * s->H * s->d, nl = (size_t)s->B * s->H * s->N;
+    float *d_o = (float *)dev_poisoned(nq * 4), *d_lse = (float *)dev_poisoned(nl * 4);
+    if (attn_forward_naive(d_q, d_k, d_v, d_o, d_lse, s->B, s->N, s->H, s->Hk, s->d, s->G, bf16_math) != 0) die("%s", last_error());
+    CUDA_CHECK(cudaMemcpy(o, d_o, nq * 4, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(lse, d_lse, nl * 4, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(d_lse));
+}
+
+/* Version 1 against the CPU. Its fp32 output against 02_model.c's attention_forward on the
+ * same (widened bf16) inputs: O within NAIVE_TOL of the largest |O|, LSE within NAIVE_TOL.
+ * Its bf16_math output must be the baseline the fp64 test above uses: its error against the
+ * fp64 reference at most NAIVE_BASE_FACTOR x the CPU's PyTorch-like baseline's, plus 1e-5.
+ * Head dims the flash kernels do not take (32, 96, 256) are here too. */
+static void test_naive(const Shape *s, Rng *rng) {
+    const size_t nq = (size_t)s->B * s->N * s->H * s->d, nk = (size_t)s->B * s->N * s->Hk * s->d;
+    const size_t nl = (size_t)s->B * s->H * s->N;
+    printf("naive attention B=%d N=%d H=%d Hk=%d d=%d G=%d\n", s->B, s->N, s->H, s->Hk, s->d, s->G);
+    float *qf, *kf, *vf, *df;
+    uint16_t *q = random_bf16(rng, nq, &qf), *k = random_bf16(rng, nk, &kf), *v = random_bf16(rng, nk, &vf);
+    uint16_t *dout = random_bf16(rng, nq, &df); /* the references run the backward too; unused here */
+    Result ref = reference(s, 0, qf, kf, vf, df), base = reference(s, 1, qf, kf, vf, df);
+    Result stage = stage02_reference(s, qf, kf, vf, df);
+    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
+    float *o = (float *)xmalloc(nq * 4), *lse = (float *)xmalloc(nl * 4);
+    float *o_b = (float *)xmalloc(nq * 4), *lse_b = (float *)xmalloc(nl * 4);
+    run_naive(s, d_q, d_k, d_v, 0, o, lse);
+    run_naive(s, d_q, d_k, d_v, 1, o_b, lse_b);
+    const double e_o = max_err_fd(o, stage.o, nq), lim_o = NAIVE_TOL * max_abs_d(stage.o, nq);
+    const double e_lse = max_err_fd(lse, stage.lse, nl);
+    printf("    O   vs 02_model err %.3e  limit %.3e  %s\n", e_o, lim_o, check_counted(e_o <= lim_o) ? "ok" : "FAIL");
+    printf("    LSE vs 02_model err %.3e  limit %.1e  %s\n", e_lse, NAIVE_TOL, check_counted(e_lse <= NAIVE_TOL) ? "ok" : "FAIL");
+    const double e_gpu_base = max_err_fd(o_b, ref.o, nq), e_cpu_base = max_err_d(base.o, ref.o, nq);
+    const double lim_b = NAIVE_BASE_FACTOR * e_cpu_base + ERR_FLOOR;
+    printf("    bf16 baseline vs fp64: GPU %.3e  CPU %.3e  limit %.3e  %s\n", e_gpu_base, e_cpu_base, lim_b,
+           check_counted(e_gpu_base <= lim_b) ? "ok" : "FAIL");
+    free_result(&ref); free_result(&base); free_result(&stage);
+    free(q); free(k); free(v); free(dout); free(qf); free(kf); free(vf); free(df);
+    free(o); free(lse); free(o_b); free(lse_b);
+    CUDA_CHECK(cudaFree(d_q)); CUDA_CHECK(cudaFree(d_k)); CUDA_CHECK(cudaFree(d_v));
+}
+
+/* milliseconds of one call of attn_forward_naive (which < 0) or attn_forward, after a warm-up */
+static double time_forward(const Shape *s, int which, const uint16_t *d_q, const uint16_t *d_k, const uint16_t *d_v, void *d_o, float *d_lse) {
+    cudaEvent_t ev[2];
+    CUDA_CHECK(cudaEventCreate(&ev[0])); CUDA_CHECK(cudaEventCreate(&ev[1]));
+    float ms = 0;
+    for (int rep = 0; rep < 2; rep++) {
+        CUDA_CHECK(cudaEventRecord(ev[0], 0));
+        int rc = which < 0 ? attn_forward_naive(d_q, d_k, d_v, (float *)d_o, d_lse, s->B, s->N, s->H, s->Hk, s->d, s->G, 0)
+                           : attn_forward(d_q, d_k, d_v, (uint16_t *)d_o, d_lse, s->B, s->N, s->H, s->Hk, s->d, s->G);
+        if (rc != 0) die("%s", last_error());
+        CUDA_CHECK(cudaEventRecord(ev[1], 0));
+        CUDA_CHECK(cudaEventSynchronize(ev[1]));
+        CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+    }
+    CUDA_CHECK(cudaEventDestroy(ev[0])); CUDA_CHECK(cudaEventDestroy(ev[1]));
+    return ms;
+}
+
+/* The flash forward, every tile variant, against version 1 where the CPU references would
+ * take minutes: the fp64 test's criterion with version 1 (fp32) as the reference and version
+ * 1 with bf16_math as the baseline: max |O - O_v1| <= 2 x max |O_v1,bf16 - O_v1| + 1e-5, and
+ * |LSE - LSE_v1| <= NAIVE_LSE_TOL. Prints the time of version 1 and of the default flash forward. */
+static void test_flash_vs_naive(const Shape *s, Rng *rng) {
+    const size_t nq = (size_t)s->B * s->N * s->H * s->d, nk = (size_t)s->B * s->N * s->Hk * s->d;
+    const size_t nl = (size_t)s->B * s->H * s->N;
+    printf("flash vs naive B=%d N=%d H=%d Hk=%d d=%d G=%d\n", s->B, s->N, s->H, s->Hk, s->d, s->G);
+    float *qf, *kf, *vf;
+    uint16_t *q = random_bf16(rng, nq, &qf), *k = random_bf16(rng, nk, &kf), *v = random_bf16(rng, nk, &vf);
+    free(qf); free(kf); free(vf);
+    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
+    float *o_ref = (float *)xmalloc(nq * 4), *lse_ref = (float *)xmalloc(nl * 4);
+    float *o_base = (float *)xmalloc(nq * 4), *lse_base = (float *)xmalloc(nl * 4);
+    run_naive(s, d_q, d_k, d_v, 0, o_ref, lse_ref);
+    run_naive(s, d_q, d_k, d_v, 1, o_base, lse_base);
+    const double e_base = max_err_ff(o_base, o_ref, nq);
+    uint16_t *o = (uint16_t *)xmalloc(nq * 2);
+    float *o_wide = (float *)xmalloc(nq * 4), *lse = (float *)xmalloc(nl * 4);
+    int n_fwd, n_bwd;
+    attn_tile_variants(&n_fwd, &n_bwd);
+    for (int var = 0; var < n_fwd; var++) {
+        if (attn_set_tile_variant(var, 0) != 0) die("%s", last_error());
+        uint16_t *d_o = (uint16_t *)dev_poisoned(nq * 2);
+        float *d_lse = (float *)dev_poisoned(nl * 4);
+        if (attn_forward(d_q, d_k, d_v, d_o, d_lse, s->B, s->N, s->H, s->Hk, s->d, s->G) != 0) die("%s", last_error());
+        CUDA_CHECK(cudaMemcpy(o, d_o, nq * 2, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(lse, d_lse, nl * 4, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(d_lse));
+        for (size_t i = 0; i < nq; i++) o_wide[i] = bf16_to_f32(o[i]);
+        const double e_o = max_err_ff(o_wide, o_ref, nq), e_lse = max_err_ff(lse, lse_ref, nl);
+        const double lim = ERR_FACTOR * e_base + ERR_FLOOR;
+        const int ok = check_counted(e_o <= lim && e_lse <= NAIVE_LSE_TOL);
+        printf("  forward variant %d: O err %.3e  bf16-baseline err %.3e  limit %.3e;  LSE err %.3e  limit %.1e  %s\n", var, e_o, e_base, lim,
+               e_lse, NAIVE_LSE_TOL, ok ? "ok" : "FAIL");
+    }
+    if (attn_set_tile_variant(0, 0) != 0) die("%s", last_error());
+    { /* the ladder, measured: one call of each */
+        void *d_o = dev_poisoned(nq * 4);
+        float *d_lse = (float *)dev_poisoned(nl * 4);
+        const double ms_naive = time_forward(s, -1, d_q, d_k, d_v, d_o, d_lse), ms_flash = time_forward(s, 0, d_q, d_k, d_v, d_o, d_lse);
+        printf("  time: version 1 (naive) %.3f ms, flash forward (default variant) %.3f ms: %.0fx\n", ms_naive, ms_flash, ms_naive / ms_flash);
+        CUDA_CHECK(cudaFree(d_o)); CUDA_CHECK(cudaFree(d_lse));
+    }
+    free(q); free(k); free(v); free(o_ref); free(lse_ref); free(o_base); free(lse_base); free(o); free(o_wide); free(lse);
+    CUDA_CHECK(cudaFree(d_q)); CUDA_CHECK(cudaFree(d_k)); CUDA_CHECK(cudaFree(d_v));
+}
+
 int main(int argc, char **argv) {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
@@ -355,6 +497,29 @@ int main(int argc, char **argv) {
         test_attention(&shapes[i], &rng);
         run++;
     }
+    /* the ladder's version 1 against the CPU stage (head dims the flash kernels do not take too) */
+    const Shape naive_shapes[] = {
+        {2, 200, 4, 2, 64, 0},     /* GQA, N not a multiple of 4 rows */
+        {1, 333, 6, 2, 96, 0},     /* d=96, 3 query heads per kv head */
+        {1, 130, 2, 1, 32, 26},    /* S2, odd half-shift (13), d=32 */
+        {1, 384, 4, 4, 256, 96},   /* S2, d=256 */
+        {1, 77, 8, 1, 128, 0},     /* 8 query heads per kv head */
+        {1, 1000, 2, 2, 64, 200},  /* S2, longer windows */
+    };
+    for (size_t i = 0; i < sizeof naive_shapes / sizeof naive_shapes[0]; i++) {
+        if (quick && naive_shapes[i].N > 400) continue;
+        test_naive(&naive_shapes[i], &rng);
+    }
+    /* then the flash forward against it, at sizes the CPU references are too slow for */
+    const Shape large_shapes[] = {
+        {1, 8192, 8, 2, 128, 0},      /* causal, GQA 4:1 */
+        {1, 6000, 4, 4, 64, 0},       /* causal, N not a tile multiple */
+        {2, 4096, 4, 1, 128, 1024},   /* S2, two sequences */
+        {1, 16384, 8, 8, 64, 4096},   /* S2 with LongLoRA's group of N/4 */
+        {1, 32768, 4, 1, 128, 8192},  /* S2 at 32k */
+    };
+    if (!quick)
+        for (size_t i = 0; i < sizeof large_shapes / sizeof large_shapes[0]; i++) test_flash_vs_naive(&large_shapes[i], &rng);
     test_decode(2, 8, 2, 128, 1100, 1000, &rng);
     test_decode(1, 4, 4, 64, 80, 77, &rng);
     test_decode(2, 4, 2, 128, 600, 513, &rng);

@@ -13,10 +13,8 @@
  * of each memory-bound kernel at a LLaMA-2-7B shape against a device-to-device copy.
  */
 #define STAGE 0
-#include "common.h"
+#include "04_gpu.h" /* the kernels under test (and common.h) */
 #include "check.h"
-
-#include <cuda_runtime.h>
 
 
 static Rng g_rng;

@@ -17,7 +17,7 @@
 #include "03_lora.c"
 #include "check.h"
 
-#include <cuda_runtime.h>
+#include "04_gpu.h" /* the kernels under test */
 
 
 static Rng g_rng;
