@@ -1328,13 +1328,13 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
  * the fastest measured on the H100 (bench/NOTES.md). `04_s2attn --variants` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
-#define FWD_WGMMA_DEFAULT 4
+#define FWD_WGMMA_DEFAULT(D) ((D) == 128 ? 5 : 4) /* 128-key tiles at d=128, 128 at d=64 */
 #define N_FWD_VARIANTS 6
 #define N_BWD_VARIANTS 4
 #define BWD_WGMMA_DEFAULT 3
 /* Forward variant 0 picks the wgmma kernel where the binary and the GPU have it (sm_90a),
  * else variant 1; variants 4 and 5 fall back to 1 the same way. Variant 5 is the wgmma kernel
- * with the other key-tile width (the S and O products of equal width). */
+ * with the other key-tile width (the S and O products of equal width), the faster at d=128. */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
                                                                      "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups"};
@@ -1406,7 +1406,7 @@ static void launch_fwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *
 template <int D>
 static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
     int variant = g_fwd_variant;
-    if (variant == 0) variant = wgmma_available() ? FWD_WGMMA_DEFAULT : 1;
+    if (variant == 0) variant = wgmma_available() ? FWD_WGMMA_DEFAULT(D) : 1;
     if (variant >= 4 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
     switch (variant) {
     case 4: launch_fwd_wgmma<D, D == 128 ? 64 : 128>(q, k, v, o, lse, B, N, H, Hk, G); break;
@@ -1677,8 +1677,8 @@ static void bench(const char *json_path, int d) {
 }
 
 /* times every tile variant on a few shapes (the sweep behind bench/NOTES.md) */
-static void sweep_variants(void) {
-    const int H = 32, d = 128, tokens = 32768, reps = 10;
+static void sweep_variants(int d) {
+    const int H = 32, tokens = 32768, reps = 10;
     const int cases[][2] = {{4096, 0}, {16384, 0}, {16384, 4096}};
     const size_t n_el = (size_t)tokens * H * d;
     BenchBuffers buf = bench_buffers_alloc(n_el, (size_t)tokens * H, attn_backward_workspace_bytes(1, tokens, H, d));
@@ -1687,6 +1687,7 @@ static void sweep_variants(void) {
     void *ws = buf.ws;
     cudaEvent_t e0, e1;
     CUDA_CHECK(cudaEventCreate(&e0)); CUDA_CHECK(cudaEventCreate(&e1));
+    printf("tile variants: causal, H=%d, d=%d, B*N=%d tokens, bf16, median of %d\n", H, d, tokens, reps);
     for (int pass = 0; pass < 2; pass++) {
         const int n_var = pass == 0 ? N_FWD_VARIANTS : N_BWD_VARIANTS;
         for (int var = 0; var < n_var; var++) {
@@ -1728,12 +1729,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--variants")) do_variants = 1;
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--d") && i + 1 < argc) head_dim = atoi(argv[++i]);
-        else die("usage: %s --bench [--d 64|128] [--out results.json] | --variants", argv[0]);
+        else die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]", argv[0]);
     }
-    if (!do_bench && !do_variants) die("usage: %s --bench [--d 64|128] [--out results.json] | --variants   (kernel checks: make test)", argv[0]);
+    if (!do_bench && !do_variants) die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]   (kernel checks: make test)", argv[0]);
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
-    if (do_variants) sweep_variants();
+    if (do_variants) sweep_variants(head_dim);
     if (head_dim != 64 && head_dim != 128) die("--d %d: the kernels support head dims 64 and 128", head_dim);
     if (do_bench) bench(out, head_dim);
     return 0;
