@@ -1326,7 +1326,7 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
  * ------------------------------------------------------------------------------------- */
 
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
- * the fastest measured on the H100 (bench/NOTES.md). `04_s2attn --variants` times them all. */
+ * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
 #define FWD_WGMMA_DEFAULT(D) ((D) == 128 ? 5 : 4) /* 128-key tiles at d=128, 128 at d=64 */
 #define N_FWD_VARIANTS 6
