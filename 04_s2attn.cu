@@ -1732,10 +1732,10 @@ int main(int argc, char **argv) {
         else die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]", argv[0]);
     }
     if (!do_bench && !do_variants) die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]   (kernel checks: make test)", argv[0]);
+    if (head_dim != 64 && head_dim != 128) die("--d %d: the kernels support head dims 64 and 128", head_dim);
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
     if (do_variants) sweep_variants(head_dim);
-    if (head_dim != 64 && head_dim != 128) die("--d %d: the kernels support head dims 64 and 128", head_dim);
     if (do_bench) bench(out, head_dim);
     return 0;
 }
