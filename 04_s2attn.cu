@@ -872,7 +872,8 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
  * and writes dS^T to shared memory for dQ[64, d] += dS K (A = dS^T read N-major, i.e.
  * transposed by the tensor core; B = K), which the two warpgroups split by columns at
  * d = 128 and by keys at d = 64 (each its own 64). A tile's dQ runs after the next tile's
- * barrier, issued before that tile's products so that its fp32 atomics overlap them.
+ * barrier, issued before that tile's products, so that its fp32 atomics go out while they
+ * run (ptxas places them after S^T's wait, among the exp2 of P, while dP^T runs).
  * Tiles are in the wgmma forward's 128-byte-swizzle layout; Q and dO serve as K-major B in
  * one product and as N-major B in another, from the same bytes.
  * ptxas serialises every wgmma of a kernel (warning C7515) when a non-wgmma instruction
@@ -1066,7 +1067,7 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         wgmma_commit();
         wgmma_wait<2>();
         pin_regs(dq);
-        dq_add(dq, prev_h, prev_m0); /* while S^T and dP^T run */
+        dq_add(dq, prev_h, prev_m0); /* while the products run */
 
         wgmma_wait<1>();
         pin_regs(st);
