@@ -11,13 +11,14 @@
  * all outside every query's window [s2_first_key(i), i] is never loaded, and the mask is
  * applied only on tiles that straddle a window edge. S2-Attn needs no roll, copy or padding:
  * the window comes from s2_first_key (common.h), so its cost follows the segment length.
- * On Hopper (code built for sm_90a) the forward runs a second version of the same kernel on
- * warpgroup MMAs (wgmma), the tensor cores' asynchronous Hopper instruction, which reads K and
- * V straight from shared memory through descriptors.
+ * On Hopper (code built for sm_90a) the forward and the backward run second versions of the
+ * same kernels on warpgroup MMAs (wgmma), the tensor cores' asynchronous Hopper instruction,
+ * which reads its operands straight from shared memory through descriptors.
  * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; the Makefile builds sm_80 and
  * sm_90a code).
- * Leaves out: TMA and warp specialisation, a wgmma backward, dropout, non-causal attention,
- * head dims other than 64 and 128 in the flash kernels, fp16, a naive backward.
+ * Leaves out: TMA and warp specialisation (every thread copies with cp.async), dropout,
+ * non-causal attention, head dims other than 64 and 128 in the flash kernels, fp16, a naive
+ * backward.
  *
  * Layout (every buffer row-major; bf16 passed as its raw uint16_t bits):
  *   q, o, dout, dq  [B, N, H, d]     as the q/o projections produce them
@@ -25,7 +26,7 @@
  *   lse             [B, H, N] fp32   natural log-sum-exp of query i's scaled scores
  *   KV cache        [B, n_cap, Hk, d] for decoding; the new query q is [B, H, d]
  * The program built from this file with -DS2ATTN_MAIN (`make 04_s2attn`) runs the benchmark
- * (--bench) and the tile-shape sweep (--variants); the kernel checks are tests/test_gpu_attention.c.
+ * (--bench [--d 64]) and the tile-shape sweep (--variants); the kernel checks are tests/test_gpu_attention.c.
  */
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -563,7 +564,12 @@ flash_fwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
 #pragma unroll
         for (int e = 0; e < 4; e++) o_acc[dn][e] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-    uint32_t q_frag[D / 16][4];
+    /* Defined before the loop although loaded in its first pass: with its value undefined on
+     * the way into the loop, ptxas 13.0 took these registers as free once a wgmma had read
+     * them and reused them (for P's fragments where both products have the same width, the
+     * "equal widths" defect of bench/NOTES.md step 7), so every tile after the first used a
+     * wrong Q. */
+    uint32_t q_frag[D / 16][4] = {};
 
     for (int it = 0; it < n_tiles; it++) {
         const int tile = tile_hi - it, n0 = tile * BN, buf = it & 1;
@@ -964,6 +970,302 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
 }
 
 /* ---------------------------------------------------------------------------------------
+ * Flash attention backward on Hopper's warpgroup MMA (wgmma, sm_90a only)
+ * The algorithm of flash_bwd_kernel with all five products as asynchronous warpgroup MMAs.
+ * One block = BN = 128 keys of one kv head, two warpgroups of 64 keys each; K and V stay in
+ * shared memory, tiles of BM = 64 queries stream through two buffers. Per query tile each
+ * warpgroup computes, for its 64 keys:
+ *   S^T = K Q^T, dP^T = V dO^T        A = K or V, B = Q or dO, both from shared memory
+ *   P^T, dS^T = P^T (dP^T - Delta)    in registers, in the accumulators' layout
+ *   dV += P^T dO, dK += dS^T Q        A = P^T or dS^T from registers, B read N-major
+ * and writes dS^T to shared memory for dQ[64, d] += dS K (A = dS^T read N-major, i.e.
+ * transposed by the tensor core; B = K), which the two warpgroups split by columns at
+ * d = 128 and by keys at d = 64 (each its own 64). A tile's dQ runs after the next tile's
+ * barrier, issued before that tile's products, so that its fp32 atomics go out while they
+ * run (ptxas places them after S^T's wait, among the exp2 of P, while dP^T runs).
+ * Tiles are in the wgmma forward's 128-byte-swizzle layout; Q and dO serve as K-major B in
+ * one product and as N-major B in another, from the same bytes.
+ * ptxas serialises every wgmma of a kernel (warning C7515) when a non-wgmma instruction
+ * writes an accumulator in place (P over S, say): P and dS go straight into new registers.
+ * ------------------------------------------------------------------------------------- */
+#define WG_ACC4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define WG_ACC_N64(d) WG_ACC4(d, 0), WG_ACC4(d, 1), WG_ACC4(d, 2), WG_ACC4(d, 3), WG_ACC4(d, 4), WG_ACC4(d, 5), WG_ACC4(d, 6), WG_ACC4(d, 7)
+/* d[64 x 64] (+)= A B with both operands in shared memory; TA / TB: operand stored N-major */
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss_m64n64k16(float d[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : WG_ACC_N64(d)
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TA), "n"(TB));
+}
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+/* acc[64, 64] = X Y^T over D: X = 64 rows (from x_row0) of a K-major [D/64][BN][64] tile,
+ * Y = a K-major [D/64][64][64] tile */
+template <int D, int BN>
+__device__ __forceinline__ void wgmma_xyt(float acc[8][4], uint32_t x_tile, int x_row0, uint32_t y_tile) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const uint64_t da = wgmma_desc(x_tile + (kk / 4) * BN * 128 + x_row0 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t db = wgmma_desc(y_tile + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        wgmma_ss_m64n64k16<0, 0>(acc, da, db, kk > 0);
+    }
+}
+/* acc[64, D] += A Y: A [64, 64] as register fragments, Y = [D/64][64][64] read N-major */
+template <int D>
+__device__ __forceinline__ void wgmma_ay(float acc[D / 8][4], const uint32_t a_frag[4][4], uint32_t y_tile) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        const uint64_t db = wgmma_desc(y_tile + kk * 16 * 128, 64 * 128, 1024);
+        if constexpr (D == 128) wgmma_m64n128k16<1>(acc, a_frag[kk], db, 1);
+        else wgmma_m64n64k16<1>(acc, a_frag[kk], db, 1);
+    }
+}
+/* the bf16 A fragment of a [64, 64] accumulator's 16-column slice kk: a[kk][0..3] hold
+ * (row g, cols 16kk+2t..), (row g+8, same), (row g, cols 16kk+8+2t..), (row g+8, same);
+ * f(nt, e) gives accumulator element e of n8 chunk nt */
+template <typename F> __device__ __forceinline__ void pack_a_frags(uint32_t a[4][4], F f) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = pack_bf16(f(2 * kk, 0), f(2 * kk, 1));
+        a[kk][1] = pack_bf16(f(2 * kk, 2), f(2 * kk, 3));
+        a[kk][2] = pack_bf16(f(2 * kk + 1, 0), f(2 * kk + 1, 1));
+        a[kk][3] = pack_bf16(f(2 * kk + 1, 2), f(2 * kk + 1, 3));
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(256, 1)
+flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
+                       const bf16 *__restrict__ dO,     /* [B, N, H, d] */
+                       const float *__restrict__ LSE,   /* [B, H, N] */
+                       const float *__restrict__ Delta, /* [B, H, N] */
+                       float *__restrict__ dQacc,       /* [B, N, H, d] fp32, zeroed */
+                       bf16 *__restrict__ dK, bf16 *__restrict__ dV, /* [B, N, Hk, d] */
+                       int N, int H, int Hk, int G, float scale_log2, float scale) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BN = 128, BM = 64, NTHR = 256;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+    const uint32_t sK = base;                        /* [D/64][BN][64] */
+    const uint32_t sV = sK + BN * D * 2;             /* [D/64][BN][64] */
+    const uint32_t sQ = sV + BN * D * 2;             /* [2][D/64][BM][64] */
+    const uint32_t sdO = sQ + 2 * BM * D * 2;        /* [2][D/64][BM][64] */
+    const uint32_t sdS = sdO + 2 * BM * D * 2;       /* [2][BN][BM]  dS^T, keys as rows, swizzled */
+    float *sL = (float *)(smem + (sdS + 2 * BN * BM * 2 - smem_addr(smem))); /* [2, BM] lse * log2(e) */
+    float *sDl = sL + 2 * BM;                        /* [2, BM] Delta */
+    int *sFk = (int *)(sDl + 2 * BM);                /* [2, BM] s2_first_key of each query */
+    int *s_tlo = sFk + 2 * BM;                       /* [R] first query tile per head */
+    int *s_thi = s_tlo + MAX_GQA_GROUP;              /* [R] last query tile per head */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wi = warp & 3;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0); /* known warp-uniform: descriptors stay uniform */
+    const int g = lane >> 2, t = lane & 3;
+    const int n_block = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+    const int R = H / Hk;
+    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
+    const int n0 = n_block * BN, n_last = min(n0 + BN, N) - 1;
+    const int wg_key0 = n0 + 64 * wg;                /* this warpgroup's 64 keys: rows of dK, dV */
+    const int key_row = wg_key0 + 16 * wi + g;       /* this thread's keys: key_row, key_row + 8 */
+
+    if (tid < R) {
+        int h = kh * R + tid;
+        s_tlo[tid] = n0 / BM;
+        s_thi[tid] = last_query_reaching(n_last, h, H, G, N) / BM;
+    }
+    load_tile_atoms_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
+    load_tile_atoms_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
+    __syncthreads(); /* s_tlo / s_thi visible */
+    int total = 0;
+    for (int r = 0; r < R; r++) total += s_thi[r] - s_tlo[r] + 1;
+
+    auto load_q_tile = [&](int h, int mt, int buf) {
+        const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
+        load_tile_atoms_async<D, BM, NTHR>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
+        load_tile_atoms_async<D, BM, NTHR>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
+    };
+    /* the per-query values of (head h, tile mt), thread tid < BM holding query tid: read into
+     * registers after a barrier, stored to shared memory before the next, so that their
+     * latency hides behind the tile's products */
+    float row_l = 0.f, row_dl = 0.f;
+    int row_fk = 0;
+    auto fetch_row = [&](int h, int mt) {
+        if (tid < BM) {
+            const int i = mt * BM + tid;
+            const size_t li = ((size_t)b * H + h) * N + i;
+            row_l = i < N ? LSE[li] * LOG2E : INFINITY;
+            row_dl = i < N ? Delta[li] : 0.f;
+            row_fk = i < N ? (int)s2_first_key((size_t)i, h, H, (size_t)G) : N;
+        }
+    };
+    auto store_row = [&](int buf) {
+        if (tid < BM) { sL[buf * BM + tid] = row_l; sDl[buf * BM + tid] = row_dl; sFk[buf * BM + tid] = row_fk; }
+    };
+    int cur_r = 0, cur_mt = s_tlo[0];
+    load_q_tile(kh * R, cur_mt, 0);
+    cp_async_commit();
+    fetch_row(kh * R, cur_mt);
+    store_row(0);
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
+
+    /* dQ[64, d] += dS K for the tile whose dS^T is in buffer sbuf. This warpgroup's share:
+     * d = 128, columns 64wg.. over all 128 keys; d = 64, all columns over its own 64 keys. */
+    constexpr bool DQ_BY_KEYS = D == 64;
+    auto dq_issue = [&](float (&dq)[8][4], int sbuf) {
+        const int key0 = DQ_BY_KEYS ? 64 * wg : 0, col_atom = DQ_BY_KEYS ? 0 : wg;
+        const uint32_t ds_t = sdS + sbuf * BN * BM * 2 + key0 * 128, k_t = sK + col_atom * BN * 128 + key0 * 128;
+#pragma unroll
+        for (int kk = 0; kk < (DQ_BY_KEYS ? 4 : 8); kk++)
+            wgmma_ss_m64n64k16<1, 1>(dq, wgmma_desc(ds_t + kk * 16 * 128, BN * 128, 1024), wgmma_desc(k_t + kk * 16 * 128, BN * 128, 1024), kk > 0);
+    };
+    auto dq_add = [&](const float (&dq)[8][4], int h, int m0) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            /* rows past N hold zeros (P = 0 there): they go to row N-1, with no branch */
+            const int q = min(m0 + 16 * wi + g + 8 * hf, N - 1);
+            float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + (DQ_BY_KEYS ? 0 : 64 * wg) + 2 * t;
+#pragma unroll
+            for (int dn = 0; dn < 8; dn++) atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
+        }
+    };
+
+    /* the dQ of "tile -1" adds nothing: the other dS^T buffer starts as zeros */
+    for (int c = tid; c < BN * BM / 8; c += NTHR)
+        asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(sdS + BN * BM * 2 + c * 16), "r"(0));
+    int prev_h = kh * R, prev_m0 = cur_mt * BM;
+    /* Each tile's work is one straight run of code, every warpgroup doing all of it (a
+     * warpgroup whose 64 keys the tile skips gets P = 0): ptxas keeps the wgmma pipeline
+     * only when it can follow which commit group each wait retires. */
+    for (int it = 0; it < total; it++) {
+        const int buf = it & 1;
+        const int h = kh * R + cur_r, m0 = cur_mt * BM;
+        /* One barrier per tile: it publishes this tile's Q/dO/row values and the previous
+         * tile's dS^T, and tells that every warp is done with the buffers refilled next. */
+        cp_async_wait<0>();
+        fence_proxy_async(); /* this thread's cp.async and st.shared writes -> wgmma reads */
+        __syncthreads();
+        int nxt_r = cur_r, nxt_mt = cur_mt + 1;
+        if (nxt_mt > s_thi[nxt_r]) { nxt_r++; if (nxt_r < R) nxt_mt = s_tlo[nxt_r]; }
+        if (it + 1 < total) {
+            load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
+            fetch_row(kh * R + nxt_r, nxt_mt);
+        }
+        cp_async_commit();
+
+        const uint32_t qt = sQ + buf * BM * D * 2, dot = sdO + buf * BM * D * 2;
+        const float *lse2 = sL + buf * BM, *dl = sDl + buf * BM;
+        const int *fk = sFk + buf * BM;
+        const int m_last = min(m0 + BM, N) - 1;
+
+        /* group 1: the previous tile's dQ; groups 2, 3: S^T and dP^T */
+        float dq[8][4], st[8][4], dpt[8][4];
+        pin_regs(dq);
+        pin_regs(st);
+        pin_regs(dpt);
+        wgmma_fence();
+        dq_issue(dq, buf ^ 1);
+        wgmma_commit();
+        wgmma_xyt<D, BN>(st, sK, 64 * wg, qt);
+        wgmma_commit();
+        wgmma_xyt<D, BN>(dpt, sV, 64 * wg, dot);
+        wgmma_commit();
+        wgmma_wait<2>();
+        pin_regs(dq);
+        dq_add(dq, prev_h, prev_m0); /* while the products run */
+
+        wgmma_wait<1>();
+        pin_regs(st);
+        const bool need_mask = m0 < wg_key0 + 63 || fk[m_last - m0] > wg_key0 || m0 + BM > N;
+        float pt[8][4]; /* P^T, in new registers (see the head of this section) */
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int ql = nt * 8 + 2 * t + (e & 1); /* query within the tile */
+                float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
+                if (need_mask) {
+                    const int q = m0 + ql, key = key_row + 8 * (e >> 1);
+                    if (key > q || q >= N || key < fk[ql]) p = 0.f;
+                }
+                pt[nt][e] = p;
+            }
+        uint32_t p_frag[4][4];
+        pack_a_frags(p_frag, [&](int nt, int e) { return pt[nt][e]; });
+        pin_regs(p_frag);
+        pin_regs(dv_acc);
+        wgmma_fence();
+        wgmma_ay<D>(dv_acc, p_frag, dot); /* group 4: dV += P^T dO */
+        wgmma_commit();
+
+        wgmma_wait<1>(); /* dP^T is done; dV runs on */
+        pin_regs(dpt);
+        uint32_t ds_frag[4][4]; /* dS^T (p_frag, which dV is reading, is not touched) */
+        pack_a_frags(ds_frag, [&](int nt, int e) { return pt[nt][e] * (dpt[nt][e] - dl[nt * 8 + 2 * t + (e & 1)]); });
+        /* dS^T -> shared memory, buffer buf: fragment kk holds query columns 16kk + 2t (+1)
+         * and 16kk + 8 + 2t (+1) of key rows key_row and key_row + 8 (row & 7 == g) */
+        {
+            const uint32_t ds_t = sdS + buf * BN * BM * 2;
+            const int r0 = 64 * wg + 16 * wi + g;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int row = r0 + 8 * (e & 1), chunk = 2 * kk + (e >> 1);
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_t + row * 128 + ((chunk ^ g) << 4) + 4 * t), "r"(ds_frag[kk][e]));
+                }
+        }
+        pin_regs(ds_frag);
+        pin_regs(dk_acc);
+        wgmma_fence();
+        wgmma_ay<D>(dk_acc, ds_frag, qt); /* group 5: dK += dS^T Q */
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin_regs(dv_acc);
+        pin_regs(dk_acc);
+
+        store_row(buf ^ 1); /* the next tile's row values (that buffer was last read in tile it-1) */
+        prev_h = h;
+        prev_m0 = m0;
+        cur_r = nxt_r;
+        cur_mt = nxt_mt;
+    }
+    fence_proxy_async();
+    __syncthreads();
+    {
+        float dq[8][4];
+        pin_regs(dq);
+        wgmma_fence();
+        dq_issue(dq, (total - 1) & 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin_regs(dq);
+        dq_add(dq, prev_h, prev_m0);
+    }
+
+    /* dK = scale * dS^T Q summed, dV: straight from registers */
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int key = key_row + 8 * hf;
+        if (key < N) {
+            const size_t off = ((size_t)b * N + key) * kv_stride + (size_t)kh * D + 2 * t;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++) {
+                *(uint32_t *)(dK + off + dn * 8) = pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale);
+                *(uint32_t *)(dV + off + dn * 8) = pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1]);
+            }
+        }
+    }
+#else
+    __trap(); /* built without sm_90a: the host never launches this */
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------
  * Decode attention: one query token per sequence against n_keys cached keys.
  * Block (split s, kv head, batch) scores its chunk of DEC_CHUNK keys for all R query heads
  * of the kv head (a GQA group shares each K/V load), keeps the scores in shared memory,
@@ -1134,18 +1436,18 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
  * ------------------------------------------------------------------------------------- */
 
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
- * the fastest measured on the H100 (bench/NOTES.md). `04_s2attn --variants` times them all. */
+ * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
-#define FWD_WGMMA_DEFAULT 4
-#define N_FWD_VARIANTS 5
-#define N_BWD_VARIANTS 2
+#define FWD_WGMMA_DEFAULT(D) ((D) == 128 ? 5 : 4) /* 128-key tiles at d=128, 128 at d=64 */
+#define N_FWD_VARIANTS 6
+#define N_BWD_VARIANTS 4
+#define BWD_WGMMA_DEFAULT 3
 /* Forward variant 0 picks the wgmma kernel where the binary and the GPU have it (sm_90a),
- * else variant 1; variant 4 falls back to 1 the same way. The wgmma kernel uses 64-key tiles
- * for d=128 and 128-key tiles for d=64: the two shapes where S and O products differ in
- * width. With equal widths (d=128 with 128-key tiles, d=64 with 64-key tiles) it gave wrong
- * results in our tests, cause not found yet (bench/NOTES.md); those shapes are not built. */
+ * else variant 1; variants 4 and 5 fall back to 1 the same way. Variant 5 is the wgmma kernel
+ * with the other key-tile width (the S and O products of equal width), the faster at d=128. */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
-                                                                     "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups"};
+                                                                     "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
+                                                                     "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups"};
 
 /* does this binary hold the sm_90a (wgmma) kernels for the current device? asked once */
 static int wgmma_available(void) {
@@ -1168,7 +1470,10 @@ static int wgmma_available(void) {
     }
     return available;
 }
-[[maybe_unused]] static const char *bwd_variant_name[N_BWD_VARIANTS] = {"BN128 BM64 8 warps", "BN64 BM64 4 warps"};
+/* Backward variant 0 picks the wgmma kernel where available (variant 3), else variant 1; 3 falls
+ * back to 1 the same way. */
+[[maybe_unused]] static const char *bwd_variant_name[N_BWD_VARIANTS] = {"default", "mma.sync BN128 BM64 8 warps", "mma.sync BN64 BM64 4 warps",
+                                                                     "wgmma BN128 BM64, 2 warpgroups"};
 
 extern "C" void attn_tile_variants(int *n_fwd, int *n_bwd) { *n_fwd = N_FWD_VARIANTS; *n_bwd = N_BWD_VARIANTS; }
 extern "C" int attn_set_tile_variant(int fwd, int bwd) {
@@ -1209,10 +1514,11 @@ static void launch_fwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *
 template <int D>
 static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
     int variant = g_fwd_variant;
-    if (variant == 0) variant = wgmma_available() ? FWD_WGMMA_DEFAULT : 1;
+    if (variant == 0) variant = wgmma_available() ? FWD_WGMMA_DEFAULT(D) : 1;
     if (variant >= 4 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
     switch (variant) {
     case 4: launch_fwd_wgmma<D, D == 128 ? 64 : 128>(q, k, v, o, lse, B, N, H, Hk, G); break;
+    case 5: launch_fwd_wgmma<D, D>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 1: launch_fwd_tiles<D, 128, 64, 4>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 2: launch_fwd_tiles<D, 128, 64, 8>(q, k, v, o, lse, B, N, H, Hk, G); break;
     default: launch_fwd_tiles<D, 64, 64, 4>(q, k, v, o, lse, B, N, H, Hk, G); break;
@@ -1245,6 +1551,18 @@ static void launch_bwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, const 
     LAUNCH_OK();
 }
 template <int D>
+static void launch_bwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
+                             float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
+    constexpr int BN = 128, BM = 64;
+    /* K, V, two Q/dO stages, two dS^T stages, alignment; lse, Delta, window starts; tile ranges */
+    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 1024 + 6 * BM * sizeof(float) + 2 * MAX_GQA_GROUP * sizeof(int);
+    auto kern = flash_bwd_wgmma_kernel<D>;
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
+    kern<<<grid, 256, smem>>>(q, k, v, dout, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
+    LAUNCH_OK();
+}
+template <int D>
 static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
                        bf16 *dq, bf16 *dk, bf16 *dv, void *workspace, int B, int N, int H, int Hk, int G) {
     float *dq_acc = (float *)workspace;                       /* [B, N, H, d] */
@@ -1254,8 +1572,14 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
     bwd_preprocess_kernel<D><<<(unsigned)((rows + 7) / 8), 256>>>(o, dout, delta, N, H, rows);
     LAUNCH_OK();
     const float scale = 1.f / sqrtf((float)D);
-    if (g_bwd_variant == 0) launch_bwd_tiles<D, 64, 128, 8>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
-    else launch_bwd_tiles<D, 64, 64, 4>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
+    int variant = g_bwd_variant;
+    if (variant == 0) variant = wgmma_available() ? BWD_WGMMA_DEFAULT : 1;
+    if (variant == 3 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
+    switch (variant) {
+    case 3: launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
+    case 1: launch_bwd_tiles<D, 64, 128, 8>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
+    default: launch_bwd_tiles<D, 64, 64, 4>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
+    }
     const size_t n4 = rows * D / 4;
     dq_convert_kernel<<<(unsigned)((n4 + 255) / 256), 256>>>(dq_acc, dq, n4, scale);
     LAUNCH_OK();
@@ -1367,8 +1691,8 @@ static void bench_buffers_free(BenchBuffers *b) {
     CUDA_CHECK(cudaFree(b->lse)); CUDA_CHECK(cudaFree(b->ws));
 }
 
-static void bench(const char *json_path) {
-    const int H = 32, Hk = 32, d = 128, tokens = 32768, reps = 10;
+static void bench(const char *json_path, int d) {
+    const int H = 32, Hk = 32, tokens = 32768, reps = 10;
     const int cases[][2] = {{1024, 0}, {4096, 0}, {8192, 0}, {16384, 0}, {32768, 0}, {4096, 1024}, {16384, 4096}, {32768, 8192}};
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     const size_t n_el = (size_t)tokens * H * d;
@@ -1446,7 +1770,7 @@ static void bench(const char *json_path) {
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     FILE *f = fopen(json_path, "w");
     if (!f) die("cannot write %s: %s", json_path, strerror(errno));
-    fprintf(f, "{\n  \"device\": \"%s\",\n  \"command\": \"make bench\",\n  \"H\": %d, \"d\": %d, \"tokens\": %d, \"reps\": %d,\n", prop.name, H, d, tokens, reps);
+    fprintf(f, "{\n  \"device\": \"%s\",\n  \"command\": \"%s\",\n  \"H\": %d, \"d\": %d, \"tokens\": %d, \"reps\": %d,\n", prop.name, d == 128 ? "make bench" : "./04_s2attn --bench --d 64", H, d, tokens, reps);
     fprintf(f, "  \"flops\": \"forward 4*B*pairs*d (pairs = N^2/2 per head causal, in-segment pairs for S2); fwd+bwd 3.5x\",\n  \"attention\": [\n");
     for (int c = 0; c < n_cases; c++)
         fprintf(f, "    {\"N\": %d, \"B\": %d, \"G\": %d, \"fwd_ms\": %.4f, \"fwd_tflops\": %.1f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.1f}%s\n",
@@ -1461,8 +1785,8 @@ static void bench(const char *json_path) {
 }
 
 /* times every tile variant on a few shapes (the sweep behind bench/NOTES.md) */
-static void sweep_variants(void) {
-    const int H = 32, d = 128, tokens = 32768, reps = 10;
+static void sweep_variants(int d) {
+    const int H = 32, tokens = 32768, reps = 10;
     const int cases[][2] = {{4096, 0}, {16384, 0}, {16384, 4096}};
     const size_t n_el = (size_t)tokens * H * d;
     BenchBuffers buf = bench_buffers_alloc(n_el, (size_t)tokens * H, attn_backward_workspace_bytes(1, tokens, H, d));
@@ -1471,6 +1795,7 @@ static void sweep_variants(void) {
     void *ws = buf.ws;
     cudaEvent_t e0, e1;
     CUDA_CHECK(cudaEventCreate(&e0)); CUDA_CHECK(cudaEventCreate(&e1));
+    printf("tile variants: causal, H=%d, d=%d, B*N=%d tokens, bf16, median of %d\n", H, d, tokens, reps);
     for (int pass = 0; pass < 2; pass++) {
         const int n_var = pass == 0 ? N_FWD_VARIANTS : N_BWD_VARIANTS;
         for (int var = 0; var < n_var; var++) {
@@ -1506,18 +1831,20 @@ static void sweep_variants(void) {
 
 int main(int argc, char **argv) {
     const char *out = "bench/results/attn_ours.json";
-    int do_bench = 0, do_variants = 0;
+    int do_bench = 0, do_variants = 0, head_dim = 128;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bench")) do_bench = 1;
         else if (!strcmp(argv[i], "--variants")) do_variants = 1;
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
-        else die("usage: %s --bench [--out results.json] | --variants", argv[0]);
+        else if (!strcmp(argv[i], "--d") && i + 1 < argc) head_dim = atoi(argv[++i]);
+        else die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]", argv[0]);
     }
-    if (!do_bench && !do_variants) die("usage: %s --bench [--out results.json] | --variants   (kernel checks: make test)", argv[0]);
+    if (!do_bench && !do_variants) die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]   (kernel checks: make test)", argv[0]);
+    if (head_dim != 64 && head_dim != 128) die("--d %d: the kernels support head dims 64 and 128", head_dim);
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
-    if (do_variants) sweep_variants();
-    if (do_bench) bench(out);
+    if (do_variants) sweep_variants(head_dim);
+    if (do_bench) bench(out, head_dim);
     return 0;
 }
 #endif /* S2ATTN_MAIN */
