@@ -75,7 +75,10 @@ static void emu_init(Bf16Emu *e, const Model *m, const LoraAdapter *ad, size_t n
     e->v_cache = (float *)xcalloc(L * n_cap * Hkd, sizeof(float));
     e->rope_cos = (float *)xmalloc(n_cap * half * sizeof(float));
     e->rope_sin = (float *)xmalloc(n_cap * half * sizeof(float));
-    rope_tables(e->rope_cos, e->rope_sin, n_cap, c->head_dim, c->rope_theta, c->rope_factor);
+    float *inv_freq = (float *)xmalloc(half * sizeof(float)); /* [d/2] */
+    float attention = rope_inv_freq(c, n_cap, inv_freq);
+    rope_tables(e->rope_cos, e->rope_sin, 0, n_cap, inv_freq, c->head_dim, attention);
+    free(inv_freq);
     e->x = (float *)xmalloc(n_cap * D * sizeof(float));
     e->xn = (float *)xmalloc(n_cap * D * sizeof(float));
     e->proj = (float *)xmalloc(n_cap * D * sizeof(float));
