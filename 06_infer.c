@@ -995,7 +995,8 @@ static void infer_usage(FILE *f) {
             "                                    [--trials K (10)] [--seed S] [--csv F]\n"
             "  --export DIR                      merged bf16 HF folder; [--shard-size BYTES (5e9)]\n"
             "  --bench                           GPU: prefill at 32k, decode at 4k and 32k; [--bench-out F]\n"
-            "--ctx sets the context (KV cache size) and the position interpolation factor ceil(ctx / max_position_embeddings).\n"
+            "--ctx sets the context (KV cache size); past the model's, RoPE is stretched by ceil(ctx / max_position_embeddings)\n"
+            "(linearly, or by yarn for a yarn model). An adapter folder with a config.json brings the RoPE it was trained with.\n"
             "The adapter is applied unmerged (its own low-rank path after each projection) unless --merge.\n");
 }
 
