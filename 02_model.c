@@ -53,7 +53,7 @@
  * CLI:
  *   ./02_model --model DIR --text-file F [--ctx N] [--window W]
  *       BOS + the tokenized text, in windows of W tokens (default: the model's context,
- *       max_position_embeddings x the RoPE factor); prints the mean next-token loss over
+ *       config_context); prints the mean next-token loss over
  *       all predicted positions as a last line "loss <float> ppl <float> tokens <count>".
  *   ./02_model --model DIR --tokens F ...        the same over a token file (common.h)
  *   ./02_model --model DIR --top K --text "..."  the K likeliest next tokens
@@ -1485,8 +1485,8 @@ int main(int argc, char **argv) {
         if (n_ids < 2) die("the text has fewer than 2 tokens; nothing to predict");
         Activations act;
         act_plan(&act, c, 1, W, 0);
-        fprintf(stderr, "model: %zu parameters, RoPE factor %g, window %zu tokens, activations %.1f MiB\n",
-                model.w.count, c->rope_factor, W, (double)act.bytes / (1 << 20));
+        fprintf(stderr, "model: %zu parameters, RoPE %s factor %g, window %zu tokens, activations %.1f MiB\n",
+                model.w.count, ROPE_TYPE_NAMES[c->rope_type], c->rope_factor, W, (double)act.bytes / (1 << 20));
         int32_t *targets = (int32_t *)xmalloc(W * sizeof(int32_t));
         double total = 0;
         size_t counted = 0;
