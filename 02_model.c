@@ -1,7 +1,8 @@
 /* 02_model.c: a LLaMA-family model, forward and backward, in plain C and fp32.
  *
  * Teaches: what a LLaMA layer computes, one small function per piece: RMSNorm, the q/k/v
- * projections, RoPE with position interpolation (HF's rotate-half layout), causal attention
+ * projections (with Qwen2's biases), RoPE with every scaling transformers applies to LLaMA-family
+ * models (linear position interpolation, dynamic NTK, YaRN, LLaMA-3's; HF's rotate-half layout), causal attention
  * with grouped-query heads (and S2-Attn's segment bounds, see s2_first_key in common.h),
  * the o projection and residual, SwiGLU, a tied or untied head and cross-entropy with an
  * ignore label; then the backward pass of every one of them, so every parameter (and the
@@ -14,9 +15,12 @@
  * bf16 compute (this is the fp32 reference every faster path is checked against).
  *
  * The interface later stages build on:
- *   Config        the model's shape from config.json, plus the RoPE factor actually used
- *                 (rope_factor: the config's linear factor, raised to ceil(target_ctx /
- *                 max_position_embeddings) when a longer target context asks for more).
+ *   Config        the model's shape from config.json (LLaMA, Mistral, Qwen2: architecture,
+ *                 q/k/v biases, sliding window), and its RoPE: the type and parameters
+ *                 config.json gives (default, linear, dynamic, yarn, llama3, both spellings)
+ *                 and those actually used (config_extend: a target context longer than the
+ *                 model's raises the factor, linearly or by yarn, see docs/DESIGN.md).
+ *                 rope_inv_freq() is the one place RoPE's frequencies are computed.
  *   Params        every weight as an fp32 array (layout below, HF's [out, in] for linears);
  *                 Grads is the same struct holding gradients (grads_alloc, zeroed, +=).
  *                 params_list() names every tensor as HF does; proj_shape()/proj_weight()
@@ -49,7 +53,7 @@
  * CLI:
  *   ./02_model --model DIR --text-file F [--ctx N] [--window W]
  *       BOS + the tokenized text, in windows of W tokens (default: the model's context,
- *       max_position_embeddings x the RoPE factor); prints the mean next-token loss over
+ *       config_context); prints the mean next-token loss over
  *       all predicted positions as a last line "loss <float> ppl <float> tokens <count>".
  *   ./02_model --model DIR --tokens F ...        the same over a token file (common.h)
  *   ./02_model --model DIR --top K --text "..."  the K likeliest next tokens
@@ -75,6 +79,28 @@ static int thread_id(void) { return 0; }
  * Config: the model's shape, from config.json
  * ------------------------------------------------------------------------------------- */
 
+/* RoPE: how the per-dimension inverse frequencies are made (rope_inv_freq below, exactly as
+ * transformers' modeling_rope_utils.py computes them). ROPE_LINEAR with factor 1 is the
+ * plain RoPE of config.json's "default". */
+typedef enum { ROPE_LINEAR, ROPE_DYNAMIC, ROPE_YARN, ROPE_LLAMA3 } RopeType;
+static const char *const ROPE_TYPE_NAMES[] = {"linear", "dynamic", "yarn", "llama3"};
+/* How a target context longer than the model's is reached (05_train --rope-scaling): AUTO
+ * keeps a linear or yarn model's own kind and stretches a plain one linearly (LongLoRA's). */
+typedef enum { ROPE_EXTEND_AUTO, ROPE_EXTEND_LINEAR, ROPE_EXTEND_YARN } RopeExtend;
+
+typedef struct {          /* the parameters some RoPE types read (0: transformers' default) */
+    int orig_max_pos;     /* yarn, llama3: original_max_position_embeddings (0: max_pos) */
+    float low_freq_factor, high_freq_factor; /* llama3 */
+    float beta_fast, beta_slow;              /* yarn (0: 32 and 1) */
+    float attention_factor;                  /* yarn: explicit cos/sin scale (0: from the factor) */
+    float mscale, mscale_all_dim;            /* yarn (0: unused) */
+    int no_truncate;                         /* yarn: "truncate": false */
+} RopeParams;
+
+typedef enum { ARCH_LLAMA, ARCH_MISTRAL, ARCH_QWEN2 } Arch;
+static const char *const ARCH_MODEL_TYPES[] = {"llama", "mistral", "qwen2"};
+static const char *const ARCH_CLASSES[] = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"};
+
 typedef struct {
     int dim;              /* D: hidden_size */
     int ffn_dim;          /* F: intermediate_size */
@@ -85,25 +111,81 @@ typedef struct {
     int vocab_size;       /* V */
     float rms_eps;        /* rms_norm_eps */
     float rope_theta;     /* rope_theta */
-    float rope_config_factor; /* the linear rope_scaling factor in config.json (1 if none) */
-    float rope_factor;    /* the factor actually used: positions are divided by it */
+    float rope_config_factor; /* the rope factor in config.json (1 if none) */
+    float rope_factor;    /* the factor actually used (the config's, or raised for a target context) */
+    RopeType rope_config_type; /* the rope type in config.json */
+    RopeType rope_type;   /* the rope type actually used (a plain model extended by yarn: yarn) */
+    RopeParams rope;      /* the type's other parameters */
     int max_pos;          /* max_position_embeddings: the context the model was trained at */
     int tie_embeddings;   /* tie_word_embeddings: lm_head is embed */
     int bos_id, eos_id;   /* -1 when absent */
+    Arch arch;            /* llama, mistral or qwen2 (what an export without a base config says) */
+    int qkv_bias;         /* q, k and v projections have biases (Qwen2) */
+    int sliding_window;   /* keys a query may see (Mistral, Qwen2); 0: all of them */
 } Config;
 
-/* The context the model runs at: its trained context stretched by the RoPE factor. */
-static API size_t config_context(const Config *c) { return (size_t)((double)c->max_pos * c->rope_factor + 0.5); }
+static int rope_orig_max_pos(const Config *c) { return c->rope.orig_max_pos > 0 ? c->rope.orig_max_pos : c->max_pos; }
 
-/* Position interpolation (docs/DESIGN.md): a target context longer than the model's gives the
- * linear factor s = ceil(target_ctx / max_pos); a factor in config.json is kept unless the
- * target needs a larger one. target_ctx <= 0 means "as configured". */
-static void config_set_target_ctx(Config *c, long target_ctx) {
-    c->rope_factor = c->rope_config_factor;
-    if (target_ctx > 0 && c->max_pos > 0) {
-        double s = ceil((double)target_ctx / (double)c->max_pos);
-        if (s > c->rope_factor) c->rope_factor = (float)s;
+/* The context the model runs at: its trained context stretched by the RoPE scaling (linear:
+ * max_position_embeddings x factor, as LongLoRA saves its models; yarn: the original
+ * context x factor; llama3 and dynamic: max_position_embeddings). */
+static API size_t config_context(const Config *c) {
+    switch (c->rope_type) {
+    case ROPE_YARN: return (size_t)((double)rope_orig_max_pos(c) * c->rope_factor + 0.5);
+    case ROPE_LINEAR: return (size_t)((double)c->max_pos * c->rope_factor + 0.5);
+    default: return (size_t)c->max_pos;
     }
+}
+
+/* Position interpolation (docs/DESIGN.md): a target context longer than the model's runs
+ * with the factor s = ceil(target_ctx / trained context) in the encoding `how` asks for:
+ *   a plain or linear model, linear: factor max(config's, s) over max_position_embeddings;
+ *   a plain model, yarn: yarn with factor s over original_max_position_embeddings =
+ *     max_position_embeddings (beta_fast 32, beta_slow 1, attention factor 0.1 ln s + 1);
+ *   a yarn model: its yarn with factor max(config's, s over its original context);
+ *   a dynamic model stretches itself at run time (transformers' NTK rule), nothing to set.
+ * Refused (transformers has one rope_type per model, so no faithful composition exists):
+ * yarn over a linear factor, linear over yarn, any explicit kind over dynamic, and a llama3
+ * model past its max_position_embeddings. target_ctx <= 0 means "as configured". Also
+ * refuses a sliding window shorter than the context (we run full attention only).
+ * Returns 0 or -1 + last_error(). */
+static int config_extend(Config *c, long target_ctx, RopeExtend how) {
+    c->rope_type = c->rope_config_type;
+    c->rope_factor = c->rope_config_factor;
+    const char *why = NULL;
+    if (target_ctx > 0 && c->max_pos > 0 && (size_t)target_ctx > config_context(c)) {
+        switch (c->rope_config_type) {
+        case ROPE_LINEAR:
+            if (how == ROPE_EXTEND_YARN && c->rope_config_factor > 1.0f) why = "yarn cannot extend a model already scaled linearly (transformers has one rope_type per model); use --rope-scaling linear";
+            else if (how == ROPE_EXTEND_YARN) {
+                c->rope_type = ROPE_YARN;
+                c->rope_factor = (float)ceil((double)target_ctx / (double)c->max_pos);
+                c->rope.orig_max_pos = c->max_pos;
+            } else c->rope_factor = (float)ceil((double)target_ctx / (double)c->max_pos);
+            break;
+        case ROPE_YARN:
+            if (how == ROPE_EXTEND_LINEAR) why = "linear interpolation cannot extend a yarn model (transformers has one rope_type per model); use --rope-scaling yarn";
+            else c->rope_factor = (float)ceil((double)target_ctx / (double)rope_orig_max_pos(c));
+            break;
+        case ROPE_DYNAMIC:
+            if (how != ROPE_EXTEND_AUTO) why = "a dynamic-NTK model stretches its RoPE itself at run time; --rope-scaling does not compose with it";
+            break;
+        case ROPE_LLAMA3:
+            why = "a llama3-scaled model runs up to its max_position_embeddings; transformers cannot put another scaling on top of rope_type llama3, so a longer context is refused";
+            break;
+        }
+    }
+    if (why) return set_error("%s (target context %ld, the model's %zu)", why, target_ctx, config_context(c));
+    size_t ctx = target_ctx > 0 ? (size_t)target_ctx : config_context(c);
+    if (c->sliding_window > 0 && ctx > (size_t)c->sliding_window)
+        return set_error("config.json: sliding_window %d is shorter than the context %zu; sliding-window attention is not supported (give a context of at most %d)",
+                         c->sliding_window, ctx, c->sliding_window);
+    return 0;
+}
+
+/* config_extend with the automatic kind, ending the program with one sentence if refused. */
+static API void config_set_target_ctx(Config *c, long target_ctx) {
+    if (config_extend(c, target_ctx, ROPE_EXTEND_AUTO) != 0) die("%s", last_error());
 }
 
 /* A string from the file, safe to put in a one-line message: control bytes become '?',
@@ -128,8 +210,20 @@ static int config_int(const Json *j, const char *key, int required, int fallback
     return 0;
 }
 
-/* Reads the RoPE settings from either spelling: transformers 4 (rope_theta + rope_scaling)
- * or transformers 5 (rope_parameters {rope_type, rope_theta, factor}). */
+/* A number of the rope dict in range [lo, hi], or `fallback` when absent or null. */
+static int rope_number(const Json *r, const char *key, double lo, double hi, double fallback, double *out) {
+    const Json *v = json_get(r, key);
+    if (!v || v->type == JSON_NULL) { *out = fallback; return 0; }
+    if (v->type != JSON_NUMBER || !(v->number >= lo && v->number <= hi))
+        return set_error("config.json: the rope \"%s\" must be a number in [%g, %g]", key, lo, hi);
+    *out = v->number;
+    return 0;
+}
+
+/* Reads the RoPE settings from either spelling: transformers 4 (rope_theta + rope_scaling
+ * {type or rope_type, factor, ...}) or transformers 5 (rope_parameters {rope_type,
+ * rope_theta, factor, ...}). Types: default, linear, dynamic, yarn, llama3; anything else
+ * (longrope, partial rotary, ...) is refused. Needs c->max_pos. */
 static int config_parse_rope(Config *c, const Json *j) {
     const Json *params = json_get(j, "rope_parameters");
     const Json *scaling = json_get(j, "rope_scaling");
@@ -141,15 +235,76 @@ static int config_parse_rope(Config *c, const Json *j) {
     if (!(theta > 1.0 && theta < 1e12)) return set_error("config.json: rope_theta %g is out of range", theta);
     c->rope_theta = (float)theta;
     c->rope_config_factor = 1.0f;
+    c->rope_config_type = ROPE_LINEAR;
+    memset(&c->rope, 0, sizeof c->rope);
+    double prf = json_get_number(j, "partial_rotary_factor", json_get_number(r, "partial_rotary_factor", 1.0));
+    if (prf != 1.0) return set_error("config.json: partial_rotary_factor %g is not supported (only 1)", prf);
     if (!r || r->type != JSON_OBJECT) return 0;
     const char *type = json_get_string(r, "rope_type", json_get_string(r, "type", "default"));
     if (strcmp(type, "default") == 0) return 0;
     char buf[64];
-    if (strcmp(type, "linear") != 0)
-        return set_error("config.json: rope type \"%s\" is not supported (only linear position interpolation is)", printable(type, buf, sizeof buf));
-    double f = json_get_number(r, "factor", 0);
-    if (!(f >= 1.0 && f <= 1e6)) return set_error("config.json: the linear rope_scaling factor must be a number >= 1");
+    int t = -1;
+    for (int k = 0; k < 4; k++) if (strcmp(type, ROPE_TYPE_NAMES[k]) == 0) t = k;
+    if (t < 0) return set_error("config.json: rope type \"%s\" is not supported (default, linear, dynamic, yarn and llama3 are)", printable(type, buf, sizeof buf));
+    c->rope_config_type = (RopeType)t;
+    /* transformers takes a top-level original_max_position_embeddings first (Phi-3's spelling) */
+    double orig = json_get_number(j, "original_max_position_embeddings", 0), f = 0, v = 0;
+    if (orig == 0 && rope_number(r, "original_max_position_embeddings", 1, 1e9, 0, &orig)) return -1;
+    if (orig != floor(orig)) return set_error("config.json: original_max_position_embeddings is not an integer");
+    if (rope_number(r, "factor", 1.0, 1e6, 0, &f)) return -1;
+    if (t == ROPE_YARN && f == 0 && orig > 0) f = (double)c->max_pos / orig; /* transformers 5: factor from the two contexts */
+    if (f == 0) return set_error("config.json: the rope type \"%s\" needs a factor >= 1", type);
     c->rope_config_factor = (float)f;
+    if (t == ROPE_YARN || t == ROPE_LLAMA3) c->rope.orig_max_pos = (int)orig;
+    if (t == ROPE_YARN) {
+        if (rope_number(r, "beta_fast", 0, 1e6, 0, &v)) return -1;
+        c->rope.beta_fast = (float)v;
+        if (rope_number(r, "beta_slow", 0, 1e6, 0, &v)) return -1;
+        c->rope.beta_slow = (float)v;
+        if (rope_number(r, "attention_factor", 0, 1e6, 0, &v)) return -1;
+        c->rope.attention_factor = (float)v;
+        if (rope_number(r, "mscale", 0, 1e6, 0, &v)) return -1;
+        c->rope.mscale = (float)v;
+        if (rope_number(r, "mscale_all_dim", 0, 1e6, 0, &v)) return -1;
+        c->rope.mscale_all_dim = (float)v;
+        c->rope.no_truncate = !json_get_bool(r, "truncate", 1);
+    }
+    if (t == ROPE_LLAMA3) {
+        double lo, hi;
+        if (rope_number(r, "low_freq_factor", 1e-6, 1e6, 0, &lo) || rope_number(r, "high_freq_factor", 1e-6, 1e6, 0, &hi)) return -1;
+        if (lo == 0 || hi == 0 || orig == 0)
+            return set_error("config.json: rope type llama3 needs factor, low_freq_factor, high_freq_factor and original_max_position_embeddings");
+        if (!(hi > lo)) return set_error("config.json: llama3's high_freq_factor %g must be larger than low_freq_factor %g", hi, lo);
+        c->rope.low_freq_factor = (float)lo;
+        c->rope.high_freq_factor = (float)hi;
+    }
+    return 0;
+}
+
+/* The sliding window, as transformers applies it: Mistral's sliding_window (4096 when absent,
+ * null for none) on every layer; Qwen2's only with use_sliding_window, on the layers from
+ * max_window_layers on (or those layer_types names "sliding_attention"). c->sliding_window
+ * gets the window when some layer slides, else 0; config_extend refuses a window shorter
+ * than the context. Needs c->arch and c->n_layers. */
+static int config_parse_window(Config *c, const Json *j) {
+    c->sliding_window = 0;
+    if (c->arch == ARCH_LLAMA) return 0;
+    const Json *w = json_get(j, "sliding_window");
+    double win = !w ? 4096 : (w->type == JSON_NUMBER ? w->number : 0); /* absent: transformers' 4096 */
+    if (w && w->type != JSON_NULL && (w->type != JSON_NUMBER || w->number != floor(w->number) || w->number < 1 || w->number > 1e9))
+        return set_error("config.json: sliding_window is neither null nor a positive integer");
+    int slides = c->arch == ARCH_MISTRAL;
+    if (c->arch == ARCH_QWEN2 && json_get_bool(j, "use_sliding_window", 0)) {
+        const Json *types = json_get_type(j, "layer_types", JSON_ARRAY);
+        int first = (int)json_get_number(j, "max_window_layers", 28);
+        slides = types ? 0 : first < c->n_layers;
+        for (size_t i = 0; types && i < types->count; i++) slides |= types->items[i].type == JSON_STRING && !strcmp(types->items[i].string, "sliding_attention");
+    }
+    const Json *types = json_get_type(j, "layer_types", JSON_ARRAY);
+    for (size_t i = 0; types && i < types->count; i++)
+        if (types->items[i].type != JSON_STRING || (strcmp(types->items[i].string, "full_attention") && strcmp(types->items[i].string, "sliding_attention")))
+            return set_error("config.json: layer_types holds a layer kind other than full_attention and sliding_attention");
+    if (slides && win > 0) c->sliding_window = (int)win;
     return 0;
 }
 
@@ -160,15 +315,24 @@ static int config_from_json(Config *c, const Json *j, long target_ctx) {
     const char *mt = json_get_string(j, "model_type", NULL);
     const Json *arch = json_get_type(j, "architectures", JSON_ARRAY);
     char buf[64];
-    if (mt && strcmp(mt, "llama") != 0) return set_error("config.json: model_type \"%s\" is not supported (only llama)", printable(mt, buf, sizeof buf));
+    int a = -1;
+    for (int k = 0; k < 3 && mt; k++) if (strcmp(mt, ARCH_MODEL_TYPES[k]) == 0) a = k;
+    if (mt && a < 0) return set_error("config.json: model_type \"%s\" is not supported (llama, mistral and qwen2 are)", printable(mt, buf, sizeof buf));
     if (arch)
-        for (size_t i = 0; i < arch->count; i++)
-            if (arch->items[i].type != JSON_STRING || strcmp(arch->items[i].string, "LlamaForCausalLM") != 0)
-                return set_error("config.json: architecture %s is not supported (only LlamaForCausalLM)",
-                                 arch->items[i].type == JSON_STRING ? printable(arch->items[i].string, buf, sizeof buf) : "(not a string)");
-    if (!mt && !arch) return set_error("config.json names neither a model_type nor architectures");
+        for (size_t i = 0; i < arch->count; i++) {
+            int k = -1;
+            for (int q = 0; q < 3 && arch->items[i].type == JSON_STRING; q++) if (strcmp(arch->items[i].string, ARCH_CLASSES[q]) == 0) k = q;
+            if (k < 0 || (a >= 0 && k != a))
+                return set_error("config.json: architecture %s is not supported%s (LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM are)",
+                                 arch->items[i].type == JSON_STRING ? printable(arch->items[i].string, buf, sizeof buf) : "(not a string)",
+                                 k >= 0 ? " with this model_type" : "");
+            a = k;
+        }
+    if (a < 0) return set_error("config.json names neither a model_type nor architectures");
+    c->arch = (Arch)a;
     if (json_get_bool(j, "attention_bias", 0) || json_get_bool(j, "mlp_bias", 0))
-        return set_error("config.json: biases (attention_bias / mlp_bias) are not supported");
+        return set_error("config.json: biases (attention_bias / mlp_bias) are not supported (only Qwen2's q, k, v biases are)");
+    c->qkv_bias = c->arch == ARCH_QWEN2; /* Qwen2 always has them (its modeling code, not its config, says so) */
     const char *act = json_get_string(j, "hidden_act", "silu");
     if (strcmp(act, "silu") != 0) return set_error("config.json: hidden_act \"%s\" is not supported (only silu)", printable(act, buf, sizeof buf));
     if (json_get_number(j, "pretraining_tp", 1) != 1) return set_error("config.json: pretraining_tp other than 1 is not supported");
@@ -182,7 +346,10 @@ static int config_from_json(Config *c, const Json *j, long target_ctx) {
     if (c->n_heads <= 0 || c->dim <= 0) return set_error("config.json: hidden_size and num_attention_heads must be positive");
     if (config_int(j, "head_dim", 0, c->dim / c->n_heads, &c->head_dim)) return -1;
     if (config_int(j, "vocab_size", 1, 0, &c->vocab_size)) return -1;
-    if (config_int(j, "max_position_embeddings", 0, 2048, &c->max_pos)) return -1;
+    /* what transformers assumes when config.json leaves these out, per architecture */
+    static const int default_max_pos[] = {2048, 4096 * 32, 32768};
+    static const double default_eps[] = {1e-6, 1e-6, 1e-6};
+    if (config_int(j, "max_position_embeddings", 0, default_max_pos[c->arch], &c->max_pos)) return -1;
     if (c->ffn_dim <= 0 || c->n_layers <= 0 || c->n_kv_heads <= 0 || c->head_dim <= 0 || c->vocab_size <= 0 || c->max_pos <= 0)
         return set_error("config.json: every size must be positive");
     if (c->head_dim % 2) return set_error("config.json: head_dim %d is odd; RoPE needs pairs", c->head_dim);
@@ -191,16 +358,16 @@ static int config_from_json(Config *c, const Json *j, long target_ctx) {
     double n_params = (double)c->n_layers * ((double)c->dim * c->head_dim * (2.0 * c->n_heads + 2.0 * c->n_kv_heads) + 3.0 * c->dim * c->ffn_dim)
                     + 2.0 * c->vocab_size * c->dim;
     if (n_params > 2e11 || c->head_dim > 65536) return set_error("config.json describes %.3g parameters, implausibly many", n_params);
-    double eps = json_get_number(j, "rms_norm_eps", 1e-6);
+    double eps = json_get_number(j, "rms_norm_eps", default_eps[c->arch]);
     if (!(eps >= 1e-12 && eps < 1)) return set_error("config.json: rms_norm_eps %g is out of range [1e-12, 1)", eps);
     c->rms_eps = (float)eps;
     if (config_parse_rope(c, j)) return -1;
+    if (config_parse_window(c, j)) return -1;
     c->tie_embeddings = json_get_bool(j, "tie_word_embeddings", 0);
     double bos = json_get_number(j, "bos_token_id", -1), eos = json_get_number(j, "eos_token_id", -1);
     c->bos_id = bos >= 0 && bos < c->vocab_size && bos == floor(bos) ? (int)bos : -1; /* absent or odd: none */
     c->eos_id = eos >= 0 && eos < c->vocab_size && eos == floor(eos) ? (int)eos : -1; /* a list of eos ids: none */
-    config_set_target_ctx(c, target_ctx);
-    return 0;
+    return config_extend(c, target_ctx, ROPE_EXTEND_AUTO);
 }
 
 /* Shapes by name, for a model of random weights (05's and 06's --init random --shape NAME,
@@ -246,6 +413,7 @@ typedef struct {
     float *wq;        /* [H*d, D] */
     float *wk;        /* [Hk*d, D] */
     float *wv;        /* [Hk*d, D] */
+    float *bq, *bk, *bv; /* [H*d], [Hk*d], [Hk*d] biases (Qwen2), NULL without */
     float *wo;        /* [D, H*d] */
     float *mlp_norm;  /* [D] post_attention_layernorm */
     float *w_gate;    /* [F, D] */
@@ -282,6 +450,10 @@ static void proj_shape(const Config *c, int which, size_t *in, size_t *out) {
     default: *in = F; *out = D; break;
     }
 }
+/* The bias of projection `which` (only q, k, v may have one), or NULL. */
+static float *proj_bias(const LayerParams *lp, int which) {
+    return which == PROJ_Q ? lp->bq : which == PROJ_K ? lp->bk : which == PROJ_V ? lp->bv : NULL;
+}
 static float *proj_weight(const LayerParams *lp, int which) {
     switch (which) {
     case PROJ_Q: return lp->wq;
@@ -294,12 +466,12 @@ static float *proj_weight(const LayerParams *lp, int which) {
     }
 }
 
-/* Every parameter of the model: embed, L x (two norms and the 7 projections), the final
- * norm, and the head unless it is tied to embed. */
+/* Every parameter of the model: embed, L x (two norms, the 7 projections and the q, k, v
+ * biases if any), the final norm, and the head unless it is tied to embed. */
 static size_t config_param_count(const Config *c) {
     size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
     size_t per_layer = 2 * D;
-    for (int w = 0; w < N_PROJ; w++) { size_t in, out; proj_shape(c, w, &in, &out); per_layer += in * out; }
+    for (int w = 0; w < N_PROJ; w++) { size_t in, out; proj_shape(c, w, &in, &out); per_layer += in * out + (c->qkv_bias && w <= PROJ_V ? out : 0); }
     return V * D + L * per_layer + D + (c->tie_embeddings ? 0 : V * D);
 }
 
@@ -316,8 +488,11 @@ static void params_alloc(Params *p, const Config *c) {
         size_t in, out;
         lp->attn_norm = m; m += D;
         proj_shape(c, PROJ_Q, &in, &out); lp->wq = m; m += in * out;
+        if (c->qkv_bias) { lp->bq = m; m += out; }
         proj_shape(c, PROJ_K, &in, &out); lp->wk = m; m += in * out;
+        if (c->qkv_bias) { lp->bk = m; m += out; }
         proj_shape(c, PROJ_V, &in, &out); lp->wv = m; m += in * out;
+        if (c->qkv_bias) { lp->bv = m; m += out; }
         proj_shape(c, PROJ_O, &in, &out); lp->wo = m; m += in * out;
         lp->mlp_norm = m; m += D;
         proj_shape(c, PROJ_GATE, &in, &out); lp->w_gate = m; m += in * out;
@@ -368,6 +543,7 @@ static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
             size_t in, o;
             proj_shape(c, w, &in, &o);
             ADD(proj_weight(lp, w), 2, o, in, "model.layers.%d.%s.weight", l, hf_proj[w]);
+            if (proj_bias(lp, w)) ADD(proj_bias(lp, w), 1, o, 1, "model.layers.%d.%s.bias", l, hf_proj[w]);
         }
         ADD(lp->mlp_norm, 1, D, 1, "model.layers.%d.post_attention_layernorm.weight", l);
     }
@@ -377,7 +553,7 @@ static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
     return n;
 }
 
-/* A random model (for tests and benchmarks): linears ~ N(0, std^2), norms ~ 1 + N(0, 0.1^2). */
+/* A random model (for tests and benchmarks): linears and biases ~ N(0, std^2), norms ~ 1 + N(0, 0.1^2). */
 static API void model_init_random(Model *m, const Config *c, uint64_t seed, float std) {
     m->cfg = *c;
     params_alloc(&m->w, c);
@@ -388,7 +564,8 @@ static API void model_init_random(Model *m, const Config *c, uint64_t seed, floa
     rng_seed(&rng, seed);
     for (size_t i = 0; i < n; i++) {
         size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
-        for (size_t k = 0; k < numel; k++) refs[i].data[k] = refs[i].ndim == 1 ? 1.0f + 0.1f * rng_normal(&rng) : std * rng_normal(&rng);
+        int is_norm = refs[i].ndim == 1 && !strstr(refs[i].name, ".bias");
+        for (size_t k = 0; k < numel; k++) refs[i].data[k] = is_norm ? 1.0f + 0.1f * rng_normal(&rng) : std * rng_normal(&rng);
     }
     free(refs);
 }
@@ -629,19 +806,82 @@ static void rmsnorm_backward(float *dx, float *dw, const float *dout /* [T, D] *
             for (size_t i = 0; i < D; i++) dw[i] += dout[t * D + i] * x[t * D + i] * rstd[t];
 }
 
-/* RoPE tables for positions 0..N-1, computed the way HF does (fp32): inv_freq[i] =
- * 1 / theta^(2i/d) / factor, angle = pos * inv_freq[i]. */
-static void rope_tables(float *cos_t /* [N, d/2] */, float *sin_t /* [N, d/2] */, size_t N, int d, float theta, float factor) {
+/* RoPE's inverse frequencies inv_freq [d/2] for a forward over positions 0 .. seq_len-1 (only
+ * dynamic NTK reads seq_len), and the scale yarn puts on cos and sin (returned; 1 otherwise).
+ * Every RoPE type, once, in fp32 step by step as transformers' modeling_rope_utils.py
+ * computes it (so the tables agree to the last bit or two); the GPU kernels get this table.
+ *   default / linear  theta^(-2i/d) / factor
+ *   dynamic           theta' = theta (factor seq_len / max_pos - (factor - 1))^(d/(d-2)) for
+ *                     seq_len > max_pos (else theta), then theta'^(-2i/d)
+ *   yarn              per dimension a blend of theta^(-2i/d) (extrapolated) and that / factor
+ *                     (interpolated) by a ramp between the dimensions that turn beta_fast and
+ *                     beta_slow times over the original context; cos, sin scaled by
+ *                     attention_factor (default 0.1 ln(factor) + 1)
+ *   llama3            wavelengths above original/low_freq_factor divided by factor, below
+ *                     original/high_freq_factor kept, smoothly blended between */
+static API float rope_inv_freq(const Config *c, size_t seq_len, float *inv_freq /* [d/2] */) {
+    int d = c->head_dim;
     size_t half = (size_t)d / 2;
-    for (size_t i = 0; i < half; i++) {
-        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)d);
-        inv_freq = inv_freq / factor;
-        for (size_t p = 0; p < N; p++) {
-            float angle = (float)p * inv_freq;
-            cos_t[p * half + i] = cosf(angle);
-            sin_t[p * half + i] = sinf(angle);
+    float base = c->rope_theta, factor = c->rope_factor, attention = 1.0f;
+    if (c->rope_type == ROPE_DYNAMIC && seq_len > (size_t)c->max_pos) /* fp32, as the tensors in transformers' forward */
+        base = base * powf((factor * (float)seq_len) / (float)c->max_pos - (float)((double)factor - 1.0), (float)((double)d / (double)(d - 2)));
+    for (size_t i = 0; i < half; i++) inv_freq[i] = 1.0f / powf(base, (float)(2 * i) / (float)d);
+    if (c->rope_type == ROPE_LINEAR)
+        for (size_t i = 0; i < half; i++) inv_freq[i] = inv_freq[i] / factor;
+    if (c->rope_type == ROPE_YARN) {
+        const RopeParams *r = &c->rope;
+        double f = factor, orig = (double)rope_orig_max_pos(c), theta = c->rope_theta;
+        if (r->attention_factor > 0) attention = r->attention_factor;
+        else if (r->mscale > 0 && r->mscale_all_dim > 0)
+            attention = (float)((f <= 1 ? 1.0 : 0.1 * r->mscale * log(f) + 1.0) / (f <= 1 ? 1.0 : 0.1 * r->mscale_all_dim * log(f) + 1.0));
+        else attention = (float)(f <= 1 ? 1.0 : 0.1 * log(f) + 1.0);
+        double beta_fast = r->beta_fast > 0 ? r->beta_fast : 32, beta_slow = r->beta_slow > 0 ? r->beta_slow : 1;
+        /* the dimension that turns `rotations` times over the original context */
+#define YARN_DIM(rotations) ((double)d * log(orig / ((rotations) * 2.0 * M_PI)) / (2.0 * log(theta)))
+        double low = YARN_DIM(beta_fast), high = YARN_DIM(beta_slow);
+#undef YARN_DIM
+        if (!r->no_truncate) { low = floor(low); high = ceil(high); }
+        if (low < 0) low = 0;
+        if (high > d - 1) high = d - 1;
+        if (low == high) high += 0.001;
+        for (size_t i = 0; i < half; i++) {
+            float pos_freq = powf(c->rope_theta, (float)(2 * i) / (float)d);
+            float extrapolated = 1.0f / pos_freq, interpolated = 1.0f / (factor * pos_freq);
+            float ramp = ((float)i - (float)low) / (float)(high - low);
+            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            float keep = 1.0f - ramp; /* the share that stays extrapolated */
+            inv_freq[i] = interpolated * (1.0f - keep) + extrapolated * keep;
         }
     }
+    if (c->rope_type == ROPE_LLAMA3) {
+        const RopeParams *r = &c->rope;
+        float old_ctx = (float)rope_orig_max_pos(c);
+        float low_wavelen = (float)((double)old_ctx / r->low_freq_factor), high_wavelen = (float)((double)old_ctx / r->high_freq_factor);
+        float span = (float)((double)r->high_freq_factor - (double)r->low_freq_factor);
+        for (size_t i = 0; i < half; i++) {
+            float wavelen = (float)(2.0 * M_PI) / inv_freq[i];
+            float scaled = wavelen > low_wavelen ? inv_freq[i] / factor : inv_freq[i];
+            if (!(wavelen < high_wavelen) && !(wavelen > low_wavelen)) {
+                float smooth = (old_ctx / wavelen - r->low_freq_factor) / span;
+                scaled = (1.0f - smooth) * scaled / factor + smooth * scaled;
+            }
+            inv_freq[i] = scaled;
+        }
+    }
+    return attention;
+}
+
+/* cos_t, sin_t [N, d/2] for positions pos0 .. pos0+N-1, as transformers makes them: angle =
+ * (float)pos * inv_freq[i] in fp32, then cos and sin times the attention scale. */
+static void rope_tables(float *cos_t /* [N, d/2] */, float *sin_t /* [N, d/2] */, size_t pos0, size_t N, const float *inv_freq /* [d/2] */,
+                        int d, float attention) {
+    size_t half = (size_t)d / 2;
+    for (size_t p = 0; p < N; p++)
+        for (size_t i = 0; i < half; i++) {
+            float angle = (float)(pos0 + p) * inv_freq[i];
+            cos_t[p * half + i] = cosf(angle) * attention;
+            sin_t[p * half + i] = sinf(angle) * attention;
+        }
 }
 /* Rotates every head of x in place, HF's rotate-half layout: pairs (i, i + d/2).
  * sign = +1 forward, -1 backward (the transpose of a rotation is the rotation back). */
@@ -879,6 +1119,8 @@ typedef struct {
     float *proj_out;      /* [T, D] scratch: o and down outputs */
     float *rope_cos;      /* [N, d/2] */
     float *rope_sin;      /* [N, d/2] */
+    size_t rope_seq_len;  /* the sequence length the tables were made for (dynamic NTK reads it) */
+    size_t rope_seq_min;  /* dynamic NTK: make them for at least this length (06 keeps transformers' cache rule) */
     float *scratch;       /* [threads, N] attention rows */
     /* backward only */
     float *d_resid;       /* [T, D] dLoss/d(residual stream); after a backward: d(embedding output) */
@@ -895,6 +1137,15 @@ typedef struct {
     float *memory;
     size_t bytes;         /* everything above, in bytes */
 } Activations;
+
+/* The RoPE tables of positions 0 .. a->N-1 for a forward over seq_len positions. */
+static void act_rope(Activations *a, size_t seq_len) {
+    float *inv_freq = (float *)xmalloc((size_t)a->cfg.head_dim / 2 * sizeof(float)); /* [d/2] */
+    float attention = rope_inv_freq(&a->cfg, seq_len, inv_freq);
+    rope_tables(a->rope_cos, a->rope_sin, 0, a->N, inv_freq, a->cfg.head_dim, attention);
+    a->rope_seq_len = seq_len;
+    free(inv_freq);
+}
 
 /* Plans (allocates, once) every buffer for up to B x N tokens. */
 static API void act_plan(Activations *a, const Config *c, size_t B, size_t N, int for_training) {
@@ -930,7 +1181,7 @@ static API void act_plan(Activations *a, const Config *c, size_t B, size_t N, in
     }
 #undef TAKE
     CHECK((size_t)(m - a->memory) == total, "activation plan miscounted");
-    rope_tables(a->rope_cos, a->rope_sin, N, c->head_dim, c->rope_theta, c->rope_factor);
+    act_rope(a, N);
 }
 static API void act_free(Activations *a) {
     free(a->memory);
@@ -947,26 +1198,44 @@ static void project(const Model *m, const RunOptions *o, int l, int which, const
     size_t in, out;
     proj_shape(&m->cfg, which, &in, &out);
     matmul_forward(y, x, proj_weight(&m->w.layers[l], which), T, in, out);
+    const float *b = proj_bias(&m->w.layers[l], which);
+    if (b)
+#pragma omp parallel for
+        for (size_t t = 0; t < T; t++)
+            for (size_t i = 0; i < out; i++) y[t * out + i] += b[i];
     if (o && o->hook && o->hook->forward) o->hook->forward(o->hook->ctx, l, which, x, T, y);
 }
-/* dx += dy W (then the hook may add to dx), and dW += dy^T x when that gradient is wanted. */
+/* dx += dy W (then the hook may add to dx), and dW += dy^T x (and db += the column sums of
+ * dy) when that gradient is wanted. */
 static void project_backward(const Model *m, Grads *g, const RunOptions *o, int l, int which, const float *x,
                              const float *dy, size_t T, float *dx) {
     size_t in, out;
     proj_shape(&m->cfg, which, &in, &out);
     matmul_backward_dx(dx, dy, proj_weight(&m->w.layers[l], which), T, in, out);
     if (o && o->hook && o->hook->backward) o->hook->backward(o->hook->ctx, l, which, x, dy, T, dx);
-    if (g && o && o->grads_for_frozen_linears) matmul_backward_dw(proj_weight(&g->layers[l], which), dy, x, T, in, out);
+    if (g && o && o->grads_for_frozen_linears) {
+        matmul_backward_dw(proj_weight(&g->layers[l], which), dy, x, T, in, out);
+        float *db = proj_bias(&g->layers[l], which);
+        if (db)
+#pragma omp parallel for
+            for (size_t i = 0; i < out; i++) {
+                float sum = 0;
+                for (size_t t = 0; t < T; t++) sum += dy[t * out + i];
+                db[i] += sum;
+            }
+    }
 }
 
 static void check_run(const Model *m, const Activations *a, const int32_t *tokens, size_t B, size_t N, const RunOptions *o) {
     const Config *c = &m->cfg, *p = &a->cfg;
     if (c->dim != p->dim || c->ffn_dim != p->ffn_dim || c->n_layers != p->n_layers || c->n_heads != p->n_heads ||
         c->n_kv_heads != p->n_kv_heads || c->head_dim != p->head_dim || c->vocab_size != p->vocab_size ||
-        c->rope_theta != p->rope_theta || c->rope_factor != p->rope_factor)
+        c->qkv_bias != p->qkv_bias || c->rope_theta != p->rope_theta || c->rope_factor != p->rope_factor || c->rope_type != p->rope_type ||
+        memcmp(&c->rope, &p->rope, sizeof c->rope) != 0 || c->max_pos != p->max_pos)
         die("the activations were planned for a model of another shape or RoPE scaling");
     if (B * N > a->B * a->N || N > a->N) die("a batch of %zu x %zu tokens does not fit activations planned for %zu x %zu", B, N, a->B, a->N);
     if (o && o->s2_group && N % o->s2_group != 0) die("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, o->s2_group);
+    if (c->sliding_window > 0 && N > (size_t)c->sliding_window) die("a sequence of %zu tokens is longer than the model's sliding window %d, which is not supported", N, c->sliding_window);
     for (size_t t = 0; t < B * N; t++)
         if (tokens[t] < 0 || tokens[t] >= m->cfg.vocab_size) die("token %zu has id %d, outside the vocabulary of %d", t, tokens[t], m->cfg.vocab_size);
 }
@@ -979,6 +1248,8 @@ static API float model_forward(const Model *m, Activations *a, const int32_t *to
     if (max_threads() > a->n_threads) die("OpenMP now runs %d threads but the activations were planned for %d", max_threads(), a->n_threads);
     size_t T = B * N, D = (size_t)c->dim, F = (size_t)c->ffn_dim, V = (size_t)c->vocab_size;
     size_t G = o ? o->s2_group : 0;
+    size_t rope_seq = N > a->rope_seq_min ? N : a->rope_seq_min;
+    if (c->rope_type == ROPE_DYNAMIC && rope_seq != a->rope_seq_len) act_rope(a, rope_seq); /* NTK's base depends on the length */
     /* embedding lookup into layer 0's input */
     for (size_t t = 0; t < T; t++) memcpy(a->layers[0].x_in + t * D, m->w.embed + (size_t)tokens[t] * D, D * sizeof(float));
     for (int l = 0; l < c->n_layers; l++) {
@@ -1214,8 +1485,8 @@ int main(int argc, char **argv) {
         if (n_ids < 2) die("the text has fewer than 2 tokens; nothing to predict");
         Activations act;
         act_plan(&act, c, 1, W, 0);
-        fprintf(stderr, "model: %zu parameters, RoPE factor %g, window %zu tokens, activations %.1f MiB\n",
-                model.w.count, c->rope_factor, W, (double)act.bytes / (1 << 20));
+        fprintf(stderr, "model: %zu parameters, RoPE %s factor %g, window %zu tokens, activations %.1f MiB\n",
+                model.w.count, ROPE_TYPE_NAMES[c->rope_type], c->rope_factor, W, (double)act.bytes / (1 << 20));
         int32_t *targets = (int32_t *)xmalloc(W * sizeof(int32_t));
         double total = 0;
         size_t counted = 0;

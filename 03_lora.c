@@ -502,8 +502,15 @@ static int make_dir(const char *dir) {
     return set_error("cannot create the folder %s: %s", dir, strerror(errno));
 }
 
-/* Writes adapter_config.json and adapter_model.safetensors into dir (created if needed).
- * base_name goes into base_model_name_or_path (may be NULL). -1 + last_error() on failure. */
+static int write_export_config(const char *base_dir, const char *out_dir, const Config *c, DType dtype);
+
+/* Writes adapter_config.json, adapter_model.safetensors and config.json into dir (created if
+ * needed). base_name goes into base_model_name_or_path (may be NULL). config.json is the
+ * base's (base_name's, when it is a folder with one; else written whole from m's config) with
+ * the RoPE the adapter was trained with, a longer context's scaling included, so transformers
+ * rebuilds that model: AutoConfig.from_pretrained(dir), the base's weights, then peft's
+ * PeftModel.from_pretrained(model, dir); 06_infer --adapter reads it back. -1 + last_error()
+ * on failure. */
 static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, const char *base_name) {
     if (make_dir(dir) != 0) return -1;
     char path[4096];
@@ -532,6 +539,9 @@ static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, con
         if (ad->cfg.targets & (1u << w)) { fprintf(f, "%s\"%s\"", first ? "" : ", ", LORA_TARGET_NAMES[w]); first = 0; }
     fprintf(f, "],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": %s\n}\n", ad->cfg.use_rslora ? "true" : "false");
     if (atomic_commit(&af) != 0) return -1;
+    char base_cfg[4096];
+    const char *base_dir = base_name && file_exists(path_join(base_cfg, sizeof base_cfg, base_name, "config.json")) ? base_name : NULL;
+    if (write_export_config(base_dir, dir, &m->cfg, DT_COUNT) != 0) return -1;
 
     /* The tensors, named as peft names them; the names live until st_write. */
     StWriter sw = {0};
@@ -568,6 +578,31 @@ static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, con
     free(names);
     free(plus);
     return rc;
+}
+
+/* The RoPE an adapter was trained with, from the config.json we write beside it (none, as in
+ * peft's own folders: c is left as it is): its rope settings and max_position_embeddings
+ * replace c's, then target_ctx extends them as config_extend does. The config must describe
+ * the same model (width, layers, vocabulary). 0, or -1 + last_error(). */
+static API int lora_adapter_rope(const char *dir, Config *c, long target_ctx) {
+    char path[4096];
+    if (!file_exists(path_join(path, sizeof path, dir, "config.json"))) return 0;
+    Json *j = json_parse_file(path);
+    if (!j) return -1;
+    Config a = *c;
+    int rc = 0;
+    if (json_get_number(j, "hidden_size", -1) != c->dim || json_get_number(j, "num_hidden_layers", -1) != c->n_layers ||
+        json_get_number(j, "vocab_size", -1) != c->vocab_size)
+        rc = set_error("%s describes another model than the base (hidden_size, num_hidden_layers or vocab_size differ)", path);
+    else if (config_int(j, "max_position_embeddings", 0, c->max_pos, &a.max_pos) != 0 || a.max_pos <= 0 || config_parse_rope(&a, j) != 0) {
+        char why[1024];
+        snprintf(why, sizeof why, "%s", last_error());
+        rc = set_error("%s: %s", path, why);
+    }
+    json_free(j);
+    if (rc) return -1;
+    *c = a;
+    return config_extend(c, target_ctx, ROPE_EXTEND_AUTO);
 }
 
 /* Reads an adapter folder (ours or peft's) for model m into ad (initialised here).
@@ -826,9 +861,10 @@ static API float lora_train_step(LoraTrainer *tr, const int32_t *tokens, const i
 
 /* ---------------------------------------------------------------------------------------
  * A merged HF model folder transformers loads (03's --merge-out in fp32, 06's --export in bf16):
- *   config.json       the base's, with "rope_scaling" {"type": "linear", "factor": s} and
- *                     "max_position_embeddings" the base's own (as LongLoRA saves its models:
- *                     the context is max_position_embeddings x s),
+ *   config.json       the base's, with the RoPE the model ran with as "rope_scaling" (linear:
+ *                     {"type": "linear", "factor": s}; yarn, llama3, dynamic: their parameters;
+ *                     null for plain RoPE) and "max_position_embeddings" the base's own (as
+ *                     LongLoRA saves its models: the context is max_position_embeddings x s),
  *                     "torch_dtype" the weights' dtype
  *   model.safetensors or model-0000k-of-0000n.safetensors + model.safetensors.index.json
  *                     when the weights exceed the shard size: HF's tensor names
@@ -864,6 +900,32 @@ static void json_write_value(FILE *f, const Json *v, int indent) {
     }
 }
 
+/* "rope_scaling": the RoPE c runs with, as transformers reads it back (both "type" and
+ * "rope_type" for transformers 4 and 5; yarn's original_max_position_embeddings only when it
+ * differs from max_position_embeddings, so transformers 4 does not derive its factor from them). */
+static void write_rope_scaling(FILE *f, const Config *c) {
+    const RopeParams *r = &c->rope;
+    const char *t = ROPE_TYPE_NAMES[c->rope_type];
+    if (c->rope_type == ROPE_LINEAR && c->rope_factor == 1.0f) { fputs("  \"rope_scaling\": null", f); return; }
+    fprintf(f, "  \"rope_scaling\": {\"type\": \"%s\", \"rope_type\": \"%s\", \"factor\": %.9g", t, t, (double)c->rope_factor);
+    if (c->rope_type == ROPE_LLAMA3)
+        fprintf(f, ", \"low_freq_factor\": %.9g, \"high_freq_factor\": %.9g, \"original_max_position_embeddings\": %d",
+                (double)r->low_freq_factor, (double)r->high_freq_factor, rope_orig_max_pos(c));
+    if (c->rope_type == ROPE_YARN) {
+        if (rope_orig_max_pos(c) != c->max_pos) fprintf(f, ", \"original_max_position_embeddings\": %d", rope_orig_max_pos(c));
+        if (r->beta_fast > 0) fprintf(f, ", \"beta_fast\": %.9g", (double)r->beta_fast);
+        if (r->beta_slow > 0) fprintf(f, ", \"beta_slow\": %.9g", (double)r->beta_slow);
+        if (r->attention_factor > 0) fprintf(f, ", \"attention_factor\": %.9g", (double)r->attention_factor);
+        if (r->mscale > 0) fprintf(f, ", \"mscale\": %.9g", (double)r->mscale);
+        if (r->mscale_all_dim > 0) fprintf(f, ", \"mscale_all_dim\": %.9g", (double)r->mscale_all_dim);
+        if (r->no_truncate) fputs(", \"truncate\": false", f);
+    }
+    fputc('}', f);
+}
+
+/* config.json for a model folder (an export) or beside an adapter: the base's keys, then ours
+ * (max_position_embeddings, rope_theta, rope_scaling, torch_dtype: dtype, or with DT_COUNT the
+ * base's own dtype keys kept). */
 static int write_export_config(const char *base_dir, const char *out_dir, const Config *c, DType dtype) {
     char path[4096];
     Json *j = NULL;
@@ -874,30 +936,30 @@ static int write_export_config(const char *base_dir, const char *out_dir, const 
     AtomicFile af;
     if (atomic_open(&af, path_join(path, sizeof path, out_dir, "config.json")) != 0) { json_free(j); return -1; }
     FILE *f = af.f;
-    static const char *const ours[] = {"torch_dtype", "dtype", "rope_scaling", "rope_parameters", "max_position_embeddings", "rope_theta"};
-    size_t n = 0;
+    static const char *const ours[] = {"rope_scaling", "rope_parameters", "max_position_embeddings", "rope_theta", "torch_dtype", "dtype"};
+    size_t n = 0, n_ours = dtype == DT_COUNT ? 4 : 6;
     fputc('{', f);
     for (size_t i = 0; j && i < j->count; i++) {
         int skip = 0;
-        for (size_t k = 0; k < sizeof ours / sizeof *ours; k++) skip |= strcmp(j->keys[i], ours[k]) == 0;
+        for (size_t k = 0; k < n_ours; k++) skip |= strcmp(j->keys[i], ours[k]) == 0;
         if (skip) continue;
         fprintf(f, "%s\n  ", n++ ? "," : "");
         json_write_string(f, j->keys[i]);
         fputs(": ", f);
         json_write_value(f, &j->items[i], 2);
     }
-    if (!j) /* random weights: a complete LLaMA config */
-        fprintf(f, "\n  \"architectures\": [\"LlamaForCausalLM\"],\n  \"model_type\": \"llama\",\n  \"hidden_size\": %d,\n"
+    if (!j) /* random weights: a complete config of the architecture */
+        fprintf(f, "\n  \"architectures\": [\"%s\"],\n  \"model_type\": \"%s\",\n  \"hidden_size\": %d,\n"
                    "  \"intermediate_size\": %d,\n  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
                    "  \"num_key_value_heads\": %d,\n  \"head_dim\": %d,\n  \"vocab_size\": %d,\n  \"rms_norm_eps\": %.9g,\n"
-                   "  \"tie_word_embeddings\": %s,\n  \"hidden_act\": \"silu\"",
-                c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size, (double)c->rms_eps,
-                c->tie_embeddings ? "true" : "false"), n = 1;
+                   "  \"tie_word_embeddings\": %s,\n  \"hidden_act\": \"silu\"%s",
+                ARCH_CLASSES[c->arch], ARCH_MODEL_TYPES[c->arch], c->dim, c->ffn_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+                c->vocab_size, (double)c->rms_eps, c->tie_embeddings ? "true" : "false",
+                c->arch == ARCH_LLAMA ? "" : ",\n  \"sliding_window\": null"), n = 1;
     fprintf(f, "%s\n  \"max_position_embeddings\": %d,\n  \"rope_theta\": %.9g,\n", n ? "," : "", c->max_pos, (double)c->rope_theta);
-    if (c->rope_factor > 1.0f)
-        fprintf(f, "  \"rope_scaling\": {\"type\": \"linear\", \"rope_type\": \"linear\", \"factor\": %.9g},\n", (double)c->rope_factor);
-    else fputs("  \"rope_scaling\": null,\n", f);
-    fprintf(f, "  \"torch_dtype\": \"%s\"\n}\n", dtype == DT_BF16 ? "bfloat16" : "float32");
+    write_rope_scaling(f, c);
+    if (dtype == DT_COUNT) fputs("\n}\n", f);
+    else fprintf(f, ",\n  \"torch_dtype\": \"%s\"\n}\n", dtype == DT_BF16 ? "bfloat16" : "float32");
     json_free(j);
     return atomic_commit(&af);
 }

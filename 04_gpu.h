@@ -120,11 +120,13 @@ void gpu_rmsnorm_forward(uint16_t *y, float *rstd, const uint16_t *x, const uint
 void gpu_rmsnorm_backward(uint16_t *dx, float *dw, const uint16_t *dy, const uint16_t *x, const uint16_t *w,
                           const float *rstd, size_t N, size_t D, float eps, int accumulate_dx);
 /* In place on x [N, row_stride] holding heads x d per row: rotate-half RoPE at positions
- * (pos_offset + n) / scale, inv_freq = theta^(-2i/d). Backward applies the transposed rotation. */
+ * pos_offset + n with the frequencies inv_freq [d/2] (device, from 02's rope_inv_freq) and cos,
+ * sin scaled by attention (yarn's; 1 otherwise). Backward applies the transposed rotation. */
 void gpu_rope_forward(uint16_t *x, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
-                      float theta, float scale);
+                      const float *inv_freq, float attention);
 void gpu_rope_backward(uint16_t *dx, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
-                       float theta, float scale);
+                       const float *inv_freq, float attention);
+void gpu_add_bias(uint16_t *y, const uint16_t *b, size_t T, size_t out); /* y [T, out] += b [out] per row */
 /* h [count] = silu(gate) * up over count elements (h may be gate or up); backward may write
  * dgate over gate and dup over up. */
 void gpu_swiglu_forward(uint16_t *h, const uint16_t *gate, const uint16_t *up, size_t count);

@@ -423,19 +423,20 @@ extern "C" void gpu_rmsnorm_backward(uint16_t *dx /* [N, D], = or += */, float *
 }
 
 /* ---------------------------------------------------------------------------------------
- * RoPE, HF rotate-half layout: for i < d/2, with angle = pos * inv_freq_i / scale,
- *   out_i       = x_i * cos - x_{i+d/2} * sin
- *   out_{i+d/2} = x_{i+d/2} * cos + x_i * sin
- * inv_freq_i = 1 / theta^(2i/d) in fp32 as HF computes it, pos = pos_offset + n. The
- * backward is the transposed rotation (sin -> -sin). In place on [N, heads, d] rows that
- * are row_stride elements apart (q, k inside a fused qkv buffer work too).
+ * RoPE, HF rotate-half layout: for i < d/2, with angle = pos * inv_freq[i] (fp32, as HF),
+ *   out_i       = (x_i * cos - x_{i+d/2} * sin) * attention
+ *   out_{i+d/2} = (x_{i+d/2} * cos + x_i * sin) * attention
+ * inv_freq [d/2] (device) and attention (yarn's scale, else 1) come from 02's
+ * rope_inv_freq, the one place every RoPE type's frequencies are made; pos = pos_offset + n.
+ * The backward is the transposed rotation (sin -> -sin, same scale). In place on [N, heads, d]
+ * rows that are row_stride elements apart (q, k inside a fused qkv buffer work too).
  * Each thread owns VEC frequencies of one position and walks all heads: the sincos is
  * paid once per position and frequency, not per head.
  * ------------------------------------------------------------------------------------- */
 
 template <int VEC>
 __global__ void rope_kernel(uint16_t *x, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset,
-                            float theta, float scale, float sin_sign) {
+                            const float *inv_freq, float attention, float sin_sign) {
     size_t half = d / 2, groups = half / VEC;
     size_t total = N * groups;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
@@ -444,9 +445,9 @@ __global__ void rope_kernel(uint16_t *x, size_t N, size_t heads, size_t d, size_
         float cs[VEC], sn[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; k++) {
-            float inv_freq = (1.0f / powf(theta, (float)(2 * (i0 + k)) / (float)d)) / scale;
-            sincosf(pos * inv_freq, &sn[k], &cs[k]);
-            sn[k] *= sin_sign;
+            sincosf(pos * inv_freq[i0 + k], &sn[k], &cs[k]);
+            cs[k] *= attention;
+            sn[k] *= sin_sign * attention;
         }
         uint16_t *row = x + n * row_stride;
         /* two heads at a time: all four loads are issued before the first store (in place,
@@ -482,26 +483,49 @@ __global__ void rope_kernel(uint16_t *x, size_t N, size_t heads, size_t d, size_
         }
     }
 }
-static void rope(uint16_t *x, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset, float theta,
-                 float scale, float sin_sign) {
+static void rope(uint16_t *x, size_t N, size_t heads, size_t d, size_t row_stride, size_t pos_offset, const float *inv_freq,
+                 float attention, float sin_sign) {
     if (N == 0 || heads == 0 || d == 0) return;
     CHECK(d % 2 == 0, "rope: head dim %zu is odd", d);
     CHECK(row_stride >= heads * d, "rope: row stride %zu is shorter than %zu heads of %zu", row_stride, heads, d);
-    CHECK(theta > 0 && scale > 0, "rope: theta (%g) and the interpolation scale (%g) must be positive", theta, scale);
+    CHECK(inv_freq && attention > 0, "rope: no frequency table, or a scale (%g) that is not positive", attention);
     size_t half = d / 2;
     if (half % 8 == 0 && row_stride % 8 == 0 && aligned(x, 16))
-        rope_kernel<8><<<blocks_for(N * (half / 8), 256), 256>>>(x, N, heads, d, row_stride, pos_offset, theta, scale, sin_sign);
+        rope_kernel<8><<<blocks_for(N * (half / 8), 256), 256>>>(x, N, heads, d, row_stride, pos_offset, inv_freq, attention, sin_sign);
     else
-        rope_kernel<1><<<blocks_for(N * half, 256), 256>>>(x, N, heads, d, row_stride, pos_offset, theta, scale, sin_sign);
+        rope_kernel<1><<<blocks_for(N * half, 256), 256>>>(x, N, heads, d, row_stride, pos_offset, inv_freq, attention, sin_sign);
     LAUNCH_CHECK();
 }
 extern "C" void gpu_rope_forward(uint16_t *x /* [N, row_stride], heads*d used */, size_t N, size_t heads, size_t d,
-                                 size_t row_stride, size_t pos_offset, float theta, float scale) {
-    rope(x, N, heads, d, row_stride, pos_offset, theta, scale, 1.0f);
+                                 size_t row_stride, size_t pos_offset, const float *inv_freq /* [d/2] */, float attention) {
+    rope(x, N, heads, d, row_stride, pos_offset, inv_freq, attention, 1.0f);
 }
 extern "C" void gpu_rope_backward(uint16_t *dx /* [N, row_stride], in place */, size_t N, size_t heads, size_t d,
-                                  size_t row_stride, size_t pos_offset, float theta, float scale) {
-    rope(dx, N, heads, d, row_stride, pos_offset, theta, scale, -1.0f);
+                                  size_t row_stride, size_t pos_offset, const float *inv_freq /* [d/2] */, float attention) {
+    rope(dx, N, heads, d, row_stride, pos_offset, inv_freq, attention, -1.0f);
+}
+
+/* y [T, out] += b [out] on every row (Qwen2's q, k, v biases). */
+template <int VEC>
+__global__ void add_bias_kernel(uint16_t *y, const uint16_t *b, size_t T, size_t out) {
+    size_t groups = out / VEC, total = T * groups;
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
+        size_t row = t / groups, i0 = (t % groups) * VEC;
+        float v[VEC], w[VEC];
+        load_bf16<VEC>(y + row * out + i0, v);
+        load_bf16<VEC>(b + i0, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) v[k] += w[k];
+        store_bf16<VEC>(y + row * out + i0, v);
+    }
+}
+extern "C" void gpu_add_bias(uint16_t *y, const uint16_t *b, size_t T, size_t out) {
+    if (T == 0 || out == 0) return;
+    if (out % 8 == 0 && aligned(y, 16) && aligned(b, 16))
+        add_bias_kernel<8><<<blocks_for(T * (out / 8), 256), 256>>>(y, b, T, out);
+    else
+        add_bias_kernel<1><<<blocks_for(T * out, 256), 256>>>(y, b, T, out);
+    LAUNCH_CHECK();
 }
 
 /* ---------------------------------------------------------------------------------------

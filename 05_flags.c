@@ -27,6 +27,7 @@ typedef struct {
     int sft_pack;                   /* --pack: several SFT examples per sequence */
     /* shapes */
     int ctx;                        /* --ctx N: training sequence length (and PI target) */
+    int rope_scaling;               /* --rope-scaling linear|yarn: 02's RopeExtend (0: automatic) */
     int batch;                      /* --batch B */
     int grad_accum;                 /* --grad-accum: micro-batches per optimizer step */
     int s2;                         /* --s2 / --no-s2 */
@@ -108,6 +109,8 @@ static void train_usage(FILE *f) {
         "  --save-tokens FILE     also write the joined --data tokens as a token file (reuse it as --data)\n"
         "shapes:\n"
         "  --ctx N                sequence length N = the extended context (default: the model's)\n"
+        "  --rope-scaling KIND    how RoPE reaches --ctx: linear (position interpolation, LongLoRA's;\n"
+        "                         the default, but a yarn model keeps yarn) or yarn\n"
         "  --batch B              sequences per micro-batch (default 1)\n"
         "  --grad-accum K         micro-batches per optimizer step (default 1)\n"
         "  --s2 / --no-s2         S2-Attn (default on) or full causal attention\n"
@@ -212,6 +215,11 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
             o->template_name = v;
         }
         else if (!strcmp(a, "--ctx")) { if (parse_int_arg(a, v, 2, 1 << 24, &o->ctx)) return -1; }
+        else if (!strcmp(a, "--rope-scaling")) {
+            if (!strcmp(v, "linear")) o->rope_scaling = ROPE_EXTEND_LINEAR;
+            else if (!strcmp(v, "yarn")) o->rope_scaling = ROPE_EXTEND_YARN;
+            else return set_error("--rope-scaling must be linear or yarn, got '%s'", v);
+        }
         else if (!strcmp(a, "--batch")) { if (parse_int_arg(a, v, 1, 1 << 16, &o->batch)) return -1; }
         else if (!strcmp(a, "--grad-accum")) { if (parse_int_arg(a, v, 1, 1 << 20, &o->grad_accum)) return -1; }
         else if (!strcmp(a, "--group-ratio")) {

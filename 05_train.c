@@ -251,8 +251,9 @@ static int trainer_run(Trainer *t) {
         if (comm_active())
             printf("ranks: %d (%s), each takes every %d-th micro-batch; AdamW state sharded (ZeRO-1)\n", comm_world(),
                    g_comm.backend == COMM_NCCL ? "NCCL" : "shared file", comm_world());
-        printf("train: N=%d %s, B=%d x %d accumulation x %d ranks = %zu tokens/step, RoPE factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",
-               o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, comm_world(), tokens_per_step, c->rope_factor,
+        printf("train: N=%d %s, B=%d x %d accumulation x %d ranks = %zu tokens/step, RoPE %s factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",
+               o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, comm_world(), tokens_per_step,
+               ROPE_TYPE_NAMES[c->rope_type], c->rope_factor,
                t->data.n_seqs, o->lr, o->warmup, t->device_note ? t->device_note : "on the CPU");
         if (o->group) printf("S2-Attn: G=%d (N/G=%d groups, shift %d)\n", o->group, o->ctx / o->group, o->group / 2);
         if (t->data.stream)
@@ -381,6 +382,7 @@ static void trainer_init(Trainer *t) {
     if (o->model_dir) {
         if (model_try_load(&t->model, o->model_dir, o->ctx) != 0) die("%s", last_error());
     } else if (model_init_shape(&t->model, o->shape, o->tokenizer_path, o->ctx, o->seed) != 0) die("%s", last_error());
+    if (o->rope_scaling && config_extend(&t->model.cfg, o->ctx, (RopeExtend)o->rope_scaling) != 0) die("%s", last_error());
     const Config *c = &t->model.cfg;
     if (o->ctx == 0) o->ctx = c->max_pos;
     if (train_validate(o) != 0) die("%s", last_error());

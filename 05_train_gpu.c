@@ -19,7 +19,9 @@
  *     has the numbers).
  *   - The projections are cuBLAS products (gpu_matmul_bf16), LoRA is 04's low-rank path,
  *     attention is 04's flash attention with S2-Attn's bounds (G from --group-ratio; 0 is
- *     full causal), RoPE uses the interpolated positions of Config.rope_factor, and the loss
+ *     full causal), RoPE reads 02's frequency table for the run's RoPE type (rope_inv_freq:
+ *     linear, dynamic at N, yarn with its cos/sin scale, llama3), Qwen2's frozen q, k, v
+ *     biases are added after their products, and the loss
  *     is 04's chunked cross-entropy: the T x V logits never exist at once.
  *   - Memory is planned before anything is allocated: a context that does not fit ends
  *     with one sentence saying how much it needs and what to change.
@@ -85,6 +87,7 @@ typedef struct {
     TgParam attn_norm, mlp_norm;                      /* [D] */
     uint16_t *wq, *wk, *wv, *wo;                      /* [H*d, D], [Hk*d, D] x 2, [D, H*d] (frozen) */
     uint16_t *w_gate, *w_up, *w_down;                 /* [F, D] x 2, [D, F] (frozen) */
+    uint16_t *bias[N_PROJ];                           /* [out] q, k, v biases (Qwen2, frozen, never sharded); NULL where none */
     TgParam lora_A[N_PROJ], lora_B[N_PROJ];           /* [R, in], [out, R]; w == NULL where no adapter */
 } TgLayer;
 
@@ -103,6 +106,8 @@ typedef struct GpuTrainer {
     double weight_bytes;      /* frozen + trainable state */
     /* activations, planned for B x N (gpu_train_plan) */
     size_t B, N, T, G;
+    float *inv_freq;                  /* [d/2] RoPE's frequencies for sequences of N (02's rope_inv_freq) */
+    float rope_attention;             /* yarn's scale of cos and sin (1 otherwise) */
     int32_t *tokens, *targets;        /* [T] */
     uint16_t *saved;                  /* [L+1, T, D]: layer l's input at l, the last output at L */
     uint16_t *xn1, *x2, *xn2;         /* [T, D] norm of the input, input + attention, its norm */
@@ -320,6 +325,12 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
                 proj_shape(c, w, &in, &out);
                 TG_TENSOR(*frozen[w], proj_weight(lp, w), in * out, 0);
             }
+        for (int w = 0; w < N_PROJ; w++)
+            if (proj_bias(lp, w)) {
+                proj_shape(c, w, &in, &out);
+                gl->bias[w] = (uint16_t *)gpu_malloc(out * sizeof(uint16_t), "the model's bf16 biases");
+                tg_upload_bf16(gl->bias[w], proj_bias(lp, w), out, stage, stage_cap);
+            }
         for (int w = 0; w < N_PROJ; w++) {
             const LoraPair *p = &ad->pairs[l * LORA_NUM_TARGETS + (size_t)w];
             if (!p->A) continue;
@@ -412,6 +423,11 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
                          tg_gib((double)total_b), fits > 0 ? fits : 0);
     }
     g->B = B; g->N = N; g->T = T; g->G = G; g->act_bytes = need; g->n_keep_att = (int)n_keep;
+    float *inv_freq = (float *)xmalloc((size_t)c->head_dim / 2 * sizeof(float)); /* [d/2] */
+    g->rope_attention = rope_inv_freq(c, N, inv_freq);
+    g->inv_freq = (float *)gpu_malloc((size_t)c->head_dim / 2 * sizeof(float), "the RoPE table");
+    CUDA_CHECK(cudaMemcpy(g->inv_freq, inv_freq, (size_t)c->head_dim / 2 * sizeof(float), cudaMemcpyHostToDevice));
+    free(inv_freq);
     g->tokens = (int32_t *)gpu_malloc(T * sizeof(int32_t), "token ids");
     g->targets = (int32_t *)gpu_malloc(T * sizeof(int32_t), "target ids");
     g->saved = (uint16_t *)gpu_malloc((L + 1) * T * D * 2, "the kept layer inputs");
@@ -443,10 +459,10 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
 
 static void gpu_train_unplan(GpuTrainer *g) {
     void *bufs[] = {g->tokens, g->targets, g->saved, g->xn1, g->x2, g->xn2, g->dx, g->dtmp, g->rstd1, g->rstd2, g->rstd_final, g->q,
-                    g->att, g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws, g->att_all, g->lse_all};
+                    g->att, g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws, g->att_all, g->lse_all, g->inv_freq};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) tg_free_ptr(bufs[i]);
     g->tokens = g->targets = NULL; g->saved = g->xn1 = g->x2 = g->xn2 = g->dx = g->dtmp = NULL;
-    g->rstd1 = g->rstd2 = g->rstd_final = g->lse = g->lse_all = NULL; g->att_all = NULL; g->n_keep_att = 0; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
+    g->rstd1 = g->rstd2 = g->rstd_final = g->lse = g->lse_all = g->inv_freq = NULL; g->att_all = NULL; g->n_keep_att = 0; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
     g->T = g->B = g->N = 0;
 }
 
@@ -467,6 +483,7 @@ static void gpu_train_free(GpuTrainer *g) {
         for (int w = 0; w < N_PROJ; w++) {
             if (!g->z3) tg_free_ptr(frozen[w]); /* sharded: they point into the gather buffers */
             tg_param_free(&gl->lora_A[w]); tg_param_free(&gl->lora_B[w]);
+            tg_free_ptr(gl->bias[w]);
         }
         if (g->z3) tg_free_ptr(g->z3_mine[l]);
     }
@@ -548,6 +565,7 @@ static void tg_project(GpuTrainer *g, int l, int which, const uint16_t *W, const
     proj_shape(&g->cfg, which, &in, &out);
     gpu_matmul_bf16(0, 1, g->T, out, in, 1.0f, x, W, beta, y, 0);
     const TgLayer *gl = &g->layers[l];
+    if (gl->bias[which]) gpu_add_bias(y, gl->bias[which], g->T, out);
     if (gl->lora_A[which].w)
         gpu_lora_forward(y, tg_xa(g, which), x, gl->lora_A[which].w, gl->lora_B[which].w, g->T, in, out, g->R, g->lora_scale);
 }
@@ -569,8 +587,8 @@ static void tg_rope(GpuTrainer *g, uint16_t *x, size_t heads, int backward) {
     size_t d = (size_t)c->head_dim, stride = heads * d;
     for (size_t b = 0; b < g->B; b++) {
         uint16_t *xb = x + b * g->N * stride;
-        if (backward) gpu_rope_backward(xb, g->N, heads, d, stride, 0, c->rope_theta, c->rope_factor);
-        else gpu_rope_forward(xb, g->N, heads, d, stride, 0, c->rope_theta, c->rope_factor);
+        if (backward) gpu_rope_backward(xb, g->N, heads, d, stride, 0, g->inv_freq, g->rope_attention);
+        else gpu_rope_forward(xb, g->N, heads, d, stride, 0, g->inv_freq, g->rope_attention);
     }
 }
 

@@ -51,7 +51,9 @@ typedef struct {
     size_t n_cap;             /* positions the cache holds (the context) */
     size_t chunk;             /* rows one forward call processes (prefill goes in chunks) */
     float *k_cache, *v_cache; /* [L, n_cap, Hk*d] after RoPE (k) */
-    float *rope_cos, *rope_sin; /* [n_cap, d/2] */
+    float *inv_freq;          /* [d/2] RoPE's frequencies for the current forward (rope_inv_freq) */
+    float rope_attention;     /* and yarn's scale of cos and sin */
+    float *rope_cos, *rope_sin; /* [chunk, d/2] the tables of the rows being run */
     float *x;                 /* [chunk, D] residual stream */
     float *xn;                /* [chunk, D] normalised */
     float *rstd;              /* [chunk] */
@@ -86,10 +88,10 @@ static void cpu_engine_init(CpuEngine *e, const Config *c, size_t n_cap) {
     e->n_threads = max_threads();
     e->k_cache = (float *)xcalloc(L * n_cap * Hkd, sizeof(float));
     e->v_cache = (float *)xcalloc(L * n_cap * Hkd, sizeof(float));
-    e->rope_cos = (float *)xmalloc(n_cap * half * sizeof(float));
-    e->rope_sin = (float *)xmalloc(n_cap * half * sizeof(float));
-    rope_tables(e->rope_cos, e->rope_sin, n_cap, c->head_dim, c->rope_theta, c->rope_factor);
     size_t T = e->chunk;
+    e->rope_cos = (float *)xmalloc(T * half * sizeof(float));
+    e->rope_sin = (float *)xmalloc(T * half * sizeof(float));
+    e->inv_freq = (float *)xmalloc(half * sizeof(float));
     e->x = (float *)xmalloc(T * D * sizeof(float));
     e->xn = (float *)xmalloc(T * D * sizeof(float));
     e->rstd = (float *)xmalloc(T * sizeof(float));
@@ -103,7 +105,7 @@ static void cpu_engine_init(CpuEngine *e, const Config *c, size_t n_cap) {
 }
 
 static void cpu_engine_free(CpuEngine *e) {
-    free(e->k_cache); free(e->v_cache); free(e->rope_cos); free(e->rope_sin);
+    free(e->k_cache); free(e->v_cache); free(e->rope_cos); free(e->rope_sin); free(e->inv_freq);
     free(e->x); free(e->xn); free(e->rstd); free(e->q); free(e->att); free(e->proj);
     free(e->gate); free(e->up); free(e->h); free(e->scratch);
     if (e->act.memory) act_free(&e->act);
@@ -131,13 +133,14 @@ static void attention_cached(float *out /* [T, H*d] */, const float *q /* [T, H*
 static void cpu_forward_rows(CpuEngine *e, const Model *m, const RunOptions *o, const int32_t *tokens, size_t T, size_t pos0,
                              float *logits) {
     const Config *c = &m->cfg;
-    size_t D = (size_t)c->dim, F = (size_t)c->ffn_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim, half = (size_t)c->head_dim / 2;
+    size_t D = (size_t)c->dim, F = (size_t)c->ffn_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
     CHECK(T <= e->chunk && pos0 + T <= e->n_cap, "%zu rows at position %zu do not fit the cache", T, pos0);
     if (max_threads() > e->n_threads) die("OpenMP now runs %d threads but the engine was planned for %d", max_threads(), e->n_threads);
     for (size_t t = 0; t < T; t++) {
         if (tokens[t] < 0 || tokens[t] >= c->vocab_size) die("token id %d is outside the vocabulary of %d", tokens[t], c->vocab_size);
         memcpy(e->x + t * D, m->w.embed + (size_t)tokens[t] * D, D * sizeof(float));
     }
+    rope_tables(e->rope_cos, e->rope_sin, pos0, T, e->inv_freq, c->head_dim, e->rope_attention);
     for (int l = 0; l < c->n_layers; l++) {
         const LayerParams *lp = &m->w.layers[l];
         float *kc = e->k_cache + (size_t)l * e->n_cap * Hkd, *vc = e->v_cache + (size_t)l * e->n_cap * Hkd;
@@ -145,8 +148,8 @@ static void cpu_forward_rows(CpuEngine *e, const Model *m, const RunOptions *o, 
         project(m, o, l, PROJ_Q, e->xn, T, e->q);
         project(m, o, l, PROJ_K, e->xn, T, kc + pos0 * Hkd); /* straight into the cache */
         project(m, o, l, PROJ_V, e->xn, T, vc + pos0 * Hkd);
-        rope_apply(e->q, e->rope_cos + pos0 * half, e->rope_sin + pos0 * half, 1, T, c->n_heads, c->head_dim, 1.0f);
-        rope_apply(kc + pos0 * Hkd, e->rope_cos + pos0 * half, e->rope_sin + pos0 * half, 1, T, c->n_kv_heads, c->head_dim, 1.0f);
+        rope_apply(e->q, e->rope_cos, e->rope_sin, 1, T, c->n_heads, c->head_dim, 1.0f);
+        rope_apply(kc + pos0 * Hkd, e->rope_cos, e->rope_sin, 1, T, c->n_kv_heads, c->head_dim, 1.0f);
         attention_cached(e->att, e->q, kc, vc, T, pos0, c->n_heads, c->n_kv_heads, c->head_dim, e->scratch, e->n_cap);
         project(m, o, l, PROJ_O, e->att, T, e->proj);
         for (size_t i = 0; i < T * D; i++) e->x[i] += e->proj[i];
@@ -172,9 +175,10 @@ typedef struct {
     uint16_t *attn_norm, *mlp_norm;           /* [D] */
     uint16_t *wq, *wk, *wv, *wo;              /* [H*d, D], [Hk*d, D] x 2, [D, H*d] */
     uint16_t *w_gate, *w_up, *w_down;         /* [F, D] x 2, [D, F] */
+    uint16_t *bq, *bk, *bv;                   /* [H*d], [Hk*d] x 2 biases (Qwen2), NULL without */
 } GpuLayer;
 
-typedef struct { uint16_t *ptr; size_t numel; int is_norm; } GpuTensor;
+typedef struct { uint16_t *ptr; size_t numel; int kind; /* 0 matrix, 1 norm, 2 bias */ } GpuTensor;
 
 typedef struct {
     Config cfg;
@@ -193,6 +197,8 @@ typedef struct {
     uint16_t *gate, *up;          /* [n_cap, F] (h overwrites gate) */
     float *lse;                   /* [H, n_cap] */
     float *logits;                /* [V] */
+    float *inv_freq;              /* [d/2] RoPE's frequencies (02's rope_inv_freq; the engine sets them) */
+    float rope_attention;         /* yarn's scale of cos and sin (1 otherwise) */
     void *decode_ws;              /* attn_decode's workspace for n_cap keys */
     double weight_bytes;
     /* an adapter applied unmerged (04's LoRA path after each projection), or none */
@@ -208,7 +214,7 @@ static void gpu_engine_alloc_weights(GpuEngine *g, const Config *c) {
     size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
     g->cfg = *c;
     g->layers = (GpuLayer *)xcalloc(L, sizeof(GpuLayer));
-    g->tensors = (GpuTensor *)xcalloc(3 + 9 * L, sizeof(GpuTensor));
+    g->tensors = (GpuTensor *)xcalloc(3 + 12 * L, sizeof(GpuTensor));
     g->n_tensors = 0;
 #define GPU_TENSOR(dst, n, norm)                                                                    \
     do {                                                                                             \
@@ -222,8 +228,11 @@ static void gpu_engine_alloc_weights(GpuEngine *g, const Config *c) {
         size_t in, out;
         GPU_TENSOR(gl->attn_norm, D, 1);
         proj_shape(c, PROJ_Q, &in, &out); GPU_TENSOR(gl->wq, in * out, 0);
+        if (c->qkv_bias) GPU_TENSOR(gl->bq, out, 2);
         proj_shape(c, PROJ_K, &in, &out); GPU_TENSOR(gl->wk, in * out, 0);
+        if (c->qkv_bias) GPU_TENSOR(gl->bk, out, 2);
         proj_shape(c, PROJ_V, &in, &out); GPU_TENSOR(gl->wv, in * out, 0);
+        if (c->qkv_bias) GPU_TENSOR(gl->bv, out, 2);
         proj_shape(c, PROJ_O, &in, &out); GPU_TENSOR(gl->wo, in * out, 0);
         proj_shape(c, PROJ_GATE, &in, &out); GPU_TENSOR(gl->w_gate, in * out, 0);
         proj_shape(c, PROJ_UP, &in, &out); GPU_TENSOR(gl->w_up, in * out, 0);
@@ -247,7 +256,7 @@ static void gpu_engine_upload(GpuEngine *g, const Model *m) {
     uint16_t *host = (uint16_t *)xmalloc(biggest * sizeof(uint16_t)); /* [biggest] */
     for (size_t i = 0; i < n; i++) {
         size_t numel = g->tensors[i].numel;
-        CHECK((size_t)refs[i].shape[0] * (size_t)refs[i].shape[1] == numel && (refs[i].ndim == 1) == g->tensors[i].is_norm,
+        CHECK((size_t)refs[i].shape[0] * (size_t)refs[i].shape[1] == numel && (refs[i].ndim == 1) == (g->tensors[i].kind != 0),
               "tensor %s does not match the GPU layout", refs[i].name);
 #pragma omp parallel for
         for (size_t k = 0; k < numel; k++) host[k] = f32_to_bf16(refs[i].data[k]);
@@ -266,7 +275,7 @@ static void gpu_engine_random(GpuEngine *g, uint64_t seed, float std) {
     uint16_t *host = (uint16_t *)xmalloc(biggest * sizeof(uint16_t)); /* [biggest] */
     for (size_t i = 0; i < g->n_tensors; i++) {
         size_t numel = g->tensors[i].numel;
-        float s = g->tensors[i].is_norm ? 0.1f : std, base = g->tensors[i].is_norm ? 1.0f : 0.0f;
+        float s = g->tensors[i].kind == 1 ? 0.1f : std, base = g->tensors[i].kind == 1 ? 1.0f : 0.0f;
 #pragma omp parallel for
         for (size_t k = 0; k < numel; k++) {
             uint64_t z = seed ^ ((uint64_t)i << 40) ^ k;
@@ -313,6 +322,7 @@ static void gpu_engine_alloc_cache(GpuEngine *g, size_t n_cap) {
     g->lse = (float *)gpu_malloc((size_t)c->n_heads * n_cap * sizeof(float), "activations");
     g->logits = (float *)gpu_malloc(V * sizeof(float), "logits");
     g->decode_ws = gpu_malloc(attn_decode_workspace_bytes(1, c->n_heads, c->head_dim, (int)n_cap), "the decode workspace");
+    g->inv_freq = (float *)gpu_malloc((size_t)c->head_dim / 2 * sizeof(float), "the RoPE table");
 }
 
 /* Uploads an adapter to apply unmerged: its A and B in bf16 (after gpu_engine_alloc_cache). */
@@ -358,7 +368,7 @@ static void gpu_engine_free(GpuEngine *g) {
     if (g->xa) cudaFree(g->xa);
     free(g->lora_A);
     free(g->lora_B);
-    void *bufs[] = {g->k_cache, g->v_cache, g->tokens, g->targets, g->x, g->xn, g->proj, g->q, g->att, g->gate, g->up, g->lse, g->logits, g->decode_ws};
+    void *bufs[] = {g->k_cache, g->v_cache, g->tokens, g->targets, g->x, g->xn, g->proj, g->q, g->att, g->gate, g->up, g->lse, g->logits, g->decode_ws, g->inv_freq};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) if (bufs[i]) cudaFree(bufs[i]);
     free(g->layers);
     free(g->tensors);
@@ -385,10 +395,12 @@ static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size
         uint16_t *kc = g->k_cache + (size_t)l * g->n_cap * Hkd, *vc = g->v_cache + (size_t)l * g->n_cap * Hkd;
         gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->attn_norm, T, D, c->rms_eps);
         gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wk, 0.0f, kc + pos0 * Hkd, 0);
+        if (gl->bk) gpu_add_bias(kc + pos0 * Hkd, gl->bk, T, Hkd);
         gpu_lora(g, l, PROJ_K, g->xn, kc + pos0 * Hkd, T);
         gpu_matmul_bf16(0, 1, T, Hkd, D, 1.0f, g->xn, gl->wv, 0.0f, vc + pos0 * Hkd, 0);
+        if (gl->bv) gpu_add_bias(vc + pos0 * Hkd, gl->bv, T, Hkd);
         gpu_lora(g, l, PROJ_V, g->xn, vc + pos0 * Hkd, T);
-        gpu_rope_forward(kc + pos0 * Hkd, T, Hk, d, Hkd, pos0, c->rope_theta, c->rope_factor);
+        gpu_rope_forward(kc + pos0 * Hkd, T, Hk, d, Hkd, pos0, g->inv_freq, g->rope_attention);
         if (last_row_only && T > 1 && l == c->n_layers - 1) {
             /* from here on one row: the last, at position pos0 + T - 1, seeing all T keys */
             size_t last = T - 1;
@@ -398,8 +410,9 @@ static void gpu_forward_rows(GpuEngine *g, const int32_t *tokens, size_t T, size
             T = 1;
         }
         gpu_matmul_bf16(0, 1, T, Hd, D, 1.0f, g->xn, gl->wq, 0.0f, g->q, 0);
+        if (gl->bq) gpu_add_bias(g->q, gl->bq, T, Hd);
         gpu_lora(g, l, PROJ_Q, g->xn, g->q, T);
-        gpu_rope_forward(g->q, T, H, d, Hd, pos0, c->rope_theta, c->rope_factor);
+        gpu_rope_forward(g->q, T, H, d, Hd, pos0, g->inv_freq, g->rope_attention);
         int rc = pos0 == 0 ? attn_forward(g->q, kc, vc, g->att, g->lse, 1, (int)T, (int)H, (int)Hk, (int)d, 0)
                            : attn_decode(g->q, kc, vc, g->att, g->decode_ws, 1, (int)H, (int)Hk, (int)d, (int)g->n_cap, (int)(pos0 + 1));
         if (rc != 0) die("GPU attention: %s", last_error());
@@ -439,12 +452,45 @@ typedef struct {
     Config cfg;
     size_t n_cap;         /* context: KV cache positions */
     size_t pos;           /* positions filled */
+    size_t rope_cached;   /* the sequence length RoPE's frequencies were made for (dynamic NTK's state) */
     float *logits;        /* [V] host: the logits after the last token fed */
     CpuEngine cpu;
 #ifdef USE_CUDA
     GpuEngine gpu;
 #endif
 } Engine;
+
+/* RoPE's frequencies before a forward that reaches position seq_len - 1 (0: at start-up).
+ * Only dynamic NTK's change, by transformers' rule (dynamic_rope_update): remade for seq_len
+ * when it grows past the length they were made for, back to the plain ones when a forward
+ * stays below max_position_embeddings; keys already in the cache keep their rotation, as in
+ * transformers' generation. */
+static void engine_rope(Engine *e, size_t seq_len) {
+    const Config *c = &e->cfg;
+    size_t orig = (size_t)c->max_pos, cached = e->rope_cached ? e->rope_cached : orig;
+    int remake = e->rope_cached == 0;
+    if (c->rope_type == ROPE_DYNAMIC) {
+        if (seq_len > cached) { cached = seq_len; remake = 1; }
+        if (seq_len < orig && cached > orig) { cached = orig; remake = 1; }
+    }
+    if (!remake) return;
+    e->rope_cached = cached;
+    size_t half = (size_t)c->head_dim / 2;
+    float *inv_freq = (float *)xmalloc(half * sizeof(float)); /* [d/2] */
+    float attention = rope_inv_freq(c, cached, inv_freq);
+    if (!e->on_gpu) {
+        memcpy(e->cpu.inv_freq, inv_freq, half * sizeof(float));
+        e->cpu.rope_attention = attention;
+        e->cpu.act.rope_seq_min = cached;
+    }
+#ifdef USE_CUDA
+    else {
+        CUDA_CHECK(cudaMemcpy(e->gpu.inv_freq, inv_freq, half * sizeof(float), cudaMemcpyHostToDevice));
+        e->gpu.rope_attention = attention;
+    }
+#endif
+    free(inv_freq);
+}
 
 /* Starts an engine over a loaded model (CPU, or its bf16 copy on the GPU). */
 static void engine_init(Engine *e, Model *m, LinearHook *hook, size_t n_cap, int on_gpu) {
@@ -467,6 +513,7 @@ static void engine_init(Engine *e, Model *m, LinearHook *hook, size_t n_cap, int
 #else
     die("this build has no GPU support (built without CUDA); use --device cpu");
 #endif
+    engine_rope(e, 0);
 }
 
 static void engine_free(Engine *e) {
@@ -491,6 +538,7 @@ static void engine_prefill(Engine *e, const int32_t *tokens, size_t n) {
     if (n == 0) die("the prompt is empty");
     if (n > e->n_cap) die("the prompt has %zu tokens but the context (--ctx) is %zu", n, e->n_cap);
     e->pos = 0;
+    engine_rope(e, n);
     if (!e->on_gpu) {
         for (size_t at = 0; at < n; at += e->cpu.chunk) {
             size_t T = n - at < e->cpu.chunk ? n - at : e->cpu.chunk;
@@ -509,6 +557,7 @@ static void engine_prefill(Engine *e, const int32_t *tokens, size_t n) {
 /* Appends one token at the next position; e->logits gets its logits. */
 static void engine_decode(Engine *e, int32_t token) {
     if (e->pos >= e->n_cap) die("the KV cache is full: the context (--ctx) is %zu positions", e->n_cap);
+    engine_rope(e, e->pos + 1);
     if (!e->on_gpu) cpu_forward_rows(&e->cpu, e->model, &e->run, &token, 1, e->pos, e->logits);
 #ifdef USE_CUDA
     else {
@@ -528,12 +577,14 @@ static double engine_window_loss(Engine *e, const int32_t *tokens, size_t n) {
     for (size_t t = 0; t + 1 < n; t++) targets[t] = tokens[t + 1];
     targets[n - 1] = IGNORE_INDEX;
     double loss = 0;
+    engine_rope(e, n);
     if (!e->on_gpu) {
         if (e->cpu.act_N < n) {
             if (e->cpu.act.memory) act_free(&e->cpu.act);
             act_plan(&e->cpu.act, &e->cfg, 1, n, 0);
             e->cpu.act_N = n;
         }
+        e->cpu.act.rope_seq_min = e->rope_cached;
         loss = model_forward(e->model, &e->cpu.act, tokens, targets, 1, n, &e->run);
     }
 #ifdef USE_CUDA
@@ -944,7 +995,8 @@ static void infer_usage(FILE *f) {
             "                                    [--trials K (10)] [--seed S] [--csv F]\n"
             "  --export DIR                      merged bf16 HF folder; [--shard-size BYTES (5e9)]\n"
             "  --bench                           GPU: prefill at 32k, decode at 4k and 32k; [--bench-out F]\n"
-            "--ctx sets the context (KV cache size) and the position interpolation factor ceil(ctx / max_position_embeddings).\n"
+            "--ctx sets the context (KV cache size); past the model's, RoPE is stretched by ceil(ctx / max_position_embeddings)\n"
+            "(linearly, or by yarn for a yarn model). An adapter folder with a config.json brings the RoPE it was trained with.\n"
             "The adapter is applied unmerged (its own low-rank path after each projection) unless --merge.\n");
 }
 
@@ -1029,8 +1081,8 @@ static void bench_breakdown(GpuEngine *g, size_t T, double ms[3]) {
                 if (attn_forward(g->q, kc, vc, g->att, g->lse, 1, (int)T, (int)H, (int)Hk, (int)d, 0) != 0) die("%s", last_error());
             } else {
                 gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->attn_norm, T, D, c->rms_eps);
-                gpu_rope_forward(g->q, T, H, d, Hd, 0, c->rope_theta, c->rope_factor);
-                gpu_rope_forward(kc, T, Hk, d, Hkd, 0, c->rope_theta, c->rope_factor);
+                gpu_rope_forward(g->q, T, H, d, Hd, 0, g->inv_freq, g->rope_attention);
+                gpu_rope_forward(kc, T, Hk, d, Hkd, 0, g->inv_freq, g->rope_attention);
                 gpu_add(g->x, g->x, g->proj, T * D);
                 gpu_rmsnorm_forward(g->xn, NULL, g->x, gl->mlp_norm, T, D, c->rms_eps);
                 gpu_swiglu_forward(g->gate, g->gate, g->up, T * F);
@@ -1133,19 +1185,19 @@ static API int infer_main(int argc, char **argv) {
         config_set_target_ctx(&shape_cfg, o.ctx);
         model_init_random(&model, &shape_cfg, o.seed, 0.02f);
     }
-    size_t ctx = o.ctx > 0 ? (size_t)o.ctx : config_context(&model.cfg);
     LoraAdapter adapter;
     int have_adapter = 0;
-    if (o.adapter_dir) {
-        if (lora_load_adapter(&adapter, &model, o.adapter_dir) != 0) die("%s", last_error());
+    if (o.adapter_dir) { /* the RoPE it was trained with (its config.json), then its weights */
+        if (lora_adapter_rope(o.adapter_dir, &model.cfg, o.ctx) != 0 || lora_load_adapter(&adapter, &model, o.adapter_dir) != 0) die("%s", last_error());
         adapter.training = 0;
         have_adapter = 1;
         if (o.merge || o.export_dir) lora_merge(&adapter, &model);
     }
+    size_t ctx = o.ctx > 0 ? (size_t)o.ctx : config_context(&model.cfg);
     LinearHook *hook = have_adapter && !(o.merge || o.export_dir) ? &adapter.hook : NULL;
-    fprintf(stderr, "06_infer: %s, %d layers, D %d, V %d; context %zu (RoPE factor %g); adapter %s; %s\n",
+    fprintf(stderr, "06_infer: %s, %d layers, D %d, V %d; context %zu (RoPE %s factor %g); adapter %s; %s\n",
             o.model_dir ? o.model_dir : o.shape, model.cfg.n_layers, model.cfg.dim, model.cfg.vocab_size, ctx,
-            (double)model.cfg.rope_factor, !have_adapter ? "none" : hook ? "applied" : "merged", o.on_gpu ? "GPU (bf16)" : "CPU (fp32)");
+            ROPE_TYPE_NAMES[model.cfg.rope_type], (double)model.cfg.rope_factor, !have_adapter ? "none" : hook ? "applied" : "merged", o.on_gpu ? "GPU (bf16)" : "CPU (fp32)");
 
     if (o.export_dir) {
         if (export_merged(&model, o.model_dir, o.export_dir, (size_t)o.shard_size, DT_BF16) != 0) die("%s", last_error());

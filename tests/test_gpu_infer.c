@@ -23,6 +23,11 @@
  *     0.2 N(0,1), alpha/R = 5.33, on every projection): it amplifies bf16 rounding, so a
  *     fixed fraction of the largest logit is no bound here; on the H100 the GPU's worst
  *     step (0.124) sits beside the emulation's worst step (0.137), the same step.
+ *  6. the RoPE types and Qwen2's biases on the GPU engine: a Qwen2-shaped model (q, k, v
+ *     biases) reaching the context by yarn, and a LLaMA one with dynamic NTK (the engine
+ *     uploads new frequencies as transformers' rule changes them): logits after a prefill
+ *     and 16 decode steps within 3e-2 of the largest CPU logit (bf16 activations), and the
+ *     window loss within 5e-3 relative.
  * Without a GPU it exits 77.
  */
 #define STAGE 0
@@ -75,7 +80,10 @@ static void emu_init(Bf16Emu *e, const Model *m, const LoraAdapter *ad, size_t n
     e->v_cache = (float *)xcalloc(L * n_cap * Hkd, sizeof(float));
     e->rope_cos = (float *)xmalloc(n_cap * half * sizeof(float));
     e->rope_sin = (float *)xmalloc(n_cap * half * sizeof(float));
-    rope_tables(e->rope_cos, e->rope_sin, n_cap, c->head_dim, c->rope_theta, c->rope_factor);
+    float *inv_freq = (float *)xmalloc(half * sizeof(float)); /* [d/2] */
+    float attention = rope_inv_freq(c, n_cap, inv_freq);
+    rope_tables(e->rope_cos, e->rope_sin, 0, n_cap, inv_freq, c->head_dim, attention);
+    free(inv_freq);
     e->x = (float *)xmalloc(n_cap * D * sizeof(float));
     e->xn = (float *)xmalloc(n_cap * D * sizeof(float));
     e->proj = (float *)xmalloc(n_cap * D * sizeof(float));
@@ -256,6 +264,38 @@ static float check_logit_run(const char *what, const float *gpu_err, const float
     return rel_worst;
 }
 
+/* 6.: CPU and GPU engines on a model of config c (a prefill of 37, 16 decode steps, a window). */
+static void check_variant(const char *name, Config c) {
+    Model m;
+    model_init_random(&m, &c, 9, 0.05f);
+    for (size_t i = 0; i < m.w.count; i++) m.w.memory[i] = bf16_to_f32(f32_to_bf16(m.w.memory[i]));
+    size_t V = (size_t)c.vocab_size, n = 300;
+    Engine cpu, gpu;
+    engine_init(&cpu, &m, NULL, CTX, 0);
+    engine_init(&gpu, &m, NULL, CTX, 1);
+    int32_t *tok = (int32_t *)xmalloc(n * sizeof(int32_t));
+    Rng r;
+    rng_seed(&r, 31);
+    for (size_t i = 0; i < n; i++) tok[i] = (int32_t)rng_below(&r, V);
+    engine_prefill(&cpu, tok, 37);
+    engine_prefill(&gpu, tok, 37);
+    float worst = 0;
+    for (int s = 0; s < 17; s++) {
+        if (s > 0) { engine_decode(&cpu, tok[36 + s]); engine_decode(&gpu, tok[36 + s]); }
+        float scale, d = max_abs_diff(gpu.logits, cpu.logits, V, &scale);
+        if (d / scale > worst) worst = d / scale;
+    }
+    EXPECT(worst <= 3e-2f, "%s: GPU logits differ from the CPU engine's by %.3g of the largest logit", name, (double)worst);
+    double l_cpu = engine_window_loss(&cpu, tok, n), l_gpu = engine_window_loss(&gpu, tok, n);
+    EXPECT(fabs(l_gpu - l_cpu) <= 5e-3 * l_cpu, "%s window loss: gpu %.6f cpu %.6f", name, l_gpu, l_cpu);
+    printf("%s: largest GPU logit error %.2e of the largest logit over a prefill and 16 decodes; window loss gpu %.6f, cpu %.6f\n", name,
+           (double)worst, l_gpu, l_cpu);
+    free(tok);
+    engine_free(&cpu);
+    engine_free(&gpu);
+    model_free(&m);
+}
+
 int main(void) {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
@@ -397,6 +437,20 @@ int main(void) {
     engine_free(&cpu);
     engine_free(&gpu);
     model_free(&m);
+
+    /* 6. RoPE types and biases */
+    Config q;
+    if (config_from_shape("tiny-gpu", &q) != 0) die("%s", last_error());
+    q.arch = ARCH_QWEN2;
+    q.qkv_bias = 1;
+    if (config_extend(&q, CTX, ROPE_EXTEND_YARN) != 0) die("%s", last_error());
+    check_variant("qwen2 (q, k, v biases), yarn x3", q);
+    Config dyn;
+    if (config_from_shape("tiny-gpu", &dyn) != 0) die("%s", last_error());
+    dyn.rope_type = dyn.rope_config_type = ROPE_DYNAMIC;
+    dyn.rope_factor = dyn.rope_config_factor = 2.0f;
+    dyn.max_pos = 32; /* the prefill (37) and every decode grow past it: new frequencies each call */
+    check_variant("llama, dynamic NTK x2 over 32", dyn);
     printf("test_gpu_infer: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

@@ -301,10 +301,14 @@ static void test_rmsnorm(size_t N, size_t D, float eps, int offset /* elements o
 
 /* ---- RoPE ---------------------------------------------------------------------------- */
 
-/* The rope'd heads sit at column col0 of rows row_stride wide; every other element must stay. */
+/* The rope'd heads sit at column col0 of rows row_stride wide; every other element must stay.
+ * The kernel gets a table inv_freq = theta^(-2i/d) / scale (fp32) and a cos/sin scale
+ * `attention` (yarn's); the reference rotates in double from the same table. */
 static void test_rope(size_t N, size_t heads, size_t d, size_t row_stride, size_t col0, size_t pos_offset, float theta,
-                      float scale, int backward) {
+                      float scale, float attention, int backward) {
     size_t total = N * row_stride, half = d / 2;
+    float *table = xmalloc(half * sizeof(float));
+    for (size_t i = 0; i < half; i++) table[i] = (float)(pow((double)theta, -2.0 * (double)i / (double)d) / scale);
     uint16_t *bits = xmalloc(total * 2), *out_bits = xmalloc(total * 2);
     float *v = xmalloc(total * 4), *got = xmalloc(total * 4);
     double *want = xmalloc(total * 8), *bound = xmalloc(total * 8);
@@ -313,8 +317,7 @@ static void test_rope(size_t N, size_t heads, size_t d, size_t row_stride, size_
     double sign = backward ? -1.0 : 1.0;
     for (size_t n = 0; n < N; n++)
         for (size_t i = 0; i < half; i++) {
-            double inv_freq = pow((double)theta, -2.0 * (double)i / (double)d) / scale;
-            double angle = (double)(pos_offset + n) * inv_freq, c = cos(angle), s = sign * sin(angle);
+            double angle = (double)(pos_offset + n) * table[i], c = attention * cos(angle), s = attention * sign * sin(angle);
             /* the kernel's fp32 angle: inv_freq and the product, a few fp32 roundings */
             double angle_err = angle * 8e-7 + 1e-6;
             for (size_t h = 0; h < heads; h++) {
@@ -322,17 +325,17 @@ static void test_rope(size_t N, size_t heads, size_t d, size_t row_stride, size_
                 double a = v[i1], b = v[i2];
                 want[i1] = a * c - b * s;
                 want[i2] = b * c + a * s;
-                bound[i1] = bound[i2] = (fabs(a) + fabs(b)) * (angle_err + 1e-6);
+                bound[i1] = bound[i2] = (fabs(a) + fabs(b)) * attention * (angle_err + 1e-6);
             }
         }
-    void *X = to_dev(bits, total * 2);
-    if (backward) gpu_rope_backward((uint16_t *)X + col0, N, heads, d, row_stride, pos_offset, theta, scale);
-    else gpu_rope_forward((uint16_t *)X + col0, N, heads, d, row_stride, pos_offset, theta, scale);
+    void *X = to_dev(bits, total * 2), *TAB = to_dev(table, half * sizeof(float));
+    if (backward) gpu_rope_backward((uint16_t *)X + col0, N, heads, d, row_stride, pos_offset, (const float *)TAB, attention);
+    else gpu_rope_forward((uint16_t *)X + col0, N, heads, d, row_stride, pos_offset, (const float *)TAB, attention);
     download(out_bits, X, total * 2);
     bf16_to_f32_array(got, out_bits, total);
     char what[160];
-    snprintf(what, sizeof what, "rope %s N=%zu heads=%zu d=%zu stride=%zu col=%zu pos0=%zu theta=%g s=%g", backward ? "bwd" : "fwd", N,
-             heads, d, row_stride, col0, pos_offset, theta, scale);
+    snprintf(what, sizeof what, "rope %s N=%zu heads=%zu d=%zu stride=%zu col=%zu pos0=%zu theta=%g s=%g att=%g", backward ? "bwd" : "fwd", N,
+             heads, d, row_stride, col0, pos_offset, theta, scale, attention);
     check(what, got, want, total, 0, 4e-3, bound);
     size_t changed = 0; /* elements outside the rope'd heads must keep their exact bits */
     for (size_t n = 0; n < N; n++)
@@ -340,8 +343,8 @@ static void test_rope(size_t N, size_t heads, size_t d, size_t row_stride, size_
             if ((c < col0 || c >= col0 + heads * d) && out_bits[n * row_stride + c] != bits[n * row_stride + c]) changed++;
     snprintf(what, sizeof what, "rope %s leaves the rest of each row alone (stride=%zu col=%zu)", backward ? "bwd" : "fwd", row_stride, col0);
     check_true(what, changed == 0);
-    cudaFree(X);
-    free(bits); free(out_bits); free(v); free(got); free(want); free(bound);
+    cudaFree(X); cudaFree(TAB);
+    free(bits); free(out_bits); free(v); free(got); free(want); free(bound); free(table);
 }
 
 /* ---- SwiGLU and add ------------------------------------------------------------------ */
@@ -810,9 +813,12 @@ static int bench(const char *json_path) {
     rows[nrows++] = (BenchRow){"rmsnorm backward (dx, dw)", ms, 3.0 * ND * 2 + N * 4, 0};
     TIME_MS(ms, reps, gpu_rmsnorm_backward(z, dw, y, x, w, rstd, N, D, 1e-5f, 1));
     rows[nrows++] = (BenchRow){"rmsnorm backward (dx +=, dw)", ms, 4.0 * ND * 2 + N * 4, 0};
-    TIME_MS(ms, reps, gpu_rope_forward(y, N, H, d, H * d, 0, 10000.0f, 4.0f));
+    float rope_table[64];
+    for (int i = 0; i < 64; i++) rope_table[i] = (float)(pow(10000.0, -2.0 * i / 128.0) / 4.0);
+    float *rope_dev = to_dev(rope_table, sizeof rope_table);
+    TIME_MS(ms, reps, gpu_rope_forward(y, N, H, d, H * d, 0, rope_dev, 1.0f));
     rows[nrows++] = (BenchRow){"rope forward (q, in place)", ms, 2.0 * ND * 2, 0};
-    TIME_MS(ms, reps, gpu_rope_backward(y, N, H, d, H * d, 0, 10000.0f, 4.0f));
+    TIME_MS(ms, reps, gpu_rope_backward(y, N, H, d, H * d, 0, rope_dev, 1.0f));
     rows[nrows++] = (BenchRow){"rope backward (in place)", ms, 2.0 * ND * 2, 0};
     TIME_MS(ms, reps, gpu_add(z, x, y, ND));
     rows[nrows++] = (BenchRow){"residual add [N,D]", ms, 3.0 * ND * 2, 0};
@@ -914,11 +920,12 @@ int main(int argc, char **argv) {
     test_rmsnorm(1100, 520, 1e-5f, 0); /* more rows than blocks: the grid walks the rows */
 
     for (int bwd = 0; bwd < 2; bwd++) {
-        test_rope(37, 3, 16, 3 * 16, 0, 0, 10000.0f, 1.0f, bwd);
-        test_rope(20, 2, 128, 5 * 128, 128, 7, 10000.0f, 2.0f, bwd); /* k inside a fused [q | k | v] row */
-        test_rope(9, 4, 6, 4 * 6 + 2, 1, 3, 10000.0f, 1.0f, bwd);     /* d/2 odd, unaligned: the scalar path */
-        test_rope(50, 32, 128, 32 * 128, 0, 100000, 10000.0f, 4.0f, bwd); /* far positions, interpolated */
-        test_rope(11, 2, 64, 2 * 64, 0, 30000, 1000000.0f, 8.0f, bwd);
+        test_rope(37, 3, 16, 3 * 16, 0, 0, 10000.0f, 1.0f, 1.0f, bwd);
+        test_rope(20, 2, 128, 5 * 128, 128, 7, 10000.0f, 2.0f, 1.0f, bwd); /* k inside a fused [q | k | v] row */
+        test_rope(9, 4, 6, 4 * 6 + 2, 1, 3, 10000.0f, 1.0f, 1.0f, bwd);     /* d/2 odd, unaligned: the scalar path */
+        test_rope(50, 32, 128, 32 * 128, 0, 100000, 10000.0f, 4.0f, 1.0f, bwd); /* far positions, interpolated */
+        test_rope(11, 2, 64, 2 * 64, 0, 30000, 1000000.0f, 8.0f, 1.0f, bwd);
+        test_rope(23, 3, 64, 3 * 64, 0, 5, 10000.0f, 2.0f, 1.1386294f, bwd); /* yarn's cos/sin scale (0.1 ln 4 + 1) */
     }
 
     size_t counts[] = {1, 7, 1000, 4099, 65539};

@@ -111,28 +111,59 @@ static void rmsnorm_vs_stage(size_t T, size_t D) {
     free(y_gpu); free(dx_gpu); free(r_gpu); free(dw_gpu);
 }
 
-static void rope_vs_stage(size_t N, int nh, int d, size_t pos_offset, float theta, float factor) {
+/* 04's RoPE kernel with 02's table for config c (every RoPE type) against 02's rope_apply;
+ * and 04's bias add against adding in fp32. */
+static void rope_vs_stage(const Config *c, size_t N, int nh, size_t pos_offset, size_t seq_len) {
+    int d = c->head_dim;
     size_t n = N * (size_t)nh * (size_t)d, half = (size_t)d / 2;
     uint16_t *xb = xmalloc(n * 2);
-    float *x = xmalloc(n * 4), *ref = xmalloc(n * 4);
-    float *cos_t = xmalloc((pos_offset + N) * half * 4), *sin_t = xmalloc((pos_offset + N) * half * 4);
-    rope_tables(cos_t, sin_t, pos_offset + N, d, theta, factor);
+    float *x = xmalloc(n * 4), *ref = xmalloc(n * 4), *inv_freq = xmalloc(half * 4);
+    float *cos_t = xmalloc(N * half * 4), *sin_t = xmalloc(N * half * 4);
+    float attention = rope_inv_freq(c, seq_len, inv_freq);
+    rope_tables(cos_t, sin_t, pos_offset, N, inv_freq, d, attention);
+    void *TAB = to_dev(inv_freq, half * 4);
     rand_bf16(xb, x, n, 0, 1);
     for (int backward = 0; backward < 2; backward++) {
         memcpy(ref, x, n * 4);
-        /* the stage's tables start at position 0: rows 0..N-1 here are positions pos_offset.. */
-        rope_apply(ref, cos_t + pos_offset * half, sin_t + pos_offset * half, 1, N, nh, d, backward ? -1.0f : 1.0f);
+        rope_apply(ref, cos_t, sin_t, 1, N, nh, d, backward ? -1.0f : 1.0f);
         void *X = to_dev(xb, n * 2);
-        if (backward) gpu_rope_backward(X, N, (size_t)nh, (size_t)d, (size_t)nh * d, pos_offset, theta, factor);
-        else gpu_rope_forward(X, N, (size_t)nh, (size_t)d, (size_t)nh * d, pos_offset, theta, factor);
+        if (backward) gpu_rope_backward(X, N, (size_t)nh, (size_t)d, (size_t)nh * d, pos_offset, TAB, attention);
+        else gpu_rope_forward(X, N, (size_t)nh, (size_t)d, (size_t)nh * d, pos_offset, TAB, attention);
         float *got = download_bf16(X, n);
-        char what[96];
-        snprintf(what, sizeof what, "rope %s N=%zu d=%d pos0=%zu factor=%g", backward ? "backward" : "forward", N, d, pos_offset, factor);
+        char what[128];
+        snprintf(what, sizeof what, "rope %s %s N=%zu d=%d pos0=%zu factor=%g", ROPE_TYPE_NAMES[c->rope_type], backward ? "backward" : "forward", N, d,
+                 pos_offset, (double)c->rope_factor);
         agree(what, got, ref, n, 1.0 / 256, 1e-3);
         cudaFree(X);
         free(got);
     }
-    free(xb); free(x); free(ref); free(cos_t); free(sin_t);
+    cudaFree(TAB);
+    free(xb); free(x); free(ref); free(cos_t); free(sin_t); free(inv_freq);
+}
+static Config rope_config(RopeType type, int d, float theta, float factor, int max_pos) {
+    Config c;
+    memset(&c, 0, sizeof c);
+    c.head_dim = d; c.rope_theta = theta; c.rope_type = c.rope_config_type = type;
+    c.rope_factor = c.rope_config_factor = factor; c.max_pos = max_pos;
+    if (type == ROPE_LLAMA3) { c.rope.low_freq_factor = 1; c.rope.high_freq_factor = 4; c.rope.orig_max_pos = max_pos / 16; }
+    return c;
+}
+
+static void bias_vs_stage(size_t T, size_t out) {
+    uint16_t *yb = xmalloc(T * out * 2), *bb = xmalloc(out * 2);
+    float *y = xmalloc(T * out * 4), *b = xmalloc(out * 4);
+    rand_bf16(yb, y, T * out, 0, 1);
+    rand_bf16(bb, b, out, 0, 1);
+    for (size_t t = 0; t < T; t++)
+        for (size_t i = 0; i < out; i++) y[t * out + i] += b[i];
+    void *Y = to_dev(yb, T * out * 2), *Bd = to_dev(bb, out * 2);
+    gpu_add_bias(Y, Bd, T, out);
+    float *got = download_bf16(Y, T * out);
+    char what[64];
+    snprintf(what, sizeof what, "bias add T=%zu out=%zu", T, out);
+    agree(what, got, y, T * out, 1.0 / 256, 1e-3);
+    cudaFree(Y); cudaFree(Bd);
+    free(yb); free(bb); free(y); free(b); free(got);
 }
 
 static void swiglu_vs_stage(size_t n) {
@@ -281,8 +312,18 @@ int main(void) {
     printf("seed %llu\n", (unsigned long long)seed);
     rmsnorm_vs_stage(37, 1000);
     rmsnorm_vs_stage(5, 37);
-    rope_vs_stage(40, 4, 64, 0, 10000.0f, 1.0f);
-    rope_vs_stage(33, 3, 128, 4000, 10000.0f, 4.0f);
+    Config rc = rope_config(ROPE_LINEAR, 64, 10000.0f, 1.0f, 4096);
+    rope_vs_stage(&rc, 40, 4, 0, 40);
+    rc = rope_config(ROPE_LINEAR, 128, 10000.0f, 4.0f, 4096);
+    rope_vs_stage(&rc, 33, 3, 4000, 4033);
+    rc = rope_config(ROPE_DYNAMIC, 64, 10000.0f, 2.0f, 1024); /* NTK's base at seq_len 3000 */
+    rope_vs_stage(&rc, 37, 2, 2963, 3000);
+    rc = rope_config(ROPE_YARN, 128, 500000.0f, 8.0f, 4096); /* blended dimensions, cos/sin scaled */
+    rope_vs_stage(&rc, 29, 4, 20000, 0);
+    rc = rope_config(ROPE_LLAMA3, 128, 500000.0f, 8.0f, 131072); /* LLaMA-3.1's: original 8192 */
+    rope_vs_stage(&rc, 31, 2, 100000, 0);
+    bias_vs_stage(37, 3 * 128);
+    bias_vs_stage(5, 3 * 64 + 7); /* odd width: the scalar path */
     swiglu_vs_stage(4099);
     cross_entropy_vs_stage(70, 64, 1003, 16);
     cross_entropy_vs_stage(45, 96, 4096, 0);

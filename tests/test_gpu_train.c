@@ -27,6 +27,7 @@ typedef struct {
     double group_ratio;   /* 1: full attention */
     unsigned targets;     /* LoRA targets */
     int keep_att;         /* the planner's choice forced: this many layers keep their attention output */
+    int qwen2_yarn;       /* Qwen2's q, k, v biases, and the context reached by yarn instead of linear PI */
 } Case;
 
 static void round_bf16(float *x, size_t n) {
@@ -54,7 +55,8 @@ static void run_case(const Case *k, uint64_t seed) {
     c.dim = k->dim; c.n_layers = k->n_layers; c.n_heads = k->n_heads; c.n_kv_heads = k->n_kv_heads; c.head_dim = k->dim / k->n_heads;
     c.ffn_dim = k->ffn_dim; c.vocab_size = k->vocab_size; c.rms_eps = 1e-5f; c.rope_theta = 10000.0f; c.rope_config_factor = 1.0f;
     c.max_pos = k->max_pos; c.tie_embeddings = k->tied; c.bos_id = c.eos_id = -1;
-    config_set_target_ctx(&c, (long)k->N);
+    if (k->qwen2_yarn) { c.arch = ARCH_QWEN2; c.qkv_bias = 1; }
+    if (config_extend(&c, (long)k->N, k->qwen2_yarn ? ROPE_EXTEND_YARN : ROPE_EXTEND_AUTO) != 0) die("%s", last_error());
     Model m;
     model_init_random(&m, &c, seed, 0.05f);
     round_bf16(m.w.memory, m.w.count);
@@ -212,13 +214,15 @@ int main(void) {
     const unsigned all7 = (1u << N_PROJ) - 1;
     Case cases[] = {
         /* GQA 3:1, d=64, untied, S2 (G = 24) over 2 sequences, PI factor 2 */
-        {"gqa-s2", 192, 2, 3, 1, 328, 397, 64, 0, 2, 96, 0.25, LORA_DEFAULT_TARGETS, 0},
+        {"gqa-s2", 192, 2, 3, 1, 328, 397, 64, 0, 2, 96, 0.25, LORA_DEFAULT_TARGETS, 0, 0},
         /* d=128, tied head, full attention, LoRA on all seven projections */
-        {"tied-full-mlp", 256, 2, 2, 2, 200, 301, 128, 1, 1, 80, 1.0, all7, 2},
+        {"tied-full-mlp", 256, 2, 2, 2, 200, 301, 128, 1, 1, 80, 1.0, all7, 2, 0},
         /* 4 heads (2 shifted), d=64, S2 with G = 50, odd widths */
-        {"mha-s2", 256, 3, 4, 4, 430, 509, 256, 0, 1, 200, 0.25, LORA_DEFAULT_TARGETS, 0},
+        {"mha-s2", 256, 3, 4, 4, 430, 509, 256, 0, 1, 200, 0.25, LORA_DEFAULT_TARGETS, 0, 0},
         /* two of three layers keep their attention output, GQA, two sequences */
-        {"gqa-s2-kept", 192, 3, 3, 1, 328, 397, 64, 0, 2, 160, 0.25, LORA_DEFAULT_TARGETS, 2},
+        {"gqa-s2-kept", 192, 3, 3, 1, 328, 397, 64, 0, 2, 160, 0.25, LORA_DEFAULT_TARGETS, 2, 0},
+        /* Qwen2-shaped: q, k, v biases (frozen), tied head, yarn factor 4 over a context of 32, S2 */
+        {"qwen2-yarn-s2", 192, 2, 3, 1, 328, 397, 32, 1, 2, 128, 0.25, LORA_DEFAULT_TARGETS, 0, 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_case(&cases[i], 100 + i);
     test_does_not_fit();

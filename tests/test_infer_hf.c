@@ -8,6 +8,12 @@
  *  2. export: the folder we write from base + adapter is byte-identical (FNV-1a 64 of every
  *     file) to the one transformers loaded when the fixture was made, and 02's loader reading
  *     it gives transformers' logits for it (1e-4 relative max-norm).
+ *  3. Qwen2 + yarn (tests/fixtures/qwen2_peft, tests/ref/make_qwen2_peft_fixtures.py): the
+ *     adapter our 05_train wrote at --ctx 64 --rope-scaling yarn over a trained 32: its
+ *     config.json gives yarn factor 2; base + adapter (applied and merged) give the logits
+ *     transformers + peft computed from that folder (1e-4); saving it again writes the same
+ *     three files peft read; the bf16 export is the folder transformers loaded (same files,
+ *     its logits to 1e-4, config yarn factor 2 over max_position_embeddings 32).
  */
 #define STAGE 0
 #include "../06_infer.c"
@@ -153,6 +159,90 @@ static void check_export(const Fx *fx, const int32_t *tokens) {
     model_free(&m);
 }
 
+/* Max-norm relative distance of logits [n] from ref (f64 [n]). */
+static double rel_to(const float *logits, const FxArr *ref, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n && i < ref->numel; i++) {
+        double want = ((const double *)ref->data)[i];
+        num = fmax(num, fabs(logits[i] - want));
+        den = fmax(den, fabs(want));
+    }
+    return ref->numel == n ? num / den : INFINITY;
+}
+/* Every hash:<prefix><name> of the fixture against the file <dir>/<name>; returns how many. */
+static size_t check_hashes(const Fx *fx, const char *prefix, const char *dir) {
+    size_t n = 0;
+    for (size_t k = 0; k < fx->n; k++) {
+        const char *name = fx->a[k].name;
+        if (strncmp(name, "hash:", 5) != 0 || strncmp(name + 5, prefix, strlen(prefix)) != 0) continue;
+        name += 5 + strlen(prefix);
+        if (!*prefix && strchr(name, '/')) continue;
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        const uint32_t *hw = (const uint32_t *)fx->a[k].data;
+        uint64_t want = (uint64_t)hw[0] | ((uint64_t)hw[1] << 32);
+        EXPECT(file_exists(path) && fnv1a64_file(path) == want, "%s: %s differs from the file peft/transformers read", dir, name);
+        n++;
+    }
+    return n;
+}
+
+#define QFIX "tests/fixtures/qwen2_peft"
+static void check_qwen2_yarn(void) {
+    Fx fx;
+    if (fx_load(&fx, QFIX "/ref.bin") != 0) die("%s", last_error());
+    const FxArr *tok = fx_get(&fx, "tokens"), *peft = fx_get(&fx, "peft_logits"), *exp = fx_get(&fx, "export_logits");
+    if (!tok || !peft || !exp) die(QFIX "/ref.bin lacks tokens, peft_logits or export_logits");
+    const int32_t *tokens = (const int32_t *)tok->data;
+    size_t N = tok->numel;
+    Model m;
+    if (model_try_load(&m, QFIX "/base", 0) != 0 || lora_adapter_rope(QFIX "/adapter", &m.cfg, 0) != 0) die("%s", last_error());
+    EXPECT(m.cfg.arch == ARCH_QWEN2 && m.cfg.qkv_bias && m.cfg.rope_type == ROPE_YARN && m.cfg.rope_factor == 2.0f && config_context(&m.cfg) == 64,
+           "the adapter's config.json: arch %d bias %d rope %s factor %g context %zu (want qwen2, biases, yarn 2, 64)", m.cfg.arch, m.cfg.qkv_bias,
+           ROPE_TYPE_NAMES[m.cfg.rope_type], (double)m.cfg.rope_factor, config_context(&m.cfg));
+    LoraAdapter ad;
+    if (lora_load_adapter(&ad, &m, QFIX "/adapter") != 0) die("%s", last_error());
+    size_t V = (size_t)m.cfg.vocab_size;
+    Activations act;
+    act_plan(&act, &m.cfg, 1, N, 0);
+    RunOptions ro = {0, 0, &ad.hook};
+    model_forward(&m, &act, tokens, NULL, 1, N, &ro);
+    double e_applied = rel_to(act.logits, peft, N * V);
+    EXPECT(e_applied <= 1e-4, "qwen2 + yarn, adapter applied: logits differ from peft's by %.3g relative", e_applied);
+    char dir[] = "/tmp/test_infer_hf_qwen2_XXXXXX", out[256], cmd[512];
+    if (!mkdtemp(dir)) die("mkdtemp: %s", strerror(errno));
+    snprintf(out, sizeof out, "%s/adapter", dir);
+    EXPECT(lora_save_adapter(&ad, &m, out, QFIX "/base") == 0, "save: %s", last_error());
+    size_t n_adapter = check_hashes(&fx, "adapter/", out);
+    EXPECT(n_adapter == 3, "the fixture names %zu adapter files (want adapter_config.json, adapter_model.safetensors, config.json)", n_adapter);
+    lora_merge(&ad, &m);
+    model_forward(&m, &act, tokens, NULL, 1, N, NULL);
+    double e_merged = rel_to(act.logits, peft, N * V);
+    EXPECT(e_merged <= 1e-4, "qwen2 + yarn, adapter merged: logits differ from peft's by %.3g relative", e_merged);
+    snprintf(out, sizeof out, "%s/merged", dir);
+    EXPECT(export_merged(&m, QFIX "/base", out, 20000, DT_BF16) == 0, "export: %s", last_error());
+    size_t n_export = check_hashes(&fx, "", out);
+    EXPECT(n_export >= 4, "the fixture names %zu exported files (shards, index, config)", n_export);
+    Model back;
+    EXPECT(model_try_load(&back, out, 0) == 0, "reload: %s", last_error());
+    EXPECT(back.cfg.rope_type == ROPE_YARN && back.cfg.rope_factor == 2.0f && back.cfg.max_pos == 32 && back.cfg.qkv_bias,
+           "the export reloads as rope %s factor %g, max_position_embeddings %d, biases %d", ROPE_TYPE_NAMES[back.cfg.rope_type],
+           (double)back.cfg.rope_factor, back.cfg.max_pos, back.cfg.qkv_bias);
+    Activations a2;
+    act_plan(&a2, &back.cfg, 1, N, 0);
+    model_forward(&back, &a2, tokens, NULL, 1, N, NULL);
+    double e_export = rel_to(a2.logits, exp, N * V);
+    EXPECT(e_export <= 1e-4, "the exported Qwen2's logits differ from transformers' by %.3g relative", e_export);
+    printf("qwen2 + yarn: adapter applied %.2e, merged %.2e from peft's logits; %zu adapter files and %zu exported files as peft and "
+           "transformers read them; export %.2e from transformers' logits\n", e_applied, e_merged, n_adapter, n_export, e_export);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    EXPECT(system(cmd) == 0, "cleanup");
+    act_free(&act); act_free(&a2);
+    model_free(&back);
+    lora_free(&ad);
+    model_free(&m);
+}
+
 int main(void) {
     Fx fx;
     if (fx_load(&fx, FIX "/ref.bin") != 0) die("%s", last_error());
@@ -161,6 +251,7 @@ int main(void) {
     check_ppl(&fx, (const int32_t *)tok->data, tok->numel, 0);
     check_ppl(&fx, (const int32_t *)tok->data, tok->numel, 1);
     check_export(&fx, (const int32_t *)tok->data);
+    check_qwen2_yarn();
     printf("test_infer_hf: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

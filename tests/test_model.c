@@ -381,6 +381,12 @@ int main(void) {
     check_fixture("llama2_like");
     check_fixture("smollm2_like");
     check_fixture("rope_linear4");
+    check_fixture("rope_dynamic"); /* the RoPE types and architectures of tests/ref/make_rope_arch_fixtures.py */
+    check_fixture("rope_yarn");
+    check_fixture("rope_llama3");
+    check_fixture("mistral_like");
+    check_fixture("qwen2_tied");
+    check_fixture("qwen2_yarn");
     check_attention(2, 24, 4, 2, 20, 8, seed + 1);  /* S2: 3 groups, shift 4 */
     check_attention(1, 30, 6, 3, 16, 10, seed + 2); /* S2: 3 of 6 heads shifted by 5 */
     check_attention(2, 21, 3, 1, 8, 7, seed + 3);   /* S2: odd H (1 plain, 2 shifted), odd G, shift 3 */

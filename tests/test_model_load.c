@@ -207,8 +207,8 @@ int main(void) {
     remove_dir(keep);
 
     d = fresh_copy("rope_linear4"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"rope_type\": \"linear\"", "\"rope_type\": \"yarn\"");
-    expect_fail("unknown rope type", keep, "rope type \"yarn\"");
+    edit_text(keep, "config.json", "\"rope_type\": \"linear\"", "\"rope_type\": \"longrope\"");
+    expect_fail("unknown rope type", keep, "rope type \"longrope\"");
     remove_dir(keep);
 
     d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
