@@ -124,7 +124,7 @@ grep -q '"max_position_embeddings": 32' "$TMP/exp/config.json" && grep -q '"fact
   || bad "config.json: $(cat "$TMP/exp/config.json")"
 a=$($BIN --model "$TMP/base" --adapter tests/fixtures/infer/adapter --ctx 64 --ppl "$TMP/small.bin" --seq-len 64 --stride 32 2>/dev/null | awk '$1 == 64 {print $4}')
 b=$($BIN --model "$TMP/exp" --ppl "$TMP/small.bin" --seq-len 64 --stride 32 2>"$TMP/err" | awk '$1 == 64 {print $4}')
-grep -q "context 64 (RoPE factor 2)" "$TMP/err" && ok || bad "the export reloaded without --ctx: $(cat "$TMP/err")"
+grep -q "context 64 (RoPE linear factor 2)" "$TMP/err" && ok || bad "the export reloaded without --ctx: $(cat "$TMP/err")"
 "$PY" -c "import sys; a, b = float('$a'), float('$b'); sys.exit(0 if abs(a - b) <= 2e-2 * a else 1)" && ok \
   || bad "perplexity of the export $b, of base + adapter $a"
 
