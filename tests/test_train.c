@@ -432,9 +432,9 @@ static void test_sft(void) {
     EXPECT(dataset_load_sft(&ds, &c, path, "none", 0, 32) == 0 && ds.n_seqs == 2, "JSONL records load: %s", last_error());
     dataset_free(&ds);
     struct { const char *text, *says; } bad[] = {
-        {"[{\"instruction\": \"a\"}]", "record 0"},
-        {"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"output\": \"b\"}]", "record 1"},
-        {"[{\"instruction\": 3, \"output\": \"b\"}]", "record 0"},
+        {"[{\"instruction\": \"a\"}]", "record 1"},
+        {"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"output\": \"b\"}]", "record 2"},
+        {"[{\"instruction\": 3, \"output\": \"b\"}]", "record 1"},
         {"[{\"instruction\": \"a\", \"input\": [1], \"output\": \"b\"}]", "input"},
         {"[1]", "not an object"},
         {"[]", "no records"},
