@@ -117,7 +117,7 @@ static void check_export(const Fx *fx, const int32_t *tokens) {
     if (!mkdtemp(dir)) die("mkdtemp: %s", strerror(errno));
     char out[256], path[512];
     snprintf(out, sizeof out, "%s/merged", dir);
-    EXPECT(export_merged(&m, FIX "/base", out, 20000, DT_BF16) == 0, "export: %s", last_error());
+    EXPECT(export_merged(&m, FIX "/base", out, 20000, DT_BF16, 0) == 0, "export: %s", last_error());
     size_t n_files = 0;
     for (size_t k = 0; k < fx->n; k++) {
         if (strncmp(fx->a[k].name, "hash:", 5) != 0) continue;

@@ -758,6 +758,16 @@ static void test_hostile(void) {
         CHECK(orig[f], "%s", last_error());
     }
     make_dir(dir);
+    for (int f = 0; f < 2; f++) { /* the adapter files, unmutated: the checkpoint's checksums cover them too */
+        const char *adapter_files[2] = {"adapter_config.json", "adapter_model.safetensors"};
+        char p[1024], q[1024];
+        snprintf(p, sizeof p, "%s/%s", ckpt, adapter_files[f]);
+        snprintf(q, sizeof q, "%s/%s", dir, adapter_files[f]);
+        size_t len;
+        char *buf = read_file(p, &len);
+        CHECK(buf && write_file_atomic(q, buf, len) == 0, "%s", last_error());
+        free(buf);
+    }
     int loads = 0;
     for (int it = 0; it < 301; it++) {
         for (int f = 0; f < 2; f++) {
