@@ -337,7 +337,10 @@ static void trainer_init(Trainer *t) {
     if (o->resume_dir) {
         char dir[4096];
         if (checkpoint_find(o->resume_dir, dir, sizeof dir) != 0 || checkpoint_load(t, dir) != 0) die("%s", last_error());
-        if (t->step >= o->max_steps) die("the checkpoint %s is at step %d, already at --max-steps %d; raise --max-steps to train on", dir, t->step, o->max_steps);
+        char adapter[4400];
+        int final_missing = !file_exists(path_join(adapter, sizeof adapter, o->out_dir, "adapter_config.json"));
+        if (t->step >= o->max_steps && !(t->step == o->max_steps && final_missing)) /* a run that ended mid-save may finish it */
+            die("the checkpoint %s is at step %d, already at --max-steps %d; raise --max-steps to train on", dir, t->step, o->max_steps);
         if (comm_is_root()) printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
                (unsigned long long)t->data.epoch, t->data.pos, t->data.n_seqs);
     }
@@ -390,6 +393,11 @@ static int trainer_run(Trainer *t) {
     const TrainOptions *o = &t->opt;
     const Config *c = &t->model.cfg;
     if (make_dir(o->out_dir) != 0) die("%s", last_error());
+    if (t->step >= o->max_steps) { /* resumed from the last step's checkpoint of a run that ended before its final adapter */
+        if (comm_is_root() && lora_save_adapter(&t->lora, &t->model, o->out_dir, o->model_dir) != 0) die("%s", last_error());
+        if (!o->quiet) printf("done: the run had reached step %d; wrote its final adapter into %s\n", t->step, o->out_dir);
+        return 0;
+    }
     if (comm_is_root()) t->csv = open_csv_log(o->out_dir, t->step);
     size_t tokens_per_step = (size_t)o->batch * o->ctx * o->grad_accum * comm_world();
     if (!o->quiet) {

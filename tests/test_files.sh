@@ -29,7 +29,6 @@ trap 'rm -rf "$T"' EXIT
 export OMP_NUM_THREADS=1
 M=tests/fixtures/train/model
 D=tests/fixtures/train/data.tok
-TOK=tests/fixtures/infer/base   # a folder without a tokenizer is fine for the refusals below
 fails=0; checks=0
 ok()  { checks=$((checks+1)); echo "ok   $*"; }
 bad() { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL $*"; }
@@ -47,6 +46,11 @@ refused() {
 sum() { cksum "$@" 2>/dev/null | awk '{print $1 $2}' | tr -d '\n'; }
 TRAIN=(./05_train --model "$M" --ctx 32 --device cpu --quiet --warmup 0 --lr 1e-2)
 
+# a tiny byte-level BPE tokenizer.json (7 ids) for the text inputs
+TOK="$T/tok"
+mkdir -p "$TOK"
+printf '{"model": {"type": "BPE", "vocab": {"h": 0, "e": 1, "l": 2, "o": 3, "s": 4, "\u010a": 5, "\u0120": 6}, "merges": []}, %s}\n' \
+  '"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}, "decoder": {"type": "ByteLevel"}' >"$TOK/tokenizer.json"
 # the adapter A
 "${TRAIN[@]}" --data "$D" --max-steps 2 --out "$T/A" >"$T/a.log" 2>&1 || { echo "training the adapter failed"; cat "$T/a.log"; exit 1; }
 
@@ -75,12 +79,12 @@ refused "06 --export inside the base model's folder" "inside the input folder --
 ln -s "$T/Mc" "$T/Mlink"
 refused "06 --export onto a symlink to the base" "is the input --model" ./06_infer --model "$T/Mc" --export "$T/Mlink"
 check "the base model is unchanged" '[ "$(sum "$T"/Mc/*)" = "$before" ]'
-printf 'some text to keep\n' >"$T/t.txt"
+for _ in $(seq 12); do printf 'hello shell sees lol\n'; done >"$T/t.txt"
 before=$(sum "$T/t.txt")
 refused "01 --out onto --encode-file" "is the input --encode-file" ./01_tokenize --tokenizer "$TOK" --encode-file "$T/t.txt" --out "$T/t.txt"
 ln "$T/t.txt" "$T/t_hard.txt"
 refused "01 --out onto a hard link of --encode-file" "is the input --encode-file" ./01_tokenize --tokenizer "$TOK" --encode-file "$T/t.txt" --out "$T/t_hard.txt"
-refused "05 --save-tokens onto --data" "is the input --data" "${TRAIN[@]}" --data "$T/t.txt" --save-tokens "$T/t.txt" --out "$T/o_st"
+refused "05 --save-tokens onto --data" "is the input --data" "${TRAIN[@]}" --tokenizer "$TOK" --data "$T/t.txt" --save-tokens "$T/t.txt" --out "$T/o_st"
 check "the text is unchanged" '[ "$(sum "$T/t.txt")" = "$before" ]'
 refused "05 --out inside the model folder" "inside the input folder --model" "${TRAIN[@]}" --data "$D" --out "$M/run"
 check "nothing was created inside the model folder" '[ ! -e "$M/run" ]'
@@ -118,6 +122,7 @@ mkfifo "$T/fifo"
 refused "05 --data FIFO" "is a FIFO" "${TRAIN[@]}" --data "$T/fifo" --out "$T/o5"
 refused "05 --tokenizer FIFO" "is a FIFO" "${TRAIN[@]}" --tokenizer "$T/fifo" --data "$D" --out "$T/o6"
 refused "01 --tokenizer FIFO" "is a FIFO" ./01_tokenize --tokenizer "$T/fifo" hello
+refused "01 --encode-file FIFO" "is a FIFO" ./01_tokenize --tokenizer "$TOK" --encode-file "$T/fifo" --out "$T/f.tok"
 refused "06 --ppl FIFO" "is a FIFO" ./06_infer --model "$M" --ppl "$T/fifo"
 mkdir -p "$T/adir"
 refused "05 --data a folder" "is a directory" "${TRAIN[@]}" --data "$T/adir" --out "$T/o7"
