@@ -957,7 +957,7 @@ static API int export_merged(const Model *m, const char *base_dir, const char *o
     if (atomic_dir_begin(&d, full[0] ? full : "/", slash + 1) != 0) return -1;
     if (export_write_files(m, base_dir, d.tmp_dir, shard_bytes, dtype) != 0) {
         atomic_dir_abort(&d);
-        return error_in("the export to %s failed (%s is unchanged)", out_dir, path_for_message(out_dir, b));
+        return error_in("the export to %s failed, leaving it as it was", path_for_message(out_dir, b));
     }
     return atomic_dir_commit(&d);
 }

@@ -279,7 +279,7 @@ static void atomic_abort(AtomicFile *af) {
 static API int write_file_atomic(const char *path, const void *data, size_t len) {
     AtomicFile af;
     if (atomic_open(&af, path) != 0) return -1;
-    if (len && fwrite(data, 1, len, af.f) != len) { atomic_abort(&af); return set_error("writing %s failed", path); }
+    if (len && fwrite(data, 1, len, af.f) != len) { int e = errno; atomic_abort(&af); return set_error("writing %s failed: %s", path, strerror(e)); }
     return atomic_commit(&af);
 }
 
@@ -1180,7 +1180,7 @@ static API int st_write(const StWriter *w, const char *path) {
     for (size_t i = 0; ok && i < w->count; i++)
         if (w->entries[i].nbytes) ok = fwrite(w->entries[i].data, 1, w->entries[i].nbytes, af.f) == w->entries[i].nbytes;
     free(hdr);
-    if (!ok) { atomic_abort(&af); return set_error("writing %s failed (disk full?)", path); }
+    if (!ok) { int e = errno; atomic_abort(&af); return set_error("writing %s failed: %s", path, strerror(e)); }
     return atomic_commit(&af);
 }
 
@@ -1216,7 +1216,7 @@ static API int tokfile_write(const char *path, const int32_t *ids /* [count] */,
         if (fill + 4 > sizeof buf) { ok = fwrite(buf, 1, fill, af.f) == fill; fill = 0; }
     }
     if (ok && fill) ok = fwrite(buf, 1, fill, af.f) == fill;
-    if (!ok) { atomic_abort(&af); return set_error("writing %s failed (disk full?)", path); }
+    if (!ok) { int e = errno; atomic_abort(&af); return set_error("writing %s failed: %s", path, strerror(e)); }
     return atomic_commit(&af);
 }
 
