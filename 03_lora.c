@@ -626,10 +626,21 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
     json_free(cfg);
     if (rc != 0) return -1;
     if (lc.dropout < 0.0f || lc.dropout >= 1.0f) lc.dropout = 0.0f;
-    if (lora_init(ad, c, &lc) != 0) return -1;
-
     SafeTensors st;
-    if (st_open(&st, path_join(path, sizeof path, dir, "adapter_model.safetensors")) != 0) { lora_free(ad); return -1; }
+    if (st_open(&st, path_join(path, sizeof path, dir, "adapter_model.safetensors")) != 0) return -1;
+    /* the rank of every A and B, checked before the adapter's memory is allocated (a config
+     * whose r disagrees with its tensors says so instead of running out of memory) */
+    for (size_t i = 0; i < st.count; i++) {
+        const StTensor *t = &st.tensors[i];
+        size_t n = strlen(t->name);
+        int is_a = n > 14 && !strcmp(t->name + n - 14, ".lora_A.weight"), is_b = n > 14 && !strcmp(t->name + n - 14, ".lora_B.weight");
+        if ((is_a || is_b) && (t->ndim != 2 || t->shape[is_a ? 0 : 1] != (int64_t)lc.rank)) {
+            rc = set_error("%s: tensor '%s' does not have the rank r = %d that adapter_config.json gives", st.path, t->name, lc.rank);
+            st_close(&st);
+            return rc;
+        }
+    }
+    if (lora_init(ad, c, &lc) != 0) { st_close(&st); return -1; }
     size_t n_slots = (size_t)c->n_layers * LORA_NUM_TARGETS * 2;
     const StTensor **lora_src = (const StTensor **)xcalloc(n_slots, sizeof *lora_src); /* [L*7*2] */
     PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * c->n_layers + 2) * sizeof(PlusTensor));

@@ -250,11 +250,12 @@ typedef struct {
 
 static int atomic_open(AtomicFile *af, const char *path) {
     memset(af, 0, sizeof *af);
-    if (strlen(path) >= sizeof af->final_path) return set_error("path too long: %s", path);
+    char b[PATH_MSG_MAX + 1];
+    if (strlen(path) >= sizeof af->final_path) return set_error("path too long: %s", path_for_message(path, b));
     snprintf(af->final_path, sizeof af->final_path, "%s", path);
     snprintf(af->tmp_path, sizeof af->tmp_path, "%s.tmp.%d", path, (int)getpid());
     af->f = fopen(af->tmp_path, "wb");
-    if (!af->f) return set_error("cannot create %s: %s", af->tmp_path, strerror(errno));
+    if (!af->f) return set_error("cannot create %s: %s", path_for_message(af->tmp_path, b), strerror(errno));
     return 0;
 }
 /* Closes and renames into place; on any write error removes the temporary and keeps the old file. */
@@ -264,10 +265,12 @@ static int atomic_commit(AtomicFile *af) {
     if (!bad && fsync(fileno(af->f)) != 0) bad = errno;
     if (fclose(af->f) != 0 && !bad) bad = errno;
     af->f = NULL;
-    if (bad) { remove(af->tmp_path); return set_error("writing %s failed: %s", af->final_path, strerror(bad)); }
+    char b[PATH_MSG_MAX + 1];
+    if (bad) { remove(af->tmp_path); return set_error("writing %s failed: %s", path_for_message(af->final_path, b), strerror(bad)); }
     if (rename(af->tmp_path, af->final_path) != 0) {
+        int e = errno;
         remove(af->tmp_path);
-        return set_error("cannot rename %s to %s: %s", af->tmp_path, af->final_path, strerror(errno));
+        return set_error("cannot rename %s into place: %s", path_for_message(af->tmp_path, b), strerror(e));
     }
     return 0;
 }
@@ -448,15 +451,17 @@ typedef struct {
 
 /* Starts PARENT/NAME: removes dead runs' temporaries of NAME and creates the temporary folder. */
 static API int atomic_dir_begin(AtomicDir *d, const char *parent, const char *name) {
+    char where[4096];
+    snprintf(where, sizeof where, "%s", parent); /* parent may be one of d's own paths */
     memset(d, 0, sizeof *d);
-    snprintf(d->parent, sizeof d->parent, "%s", parent);
-    path_join(d->final_dir, sizeof d->final_dir, parent, name);
+    snprintf(d->parent, sizeof d->parent, "%s", where);
+    path_join(d->final_dir, sizeof d->final_dir, where, name);
     char leaf[400];
     snprintf(leaf, sizeof leaf, ".%s.tmp.%d", name, (int)getpid());
-    path_join(d->tmp_dir, sizeof d->tmp_dir, parent, leaf);
+    path_join(d->tmp_dir, sizeof d->tmp_dir, where, leaf);
     snprintf(leaf, sizeof leaf, ".%s.old.%d", name, (int)getpid());
-    path_join(d->old_dir, sizeof d->old_dir, parent, leaf);
-    remove_stale_temporaries(parent, name);
+    path_join(d->old_dir, sizeof d->old_dir, where, leaf);
+    remove_stale_temporaries(where, name);
     remove_flat_dir(d->tmp_dir); /* this process's own, from an earlier failed try */
     return make_dir(d->tmp_dir);
 }
