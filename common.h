@@ -455,8 +455,9 @@ static API int atomic_dir_begin(AtomicDir *d, const char *parent, const char *na
     snprintf(where, sizeof where, "%s", parent); /* parent may be one of d's own paths */
     memset(d, 0, sizeof *d);
     snprintf(d->parent, sizeof d->parent, "%s", where);
+    if (strlen(name) > 200) return set_error("the folder name %.40s... is too long", name);
     path_join(d->final_dir, sizeof d->final_dir, where, name);
-    char leaf[400];
+    char leaf[256];
     snprintf(leaf, sizeof leaf, ".%s.tmp.%d", name, (int)getpid());
     path_join(d->tmp_dir, sizeof d->tmp_dir, where, leaf);
     snprintf(leaf, sizeof leaf, ".%s.old.%d", name, (int)getpid());
