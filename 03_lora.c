@@ -635,7 +635,10 @@ static int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
         size_t n = strlen(t->name);
         int is_a = n > 14 && !strcmp(t->name + n - 14, ".lora_A.weight"), is_b = n > 14 && !strcmp(t->name + n - 14, ".lora_B.weight");
         if ((is_a || is_b) && (t->ndim != 2 || t->shape[is_a ? 0 : 1] != (int64_t)lc.rank)) {
-            rc = set_error("%s: tensor '%s' does not have the rank r = %d that adapter_config.json gives", st.path, t->name, lc.rank);
+            char shape[160] = "";
+            for (int k = 0; k < t->ndim; k++) snprintf(shape + strlen(shape), sizeof shape - strlen(shape), "%s%lld", k ? ", " : "", (long long)t->shape[k]);
+            rc = set_error("%s: tensor '%s' has shape [%s], not one of rank r = %d as adapter_config.json gives (the adapter does not fit this model)",
+                           st.path, t->name, shape, lc.rank);
             st_close(&st);
             return rc;
         }
