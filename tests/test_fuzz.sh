@@ -42,5 +42,6 @@ for src in tests/fuzz_*.c; do
     fail=1
   fi
 done
-echo "fuzz smoke: $ran targets clean${fail:+, failures: $fail}" | sed 's/, failures: 0//'
+label="smoke"; [ -n "$runs" ] && label="($runs executions each)"
+echo "fuzz $label: $ran targets clean${fail:+, failures: $fail}" | sed 's/, failures: 0//'
 exit $fail
