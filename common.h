@@ -346,6 +346,7 @@ static void resolve_path(const char *path, char *out /* [PATH_MAX + 4096] */, si
     for (;;) {
         char real[PATH_MAX];
         if (realpath(head, real)) { snprintf(out, cap, "%s%s%s", real, tail[0] && strcmp(real, "/") ? "/" : "", tail); return; }
+        if (!strcmp(head, ".") || !strcmp(head, "/")) { snprintf(out, cap, "%s", path); return; } /* no ancestor resolves */
         size_t n = strlen(head);
         while (n > 1 && head[n - 1] == '/') head[--n] = 0; /* "a/b/" -> "a/b" */
         char *slash = strrchr(head, '/');
