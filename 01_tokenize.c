@@ -1463,19 +1463,10 @@ static int tok_load_json_bytes(Tokenizer *t, const char *text, size_t len, const
     t->kind = TOK_BPE;
     t->bos_id = t->eos_id = t->unk_id = -1;
     Json *root = json_parse(text, len);
-    if (!root) {
-        char why[1024];
-        snprintf(why, sizeof why, "%s", last_error());
-        return set_error("%s: %s", name, why);
-    }
+    if (!root) return error_in("%s is not a valid tokenizer.json", name);
     int rc = tok_load_json_root(t, root, config, name);
     json_free(root);
-    if (rc != 0) {
-        char why[1024];
-        snprintf(why, sizeof why, "%s", last_error());
-        tok_free(t);
-        set_error("%s", why);
-    }
+    if (rc != 0) tok_free(t); /* the sentence in last_error() stays */
     return rc;
 }
 
@@ -1503,7 +1494,9 @@ static API int tok_load(Tokenizer *t, const char *path) {
     size_t i = 0;
     while (i < len && (data[i] == ' ' || data[i] == '\n' || data[i] == '\r' || data[i] == '\t')) i++;
     int rc;
-    if (i < len && data[i] == '{') {
+    size_t n = strlen(path);
+    int named_json = n >= 5 && !strcmp(path + n - 5, ".json"); /* a broken tokenizer.json is still JSON's to report */
+    if ((i < len && data[i] == '{') || named_json) {
         char cfg_path[4200];
         path_join(cfg_path, sizeof cfg_path, dir, "tokenizer_config.json");
         Json *config = file_exists(cfg_path) ? json_parse_file(cfg_path) : NULL;
@@ -1601,6 +1594,8 @@ int main(int argc, char **argv) {
     if ((text != NULL) + (encode_in != NULL) + (decode_in != NULL) != 1) usage();
     if (encode_in && !out_path) die("--encode-file needs --out OUT.bin");
 
+    const NamedPath inputs[] = {{"--encode-file", encode_in}, {"--tokenizer", tok_path}};
+    if (check_output_path("--out", out_path, 0, inputs, 2) != 0) die("%s", last_error());
     Tokenizer t;
     if (tok_load(&t, tok_path) != 0) die("%s", last_error());
 

@@ -204,8 +204,9 @@ static int config_int(const Json *j, const char *key, int required, int fallback
         *out = fallback;
         return 0;
     }
-    if (v->type != JSON_NUMBER || v->number != floor(v->number) || v->number < 0 || v->number > 1e9)
+    if (v->type != JSON_NUMBER || v->number != floor(v->number) || v->number < 0)
         return set_error("config.json: \"%s\" is not a non-negative integer", key);
+    if (v->number > 1e9) return set_error("config.json: \"%s\" is %.17g, larger than this program takes (at most 1e9)", key, v->number);
     *out = (int)v->number;
     return 0;
 }
@@ -521,7 +522,8 @@ typedef struct {
 } ParamRef;
 
 /* Lists every tensor of p under its HF name (lm_head only when untied); returns how many.
- * out may be NULL to count; otherwise it has room for params_list(NULL...) entries. */
+ * out may be NULL to count; otherwise it has room for params_list(NULL...) entries. p may be
+ * NULL for the names and shapes alone (data NULL): a loader checks those before allocating. */
 static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
     size_t n = 0, D = (size_t)c->dim, V = (size_t)c->vocab_size;
 #define ADD(ptr, nd, s0, s1, ...)                                                             \
@@ -535,20 +537,20 @@ static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
     } while (0)
     static const char *const hf_proj[N_PROJ] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
-    ADD(p->embed, 2, V, D, "model.embed_tokens.weight");
+    ADD(p ? p->embed : NULL, 2, V, D, "model.embed_tokens.weight");
     for (int l = 0; l < c->n_layers; l++) {
-        const LayerParams *lp = &p->layers[l];
-        ADD(lp->attn_norm, 1, D, 1, "model.layers.%d.input_layernorm.weight", l);
+        const LayerParams *lp = p ? &p->layers[l] : NULL;
+        ADD(lp ? lp->attn_norm : NULL, 1, D, 1, "model.layers.%d.input_layernorm.weight", l);
         for (int w = 0; w < N_PROJ; w++) {
             size_t in, o;
             proj_shape(c, w, &in, &o);
-            ADD(proj_weight(lp, w), 2, o, in, "model.layers.%d.%s.weight", l, hf_proj[w]);
-            if (proj_bias(lp, w)) ADD(proj_bias(lp, w), 1, o, 1, "model.layers.%d.%s.bias", l, hf_proj[w]);
+            ADD(lp ? proj_weight(lp, w) : NULL, 2, o, in, "model.layers.%d.%s.weight", l, hf_proj[w]);
+            if (c->qkv_bias && w <= PROJ_V) ADD(lp ? proj_bias(lp, w) : NULL, 1, o, 1, "model.layers.%d.%s.bias", l, hf_proj[w]);
         }
-        ADD(lp->mlp_norm, 1, D, 1, "model.layers.%d.post_attention_layernorm.weight", l);
+        ADD(lp ? lp->mlp_norm : NULL, 1, D, 1, "model.layers.%d.post_attention_layernorm.weight", l);
     }
-    ADD(p->final_norm, 1, D, 1, "model.norm.weight");
-    if (!c->tie_embeddings) ADD(p->lm_head, 2, V, D, "lm_head.weight");
+    ADD(p ? p->final_norm : NULL, 1, D, 1, "model.norm.weight");
+    if (!c->tie_embeddings) ADD(p ? p->lm_head : NULL, 2, V, D, "lm_head.weight");
 #undef ADD
     return n;
 }
@@ -589,7 +591,7 @@ static int model_try_load(Model *m, const char *dir, long target_ctx) {
     if (!cj) return -1;
     int rc = config_from_json(&m->cfg, cj, target_ctx);
     json_free(cj);
-    if (rc) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); return set_error("%s: %s", dir, why); }
+    if (rc) return error_in("%s", dir);
     const Config *c = &m->cfg;
 
     /* Which files hold the weights. */
@@ -621,12 +623,22 @@ static int model_try_load(Model *m, const char *dir, long target_ctx) {
         else n_files = 1;
     }
 
-    /* Every tensor the config needs, by name. */
+    /* Every tensor the config needs, by name and shape, checked before anything is allocated:
+     * a config that disagrees with its weights (num_hidden_layers 1e6) says so instead of
+     * running out of memory. */
+    size_t n = params_list(NULL, c, NULL), held = 0;
+    for (size_t k = 0; k < n_files; k++) held += files[k].count;
+    if (rc == 0 && n > 2 * held + 64) /* far off: say so before listing n names (a close one names the missing tensor) */
+        rc = set_error("%s: config.json describes %zu tensors (%d layers) but the weights hold %zu; the config and the weights disagree",
+                       dir, n, c->n_layers, held);
+    ParamRef *refs = NULL;
+    const StTensor **found = NULL; /* [n] the file's tensor for each of refs */
+    const char **found_in = NULL;  /* [n] the path of that tensor's file */
     if (rc == 0) {
-        params_alloc(&m->w, c);
-        size_t n = params_list(&m->w, c, NULL);
-        ParamRef *refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
-        params_list(&m->w, c, refs);
+        refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
+        found = (const StTensor **)xcalloc(n, sizeof *found);
+        found_in = (const char **)xcalloc(n, sizeof *found_in);
+        params_list(NULL, c, refs);
         for (size_t i = 0; i < n && rc == 0; i++) {
             const StTensor *t = NULL;
             const char *where = files[0].path;
@@ -637,10 +649,9 @@ static int model_try_load(Model *m, const char *dir, long target_ctx) {
                     if (strcmp(strrchr(files[k].path, '/') + 1, fname) == 0) { t = st_find(&files[k], refs[i].name); where = files[k].path; }
             } else t = st_find(&files[0], refs[i].name);
             if (!t) { rc = set_error("%s: tensor '%s' is missing", where, refs[i].name); break; }
-            if (st_check_shape(t, refs[i].ndim, refs[i].shape) != 0 || st_to_f32(t, refs[i].data) != 0) {
-                char why[1024]; snprintf(why, sizeof why, "%s", last_error());
-                rc = set_error("%s: %s", where, why);
-            }
+            if (st_check_shape(t, refs[i].ndim, refs[i].shape) != 0) rc = error_in("%s", where);
+            found[i] = t;
+            found_in[i] = where;
         }
         /* ... and nothing else (a tensor we do not know means a model we would run wrongly). */
         for (size_t k = 0; k < n_files && rc == 0; k++)
@@ -650,12 +661,21 @@ static int model_try_load(Model *m, const char *dir, long target_ctx) {
                 for (size_t i = 0; i < n && !known; i++) known = strcmp(refs[i].name, name) == 0;
                 if (!known) rc = set_error("%s: unexpected tensor '%s' (biases and other architectures are not supported)", files[k].path, name);
             }
-        free(refs);
     }
+    /* Then the weights, converted to fp32. */
+    if (rc == 0) {
+        params_alloc(&m->w, c);
+        params_list(&m->w, c, refs);
+        for (size_t i = 0; i < n && rc == 0; i++)
+            if (st_to_f32(found[i], refs[i].data) != 0) rc = error_in("%s", found_in[i]);
+        if (rc) params_free(&m->w);
+    }
+    free(refs);
+    free(found);
+    free(found_in);
     for (size_t k = 0; k < n_files; k++) st_close(&files[k]);
     free(files);
     json_free(index);
-    if (rc) params_free(&m->w);
     return rc;
 }
 

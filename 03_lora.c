@@ -493,27 +493,17 @@ static API void lora_unmerge(LoraAdapter *ad, Model *m) { lora_merge_sign(ad, m,
 
 #define PEFT_PREFIX "base_model.model."
 
-static int make_dir(const char *dir) {
-    if (mkdir(dir, 0755) == 0 || errno == EEXIST) {
-        struct stat st;
-        if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) return 0;
-        return set_error("%s exists and is not a folder", dir);
-    }
-    return set_error("cannot create the folder %s: %s", dir, strerror(errno));
-}
-
 static int write_export_config(const char *base_dir, const char *out_dir, const Config *c, DType dtype);
 
-/* Writes adapter_config.json, adapter_model.safetensors and config.json into dir (created if
- * needed). base_name goes into base_model_name_or_path (may be NULL). config.json is the
- * base's (base_name's, when it is a folder with one; else written whole from m's config) with
- * the RoPE the adapter was trained with, a longer context's scaling included, so transformers
- * rebuilds that model: AutoConfig.from_pretrained(dir), the base's weights, then peft's
- * PeftModel.from_pretrained(model, dir); 06_infer --adapter reads it back. -1 + last_error()
- * on failure. */
-static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, const char *base_name) {
-    if (make_dir(dir) != 0) return -1;
-    char path[4096];
+/* Writes adapter_config.json, adapter_model.safetensors and config.json into the folder dir
+ * (which exists). base_name goes into base_model_name_or_path (may be NULL). config.json is
+ * the base's (base_name's, when it is a folder with one; else written whole from m's config)
+ * with the RoPE the adapter was trained with, a longer context's scaling included, so
+ * transformers rebuilds that model: AutoConfig.from_pretrained(dir), the base's weights, then
+ * peft's PeftModel.from_pretrained(model, dir); 06_infer --adapter reads it back.
+ * -1 + last_error(). */
+static int lora_write_adapter_files(LoraAdapter *ad, Model *m, const char *dir, const char *base_name) {
+    char path[4400];
     AtomicFile af;
     if (atomic_open(&af, path_join(path, sizeof path, dir, "adapter_config.json")) != 0) return -1;
     FILE *f = af.f;
@@ -578,6 +568,20 @@ static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, con
     free(names);
     free(plus);
     return rc;
+}
+
+/* Saves the adapter into dir (created if needed), whole or not at all: its files are
+ * written into dir/.adapter.tmp.<pid>, then moved into dir with adapter_config.json (what
+ * marks a folder as a PEFT adapter) last. -1 + last_error() on failure (dir keeps no part
+ * of the new adapter). */
+static API int lora_save_adapter(LoraAdapter *ad, Model *m, const char *dir, const char *base_name) {
+    AtomicDir d;
+    if (make_dir(dir) != 0 || atomic_dir_begin(&d, dir, "adapter") != 0) return -1;
+    if (lora_write_adapter_files(ad, m, d.tmp_dir, base_name) != 0) {
+        atomic_dir_abort(&d);
+        return error_in("saving the adapter into %s failed", dir);
+    }
+    return atomic_dir_commit_into(&d, dir, "adapter_config.json");
 }
 
 /* The RoPE an adapter was trained with, from the config.json we write beside it (none, as in
@@ -657,10 +661,24 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
     json_free(cfg);
     if (rc != 0) return -1;
     if (lc.dropout < 0.0f || lc.dropout >= 1.0f) lc.dropout = 0.0f;
-    if (lora_init(ad, c, &lc) != 0) return -1;
-
     SafeTensors st;
-    if (st_open(&st, path_join(path, sizeof path, dir, "adapter_model.safetensors")) != 0) { lora_free(ad); return -1; }
+    if (st_open(&st, path_join(path, sizeof path, dir, "adapter_model.safetensors")) != 0) return -1;
+    /* the rank of every A and B, checked before the adapter's memory is allocated (a config
+     * whose r disagrees with its tensors says so instead of running out of memory) */
+    for (size_t i = 0; i < st.count; i++) {
+        const StTensor *t = &st.tensors[i];
+        size_t n = strlen(t->name);
+        int is_a = n > 14 && !strcmp(t->name + n - 14, ".lora_A.weight"), is_b = n > 14 && !strcmp(t->name + n - 14, ".lora_B.weight");
+        if ((is_a || is_b) && (t->ndim != 2 || t->shape[is_a ? 0 : 1] != (int64_t)lc.rank)) {
+            char shape[160] = "";
+            for (int k = 0; k < t->ndim; k++) snprintf(shape + strlen(shape), sizeof shape - strlen(shape), "%s%lld", k ? ", " : "", (long long)t->shape[k]);
+            rc = set_error("%s: tensor '%s' has shape [%s], not one of rank r = %d as adapter_config.json gives (the adapter does not fit this model)",
+                           st.path, t->name, shape, lc.rank);
+            st_close(&st);
+            return rc;
+        }
+    }
+    if (lora_init(ad, c, &lc) != 0) { st_close(&st); return -1; }
     size_t n_slots = (size_t)c->n_layers * LORA_NUM_TARGETS * 2;
     const StTensor **lora_src = (const StTensor **)xcalloc(n_slots, sizeof *lora_src); /* [L*7*2] */
     PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * c->n_layers + 2) * sizeof(PlusTensor));
@@ -679,9 +697,7 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
                 matched = 1;
                 int64_t shape[2] = {(int64_t)c->vocab_size, (int64_t)c->dim};
                 if (plus[k].is_embed ? st_check_shape(t, 2, shape) : st_check_shape(t, 1, shape + 1)) {
-                    char why[1024];
-                    snprintf(why, sizeof why, "%s", last_error());
-                    rc = set_error("%s: %s: the adapter does not fit this model", st.path, why);
+                    rc = error_in("%s (the adapter does not fit this model)", st.path);
                 }
                 plus_src[k] = t;
             }
@@ -689,9 +705,7 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
         if (strcmp(name, "lm_head.weight") == 0) { /* modules_to_save of the head */
             int64_t shape[2] = {(int64_t)c->vocab_size, (int64_t)c->dim};
             if (st_check_shape(t, 2, shape) != 0) {
-                char why[1024];
-                snprintf(why, sizeof why, "%s", last_error());
-                rc = set_error("%s: %s: the adapter does not fit this model", st.path, why);
+                rc = error_in("%s (the adapter does not fit this model)", st.path);
                 break;
             }
             head_src = t;
@@ -718,9 +732,7 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
             LoraPair *p = lora_pair(ad, layer, w);
             int64_t want[2] = {ab == 'A' ? (int64_t)R : (int64_t)p->out, ab == 'A' ? (int64_t)p->in : (int64_t)R};
             if (st_check_shape(t, 2, want) != 0) {
-                char why[1024];
-                snprintf(why, sizeof why, "%s", last_error());
-                rc = set_error("%s: %s (rank %zu, model widths in %zu, out %zu): the adapter does not fit this model", st.path, why, R, p->in, p->out);
+                rc = error_in("%s (rank %zu, model widths in %zu, out %zu: the adapter does not fit this model)", st.path, R, p->in, p->out);
                 break;
             }
             lora_src[((size_t)layer * LORA_NUM_TARGETS + (size_t)w) * 2 + (ab == 'B')] = t;
@@ -761,7 +773,7 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
     free(plus_src);
     free(plus);
     st_close(&st);
-    if (rc != 0) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); lora_free(ad); set_error("%s", why); return -1; }
+    if (rc != 0) { lora_free(ad); return -1; } /* lora_free leaves last_error() alone */
     return 0;
 }
 
@@ -927,7 +939,7 @@ static void write_rope_scaling(FILE *f, const Config *c) {
  * (max_position_embeddings, rope_theta, rope_scaling, torch_dtype: dtype, or with DT_COUNT the
  * base's own dtype keys kept). */
 static int write_export_config(const char *base_dir, const char *out_dir, const Config *c, DType dtype) {
-    char path[4096];
+    char path[4600];
     Json *j = NULL;
     if (base_dir) {
         j = json_parse_file(path_join(path, sizeof path, base_dir, "config.json"));
@@ -964,13 +976,70 @@ static int write_export_config(const char *base_dir, const char *out_dir, const 
     return atomic_commit(&af);
 }
 
+/* The files an export writes: --overwrite replaces a folder that holds only these. */
+static const char *const EXPORT_COPIES[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                            "special_tokens_map.json", "generation_config.json"};
+static int is_export_file(const char *name) {
+    int a, b, used = 0;
+    if (!strcmp(name, "config.json") || !strcmp(name, "model.safetensors") || !strcmp(name, "model.safetensors.index.json")) return 1;
+    if (sscanf(name, "model-%5d-of-%5d.safetensors%n", &a, &b, &used) == 2 && name[used] == 0) return 1;
+    for (size_t i = 0; i < sizeof EXPORT_COPIES / sizeof *EXPORT_COPIES; i++)
+        if (!strcmp(name, EXPORT_COPIES[i])) return 1;
+    return 0;
+}
+
+/* Whether out_dir may receive an export: it does not exist or is empty; or, with overwrite,
+ * it holds a previous export (only files an export writes), which the new one replaces
+ * whole. -1 + one sentence otherwise. Programs call it before loading the model, and
+ * export_merged again before writing. */
+static API int export_check_target(const char *out_dir, int overwrite) {
+    char b[PATH_MSG_MAX + 1];
+    struct stat st;
+    if (stat(out_dir, &st) != 0) return 0;
+    if (!S_ISDIR(st.st_mode)) return set_error("the export target %s exists and is not a folder", path_for_message(out_dir, b));
+    DIR *d = opendir(out_dir);
+    if (!d) return set_error("cannot open the folder %s: %s", path_for_message(out_dir, b), strerror(errno));
+    int rc = 0;
+    for (struct dirent *e; rc == 0 && (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        if (!overwrite)
+            rc = set_error("the export folder %s is not empty (it holds %s), and an export into it would mix with what is there; "
+                           "choose a new folder, or pass --overwrite to replace a previous export", path_for_message(out_dir, b), e->d_name);
+        else if (!is_export_file(e->d_name))
+            rc = set_error("the export folder %s holds %s, which an export does not write; --overwrite replaces only a previous "
+                           "export, so choose another folder", path_for_message(out_dir, b), e->d_name);
+    }
+    closedir(d);
+    return rc;
+}
+
 /* Writes m's weights (the adapter already merged in) as shards of at most shard_bytes (a
  * tensor is never split) in dtype (DT_BF16 or DT_F32), the index when there is more than
  * one, the config, and the base's tokenizer files (base_dir NULL: random weights, a
- * complete config written from m's). */
-static API int export_merged(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes, DType dtype) {
+ * complete config written from m's). The folder appears whole or not at all: it is written
+ * as a temporary folder beside it and renamed into place; a previous export there is
+ * replaced only with overwrite (export_check_target). -1 + last_error() on failure, and then
+ * out_dir is as it was. */
+static int export_write_files(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes, DType dtype);
+static API int export_merged(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes, DType dtype, int overwrite) {
     if (dtype != DT_BF16 && dtype != DT_F32) return set_error("an export is written in bf16 or fp32");
-    if (make_dir(out_dir) != 0 || write_export_config(base_dir, out_dir, &m->cfg, dtype) != 0) return -1;
+    if (export_check_target(out_dir, overwrite) != 0) return -1;
+    char full[PATH_MAX + 4096], b[PATH_MSG_MAX + 1];
+    resolve_path(out_dir, full, sizeof full);
+    char *slash = strrchr(full, '/');
+    if (!slash || !slash[1]) return set_error("%s cannot be an export folder; name a folder", out_dir);
+    *slash = 0;
+    AtomicDir d;
+    if (atomic_dir_begin(&d, full[0] ? full : "/", slash + 1) != 0) return -1;
+    if (export_write_files(m, base_dir, d.tmp_dir, shard_bytes, dtype) != 0) {
+        atomic_dir_abort(&d);
+        return error_in("the export to %s failed, leaving it as it was", path_for_message(out_dir, b));
+    }
+    return atomic_dir_commit(&d);
+}
+
+static int export_write_files(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes, DType dtype) {
+    if (write_export_config(base_dir, out_dir, &m->cfg, dtype) != 0) return -1;
     size_t n = params_list(&m->w, &m->cfg, NULL);
     ParamRef *refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
     params_list(&m->w, &m->cfg, refs);
@@ -984,7 +1053,7 @@ static API int export_merged(const Model *m, const char *base_dir, const char *o
         total += bytes;
     }
     int rc = 0;
-    char path[4096], name[64];
+    char path[4600], name[64];
     for (size_t s = 0; s < n_shards && rc == 0; s++) {
         StWriter sw = {0};
         sw.metadata_json = (char *)"{\"format\":\"pt\"}";
@@ -1019,14 +1088,12 @@ static API int export_merged(const Model *m, const char *base_dir, const char *o
             rc = atomic_commit(&af);
         }
     }
-    static const char *const copies[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                                         "special_tokens_map.json", "generation_config.json"};
-    for (size_t i = 0; rc == 0 && base_dir && i < sizeof copies / sizeof *copies; i++) {
+    for (size_t i = 0; rc == 0 && base_dir && i < sizeof EXPORT_COPIES / sizeof *EXPORT_COPIES; i++) {
         char src[4096];
-        if (!file_exists(path_join(src, sizeof src, base_dir, copies[i]))) continue;
+        if (!file_exists(path_join(src, sizeof src, base_dir, EXPORT_COPIES[i]))) continue;
         size_t len;
         char *data = read_file(src, &len);
-        if (!data || write_file_atomic(path_join(path, sizeof path, out_dir, copies[i]), data, len) != 0) rc = -1;
+        if (!data || write_file_atomic(path_join(path, sizeof path, out_dir, EXPORT_COPIES[i]), data, len) != 0) rc = -1;
         free(data);
     }
     free(shard_of);
@@ -1045,11 +1112,12 @@ static void usage(void) {
             "               [--s2-ratio R] [--rank R] [--alpha A] [--dropout P] [--targets q,k,v,o,gate,up,down]\n"
             "               [--no-train-embed] [--no-train-norms] [--lr LR] [--warmup W] [--beta1 B1] [--beta2 B2]\n"
             "               [--eps E] [--weight-decay WD] [--seed S]\n"
-            "               [--load-adapter DIR] [--save-adapter DIR] [--merge-out DIR]\n"
+            "               [--load-adapter DIR] [--save-adapter DIR] [--merge-out DIR [--overwrite]]\n"
             "  K CPU training steps of LoRA+ (default 10; 0 with --load-adapter), each on B packed\n"
             "  sequences of N tokens (default 256); prints \"step <k> loss <float>\" per step.\n"
             "  --s2 trains with S2-Attn, group N * ratio (default 1/4). --merge-out writes the base\n"
-            "  model with the adapter merged in (W += alpha/R B A) as a HF model folder.\n");
+            "  model with the adapter merged in (W += alpha/R B A) as a HF model folder (a new or empty\n"
+            "  one; --overwrite replaces a previous export).\n");
     exit(2);
 }
 
@@ -1057,7 +1125,7 @@ int main(int argc, char **argv) {
     const char *model_dir = NULL, *text_file = NULL, *token_file = NULL;
     const char *save_dir = NULL, *load_dir = NULL, *merge_dir = NULL;
     long steps = -1, ctx = 256, batch = 1;
-    int use_s2 = 0;
+    int use_s2 = 0, overwrite = 0;
     double s2_ratio = 0.25;
     LoraConfig lc = lora_default_config();
     AdamWConfig oc = adamw_default_config();
@@ -1066,6 +1134,7 @@ int main(int argc, char **argv) {
         if (!strcmp(f, "--s2")) { use_s2 = 1; continue; }
         if (!strcmp(f, "--no-train-embed")) { lc.train_embed = 0; continue; }
         if (!strcmp(f, "--no-train-norms")) { lc.train_norms = 0; continue; }
+        if (!strcmp(f, "--overwrite")) { overwrite = 1; continue; }
         if (!strcmp(f, "-h") || !strcmp(f, "--help") || i + 1 >= argc) usage();
         const char *v = argv[++i];
         if (!strcmp(f, "--model")) model_dir = v;
@@ -1098,6 +1167,11 @@ int main(int argc, char **argv) {
         die("AdamW needs 0 <= beta1, beta2 < 1, eps > 0, lr >= 0 and weight decay >= 0");
     size_t N = (size_t)ctx, B = (size_t)batch, G = 0;
     if (use_s2 && s2_group_size(N, s2_ratio, &G) != 0) die("%s", last_error());
+    /* outputs never overwrite inputs; a merged export goes to a new folder (or replaces one) */
+    const NamedPath inputs[] = {{"--model", model_dir}, {"--text-file", text_file}, {"--tokens", token_file}, {"--load-adapter", load_dir}};
+    if (check_output_path("--save-adapter", save_dir, 0, inputs, 4) != 0 || check_output_path("--merge-out", merge_dir, 1, inputs, 4) != 0 ||
+        (merge_dir && export_check_target(merge_dir, overwrite) != 0))
+        die("%s", last_error());
 
     Model model;
     model_load(&model, model_dir, ctx);
@@ -1163,7 +1237,7 @@ int main(int argc, char **argv) {
     }
     if (merge_dir) {
         lora_merge(&ad, &model);
-        if (export_merged(&model, model_dir, merge_dir, (size_t)5e9, DT_F32) != 0) die("%s", last_error());
+        if (export_merged(&model, model_dir, merge_dir, (size_t)5e9, DT_F32, overwrite) != 0) die("%s", last_error());
         fprintf(stderr, "03_lora: merged model written to %s\n", merge_dir);
     }
     lora_free(&ad);

@@ -16,23 +16,11 @@
 #define TRAIN_CHECKPOINT_C
 
 #define TRAINER_STATE_FORMAT "longlora-c trainer state"
-#define TRAINER_STATE_VERSION 1
+#define TRAINER_STATE_VERSION 2 /* 2: "checksums" of the other files; 1 (without them) still loads */
 
-/* Removes a folder of plain files (what a checkpoint holds). */
-static int remove_flat_dir(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return errno == ENOENT ? 0 : set_error("cannot open the folder %s: %s", dir, strerror(errno));
-    struct dirent *e;
-    char path[4096];
-    int rc = 0;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        if (remove(path_join(path, sizeof path, dir, e->d_name)) != 0) rc = set_error("cannot remove %s: %s", path, strerror(errno));
-    }
-    closedir(d);
-    if (rc == 0 && rmdir(dir) != 0) rc = set_error("cannot remove the folder %s: %s", dir, strerror(errno));
-    return rc;
-}
+/* The files of a checkpoint whose checksums trainer_state.json records (common.h's checksum64). */
+#define CHECKPOINT_N_SUMMED 3
+static const char *const CHECKPOINT_SUMMED[CHECKPOINT_N_SUMMED] = {"adapter_config.json", "adapter_model.safetensors", "train_state.safetensors"};
 
 static void rng_to_hex(const Rng *r, char out[4][17]) {
     for (int i = 0; i < 4; i++) snprintf(out[i], 17, "%016llx", (unsigned long long)r->s[i]);
@@ -51,7 +39,7 @@ static int rng_from_json(Rng *r, const Json *arr, const char *path, const char *
     return 0;
 }
 
-static int write_trainer_state_json(const Trainer *t, const char *path, double last_loss) {
+static int write_trainer_state_json(const Trainer *t, const char *path, double last_loss, const uint64_t *sums /* [CHECKPOINT_N_SUMMED] */) {
     AtomicFile af;
     if (atomic_open(&af, path) != 0) return -1;
     FILE *f = af.f;
@@ -68,6 +56,9 @@ static int write_trainer_state_json(const Trainer *t, const char *path, double l
     fprintf(f, "  \"dropout_rng\": [\"%s\", \"%s\", \"%s\", \"%s\"],\n", drop_rng[0], drop_rng[1], drop_rng[2], drop_rng[3]);
     /* grad_accum is the global one (ranks x --grad-accum): the files do not depend on the world size */
     fprintf(f, "  \"world_size\": %d,\n", comm_world());
+    fprintf(f, "  \"checksums\": {");
+    for (int i = 0; i < CHECKPOINT_N_SUMMED; i++) fprintf(f, "%s\"%s\": \"%016llx\"", i ? ", " : "", CHECKPOINT_SUMMED[i], (unsigned long long)sums[i]);
+    fprintf(f, "},\n");
     fprintf(f, "  \"settings\": {\"ctx\": %d, \"group\": %d, \"batch\": %d, \"grad_accum\": %d, \"lora_rank\": %d, "
                "\"lora_alpha\": %.17g, \"seed\": \"%llu\", \"lr\": %.9g, \"warmup\": %d, \"max_steps\": %d}\n}\n",
             o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank, o->lora_alpha, (unsigned long long)o->seed, o->lr, o->warmup,
@@ -75,18 +66,15 @@ static int write_trainer_state_json(const Trainer *t, const char *path, double l
     return atomic_commit(&af);
 }
 
-/* Writes OUT/checkpoint-<step>. -1 + last_error() on failure (the previous checkpoint stays). */
+/* Writes OUT/checkpoint-<step> whole or not at all (common.h's AtomicDir). -1 + last_error()
+ * on failure (the previous checkpoint stays). */
 static int checkpoint_save(Trainer *t, double last_loss) {
     const TrainOptions *o = &t->opt;
-    char final_dir[4200], tmp_dir[4200], old_dir[4200], path[4400], name[64];
-    if (make_dir(o->out_dir) != 0) return -1;
+    char path[4700], name[64];
+    AtomicDir d;
     snprintf(name, sizeof name, "checkpoint-%d", t->step);
-    path_join(final_dir, sizeof final_dir, o->out_dir, name);
-    snprintf(name, sizeof name, ".checkpoint-%d.tmp.%d", t->step, (int)getpid());
-    path_join(tmp_dir, sizeof tmp_dir, o->out_dir, name);
-    remove_flat_dir(tmp_dir);
-    if (make_dir(tmp_dir) != 0) return -1;
-    int rc = lora_save_adapter(&t->lora, &t->model, tmp_dir, o->model_dir);
+    if (make_dir(o->out_dir) != 0 || atomic_dir_begin(&d, o->out_dir, name) != 0) return -1;
+    int rc = lora_write_adapter_files(&t->lora, &t->model, d.tmp_dir, o->model_dir);
     if (rc == 0) {
         /* fp32 trainable tensors, their moments, and the epoch's data order */
         StWriter sw = {0};
@@ -106,34 +94,19 @@ static int checkpoint_save(Trainer *t, double last_loss) {
         }
         int64_t oshape[1] = {(int64_t)t->data.n_seqs};
         st_writer_add(&sw, "data.order", DT_I64, 1, oshape, order);
-        rc = st_write(&sw, path_join(path, sizeof path, tmp_dir, "train_state.safetensors"));
+        rc = st_write(&sw, path_join(path, sizeof path, d.tmp_dir, "train_state.safetensors"));
         st_writer_free(&sw);
         free(names);
         free(order);
     }
-    if (rc == 0) rc = write_trainer_state_json(t, path_join(path, sizeof path, tmp_dir, "trainer_state.json"), last_loss);
-    if (rc != 0) {
-        char why[1024];
-        snprintf(why, sizeof why, "%s", last_error());
-        remove_flat_dir(tmp_dir);
-        return set_error("saving the checkpoint of step %d failed: %s", t->step, why);
-    }
-    /* into place: an older folder of the same name is moved aside first, then removed */
-    snprintf(name, sizeof name, ".checkpoint-%d.old.%d", t->step, (int)getpid());
-    path_join(old_dir, sizeof old_dir, o->out_dir, name);
-    int had_old = file_exists(final_dir);
-    if (had_old && rename(final_dir, old_dir) != 0) {
-        remove_flat_dir(tmp_dir);
-        return set_error("cannot move the old %s aside: %s", final_dir, strerror(errno));
-    }
-    if (rename(tmp_dir, final_dir) != 0) {
-        int e = errno;
-        if (had_old) rename(old_dir, final_dir);
-        remove_flat_dir(tmp_dir);
-        return set_error("cannot rename %s to %s: %s", tmp_dir, final_dir, strerror(e));
-    }
-    if (had_old) remove_flat_dir(old_dir);
-    snprintf(t->last_checkpoint, sizeof t->last_checkpoint, "%s", final_dir);
+    /* the checksums of what is in the folder now, for the resume to verify */
+    uint64_t sums[CHECKPOINT_N_SUMMED];
+    for (int i = 0; i < CHECKPOINT_N_SUMMED && rc == 0; i++) rc = checksum_file(path_join(path, sizeof path, d.tmp_dir, CHECKPOINT_SUMMED[i]), &sums[i]);
+    if (rc == 0) rc = write_trainer_state_json(t, path_join(path, sizeof path, d.tmp_dir, "trainer_state.json"), last_loss, sums);
+    if (rc == 0) rc = atomic_dir_commit(&d);
+    else atomic_dir_abort(&d);
+    if (rc != 0) return error_in("saving the checkpoint of step %d failed", t->step);
+    snprintf(t->last_checkpoint, sizeof t->last_checkpoint, "%s", d.final_dir);
     return 0;
 }
 
@@ -212,8 +185,8 @@ static int checkpoint_load(Trainer *t, const char *dir) {
     const Json *data = json_get_type(js, "data", JSON_OBJECT), *settings = json_get_type(js, "settings", JSON_OBJECT);
     if (js->type != JSON_OBJECT || strcmp(json_get_string(js, "format", ""), TRAINER_STATE_FORMAT) != 0)
         rc = set_error("%s is not a trainer state of this program", path);
-    else if (json_get_number(js, "version", -1) != TRAINER_STATE_VERSION)
-        rc = set_error("%s has version %g; this program reads version %d", path, json_get_number(js, "version", -1), TRAINER_STATE_VERSION);
+    else if (json_get_number(js, "version", -1) != TRAINER_STATE_VERSION && json_get_number(js, "version", -1) != 1)
+        rc = set_error("%s has version %g; this program reads versions 1 and %d", path, json_get_number(js, "version", -1), TRAINER_STATE_VERSION);
     else if (!data || !settings) rc = set_error("%s lacks \"data\" or \"settings\"", path);
     else if (json_int_field(js, "step", 0, INT32_MAX, &step, path) || json_int_field(js, "adamw_steps", 0, 9e15, &adam_steps, path) ||
              json_int_field(data, "epoch", 0, 9e15, &epoch, path) || json_int_field(data, "position", 0, 9e15, &position, path) ||
@@ -242,6 +215,17 @@ static int checkpoint_load(Trainer *t, const char *dir) {
     if (rc == 0 && (rng_from_json(&data_rng, json_get(js, "data_rng"), path, "data_rng") ||
                     rng_from_json(&drop_rng, json_get(js, "dropout_rng"), path, "dropout_rng")))
         rc = -1;
+    /* version 2 records the checksum of each other file; they are verified below, after the
+     * structure (so a damaged file still meets the validating readers first) */
+    uint64_t sums[CHECKPOINT_N_SUMMED];
+    int have_sums = rc == 0 && json_get_number(js, "version", -1) >= 2;
+    const Json *sj = json_get_type(js, "checksums", JSON_OBJECT);
+    for (int i = 0; i < CHECKPOINT_N_SUMMED && have_sums && rc == 0; i++) {
+        const char *hex = json_get_string(sj, CHECKPOINT_SUMMED[i], NULL);
+        char *end = NULL;
+        if (hex && strlen(hex) == 16) sums[i] = (uint64_t)strtoull(hex, &end, 16);
+        if (!hex || strlen(hex) != 16 || *end) rc = set_error("%s: \"checksums\" lacks a 16-digit hex checksum of %s", path, CHECKPOINT_SUMMED[i]);
+    }
     json_free(js);
     if (rc != 0) return -1;
 
@@ -260,7 +244,7 @@ static int checkpoint_load(Trainer *t, const char *dir) {
             int64_t shape[1] = {(int64_t)p->numel};
             if (!x) rc = set_error("%s: tensor '%s' is missing (was the checkpoint made with other LoRA settings?)", st.path, name);
             else if (x->dtype != DT_F32) rc = set_error("%s: tensor '%s' is %s, not F32", st.path, name, DTYPE_NAMES[x->dtype]);
-            else if (st_check_shape(x, 1, shape) != 0) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); rc = set_error("%s: %s", st.path, why); }
+            else if (st_check_shape(x, 1, shape) != 0) rc = error_in("%s", st.path);
             src[3 * k + (size_t)j] = x;
         }
     }
@@ -280,6 +264,24 @@ static int checkpoint_load(Trainer *t, const char *dir) {
             else { seen[v] = 1; new_order[i] = (uint32_t)v; }
         }
         free(seen);
+    }
+    for (int i = 0; i < CHECKPOINT_N_SUMMED && have_sums && rc == 0; i++) {
+        uint64_t got;
+        if (checksum_file(path_join(path, sizeof path, dir, CHECKPOINT_SUMMED[i]), &got) != 0) rc = -1;
+        else if (got != sums[i])
+            rc = set_error("the checkpoint %s is damaged: %s does not match the checksum its trainer_state.json records "
+                           "(the file changed after it was saved); resume from another checkpoint", dir, CHECKPOINT_SUMMED[i]);
+    }
+    /* a saved state is always finite (a run stops before a non-finite step), moments v >= 0 */
+    for (size_t k = 0; k < 3 * n && rc == 0; k++) {
+        const float *x = (const float *)(const void *)src[k]->data;
+        for (size_t i = 0; i < src[k]->numel && rc == 0; i++) {
+            float v;
+            memcpy(&v, x + i, sizeof v);
+            if (!isfinite(v) || (k % 3 == 2 && v < 0))
+                rc = set_error("the checkpoint %s is damaged: tensor '%s' holds %s value %g; resume from another checkpoint", dir,
+                               src[k]->name, isfinite(v) ? "a negative second-moment" : "a non-finite", (double)v);
+        }
     }
     if (rc == 0) {
         for (size_t k = 0; k < n; k++) {
@@ -301,6 +303,120 @@ static int checkpoint_load(Trainer *t, const char *dir) {
     free(src);
     st_close(&st);
     return rc;
+}
+
+/* ---- the --out folder: one run at a time, and only its own run ------------------------
+ * OUT/.lock is held (flock) while a run lives, so a second run into OUT is refused; the
+ * kernel lets go when the process ends, however it ends. OUT/run.json records the run's
+ * identity (model, data, recipe): a run into an OUT that holds another run's output is
+ * refused unless it resumes (--resume) or starts over (--overwrite, which removes the
+ * checkpoints, adapter and log a run leaves there, and nothing else). Temporaries of runs
+ * that died mid-save are removed when the next run takes the lock. Rank 0 does all this. */
+
+#define RUN_FILE "run.json"
+#define RUN_FORMAT "longlora-c run"
+
+/* Takes OUT's lock or says which run holds it; then removes dead runs' temporaries. */
+static int out_lock(Trainer *t) {
+    const TrainOptions *o = &t->opt;
+    char path[4400], b[PATH_MSG_MAX + 1];
+    if (make_dir(o->out_dir) != 0) return -1;
+    int fd = open(path_join(path, sizeof path, o->out_dir, ".lock"), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return set_error("cannot create %s: %s", path_for_message(path, b), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        char pid[32] = "";
+        ssize_t n = read(fd, pid, sizeof pid - 1);
+        pid[n > 0 ? n : 0] = 0;
+        pid[strcspn(pid, "\n")] = 0;
+        close(fd);
+        return set_error("another run (pid %s) is writing into --out %s; wait for it to end, or choose another --out", pid[0] ? pid : "?",
+                         path_for_message(o->out_dir, b));
+    }
+    if (ftruncate(fd, 0) == 0) { char pid[32]; int n = snprintf(pid, sizeof pid, "%d\n", (int)getpid()); if (write(fd, pid, (size_t)n) != n) {} }
+    t->out_lock_fd = fd;
+    int removed = remove_stale_temporaries(o->out_dir, NULL);
+    if (removed) printf("removed %d temporary file(s) or folder(s) that runs which ended mid-save left in %s\n", removed, o->out_dir);
+    return 0;
+}
+
+/* What makes this run this run: the model, the data, the recipe (what shapes the trajectory;
+ * not --max-steps, which a resume may raise). */
+static void run_identity(const Trainer *t, char *model /* [8192] */, char *data /* [256] */, char *recipe /* [8704] */) {
+    const TrainOptions *o = &t->opt;
+    char res[PATH_MAX + 4096];
+    if (o->model_dir) { resolve_path(o->model_dir, res, sizeof res); snprintf(model, 8192, "%s", res); }
+    else snprintf(model, 8192, "random %s, seed %llu", o->shape, (unsigned long long)o->seed);
+    snprintf(data, 256, "%s, %zu sequences of %d, fingerprint %016llx", t->data.stream ? "packed text" : "SFT", t->data.n_seqs, o->ctx,
+             (unsigned long long)t->data.fingerprint);
+    if (o->adapter_dir) resolve_path(o->adapter_dir, res, sizeof res);
+    snprintf(recipe, 8704, "ctx %d, group %d, batch %d x %d accumulation, LoRA r %d alpha %g%s%s, lr %g, betas %g,%g, eps %g, weight decay %g, "
+             "warmup %d, clip %g, seed %llu", o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank, o->lora_alpha,
+             o->adapter_dir ? " from " : "", o->adapter_dir ? res : "", o->lr, o->beta1, o->beta2, o->eps, o->weight_decay, o->warmup,
+             o->clip, (unsigned long long)o->seed);
+}
+
+/* 1 for what a run leaves in OUT: checkpoint-<step>, the adapter, the log, run.json. */
+static int is_run_output(const char *name) {
+    long s;
+    int used = 0;
+    if (sscanf(name, "checkpoint-%ld%n", &s, &used) == 1 && name[used] == 0) return 1;
+    return !strcmp(name, "adapter_config.json") || !strcmp(name, "adapter_model.safetensors") || !strcmp(name, "train_log.csv") ||
+           !strcmp(name, RUN_FILE);
+}
+
+/* Checks that this run may write into OUT (see above), clears it with --overwrite, and
+ * records this run's identity in OUT/run.json. */
+static int out_claim(Trainer *t) {
+    const TrainOptions *o = &t->opt;
+    char path[4400], b[PATH_MSG_MAX + 1], first[256] = "", model[8192], data[256], recipe[8704];
+    run_identity(t, model, data, recipe);
+    DIR *d = opendir(o->out_dir);
+    if (!d) return set_error("cannot open the folder %s: %s", path_for_message(o->out_dir, b), strerror(errno));
+    int has_checkpoint = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!is_run_output(e->d_name)) continue;
+        has_checkpoint |= !strncmp(e->d_name, "checkpoint-", 11) || !strcmp(e->d_name, "adapter_config.json");
+        if (!first[0] || strcmp(e->d_name, RUN_FILE) != 0) snprintf(first, sizeof first, "%s", e->d_name);
+        if (o->overwrite) {
+            path_join(path, sizeof path, o->out_dir, e->d_name);
+            struct stat st;
+            if (lstat(path, &st) == 0 && (S_ISDIR(st.st_mode) ? remove_flat_dir(path) : unlink(path)) != 0) {
+                closedir(d);
+                return set_error("--overwrite: cannot remove %s: %s", path_for_message(path, b), errno ? strerror(errno) : last_error());
+            }
+        }
+    }
+    closedir(d);
+    if (!o->overwrite && !o->resume_dir && first[0]) {
+        const char *how = "continue it with --resume %s, start over with --overwrite, or choose another --out";
+        char advice[600];
+        snprintf(advice, sizeof advice, how, path_for_message(o->out_dir, b));
+        Json *j = file_exists(path_join(path, sizeof path, o->out_dir, RUN_FILE)) ? json_parse_file(path) : NULL;
+        if (j) {
+            const char *keys[3] = {"model", "data", "recipe"}, *now[3] = {model, data, recipe};
+            int differs = -1;
+            for (int i = 0; i < 3 && differs < 0; i++)
+                if (strcmp(json_get_string(j, keys[i], ""), now[i]) != 0) differs = i;
+            int rc = 0;
+            if (differs >= 0)
+                rc = set_error("--out %s holds another run (its %s: %s; this run's: %s); %s", path_for_message(o->out_dir, b), keys[differs],
+                               json_get_string(j, keys[differs], "?"), now[differs], advice);
+            else if (has_checkpoint)
+                rc = set_error("--out %s already holds this run's output (%s); %s", path_for_message(o->out_dir, b), first, advice);
+            json_free(j);
+            if (rc) return rc;
+        } else return set_error("--out %s holds a run's output (%s); %s", path_for_message(o->out_dir, b), first, advice);
+    }
+    AtomicFile af;
+    if (atomic_open(&af, path_join(path, sizeof path, o->out_dir, RUN_FILE)) != 0) return -1;
+    fprintf(af.f, "{\n  \"format\": \"%s\",\n  \"version\": 1,\n  \"model\": ", RUN_FORMAT);
+    json_write_string(af.f, model);
+    fprintf(af.f, ",\n  \"data\": ");
+    json_write_string(af.f, data);
+    fprintf(af.f, ",\n  \"recipe\": ");
+    json_write_string(af.f, recipe);
+    fprintf(af.f, "\n}\n");
+    return atomic_commit(&af);
 }
 
 #endif /* TRAIN_CHECKPOINT_C */

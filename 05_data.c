@@ -130,7 +130,7 @@ static int append_document(TokBuf *stream, const TextCodec *c, const char *text,
     if (!c->text_encode) return set_error("%s is text, but there is no tokenizer (give --tokenizer, or token files)", path);
     size_t n = 0;
     int32_t *ids = c->text_encode(c->tok, text, len, c->bos_id >= 0, &n);
-    if (!ids) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); return set_error("%s: %s", path, why); }
+    if (!ids) return error_in("%s", path);
     int rc = check_ids(ids, n, c->vocab_size, path);
     if (rc == 0) {
         tokbuf_push(stream, ids, n);
@@ -174,7 +174,7 @@ static int load_data_file(TokBuf *stream, const TextCodec *c, const char *path) 
             for (size_t k = 0; k < line_len; k++) if (!strchr(" \t\r", p[k])) blank = 0;
             if (!blank) {
                 Json *j = json_parse(p, line_len);
-                if (!j) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); rc = set_error("%s line %zu: %s", path, line_no, why); break; }
+                if (!j) { rc = error_in("%s line %zu", path, line_no); break; }
                 const Json *text = json_get_type(j, "text", JSON_STRING);
                 if (!text) rc = set_error("%s line %zu has no \"text\" string", path, line_no);
                 else rc = append_document(stream, c, text->string, text->len, path);
@@ -221,6 +221,7 @@ typedef struct {
     size_t n_prompt;            /* ids[0..n_prompt) are the prompt */
 } SftExample;
 
+/* index: the record's number, counted from 1 (as line numbers are). */
 static int sft_example_from_record(SftExample *ex, const TextCodec *c, const char *template_name, const Json *rec,
                                    const char *path, size_t index) {
     if (rec->type != JSON_OBJECT) return set_error("%s: record %zu is not an object", path, index);
@@ -283,7 +284,7 @@ static int dataset_load_sft(Dataset *ds, const TextCodec *c, const char *path, c
     size_t n_rec = 0;
     if (p0 < len && raw[p0] == '[') {
         whole = json_parse(raw, len);
-        if (!whole) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); free(raw); return set_error("%s: %s", path, why); }
+        if (!whole) { free(raw); return error_in("%s", path); }
         n_rec = whole->count;
     } else {
         size_t line_no = 0;
@@ -296,10 +297,9 @@ static int dataset_load_sft(Dataset *ds, const TextCodec *c, const char *path, c
             if (!blank) {
                 Json *j = json_parse(p, (size_t)(line_end - p));
                 if (!j) {
-                    char why[1024]; snprintf(why, sizeof why, "%s", last_error());
                     for (size_t i = 0; i < n_rec; i++) json_free(lines[i]);
                     free(lines); free(raw);
-                    return set_error("%s line %zu: %s (expected a JSON array of records or one record per line)", path, line_no, why);
+                    return error_in("%s line %zu (expected a JSON array of records or one record per line)", path, line_no);
                 }
                 lines = (Json **)xrealloc(lines, (n_rec + 1) * sizeof(Json *));
                 lines[n_rec++] = j;
@@ -312,7 +312,7 @@ static int dataset_load_sft(Dataset *ds, const TextCodec *c, const char *path, c
     if (n_rec == 0) rc = set_error("%s holds no records", path);
     SftExample *ex = (SftExample *)xcalloc(n_rec ? n_rec : 1, sizeof(SftExample)); /* [n_rec] */
     for (size_t i = 0; i < n_rec && rc == 0; i++)
-        rc = sft_example_from_record(&ex[i], c, template_name, whole ? &whole->items[i] : lines[i], path, i);
+        rc = sft_example_from_record(&ex[i], c, template_name, whole ? &whole->items[i] : lines[i], path, i + 1); /* 1-based, as lines */
     json_free(whole);
     for (size_t i = 0; i < n_rec && lines; i++) json_free(lines[i]);
     free(lines);

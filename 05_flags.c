@@ -48,6 +48,7 @@ typedef struct {
     /* output */
     const char *out_dir;            /* --out DIR */
     const char *resume_dir;         /* --resume DIR: a checkpoint folder, or an --out folder */
+    int overwrite;                  /* --overwrite: clear what an earlier run left in --out first */
     int save_every;                 /* --save-every K (0: only at the end) */
     int save_total_limit;           /* --save-total-limit K: keep the newest K checkpoints (0: all) */
     int log_every;                  /* --log-every K: progress lines */
@@ -131,6 +132,8 @@ static void train_usage(FILE *f) {
         "  --save-every K         checkpoint every K steps (default 0: at the end only)\n"
         "  --save-total-limit K   keep only the newest K checkpoints (default 0: keep all)\n"
         "  --resume DIR           continue from a checkpoint folder (or the newest in an --out folder)\n"
+        "  --overwrite            start over in an --out folder that holds another run (its checkpoints,\n"
+        "                         adapter and log are removed first); without it, or --resume, that is refused\n"
         "  --log-every K          a progress line every K steps (default 1)\n"
         "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
         "  --quiet                no progress lines\n"
@@ -180,6 +183,7 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
         if (!strcmp(a, "--pack")) { o->sft_pack = 1; continue; }
         if (!strcmp(a, "--quiet")) { o->quiet = 1; continue; }
         if (!strcmp(a, "--shard-weights")) { o->shard_weights = 1; continue; }
+        if (!strcmp(a, "--overwrite") || !strcmp(a, "--overwrite-output-dir")) { o->overwrite = 1; continue; }
         if (strncmp(a, "--", 2) != 0) return set_error("unexpected argument '%s' (flags start with --; see --help)", a);
         if (i + 1 >= argc) return set_error("%s needs a value", a);
         const char *v = argv[++i];

@@ -68,7 +68,7 @@ typedef struct {
     int32_t *inputs;            /* [B, N] */
     int32_t *targets;           /* [B, N] */
     int step;                   /* optimizer steps completed */
-    char last_checkpoint[4200]; /* "" until one is written */
+    char last_checkpoint[4400]; /* "" until one is written */
     /* progress */
     double flops_per_token;     /* model FLOPs: 6 * params + attention, per trained token */
     size_t n_params, n_trainable;
@@ -76,6 +76,7 @@ typedef struct {
     struct GpuTrainer *gpu;     /* the GPU step's state (05_train_gpu.c), or NULL: the step runs on the CPU */
     const char *device_note;    /* where the step runs and why, for the startup line */
     float *dist_flat;           /* [P + 1] several ranks: the flat gradients (+ the loss sum) they add up */
+    int out_lock_fd;            /* OUT/.lock, held while the run lives (rank 0; 0: none) */
 } Trainer;
 
 /* =======================================================================================
@@ -236,6 +237,11 @@ static int trainer_run(Trainer *t) {
     const TrainOptions *o = &t->opt;
     const Config *c = &t->model.cfg;
     if (make_dir(o->out_dir) != 0) die("%s", last_error());
+    if (t->step >= o->max_steps) { /* resumed from the last step's checkpoint of a run that ended before its final adapter */
+        if (comm_is_root() && lora_save_adapter(&t->lora, &t->model, o->out_dir, o->model_dir) != 0) die("%s", last_error());
+        if (!o->quiet) printf("done: the run had reached step %d; wrote its final adapter into %s\n", t->step, o->out_dir);
+        return 0;
+    }
     if (comm_is_root()) t->csv = open_csv_log(o->out_dir, t->step);
     size_t tokens_per_step = (size_t)o->batch * o->ctx * o->grad_accum * comm_world();
     if (!o->quiet) {
@@ -375,9 +381,28 @@ static int codec_open(TextCodec *c, Tokenizer *tok, const char *path, int explic
     return 0;
 }
 
+/* Outputs never destroy inputs: --out and --save-tokens against every input (common.h's
+ * check_output_path); --resume counts only with --overwrite, which may empty --out. */
+static int check_train_outputs(const TrainOptions *o) {
+    NamedPath in[TRAIN_MAX_DATA_FILES + 6];
+    int n = 0;
+    in[n++] = (NamedPath){"--model", o->model_dir};
+    in[n++] = (NamedPath){"--tokenizer", o->tokenizer_path};
+    in[n++] = (NamedPath){"--adapter", o->adapter_dir};
+    in[n++] = (NamedPath){"--sft", o->sft_file};
+    for (int i = 0; i < o->n_data_files; i++) in[n++] = (NamedPath){"--data", o->data_files[i]};
+    if (check_output_path("--save-tokens", o->save_tokens, 0, in, n) != 0) return -1;
+    if (o->overwrite) in[n++] = (NamedPath){"--resume", o->resume_dir};
+    return check_output_path("--out", o->out_dir, o->overwrite, in, n);
+}
+
 /* Everything before the first step: model, adapter, optimizer, data, and a resume. */
 static void trainer_init(Trainer *t) {
     TrainOptions *o = &t->opt;
+    /* the --out folder first: one run at a time (05_checkpoint.c's out_lock) */
+    int rank0 = 0, world0 = 1;
+    dist_rank_world(o->rank, o->world_size, &rank0, &world0);
+    if (check_train_outputs(o) != 0 || (rank0 == 0 && out_lock(t) != 0)) die("%s", last_error());
     /* the model: its context sets --ctx's default, --ctx sets the RoPE interpolation */
     if (o->model_dir) {
         if (model_try_load(&t->model, o->model_dir, o->ctx) != 0) die("%s", last_error());
@@ -392,10 +417,6 @@ static void trainer_init(Trainer *t) {
     int rc = o->sft_file ? dataset_load_sft(&t->data, &t->codec, o->sft_file, o->template_name, o->sft_pack, o->ctx)
                          : dataset_load_text(&t->data, &t->codec, o->data_files, o->n_data_files, o->ctx);
     if (rc != 0) die("%s", last_error());
-    if (o->save_tokens && comm_is_root()) { /* tokenize once: later runs can read this file instead of the text */
-        if (tokfile_write(o->save_tokens, t->data.stream, t->data.stream_len, c->vocab_size) != 0) die("%s", last_error());
-        printf("wrote %zu tokens to %s\n", t->data.stream_len, o->save_tokens);
-    }
     dataset_start(&t->data, o->seed);
 
     /* LoRA+ and AdamW over exactly the trainable tensors */
@@ -423,6 +444,12 @@ static void trainer_init(Trainer *t) {
     /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */
     if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
     if (!comm_is_root()) o->quiet = 1; /* logs come from rank 0 */
+    /* this run's identity into --out, once it may write there (05_checkpoint.c's out_claim) */
+    if (comm_is_root() && out_claim(t) != 0) die("%s", last_error());
+    if (o->save_tokens && comm_is_root()) { /* tokenize once: later runs can read this file instead of the text */
+        if (tokfile_write(o->save_tokens, t->data.stream, t->data.stream_len, c->vocab_size) != 0) die("%s", last_error());
+        printf("wrote %zu tokens to %s\n", t->data.stream_len, o->save_tokens);
+    }
     if (comm_active()) t->dist_flat = (float *)xmalloc((flat_count(&t->lt.opt) + 1) * sizeof(float)); /* [P + 1] */
     if (!on_gpu) act_plan(&t->lt.act, c, (size_t)o->batch, (size_t)o->ctx, 1);
     t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
@@ -434,7 +461,10 @@ static void trainer_init(Trainer *t) {
     if (o->resume_dir) {
         char dir[4096];
         if (checkpoint_find(o->resume_dir, dir, sizeof dir) != 0 || checkpoint_load(t, dir) != 0) die("%s", last_error());
-        if (t->step >= o->max_steps) die("the checkpoint %s is at step %d, already at --max-steps %d; raise --max-steps to train on", dir, t->step, o->max_steps);
+        char adapter[4400];
+        int final_missing = !file_exists(path_join(adapter, sizeof adapter, o->out_dir, "adapter_config.json"));
+        if (t->step >= o->max_steps && !(t->step == o->max_steps && final_missing)) /* a run that ended mid-save may finish it */
+            die("the checkpoint %s is at step %d, already at --max-steps %d; raise --max-steps to train on", dir, t->step, o->max_steps);
         if (comm_is_root()) printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
                (unsigned long long)t->data.epoch, t->data.pos, t->data.n_seqs);
     }
@@ -448,6 +478,7 @@ static void trainer_free(Trainer *t) {
     train_gpu_free(t);
 #endif
     if (t->csv) fclose(t->csv);
+    if (t->out_lock_fd > 0) close(t->out_lock_fd); /* lets go of OUT/.lock */
     free(t->dist_flat);
     free(t->inputs);
     free(t->targets);

@@ -977,6 +977,7 @@ typedef struct {
     long max_tokens, interval, trials;
     const char *csv;
     const char *export_dir;
+    int overwrite;                  /* --overwrite: replace a previous export in --export DIR */
     double shard_size;
     int bench;
     const char *bench_out;
@@ -993,7 +994,8 @@ static void infer_usage(FILE *f) {
             "                                    [--seq-len N[,N...] (the context)] [--stride S (256)] [--max-windows K]\n"
             "  --passkey                         passkey retrieval; [--max-tokens N (the context)] [--interval I (1000)]\n"
             "                                    [--trials K (10)] [--seed S] [--csv F]\n"
-            "  --export DIR                      merged bf16 HF folder; [--shard-size BYTES (5e9)]\n"
+            "  --export DIR                      merged bf16 HF folder, new or empty; [--shard-size BYTES (5e9)]\n"
+            "                                    [--overwrite: replace a previous export in DIR]\n"
             "  --bench                           GPU: prefill at 32k, decode at 4k and 32k; [--bench-out F]\n"
             "--ctx sets the context (KV cache size); past the model's, RoPE is stretched by ceil(ctx / max_position_embeddings)\n"
             "(linearly, or by yarn for a yarn model). An adapter folder with a config.json brings the RoPE it was trained with.\n"
@@ -1010,6 +1012,7 @@ static void infer_parse(InferOptions *o, int argc, char **argv) {
         if (!strcmp(a, "--merge")) { o->merge = 1; continue; }
         if (!strcmp(a, "--passkey")) { o->passkey = 1; continue; }
         if (!strcmp(a, "--bench")) { o->bench = 1; continue; }
+        if (!strcmp(a, "--overwrite")) { o->overwrite = 1; continue; }
         if (i + 1 >= argc) die("%s needs a value (see --help)", a);
         const char *v = argv[++i];
         if (!strcmp(a, "--model")) o->model_dir = v;
@@ -1051,6 +1054,14 @@ static void infer_parse(InferOptions *o, int argc, char **argv) {
     if (o->init && strcmp(o->init, "random")) die("--init takes only 'random'");
     if (o->init && !o->shape) die("--init random needs --shape NAME");
     if (o->init && o->adapter_dir) die("--adapter needs --model");
+    if (o->overwrite && !o->export_dir) die("--overwrite applies to --export");
+    /* outputs never overwrite inputs; an export goes to a new folder (or replaces one) */
+    const NamedPath inputs[] = {{"--model", o->model_dir}, {"--adapter", o->adapter_dir}, {"--tokenizer", o->tokenizer},
+                                {"--ppl", o->ppl_file}, {"--prompt-file", o->prompt_file}};
+    int n_in = (int)(sizeof inputs / sizeof *inputs);
+    if (check_output_path("--export", o->export_dir, 1, inputs, n_in) != 0 || check_output_path("--csv", o->csv, 0, inputs, n_in) != 0 ||
+        check_output_path("--bench-out", o->bench_out, 0, inputs, n_in) != 0 || (o->export_dir && export_check_target(o->export_dir, o->overwrite) != 0))
+        die("%s", last_error());
 }
 
 #ifdef USE_CUDA
@@ -1144,8 +1155,9 @@ static void run_bench(const InferOptions *o, const Config *cfg_in) {
     bench_breakdown(&e.gpu, long_ctx, ms);
     struct cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    FILE *f = o->bench_out ? fopen(o->bench_out, "w") : stdout;
-    if (!f) die("cannot write %s: %s", o->bench_out, strerror(errno));
+    AtomicFile af;
+    if (o->bench_out && atomic_open(&af, o->bench_out) != 0) die("%s", last_error());
+    FILE *f = o->bench_out ? af.f : stdout;
     fprintf(f, "{\n  \"impl\": \"ours\",\n  \"device\": ");
     json_write_string(f, prop.name);
     fprintf(f, ",\n  \"shape\": ");
@@ -1154,7 +1166,7 @@ static void run_bench(const InferOptions *o, const Config *cfg_in) {
                "  \"decode_steps\": %zu,\n  \"decode_tokens_per_s\": {\"%zu\": %.2f, \"%zu\": %.2f},\n"
                "  \"layer_ms_at_prefill\": {\"projections\": %.3f, \"attention\": %.3f, \"rest\": %.3f}\n}\n",
             long_ctx, prefill_tps, steps, short_ctx, decode_tps[0], long_ctx, decode_tps[1], ms[0], ms[1], ms[2]);
-    if (f != stdout) fclose(f);
+    if (o->bench_out && atomic_commit(&af) != 0) die("%s", last_error());
     free(tokens);
     engine_free(&e);
 }
@@ -1200,7 +1212,7 @@ static API int infer_main(int argc, char **argv) {
             ROPE_TYPE_NAMES[model.cfg.rope_type], (double)model.cfg.rope_factor, !have_adapter ? "none" : hook ? "applied" : "merged", o.on_gpu ? "GPU (bf16)" : "CPU (fp32)");
 
     if (o.export_dir) {
-        if (export_merged(&model, o.model_dir, o.export_dir, (size_t)o.shard_size, DT_BF16) != 0) die("%s", last_error());
+        if (export_merged(&model, o.model_dir, o.export_dir, (size_t)o.shard_size, DT_BF16, o.overwrite) != 0) die("%s", last_error());
         fprintf(stderr, "06_infer: wrote %s\n", o.export_dir);
     } else if (o.ppl_file) {
         size_t n_tokens;

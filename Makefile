@@ -145,6 +145,12 @@ TEST_VENV := $(if $(filter environment command line,$(origin PYTHON)),,.venv/req
 test: all $(TEST_CPU) $(TEST_GPU) $(TEST_VENV)
 	@bash tests/run.sh
 
+# The long fuzz run: every tests/fuzz_*.c target for 10 M executions (FUZZ_RUNS) under ASan
+# and UBSan; `make test` runs the same targets for a short time. Its counts are in the README.
+.PHONY: fuzz
+fuzz:
+	FUZZ_RUNS=$${FUZZ_RUNS:-10000000} bash tests/test_fuzz.sh
+
 # ---- the demo: a real model (PyPI) and real text (Debian), see demo/run.sh -----------------
 .PHONY: demo
 demo: $(filter 01_tokenize 02_model,$(STAGES_CPU)) 05_train 06_infer

@@ -31,6 +31,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <signal.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -150,20 +153,79 @@ static char *xstrdup(const char *s) {
  * Files
  * ------------------------------------------------------------------------------------- */
 
+/* A path for a message: one longer than 240 bytes keeps its head and tail around "...", so
+ * the sentence's cause (which comes after it) always fits. */
+#define PATH_MSG_MAX 240
+static const char *path_for_message(const char *path, char *buf /* [PATH_MSG_MAX + 1] */) {
+    size_t n = strlen(path);
+    if (n <= PATH_MSG_MAX) return path;
+    size_t head = PATH_MSG_MAX / 3, tail = PATH_MSG_MAX - head - 3;
+    memcpy(buf, path, head);
+    memcpy(buf + head, "...", 3);
+    memcpy(buf + head + 3, path + n - tail, tail + 1);
+    return buf;
+}
+
+/* Prefixes the error already recorded with where it happened: "<where>: <cause>". A long
+ * `where` is shortened in its middle, so the cause is never cut. Returns -1. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2)))
+#endif
+static int error_in(const char *where_fmt, ...) {
+    char cause[1024], where[4400], buf[PATH_MSG_MAX + 1];
+    snprintf(cause, sizeof cause, "%s", last_error());
+    va_list ap;
+    va_start(ap, where_fmt);
+    vsnprintf(where, sizeof where, where_fmt, ap);
+    va_end(ap);
+    return set_error("%s: %s", path_for_message(where, buf), cause);
+}
+
+/* The kind of a file that is not a regular one, for "PATH is a directory". */
+static const char *file_kind(mode_t mode) {
+    if (S_ISDIR(mode)) return "a directory";
+    if (S_ISFIFO(mode)) return "a FIFO (a named pipe)";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISSOCK(mode)) return "a socket";
+    return "not a regular file";
+}
+
+/* Opens an input the user named as a file: a regular file, or -1 + one sentence ("is a
+ * directory", "is a FIFO"). A FIFO is opened without waiting for a writer, so it never
+ * hangs. Returns the descriptor (blocking again) and its size in *size. */
+static int open_input_file(const char *path, size_t *size) {
+    char buf[PATH_MSG_MAX + 1];
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return set_error("cannot open %s: %s", path_for_message(path, buf), strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) { int e = errno; close(fd); return set_error("cannot read the size of %s: %s", path_for_message(path, buf), strerror(e)); }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        const char *kind = file_kind(st.st_mode);
+        return set_error("%s is %s, not a regular file", path_for_message(path, buf), kind);
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    *size = (size_t)st.st_size;
+    return fd;
+}
+
 /* Reads a whole file into memory (NUL-terminated for convenience). NULL + last_error() on failure. */
 static char *read_file(const char *path, size_t *len_out) {
-    FILE *f = fopen(path, "rb");
-    if (!f) { set_error("cannot open %s: %s", path, strerror(errno)); return NULL; }
-    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); set_error("cannot seek in %s", path); return NULL; }
-    long size = ftell(f);
-    if (size < 0) { fclose(f); set_error("cannot read the size of %s", path); return NULL; }
-    rewind(f);
-    char *buf = (char *)xmalloc((size_t)size + 1);
-    size_t got = fread(buf, 1, (size_t)size, f);
-    fclose(f);
-    if (got != (size_t)size) { free(buf); set_error("short read from %s", path); return NULL; }
+    size_t size = 0, got = 0;
+    int fd = open_input_file(path, &size);
+    if (fd < 0) return NULL;
+    char *buf = (char *)xmalloc(size + 1);
+    while (got < size) {
+        ssize_t r = read(fd, buf + got, size - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    close(fd);
+    if (got != size) { free(buf); char b[PATH_MSG_MAX + 1]; set_error("short read from %s", path_for_message(path, b)); return NULL; }
     buf[size] = 0;
-    if (len_out) *len_out = (size_t)size;
+    if (len_out) *len_out = size;
     return buf;
 }
 
@@ -175,15 +237,15 @@ typedef struct {
 
 static int map_file(MappedFile *m, const char *path) {
     memset(m, 0, sizeof *m);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return set_error("cannot open %s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) { close(fd); return set_error("%s is not a regular file", path); }
-    m->size = (size_t)st.st_size;
-    if (m->size == 0) { close(fd); return set_error("%s is empty", path); }
+    char buf[PATH_MSG_MAX + 1];
+    size_t size = 0;
+    int fd = open_input_file(path, &size);
+    if (fd < 0) return -1;
+    m->size = size;
+    if (m->size == 0) { close(fd); return set_error("%s is empty", path_for_message(path, buf)); }
     void *p = mmap(NULL, m->size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (p == MAP_FAILED) return set_error("cannot map %s: %s", path, strerror(errno));
+    if (p == MAP_FAILED) return set_error("cannot map %s: %s", path_for_message(path, buf), strerror(errno));
     m->data = (const uint8_t *)p;
     return 0;
 }
@@ -201,24 +263,27 @@ typedef struct {
 
 static int atomic_open(AtomicFile *af, const char *path) {
     memset(af, 0, sizeof *af);
-    if (strlen(path) >= sizeof af->final_path) return set_error("path too long: %s", path);
+    char b[PATH_MSG_MAX + 1];
+    if (strlen(path) >= sizeof af->final_path) return set_error("path too long: %s", path_for_message(path, b));
     snprintf(af->final_path, sizeof af->final_path, "%s", path);
     snprintf(af->tmp_path, sizeof af->tmp_path, "%s.tmp.%d", path, (int)getpid());
     af->f = fopen(af->tmp_path, "wb");
-    if (!af->f) return set_error("cannot create %s: %s", af->tmp_path, strerror(errno));
+    if (!af->f) return set_error("cannot create %s: %s", path_for_message(af->tmp_path, b), strerror(errno));
     return 0;
 }
 /* Closes and renames into place; on any write error removes the temporary and keeps the old file. */
 static int atomic_commit(AtomicFile *af) {
-    int bad = ferror(af->f);
-    if (fflush(af->f) != 0) bad = 1;
-    if (!bad && fsync(fileno(af->f)) != 0) bad = 1;
-    if (fclose(af->f) != 0) bad = 1;
+    int bad = ferror(af->f) ? (errno ? errno : EIO) : 0;
+    if (fflush(af->f) != 0) bad = errno;
+    if (!bad && fsync(fileno(af->f)) != 0) bad = errno;
+    if (fclose(af->f) != 0 && !bad) bad = errno;
     af->f = NULL;
-    if (bad) { remove(af->tmp_path); return set_error("writing %s failed (disk full?)", af->final_path); }
+    char b[PATH_MSG_MAX + 1];
+    if (bad) { remove(af->tmp_path); return set_error("writing %s failed: %s", path_for_message(af->final_path, b), strerror(bad)); }
     if (rename(af->tmp_path, af->final_path) != 0) {
+        int e = errno;
         remove(af->tmp_path);
-        return set_error("cannot rename %s to %s: %s", af->tmp_path, af->final_path, strerror(errno));
+        return set_error("cannot rename %s into place: %s", path_for_message(af->tmp_path, b), strerror(e));
     }
     return 0;
 }
@@ -230,7 +295,7 @@ static void atomic_abort(AtomicFile *af) {
 static API int write_file_atomic(const char *path, const void *data, size_t len) {
     AtomicFile af;
     if (atomic_open(&af, path) != 0) return -1;
-    if (len && fwrite(data, 1, len, af.f) != len) { atomic_abort(&af); return set_error("writing %s failed", path); }
+    if (len && fwrite(data, 1, len, af.f) != len) { int e = errno; atomic_abort(&af); return set_error("writing %s failed: %s", path, strerror(e)); }
     return atomic_commit(&af);
 }
 
@@ -239,11 +304,253 @@ static API int file_exists(const char *path) {
     return stat(path, &st) == 0;
 }
 
-/* Joins a folder and a file name into buf. */
+/* Joins a folder and a file name into buf; a path longer than buf ends the program with a
+ * sentence (a cut path would name another file). */
 static API const char *path_join(char *buf, size_t cap, const char *dir, const char *name) {
     size_t n = strlen(dir);
-    snprintf(buf, cap, "%s%s%s", dir, (n && dir[n - 1] == '/') ? "" : "/", name);
+    int k = snprintf(buf, cap, "%s%s%s", dir, (n && dir[n - 1] == '/') ? "" : "/", name);
+    if (k < 0 || (size_t)k >= cap) die("the path %s/%s is longer than %zu bytes", dir, name, cap - 1);
     return buf;
+}
+
+/* Creates a folder (one level) unless it exists; -1 + last_error() if it cannot, or if the
+ * path is something else. */
+static API int make_dir(const char *dir) {
+    char buf[PATH_MSG_MAX + 1];
+    if (mkdir(dir, 0755) == 0 || errno == EEXIST) {
+        struct stat st;
+        if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) return 0;
+        return set_error("%s exists and is not a folder", path_for_message(dir, buf));
+    }
+    return set_error("cannot create the folder %s: %s", path_for_message(dir, buf), strerror(errno));
+}
+
+/* Removes a folder of plain files (what a checkpoint, an adapter or an export holds). */
+static API int remove_flat_dir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT ? 0 : set_error("cannot open the folder %s: %s", dir, strerror(errno));
+    struct dirent *e;
+    char path[4400];
+    int rc = 0;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        if (remove(path_join(path, sizeof path, dir, e->d_name)) != 0) rc = set_error("cannot remove %s: %s", path, strerror(errno));
+    }
+    closedir(d);
+    if (rc == 0 && rmdir(dir) != 0) rc = set_error("cannot remove the folder %s: %s", dir, strerror(errno));
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Outputs never destroy inputs. Every program checks each output path against each input
+ * it was given: the same file (through any link or spelling), a path inside an input
+ * folder, or (for an output folder that may be emptied) an output folder holding an input
+ * is refused with one sentence naming both flags.
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *flag; /* "--model" */
+    const char *path; /* NULL: not given */
+} NamedPath;
+
+/* The absolute path with links resolved; for a path that does not exist yet, its nearest
+ * existing ancestor resolved and the rest appended. */
+static void resolve_path(const char *path, char *out /* [PATH_MAX + 4096] */, size_t cap) {
+    char head[PATH_MAX + 4096], tail[4096] = "";
+    snprintf(head, sizeof head, "%s", path[0] ? path : ".");
+    for (;;) {
+        char real[PATH_MAX];
+        if (realpath(head, real)) { snprintf(out, cap, "%s%s%s", real, tail[0] && strcmp(real, "/") ? "/" : "", tail); return; }
+        if (!strcmp(head, ".") || !strcmp(head, "/")) { snprintf(out, cap, "%s", path); return; } /* no ancestor resolves */
+        size_t n = strlen(head);
+        while (n > 1 && head[n - 1] == '/') head[--n] = 0; /* "a/b/" -> "a/b" */
+        char *slash = strrchr(head, '/');
+        char rest[4096];
+        snprintf(rest, sizeof rest, "%s%s%s", slash ? slash + 1 : head, tail[0] ? "/" : "", tail);
+        snprintf(tail, sizeof tail, "%s", rest);
+        if (!slash) snprintf(head, sizeof head, ".");
+        else if (slash == head) snprintf(head, sizeof head, "/");
+        else *slash = 0;
+    }
+}
+
+/* 1 when `inner` (resolved) is `outer` (resolved) or lies inside it. */
+static int path_is_within(const char *inner, const char *outer) {
+    size_t n = strlen(outer);
+    if (n == 1 && outer[0] == '/') return 1;
+    return strncmp(inner, outer, n) == 0 && (inner[n] == 0 || inner[n] == '/');
+}
+
+/* Refuses an output (out_flag out) that is one of the inputs, or lies inside an input folder;
+ * with out_may_be_emptied, also an output folder that holds an input. -1 + one sentence. */
+static API int check_output_path(const char *out_flag, const char *out, int out_may_be_emptied, const NamedPath *inputs, int n_inputs) {
+    if (!out) return 0;
+    static char ro[PATH_MAX + 4096], ri[PATH_MAX + 4096];
+    char b1[PATH_MSG_MAX + 1], b2[PATH_MSG_MAX + 1];
+    struct stat so, si;
+    int out_exists = stat(out, &so) == 0;
+    resolve_path(out, ro, sizeof ro);
+    for (int i = 0; i < n_inputs; i++) {
+        const char *in = inputs[i].path;
+        if (!in || stat(in, &si) != 0) continue; /* a missing input is the loader's to report */
+        resolve_path(in, ri, sizeof ri);
+        if ((out_exists && so.st_dev == si.st_dev && so.st_ino == si.st_ino) || !strcmp(ro, ri))
+            return set_error("%s %s is the input %s %s: writing it would destroy the input; choose another output", out_flag,
+                             path_for_message(out, b1), inputs[i].flag, path_for_message(in, b2));
+        if (S_ISDIR(si.st_mode) && path_is_within(ro, ri))
+            return set_error("%s %s lies inside the input folder %s %s; choose an output outside it", out_flag, path_for_message(out, b1),
+                             inputs[i].flag, path_for_message(in, b2));
+        if (out_may_be_emptied && path_is_within(ri, ro))
+            return set_error("the input %s %s lies inside the output folder %s %s, which this run may empty; choose another output",
+                             inputs[i].flag, path_for_message(in, b2), out_flag, path_for_message(out, b1));
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Folders that appear whole or not at all. Files are written into PARENT/.NAME.tmp.<pid>;
+ * atomic_dir_commit renames that folder to PARENT/NAME (an older NAME is moved aside to
+ * .NAME.old.<pid> first and removed after), atomic_dir_commit_into moves its files into an
+ * existing folder with one marker file last (a folder shows the marker only once the rest
+ * is in place). Temporaries of runs that died (their pid no longer exists) are removed by
+ * remove_stale_temporaries, which every writer of a folder calls before it starts.
+ * Used by checkpoints, the adapter (03) and the merged export (03, 06).
+ * ------------------------------------------------------------------------------------- */
+
+/* The pid in a temporary's name "<x>.tmp.<pid>" or "<x>.old.<pid>", or 0 for another name. */
+static long temporary_pid(const char *name) {
+    const char *p = NULL;
+    for (const char *s = strstr(name, ".tmp."); s; s = strstr(s + 1, ".tmp.")) p = s;
+    for (const char *s = strstr(name, ".old."); s; s = strstr(s + 1, ".old.")) if (!p || s > p) p = s;
+    if (!p || !p[5]) return 0;
+    char *end;
+    long pid = strtol(p + 5, &end, 10);
+    return (*end == 0 && pid > 0) ? pid : 0;
+}
+
+/* Removes dir's temporaries of processes that no longer run: files and flat folders named
+ * "<x>.tmp.<pid>" or "<x>.old.<pid>" (only those of ".<name>." or "<name>." when name is
+ * given). Returns how many it removed. */
+static API int remove_stale_temporaries(const char *dir, const char *name) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int removed = 0;
+    struct dirent *e;
+    char path[4400], prefix[300] = "";
+    if (name) snprintf(prefix, sizeof prefix, ".%s.", name);
+    while ((e = readdir(d))) {
+        long pid = temporary_pid(e->d_name);
+        if (pid == 0 || pid == (long)getpid()) continue;
+        if (name && strncmp(e->d_name, prefix, strlen(prefix)) != 0 && strncmp(e->d_name, prefix + 1, strlen(prefix) - 1) != 0) continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive (or not ours to ask): keep */
+        path_join(path, sizeof path, dir, e->d_name);
+        struct stat st;
+        if (lstat(path, &st) != 0) continue;
+        if (S_ISDIR(st.st_mode) ? remove_flat_dir(path) == 0 : unlink(path) == 0) removed++;
+    }
+    closedir(d);
+    return removed;
+}
+
+/* Makes a folder's renames durable (best effort: some file systems refuse fsync on folders). */
+static void sync_dir(const char *dir) {
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) { (void)fsync(fd); close(fd); }
+}
+
+typedef struct {
+    char parent[4096];
+    char final_dir[4400]; /* PARENT/NAME */
+    char tmp_dir[4400];   /* PARENT/.NAME.tmp.<pid>: where the files are written */
+    char old_dir[4400];   /* PARENT/.NAME.old.<pid>: an older NAME while it is replaced */
+} AtomicDir;
+
+/* Starts PARENT/NAME: removes dead runs' temporaries of NAME and creates the temporary folder. */
+static API int atomic_dir_begin(AtomicDir *d, const char *parent, const char *name) {
+    char where[4096];
+    int k = snprintf(where, sizeof where, "%s", parent); /* parent may be one of d's own paths */
+    if (k < 0 || (size_t)k >= sizeof where) return set_error("the folder path %.200s... is too long", parent);
+    memset(d, 0, sizeof *d);
+    snprintf(d->parent, sizeof d->parent, "%s", where);
+    if (strlen(name) > 200) return set_error("the folder name %.40s... is too long", name);
+    path_join(d->final_dir, sizeof d->final_dir, where, name);
+    char leaf[256];
+    snprintf(leaf, sizeof leaf, ".%s.tmp.%d", name, (int)getpid());
+    path_join(d->tmp_dir, sizeof d->tmp_dir, where, leaf);
+    snprintf(leaf, sizeof leaf, ".%s.old.%d", name, (int)getpid());
+    path_join(d->old_dir, sizeof d->old_dir, where, leaf);
+    remove_stale_temporaries(where, name);
+    remove_flat_dir(d->tmp_dir); /* this process's own, from an earlier failed try */
+    return make_dir(d->tmp_dir);
+}
+static API void atomic_dir_abort(AtomicDir *d) { remove_flat_dir(d->tmp_dir); }
+
+/* Renames the temporary folder to PARENT/NAME, replacing an older one. */
+static API int atomic_dir_commit(AtomicDir *d) {
+    sync_dir(d->tmp_dir);
+    struct stat st;
+    int had_old = lstat(d->final_dir, &st) == 0;
+    if (had_old && rename(d->final_dir, d->old_dir) != 0) {
+        int e = errno;
+        atomic_dir_abort(d);
+        return set_error("cannot move the old %s aside: %s", d->final_dir, strerror(e));
+    }
+    if (rename(d->tmp_dir, d->final_dir) != 0) {
+        int e = errno;
+        if (had_old) rename(d->old_dir, d->final_dir);
+        atomic_dir_abort(d);
+        return set_error("cannot rename %s to %s: %s", d->tmp_dir, d->final_dir, strerror(e));
+    }
+    sync_dir(d->parent);
+    if (had_old && remove_flat_dir(d->old_dir) != 0) fprintf(stderr, "warning: %s\n", last_error());
+    return 0;
+}
+
+/* Moves the temporary folder's files into the existing folder dest, `marker` last (an older
+ * marker is removed first), then removes the temporary folder. */
+static API int atomic_dir_commit_into(AtomicDir *d, const char *dest, const char *marker) {
+    char from[4700], to[4700];
+    int rc = 0;
+    sync_dir(d->tmp_dir);
+    if (unlink(path_join(to, sizeof to, dest, marker)) != 0 && errno != ENOENT) rc = set_error("cannot remove the old %s: %s", to, strerror(errno));
+    DIR *dh = opendir(d->tmp_dir);
+    if (!dh && rc == 0) rc = set_error("cannot open the folder %s: %s", d->tmp_dir, strerror(errno));
+    for (struct dirent *e; rc == 0 && (e = readdir(dh));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || !strcmp(e->d_name, marker)) continue;
+        if (rename(path_join(from, sizeof from, d->tmp_dir, e->d_name), path_join(to, sizeof to, dest, e->d_name)) != 0)
+            rc = set_error("cannot rename %s to %s: %s", from, to, strerror(errno));
+    }
+    if (dh) closedir(dh);
+    if (rc == 0 && rename(path_join(from, sizeof from, d->tmp_dir, marker), path_join(to, sizeof to, dest, marker)) != 0)
+        rc = set_error("cannot rename %s to %s: %s", from, to, strerror(errno));
+    if (rc == 0) sync_dir(dest);
+    atomic_dir_abort(d);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * A 64-bit checksum of a file's bytes (not cryptographic: it catches damage, not intent).
+ * ------------------------------------------------------------------------------------- */
+static uint64_t checksum64(const uint8_t *p, size_t n) {
+    const uint64_t P1 = 0x9e3779b185ebca87ull, P2 = 0xc2b2ae3d27d4eb4full;
+    uint64_t h = 0x27d4eb2f165667c5ull ^ (uint64_t)n;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        h ^= w * P2;
+        h = ((h << 31) | (h >> 33)) * P1;
+    }
+    for (; i < n; i++) { h ^= p[i] * P1; h = ((h << 11) | (h >> 53)) * P2; }
+    h ^= h >> 33; h *= P2; h ^= h >> 29; h *= P1; h ^= h >> 32;
+    return h;
+}
+static API int checksum_file(const char *path, uint64_t *out) {
+    MappedFile m;
+    if (map_file(&m, path) != 0) return -1;
+    *out = checksum64(m.data, m.size);
+    unmap_file(&m);
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -616,7 +923,7 @@ static API Json *json_parse_file(const char *path) {
     if (!text) return NULL;
     Json *j = json_parse(text, len);
     free(text);
-    if (!j) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); set_error("%s: %s", path, why); }
+    if (!j) error_in("%s", path);
     return j;
 }
 
@@ -714,7 +1021,7 @@ static int st_parse(SafeTensors *st, const uint8_t *data, size_t size, const cha
     if (hlen < 2 || hlen > ST_MAX_HEADER || hlen > size - 8)
         return set_error("%s: safetensors header length %llu does not fit the file of %zu bytes", path, (unsigned long long)hlen, size);
     Json *h = json_parse((const char *)data + 8, (size_t)hlen);
-    if (!h) { char why[1024]; snprintf(why, sizeof why, "%s", last_error()); return set_error("%s: safetensors header: %s", path, why); }
+    if (!h) return error_in("%s: safetensors header", path);
     if (h->type != JSON_OBJECT) { json_free(h); return set_error("%s: safetensors header is not a JSON object", path); }
     const uint8_t *body = data + 8 + hlen;
     size_t body_len = size - 8 - (size_t)hlen;
@@ -896,7 +1203,7 @@ static API int st_write(const StWriter *w, const char *path) {
     for (size_t i = 0; ok && i < w->count; i++)
         if (w->entries[i].nbytes) ok = fwrite(w->entries[i].data, 1, w->entries[i].nbytes, af.f) == w->entries[i].nbytes;
     free(hdr);
-    if (!ok) { atomic_abort(&af); return set_error("writing %s failed (disk full?)", path); }
+    if (!ok) { int e = errno; atomic_abort(&af); return set_error("writing %s failed: %s", path, strerror(e)); }
     return atomic_commit(&af);
 }
 
@@ -932,7 +1239,7 @@ static API int tokfile_write(const char *path, const int32_t *ids /* [count] */,
         if (fill + 4 > sizeof buf) { ok = fwrite(buf, 1, fill, af.f) == fill; fill = 0; }
     }
     if (ok && fill) ok = fwrite(buf, 1, fill, af.f) == fill;
-    if (!ok) { atomic_abort(&af); return set_error("writing %s failed (disk full?)", path); }
+    if (!ok) { int e = errno; atomic_abort(&af); return set_error("writing %s failed: %s", path, strerror(e)); }
     return atomic_commit(&af);
 }
 

@@ -263,7 +263,7 @@ static void check_export(void) {
     EXPECT(mkdtemp(dir) != NULL, "mkdtemp");
     char out[512];
     snprintf(out, sizeof out, "%s/merged", dir);
-    EXPECT(export_merged(&m, NULL, out, 20000, DT_BF16) == 0, "export: %s", last_error());
+    EXPECT(export_merged(&m, NULL, out, 20000, DT_BF16, 0) == 0, "export: %s", last_error());
     char path[1024];
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", out);
     EXPECT(file_exists(path), "no index for a sharded export");

@@ -123,7 +123,7 @@ static void check_export(const Fx *fx, const int32_t *tokens) {
     if (!mkdtemp(dir)) die("mkdtemp: %s", strerror(errno));
     char out[256], path[512];
     snprintf(out, sizeof out, "%s/merged", dir);
-    EXPECT(export_merged(&m, FIX "/base", out, 20000, DT_BF16) == 0, "export: %s", last_error());
+    EXPECT(export_merged(&m, FIX "/base", out, 20000, DT_BF16, 0) == 0, "export: %s", last_error());
     size_t n_files = 0;
     for (size_t k = 0; k < fx->n; k++) {
         if (strncmp(fx->a[k].name, "hash:", 5) != 0) continue;
@@ -220,7 +220,7 @@ static void check_qwen2_yarn(void) {
     double e_merged = rel_to(act.logits, peft, N * V);
     EXPECT(e_merged <= 1e-4, "qwen2 + yarn, adapter merged: logits differ from peft's by %.3g relative", e_merged);
     snprintf(out, sizeof out, "%s/merged", dir);
-    EXPECT(export_merged(&m, QFIX "/base", out, 20000, DT_BF16) == 0, "export: %s", last_error());
+    EXPECT(export_merged(&m, QFIX "/base", out, 20000, DT_BF16, 0) == 0, "export: %s", last_error());
     size_t n_export = check_hashes(&fx, "", out);
     EXPECT(n_export >= 4, "the fixture names %zu exported files (shards, index, config)", n_export);
     Model back;

@@ -432,9 +432,9 @@ static void test_sft(void) {
     EXPECT(dataset_load_sft(&ds, &c, path, "none", 0, 32) == 0 && ds.n_seqs == 2, "JSONL records load: %s", last_error());
     dataset_free(&ds);
     struct { const char *text, *says; } bad[] = {
-        {"[{\"instruction\": \"a\"}]", "record 0"},
-        {"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"output\": \"b\"}]", "record 1"},
-        {"[{\"instruction\": 3, \"output\": \"b\"}]", "record 0"},
+        {"[{\"instruction\": \"a\"}]", "record 1"},
+        {"[{\"instruction\": \"a\", \"output\": \"b\"}, {\"output\": \"b\"}]", "record 2"},
+        {"[{\"instruction\": 3, \"output\": \"b\"}]", "record 1"},
         {"[{\"instruction\": \"a\", \"input\": [1], \"output\": \"b\"}]", "input"},
         {"[1]", "not an object"},
         {"[]", "no records"},
@@ -758,6 +758,16 @@ static void test_hostile(void) {
         CHECK(orig[f], "%s", last_error());
     }
     make_dir(dir);
+    for (int f = 0; f < 2; f++) { /* the adapter files, unmutated: the checkpoint's checksums cover them too */
+        const char *adapter_files[2] = {"adapter_config.json", "adapter_model.safetensors"};
+        char p[1024], q[1024];
+        snprintf(p, sizeof p, "%s/%s", ckpt, adapter_files[f]);
+        snprintf(q, sizeof q, "%s/%s", dir, adapter_files[f]);
+        size_t len;
+        char *buf = read_file(p, &len);
+        CHECK(buf && write_file_atomic(q, buf, len) == 0, "%s", last_error());
+        free(buf);
+    }
     int loads = 0;
     for (int it = 0; it < 301; it++) {
         for (int f = 0; f < 2; f++) {
