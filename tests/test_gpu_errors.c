@@ -65,14 +65,11 @@ static void spoilt_step(void) {
     LoraConfig lc = lora_default_config();
     LoraAdapter ad;
     if (lora_init(&ad, &c, &lc) != 0) die("%s", last_error());
-    Grads grads;
-    lora_grads_alloc(&grads, &c);
-    AdamW opt;
-    memset(&opt, 0, sizeof opt);
-    opt.cfg = adamw_default_config();
-    lora_register_params(&opt, &ad, &m, &grads);
+    AdamWConfig oc = adamw_default_config();
+    LoraTrainer lt; /* 03's trainable tensors and AdamW, no CPU activations */
+    lora_trainer_init(&lt, &m, &ad, &oc, 0, 0, 0);
     GpuTrainer g;
-    gpu_train_init(&g, &m, &ad, &opt, 0);
+    gpu_train_init(&g, &m, &ad, &lt.opt, 0);
     const size_t N = 64;
     if (gpu_train_plan(&g, 1, N, N / 2) != 0) die("%s", last_error());
     g.G = 24;

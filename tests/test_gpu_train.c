@@ -187,21 +187,17 @@ static void test_does_not_fit(void) {
     LoraConfig lc = lora_default_config();
     LoraAdapter ad;
     if (lora_init(&ad, &c, &lc) != 0) die("%s", last_error());
-    Grads grads;
-    lora_grads_alloc(&grads, &c);
-    AdamW opt;
-    memset(&opt, 0, sizeof opt);
-    opt.cfg = adamw_default_config();
-    lora_register_params(&opt, &ad, &m, &grads);
+    AdamWConfig oc = adamw_default_config();
+    LoraTrainer lt; /* 03's trainable tensors and AdamW, no CPU activations */
+    lora_trainer_init(&lt, &m, &ad, &oc, 0, 0, 0);
     GpuTrainer g;
-    gpu_train_init(&g, &m, &ad, &opt, 0);
+    gpu_train_init(&g, &m, &ad, &lt.opt, 0);
     size_t N = (size_t)1 << 30; /* 1G tokens: terabytes of activations */
     int rc = gpu_train_plan(&g, 1, N, N / 4);
     EXPECT(rc == -1 && strstr(last_error(), "lower --ctx") && strstr(last_error(), "GiB"), "a context that does not fit: %s",
            rc ? last_error() : "(accepted)");
     gpu_train_free(&g);
-    adamw_free(&opt);
-    params_free(&grads);
+    lora_trainer_free(&lt);
     lora_free(&ad);
     model_free(&m);
 }
