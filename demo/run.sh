@@ -41,11 +41,6 @@ elapsed() { echo "$(( $(date +%s) - T_START )) s"; }
 for prog in 01_tokenize 02_model 05_train 06_infer; do
   [ -x "./$prog" ] || die "./$prog is not built (make 01_tokenize 02_model 05_train 06_infer)"
 done
-# Python for the report (not on the runtime path): the demo's venv (matplotlib) where it exists
-REPORT_PY=${DEMO_PYTHON:-}
-if [ -z "$REPORT_PY" ]; then
-  if [ -x "$CACHE/venv/bin/python" ]; then REPORT_PY=$CACHE/venv/bin/python; else REPORT_PY=${PYTHON:-python3}; fi
-fi
 
 # ---- 1-2. model and text -------------------------------------------------------------------
 if [ -n "${DEMO_MODEL:-}" ]; then
@@ -79,6 +74,13 @@ for f in "$TRAIN_TEXT" "$EVAL_TEXT"; do
   [ -s "$f" ] || die "$f is missing or empty"
   echo "   $f: $(wc -c < "$f") bytes, $(wc -w < "$f") words"
 done
+
+# Python for the report (not on the runtime path): the demo's venv (matplotlib), picked only
+# now that step 1 has made it, so the first run draws the same plot as every later one
+REPORT_PY=${DEMO_PYTHON:-}
+if [ -z "$REPORT_PY" ]; then
+  if [ -x "$CACHE/venv/bin/python" ]; then REPORT_PY=$CACHE/venv/bin/python; else REPORT_PY=${PYTHON:-python3}; fi
+fi
 
 # ---- 3. tokens -----------------------------------------------------------------------------
 say "3. tokenize with 01_tokenize (fine-tuning text; held-out text)"
