@@ -534,7 +534,7 @@ static StepResult train_step_cpu_ranks(Trainer *t) {
  * buffers), the trainable fp32 state (master, grad and the two moments: full size; ZeRO-1
  * shards the moments' work and the checkpoint gather, not yet their memory), and the
  * activations of 05_train_gpu.c's checkpointed step: the kept layer inputs [L+1, N, D] bf16
- * plus one layer's work buffers (tg_act_bytes' terms, keeping no attention outputs).
+ * plus one layer's work buffers (05_plan.c's terms, keeping no attention outputs, the MLP untiled).
  * ===================================================================================== */
 
 typedef struct {
@@ -553,7 +553,7 @@ static DistMemPlan dist_memory_plan(const Config *c, size_t N, size_t R, int K, 
     p.gather = shard_weights ? 2 * per_layer * 2.0 : 0;                       /* double buffer, bf16 */
     p.trainable = trainable * (4 + 4) + L * R * ((D + Hd) + 2 * (D + Hkd) + (Hd + D)) * 2; /* master, grad; LoRA bf16 copies */
     p.moments = trainable * 8.0; /* the GPU step keeps full-size moment buffers (it updates only its slice) */
-    /* activations: 05_train_gpu.c's tg_act_bytes for B = 1 keeping no attention outputs (its
+    /* activations: 05_plan.c's plan for B = 1 keeping no attention outputs, nothing on the host (its
      * attention workspace left out): kept inputs [L+1, N, D], five [N, D] work buffers,
      * q k v, one attention output and lse, LoRA's xa, the MLP arena, 8192 rows of logits */
     double n = (double)N, H = c->n_heads, mlp = 3 * n * F, attn = n * (2 * Hd + 2 * Hkd);

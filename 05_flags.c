@@ -59,6 +59,9 @@ typedef struct {
     int rank, world_size;           /* --rank R --world-size K (0: from mpirun's environment, else 1) */
     const char *dist_file;          /* --dist-file PATH: where the ranks meet (rank 0 creates it) */
     int shard_weights;              /* --shard-weights: ZeRO-3 for the frozen bf16 weights */
+    /* memory budgets of the GPU step (05_plan.c) */
+    double gpu_mem_gib;             /* --gpu-mem GiB: the GPU memory the run may use in all (0: what is free) */
+    double host_mem_gib;            /* --host-mem GiB: pinned host memory for checkpoints (< 0: what the machine has) */
 } TrainOptions;
 
 static void train_defaults(TrainOptions *o) {
@@ -83,6 +86,7 @@ static void train_defaults(TrainOptions *o) {
     o->out_dir = "out";
     o->save_every = 0;
     o->log_every = 1;
+    o->host_mem_gib = -1;
 }
 
 static void train_usage(FILE *f) {
@@ -138,6 +142,10 @@ static void train_usage(FILE *f) {
         "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
         "  --quiet                no progress lines\n"
         "  --device cpu|gpu       where the step runs (default: the GPU when this build and machine have one)\n"
+        "  --gpu-mem GiB          plan the GPU step for this much GPU memory in all (default: what is free);\n"
+        "                         what does not fit goes to host memory, then is recomputed\n"
+        "  --host-mem GiB         pinned host memory the step may keep layer inputs in (default: the cgroup's\n"
+        "                         limit, else the physical memory, less an eighth)\n"
         "several processes (data parallel; one per GPU):\n"
         "  --world-size K         K ranks (mpirun -np K sets it and --rank from its environment)\n"
         "  --rank R               this process's rank, 0..K-1\n"
@@ -224,6 +232,8 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
             else if (!strcmp(v, "yarn")) o->rope_scaling = ROPE_EXTEND_YARN;
             else return set_error("--rope-scaling must be linear or yarn, got '%s'", v);
         }
+        else if (!strcmp(a, "--gpu-mem")) { if (parse_double_arg(a, v, 1.0 / 1024, 1 << 20, &o->gpu_mem_gib)) return -1; }
+        else if (!strcmp(a, "--host-mem")) { if (parse_double_arg(a, v, 0, 1 << 20, &o->host_mem_gib)) return -1; }
         else if (!strcmp(a, "--batch")) { if (parse_int_arg(a, v, 1, 1 << 16, &o->batch)) return -1; }
         else if (!strcmp(a, "--grad-accum")) { if (parse_int_arg(a, v, 1, 1 << 20, &o->grad_accum)) return -1; }
         else if (!strcmp(a, "--group-ratio")) {

@@ -17,6 +17,12 @@
  *     allows also keep their attention output and lse ([T, H*d] bf16 each), and their
  *     recompute skips the attention forward (gpu_train_plan decides; bench/TRAIN_NOTES.md
  *     has the numbers).
+ *   - Long contexts on one GPU (05_plan.c plans them for --gpu-mem and --host-mem): the
+ *     inputs of the lowest layers live in pinned host memory, each copied out on a side
+ *     stream while the forward goes on and brought back one layer ahead in the backward
+ *     (CUDA events order the two streams); the MLP runs over the tokens in tiles, in the
+ *     forward and in the backward (which recomputes each tile's gate and up), so its
+ *     [T, F] temporaries become [tile, F].
  *   - The projections are cuBLAS products (gpu_matmul_bf16), LoRA is 04's low-rank path,
  *     attention is 04's flash attention with S2-Attn's bounds (G from --group-ratio; 0 is
  *     full causal), RoPE reads 02's frequency table for the run's RoPE type (rope_inv_freq:
@@ -52,6 +58,7 @@
 #ifndef TRAIN_GPU_C
 #define TRAIN_GPU_C
 #include "04_gpu.h" /* the kernels this step runs */
+#include "05_plan.c" /* the memory plan: tile, kept attention outputs, host checkpoints */
 
 
 static double tg_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }
@@ -59,6 +66,13 @@ static double tg_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); 
 /* How many layers' attention outputs gpu_train_plan keeps: -1 decides by cost and memory
  * (below), k >= 0 keeps at most k, as many as fit (tests set it). */
 static int tg_keep_att_policy = -1;
+/* The budgets gpu_train_plan plans for: --gpu-mem (bytes the device may have in use in all,
+ * this process's weights and context included; 0: whatever is free) and --host-mem (pinned
+ * bytes for checkpoints; < 0: train_host_mem_default). Tests also force how many layer
+ * inputs go to the host (-1: as few as fit) and the MLP tile (0: chosen). */
+static double tg_gpu_mem_budget = 0, tg_host_mem_budget = -1;
+static int tg_host_policy = -1;
+static size_t tg_tile_policy = 0;
 
 /* Is there a GPU this process can use? (No message: the caller says what it does instead.) */
 static int gpu_train_available(void) {
@@ -105,11 +119,20 @@ typedef struct GpuTrainer {
     size_t n_trainable;
     double weight_bytes;      /* frozen + trainable state */
     /* activations, planned for B x N (gpu_train_plan) */
+    TrainPlan plan;                   /* 05_plan.c's decisions and byte counts */
     size_t B, N, T, G;
     float *inv_freq;                  /* [d/2] RoPE's frequencies for sequences of N (02's rope_inv_freq) */
     float rope_attention;             /* yarn's scale of cos and sin (1 otherwise) */
     int32_t *tokens, *targets;        /* [T] */
-    uint16_t *saved;                  /* [L+1, T, D]: layer l's input at l, the last output at L */
+    uint16_t *saved;                  /* [L+1-n_host, T, D]: layer l's input at l - n_host, the last output at L - n_host */
+    size_t n_host;                    /* layers 0 .. n_host-1 keep their input in host memory */
+    uint16_t *host_saved;             /* [n_host, T, D] pinned host memory */
+    uint16_t *stage[2];               /* [T, D] each: a host layer's input on the GPU (layer l in stage[l % 2]) */
+    int stage_holds[2];               /* the layer whose input a staging buffer holds (-1: none) */
+    cudaStream_t copy_stream;         /* the copies to and from the host */
+    cudaEvent_t stage_ready[2];       /* the buffer's contents are complete (written by a layer, or copied in) */
+    cudaEvent_t stage_free[2];        /* its copy out, or its last reader, is done: it may be overwritten */
+    size_t mlp_tile;                  /* rows of the MLP at a time */
     uint16_t *xn1, *x2, *xn2;         /* [T, D] norm of the input, input + attention, its norm */
     uint16_t *dx, *dtmp;              /* [T, D] gradient of the residual stream, of a norm's output */
     float *rstd1, *rstd2, *rstd_final;/* [T] */
@@ -121,7 +144,7 @@ typedef struct GpuTrainer {
     uint16_t *k, *v;                  /* [T, Hk*d] k after RoPE, v */
     float *lse;                       /* [B, H, N] its lse (NULL when all layers keep theirs) */
     uint16_t *xa;                     /* [N_PROJ, T, R] x A^T of each projection of the current layer */
-    uint16_t *arena;                  /* MLP: gate, up, h (and dh) [T, F]; later datt, dq [T, H*d], dk, dv [T, Hk*d] */
+    uint16_t *arena;                  /* MLP: gate, up, h (and dh) [mlp_tile, F]; later datt, dq [T, H*d], dk, dv [T, Hk*d] */
     uint16_t *gate, *up, *h, *dh;     /* views into arena */
     uint16_t *datt, *dq, *dk, *dv;    /* views into arena */
     void *attn_ws;                    /* attn_backward's workspace */
@@ -366,31 +389,9 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
  * Activations: planned for B x N before anything is allocated
  * ------------------------------------------------------------------------------------- */
 
-static size_t tg_arena_elems(const Config *c, size_t T, int lora_down) {
-    size_t F = (size_t)c->ffn_dim, Hd = (size_t)c->n_heads * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
-    size_t mlp = (lora_down ? 4 : 3) * T * F, attn = T * (2 * Hd + 2 * Hkd);
-    return mlp > attn ? mlp : attn;
-}
-
-/* Bytes of activations and work buffers for B x N (the kernels' own workspaces included). */
-static double tg_act_bytes(const Config *c, size_t B, size_t N, size_t R, int lora_down, size_t ce_chunk, size_t n_keep_att) {
-    size_t T = B * N, D = (size_t)c->dim, L = (size_t)c->n_layers, H = (size_t)c->n_heads, V = (size_t)c->vocab_size;
-    size_t Hd = H * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
-    double b = 0;
-    b += (double)(L + 1) * T * D * 2;                 /* kept layer inputs */
-    b += 5.0 * T * D * 2 + 2.0 * T * 4;               /* xn1 x2 xn2 dx dtmp, rstd */
-    b += (T * Hd + 2.0 * T * Hkd) * 2 + 3.0 * T * 4;  /* q k v, tokens, targets, rstd_final */
-    b += (double)(n_keep_att < L ? n_keep_att + 1 : L) * (T * Hd * 2.0 + (double)B * H * N * 4); /* attention outputs and lse: kept + shared */
-    b += (double)N_PROJ * T * R * 2 + (double)T * R * 2; /* xa, LoRA's dxa workspace */
-    b += (double)tg_arena_elems(c, T, lora_down) * 2;
-    b += (double)attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim);
-    size_t rows = ce_chunk < T ? ce_chunk : T;
-    b += (double)rows * V * 6 + (double)T * 4;         /* cross-entropy logits (fp32), dlogits (bf16), row losses */
-    return b;
-}
-
-/* Plans and allocates the buffers of a B x N step. Returns 0, or -1 + last_error() (one
- * sentence with the bytes needed and what to change) when they would not fit. */
+/* Plans and allocates the buffers of a B x N step for the budgets above (05_plan.c decides).
+ * Returns 0, or -1 + last_error() (one sentence with the bytes needed and what to change)
+ * when they would not fit. */
 static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     const Config *c = &g->cfg;
     size_t T = B * N, D = (size_t)c->dim, L = (size_t)c->n_layers, H = (size_t)c->n_heads;
@@ -398,31 +399,40 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     if (T > (size_t)INT_MAX || B > 65535)
         return set_error("a batch of %zu x %zu tokens is too large for the GPU kernels' int sizes", B, N);
     if (G && N % G) return set_error("the sequence length %zu is not a multiple of the S2-Attn group size %zu", N, G);
-    g->ce_chunk = 2048;
-    double need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, 0);
-    size_t n_keep = 0;
     size_t free_b = 0, total_b = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    double margin = 768.0 * 1024 * 1024; /* cuBLAS workspaces and fragmentation */
-    /* Keeping a layer's attention output and lse spares its recompute the attention forward.
-     * Worth the memory (T x H*d bf16 a layer) only where attention is a large share of the
-     * step: when a query sees 4096 keys or more on average (S2: G/2, full: N/2). Then as
-     * many layers keep it as fit beside everything else, with 2 GiB to spare. */
-    double keys_seen = G ? (double)G / 2.0 : (double)N / 2.0;
-    size_t want = tg_keep_att_policy < 0 ? (keys_seen >= 4096.0 ? L : 0) : (size_t)tg_keep_att_policy;
-    if (want > L) want = L;
-    for (n_keep = want; n_keep > 0; n_keep--)
-        if (tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, n_keep) + margin + 2.0 * 1024 * 1024 * 1024 <= (double)free_b) break;
-    if (n_keep) need = tg_act_bytes(c, B, N, g->R, g->lora_mlp_down, g->ce_chunk, n_keep);
-    if (need + margin > (double)free_b) {
-        double per_token = need / (double)T;
-        double fits = ((double)free_b - margin) / per_token / (double)B;
-        return set_error("a context of %zu tokens (batch %zu) needs %.2f GiB of GPU memory for activations (%.2f GiB of them the %zu kept layer inputs) "
-                         "beside the %.2f GiB of weights, but only %.2f GiB of %.2f GiB is free; lower --ctx to about %.0f or less (or --batch)",
-                         N, B, tg_gib(need), tg_gib((double)(L + 1) * T * D * 2), L + 1, tg_gib(g->weight_bytes), tg_gib((double)free_b),
-                         tg_gib((double)total_b), fits > 0 ? fits : 0);
+    double used = (double)(total_b - free_b), avail = (double)free_b;
+    if (tg_gpu_mem_budget > 0 && tg_gpu_mem_budget - used < avail) avail = tg_gpu_mem_budget - used;
+    const char *host_source = "--host-mem";
+    double host_avail = tg_host_mem_budget >= 0 ? tg_host_mem_budget : train_host_mem_default(&host_source);
+    TrainPlan *p = &g->plan;
+    memset(p, 0, sizeof *p);
+    p->B = B; p->N = N; p->G = G; p->R = g->R; p->lora_down = g->lora_mlp_down;
+    p->gpu_avail = avail; p->host_avail = host_avail;
+    p->attn_ws_bytes = (double)attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim);
+    p->keep_att_policy = tg_keep_att_policy; p->host_policy = tg_host_policy; p->tile_policy = tg_tile_policy;
+    if (train_plan_decide(c, p) != 0) {
+        size_t fits = train_plan_longest(c, p);
+        return set_error("a context of %zu tokens (batch %zu) needs %.2f GiB of GPU memory (%.2f GiB of it one layer's work buffers, %.2f GiB "
+                         "%zu layer inputs) with %zu layer inputs (%.2f GiB) in host memory, beside the %.2f GiB of weights, but the GPU allows %.2f GiB "
+                         "(%s) and the host %.2f GiB (%s); lower --ctx to about %zu or less (or --batch), or raise --gpu-mem or --host-mem",
+                         N, B, tg_gib(p->gpu_bytes + tp_margin), tg_gib(p->work_bytes), tg_gib(p->ckpt_gpu_bytes), L + 1 - p->n_host, p->n_host,
+                         tg_gib(p->ckpt_host_bytes), tg_gib(g->weight_bytes), tg_gib(avail > 0 ? avail : 0),
+                         tg_gpu_mem_budget > 0 ? "--gpu-mem, less what is in use" : "free", tg_gib(host_avail), host_source, fits);
     }
-    g->B = B; g->N = N; g->T = T; g->G = G; g->act_bytes = need; g->n_keep_att = (int)n_keep;
+    /* the pinned host checkpoints first: a host that cannot pin them leaves the GPU untouched */
+    if (p->n_host) {
+        cudaError_t err = cudaHostAlloc((void **)&g->host_saved, p->n_host * T * D * 2, cudaHostAllocDefault);
+        if (err != cudaSuccess) {
+            cudaGetLastError();
+            g->host_saved = NULL;
+            return set_error("the host cannot pin %.2f GiB for the inputs of %zu layers (%s, planned for %.2f GiB from %s); lower --host-mem or --ctx",
+                             tg_gib(p->ckpt_host_bytes), p->n_host, cudaGetErrorString(err), tg_gib(host_avail), host_source);
+        }
+    }
+    g->B = B; g->N = N; g->T = T; g->G = G; g->act_bytes = p->gpu_bytes; g->n_keep_att = (int)p->n_keep_att;
+    g->n_host = p->n_host; g->mlp_tile = p->mlp_tile; g->ce_chunk = p->ce_chunk;
+    size_t n_keep = p->n_keep_att;
     float *inv_freq = (float *)xmalloc((size_t)c->head_dim / 2 * sizeof(float)); /* [d/2] */
     g->rope_attention = rope_inv_freq(c, N, inv_freq);
     g->inv_freq = (float *)gpu_malloc((size_t)c->head_dim / 2 * sizeof(float), "the RoPE table");
@@ -430,7 +440,19 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     free(inv_freq);
     g->tokens = (int32_t *)gpu_malloc(T * sizeof(int32_t), "token ids");
     g->targets = (int32_t *)gpu_malloc(T * sizeof(int32_t), "target ids");
-    g->saved = (uint16_t *)gpu_malloc((L + 1) * T * D * 2, "the kept layer inputs");
+    g->saved = (uint16_t *)gpu_malloc((L + 1 - g->n_host) * T * D * 2, "the kept layer inputs");
+    for (int b = 0; b < 2; b++) {
+        g->stage_holds[b] = -1;
+        if ((size_t)b < g->n_host) g->stage[b] = (uint16_t *)gpu_malloc(T * D * 2, "a staging buffer of the host checkpoints");
+    }
+    if (g->n_host) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&g->copy_stream, cudaStreamNonBlocking));
+        for (int b = 0; b < 2; b++) {
+            CUDA_CHECK(cudaEventCreateWithFlags(&g->stage_ready[b], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&g->stage_free[b], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventRecord(g->stage_free[b], cudaStreamLegacy));
+        }
+    }
     g->xn1 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
     g->x2 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
     g->xn2 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
@@ -449,18 +471,26 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     g->v = (uint16_t *)gpu_malloc(T * Hkd * 2, "activations");
     if (n_keep < L) g->lse = (float *)gpu_malloc(B * H * N * 4, "activations");
     g->xa = (uint16_t *)gpu_malloc((size_t)N_PROJ * T * (g->R ? g->R : 1) * 2, "the LoRA activations");
-    g->arena = (uint16_t *)gpu_malloc(tg_arena_elems(c, T, g->lora_mlp_down) * 2, "activations");
-    g->gate = g->arena; g->up = g->gate + T * F; g->h = g->up + T * F;
-    g->dh = g->lora_mlp_down ? g->h + T * F : g->h;
+    g->arena = (uint16_t *)gpu_malloc(tp_arena_elems(c, T, g->mlp_tile, g->lora_mlp_down) * 2, "activations");
+    size_t tile = g->mlp_tile;
+    g->gate = g->arena; g->up = g->gate + tile * F; g->h = g->up + tile * F;
+    g->dh = g->lora_mlp_down ? g->h + tile * F : g->h;
     g->datt = g->arena; g->dq = g->datt + T * Hd; g->dk = g->dq + T * Hd; g->dv = g->dk + T * Hkd;
     g->attn_ws = gpu_malloc(attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim), "the attention backward workspace");
     return 0;
 }
 
 static void gpu_train_unplan(GpuTrainer *g) {
+    CUDA_CHECK(cudaDeviceSynchronize()); /* the copy stream too */
     void *bufs[] = {g->tokens, g->targets, g->saved, g->xn1, g->x2, g->xn2, g->dx, g->dtmp, g->rstd1, g->rstd2, g->rstd_final, g->q,
-                    g->att, g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws, g->att_all, g->lse_all, g->inv_freq};
+                    g->att, g->k, g->v, g->lse, g->xa, g->arena, g->attn_ws, g->att_all, g->lse_all, g->inv_freq, g->stage[0], g->stage[1]};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) tg_free_ptr(bufs[i]);
+    if (g->host_saved) CUDA_CHECK(cudaFreeHost(g->host_saved));
+    if (g->n_host) {
+        CUDA_CHECK(cudaStreamDestroy(g->copy_stream));
+        for (int b = 0; b < 2; b++) { CUDA_CHECK(cudaEventDestroy(g->stage_ready[b])); CUDA_CHECK(cudaEventDestroy(g->stage_free[b])); }
+    }
+    g->host_saved = NULL; g->stage[0] = g->stage[1] = NULL; g->n_host = 0; g->copy_stream = NULL;
     g->tokens = g->targets = NULL; g->saved = g->xn1 = g->x2 = g->xn2 = g->dx = g->dtmp = NULL;
     g->rstd1 = g->rstd2 = g->rstd_final = g->lse = g->lse_all = g->inv_freq = NULL; g->att_all = NULL; g->n_keep_att = 0; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
     g->T = g->B = g->N = 0;
@@ -559,26 +589,36 @@ static uint16_t *tg_xa(GpuTrainer *g, int which) { return g->xa + (size_t)which 
 static uint16_t *tg_att(GpuTrainer *g, int l) { return l < g->n_keep_att ? g->att_all + (size_t)l * g->T * g->cfg.n_heads * g->cfg.head_dim : g->att; }
 static float *tg_lse(GpuTrainer *g, int l) { return l < g->n_keep_att ? g->lse_all + (size_t)l * g->B * g->cfg.n_heads * g->N : g->lse; }
 
-/* y [T, out] (= or +=) x [T, in] W^T, then the adapter's path of projection `which` (if any). */
-static void tg_project(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, uint16_t *y, float beta) {
+/* Rows r0 .. r0+rows of a projection: y [rows, out] (= or += by beta) x [rows, in] W^T, then the
+ * bias and the adapter's path of projection `which` (if any; its x A^T lands in rows r0.. of xa).
+ * x and y point at the tile's first row. */
+static void tg_project_rows(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, uint16_t *y, float beta, size_t r0, size_t rows) {
     size_t in, out;
     proj_shape(&g->cfg, which, &in, &out);
-    gpu_matmul_bf16(0, 1, g->T, out, in, 1.0f, x, W, beta, y, 0);
+    gpu_matmul_bf16(0, 1, rows, out, in, 1.0f, x, W, beta, y, 0);
     const TgLayer *gl = &g->layers[l];
-    if (gl->bias[which]) gpu_add_bias(y, gl->bias[which], g->T, out);
+    if (gl->bias[which]) gpu_add_bias(y, gl->bias[which], rows, out);
     if (gl->lora_A[which].w)
-        gpu_lora_forward(y, tg_xa(g, which), x, gl->lora_A[which].w, gl->lora_B[which].w, g->T, in, out, g->R, g->lora_scale);
+        gpu_lora_forward(y, tg_xa(g, which) + r0 * g->R, x, gl->lora_A[which].w, gl->lora_B[which].w, rows, in, out, g->R, g->lora_scale);
+}
+static void tg_project(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, uint16_t *y, float beta) {
+    tg_project_rows(g, l, which, W, x, y, beta, 0, g->T);
 }
 
-/* dx [T, in] (= or += by beta) dy [T, out] W, plus the adapter's share; dA, dB +=. */
-static void tg_project_backward(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, const uint16_t *dy, uint16_t *dx,
-                                float beta) {
+/* Rows r0 .. r0+rows: dx [rows, in] (= or += by beta) dy [rows, out] W, plus the adapter's share;
+ * dA, dB +=. x, dy and dx point at the tile's first row. */
+static void tg_project_backward_rows(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, const uint16_t *dy, uint16_t *dx,
+                                     float beta, size_t r0, size_t rows) {
     size_t in, out;
     proj_shape(&g->cfg, which, &in, &out);
-    gpu_matmul_bf16(0, 0, g->T, in, out, 1.0f, dy, W, beta, dx, 0);
+    gpu_matmul_bf16(0, 0, rows, in, out, 1.0f, dy, W, beta, dx, 0);
     TgLayer *gl = &g->layers[l];
     TgParam *A = &gl->lora_A[which], *Bp = &gl->lora_B[which];
-    if (A->w) gpu_lora_backward(dx, A->grad, Bp->grad, dy, x, tg_xa(g, which), A->w, Bp->w, g->T, in, out, g->R, g->lora_scale);
+    if (A->w) gpu_lora_backward(dx, A->grad, Bp->grad, dy, x, tg_xa(g, which) + r0 * g->R, A->w, Bp->w, rows, in, out, g->R, g->lora_scale);
+}
+static void tg_project_backward(GpuTrainer *g, int l, int which, const uint16_t *W, const uint16_t *x, const uint16_t *dy, uint16_t *dx,
+                                float beta) {
+    tg_project_backward_rows(g, l, which, W, x, dy, dx, beta, 0, g->T);
 }
 
 /* RoPE (forward or backward) over each sequence of the batch: positions restart at 0. */
@@ -592,12 +632,22 @@ static void tg_rope(GpuTrainer *g, uint16_t *x, size_t heads, int backward) {
     }
 }
 
-/* Layer l from its input x_in [T, D]. With x_out, the whole layer (into x_out); without,
- * the recompute for the backward: everything the backward reads, and no down projection
- * (nor attention, when the forward kept its output). */
+/* The MLP's first half over rows r0 .. r0+rows of xn2: gate, up [rows, F] in the arena, and
+ * with_h: h = silu(gate) * up (the forward's, or the recompute's where the down adapter needs it). */
+static void tg_mlp_tile_forward(GpuTrainer *g, int l, size_t r0, size_t rows, int with_h) {
+    size_t D = (size_t)g->cfg.dim, F = (size_t)g->cfg.ffn_dim;
+    TgLayer *gl = &g->layers[l];
+    tg_project_rows(g, l, PROJ_GATE, gl->w_gate, g->xn2 + r0 * D, g->gate, 0.0f, r0, rows);
+    tg_project_rows(g, l, PROJ_UP, gl->w_up, g->xn2 + r0 * D, g->up, 0.0f, r0, rows);
+    if (with_h) gpu_swiglu_forward(g->h, g->gate, g->up, rows * F);
+}
+
+/* Layer l from its input x_in [T, D]. With x_out, the whole layer (into x_out), the MLP tile
+ * by tile; without, the recompute for the backward up to the MLP's norm (the backward
+ * recomputes each MLP tile itself), and no attention when the forward kept its output. */
 static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_t *x_out) {
     const Config *c = &g->cfg;
-    size_t T = g->T, D = (size_t)c->dim, F = (size_t)c->ffn_dim;
+    size_t T = g->T, D = (size_t)c->dim;
     TgLayer *gl = &g->layers[l];
     gpu_rmsnorm_forward(g->xn1, g->rstd1, x_in, gl->attn_norm.w, T, D, c->rms_eps);
     tg_project(g, l, PROJ_Q, gl->wq, g->xn1, g->q, 0.0f);
@@ -612,15 +662,14 @@ static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_
     tg_project(g, l, PROJ_O, gl->wo, att, g->x2, 0.0f);
     gpu_add(g->x2, g->x2, x_in, T * D);
     gpu_rmsnorm_forward(g->xn2, g->rstd2, g->x2, gl->mlp_norm.w, T, D, c->rms_eps);
-    tg_project(g, l, PROJ_GATE, gl->w_gate, g->xn2, g->gate, 0.0f);
-    tg_project(g, l, PROJ_UP, gl->w_up, g->xn2, g->up, 0.0f);
-    gpu_swiglu_forward(g->h, g->gate, g->up, T * F);
-    if (x_out) {
-        tg_project(g, l, PROJ_DOWN, gl->w_down, g->h, x_out, 0.0f);
-        gpu_add(x_out, x_out, g->x2, T * D);
-    } else if (gl->lora_A[PROJ_DOWN].w) { /* the backward needs x A^T of the down adapter */
-        gpu_matmul_bf16(0, 1, T, g->R, F, 1.0f, g->h, gl->lora_A[PROJ_DOWN].w, 0.0f, tg_xa(g, PROJ_DOWN), 0);
+    if (!x_out) return;
+    /* MLP: out = x2 + down(silu(gate) * up), gate/up = proj(rmsnorm(x2)), mlp_tile rows at a time */
+    for (size_t r0 = 0; r0 < T; r0 += g->mlp_tile) {
+        size_t rows = T - r0 < g->mlp_tile ? T - r0 : g->mlp_tile;
+        tg_mlp_tile_forward(g, l, r0, rows, 1);
+        tg_project_rows(g, l, PROJ_DOWN, gl->w_down, g->h, x_out + r0 * D, 0.0f, r0, rows);
     }
+    gpu_add(x_out, x_out, g->x2, T * D);
 }
 
 /* Backward of layer l after tg_layer_forward(g, l, x_in, NULL): g->dx holds dL/d(output)
@@ -629,11 +678,21 @@ static void tg_layer_backward(GpuTrainer *g, int l, const uint16_t *x_in) {
     const Config *c = &g->cfg;
     size_t T = g->T, D = (size_t)c->dim, F = (size_t)c->ffn_dim;
     TgLayer *gl = &g->layers[l];
-    /* MLP: out = x2 + down(silu(gate) * up), gate/up = proj(rmsnorm(x2)) */
-    tg_project_backward(g, l, PROJ_DOWN, gl->w_down, g->h, g->dx, g->dh, 0.0f);
-    gpu_swiglu_backward(g->gate, g->up, g->dh, g->gate, g->up, T * F); /* dgate over gate, dup over up */
-    tg_project_backward(g, l, PROJ_GATE, gl->w_gate, g->xn2, g->gate, g->dtmp, 0.0f);
-    tg_project_backward(g, l, PROJ_UP, gl->w_up, g->xn2, g->up, g->dtmp, 1.0f);
+    /* MLP, tile by tile: each tile's gate and up recomputed (and h where the down adapter
+     * reads it), except the top layer's single tile, which the forward left in the arena */
+    int still_there = g->mlp_tile >= T && l + 1 == c->n_layers;
+    for (size_t r0 = 0; r0 < T; r0 += g->mlp_tile) {
+        size_t rows = T - r0 < g->mlp_tile ? T - r0 : g->mlp_tile;
+        if (!still_there) {
+            tg_mlp_tile_forward(g, l, r0, rows, g->lora_mlp_down);
+            if (gl->lora_A[PROJ_DOWN].w) /* the backward needs x A^T of the down adapter */
+                gpu_matmul_bf16(0, 1, rows, g->R, F, 1.0f, g->h, gl->lora_A[PROJ_DOWN].w, 0.0f, tg_xa(g, PROJ_DOWN) + r0 * g->R, 0);
+        }
+        tg_project_backward_rows(g, l, PROJ_DOWN, gl->w_down, g->h, g->dx + r0 * D, g->dh, 0.0f, r0, rows);
+        gpu_swiglu_backward(g->gate, g->up, g->dh, g->gate, g->up, rows * F); /* dgate over gate, dup over up */
+        tg_project_backward_rows(g, l, PROJ_GATE, gl->w_gate, g->xn2 + r0 * D, g->gate, g->dtmp + r0 * D, 0.0f, r0, rows);
+        tg_project_backward_rows(g, l, PROJ_UP, gl->w_up, g->xn2 + r0 * D, g->up, g->dtmp + r0 * D, 1.0f, r0, rows);
+    }
     gpu_rmsnorm_backward(g->dx, gl->mlp_norm.grad, g->dtmp, g->x2, gl->mlp_norm.w, g->rstd2, T, D, c->rms_eps, 1);
     /* attention: x2 = x_in + o(attn(rope(q), rope(k), v)), q/k/v = proj(rmsnorm(x_in)) */
     const uint16_t *att = tg_att(g, l);
@@ -647,6 +706,65 @@ static void tg_layer_backward(GpuTrainer *g, int l, const uint16_t *x_in) {
     tg_project_backward(g, l, PROJ_K, gl->wk, g->xn1, g->dk, g->dtmp, 1.0f);
     tg_project_backward(g, l, PROJ_V, gl->wv, g->xn1, g->dv, g->dtmp, 1.0f);
     gpu_rmsnorm_backward(g->dx, gl->attn_norm.grad, g->dtmp, x_in, gl->attn_norm.w, g->rstd1, T, D, c->rms_eps, 1);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Layer inputs: slot j (0 .. L) is layer j's input, slot L the last layer's output. Slots
+ * below n_host live in pinned host memory and pass through staging buffer j % 2; the rest
+ * stay on the GPU. The compute runs on the legacy default stream, the copies on copy_stream:
+ * a copy out waits for the layer that wrote the buffer (stage_ready), the next write into
+ * the buffer waits for the copy (stage_free); a copy in waits for the buffer's last reader
+ * (stage_free), and the layer that reads it waits for the copy (stage_ready).
+ * ------------------------------------------------------------------------------------- */
+
+static uint16_t *tg_slot(GpuTrainer *g, size_t j) {
+    return j < g->n_host ? g->stage[j & 1] : g->saved + (j - g->n_host) * g->T * (size_t)g->cfg.dim;
+}
+
+/* Forward, before slot j is written: a staging buffer's copy out must be done. */
+static void tg_slot_claim(GpuTrainer *g, size_t j) {
+    if (j >= g->n_host) return;
+    CUDA_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, g->stage_free[j & 1], 0));
+    g->stage_holds[j & 1] = (int)j;
+}
+
+/* Forward, after slot j was written: a host layer's input is copied out on the side stream.
+ * The two highest host layers skip it: nothing overwrites their staging buffers before the
+ * backward reads them there. */
+static void tg_slot_offload(GpuTrainer *g, size_t j) {
+    if (j + 2 >= g->n_host) return;
+    size_t bytes = g->T * (size_t)g->cfg.dim * 2;
+    int b = (int)(j & 1);
+    CUDA_CHECK(cudaEventRecord(g->stage_ready[b], cudaStreamLegacy));
+    CUDA_CHECK(cudaStreamWaitEvent(g->copy_stream, g->stage_ready[b], 0));
+    CUDA_CHECK(cudaMemcpyAsync(g->host_saved + j * g->T * g->cfg.dim, g->stage[b], bytes, cudaMemcpyDeviceToHost, g->copy_stream));
+    CUDA_CHECK(cudaEventRecord(g->stage_free[b], g->copy_stream));
+}
+
+/* Backward: layer j's input back into its staging buffer on the side stream, once the
+ * buffer's last reader (layer j+2's backward) is done; nothing when it is still there. */
+static void tg_slot_prefetch(GpuTrainer *g, long j) {
+    if (j < 0 || (size_t)j >= g->n_host || g->stage_holds[j & 1] == (int)j) return;
+    size_t bytes = g->T * (size_t)g->cfg.dim * 2;
+    int b = (int)(j & 1);
+    CUDA_CHECK(cudaStreamWaitEvent(g->copy_stream, g->stage_free[b], 0));
+    CUDA_CHECK(cudaMemcpyAsync(g->stage[b], g->host_saved + (size_t)j * g->T * g->cfg.dim, bytes, cudaMemcpyHostToDevice, g->copy_stream));
+    CUDA_CHECK(cudaEventRecord(g->stage_ready[b], g->copy_stream));
+    g->stage_holds[b] = (int)j;
+}
+
+/* Backward: layer j's input, the compute stream waiting for its copy in (issued a layer ahead). */
+static const uint16_t *tg_slot_fetch(GpuTrainer *g, size_t j) {
+    if (j < g->n_host) {
+        tg_slot_prefetch(g, (long)j); /* nothing when it was issued ahead */
+        CUDA_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, g->stage_ready[j & 1], 0));
+    }
+    return tg_slot(g, j);
+}
+
+/* Backward, after layer j's: its staging buffer may be refilled. */
+static void tg_slot_release(GpuTrainer *g, size_t j) {
+    if (j < g->n_host) CUDA_CHECK(cudaEventRecord(g->stage_free[j & 1], cudaStreamLegacy));
 }
 
 static void gpu_train_zero_grads(GpuTrainer *g) {
@@ -663,16 +781,20 @@ static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, c
         if (tokens[t] < 0 || tokens[t] >= c->vocab_size) die("token %zu has id %d, outside the vocabulary of %d", t, tokens[t], c->vocab_size);
     CUDA_CHECK(cudaMemcpy(g->tokens, tokens, T * sizeof(int32_t), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(g->targets, targets, T * sizeof(int32_t), cudaMemcpyHostToDevice));
-    /* forward, keeping each layer's input */
-    gpu_embedding_forward(g->saved, g->tokens, g->embed.w, T, D, V);
+    /* forward, keeping each layer's input (the lowest ones copied out to the host) */
+    tg_slot_claim(g, 0);
+    gpu_embedding_forward(tg_slot(g, 0), g->tokens, g->embed.w, T, D, V);
+    tg_slot_offload(g, 0);
     for (size_t l = 0; l < L; l++) {
         tg_z3_use(g, (int)l, (int)l + 1); /* --shard-weights: gather this layer (the next one's gather starts) */
-        tg_layer_forward(g, (int)l, g->saved + l * T * D, g->saved + (l + 1) * T * D);
+        tg_slot_claim(g, l + 1);
+        tg_layer_forward(g, (int)l, tg_slot(g, l), tg_slot(g, l + 1));
+        tg_slot_offload(g, l + 1);
         tg_z3_done(g, (int)l);
     }
     /* the final norm goes to dx (free until the backward writes it), so the work buffers
      * still hold the last layer's activations: its backward needs no recompute */
-    const uint16_t *x_last = g->saved + L * T * D;
+    const uint16_t *x_last = tg_slot(g, L);
     uint16_t *h_final = g->dx; /* [T, D] */
     gpu_rmsnorm_forward(h_final, g->rstd_final, x_last, g->final_norm.w, T, D, c->rms_eps);
     /* the loss and dL/d(final norm output) into dtmp; a tied head's dW goes to embed */
@@ -685,11 +807,13 @@ static double gpu_train_forward_backward(GpuTrainer *g, const int32_t *tokens, c
     gpu_rmsnorm_backward(g->dx, g->final_norm.grad, g->dtmp, x_last, g->final_norm.w, g->rstd_final, T, D, c->rms_eps, 0);
     /* backward, recomputing each layer from its kept input (the last one's are still there) */
     for (size_t l = L; l-- > 0;) {
-        const uint16_t *x_in = g->saved + l * T * D;
+        const uint16_t *x_in = tg_slot_fetch(g, l);
+        tg_slot_prefetch(g, (long)l - 1); /* the next layer's input comes in during this one */
         tg_z3_use(g, (int)l, (int)l - 1);
         if (l + 1 < L) tg_layer_forward(g, (int)l, x_in, NULL);
         tg_layer_backward(g, (int)l, x_in);
         tg_z3_done(g, (int)l);
+        tg_slot_release(g, l);
     }
     if (g->embed.grad) gpu_embedding_backward(g->embed.grad, g->tokens, g->dx, T, D, V);
     return loss;
@@ -778,7 +902,12 @@ static void train_gpu_setup(Trainer *t) {
         die("--shard-weights shards the frozen weights over several GPU ranks: it needs --world-size 2 or more on GPUs with NCCL");
     tg_shard_weights = o->shard_weights;
     gpu_train_init(t->gpu, &t->model, &t->lora, &t->lt.opt, 0);
+    tg_gpu_mem_budget = o->gpu_mem_gib * TP_GIB;
+    tg_host_mem_budget = o->host_mem_gib < 0 ? -1 : o->host_mem_gib * TP_GIB;
     if (gpu_train_plan(t->gpu, (size_t)o->batch, (size_t)o->ctx, (size_t)o->group) != 0) die("%s", last_error());
+    char line[1024];
+    train_plan_describe(&t->gpu->cfg, &t->gpu->plan, line, sizeof line);
+    if (!o->quiet) fprintf(stderr, "05_train: %s\n", line);
 }
 
 static void train_gpu_free(Trainer *t) {

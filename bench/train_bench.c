@@ -4,7 +4,11 @@
  * checkpointing, AdamW; one warm-up step, then --steps timed steps (median) per length.
  *
  *   build/train_bench [--shape llama2-7b] [--ctx 8192,16384,32768,65536,100000] [--steps 3]
- *                     [--no-s2] [--out FILE.json]
+ *                     [--warmup 1] [--no-s2] [--gpu-mem GiB] [--host-mem GiB] [--out FILE.json]
+ *
+ * --gpu-mem and --host-mem plan the step for those budgets (05_plan.c): an 80 GB card's plan
+ * runs, and is measured, on a bigger one. Each length prints the plan, and the planner's GPU
+ * bytes (what was in use before + the plan) beside what cudaMemGetInfo says after the steps.
  *
  * The frozen weights are drawn straight into bf16 (an fp32 host copy of 7B is 27 GB); the
  * trainable tensors come from the host as in training. Peak memory is what cudaMemGetInfo
@@ -42,16 +46,30 @@ static void write_json(const char *out_path, const char *device, const char *sha
 
 int main(int argc, char **argv) {
     const char *shape = "llama2-7b", *ctx_list = "8192,16384,32768,65536,100000", *out_path = NULL;
-    int steps = 3, s2 = 1;
+    int steps = 3, warmup = 1, s2 = 1;
+    double gpu_mem_gib = 0, host_mem_gib = -1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--shape") && i + 1 < argc) shape = argv[++i];
         else if (!strcmp(argv[i], "--ctx") && i + 1 < argc) ctx_list = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--gpu-mem") && i + 1 < argc) gpu_mem_gib = need_double_arg("--gpu-mem", argv[++i], 1.0 / 1024, 1 << 20);
+        else if (!strcmp(argv[i], "--host-mem") && i + 1 < argc) host_mem_gib = need_double_arg("--host-mem", argv[++i], 0, 1 << 20);
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out_path = argv[++i];
         else if (!strcmp(argv[i], "--no-s2")) s2 = 0;
         else die("train_bench: unknown argument '%s'", argv[i]);
     }
     if (steps < 1 || steps > 100) die("--steps must be 1..100");
+    if (warmup < 0 || warmup > 10) die("--warmup must be 0..10");
+    tg_gpu_mem_budget = gpu_mem_gib * TP_GIB;
+    tg_host_mem_budget = host_mem_gib < 0 ? -1 : host_mem_gib * TP_GIB;
+    const char *host_source = "--host-mem";
+    double host_default = train_host_mem_default(&host_source);
+    if (host_mem_gib >= 0) host_source = "--host-mem";
+    char gpu_budget[64] = "what is free";
+    if (gpu_mem_gib > 0) snprintf(gpu_budget, sizeof gpu_budget, "%.1f GiB (--gpu-mem)", gpu_mem_gib);
+    fprintf(stderr, "train_bench: GPU budget %s; host budget %.2f GiB (%s)\n", gpu_budget, host_mem_gib >= 0 ? host_mem_gib : tg_gib(host_default),
+            host_source);
     if (!gpu_train_available()) { printf("train_bench: no GPU\n"); return 77; }
     Config c;
     if (config_from_shape(shape, &c) != 0) die("%s", last_error());
@@ -101,6 +119,8 @@ int main(int argc, char **argv) {
         if (N == 0) continue;
         if (G && N % G) { G = 0; }
         g.cfg.rope_factor = N > (size_t)c.max_pos ? (float)ceil((double)N / c.max_pos) : 1.0f; /* position interpolation */
+        double used_before = gpu_train_used_bytes();
+        double t_plan = now_seconds();
         if (gpu_train_plan(&g, 1, N, G) != 0) {
             printf("%-8zu %-6s does not fit: %s\n", N, G ? "S2" : "full", last_error());
             char msg[1100];
@@ -110,6 +130,10 @@ int main(int argc, char **argv) {
             write_json(out_path, prop.name, shape, s2, steps, tg_gib(g.weight_bytes), rows, n_rows);
             continue;
         }
+        t_plan = now_seconds() - t_plan;
+        char plan_line[1024];
+        train_plan_describe(&g.cfg, &g.plan, plan_line, sizeof plan_line);
+        fprintf(stderr, "train_bench: %s (allocated in %.1f s)\n", plan_line, t_plan);
         int32_t *tokens = (int32_t *)xmalloc(N * sizeof(int32_t)), *targets = (int32_t *)xmalloc(N * sizeof(int32_t)); /* [N] */
         Rng r;
         rng_seed(&r, N);
@@ -117,7 +141,7 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i + 1 < N; i++) targets[i] = tokens[i + 1];
         targets[N - 1] = IGNORE_INDEX;
         double times[101], loss = 0, fwd_bwd_s = 0;
-        for (int s = 0; s <= steps; s++) {
+        for (int s = 1 - warmup; s <= steps; s++) {
             CUDA_CHECK(cudaDeviceSynchronize());
             double a = now_seconds();
             gpu_train_zero_grads(&g);
@@ -127,20 +151,24 @@ int main(int argc, char **argv) {
             double norm = gpu_train_grad_norm(&g, 1.0);
             gpu_train_adamw(&g, &opt, opt.cfg.lr, 1.0f);
             CUDA_CHECK(cudaDeviceSynchronize());
-            times[s] = now_seconds() - a;
+            if (s > 0) times[s] = now_seconds() - a;
             if (s > 0) fwd_bwd_s += (b - a) / steps;
             if (!isfinite(loss) || !isfinite(norm)) die("train_bench: non-finite loss %g or gradient norm %g at N=%zu", loss, norm, N);
         }
-        double peak = gpu_train_used_bytes();
+        double peak = gpu_train_used_bytes(), planned = used_before + g.plan.gpu_bytes;
+        fprintf(stderr, "train_bench: N=%zu GPU memory planned %.2f GiB (%.2f in use before + %.2f planned), cudaMemGetInfo %.2f GiB in use: %+.1f%%\n",
+                N, tg_gib(planned), tg_gib(used_before), tg_gib(g.plan.gpu_bytes), tg_gib(peak), 100.0 * (peak - planned) / planned);
         qsort(times + 1, (size_t)steps, sizeof(double), by_double);
         double median = times[1 + steps / 2], tps = (double)N / median;
-        printf("%-8zu %-6s %12.0f %12.2f %10.3f %8.4f  (%d layers keep their attention output)\n", N, G ? "S2" : "full", tps, tg_gib(peak),
-               median, loss, g.n_keep_att);
+        printf("%-8zu %-6s %12.0f %12.2f %10.3f %8.4f  (%d layers keep their attention output; %zu layer inputs in %.2f GiB of host memory; "
+               "MLP tile %zu)\n", N, G ? "S2" : "full", tps, tg_gib(peak), median, loss, g.n_keep_att, g.n_host, tg_gib(g.plan.ckpt_host_bytes), g.mlp_tile);
         fflush(stdout);
         snprintf(rows[n_rows++], sizeof rows[0],
                  "    {\"N\": %zu, \"s2_group\": %zu, \"fits\": true, \"tokens_per_s\": %.1f, \"step_s_median\": %.4f, \"fwd_bwd_s_mean\": %.4f, "
-                 "\"peak_gib_device_used\": %.3f, \"planned_activation_gib\": %.3f, \"layers_keeping_attention_output\": %d, \"loss\": %.5f}",
-                 N, G, tps, median, fwd_bwd_s, tg_gib(peak), tg_gib(g.act_bytes), g.n_keep_att, loss);
+                 "\"peak_gib_device_used\": %.3f, \"planned_activation_gib\": %.3f, \"planned_gib_device_used\": %.3f, \"gpu_mem_budget_gib\": %.1f, "
+                 "\"host_pinned_gib\": %.3f, \"layer_inputs_on_host\": %zu, \"mlp_tile\": %zu, \"layers_keeping_attention_output\": %d, \"loss\": %.5f}",
+                 N, G, tps, median, fwd_bwd_s, tg_gib(peak), tg_gib(g.act_bytes), tg_gib(planned), gpu_mem_gib, tg_gib(g.plan.ckpt_host_bytes), g.n_host,
+                 g.mlp_tile, g.n_keep_att, loss);
         free(tokens);
         free(targets);
         gpu_train_unplan(&g);

@@ -1,0 +1,138 @@
+/* test_train_plan.c: 05_plan.c's arithmetic, on any machine (no GPU, no CUDA).
+ *
+ * LLaMA-2-7B's shape at the lengths of bench/TRAIN_NOTES.md, within an 80 GiB and a 139 GiB
+ * card and 112 GiB of host memory; a tiny shape for the edges. Checks:
+ *   - the byte counts add up, and each term is what its buffers hold (a 7B layer input at
+ *     262,144 tokens is exactly 2 GiB);
+ *   - the MLP tile's [tile, F] buffers never outgrow the attention's part of the arena,
+ *     and the tile is a multiple of 64 rows or all of them;
+ *   - a plan fits its budgets, and is the least offloading one: one layer input fewer on the
+ *     host would not fit; kept attention outputs only where a query sees >= 4096 keys;
+ *   - a plan that does not fit says so, and train_plan_longest's length is the longest that
+ *     fits (64 tokens more do not);
+ *   - the describe line names the GPU, the host and the recompute, with bytes.
+ */
+#define STAGE 0
+#include "05_train.c"
+#include "05_plan.c"
+
+#include "check.h"
+
+static const double GiB = 1024.0 * 1024.0 * 1024.0;
+
+/* 04's attention backward workspace (04_gpu.h: fp32 dQ [B, N, H, d] + row sums [B, H, N]) */
+static double attn_ws(const Config *c, size_t B, size_t N) { return (double)B * N * c->n_heads * (c->head_dim + 1) * 4.0; }
+
+static TrainPlan ask(const Config *c, size_t N, double gpu_avail, double host_avail) {
+    TrainPlan p;
+    memset(&p, 0, sizeof p);
+    p.B = 1; p.N = N; p.G = N / 4; p.R = 8;
+    p.gpu_avail = gpu_avail; p.host_avail = host_avail;
+    p.attn_ws_bytes = attn_ws(c, 1, N);
+    p.keep_att_policy = -1; p.host_policy = -1;
+    return p;
+}
+
+/* The sums and the rules every plan keeps. */
+static void check_plan(const Config *c, const TrainPlan *p, const char *what) {
+    size_t L = (size_t)c->n_layers, F = (size_t)c->ffn_dim, Hd = (size_t)c->n_heads * c->head_dim, Hkd = (size_t)c->n_kv_heads * c->head_dim;
+    double slot = (double)p->T * c->dim * 2;
+    size_t staging = p->n_host < 2 ? p->n_host : 2;
+    EXPECT(p->slot_bytes == slot && p->ckpt_gpu_bytes == (double)(L + 1 - p->n_host + staging) * slot && p->ckpt_host_bytes == (double)p->n_host * slot,
+           "%s: %zu of %zu layer inputs on the host: %.3f GiB there, %.3f GiB of checkpoints and staging on the GPU", what, p->n_host, L,
+           p->ckpt_host_bytes / GiB, p->ckpt_gpu_bytes / GiB);
+    EXPECT(p->gpu_bytes == p->ckpt_gpu_bytes + p->keep_att_bytes + p->work_bytes &&
+               p->keep_att_bytes == (double)p->n_keep_att * ((double)p->T * Hd * 2 + (double)p->B * c->n_heads * p->N * 4),
+           "%s: GPU %.3f GiB = checkpoints %.3f + %zu attention outputs %.3f + work %.3f", what, p->gpu_bytes / GiB, p->ckpt_gpu_bytes / GiB,
+           p->n_keep_att, p->keep_att_bytes / GiB, p->work_bytes / GiB);
+    EXPECT((p->mlp_tile == p->T || p->mlp_tile % 64 == 0) && 3 * p->mlp_tile * F <= p->T * (2 * Hd + 2 * Hkd),
+           "%s: MLP tile %zu of %zu tokens: [tile, F] x 3 = %.2f GiB within the attention's %.2f GiB", what, p->mlp_tile, p->T,
+           3.0 * p->mlp_tile * F * 2 / GiB, (double)p->T * (2 * Hd + 2 * Hkd) * 2 / GiB);
+}
+
+static void test_7b(void) {
+    Config c;
+    if (config_from_shape("llama2-7b", &c) != 0) die("%s", last_error());
+    double weights = 14.6 * GiB, context = 0.6 * GiB; /* what train_bench has in use before planning */
+    double host = 112 * GiB;
+    struct { size_t N; double card; } runs[] = {{100000, 80}, {100000, 139}, {262144, 80}, {262144, 139}, {524288, 80}, {8192, 80}};
+    for (size_t i = 0; i < sizeof runs / sizeof *runs; i++) {
+        TrainPlan p = ask(&c, runs[i].N, runs[i].card * GiB - weights - context, host);
+        char what[64];
+        snprintf(what, sizeof what, "7B N=%zu in %.0f GiB", runs[i].N, runs[i].card);
+        int rc = train_plan_decide(&c, &p);
+        char line[1024];
+        train_plan_describe(&c, &p, line, sizeof line);
+        printf("     %s: %s: %s\n", what, rc == 0 ? "fits" : "does not fit", line);
+        if (runs[i].N == 524288) { /* the attention's [T, H*d] buffers alone outgrow 80 GiB there */
+            EXPECT(rc == -1, "%s: does not fit (%.2f GiB of work buffers)", what, p.work_bytes / GiB);
+            size_t longest = train_plan_longest(&c, &p);
+            TrainPlan a = ask(&c, longest, p.gpu_avail, host), b = ask(&c, longest + 64, p.gpu_avail, host);
+            a.G = b.G = 0;
+            EXPECT(longest > 262144 && train_plan_decide(&c, &a) == 0 && train_plan_decide(&c, &b) != 0,
+                   "%s: the longest that fits is %zu tokens (64 more do not)", what, longest);
+            continue;
+        }
+        EXPECT(rc == 0, "%s: fits", what);
+        check_plan(&c, &p, what);
+        EXPECT(p.gpu_bytes + tp_margin + (p.n_keep_att ? tp_keep_spare : 0) <= p.gpu_avail && p.ckpt_host_bytes <= p.host_avail,
+               "%s: %.2f GiB planned within %.2f GiB, %.2f GiB of host within %.0f", what, p.gpu_bytes / GiB, p.gpu_avail / GiB,
+               p.ckpt_host_bytes / GiB, host / GiB);
+        if (p.n_host > 0) { /* the least offloading plan: one fewer on the host does not fit */
+            TrainPlan q = p;
+            q.host_policy = (int)p.n_host - 1;
+            q.keep_att_policy = (int)p.n_keep_att;
+            EXPECT(train_plan_decide(&c, &q) != 0 || q.n_keep_att < p.n_keep_att,
+                   "%s: with %zu layer inputs on the host instead of %zu, the %zu kept attention outputs do not fit", what, p.n_host - 1, p.n_host,
+                   p.n_keep_att);
+        }
+        EXPECT(p.n_keep_att == 0 || p.G / 2 >= 4096, "%s: attention outputs kept (%zu) only where a query sees 4096 keys or more (%zu)", what,
+               p.n_keep_att, p.G / 2);
+        EXPECT(strstr(line, "GiB") && strstr(line, "host") && strstr(line, "recomputed"), "%s: the plan line names GPU, host and recompute", what);
+    }
+    /* the exact sizes at 262,144 tokens in 80 GiB */
+    TrainPlan p = ask(&c, 262144, 80 * GiB - weights - context, host);
+    train_plan_decide(&c, &p);
+    EXPECT(p.slot_bytes == 2 * GiB && p.n_host >= 3, "7B N=262144 in 80 GiB: a layer input is %.3f GiB (2 expected), %zu of them on the host",
+           p.slot_bytes / GiB, p.n_host);
+    /* no host memory: nothing goes there, and 262,144 tokens do not fit 80 GiB */
+    TrainPlan none = ask(&c, 262144, 80 * GiB - weights - context, 0);
+    EXPECT(train_plan_decide(&c, &none) != 0 && none.n_host == 0, "7B N=262144 in 80 GiB without host memory: does not fit (%zu on the host)",
+           none.n_host);
+    /* the whole H200 at 100,000 tokens: every layer keeps its attention output, nothing on the host */
+    TrainPlan big = ask(&c, 100000, 139 * GiB - weights - context, host);
+    EXPECT(train_plan_decide(&c, &big) == 0 && big.n_host == 0 && big.n_keep_att == 32,
+           "7B N=100000 in 139 GiB: %zu kept attention outputs (32), %zu layer inputs on the host (0)", big.n_keep_att, big.n_host);
+}
+
+static void test_tiny(void) {
+    Config c;
+    memset(&c, 0, sizeof c);
+    c.dim = 192; c.n_layers = 4; c.n_heads = 3; c.n_kv_heads = 1; c.head_dim = 64; c.ffn_dim = 328; c.vocab_size = 397;
+    /* forced choices are kept: every layer on the host, a 37-row tile */
+    TrainPlan p = ask(&c, 96, 1e12, 1e12);
+    p.B = 2; p.host_policy = 4; p.tile_policy = 37; p.attn_ws_bytes = attn_ws(&c, 2, 96);
+    EXPECT(train_plan_decide(&c, &p) == 0 && p.n_host == 4 && p.mlp_tile == 37 && p.T == 192, "tiny: forced 4 on the host (%zu), tile 37 (%zu)",
+           p.n_host, p.mlp_tile);
+    EXPECT(p.ckpt_gpu_bytes == 3 * (double)p.slot_bytes, "tiny: all 4 on the host leave the last output and 2 staging buffers (%.0f bytes, %.0f each)",
+           p.ckpt_gpu_bytes, p.slot_bytes);
+    /* a tile is never above T */
+    TrainPlan q = ask(&c, 96, 1e12, 1e12);
+    q.tile_policy = 1000;
+    train_plan_decide(&c, &q);
+    EXPECT(q.mlp_tile == 96, "tiny: a tile of 1000 rows over 96 tokens is cut to 96 (%zu)", q.mlp_tile);
+    /* a host budget of 0 with a GPU budget too small: -1, nothing on the host */
+    TrainPlan r = ask(&c, 96, 1000, 0);
+    EXPECT(train_plan_decide(&c, &r) == -1 && r.n_host == 0 && train_plan_longest(&c, &r) == 0,
+           "tiny: 1000 bytes of GPU fit nothing (%zu on the host)", r.n_host);
+    const char *source = NULL;
+    double host = train_host_mem_default(&source);
+    EXPECT(host > 0 && source, "the default host budget: %.2f GiB from %s", host / GiB, source ? source : "?");
+}
+
+int main(void) {
+    test_7b();
+    test_tiny();
+    printf("test_train_plan: %d checks, %d failed\n", g_checks, g_failures);
+    return g_failures ? 1 : 0;
+}
