@@ -186,6 +186,10 @@ static void test_flags(void) {
     rc = parse_flags(&o, "--init random --shape tiny --sft s.json --template alpaca --pack --ctx 64");
     EXPECT(rc == 0 && o.sft_pack && !strcmp(o.template_name, "alpaca"), "SFT flags parsed");
     EXPECT(parse_flags(&o, "--help") == 1, "--help is reported");
+    rc = parse_flags(&o, "--model m --data a --ctx 64");
+    EXPECT(rc == 0 && o.gpu_mem_gib == 0 && o.host_mem_gib < 0, "no memory budgets by default (what is free, what the machine has)");
+    rc = parse_flags(&o, "--model m --data a --ctx 64 --gpu-mem 80 --host-mem 112.5");
+    EXPECT(rc == 0 && o.gpu_mem_gib == 80 && o.host_mem_gib == 112.5, "--gpu-mem and --host-mem parsed: %s", last_error());
     /* one S2 rule (common.h's s2_group_size): a ratio of 1 is one group, i.e. full attention */
     rc = parse_flags(&o, "--model m --data a --ctx 64 --group-ratio 1");
     EXPECT(rc == 0 && o.group == 0, "--group-ratio 1 is full attention (G = 0), got G = %d: %s", o.group, last_error());
@@ -231,6 +235,9 @@ static void test_flags(void) {
         {"--model m --data a --device gpu", "no CUDA"}, /* this test is built without USE_CUDA */
         {"--model m --data a --device tpu", "--device"},
         {"--model m --sft s.json --save-tokens t.tok", "--save-tokens"},
+        {"--model m --data a --gpu-mem 0", "--gpu-mem"},
+        {"--model m --data a --gpu-mem 80GB", "--gpu-mem"},
+        {"--model m --data a --host-mem -1", "--host-mem"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         rc = parse_flags(&o, bad[i].flags);
