@@ -143,7 +143,7 @@ static void train_usage(FILE *f) {
         "  --quiet                no progress lines\n"
         "  --device cpu|gpu       where the step runs (default: the GPU when this build and machine have one)\n"
         "  --gpu-mem GiB          plan the GPU step for this much GPU memory in all (default: what is free);\n"
-        "                         what does not fit goes to host memory, then is recomputed\n"
+        "                         layer inputs that do not fit go to host memory, attention outputs are recomputed\n"
         "  --host-mem GiB         pinned host memory the step may keep layer inputs in (default: the cgroup's\n"
         "                         limit, else the physical memory, less an eighth)\n"
         "several processes (data parallel; one per GPU):\n"

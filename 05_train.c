@@ -13,7 +13,7 @@
  *                    trainable weights with their AdamW moments, the data position and the
  *                    RNG state, written under a temporary name and renamed into place
  *   05_dist.c        several processes (data parallel, ZeRO-1, --shard-weights)
- *   05_train_gpu.c   the GPU step
+ *   05_train_gpu.c   the GPU step, with 05_plan.c, its memory plan (--gpu-mem, --host-mem)
  * Runs on: the GPU where the build has CUDA and the machine a GPU (05_train_gpu.c: bf16
  * weights, 04's kernels, activation checkpointing; --device cpu|gpu chooses, the startup
  * line says which and why), else the CPU, with the fp32 code of 02 and 03. The CPU trains

@@ -414,9 +414,10 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     if (train_plan_decide(c, p) != 0) {
         size_t fits = train_plan_longest(c, p);
         return set_error("a context of %zu tokens (batch %zu) needs %.2f GiB of GPU memory (%.2f GiB of it one layer's work buffers, %.2f GiB "
-                         "%zu layer inputs) with %zu layer inputs (%.2f GiB) in host memory, beside the %.2f GiB of weights, but the GPU allows %.2f GiB "
-                         "(%s) and the host %.2f GiB (%s); lower --ctx to about %zu or less (or --batch), or raise --gpu-mem or --host-mem",
-                         N, B, tg_gib(p->gpu_bytes + tp_margin), tg_gib(p->work_bytes), tg_gib(p->ckpt_gpu_bytes), L + 1 - p->n_host, p->n_host,
+                         "the layer inputs on the GPU and the staging buffers) with %zu of the %zu layer inputs (%.2f GiB) in host memory, beside the %.2f GiB "
+                         "of weights, but the GPU allows %.2f GiB (%s) and the host %.2f GiB (%s); lower --ctx to about %zu or less (or --batch), or raise "
+                         "--gpu-mem or --host-mem",
+                         N, B, tg_gib(p->gpu_bytes + tp_margin), tg_gib(p->work_bytes), tg_gib(p->ckpt_gpu_bytes), p->n_host, L,
                          tg_gib(p->ckpt_host_bytes), tg_gib(g->weight_bytes), tg_gib(avail > 0 ? avail : 0),
                          tg_gpu_mem_budget > 0 ? "--gpu-mem, less what is in use" : "free", tg_gib(host_avail), host_source, fits);
     }

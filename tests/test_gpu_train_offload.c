@@ -165,6 +165,7 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, u
     for (int s = 1; s <= 2; s++) {
         double loss = step(&g, opt, tokens, targets, off);
         double dl = fabs(loss - loss_ref) / fabs(loss_ref), dg = worst_grad_diff(opt, off, ref, &where);
+        printf("     %s, step %d: loss %.7f (relative difference %.1e), gradients within %.2e relative L2 (worst %s)\n", name, s, loss, dl, dg, where);
         EXPECT(dl <= 1e-4 && dg <= 1e-2,
                "%s, step %d: offloaded + tiled loss %.7f vs %.7f (relative %.1e, 1e-4), %zu gradients within %.2e relative L2 (1e-2; worst %s)", name,
                s, loss, loss_ref, dl, opt->count, dg, where);
