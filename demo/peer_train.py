@@ -199,7 +199,7 @@ def main():
         if "embed_tokens" in n or "norm" in n:
             p.requires_grad_(True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    checkpointing = device == "cuda" and not args.no_checkpointing
+    checkpointing = (device == "cuda" or os.environ.get("PEER_CHECKPOINTING") == "1") and not args.no_checkpointing
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -55,7 +55,7 @@ rc=$?
 
 # every step, in order
 prev=0
-for step in "1. model" "2. text" "3. tokenize" "4. the model in C" "5. before" "6. LongLoRA fine-tune" "7. after" "8. before/after" "done in"; do
+for step in "1. model" "2. text" "3. tokenize" "4. the model in C" "5. before" "6. LongLoRA fine-tune" "7. after" "9. table and plot" "done in"; do
   line=$(grep -n "^== $step" "$TMP/run.log" | head -n 1 | cut -d: -f1)
   if [ -n "$line" ] && [ "$line" -gt "$prev" ]; then ok; prev=$line; else bad "step '$step' missing or out of order"; fi
 done
