@@ -14,7 +14,8 @@
 #                          and norms, position interpolation via --ctx) on the training text
 #   7. after               step 5 again with the adapter
 #   8. peer (DEMO_PEER=1)  demo/peer_train.py: the same fine-tune with transformers + peft + torch
-#                          AdamW (DEMO_PEER_PYTHON: a Python with them), evaluated by
+#                          AdamW (DEMO_PEER_PYTHON: a Python with them; DEMO_PEER_FLAGS: more
+#                          flags, e.g. --no-checkpointing), evaluated by
 #                          demo/reference_eval.py; training.md puts both trainings side by side
 #   9. report              demo/report.py: a before/after Markdown table and a PNG plot
 #
@@ -243,7 +244,7 @@ if [ "${DEMO_PEER:-0}" = 1 ]; then
   rm -rf "$PEER"
   T_PEER=$(date +%s)
   "$PEER_PY" demo/peer_train.py --model "$RUN_MODEL" --data "$TRAIN_TOK" --ctx "$CTX" --steps "$STEPS" --lr "$LR" \
-      --warmup "$WARMUP" --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" --out "$PEER" > "$OUT/peer_train.log" 2>&1 \
+      --warmup "$WARMUP" --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" ${DEMO_PEER_FLAGS:-} --out "$PEER" > "$OUT/peer_train.log" 2>&1 \
     || die "peer_train.py failed: $(tail -n 2 "$OUT/peer_train.log")"
   PEER_WALL=$(( $(date +%s) - T_PEER ))
   grep -E '^(peer|step)' "$OUT/peer_train.log" | sed 's/^/   /'
