@@ -17,6 +17,8 @@ runs, so the two can be compared on the same model, data and GPU:
   AdamW      torch.optim.AdamW (betas, eps, weight decay off the norms as HF's Trainer groups
              them), get_constant_schedule_with_warmup (the first step has lr 0), optional
              clip_grad_norm_, one sequence per step
+  ablations  --schedule cosine|linear (decay after the warmup), --train lora|lora+norms|lora+embed
+             (05_train has neither: what its recipe leaves out, measured here)
 Runs on: CUDA (fp32 masters, bf16 autocast, activation checkpointing as LongLoRA's fine-tune
 does) or the CPU (fp32 or fp64, for tests/test_demo_peer.sh on a tiny model).
 Leaves out: batches of several sequences, gradient accumulation, SFT data (the demo needs none).
@@ -141,6 +143,10 @@ def main():
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--clip", type=float, default=0.0, help="clip the global gradient norm (0: off)")
+    ap.add_argument("--schedule", choices=("constant", "cosine", "linear"), default="constant",
+                    help="after the warmup: constant (05_train's, LongLoRA's), or HF's cosine / linear decay to 0")
+    ap.add_argument("--train", choices=("lora+embed+norms", "lora+norms", "lora+embed", "lora"), default="lora+embed+norms",
+                    help="what trains: LoRA+ (05_train's) or a part of it, for ablations")
     ap.add_argument("--group-ratio", type=float, default=0.25, help="S2-Attn G = N * ratio (1: full attention)")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
@@ -157,7 +163,8 @@ def main():
 
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, get_constant_schedule_with_warmup
+    import transformers
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
@@ -196,7 +203,7 @@ def main():
         model = get_peft_model(model, lora)
     model = model.to(device=device, dtype=master)
     for n, p in model.named_parameters():  # LoRA+: the embedding (and a tied head with it) and every norm
-        if "embed_tokens" in n or "norm" in n:
+        if ("embed_tokens" in n and "embed" in args.train) or ("norm" in n and "norms" in args.train):
             p.requires_grad_(True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     checkpointing = (device == "cuda" or os.environ.get("PEER_CHECKPOINTING") == "1") and not args.no_checkpointing
@@ -206,7 +213,11 @@ def main():
     opt = torch.optim.AdamW([{"params": [p for n, p in named if "norm" not in n], "weight_decay": args.weight_decay},
                              {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}],
                             lr=args.lr, betas=(beta1, beta2), eps=args.eps)
-    sched = get_constant_schedule_with_warmup(opt, args.warmup)
+    if args.schedule == "constant":
+        sched = transformers.get_constant_schedule_with_warmup(opt, args.warmup)
+    else:
+        make = {"cosine": transformers.get_cosine_schedule_with_warmup, "linear": transformers.get_linear_schedule_with_warmup}
+        sched = make[args.schedule](opt, args.warmup, args.steps)
     n_trainable = sum(p.numel() for _, p in named)
     print("peer: %s, %s; N %d, G %d, RoPE x%g; %d sequences; %d trainable parameters; checkpointing %s"
           % (device, dtype, N, S2_GROUP[0], factor, n_seqs, n_trainable, "on" if checkpointing else "off"), flush=True)
@@ -251,7 +262,7 @@ def main():
                   % (step, args.steps, loss_v, lr, norm_v, N / dt, dt, mem), flush=True)
     train_seconds = time.time() - t_start
     log.close()
-    run = {"engine": "PyTorch %s + transformers + peft" % torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    run = {"engine": "PyTorch %s + transformers + peft" % torch.__version__, "schedule": args.schedule, "train": args.train, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "dtype": dtype, "checkpointing": checkpointing, "ctx": N, "group": S2_GROUP[0], "rope_factor": factor,
            "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "train_seconds": round(train_seconds, 2),
            "peak_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None,
