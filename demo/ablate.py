@@ -176,7 +176,7 @@ def run_recipe(name, r, a, model, factor, data_tok, eval_tok, out):
         with open(ppl_txt, "w") as f:
             rc = subprocess.run(base + ["--ppl", eval_tok, "--seq-len", a.ppl_lengths, "--stride", str(a.stride),
                                         "--max-windows", str(a.windows)], stdout=f, stderr=open(log, "a"), cwd=ROOT).returncode
-        if rc or run(base + ["--passkey", "--max-tokens", str(a.passkey_max or a.ctx), "--interval", str(a.passkey_interval),
+        if rc or run(base + ["--passkey", "--max-tokens", str(a.passkey_max or a.ctx // a.passkey_interval * a.passkey_interval), "--interval", str(a.passkey_interval),
                              "--trials", str(a.trials), "--csv", pk_csv], log):
             return {"name": name, "error": "06_infer failed (%s)" % log}
         ppl, passkey = read_c_ppl(ppl_txt), read_c_passkey(pk_csv)
@@ -249,7 +249,7 @@ def main():
     ap.add_argument("--stride", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--passkey-interval", type=int, default=4000)
-    ap.add_argument("--passkey-max", type=int, help="default: --ctx")
+    ap.add_argument("--passkey-max", type=int, help="default: the last multiple of the interval within --ctx (32000, as the demo)")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     ap.add_argument("--python", help="the peer's Python (default: $DEMO_PEER_PYTHON, else python3)")
