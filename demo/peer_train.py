@@ -155,6 +155,7 @@ def main():
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None)
     ap.add_argument("--dtype", choices=("bf16", "fp32", "fp64"), default=None,
                     help="compute precision (default: bf16 autocast over fp32 masters on CUDA, fp32 on the CPU)")
+    ap.add_argument("--checkpointing", action="store_true", help="recompute activations in the backward pass on the CPU too")
     ap.add_argument("--no-checkpointing", action="store_true", help="keep every activation (default on CUDA: recompute)")
     ap.add_argument("--dump", action="store_true", help="also write dump.safetensors and order.txt (tests)")
     ap.add_argument("--no-merge", action="store_true", help="do not write OUT/merged")
@@ -206,7 +207,7 @@ def main():
         if ("embed_tokens" in n and "embed" in args.train) or ("norm" in n and "norms" in args.train):
             p.requires_grad_(True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    checkpointing = (device == "cuda" or os.environ.get("PEER_CHECKPOINTING") == "1") and not args.no_checkpointing
+    checkpointing = (device == "cuda" or args.checkpointing) and not args.no_checkpointing
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
