@@ -119,9 +119,10 @@ def s2_attention(module, query, key, value, attention_mask, scaling, dropout=0.0
     q1, k1, v1 = (t[:, half:].contiguous() for t in (query, key, value))
     plain = causal_groups(q0, k0, v0, G)
     last = G - S  # the shifted heads' last segment [N - (G - S), N)
-    parts = [causal_groups(q1[:, :, :S], k1[:, :, :S], v1[:, :, :S], S),
-             causal_groups(q1[:, :, S:N - last], k1[:, :, S:N - last], v1[:, :, S:N - last], G),
+    parts = [causal_groups(q1[:, :, S:N - last], k1[:, :, S:N - last], v1[:, :, S:N - last], G),
              causal_groups(q1[:, :, N - last:], k1[:, :, N - last:], v1[:, :, N - last:], last)]
+    if S > 0:  # G = 1 has no short first segment
+        parts.insert(0, causal_groups(q1[:, :, :S], k1[:, :, :S], v1[:, :, :S], S))
     shifted = torch.cat(parts, dim=2)
     return torch.cat([plain, shifted], dim=1).transpose(1, 2).contiguous(), None
 

@@ -20,8 +20,9 @@ and must agree:
 Our fp32 against the peer's float64 sets the tolerances (measured worst: loss 2e-7, grad norm
 3e-7, gradients 1e-6, weights 3e-7; the S2 head split off by one head moves step 1's loss by 9e-3).
 First, with the standard library alone (so CI checks it): peer_train.Order against the order
-05_train's checkpoints record over three epochs of a tiny random model. Then the run above,
-which skips (77) without torch, transformers, peft or safetensors.
+05_train's checkpoints record over three epochs of a tiny random model. Then, skipped (77)
+without torch, transformers, peft or safetensors: the peer's S2-Attn against common.h's rule as
+an explicit mask (odd H and G, G = 1; <= 1e-12 in float64) and the run above.
 """
 import csv
 import json
@@ -92,6 +93,38 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def check_s2(torch):
+    """peer_train.s2_attention (SDPA over groups) against common.h's s2_first_key as an explicit
+    mask, float64, odd H and G, G = 1, H = Hk. Returns a list of failures."""
+    sys.path.insert(0, os.path.join(ROOT, "demo"))
+    import peer_train
+
+    class Training:
+        training = True
+
+    bad = []
+    for H, HK, n, g in ((9, 3, 24, 6), (9, 3, 28, 7), (4, 2, 16, 1), (5, 5, 20, 5)):
+        q = torch.randn(2, H, n, 8, dtype=torch.float64)
+        k, v = torch.randn(2, HK, n, 8, dtype=torch.float64), torch.randn(2, HK, n, 8, dtype=torch.float64)
+        peer_train.S2_GROUP[0] = g
+        out, _ = peer_train.s2_attention(Training(), q, k, v, None, 0.35)
+
+        def first_key(i, h):
+            if h < H // 2:
+                return (i // g) * g
+            s = g // 2
+            return 0 if i < s else s + ((i - s) // g) * g
+        mask = torch.tensor([[[first_key(i, h) <= j <= i for j in range(n)] for i in range(n)] for h in range(H)])
+        kk, vv = k.repeat_interleave(H // HK, 1), v.repeat_interleave(H // HK, 1)
+        ref = ((q @ kk.transpose(2, 3)) * 0.35).masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+        err = (out - ref.transpose(1, 2)).abs().max().item()
+        print("S2-Attn H %d Hk %d N %d G %d: max |SDPA groups - explicit mask| %.1e" % (H, HK, n, g, err))
+        if err > 1e-12:
+            bad.append("S2-Attn at H %d, N %d, G %d differs from the mask by %.3g" % (H, n, g, err))
+    peer_train.S2_GROUP[0] = 0
+    return bad
+
+
 def check_training(train, work):
     try:
         import torch
@@ -104,6 +137,7 @@ def check_training(train, work):
         return 77
     seed = int(os.environ.get("TEST_SEED", "11"))
     torch.manual_seed(seed)
+    bad = check_s2(torch)
     model_dir, adapter_dir = os.path.join(work, "model"), os.path.join(work, "adapter_init")
     cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=H,
                       num_key_value_heads=HK, head_dim=D // H, max_position_embeddings=MAX_POS, tie_word_embeddings=True,
@@ -144,7 +178,6 @@ def check_training(train, work):
         print("FAIL: peer_train.py exited %d" % r.returncode)
         return 1
 
-    bad = []
     a = list(csv.DictReader(open(os.path.join(ours, "train_log.csv"))))
     b = list(csv.DictReader(open(os.path.join(peer, "train_log.csv"))))
     if len(a) != STEPS or len(b) != STEPS:
