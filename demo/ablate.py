@@ -26,6 +26,7 @@ says, as run.sh's CPU version does (tests/test_demo_ablate.sh runs a tiny model 
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shlex
@@ -97,7 +98,8 @@ def run(cmd, log, timeout=None):
 
 def token_file(text, model, work):
     """01_tokenize's token file of a text (cached next to the run, redone when the text changes)."""
-    out = os.path.join(work, "tokens", os.path.basename(text) + ".tok")
+    key = hashlib.sha256(os.path.realpath(text).encode()).hexdigest()[:12]  # two texts of one name stay apart
+    out = os.path.join(work, "tokens", "%s.%s.tok" % (os.path.basename(text), key))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if not os.path.exists(out) or os.path.getmtime(out) < max(os.path.getmtime(text), os.path.getmtime(os.path.join(model, "tokenizer.json"))):
         r = subprocess.run([os.path.join(ROOT, "01_tokenize"), "--tokenizer", model, "--encode-file", text, "--out", out + ".tmp"],
