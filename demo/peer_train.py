@@ -20,7 +20,8 @@ runs, so the two can be compared on the same model, data and GPU:
   ablations  --schedule cosine|linear (decay after the warmup), --train lora|lora+norms|lora+embed
              (05_train has neither: what its recipe leaves out, measured here)
 Runs on: CUDA (fp32 masters, bf16 autocast, activations recomputed in the backward pass as
-LongLoRA's fine-tune does; --no-checkpointing keeps them: faster, ten times the memory at 32k)
+LongLoRA's fine-tune does; --no-checkpointing keeps them: faster, and 47.8 GiB at 32k on the
+H200, where 05_train holds 4.6 GiB)
 or the CPU (fp32 or fp64, for tests/test_demo_peer.sh on a tiny model; --checkpointing).
 Leaves out: batches of several sequences, gradient accumulation, SFT data (the demo needs none).
 
