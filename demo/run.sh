@@ -13,7 +13,11 @@
 #   6. fine-tune           05_train: LongLoRA (S2-Attn, LoRA on q,k,v,o + trainable embeddings
 #                          and norms, position interpolation via --ctx) on the training text
 #   7. after               step 5 again with the adapter
-#   8. report              demo/report.py: a before/after Markdown table and a PNG plot
+#   8. peer (DEMO_PEER=1)  demo/peer_train.py: the same fine-tune with transformers + peft + torch
+#                          AdamW (DEMO_PEER_PYTHON: a Python with them; DEMO_PEER_FLAGS: more
+#                          flags, e.g. --no-checkpointing), evaluated by
+#                          demo/reference_eval.py; training.md puts both trainings side by side
+#   9. report              demo/report.py: a before/after Markdown table and a PNG plot
 #
 # Two sizes, picked by where 05_train and 06_infer run (DEMO_DEVICE=cpu|gpu overrides):
 #   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, PI x4), 300 steps at
@@ -218,23 +222,52 @@ evaluate before
 say "6. LongLoRA fine-tune: 05_train --ctx $CTX (S2-Attn, LoRA r=8 on q,k,v,o + embeddings and norms), $STEPS steps  [$(elapsed)]"
 ADAPTER=$WORK/adapter-$DEVICE
 rm -rf "$ADAPTER"
+T_TRAIN=$(date +%s)
 ./05_train --model "$RUN_MODEL" --data "$TRAIN_TOK" --ctx "$CTX" --max-steps "$STEPS" --lr "$LR" --warmup "$WARMUP" \
     --device "$DEVICE" --log-every "${DEMO_LOG_EVERY:-1}" --out "$ADAPTER" > "$OUT/train.log" 2>&1 \
   || die "05_train failed: $(tail -n 2 "$OUT/train.log")"
 grep -E '^(train|S2-Attn|data|step|done)' "$OUT/train.log" | sed 's/^/   /'
+TRAIN_WALL=$(( $(date +%s) - T_TRAIN ))
 cp "$ADAPTER/train_log.csv" "$OUT/train_log.csv"
 
 say "7. after fine-tuning: the same evaluation with the adapter  [$(elapsed)]"
 evaluate after "$ADAPTER"
 
-say "8. before/after table and plot  [$(elapsed)]"
-"$REPORT_PY" demo/report.py --out "$OUT/before_after" before="$OUT/before.json" after="$OUT/after.json" \
+# ---- 8. the PyTorch peer (DEMO_PEER=1): the same fine-tune with transformers + peft ------------
+PEER_ARGS=()
+if [ "${DEMO_PEER:-0}" = 1 ]; then
+  PEER_PY=${DEMO_PEER_PYTHON:-python3}
+  "$PEER_PY" -c 'import torch, transformers, peft, safetensors' 2>/dev/null \
+    || die "DEMO_PEER=1 needs a Python with torch, transformers and peft ($PEER_PY has not; DEMO_PEER_PYTHON names another)"
+  say "8. the PyTorch peer: demo/peer_train.py (transformers + peft + torch AdamW), the same $STEPS steps; reference_eval.py  [$(elapsed)]"
+  PEER=$WORK/peer-$DEVICE
+  rm -rf "$PEER"
+  T_PEER=$(date +%s)
+  "$PEER_PY" demo/peer_train.py --model "$RUN_MODEL" --data "$TRAIN_TOK" --ctx "$CTX" --steps "$STEPS" --lr "$LR" \
+      --warmup "$WARMUP" --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" ${DEMO_PEER_FLAGS:-} --out "$PEER" > "$OUT/peer_train.log" 2>&1 \
+    || die "peer_train.py failed: $(tail -n 2 "$OUT/peer_train.log")"
+  PEER_WALL=$(( $(date +%s) - T_PEER ))
+  grep -E '^(peer|step)' "$OUT/peer_train.log" | sed 's/^/   /'
+  cp "$PEER/train_log.csv" "$OUT/peer_train_log.csv"
+  cp "$PEER/run.json" "$OUT/peer_run.json"
+  "$PEER_PY" demo/reference_eval.py --model "$PEER/merged" --text "$EVAL_TEXT" --lengths "$PPL_LENS" --rope "pi-x$FACTOR" \
+      --stride "$PPL_STRIDE" --max-windows "$PPL_WINDOWS" --trials "$PK_TRIALS" --out "$OUT/peer.json" > "$OUT/peer_eval.log" 2>&1 \
+    || die "reference_eval.py (peer) failed: $(tail -n 2 "$OUT/peer_eval.log")"
+  sed 's/^/   /' "$OUT/peer_eval.log"
+  PEER_ARGS=(peer="$OUT/peer.json")
+  "$REPORT_PY" demo/compare_training.py "$OUT/train_log.csv" "$TRAIN_WALL" "$OUT/peer_train_log.csv" "$PEER_WALL" "$OUT/peer_run.json" \
+      > "$OUT/training.md" || die "could not compare the trainings"
+  sed 's/^/   /' "$OUT/training.md"
+fi
+
+say "9. table and plot  [$(elapsed)]"
+"$REPORT_PY" demo/report.py --out "$OUT/before_after" before="$OUT/before.json" after="$OUT/after.json" "${PEER_ARGS[@]}" \
     --title "$MODEL_TAG, LongLoRA $ORIG -> $CTX tokens (PI x$FACTOR), $STEPS steps; $VERSION" | sed 's/^/   /' \
   || die "demo/report.py failed"
 cat > "$OUT/run.txt" <<EOF
 version: $VERSION
 model: $MODEL_TAG; original context $ORIG (the model's config says $MODEL_CTX); target $CTX (PI x$FACTOR)
-fine-tune: $STEPS steps, lr $LR, warmup $WARMUP, device $DEVICE
+fine-tune: $STEPS steps, lr $LR, warmup $WARMUP, device $DEVICE; 05_train took $TRAIN_WALL s${PEER_WALL:+; the PyTorch peer $PEER_WALL s}
 perplexity: lengths $PPL_LENS, stride $PPL_STRIDE, at most $PPL_WINDOWS windows each
 passkey: every $PK_INTERVAL tokens up to $PK_MAX, $PK_TRIALS trials each
 wall time: $(elapsed)

@@ -10,7 +10,9 @@
 # accuracy in [0, 1] over 2 trials; the fine-tune logged 8 finite losses and its adapter
 # lowered the held-out perplexity at the trained length (text from the same word list, so
 # training on it must help); the table has a row per length with both columns and the plot is
-# a PNG; the run said it is the scaled-down CPU version. Nothing is downloaded.
+# a PNG; the run said it is the scaled-down CPU version. Nothing is downloaded. Where a Python
+# has torch, transformers and peft ($PEER_PYTHON, $PYTHON, python3), DEMO_PEER=1 adds the
+# PyTorch peer: its step ran, its column and training.md are there.
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
@@ -45,6 +47,14 @@ for name, n in (("train.txt", 12000), ("eval.txt", 3000)):
     open(os.path.join(tmp, name), "w").write(text.replace(" the ", ". The ") + ".\n")
 EOF
 
+# with a Python that has torch, transformers and peft, the run adds the PyTorch peer (DEMO_PEER=1)
+PEER_PY=
+for p in "${PEER_PYTHON:-}" "$PY" python3; do
+  [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 || continue
+  if "$p" -c 'import torch, transformers, peft, safetensors' 2>/dev/null; then PEER_PY=$p; break; fi
+done
+PEER=$([ -n "$PEER_PY" ] && echo 1 || echo 0)
+DEMO_PEER=$PEER DEMO_PEER_PYTHON=$PEER_PY \
 DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
 DEMO_OUT=$TMP/out DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache \
 DEMO_ORIG_CTX=128 DEMO_CTX=512 DEMO_STEPS=8 DEMO_LR=3e-3 DEMO_WARMUP=1 DEMO_PPL_LENGTHS=128,256,512 \
@@ -55,16 +65,18 @@ rc=$?
 
 # every step, in order
 prev=0
-for step in "1. model" "2. text" "3. tokenize" "4. the model in C" "5. before" "6. LongLoRA fine-tune" "7. after" "8. before/after" "done in"; do
+steps=("1. model" "2. text" "3. tokenize" "4. the model in C" "5. before" "6. LongLoRA fine-tune" "7. after")
+[ "$PEER" = 1 ] && steps+=("8. the PyTorch peer")
+for step in "${steps[@]}" "9. table and plot" "done in"; do
   line=$(grep -n "^== $step" "$TMP/run.log" | head -n 1 | cut -d: -f1)
   if [ -n "$line" ] && [ "$line" -gt "$prev" ]; then ok; prev=$line; else bad "step '$step' missing or out of order"; fi
 done
 grep -q "scaled-down CPU version" "$TMP/run.log" && ok || bad "the run does not say it is the scaled-down CPU version"
 grep -q "downloading" "$TMP/run.log" && bad "the run downloaded something" || ok
 
-"$PY" - "$TMP/out" 269 <<'EOF' && ok || bad "results: see above"
+"$PY" - "$TMP/out" 269 "$PEER" <<'EOF' && ok || bad "results: see above"
 import csv, json, math, os, sys
-out, vocab = sys.argv[1], int(sys.argv[2])
+out, vocab, peer = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 res = {}
 for label in ("before", "after"):
     data = json.load(open(os.path.join(out, label + ".json")))
@@ -85,10 +97,16 @@ assert len(steps) == 8 and all(math.isfinite(float(s["loss"])) for s in steps), 
 table = open(os.path.join(out, "before_after.md")).read().splitlines()
 for n in (128, 256, 512):
     row = [l for l in table if l.startswith("| %d |" % n)]
-    assert len(row) == 1 and row[0].count("|") == 6, (n, row)
+    assert len(row) == 1 and row[0].count("|") == (8 if peer else 6), (n, row)
+if peer:  # the PyTorch peer: its evaluation at every length, both trainings side by side
+    rows = {r["length"]: r for r in json.load(open(os.path.join(out, "peer.json")))["results"]}
+    assert sorted(rows) == [128, 256, 512] and all(1 < r["perplexity"] < 10 * vocab for r in rows.values()), rows
+    training = open(os.path.join(out, "training.md")).read()
+    assert "05_train" in training and "peer_train.py" in training, training
 png = open(os.path.join(out, "before_after.png"), "rb").read()
 assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, len(png)
-print("results: ppl at 512 before %.2f, after %.2f; %d training steps; table and plot written" % (b, a, len(steps)))
+print("results: ppl at 512 before %.2f, after %.2f; %d training steps; table and plot written%s"
+      % (b, a, len(steps), "; the PyTorch peer %.2f" % rows[512]["perplexity"] if peer else " (no torch: without the peer)"))
 EOF
 
 if [ $fails -ne 0 ]; then echo "--- run.log"; cat "$TMP/run.log"; fi

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# demo/ablate.py, the ablation driver, on a tiny model on the CPU, offline: the tiny LLaMA of
+# tests/test_demo_cpu.sh (a random GGUF converted by demo/convert_gguf.py), generated texts,
+# context 128 taken as the original and 512 the target (x4), 3 steps per recipe; recipes: the
+# demo's, YaRN, full attention in training, a data list of two texts, and (where a Python has
+# torch, transformers and peft: $PEER_PYTHON, $PYTHON, python3) the PyTorch peer with a cosine
+# schedule. Checked: every recipe has a row with finite perplexities at 128/256/512 and a
+# passkey count in [0, trials]; a second run resumes (runs nothing); bad recipe files end with
+# one sentence and a non-zero exit (unknown key, bad value, a schedule 05_train lacks, YaRN for
+# the peer, a name twice, training on the held-out text).
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
+  echo "skip: $PY has no gguf/numpy (make test installs tests/requirements.txt into .venv)"
+  exit 77
+fi
+for prog in 01_tokenize 05_train 06_infer; do
+  if [ ! -x "./$prog" ]; then echo "skip: ./$prog is not built (make $prog)"; exit 77; fi
+done
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+checks=0 fails=0
+ok() { checks=$((checks + 1)); }
+bad() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*"; }
+
+SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+"$PY" - "$TMP" "$SEED" <<'PYEOF' || { echo "FAIL: could not make the tiny model and text"; exit 1; }
+import os, subprocess, sys
+import numpy as np
+tmp, seed = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, "tests")
+import test_demo_convert as tiny
+rng = np.random.default_rng(seed)
+tiny.write_gguf(os.path.join(tmp, "tiny.gguf"), tiny.random_model(rng, False))
+r = subprocess.run([sys.executable, "demo/convert_gguf.py", os.path.join(tmp, "tiny.gguf"), os.path.join(tmp, "model")],
+                   capture_output=True, text=True)
+if r.returncode:
+    sys.exit("converter: " + r.stderr.strip())
+words = "the man is a good wife who said that she was in want of it and me".split()
+for name, n in (("train.txt", 6000), ("more.txt", 3000), ("eval.txt", 3000)):
+    text = " ".join(words[i] for i in rng.integers(0, len(words), n))
+    open(os.path.join(tmp, name), "w").write(text.replace(" the ", ". The ") + ".\n")
+PYEOF
+
+PEER_PY=
+for p in "${PEER_PYTHON:-}" "${PYTHON:-}" python3; do
+  [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 || continue
+  if "$p" -c 'import torch, transformers, peft, safetensors' 2>/dev/null; then PEER_PY=$p; break; fi
+done
+cat > "$TMP/recipes.txt" <<RECIPES
+# the test's recipes
+demo        engine=c
+yarn        engine=c rope=yarn
+full-attn   engine=c s2=off lr=1e-3
+two-texts   engine=c data=austen,$TMP/more.txt
+RECIPES
+[ -n "$PEER_PY" ] && echo "peer-cosine engine=peer schedule=cosine" >> "$TMP/recipes.txt"
+n_recipes=$(grep -c engine= "$TMP/recipes.txt")
+ablate() {
+  LONGLORA_CACHE=$TMP/cache "$PY" demo/ablate.py --model "$TMP/model" --train-text "$TMP/train.txt" --eval-text "$TMP/eval.txt" \
+    --orig-ctx 128 --ctx 512 --steps 3 --lr 3e-3 --warmup 1 --ppl-lengths 128,256,512 --stride 256 --windows 2 \
+    --passkey-interval 256 --trials 2 --device cpu --python "${PEER_PY:-python3}" --peer-flags "" --out "$TMP/out" "$@"
+}
+ablate --recipes "$TMP/recipes.txt" > "$TMP/run.log" 2>&1
+rc=$?
+[ $rc -eq 0 ] && ok || { bad "ablate.py exited $rc"; tail -n 20 "$TMP/run.log"; for f in "$TMP"/out/*/run.log; do tail -n 5 "$f"; done; }
+"$PY" - "$TMP/out" "$n_recipes" <<'PYEOF' && ok || bad "the rows are not as they should be"
+import json, math, sys
+out, n = sys.argv[1], int(sys.argv[2])
+rows = [json.loads(l) for l in open(out + "/ablations.jsonl")]
+assert len(rows) == n, "%d rows for %d recipes" % (len(rows), n)
+for r in rows:
+    assert "error" not in r, r
+    for L in ("128", "256", "512"):
+        p = r["perplexity"][L]
+        assert math.isfinite(p) and 1 < p < 3000, (r["name"], L, p)
+    for L, (c, t) in r["passkey"].items():
+        assert 0 <= c <= t == 2, (r["name"], L, c, t)
+    assert r["last_loss"] and math.isfinite(r["last_loss"]), r
+table = open(out + "/ablations.md").read().splitlines()
+assert len([l for l in table if l.startswith("| ") and not l.startswith("| recipe")]) == n, table
+yarn = json.load(open(out + "/yarn/adapter/config.json"))
+assert "yarn" in json.dumps(yarn), "the yarn recipe's adapter does not carry yarn"
+print("rows:", ", ".join("%s %.1f" % (r["name"], r["perplexity"]["512"]) for r in rows))
+PYEOF
+ablate --recipes "$TMP/recipes.txt" > "$TMP/again.log" 2>&1 && [ "$(grep -c 'done before' "$TMP/again.log")" = "$n_recipes" ] && ok \
+  || bad "a second run did not resume: $(tail -n 3 "$TMP/again.log")"
+
+refuse() { # WHY, a recipe file's text
+  printf '%s\n' "$2" > "$TMP/bad.txt"
+  out=$(ablate --recipes "$TMP/bad.txt" 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" = 1 ] && printf '%s' "$out" | grep -q '^ablate.py: '; then ok
+  else bad "$1: exit $rc, said: $out"; fi
+}
+refuse "unknown key" "x engine=c colour=blue"
+refuse "bad value" "x engine=c rope=ntk"
+refuse "not a number" "x engine=c steps=many"
+refuse "schedule on c" "x engine=c schedule=cosine"
+refuse "yarn on the peer" "x engine=peer rope=yarn"
+refuse "a name twice" $'x engine=c\nx engine=c'
+refuse "held-out text" "x engine=c data=$TMP/eval.txt"
+refuse "no such file" "x engine=c data=$TMP/none.txt"
+
+echo "test_demo_ablate: $checks checks, $fails failures (seed $SEED; $n_recipes recipes$([ -z "$PEER_PY" ] && echo '; no torch: the peer recipe left out'))"
+[ $fails -eq 0 ]
