@@ -12,7 +12,8 @@
  *     --shard-weights, is read with pread() in chunks into one of two pinned staging buffers,
  *     converted to bf16 there when the file holds fp16, fp32 or fp64 (through fp32 and
  *     f32_to_bf16, exactly the CPU loader's values rounded as the CPU rounds them; bf16 is
- *     copied as it is), and sent to the GPU with cudaMemcpyAsync on a stream of its own:
+ *     copied as it is), and sent to the GPU with cudaMemcpyAsync on a stream of its own
+ *     (a blocking one: ordered with the default stream the kernels run on):
  *     while one buffer's copy runs, the next chunk is read into the other. The host holds
  *     the two buffers (2 x 32 MiB), whatever the model's size.
  * Runs on: device_choose and gpu_peak_tflops everywhere (the CPU tests check them); the
@@ -118,7 +119,7 @@ static API int gpu_loader_open(GpuLoader *ld, const char *dir, const Config *c) 
         CUDA_CHECK(cudaEventRecord(ld->copied[b], 0));
     }
     ld->raw = xmalloc(ld->chunk * 8);
-    CUDA_CHECK(cudaStreamCreateWithFlags(&ld->stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreate(&ld->stream)); /* blocking: ordered with the default stream the kernels and memsets use */
     ld->seconds += now_seconds() - t0;
     return 0;
 }
