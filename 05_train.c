@@ -496,6 +496,7 @@ static void trainer_init(Trainer *t) {
     }
     if (comm_active()) t->dist_flat = (float *)xmalloc((flat_count(&t->lt.opt) + 1) * sizeof(float)); /* [P + 1] */
     if (!on_gpu) act_plan(&t->lt.act, c, (size_t)o->batch, (size_t)o->ctx, 1);
+    else lora_trainer_drop_plus_grads(&t->lt); /* the GPU step keeps its gradients on the GPU */
     t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
     t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
     t->n_params = config_param_count(c);
