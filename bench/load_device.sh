@@ -3,7 +3,7 @@
 #   bash bench/load_device.sh OUTDIR TOKENIZER_DIR TEXT
 # builds 05_train, 06_infer and every tests/test_gpu_*.c (for sm_90); writes a LLaMA-2-7B-shaped
 # HF folder (bench/load_7b.py: three bf16 shards + index, random weights) to /tmp while the GPU
-# tests run; reads the shards once with cat (the read time the load is compared with: the
+# tests run side by side; reads the shards once with cat (the read time the load is compared with: the
 # files were just written, so both read the page cache); then 05_train --ctx 32768
 # --max-steps 3 (its startup lines: load time, bytes, peak host RSS, MFU; progress lines:
 # tok/s and MFU) and 06_infer with its adapter and no --device. Logs land in OUTDIR.
@@ -19,11 +19,13 @@ make -s GPU_ARCH=sm_90 -j 16 05_train 06_infer $gpu_tests > "$out/build.log" 2>&
 echo "built in $((SECONDS - t0)) s"
 (PYTHONUNBUFFERED=1 python3 bench/load_7b.py "$m" "$tok" > "$out/make7b.log" 2>&1; echo "make7b exit $?" >> "$out/make7b.log") &
 maker=$!
-for t in $gpu_tests; do  # the GPU tests, one after another, while the folder is written
-  timeout ${TEST_TIMEOUT:-100} "$t" > "$out/$(basename "$t").log" 2>&1; rc=$?
-  echo "$(basename "$t") exit $rc: $(tail -n 1 "$out/$(basename "$t").log")"
+for t in $gpu_tests tests/test_gpu_dist.sh; do  # the GPU tests, side by side, while the folder is written
+  n=$(basename "$t" .sh)
+  case "$t" in *.sh) cmd="bash $t" ;; *) cmd=$t ;; esac
+  (timeout ${TEST_TIMEOUT:-100} $cmd > "$out/$n.log" 2>&1; echo "$n exit $?: $(tail -n 1 "$out/$n.log")" > "$out/$n.rc") &
 done
-wait $maker; cat "$out/make7b.log"
+wait
+cat "$out"/*.rc; cat "$out/make7b.log"
 du -sb "$m"/*.safetensors
 t1=$(date +%s.%N); cat "$m"/*.safetensors > /dev/null; t2=$(date +%s.%N)
 echo "cat of the shards: $(python3 -c "print(f'{$t2 - $t1:.2f}')") s"
