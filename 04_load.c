@@ -106,11 +106,11 @@ static API int gpu_loader_open(GpuLoader *ld, const char *dir, const Config *c) 
     ld->fds = (int *)xcalloc(ld->mf.n_files, sizeof(int));
     for (size_t k = 0; k < ld->mf.n_files; k++)
         if ((ld->fds[k] = open(ld->mf.files[k].path, O_RDONLY)) < 0) {
-            int e = errno;
+            set_error("cannot open %s: %s", ld->mf.files[k].path, strerror(errno));
             for (size_t j = 0; j < k; j++) close(ld->fds[j]);
             free(ld->fds);
             model_files_close(&ld->mf);
-            return set_error("cannot open %s: %s", ld->mf.files[k].path, strerror(e));
+            return -1;
         }
     ld->chunk = g_load_chunk;
     for (int b = 0; b < 2; b++) {
@@ -125,7 +125,11 @@ static API int gpu_loader_open(GpuLoader *ld, const char *dir, const Config *c) 
 }
 
 /* Waits for the last copies; the loader stays open. */
-static void gpu_loader_sync(GpuLoader *ld) { CUDA_CHECK(cudaStreamSynchronize(ld->stream)); }
+static void gpu_loader_sync(GpuLoader *ld) {
+    double t0 = now_seconds();
+    CUDA_CHECK(cudaStreamSynchronize(ld->stream));
+    ld->seconds += now_seconds() - t0;
+}
 
 static API void gpu_loader_close(GpuLoader *ld) {
     if (!ld->fds) return;
