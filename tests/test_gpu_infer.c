@@ -303,11 +303,14 @@ static void check_variant(const char *name, Config c) {
  * export): the host keeps only embed and the norms, the rest comes from the files straight to
  * the GPU (04_load.c). Every GPU tensor equals the one uploaded from the whole fp32 host
  * model, bit for bit. */
-static void check_engine_from_files(const Model *m) {
+static void check_engine_from_files(const Config *c) {
     char dir[] = "/tmp/test_gpu_infer.XXXXXX", folder[64];
     CHECK(mkdtemp(dir), "mkdtemp: %s", strerror(errno));
     snprintf(folder, sizeof folder, "%s/model", dir);
-    CHECK(export_merged(m, NULL, folder, 200000, DT_BF16, 0) == 0, "%s", last_error()); /* 200 kB shards: several files */
+    Model m;
+    model_init_random(&m, c, 12, 0.05f);
+    CHECK(export_merged(&m, NULL, folder, 200000, DT_BF16, 0) == 0, "%s", last_error()); /* 200 kB shards: several files */
+    model_free(&m);
     Model full, light;
     CHECK(model_try_load(&full, folder, CTX) == 0 && model_try_load_host(&light, folder, CTX, 0) == 0, "%s", last_error());
     Engine a, b;
@@ -491,7 +494,7 @@ int main(void) {
     dyn.rope_factor = dyn.rope_config_factor = 2.0f;
     dyn.max_pos = 32; /* the prefill (37) and every decode grow past it: new frequencies each call */
     check_variant("llama, dynamic NTK x2 over 32", dyn);
-    check_engine_from_files(&m);
+    check_engine_from_files(&c);
     printf("test_gpu_infer: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }
