@@ -122,6 +122,7 @@ typedef struct {
     Arch arch;            /* llama, mistral or qwen2 (what an export without a base config says) */
     int qkv_bias;         /* q, k and v projections have biases (Qwen2) */
     int sliding_window;   /* keys a query may see (Mistral, Qwen2); 0: all of them */
+    DType weight_dtype;   /* the dtype of the loaded weight files (embed_tokens'); DT_F32 (0) for random models */
 } Config;
 
 static int rope_orig_max_pos(const Config *c) { return c->rope.orig_max_pos > 0 ? c->rope.orig_max_pos : c->max_pos; }
@@ -510,8 +511,28 @@ static void params_free(Params *p) {
     free(p->layers);
     memset(p, 0, sizeof *p);
 }
+/* Lays out only the LoRA+ trainable arrays in one zeroed allocation: embed [V, D], the norms
+ * [D] (and a tied head, which is embed). The projections, biases and an untied head stay
+ * NULL: a GPU run keeps those in bf16 on the GPU only (04_load.c), and the gradients of a
+ * LoRA+ run need no more (03's lora_grads_alloc). params_free() works on it as usual. */
+static void params_alloc_plus(Params *p, const Config *c) {
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
+    memset(p, 0, sizeof *p);
+    p->count = V * D + 2 * L * D + D;
+    p->memory = (float *)xcalloc(p->count, sizeof(float));
+    p->layers = (LayerParams *)xcalloc(L, sizeof(LayerParams));
+    float *m = p->memory;
+    p->embed = m; m += V * D;
+    for (size_t l = 0; l < L; l++) { p->layers[l].attn_norm = m; m += D; p->layers[l].mlp_norm = m; m += D; }
+    p->final_norm = m;
+    p->lm_head = c->tie_embeddings ? p->embed : NULL;
+}
 static API void grads_alloc(Grads *g, const Config *c) { params_alloc(g, c); }
 static API void grads_zero(Grads *g) { memset(g->memory, 0, g->count * sizeof(float)); }
+
+/* The HF names of the 7 projections, in PROJ_ order. */
+static const char *const HF_PROJ_NAMES[N_PROJ] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
 
 /* One named tensor of the model, as HF names it. */
 typedef struct {
@@ -535,8 +556,6 @@ static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
         }                                                                                     \
         n++;                                                                                  \
     } while (0)
-    static const char *const hf_proj[N_PROJ] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
     ADD(p ? p->embed : NULL, 2, V, D, "model.embed_tokens.weight");
     for (int l = 0; l < c->n_layers; l++) {
         const LayerParams *lp = p ? &p->layers[l] : NULL;
@@ -544,8 +563,8 @@ static size_t params_list(const Params *p, const Config *c, ParamRef *out) {
         for (int w = 0; w < N_PROJ; w++) {
             size_t in, o;
             proj_shape(c, w, &in, &o);
-            ADD(lp ? proj_weight(lp, w) : NULL, 2, o, in, "model.layers.%d.%s.weight", l, hf_proj[w]);
-            if (c->qkv_bias && w <= PROJ_V) ADD(lp ? proj_bias(lp, w) : NULL, 1, o, 1, "model.layers.%d.%s.bias", l, hf_proj[w]);
+            ADD(lp ? proj_weight(lp, w) : NULL, 2, o, in, "model.layers.%d.%s.weight", l, HF_PROJ_NAMES[w]);
+            if (c->qkv_bias && w <= PROJ_V) ADD(lp ? proj_bias(lp, w) : NULL, 1, o, 1, "model.layers.%d.%s.bias", l, HF_PROJ_NAMES[w]);
         }
         ADD(lp ? lp->mlp_norm : NULL, 1, D, 1, "model.layers.%d.post_attention_layernorm.weight", l);
     }
@@ -583,20 +602,42 @@ static int is_ignored_tensor(const char *name) { /* old checkpoints carry RoPE t
     return n >= k && strcmp(name + n - k, "rotary_emb.inv_freq") == 0;
 }
 
-/* Loads a model folder; -1 + last_error() (naming the file or tensor) on bad input. */
-static int model_try_load(Model *m, const char *dir, long target_ctx) {
-    memset(m, 0, sizeof *m);
-    char path[4096];
-    Json *cj = json_parse_file(path_join(path, sizeof path, dir, "config.json"));
-    if (!cj) return -1;
-    int rc = config_from_json(&m->cfg, cj, target_ctx);
-    json_free(cj);
-    if (rc) return error_in("%s", dir);
-    const Config *c = &m->cfg;
+/* A model folder's weight files, opened (memory-mapped; nothing is read but the headers)
+ * and checked against its config: the safetensors file and tensor of every tensor the
+ * config needs, in 02's params_list order. Both loaders read through it: model_try_load
+ * below into fp32 on the host, 04_load.c straight to the GPU in bf16. */
+typedef struct {
+    SafeTensors *files;        /* [n_files] */
+    size_t n_files;
+    ParamRef *refs;            /* [n] names and shapes (data NULL) */
+    const StTensor **found;    /* [n] the file's tensor for each of refs */
+    const SafeTensors **found_in; /* [n] the file that holds it */
+    size_t n;
+} ModelFiles;
 
-    /* Which files hold the weights. */
-    SafeTensors *files = NULL;
-    size_t n_files = 0;
+static void model_files_close(ModelFiles *mf) {
+    for (size_t k = 0; k < mf->n_files; k++) st_close(&mf->files[k]);
+    free(mf->files);
+    free(mf->refs);
+    free(mf->found);
+    free(mf->found_in);
+    memset(mf, 0, sizeof *mf);
+}
+
+/* The index of the tensor named `name` in mf->refs, or -1. */
+static API long model_files_find(const ModelFiles *mf, const char *name) {
+    for (size_t i = 0; i < mf->n; i++)
+        if (strcmp(mf->refs[i].name, name) == 0) return (long)i;
+    return -1;
+}
+
+/* Opens dir's model.safetensors, or the shards model.safetensors.index.json lists, and
+ * finds every tensor config c needs by name and shape. -1 + last_error() (naming the file
+ * or tensor) on bad input: a truncated file is refused here, before anything is read. */
+static int model_files_open(ModelFiles *mf, const char *dir, const Config *c) {
+    memset(mf, 0, sizeof *mf);
+    char path[4096];
+    int rc = 0;
     Json *index = NULL;
     path_join(path, sizeof path, dir, "model.safetensors.index.json");
     if (file_exists(path)) {
@@ -604,80 +645,103 @@ static int model_try_load(Model *m, const char *dir, long target_ctx) {
         if (!index) return -1;
         const Json *map = json_get_type(index, "weight_map", JSON_OBJECT);
         if (!map) { json_free(index); return set_error("%s has no weight_map object", path); }
-        files = (SafeTensors *)xcalloc(map->count ? map->count : 1, sizeof(SafeTensors));
+        mf->files = (SafeTensors *)xcalloc(map->count ? map->count : 1, sizeof(SafeTensors));
         for (size_t i = 0; i < map->count && rc == 0; i++) {
             const Json *f = &map->items[i];
             int bad_name = f->type != JSON_STRING || f->len == 0 || strlen(f->string) != f->len || strchr(f->string, '/');
             for (size_t b = 0; !bad_name && b < f->len; b++) bad_name = (unsigned char)f->string[b] < 0x20;
             if (bad_name) { char buf[64]; rc = set_error("%s: tensor '%s' maps to a bad file name", path, printable(map->keys[i], buf, sizeof buf)); break; }
             size_t k = 0;
-            while (k < n_files && strcmp(strrchr(files[k].path, '/') + 1, f->string) != 0) k++;
-            if (k < n_files) continue;
+            while (k < mf->n_files && strcmp(strrchr(mf->files[k].path, '/') + 1, f->string) != 0) k++;
+            if (k < mf->n_files) continue;
             char shard[4096];
-            if (st_open(&files[n_files], path_join(shard, sizeof shard, dir, f->string)) != 0) rc = -1;
-            else n_files++;
+            if (st_open(&mf->files[mf->n_files], path_join(shard, sizeof shard, dir, f->string)) != 0) rc = -1;
+            else mf->n_files++;
         }
     } else {
-        files = (SafeTensors *)xcalloc(1, sizeof(SafeTensors));
-        if (st_open(&files[0], path_join(path, sizeof path, dir, "model.safetensors")) != 0) rc = -1;
-        else n_files = 1;
+        mf->files = (SafeTensors *)xcalloc(1, sizeof(SafeTensors));
+        if (st_open(&mf->files[0], path_join(path, sizeof path, dir, "model.safetensors")) != 0) rc = -1;
+        else mf->n_files = 1;
     }
 
     /* Every tensor the config needs, by name and shape, checked before anything is allocated:
      * a config that disagrees with its weights (num_hidden_layers 1e6) says so instead of
      * running out of memory. */
     size_t n = params_list(NULL, c, NULL), held = 0;
-    for (size_t k = 0; k < n_files; k++) held += files[k].count;
+    for (size_t k = 0; k < mf->n_files; k++) held += mf->files[k].count;
     if (rc == 0 && n > 2 * held + 64) /* far off: say so before listing n names (a close one names the missing tensor) */
         rc = set_error("%s: config.json describes %zu tensors (%d layers) but the weights hold %zu; the config and the weights disagree",
                        dir, n, c->n_layers, held);
-    ParamRef *refs = NULL;
-    const StTensor **found = NULL; /* [n] the file's tensor for each of refs */
-    const char **found_in = NULL;  /* [n] the path of that tensor's file */
     if (rc == 0) {
-        refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
-        found = (const StTensor **)xcalloc(n, sizeof *found);
-        found_in = (const char **)xcalloc(n, sizeof *found_in);
-        params_list(NULL, c, refs);
+        mf->n = n;
+        mf->refs = (ParamRef *)xmalloc(n * sizeof(ParamRef));
+        mf->found = (const StTensor **)xcalloc(n, sizeof *mf->found);
+        mf->found_in = (const SafeTensors **)xcalloc(n, sizeof *mf->found_in);
+        params_list(NULL, c, mf->refs);
         for (size_t i = 0; i < n && rc == 0; i++) {
             const StTensor *t = NULL;
-            const char *where = files[0].path;
+            const SafeTensors *where = &mf->files[0];
             if (index) {
-                const char *fname = json_get_string(json_get(index, "weight_map"), refs[i].name, NULL);
-                if (!fname) { rc = set_error("%s: tensor '%s' is missing from model.safetensors.index.json", dir, refs[i].name); break; }
-                for (size_t k = 0; k < n_files; k++)
-                    if (strcmp(strrchr(files[k].path, '/') + 1, fname) == 0) { t = st_find(&files[k], refs[i].name); where = files[k].path; }
-            } else t = st_find(&files[0], refs[i].name);
-            if (!t) { rc = set_error("%s: tensor '%s' is missing", where, refs[i].name); break; }
-            if (st_check_shape(t, refs[i].ndim, refs[i].shape) != 0) rc = error_in("%s", where);
-            found[i] = t;
-            found_in[i] = where;
+                const char *fname = json_get_string(json_get(index, "weight_map"), mf->refs[i].name, NULL);
+                if (!fname) { rc = set_error("%s: tensor '%s' is missing from model.safetensors.index.json", dir, mf->refs[i].name); break; }
+                for (size_t k = 0; k < mf->n_files; k++)
+                    if (strcmp(strrchr(mf->files[k].path, '/') + 1, fname) == 0) { t = st_find(&mf->files[k], mf->refs[i].name); where = &mf->files[k]; }
+            } else t = st_find(&mf->files[0], mf->refs[i].name);
+            if (!t) { rc = set_error("%s: tensor '%s' is missing", where->path, mf->refs[i].name); break; }
+            if (st_check_shape(t, mf->refs[i].ndim, mf->refs[i].shape) != 0) rc = error_in("%s", where->path);
+            else if (t->dtype != DT_F32 && t->dtype != DT_F16 && t->dtype != DT_BF16 && t->dtype != DT_F64)
+                rc = set_error("%s: tensor '%s' has dtype %s, not a floating-point type", where->path, t->name, DTYPE_NAMES[t->dtype]);
+            mf->found[i] = t;
+            mf->found_in[i] = where;
         }
         /* ... and nothing else (a tensor we do not know means a model we would run wrongly). */
-        for (size_t k = 0; k < n_files && rc == 0; k++)
-            for (size_t t = 0; t < files[k].count && rc == 0; t++) {
-                const char *name = files[k].tensors[t].name;
+        for (size_t k = 0; k < mf->n_files && rc == 0; k++)
+            for (size_t t = 0; t < mf->files[k].count && rc == 0; t++) {
+                const char *name = mf->files[k].tensors[t].name;
                 int known = is_ignored_tensor(name) || (c->tie_embeddings && strcmp(name, "lm_head.weight") == 0);
-                for (size_t i = 0; i < n && !known; i++) known = strcmp(refs[i].name, name) == 0;
-                if (!known) rc = set_error("%s: unexpected tensor '%s' (biases and other architectures are not supported)", files[k].path, name);
+                for (size_t i = 0; i < n && !known; i++) known = strcmp(mf->refs[i].name, name) == 0;
+                if (!known) rc = set_error("%s: unexpected tensor '%s' (biases and other architectures are not supported)", mf->files[k].path, name);
             }
     }
-    /* Then the weights, converted to fp32. */
-    if (rc == 0) {
-        params_alloc(&m->w, c);
-        params_list(&m->w, c, refs);
-        for (size_t i = 0; i < n && rc == 0; i++)
-            if (st_to_f32(found[i], refs[i].data) != 0) rc = error_in("%s", found_in[i]);
-        if (rc) params_free(&m->w);
-    }
-    free(refs);
-    free(found);
-    free(found_in);
-    for (size_t k = 0; k < n_files; k++) st_close(&files[k]);
-    free(files);
     json_free(index);
+    if (rc != 0) model_files_close(mf);
     return rc;
 }
+
+/* Reads config.json alone (no weights): the shape a run is planned from. -1 + last_error(). */
+static API int model_read_config(Config *c, const char *dir, long target_ctx) {
+    char path[4096];
+    Json *cj = json_parse_file(path_join(path, sizeof path, dir, "config.json"));
+    if (!cj) return -1;
+    int rc = config_from_json(c, cj, target_ctx);
+    json_free(cj);
+    return rc ? error_in("%s", dir) : 0;
+}
+
+/* Loads a model folder, converted to fp32: every tensor (frozen_too), or only the LoRA+
+ * trainable ones, embed and the norms (params_alloc_plus: a GPU run reads the rest straight
+ * to the GPU with 04_load.c). -1 + last_error() (naming the file or tensor) on bad input. */
+static API int model_try_load_host(Model *m, const char *dir, long target_ctx, int frozen_too) {
+    memset(m, 0, sizeof *m);
+    if (model_read_config(&m->cfg, dir, target_ctx) != 0) return -1;
+    ModelFiles mf;
+    if (model_files_open(&mf, dir, &m->cfg) != 0) return -1;
+    m->cfg.weight_dtype = mf.found[0]->dtype; /* embed_tokens' */
+    if (frozen_too) params_alloc(&m->w, &m->cfg);
+    else params_alloc_plus(&m->w, &m->cfg);
+    ParamRef *refs = (ParamRef *)xmalloc(mf.n * sizeof(ParamRef));
+    params_list(&m->w, &m->cfg, refs);
+    int rc = 0;
+    for (size_t i = 0; i < mf.n && rc == 0; i++)
+        if (refs[i].data && st_to_f32(mf.found[i], refs[i].data) != 0) rc = error_in("%s", mf.found_in[i]->path);
+    if (rc) params_free(&m->w);
+    free(refs);
+    model_files_close(&mf);
+    return rc;
+}
+
+/* Loads a whole model folder in fp32 (the CPU's model). -1 + last_error() on bad input. */
+static API int model_try_load(Model *m, const char *dir, long target_ctx) { return model_try_load_host(m, dir, target_ctx, 1); }
 
 /* Loads a model folder or ends the program with one sentence. */
 static API void model_load(Model *m, const char *dir, long target_ctx) {

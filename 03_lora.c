@@ -549,22 +549,33 @@ static int lora_write_adapter_files(LoraAdapter *ad, Model *m, const char *dir, 
             snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "model.layers.%d.%s.%s.lora_B.weight", l, LORA_TARGET_PARENTS[w], LORA_TARGET_NAMES[w]);
             st_writer_add(&sw, names[n_names++], DT_F32, 2, shape_b, p->B);
         }
+    /* modules_to_save in the base's dtype, as peft writes them (its copies of the base's
+     * modules keep the model's dtype; A and B above are fp32 either way, peft's
+     * autocast_adapter_dtype): a bf16 base gets bf16 embed and norms, whose fp32 masters
+     * live on in the checkpoint's train_state (05). Other bases keep fp32. */
+    int as_bf16 = m->cfg.weight_dtype == DT_BF16;
     PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * m->cfg.n_layers + 2) * sizeof(PlusTensor));
     size_t n_plus = lora_plus_tensors(m, NULL, plus);
-    for (size_t i = 0; i < n_plus; i++) {
-        if (!(plus[i].is_embed ? ad->cfg.train_embed : ad->cfg.train_norms)) continue;
-        snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "%s", plus[i].name);
+    uint16_t **bf16 = (uint16_t **)xcalloc(n_plus + 1, sizeof(uint16_t *)); /* [n_plus + 1] the bf16 copies */
+    for (size_t i = 0; i <= n_plus; i++) {
+        int is_head = i == n_plus; /* what peft writes for a tied head it keeps tied: the embedding again */
+        if (is_head ? !tied_trained : !(plus[i].is_embed ? ad->cfg.train_embed : ad->cfg.train_norms)) continue;
+        const float *w = is_head ? m->w.embed : plus[i].weight;
+        int is_matrix = is_head || plus[i].is_embed;
         int64_t shape[2] = {(int64_t)m->cfg.vocab_size, (int64_t)m->cfg.dim};
-        if (plus[i].is_embed) st_writer_add(&sw, names[n_names++], DT_F32, 2, shape, plus[i].weight);
-        else st_writer_add(&sw, names[n_names++], DT_F32, 1, shape + 1, plus[i].weight);
-    }
-    if (tied_trained) { /* what peft writes for a tied head it keeps tied: the same weights again */
-        int64_t shape[2] = {(int64_t)m->cfg.vocab_size, (int64_t)m->cfg.dim};
-        snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "lm_head.weight");
-        st_writer_add(&sw, names[n_names++], DT_F32, 2, shape, m->w.embed);
+        size_t numel = is_matrix ? (size_t)m->cfg.vocab_size * m->cfg.dim : (size_t)m->cfg.dim;
+        snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "%s", is_head ? "lm_head.weight" : plus[i].name);
+        if (as_bf16) {
+            bf16[i] = (uint16_t *)xmalloc(numel * sizeof(uint16_t));
+            for (size_t k = 0; k < numel; k++) bf16[i][k] = f32_to_bf16(w[k]);
+        }
+        st_writer_add(&sw, names[n_names++], as_bf16 ? DT_BF16 : DT_F32, is_matrix ? 2 : 1, is_matrix ? shape : shape + 1,
+                      as_bf16 ? (const void *)bf16[i] : (const void *)w);
     }
     int rc = st_write(&sw, path_join(path, sizeof path, dir, "adapter_model.safetensors"));
     st_writer_free(&sw);
+    for (size_t i = 0; i <= n_plus; i++) free(bf16[i]);
+    free(bf16);
     free(names);
     free(plus);
     return rc;
@@ -607,6 +618,16 @@ static API int lora_adapter_rope(const char *dir, Config *c, long target_ctx) {
     if (rc) return -1;
     *c = a;
     return config_extend(c, target_ctx, ROPE_EXTEND_AUTO);
+}
+
+/* The lora_dropout of an adapter folder's adapter_config.json (0 where it has none or cannot
+ * be read: lora_load_adapter says why later), for choosing where a run goes before loading. */
+static API double lora_adapter_dropout(const char *dir) {
+    char path[4096];
+    Json *cfg = json_parse_file(path_join(path, sizeof path, dir, "adapter_config.json"));
+    double p = cfg ? json_get_number(cfg, "lora_dropout", 0.0) : 0.0;
+    json_free(cfg);
+    return p > 0 && p < 1 ? p : 0.0;
 }
 
 /* Reads an adapter folder (ours or peft's) for model m into ad (initialised here).
@@ -768,6 +789,8 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
         if (st_to_f32(plus_src[k], plus[k].weight) != 0) rc = -1;
         if (plus[k].is_embed) ad->cfg.train_embed = 1; else ad->cfg.train_norms = 1;
     }
+    if (rc == 0 && head_src && !c->tie_embeddings && !m->w.lm_head)
+        rc = set_error("%s carries a trained lm_head, which the GPU path keeps frozen in bf16; use --device cpu", st.path);
     if (rc == 0 && head_src && !c->tie_embeddings && st_to_f32(head_src, m->w.lm_head) != 0) rc = -1;
     free(lora_src);
     free(plus_src);
@@ -785,18 +808,7 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
  * is 0 (embed [V, D], the norms [D], and the head when it is tied, which is embed), so a 7B
  * model needs 0.5 GB here instead of a second copy of every weight. The projection and an
  * untied head's pointers stay NULL. grads_zero() and params_free() work on it as usual. */
-static void lora_grads_alloc(Grads *g, const Config *c) {
-    size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
-    memset(g, 0, sizeof *g);
-    g->count = V * D + 2 * L * D + D;
-    g->memory = (float *)xcalloc(g->count, sizeof(float));
-    g->layers = (LayerParams *)xcalloc(L, sizeof(LayerParams));
-    float *m = g->memory;
-    g->embed = m; m += V * D;
-    for (size_t l = 0; l < L; l++) { g->layers[l].attn_norm = m; m += D; g->layers[l].mlp_norm = m; m += D; }
-    g->final_norm = m;
-    g->lm_head = c->tie_embeddings ? g->embed : NULL;
-}
+static void lora_grads_alloc(Grads *g, const Config *c) { params_alloc_plus(g, c); }
 
 /* Everything one LoRA+ training run holds on the CPU: 05's trainer keeps one (its GPU step
  * uses the optimizer's fp32 masters and moments, not the activations). */
@@ -820,6 +832,15 @@ static API void lora_trainer_init(LoraTrainer *tr, Model *m, LoraAdapter *ad, co
     tr->run.s2_group = s2_group;
     tr->run.grads_for_frozen_linears = 0;
     tr->run.hook = &ad->hook;
+}
+
+/* Frees the host gradients of embed and the norms, for a run whose step keeps its own (05's
+ * GPU step: 0.5 GB of host memory at 7B); their grad pointers in the optimizer become NULL. */
+static API void lora_trainer_drop_plus_grads(LoraTrainer *tr) {
+    const float *lo = tr->grads.memory, *hi = tr->grads.memory + tr->grads.count;
+    for (size_t k = 0; k < tr->opt.count; k++)
+        if (tr->opt.params[k].grad >= lo && tr->opt.params[k].grad < hi) tr->opt.params[k].grad = NULL;
+    params_free(&tr->grads);
 }
 
 static API void lora_trainer_free(LoraTrainer *tr) {

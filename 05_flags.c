@@ -52,7 +52,7 @@ typedef struct {
     int save_every;                 /* --save-every K (0: only at the end) */
     int save_total_limit;           /* --save-total-limit K: keep the newest K checkpoints (0: all) */
     int log_every;                  /* --log-every K: progress lines */
-    double peak_tflops;             /* --peak-tflops: the device's peak, for MFU (0: n/a on CPU) */
+    double peak_tflops;             /* --peak-tflops: the device's peak, for MFU (0: the GPU's from 04_load.c's table; n/a on the CPU) */
     int quiet;                      /* --quiet: no progress lines (the CSV is still written) */
     const char *device;             /* --device cpu|gpu (NULL: the GPU where this build has one, else the CPU) */
     /* several processes (05_dist.c) */
@@ -139,7 +139,7 @@ static void train_usage(FILE *f) {
         "  --overwrite            start over in an --out folder that holds another run (its checkpoints,\n"
         "                         adapter and log are removed first); without it, or --resume, that is refused\n"
         "  --log-every K          a progress line every K steps (default 1)\n"
-        "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: n/a on the CPU)\n"
+        "  --peak-tflops T        the device's peak TFLOP/s, for MFU (default: the GPU's dense bf16 peak, n/a on the CPU)\n"
         "  --quiet                no progress lines\n"
         "  --device cpu|gpu       where the step runs (default: the GPU when this build and machine have one)\n"
         "  --gpu-mem GiB          plan the GPU step for this much GPU memory in all (default: what is free);\n"

@@ -15,8 +15,9 @@
  *   05_dist.c        several processes (data parallel, ZeRO-1, --shard-weights)
  *   05_train_gpu.c   the GPU step, with 05_plan.c, its memory plan (--gpu-mem, --host-mem)
  * Runs on: the GPU where the build has CUDA and the machine a GPU (05_train_gpu.c: bf16
- * weights, 04's kernels, activation checkpointing; --device cpu|gpu chooses, the startup
- * line says which and why), else the CPU, with the fp32 code of 02 and 03. The CPU trains
+ * weights read from the files straight to the GPU by 04_load.c, no fp32 host copy of the
+ * frozen ones; 04's kernels, activation checkpointing; --device cpu|gpu chooses by
+ * 04_load.c's device_choose, the startup line says which and why), else the CPU, with the fp32 code of 02 and 03. The CPU trains
  * tiny models end to end on a laptop or in CI; a real model there is correct but slow
  * (SmolLM2-135M: about 15 tokens/s on 2 busy cores). train_step() dispatches; the CPU step
  * is the reference the GPU step is checked against (tests/test_gpu_train.c).
@@ -44,6 +45,7 @@
 #define STAGE 5
 #endif
 #include "03_lora.c"
+#include "04_load.c"  /* where the step runs (device_choose), the GPU's peak, the GPU loader */
 #include "05_flags.c" /* TrainOptions: the command line */
 #include "05_data.c"  /* Dataset: packed text or SFT records, the seeded shuffle */
 
@@ -71,10 +73,13 @@ typedef struct {
     char last_checkpoint[4400]; /* "" until one is written */
     /* progress */
     double flops_per_token;     /* model FLOPs: 6 * params + attention, per trained token */
+    double peak_tflops;         /* the device's peak for MFU: --peak-tflops, else the GPU's from 04's table (0: n/a) */
+    char peak_note[400];        /* where that peak comes from, for the startup line */
     size_t n_params, n_trainable;
     FILE *csv;                  /* OUT/train_log.csv */
     struct GpuTrainer *gpu;     /* the GPU step's state (05_train_gpu.c), or NULL: the step runs on the CPU */
-    const char *device_note;    /* where the step runs and why, for the startup line */
+    char device_note[320];      /* where the step runs and why, for the startup line */
+    char load_note[400];        /* how the weights were loaded: time, bytes read, peak host RSS */
     float *dist_flat;           /* [P + 1] several ranks: the flat gradients (+ the loss sum) they add up */
     int out_lock_fd;            /* OUT/.lock, held while the run lives (rank 0; 0: none) */
 } Trainer;
@@ -146,7 +151,10 @@ static StepResult train_step(Trainer *t) {
 
 /* FLOPs per token of one training step: 6 per parameter (forward 2, backward 4) plus the
  * attention matmuls (QK^T and PV: 4 H d per visible key forward, twice that backward),
- * counting only the keys a query really sees under S2-Attn's causal groups. */
+ * counting only the keys a query really sees under S2-Attn's causal groups. A step's FLOPs
+ * are this x B x N x accumulation x ranks (the startup line prints them); MFU is those per
+ * second over the peak (--peak-tflops, else the GPU's dense bf16 peak from 04_load.c). The
+ * count is the model's, as MFU is defined: the GPU step's recompute is not counted. */
 static double train_flops_per_token(const Config *c, int N, int G) {
     double visible = 0; /* keys per query, averaged over positions and heads */
     for (int h = 0; h < c->n_heads; h++)
@@ -260,7 +268,11 @@ static int trainer_run(Trainer *t) {
         printf("train: N=%d %s, B=%d x %d accumulation x %d ranks = %zu tokens/step, RoPE %s factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",
                o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, comm_world(), tokens_per_step,
                ROPE_TYPE_NAMES[c->rope_type], c->rope_factor,
-               t->data.n_seqs, o->lr, o->warmup, t->device_note ? t->device_note : "on the CPU");
+               t->data.n_seqs, o->lr, o->warmup, t->device_note);
+        printf("load: %s\n", t->load_note);
+        /* the model FLOPs of one step, what MFU divides by the peak */
+        printf("MFU: %.3g model FLOPs per step (6 x parameters + attention, per token x %zu tokens) against %s\n",
+               t->flops_per_token * (double)tokens_per_step, tokens_per_step, t->peak_note);
         if (o->group) printf("S2-Attn: G=%d (N/G=%d groups, shift %d)\n", o->group, o->ctx / o->group, o->group / 2);
         if (t->data.stream)
             printf("data: %zu tokens packed into %zu sequences of %d; an epoch is %.1f steps\n", t->data.stream_len, t->data.n_seqs, o->ctx,
@@ -295,13 +307,13 @@ static int trainer_run(Trainer *t) {
         run_seconds += dt;
         loss = r.loss;
         double tok_s = (double)tokens_per_step / dt;
-        double mfu = o->peak_tflops > 0 ? t->flops_per_token * tok_s / (o->peak_tflops * 1e12) : -1;
+        double mfu = t->peak_tflops > 0 ? t->flops_per_token * tok_s / (t->peak_tflops * 1e12) : -1;
         double mem = peak_memory_gib();
 #ifdef USE_CUDA
         if (t->gpu) mem = tg_gib(gpu_train_used_bytes()); /* GPU memory in use (all of it is allocated up front) */
 #endif
         if (t->csv) fprintf(t->csv, "%d,%.9g,%.9g,%.9g,%zu,%.6f,%.3f,%.6f,%.4f\n", t->step, r.loss, r.lr, r.grad_norm, tokens_per_step, dt, tok_s,
-                mfu >= 0 ? mfu : NAN, mem); /* mfu nan: no --peak-tflops */
+                mfu >= 0 ? mfu : NAN, mem); /* mfu nan: no peak known (the CPU, an unknown GPU) and no --peak-tflops */
         if (t->csv) fflush(t->csv);
         if (!o->quiet && (t->step % o->log_every == 0 || t->step == o->max_steps || t->step == 1)) {
             char eta[32], mfu_s[32];
@@ -396,6 +408,35 @@ static int check_train_outputs(const TrainOptions *o) {
     return check_output_path("--out", o->out_dir, o->overwrite, in, n);
 }
 
+/* Where the step runs: 04_load.c's device_choose, with the GPU step's reasons not to
+ * (05_train_gpu.c's train_gpu_why_not); sets the startup line's words and the peak MFU is
+ * measured against (--peak-tflops, else the GPU's from 04's table). 1: the GPU. */
+static int train_choose_device(Trainer *t, const Config *c, double lora_dropout) {
+    const TrainOptions *o = &t->opt;
+    const char *gpu = NULL, *why_not = NULL;
+    int has_cuda = 0;
+#ifdef USE_CUDA
+    char name[256];
+    has_cuda = 1;
+    train_gpu_select_device(o); /* several ranks: rank r on GPU r */
+    gpu = gpu_visible_name(name, sizeof name);
+    why_not = train_gpu_why_not(c, lora_dropout);
+#else
+    (void)c;
+    (void)lora_dropout;
+#endif
+    int on_gpu = device_choose(o->device, has_cuda, gpu, why_not, "trains", t->device_note, sizeof t->device_note);
+    if (on_gpu < 0) die("%s", last_error());
+    t->peak_tflops = o->peak_tflops;
+    if (o->peak_tflops > 0) snprintf(t->peak_note, sizeof t->peak_note, "a peak of %g TFLOP/s (--peak-tflops)", o->peak_tflops);
+    else if (!on_gpu) snprintf(t->peak_note, sizeof t->peak_note, "no peak on the CPU: MFU is n/a unless --peak-tflops gives one");
+    else if ((t->peak_tflops = gpu_peak_tflops(gpu)) > 0)
+        snprintf(t->peak_note, sizeof t->peak_note, "the %s's dense bf16 peak, %g TFLOP/s (--peak-tflops overrides)", gpu ? gpu : "GPU", t->peak_tflops);
+    else
+        snprintf(t->peak_note, sizeof t->peak_note, "no peak: the %s is not in the table (A100, H100, H200), so MFU is n/a; give --peak-tflops", gpu ? gpu : "GPU");
+    return on_gpu;
+}
+
 /* Everything before the first step: model, adapter, optimizer, data, and a resume. */
 static void trainer_init(Trainer *t) {
     TrainOptions *o = &t->opt;
@@ -403,10 +444,18 @@ static void trainer_init(Trainer *t) {
     int rank0 = 0, world0 = 1;
     dist_rank_world(o->rank, o->world_size, &rank0, &world0);
     if (check_train_outputs(o) != 0 || (rank0 == 0 && out_lock(t) != 0)) die("%s", last_error());
-    /* the model: its context sets --ctx's default, --ctx sets the RoPE interpolation */
+    /* where the step runs, decided from the model's config before its weights are read: on
+     * the GPU, the host keeps only embed and the norms in fp32 (the trained tensors' masters)
+     * and train_gpu_setup reads the frozen matrices from the files straight to the GPU */
+    Config file_cfg;
     if (o->model_dir) {
-        if (model_try_load(&t->model, o->model_dir, o->ctx) != 0) die("%s", last_error());
+        if (model_read_config(&file_cfg, o->model_dir, o->ctx) != 0) die("%s", last_error());
     } else if (model_init_shape(&t->model, o->shape, o->tokenizer_path, o->ctx, o->seed) != 0) die("%s", last_error());
+    int on_gpu = train_choose_device(t, o->model_dir ? &file_cfg : &t->model.cfg, o->adapter_dir ? lora_adapter_dropout(o->adapter_dir) : 0);
+    /* the model: its context sets --ctx's default, --ctx sets the RoPE interpolation */
+    double load_seconds = now_seconds();
+    if (o->model_dir && model_try_load_host(&t->model, o->model_dir, o->ctx, !on_gpu) != 0) die("%s", last_error());
+    load_seconds = now_seconds() - load_seconds;
     if (o->rope_scaling && config_extend(&t->model.cfg, o->ctx, (RopeExtend)o->rope_scaling) != 0) die("%s", last_error());
     const Config *c = &t->model.cfg;
     if (o->ctx == 0) o->ctx = c->max_pos;
@@ -435,11 +484,6 @@ static void trainer_init(Trainer *t) {
     AdamWConfig oc = {(float)o->lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)o->weight_decay, o->warmup};
     lora_trainer_init(&t->lt, &t->model, &t->lora, &oc, 0, 0, (size_t)o->group); /* activations below, for the CPU step only */
 
-    int on_gpu = 0;
-#ifdef USE_CUDA
-    train_gpu_select_device(o);   /* several ranks: rank r on GPU r */
-    on_gpu = train_gpu_choose(t); /* --device, else the GPU where there is one the model suits */
-#endif
     if (o->shard_weights && !on_gpu) die("--shard-weights shards the frozen bf16 weights of the GPU step; this run trains on the CPU");
     /* several processes: join the others (NCCL for GPU ranks, the shared file for CPU ranks) */
     if (comm_init(o->rank, o->world_size, o->dist_file, on_gpu) != 0) die("%s", last_error());
@@ -452,6 +496,7 @@ static void trainer_init(Trainer *t) {
     }
     if (comm_active()) t->dist_flat = (float *)xmalloc((flat_count(&t->lt.opt) + 1) * sizeof(float)); /* [P + 1] */
     if (!on_gpu) act_plan(&t->lt.act, c, (size_t)o->batch, (size_t)o->ctx, 1);
+    else lora_trainer_drop_plus_grads(&t->lt); /* the GPU step keeps its gradients on the GPU */
     t->inputs = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t));  /* [B, N] */
     t->targets = (int32_t *)xmalloc((size_t)o->batch * o->ctx * sizeof(int32_t)); /* [B, N] */
     t->n_params = config_param_count(c);
@@ -468,8 +513,19 @@ static void trainer_init(Trainer *t) {
         if (comm_is_root()) printf("resumed from %s at step %d (epoch %llu, sequence %zu of %zu)\n", dir, t->step,
                (unsigned long long)t->data.epoch, t->data.pos, t->data.n_seqs);
     }
+    const char *src = !o->model_dir ? "random weights (--init random)" : on_gpu ? "embed and the norms in fp32 on the host" : "fp32 weights on the host";
+    snprintf(t->load_note, sizeof t->load_note, "%s in %.1f s, peak host RSS %.2f GB", src, load_seconds, peak_rss_bytes() / 1e9);
 #ifdef USE_CUDA
-    if (on_gpu) train_gpu_setup(t); /* after a resume, so the GPU starts from the checkpoint's state */
+    if (on_gpu) {
+        double t0 = now_seconds();
+        train_gpu_setup(t); /* after a resume, so the GPU starts from the checkpoint's state */
+        double s = now_seconds() - t0;
+        if (t->gpu->load_note[0])
+            snprintf(t->load_note, sizeof t->load_note, "frozen weights straight to the GPU in bf16: %s; %.1f s for the whole load (%.1f s of it embed and the norms in fp32 on the host)",
+                     t->gpu->load_note, load_seconds + s, load_seconds);
+        else
+            snprintf(t->load_note + strlen(t->load_note), sizeof t->load_note - strlen(t->load_note), ", then bf16 to the GPU in %.1f s, peak host RSS %.2f GB", s, peak_rss_bytes() / 1e9);
+    }
 #endif
 }
 

@@ -35,8 +35,9 @@
  * Checked against: the CPU step of 02 + 03 (tests/test_gpu_train.c: loss, every trainable
  * gradient, a few AdamW steps); 05_train --device gpu end to end, exact resume and the
  * non-finite stop (tests/test_gpu_train_resume.c). Benchmark: bench/train_bench.c.
- * The API 05_train.c uses: train_gpu_choose (where the step runs, and why), train_gpu_setup
- * (gpu_train_init: weights and trainable state; gpu_train_plan: the B x N buffers),
+ * The API 05_train.c uses: train_gpu_why_not (what 04_load.c's device_choose weighs), train_gpu_setup
+ * (gpu_train_init: weights, read from the files straight to the GPU by 04_load.c, and
+ * trainable state; gpu_train_plan: the B x N buffers),
  * train_step_gpu, gpu_train_download_state (before each checkpoint), train_gpu_free.
  * Several GPUs (one process each, NCCL through 05_dist.c): the step takes every K-th
  * micro-batch, all-reduces the fp32 gradients (all tensors in one NCCL group, once per step)
@@ -160,10 +161,15 @@ typedef struct GpuTrainer {
     uint16_t *z3_buf[2];              /* [K * z3_shard] bf16 each: gathered layers, by parity of l */
     int z3_holds[2];                  /* the layer each buffer holds (-1: none) */
     cudaEvent_t z3_ready[2], z3_free[2]; /* the gather into a buffer is done / its last reader is done */
+    char load_note[200];              /* what the loader read, for the startup line ("" when the weights came from the host) */
 } GpuTrainer;
 
 /* Set by train_gpu_setup before gpu_train_init: shard the frozen layer weights (ZeRO-3). */
 static int tg_shard_weights = 0;
+/* Set by train_gpu_setup before gpu_train_init: the model folder whose files the frozen
+ * weights are read from, straight to the GPU (04_load.c; the host model then holds only
+ * embed and the norms, 02's params_alloc_plus). NULL: from the host model. */
+static const char *tg_weights_dir = NULL;
 
 /* Host fp32 -> device bf16, through a staging buffer, `numel` values. */
 static void tg_upload_bf16(uint16_t *dst, const float *src, size_t numel, uint16_t *stage, size_t stage_cap) {
@@ -252,10 +258,11 @@ static TrainParam *tg_find_host(AdamW *opt, const float *param) {
     return NULL;
 }
 
-/* Puts the model on the GPU: frozen tensors in bf16 (from the host model, or random when
- * frozen_random_seed != 0, for benchmarks), and every tensor the host optimizer trains
- * with its fp32 state (uploaded from the host). Dies with one sentence on an unsupported
- * model or when the weights do not fit. */
+/* Puts the model on the GPU: frozen tensors in bf16 (read from tg_weights_dir's files by
+ * 04_load.c's loader, or from the host model, or random when frozen_random_seed != 0, for
+ * benchmarks), and every tensor the host optimizer trains with its fp32 state (uploaded
+ * from the host). Under --shard-weights each rank reads only its slice of each matrix. Dies
+ * with one sentence on an unsupported model, a bad file, or when the weights do not fit. */
 static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad, AdamW *opt, uint64_t frozen_random_seed) {
     memset(g, 0, sizeof *g);
     const Config *c = &m->cfg;
@@ -302,15 +309,22 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
     }
 #endif
 
-    size_t stage_cap = (size_t)1 << 26; /* 64M values: 128 MiB of staging */
+    size_t stage_cap = (size_t)1 << 24; /* 16M values: 32 MiB of staging (host values and random ones) */
     uint16_t *stage = (uint16_t *)xmalloc(stage_cap * sizeof(uint16_t));
     uint64_t tensor_no = 0;
-    /* a frozen or trainable bf16 tensor from host values (or random ones) */
-#define TG_TENSOR(dst, src, n, is_norm)                                                                          \
+    GpuLoader ld;
+    int from_files = tg_weights_dir != NULL && !frozen_random_seed;
+    if (from_files && gpu_loader_open(&ld, tg_weights_dir, c) != 0) die("%s", last_error());
+    char name[160];
+    /* a frozen bf16 tensor (HF name `...`) from the files, host values or random ones */
+#define TG_TENSOR(dst, src, n, ...)                                                                              \
     do {                                                                                                         \
         (dst) = (uint16_t *)gpu_malloc((n) * sizeof(uint16_t), "the model's bf16 weights");                      \
-        if (frozen_random_seed) tg_random_bf16((dst), (n), frozen_random_seed + 7919 * tensor_no, (is_norm) ? 1.0f : 0.0f, (is_norm) ? 0.1f : 0.02f, stage, stage_cap); \
-        else tg_upload_bf16((dst), (src), (n), stage, stage_cap);                                                \
+        snprintf(name, sizeof name, __VA_ARGS__);                                                                \
+        if (frozen_random_seed) tg_random_bf16((dst), (n), frozen_random_seed + 7919 * tensor_no, 0.0f, 0.02f, stage, stage_cap); \
+        else if (from_files) gpu_load_named(&ld, name, (dst), (n));                                              \
+        else if (src) tg_upload_bf16((dst), (src), (n), stage, stage_cap);                                       \
+        else die("the GPU step has no values for %s (the host model holds only embed and the norms)", name);     \
         tensor_no++;                                                                                             \
     } while (0)
     /* embed: trainable (LoRA+) or frozen; its values always come from the host (trainable
@@ -341,19 +355,28 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
                 proj_shape(c, w, &in, &out);
                 size_t a = lo > at ? lo - at : 0, z = hi < at + in * out ? hi - at : in * out;
                 if (hi <= at || lo >= at + in * out || a >= z) continue;
-                tg_upload_bf16(g->z3_mine[l] + (at + a - lo), proj_weight(lp, w) + a, z - a, stage, stage_cap);
+                uint16_t *dst = g->z3_mine[l] + (at + a - lo);
+                if (from_files) { /* only this rank's slice of the matrix is read */
+                    snprintf(name, sizeof name, "model.layers.%zu.%s.weight", l, HF_PROJ_NAMES[w]);
+                    long i = model_files_find(&ld.mf, name);
+                    CHECK(i >= 0, "the loader has no tensor %s", name);
+                    if (gpu_load_slice(&ld, (size_t)i, a, z, dst) != 0) die("%s", last_error());
+                } else if (proj_weight(lp, w)) tg_upload_bf16(dst, proj_weight(lp, w) + a, z - a, stage, stage_cap);
+                else die("the GPU step has no values for layer %zu's %s (the host model holds only embed and the norms)", l, HF_PROJ_NAMES[w]);
             }
         } else
             for (int w = 0; w < N_PROJ; w++) {
                 proj_shape(c, w, &in, &out);
-                TG_TENSOR(*frozen[w], proj_weight(lp, w), in * out, 0);
+                TG_TENSOR(*frozen[w], proj_weight(lp, w), in * out, "model.layers.%zu.%s.weight", l, HF_PROJ_NAMES[w]);
             }
-        for (int w = 0; w < N_PROJ; w++)
-            if (proj_bias(lp, w)) {
-                proj_shape(c, w, &in, &out);
-                gl->bias[w] = (uint16_t *)gpu_malloc(out * sizeof(uint16_t), "the model's bf16 biases");
-                tg_upload_bf16(gl->bias[w], proj_bias(lp, w), out, stage, stage_cap);
-            }
+        for (int w = 0; w <= PROJ_V && c->qkv_bias; w++) {
+            proj_shape(c, w, &in, &out);
+            gl->bias[w] = (uint16_t *)gpu_malloc(out * sizeof(uint16_t), "the model's bf16 biases");
+            snprintf(name, sizeof name, "model.layers.%zu.%s.bias", l, HF_PROJ_NAMES[w]);
+            if (from_files) gpu_load_named(&ld, name, gl->bias[w], out);
+            else if (proj_bias(lp, w)) tg_upload_bf16(gl->bias[w], proj_bias(lp, w), out, stage, stage_cap);
+            else die("the GPU step has no values for %s (the host model holds only embed and the norms)", name);
+        }
         for (int w = 0; w < N_PROJ; w++) {
             const LoraPair *p = &ad->pairs[l * LORA_NUM_TARGETS + (size_t)w];
             if (!p->A) continue;
@@ -374,9 +397,14 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
     tg_upload_bf16(g->final_norm.w, m->w.final_norm, D, stage, stage_cap);
     if ((hp = tg_find_host(opt, m->w.final_norm)) != NULL) tg_make_trainable(g, &g->final_norm, hp);
     if (c->tie_embeddings) g->lm_head = g->embed.w;
-    else TG_TENSOR(g->lm_head, m->w.lm_head, V * D, 0);
+    else TG_TENSOR(g->lm_head, m->w.lm_head, V * D, "lm_head.weight");
 #undef TG_TENSOR
     free(stage);
+    if (from_files) {
+        gpu_loader_sync(&ld);
+        gpu_loader_summary(&ld, g->load_note, sizeof g->load_note);
+        gpu_loader_close(&ld);
+    }
     if (g->n_trainable != opt->count) die("the GPU step found %zu of the %zu trainable tensors in the model", g->n_trainable, opt->count);
     /* keep the host optimizer's order, so norms and updates match the CPU step's */
     for (size_t k = 0; k < g->n_trainable; k++)
@@ -850,8 +878,6 @@ static double gpu_train_used_bytes(void) {
  * the point where it includes this file)
  * ------------------------------------------------------------------------------------- */
 
-static char tg_device_note[320];
-
 /* Several ranks on one host: rank r uses GPU r mod (GPUs), set before anything touches a GPU
  * (mpirun: its local rank). A single process keeps the default device. */
 static void train_gpu_select_device(const TrainOptions *o) {
@@ -865,44 +891,27 @@ static void train_gpu_select_device(const TrainOptions *o) {
     CUDA_CHECK(cudaSetDevice(r % n));
 }
 
-/* Where the step runs: --device gpu (or no --device, where a GPU is found) puts it on the
- * GPU when the model suits the kernels; --device gpu dies with the reason otherwise. Sets
- * t->device_note for the startup line. */
-static int train_gpu_choose(Trainer *t) {
-    const TrainOptions *o = &t->opt;
-    const Config *c = &t->model.cfg;
-    int asked = o->device && !strcmp(o->device, "gpu");
-    if (o->device && !strcmp(o->device, "cpu")) { t->device_note = "on the CPU (--device cpu)"; return 0; }
-    const char *why_not = NULL;
-    if (!gpu_train_available()) why_not = "no CUDA GPU is visible to this process";
-    else if (c->head_dim != 64 && c->head_dim != 128) why_not = "the GPU kernels need head_dim 64 or 128";
-    else if (c->n_heads / c->n_kv_heads > 32) why_not = "the GPU attention takes at most 32 query heads per kv head";
-    else if (t->lora.cfg.dropout > 0.0f) why_not = "the GPU step has no LoRA dropout";
-    if (why_not) {
-        if (asked) die("--device gpu: %s; use --device cpu", why_not);
-        snprintf(tg_device_note, sizeof tg_device_note, "on the CPU (%s)", why_not);
-        t->device_note = tg_device_note;
-        return 0;
-    }
-    struct cudaDeviceProp prop;
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-    snprintf(tg_device_note, sizeof tg_device_note, "on the GPU (%s, %s)", prop.name,
-             asked ? "--device gpu" : "found one; --device cpu trains on the CPU");
-    t->device_note = tg_device_note;
-    return 1;
+/* Why the GPU step cannot train this model (NULL: it can), for 04_load.c's device_choose. */
+static const char *train_gpu_why_not(const Config *c, double lora_dropout) {
+    if (c->head_dim != 64 && c->head_dim != 128) return "the GPU kernels need head_dim 64 or 128";
+    if (c->n_heads / c->n_kv_heads > 32) return "the GPU attention takes at most 32 query heads per kv head";
+    if (lora_dropout > 0) return "the GPU step has no LoRA dropout";
+    return NULL;
 }
 
 /* Weights, trainable state (the host's, so after a resume the checkpoint's) and the
- * activations of a --batch x --ctx step on the GPU; dies with one sentence if they do not fit. */
+ * activations of a --batch x --ctx step on the GPU; dies with one sentence if they do not
+ * fit. A host model without its frozen matrices (loaded for the GPU: 02's
+ * model_try_load_host) has them read from --model's files straight to the GPU. */
 static void train_gpu_setup(Trainer *t) {
     const TrainOptions *o = &t->opt;
     t->gpu = (GpuTrainer *)xcalloc(1, sizeof(GpuTrainer));
     if (o->shard_weights && g_comm.backend != COMM_NCCL)
         die("--shard-weights shards the frozen weights over several GPU ranks: it needs --world-size 2 or more on GPUs with NCCL");
     tg_shard_weights = o->shard_weights;
+    tg_weights_dir = t->model.w.layers && !t->model.w.layers[0].wq ? o->model_dir : NULL;
     gpu_train_init(t->gpu, &t->model, &t->lora, &t->lt.opt, 0);
+    tg_weights_dir = NULL;
     tg_gpu_mem_budget = o->gpu_mem_gib * TP_GIB;
     tg_host_mem_budget = o->host_mem_gib < 0 ? -1 : o->host_mem_gib * TP_GIB;
     if (gpu_train_plan(t->gpu, (size_t)o->batch, (size_t)o->ctx, (size_t)o->group) != 0) die("%s", last_error());

@@ -8,9 +8,12 @@
  * passkey retrieval, both written down exactly below) and merging an adapter into a
  * HuggingFace folder (bf16 shards + index, config.json with the rope_scaling and
  * max_position_embeddings the model was trained for, tokenizer files copied).
- * Runs on: the CPU in fp32 for small models (02's pieces, the KV cache in fp32, the
- * adapter applied through 02's LinearHook or merged), or with USE_CUDA on the GPU: bf16
- * weights, cuBLAS for the projections, 04's layer kernels, 04's flash attention for the
+ * Runs on: the GPU where this build has CUDA and the machine a GPU (04_load.c's
+ * device_choose, as 05_train; --device cpu|gpu overrides, the startup line says which and
+ * why), else the CPU. The CPU runs fp32 (02's pieces, the KV cache in fp32, the adapter
+ * applied through 02's LinearHook or merged). The GPU: bf16 weights read from the files
+ * straight to the GPU (04_load.c; the host keeps embed and the norms in fp32, or the whole
+ * fp32 model for --merge), cuBLAS for the projections, 04's layer kernels, 04's flash attention for the
  * prefill and its split-K decode attention for every new token, a bf16 KV cache, the
  * adapter applied through 04's LoRA path or merged. A generation prefill's last layer
  * computes keys and values for every row but everything else for the last row only.
@@ -42,6 +45,12 @@
 #ifdef USE_CUDA
 #include "04_gpu.h" /* the GPU engine runs 04's kernels */
 #endif
+#include "04_load.c" /* where it runs (device_choose, as 05_train), the GPU loader */
+
+/* Set by infer_main before engine_init: the model folder whose files the tensors the host
+ * model lacks (all but embed and the norms: 02's model_try_load_host for the GPU) are read
+ * from, straight to the GPU in bf16 (04_load.c). NULL: the host model has every tensor. */
+static const char *infer_weights_dir = NULL;
 
 /* =======================================================================================
  * 1. The CPU engine: fp32, a KV cache, 02's pieces
@@ -245,7 +254,8 @@ static void gpu_engine_alloc_weights(GpuEngine *g, const Config *c) {
 #undef GPU_TENSOR
 }
 
-/* Copies the host model (fp32) to the GPU as bf16, one tensor at a time. */
+/* Copies the host model (fp32) to the GPU as bf16, one tensor at a time; the tensors it
+ * does not hold come from infer_weights_dir's files. */
 static void gpu_engine_upload(GpuEngine *g, const Model *m) {
     size_t n = params_list(&m->w, &m->cfg, NULL);
     CHECK(n == g->n_tensors, "GPU tensor list (%zu) and model tensor list (%zu) differ", g->n_tensors, n);
@@ -254,13 +264,28 @@ static void gpu_engine_upload(GpuEngine *g, const Model *m) {
     size_t biggest = 0;
     for (size_t i = 0; i < n; i++) if (g->tensors[i].numel > biggest) biggest = g->tensors[i].numel;
     uint16_t *host = (uint16_t *)xmalloc(biggest * sizeof(uint16_t)); /* [biggest] */
+    GpuLoader ld;
+    int from_files = 0;
     for (size_t i = 0; i < n; i++) {
         size_t numel = g->tensors[i].numel;
         CHECK((size_t)refs[i].shape[0] * (size_t)refs[i].shape[1] == numel && (refs[i].ndim == 1) == (g->tensors[i].kind != 0),
               "tensor %s does not match the GPU layout", refs[i].name);
+        if (!refs[i].data) { /* not on the host: from the files */
+            if (!from_files && (!infer_weights_dir || gpu_loader_open(&ld, infer_weights_dir, &m->cfg) != 0))
+                die("%s", infer_weights_dir ? last_error() : "the host model lacks a tensor and there is no folder to read it from");
+            from_files = 1;
+            gpu_load_named(&ld, refs[i].name, g->tensors[i].ptr, numel);
+            continue;
+        }
 #pragma omp parallel for
         for (size_t k = 0; k < numel; k++) host[k] = f32_to_bf16(refs[i].data[k]);
         CUDA_CHECK(cudaMemcpy(g->tensors[i].ptr, host, numel * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    }
+    if (from_files) {
+        char note[200];
+        gpu_loader_summary(&ld, note, sizeof note);
+        gpu_loader_close(&ld);
+        fprintf(stderr, "06_infer: frozen weights straight to the GPU in bf16: %s\n", note);
     }
     free(host);
     free(refs);
@@ -965,7 +990,8 @@ static size_t passkey_run(Engine *e, const Tokenizer *tok, int add_bos, size_t m
 
 typedef struct {
     const char *model_dir, *adapter_dir, *init, *shape, *tokenizer;
-    int merge, on_gpu;
+    int merge;
+    const char *device;             /* --device cpu|gpu (NULL: the GPU where this build and machine have one) */
     long ctx;
     const char *prompt, *prompt_file, *template_name;
     long max_new;
@@ -1021,9 +1047,8 @@ static void infer_parse(InferOptions *o, int argc, char **argv) {
         else if (!strcmp(a, "--shape")) o->shape = v;
         else if (!strcmp(a, "--tokenizer")) o->tokenizer = v;
         else if (!strcmp(a, "--device")) {
-            if (!strcmp(v, "cpu")) o->on_gpu = 0;
-            else if (!strcmp(v, "gpu")) o->on_gpu = 1;
-            else die("--device is cpu or gpu, not '%s'", v);
+            if (strcmp(v, "cpu") && strcmp(v, "gpu")) die("--device is cpu or gpu, not '%s'", v);
+            o->device = v;
         } else if (!strcmp(a, "--ctx")) o->ctx = need_long_arg(a, v, 1, 1L << 40);
         else if (!strcmp(a, "--prompt")) o->prompt = v;
         else if (!strcmp(a, "--prompt-file")) o->prompt_file = v;
@@ -1172,6 +1197,13 @@ static void run_bench(const InferOptions *o, const Config *cfg_in) {
 }
 #endif
 
+/* Why the GPU engine cannot run this model (NULL: it can), for device_choose. */
+static const char *infer_gpu_why_not(const Config *c) {
+    if (c->head_dim != 64 && c->head_dim != 128) return "the GPU kernels need head_dim 64 or 128";
+    if (c->n_heads / c->n_kv_heads > 8) return "the GPU decode attention takes at most 8 query heads per kv head";
+    return NULL;
+}
+
 static API int infer_main(int argc, char **argv) {
     InferOptions o;
     infer_parse(&o, argc, argv);
@@ -1189,10 +1221,32 @@ static API int infer_main(int argc, char **argv) {
 #endif
     }
 
-    /* the model, at the context asked for */
+    /* where it runs (04_load.c's device_choose, the rule 05_train follows), decided from the
+     * config before the weights are read: on the GPU the host keeps only embed and the norms
+     * (an adapter may replace them) and the engine reads the rest from the files straight to
+     * the GPU. --merge and --export merge in fp32 on the host, so they load the whole model. */
+    Config file_cfg = shape_cfg;
+    if (o.model_dir && model_read_config(&file_cfg, o.model_dir, o.ctx) != 0) die("%s", last_error());
+    char device_note[320];
+    int on_gpu = 0;
+    if (o.export_dir) snprintf(device_note, sizeof device_note, "on the CPU (--export merges and writes on the host)");
+    else {
+        const char *gpu = NULL;
+        int has_cuda = 0;
+#ifdef USE_CUDA
+        char name[256];
+        has_cuda = 1;
+        gpu = gpu_visible_name(name, sizeof name);
+#endif
+        on_gpu = device_choose(o.device, has_cuda, gpu, infer_gpu_why_not(&file_cfg), "runs", device_note, sizeof device_note);
+        if (on_gpu < 0) die("%s", last_error());
+    }
     Model model;
+    double load_seconds = now_seconds();
     if (o.model_dir) {
-        if (model_try_load(&model, o.model_dir, o.ctx) != 0) die("%s", last_error());
+        int frozen_on_host = !on_gpu || o.merge || o.export_dir;
+        if (model_try_load_host(&model, o.model_dir, o.ctx, frozen_on_host) != 0) die("%s", last_error());
+        if (!frozen_on_host) infer_weights_dir = o.model_dir;
     } else {
         config_set_target_ctx(&shape_cfg, o.ctx);
         model_init_random(&model, &shape_cfg, o.seed, 0.02f);
@@ -1207,9 +1261,12 @@ static API int infer_main(int argc, char **argv) {
     }
     size_t ctx = o.ctx > 0 ? (size_t)o.ctx : config_context(&model.cfg);
     LinearHook *hook = have_adapter && !(o.merge || o.export_dir) ? &adapter.hook : NULL;
-    fprintf(stderr, "06_infer: %s, %d layers, D %d, V %d; context %zu (RoPE %s factor %g); adapter %s; %s\n",
+    load_seconds = now_seconds() - load_seconds;
+    fprintf(stderr, "06_infer: %s, %d layers, D %d, V %d; context %zu (RoPE %s factor %g); adapter %s; %s in %s; "
+            "host weights (%s) in %.1f s, peak host RSS %.2f GB\n",
             o.model_dir ? o.model_dir : o.shape, model.cfg.n_layers, model.cfg.dim, model.cfg.vocab_size, ctx,
-            ROPE_TYPE_NAMES[model.cfg.rope_type], (double)model.cfg.rope_factor, !have_adapter ? "none" : hook ? "applied" : "merged", o.on_gpu ? "GPU (bf16)" : "CPU (fp32)");
+            ROPE_TYPE_NAMES[model.cfg.rope_type], (double)model.cfg.rope_factor, !have_adapter ? "none" : hook ? "applied" : "merged",
+            device_note, on_gpu ? "bf16" : "fp32", infer_weights_dir ? "embed and norms in fp32" : "all, fp32", load_seconds, peak_rss_bytes() / 1e9);
 
     if (o.export_dir) {
         if (export_merged(&model, o.model_dir, o.export_dir, (size_t)o.shard_size, DT_BF16, o.overwrite) != 0) die("%s", last_error());
@@ -1234,7 +1291,7 @@ static API int infer_main(int argc, char **argv) {
         for (size_t i = 0; i < n_lens; i++) if (lens[i] > biggest) biggest = lens[i];
         if (biggest > ctx) die("--seq-len %zu is longer than the context (--ctx %zu)", biggest, ctx);
         Engine e;
-        engine_init(&e, &model, hook, biggest, o.on_gpu);
+        engine_init(&e, &model, hook, biggest, on_gpu);
         printf("%-10s %8s %12s %12s %10s\n", "seq_len", "windows", "loss", "ppl", "seconds");
         for (size_t i = 0; i < n_lens; i++) {
             PplRow r = perplexity(&e, tokens, n_tokens, lens[i], (size_t)o.stride, (size_t)o.max_windows);
@@ -1251,7 +1308,7 @@ static API int infer_main(int argc, char **argv) {
         if (tok_load(&tok, tok_path) != 0) die("%s", last_error());
         if (tok.vocab_size > model.cfg.vocab_size) die("the tokenizer has %d tokens but the model only %d", tok.vocab_size, model.cfg.vocab_size);
         Engine e;
-        engine_init(&e, &model, hook, ctx, o.on_gpu);
+        engine_init(&e, &model, hook, ctx, on_gpu);
         if (o.passkey) {
             size_t max_tokens = o.max_tokens ? (size_t)o.max_tokens : ctx;
             if ((size_t)o.interval > max_tokens) die("--interval %ld is larger than --max-tokens %zu", o.interval, max_tokens);

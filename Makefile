@@ -74,7 +74,7 @@ HEADERS := common.h $(wildcard 0*.h)
 ifneq ($(wildcard 05_train.c),)
 all: 05_train
 endif
-05_train: 05_train.c $(wildcard 05_*.c) 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
+05_train: 05_train.c $(wildcard 05_*.c) 04_load.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I$(CUDA_HOME)/include $(NCCL_INC)) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS)) $(LDLIBS)
 
 # ---- GPU code (04_*.cu): objects with an extern "C" API declared in 04_gpu.h -------------
@@ -107,7 +107,7 @@ bench: 04_s2attn build/libs2attn.so
 ifneq ($(wildcard 06_infer.c),)
 all: 06_infer
 endif
-06_infer: 06_infer.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
+06_infer: 06_infer.c 04_load.c 03_lora.c 02_model.c 01_tokenize.c $(HEADERS) $(if $(USE_CUDA),$(GPU_OBJ))
 	$(CC) $(CFLAGS) $(if $(USE_CUDA),-DUSE_CUDA -I$(CUDA_HOME)/include) -o $@ $< $(if $(USE_CUDA),$(GPU_OBJ) $(CUDA_LIBS)) $(LDLIBS)
 
 # ---- tests -------------------------------------------------------------------------------

@@ -28,6 +28,9 @@
  *     uploads new frequencies as transformers' rule changes them): logits after a prefill
  *     and 16 decode steps within 3e-2 of the largest CPU logit (bf16 activations), and the
  *     window loss within 5e-3 relative.
+ *  7. the engine set up from a bf16 folder as 06_infer does on the GPU (the frozen weights
+ *     from the files straight to the GPU, 04_load.c) holds the bits of the one uploaded from
+ *     the whole fp32 host model.
  * Without a GPU it exits 77.
  */
 #define STAGE 0
@@ -296,6 +299,46 @@ static void check_variant(const char *name, Config c) {
     model_free(&m);
 }
 
+/* 7. The engine as 06_infer sets it up on the GPU from a folder (bf16 shards written by 03's
+ * export): the host keeps only embed and the norms, the rest comes from the files straight to
+ * the GPU (04_load.c). Every GPU tensor equals the one uploaded from the whole fp32 host
+ * model, bit for bit. */
+static void check_engine_from_files(const Config *c) {
+    char dir[] = "/tmp/test_gpu_infer.XXXXXX", folder[64];
+    CHECK(mkdtemp(dir), "mkdtemp: %s", strerror(errno));
+    snprintf(folder, sizeof folder, "%s/model", dir);
+    Model m;
+    model_init_random(&m, c, 12, 0.05f);
+    CHECK(export_merged(&m, NULL, folder, 200000, DT_BF16, 0) == 0, "%s", last_error()); /* 200 kB shards: several files */
+    model_free(&m);
+    Model full, light;
+    CHECK(model_try_load(&full, folder, CTX) == 0 && model_try_load_host(&light, folder, CTX, 0) == 0, "%s", last_error());
+    Engine a, b;
+    engine_init(&a, &full, NULL, 64, 1);
+    infer_weights_dir = folder;
+    engine_init(&b, &light, NULL, 64, 1);
+    infer_weights_dir = NULL;
+    size_t bad = 0;
+    for (size_t i = 0; i < a.gpu.n_tensors; i++) {
+        size_t n = a.gpu.tensors[i].numel;
+        uint16_t *x = (uint16_t *)xmalloc(n * 2), *y = (uint16_t *)xmalloc(n * 2);
+        CUDA_CHECK(cudaMemcpy(x, a.gpu.tensors[i].ptr, n * 2, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(y, b.gpu.tensors[i].ptr, n * 2, cudaMemcpyDeviceToHost));
+        bad += memcmp(x, y, n * 2) != 0;
+        free(x);
+        free(y);
+    }
+    EXPECT(a.gpu.n_tensors == b.gpu.n_tensors && bad == 0, "7. the engine from the files: %zu of %zu tensors differ from the host model's", bad, a.gpu.n_tensors);
+    printf("7. the engine from a bf16 folder (frozen weights straight to the GPU): %zu tensors, %s\n", a.gpu.n_tensors, bad ? "DIFFER" : "bit for bit the host model's");
+    engine_free(&a);
+    engine_free(&b);
+    model_free(&full);
+    model_free(&light);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0) printf("note: could not remove %s\n", dir);
+}
+
 int main(void) {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
@@ -451,6 +494,7 @@ int main(void) {
     dyn.rope_factor = dyn.rope_config_factor = 2.0f;
     dyn.max_pos = 32; /* the prefill (37) and every decode grow past it: new frequencies each call */
     check_variant("llama, dynamic NTK x2 over 32", dyn);
+    check_engine_from_files(&c);
     printf("test_gpu_infer: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

@@ -5,7 +5,8 @@
 #     the context, ids outside the vocabulary, a missing adapter, bad flags;
 #  2. generation: greedy is deterministic, a seed reproduces sampling, --max-new bounds the
 #     output, --template llama2-chat runs, prefill and decode tokens/s are printed;
-#  3. perplexity: several --seq-len values print one row each;
+#  3. perplexity: several --seq-len values print one row each; the startup line says where it
+#     runs and why (no --device: the GPU where there is one, else the CPU; --device cpu);
 #  4. passkey: the CSV has one row per (length, trial), its accuracy per length is the table's,
 #     depths stay inside the filler, a seed reproduces the CSV and another seed changes the keys;
 #  5. export: sharded bf16 folder with index, config and the tokenizer copied; its perplexity
@@ -50,6 +51,14 @@ $BIN --init random --shape tiny --ctx 256 --ppl "$TMP/ids.bin" --seq-len 64,128,
 rows=$(grep -cE '^(64|128|256) ' "$TMP/ppl")
 if [ "$rows" = 3 ]; then ok; else bad "perplexity table has $rows rows, want 3"; cat "$TMP/ppl" "$TMP/err"; fi
 awk '$1 ~ /^[0-9]+$/ { if (!($4 > 1 && $4 < 1e6)) exit 1 }' "$TMP/ppl" && ok || bad "perplexity out of range: $(cat "$TMP/ppl")"
+# the device: without --device the startup line says where it runs and why (the rule 05_train
+# follows, 04_load.c's device_choose): on a machine without a GPU (CI), the CPU
+if grep -qE "; on the (CPU|GPU) \(.*\) in (fp32|bf16); host weights .* peak host RSS" "$TMP/err"; then ok; else bad "the startup line lacks the device and why: $(cat "$TMP/err")"; fi
+if ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
+  grep -qE "on the CPU \((no CUDA GPU is visible|this build has no CUDA)" "$TMP/err" && ok || bad "no GPU here, yet: $(head -1 "$TMP/err")"
+fi
+$BIN --init random --shape tiny --ctx 256 --ppl "$TMP/ids.bin" --seq-len 64 --device cpu >"$TMP/ppl" 2>"$TMP/err"
+grep -q "on the CPU (--device cpu) in fp32" "$TMP/err" && ok || bad "--device cpu is not on the startup line: $(cat "$TMP/err")"
 
 TOK=../shared/data/llama2-tokenizer/tokenizer.model
 if [ ! -f "$TOK" ]; then

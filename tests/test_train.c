@@ -805,6 +805,84 @@ static void test_hostile(void) {
     free(t);
 }
 
+/* Where the step runs (04_load.c's device_choose, the rule 06_infer follows too), the GPU
+ * peaks MFU is measured against, the startup lines of a CPU run, and the adapter's dtype on
+ * a bf16 base (peft's: modules_to_save in the model's dtype, A and B fp32) with the fp32
+ * masters kept in the checkpoint. */
+static void test_device_and_dtype(void) {
+    char note[320];
+    EXPECT(device_choose(NULL, 0, NULL, NULL, "trains", note, sizeof note) == 0 && strstr(note, "on the CPU (this build has no CUDA"),
+           "a build without CUDA trains on the CPU and says why: %s", note);
+    EXPECT(device_choose(NULL, 1, NULL, NULL, "trains", note, sizeof note) == 0 && strstr(note, "on the CPU (no CUDA GPU is visible"),
+           "no GPU visible: the CPU, and why: %s", note);
+    EXPECT(device_choose(NULL, 1, "NVIDIA H200", NULL, "runs", note, sizeof note) == 1 &&
+           !strcmp(note, "on the GPU (NVIDIA H200, found one; --device cpu runs on the CPU)"), "a GPU found is the default: %s", note);
+    EXPECT(device_choose(NULL, 1, "NVIDIA H200", "the GPU kernels need head_dim 64 or 128", "trains", note, sizeof note) == 0 &&
+           strstr(note, "on the CPU (the GPU kernels need head_dim 64 or 128)"), "a model the GPU code cannot run: the CPU, and why: %s", note);
+    EXPECT(device_choose("cpu", 1, "NVIDIA H200", NULL, "trains", note, sizeof note) == 0 && !strcmp(note, "on the CPU (--device cpu)"),
+           "--device cpu wins: %s", note);
+    EXPECT(device_choose("gpu", 1, "NVIDIA A100-SXM4-80GB", NULL, "trains", note, sizeof note) == 1 && strstr(note, "--device gpu"),
+           "--device gpu: %s", note);
+    EXPECT(device_choose("gpu", 1, "NVIDIA H200", "the GPU kernels need head_dim 64 or 128", "trains", note, sizeof note) == -1 &&
+           strstr(last_error(), "--device gpu: the GPU kernels need head_dim 64 or 128; use --device cpu"), "--device gpu that cannot be: %s", last_error());
+    EXPECT(device_choose("gpu", 1, NULL, NULL, "trains", note, sizeof note) == -1 && strstr(last_error(), "no CUDA GPU is visible"),
+           "--device gpu without a GPU: %s", last_error());
+    const struct { const char *name; double tflops; } peaks[] = {
+        {"NVIDIA H200", 989}, {"NVIDIA H200 NVL", 835}, {"NVIDIA H100 80GB HBM3", 989}, {"NVIDIA H100 PCIe", 756}, {"NVIDIA H100 NVL", 835},
+        {"NVIDIA A100-SXM4-80GB", 312}, {"NVIDIA A100 80GB PCIe", 312}, {"NVIDIA GH200 480GB", 989}, {"NVIDIA GeForce RTX 4090", 0}, {NULL, 0}};
+    for (size_t i = 0; i < sizeof peaks / sizeof peaks[0]; i++)
+        EXPECT(gpu_peak_tflops(peaks[i].name) == peaks[i].tflops, "peak of %s: %g, not %g", peaks[i].name ? peaks[i].name : "(none)",
+               gpu_peak_tflops(peaks[i].name), peaks[i].tflops);
+
+    /* a bf16 base folder (03's export of a random tiny model), trained 2 steps on the CPU */
+    char base[512], data[512], out[512], flags[2048], log[512], path[700];
+    Config c;
+    CHECK(config_from_shape("tiny", &c) == 0, "%s", last_error());
+    Model m;
+    model_init_random(&m, &c, 77, 0.02f);
+    CHECK(export_merged(&m, NULL, tmp_path(base, "bf16_base"), 5e9, DT_BF16, 0) == 0, "%s", last_error());
+    int32_t ids[600];
+    for (int i = 0; i < 600; i++) ids[i] = (i * 7 + 3) % 256;
+    CHECK(tokfile_write(tmp_path(data, "dtype.tok"), ids, 600, c.vocab_size) == 0, "%s", last_error());
+    snprintf(flags, sizeof flags, "--model %s --data %s --ctx 64 --max-steps 2 --save-every 1 --out %s", base, data, tmp_path(out, "dtype_run"));
+    int rc = run_training(flags, tmp_path(log, "dtype.log"), NULL, 0);
+    EXPECT(rc == 0, "training on the bf16 base exits %d (log %s)", rc, log);
+    char *text = read_file(log, NULL);
+    EXPECT(text && strstr(text, "on the CPU (this build has no CUDA"), "the startup line says where the step runs and why (log %s)", log);
+    EXPECT(text && strstr(text, "load: fp32 weights on the host in ") && strstr(text, "peak host RSS"), "the startup says how the weights were loaded (log %s)", log);
+    EXPECT(text && strstr(text, "MFU: ") && strstr(text, "model FLOPs per step") && strstr(text, "no peak on the CPU"),
+           "the startup gives the FLOPs per step and why MFU is n/a (log %s)", log);
+    free(text);
+    SafeTensors ad, state;
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", out);
+    CHECK(st_open(&ad, path) == 0, "%s", last_error());
+    snprintf(path, sizeof path, "%s/checkpoint-2/train_state.safetensors", out);
+    CHECK(st_open(&state, path) == 0, "%s", last_error());
+    const StTensor *embed = st_find(&ad, "base_model.model.model.embed_tokens.weight");
+    const StTensor *norm = st_find(&ad, "base_model.model.model.norm.weight");
+    const StTensor *lora_a = st_find(&ad, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    EXPECT(embed && norm && lora_a && embed->dtype == DT_BF16 && norm->dtype == DT_BF16 && lora_a->dtype == DT_F32,
+           "on a bf16 base the adapter's embed and norms are BF16 and LoRA A is F32, as peft writes them");
+    const StTensor *master = NULL;
+    for (size_t i = 0; i < state.count && !master; i++)
+        if (strstr(state.tensors[i].name, "embed_tokens") && !strstr(state.tensors[i].name, "exp_avg")) master = &state.tensors[i];
+    EXPECT(master && master->dtype == DT_F32, "the checkpoint keeps the embedding's fp32 master");
+    if (embed && master && master->dtype == DT_F32 && embed->dtype == DT_BF16 && master->numel == embed->numel) {
+        size_t bad = 0;
+        for (size_t i = 0; i < master->numel; i++) {
+            float f;
+            uint16_t h;
+            memcpy(&f, master->data + 4 * i, 4);
+            memcpy(&h, embed->data + 2 * i, 2);
+            bad += f32_to_bf16(f) != h;
+        }
+        EXPECT(bad == 0, "the adapter's bf16 embedding is the final fp32 master rounded (%zu values differ)", bad);
+    }
+    st_close(&ad);
+    st_close(&state);
+    model_free(&m);
+}
+
 int main(int argc, char **argv) {
     g_self = argv[0];
     if (argc > 1 && !strcmp(argv[1], "--train")) return train_main(argc - 1, argv + 1);
@@ -817,6 +895,7 @@ int main(int argc, char **argv) {
     test_sft_masking();
     test_resume();
     test_hostile();
+    test_device_and_dtype();
     if (g_failures == 0) remove_tree(g_tmp);
     else printf("scratch files kept in %s\n", g_tmp);
     printf("test_train: %d checks, %d failed (%.1f s)\n", g_checks, g_failures, now_seconds() - t0);
