@@ -2291,20 +2291,24 @@ static void sweep_variants(int d) {
 
 int main(int argc, char **argv) {
     const char *out = "bench/results/attn_ours.json";
-    int do_bench = 0, do_variants = 0, head_dim = 128;
+    int do_bench = 0, do_variants = 0, head_dim = 128, fwd_variant = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bench")) do_bench = 1;
         else if (!strcmp(argv[i], "--variants")) do_variants = 1;
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--d") && i + 1 < argc) head_dim = atoi(argv[++i]);
-        else die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]", argv[0]);
+        else if (!strcmp(argv[i], "--fwd-variant") && i + 1 < argc) fwd_variant = atoi(argv[++i]);
+        else die("usage: %s --bench [--d 64|128] [--fwd-variant V] [--out results.json] | --variants [--d 64|128]", argv[0]);
     }
     if (!do_bench && !do_variants) die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]   (kernel checks: make test)", argv[0]);
     if (head_dim != 64 && head_dim != 128) die("--d %d: the kernels support head dims 64 and 128", head_dim);
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
     if (do_variants) sweep_variants(head_dim);
-    if (do_bench) bench(out, head_dim);
+    if (do_bench) {
+        if (attn_set_tile_variant(fwd_variant, 0) != 0) die("--fwd-variant %d: %s", fwd_variant, last_error());
+        bench(out, head_dim);
+    }
     return 0;
 }
 #endif /* S2ATTN_MAIN */
