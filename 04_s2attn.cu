@@ -13,10 +13,14 @@
  * the window comes from s2_first_key (common.h), so its cost follows the segment length.
  * On Hopper (code built for sm_90a) the forward and the backward run second versions of the
  * same kernels on warpgroup MMAs (wgmma), the tensor cores' asynchronous Hopper instruction,
- * which reads its operands straight from shared memory through descriptors.
+ * which reads its operands straight from shared memory through descriptors; the Hopper
+ * forward is warp-specialised: a producer warpgroup copies K and V with the tensor memory
+ * accelerator (TMA) into a ring of shared-memory stages guarded by mbarriers, and two
+ * consumer warpgroups overlap one tile's softmax with the next tile's products.
  * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; the Makefile builds sm_80 and
  * sm_90a code).
- * Leaves out: TMA and warp specialisation (every thread copies with cp.async), dropout,
+ * Leaves out: TMA and warp specialisation in the backward (every thread copies with
+ * cp.async), a persistent grid, dropout,
  * non-causal attention, head dims other than 64 and 128 in the flash kernels, fp16, a naive
  * backward.
  *
@@ -1833,18 +1837,18 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
  * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
-#define FWD_WGMMA_DEFAULT(D) ((D) == 128 ? 5 : 4) /* 128-key tiles at d=128, 128 at d=64 */
+#define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
 #define N_FWD_VARIANTS 10
 #define N_BWD_VARIANTS 4
 #define BWD_WGMMA_DEFAULT 3
-/* Forward variant 0 picks the wgmma kernel where the binary and the GPU have it (sm_90a),
- * else variant 1; variants 4 to 9 fall back to 1 the same way. Variant 5 is the wgmma kernel
- * with the other key-tile width (the S and O products of equal width), the faster at d=128. */
+/* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
+ * (sm_90a), else variant 1; variants 4 to 9 fall back to 1 the same way. Variants 4 and 5
+ * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10). */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
                                                                      "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128, next S overlaps softmax, cp.async",
-                                                                     "wgmma BM128 BN128, overlap, TMA producer warp, 2 stages",
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 2 stages",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 2 stages, ping-pong",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong"};
 
@@ -1976,7 +1980,7 @@ static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, flo
         const int r = variant == 7   ? launch_fwd_tma<D, 2, 0>(q, k, v, o, lse, B, N, H, Hk, G)
                       : variant == 8 ? launch_fwd_tma<D, 2, 1>(q, k, v, o, lse, B, N, H, Hk, G)
                                      : launch_fwd_tma<D, 3, 1>(q, k, v, o, lse, B, N, H, Hk, G);
-        if (r != 0) launch_fwd_wgmma_ovl<D>(q, k, v, o, lse, B, N, H, Hk, G); /* no tensor map: the same kernel without TMA */
+        if (r != 0) launch_fwd_wgmma<D, 128>(q, k, v, o, lse, B, N, H, Hk, G); /* no tensor map: version 3, 128-key tiles */
         break;
     }
     case 1: launch_fwd_tiles<D, 128, 64, 4>(q, k, v, o, lse, B, N, H, Hk, G); break;
