@@ -13,10 +13,14 @@
  * the window comes from s2_first_key (common.h), so its cost follows the segment length.
  * On Hopper (code built for sm_90a) the forward and the backward run second versions of the
  * same kernels on warpgroup MMAs (wgmma), the tensor cores' asynchronous Hopper instruction,
- * which reads its operands straight from shared memory through descriptors.
+ * which reads its operands straight from shared memory through descriptors; the Hopper
+ * forward is warp-specialised: a producer warpgroup copies K and V with the tensor memory
+ * accelerator (TMA) into a ring of shared-memory stages guarded by mbarriers, and two
+ * consumer warpgroups overlap one tile's softmax with the next tile's products.
  * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; the Makefile builds sm_80 and
  * sm_90a code).
- * Leaves out: TMA and warp specialisation (every thread copies with cp.async), dropout,
+ * Leaves out: TMA and warp specialisation in the backward (every thread copies with
+ * cp.async), a persistent grid, dropout,
  * non-causal attention, head dims other than 64 and 128 in the flash kernels, fp16, a naive
  * backward.
  *
@@ -30,6 +34,7 @@
  */
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h> /* CUtensorMap and the driver's cuTensorMapEncodeTiled type (found at run time) */
 #include <float.h>
 #include <stdint.h>
 
@@ -460,6 +465,8 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lead_byte
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+/* waits until at most N committed groups of this warpgroup are still running */
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 /* The compiler sees a wgmma's accumulators as written when it is issued; this empty asm
  * pins them after wgmma.wait (and pins A fragments before wgmma.fence), so no read or
  * write of them moves across the asynchronous window. */
@@ -672,6 +679,443 @@ flash_fwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         int row = c / (D / 8), ch = c % (D / 8);
         if (m0 + row < N)
             *(uint4 *)(Ob + (size_t)(m0 + row) * q_stride + ch * 8) = *(const uint4 *)(smem + (sQ - smem_addr(smem)) + swz<D>(0, row, ch));
+    }
+#else
+    __trap(); /* built without sm_90a: the host never launches this */
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Forward, version 3b: the wgmma forward with the next tile's S = Q K^T overlapping this
+ * tile's softmax (sm_90a only; forward variants 6-9)
+ * Version 3 runs S, softmax, P V one after another in each warpgroup, and the tensor pipe
+ * waits while the warpgroup does its softmax. Here a warpgroup issues S(j+1) = Q K(j+1)^T
+ * and O += P(j) V(j) back to back, waits only for S(j+1) (wgmma.wait_group 1), computes
+ * its softmax while P(j) V(j) runs, then waits for P V and rescales O. This costs a second
+ * set of P fragments (P(j) feeds the running product while P(j+1) is being written), so Q
+ * is read from shared memory by the MMA (both operands through descriptors) instead of
+ * holding 32 registers of fragments. Per block: 128 queries of one head, 64 per warpgroup.
+ *   flash_fwd_wgmma_ovl_kernel   every thread copies K/V with cp.async, one block barrier
+ *                                per tile (as version 3).
+ *   flash_fwd_tma_kernel         warp-specialised: one producer warp issues tensor-memory-
+ *                                accelerator copies (cp.async.bulk.tensor) of K and V into a
+ *                                ring of ST stages; full/empty mbarriers per stage replace
+ *                                the block barrier; the two consumer warpgroups only compute,
+ *                                with registers moved to them by setmaxnreg (the producer
+ *                                warpgroup keeps 24, each consumer thread gets 240; the launch
+ *                                gives 168 to each of the 384 threads). PINGPONG orders
+ *                                the two warpgroups' MMA issues with named barriers, so the
+ *                                softmax of one runs while the other's products run.
+ * ------------------------------------------------------------------------------------- */
+
+/* d[64 x 128] (+)= A B^T with A (64 rows, K-major) and B (128 rows, K-major) in shared memory */
+__device__ __forceinline__ void wgmma_ss_m64n128k16(float d[16][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+/* s[64 x 128] = Q K^T over D: q_rows = the warpgroup's first row in a [D/64][BM][64] Q tile */
+template <int D, int BM>
+__device__ __forceinline__ void wgmma_qk_ss(float s[16][4], uint32_t q_rows, uint32_t kt) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const uint64_t da = wgmma_desc(q_rows + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t db = wgmma_desc(kt + (kk / 4) * 128 * 128 + (kk % 4) * 32, 16, 1024);
+        wgmma_ss_m64n128k16(s, da, db, kk > 0);
+    }
+}
+
+/* The online softmax of one S tile for this thread's two rows (row0 and row0 + 8; the
+ * accumulator layout: s[nt][e] is row row0 + 8 * (e >> 1), key n0 + nt * 8 + 2t + (e & 1)):
+ * masks keys outside [row_fk, row] when `mask`, updates the running max (base 2, scaled) and
+ * sum, returns in alpha what the O accumulated so far is to be multiplied by, and P as bf16
+ * A fragments in p. S is only read: ptxas serialises every wgmma of the kernel when ordinary
+ * code writes a wgmma accumulator while another wgmma group is running (warning C7513). */
+template <int BN>
+__device__ __forceinline__ void softmax_tile(const float (&s)[BN / 8][4], uint32_t (&p)[BN / 16][4], float alpha[2], float m_run[2], float l_run[2],
+                                             bool mask, int n0, int row0, const int row_fk[2], int t, float scale_log2) {
+    auto score = [&](int nt, int e) {
+        const int row = row0 + 8 * (e >> 1), col = n0 + nt * 8 + 2 * t + (e & 1);
+        return mask & ((col > row) | (col < row_fk[e >> 1])) ? -INFINITY : s[nt][e]; /* no short circuit: a select, not a branch */
+    };
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; nt++) mx = fmaxf(mx, fmaxf(score(nt, 2 * hf), score(nt, 2 * hf + 1)));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[hf], mx * scale_log2);
+        const float base_m = m_new == -INFINITY ? 0.f : m_new; /* a row with no key yet */
+        alpha[hf] = fast_exp2(m_run[hf] - base_m);
+        m_run[hf] = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; nt++) {
+            const float p0 = fast_exp2(fmaf(score(nt, 2 * hf), scale_log2, -base_m));
+            const float p1 = fast_exp2(fmaf(score(nt, 2 * hf + 1), scale_log2, -base_m));
+            rs += p0 + p1;
+            p[nt >> 1][(nt & 1) * 2 + hf] = pack_bf16(p0, p1); /* the m16n8k16 A fragment order */
+        }
+        l_run[hf] = l_run[hf] * alpha[hf] + rs;
+    }
+}
+template <int D> __device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float alpha[2]) {
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++) {
+        o[dn][0] *= alpha[0];
+        o[dn][1] *= alpha[0];
+        o[dn][2] *= alpha[1];
+        o[dn][3] *= alpha[1];
+    }
+}
+/* O / l as bf16 into rows row_local, row_local + 8 of a [BM, D] staging tile (ldmatrix
+ * layout), and the natural-log LSE of those rows (one lane of four writes it) */
+template <int D>
+__device__ __forceinline__ void store_o_rows(uint32_t stage, float (&o)[D / 8][4], const float m_run[2], const float l_run[2],
+                                             float *lse_row, int m0, int row_local, int N, int t) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float l = l_run[hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int r = row_local + 8 * hf;
+        if (t == 0 && m0 + r < N) lse_row[m0 + r] = (m_run[hf] + log2f(l)) * LN2;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++) {
+            const uint32_t v = pack_bf16(o[dn][2 * hf] * inv, o[dn][2 * hf + 1] * inv);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<D>(stage, r, dn) + 4 * t), "r"(v) : "memory");
+        }
+    }
+}
+
+template <int D, int BN>
+__global__ void __launch_bounds__(256, 1)
+flash_fwd_wgmma_ovl_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
+                           bf16 *__restrict__ O, float *__restrict__ LSE, int N, int H, int Hk, int G, float scale_log2) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(BN == 128, "the S product is m64n128");
+    constexpr int BM = 128, NTHR = 256, TILE = BN * D * 2; /* bytes of one K or V tile */
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+    const uint32_t sQ = base;                /* [D/64][BM][64], then O's staging [BM, D] */
+    const uint32_t sK = sQ + BM * D * 2;     /* [2][D/64][BN][64] */
+    const uint32_t sV = sK + 2 * TILE;       /* [2][D/64][BN][64] */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0); /* warp-uniform, visibly */
+    const int g = lane >> 2, t = lane & 3;
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / Hk);
+    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
+    const bf16 *Qb = Q + (size_t)b * N * q_stride + (size_t)h * D;
+    const bf16 *Kb = K + (size_t)b * N * kv_stride + (size_t)kh * D;
+    const bf16 *Vb = V + (size_t)b * N * kv_stride + (size_t)kh * D;
+    const int m0 = m_block * BM, m_last = min(m0 + BM, N) - 1;
+    const int fk_last = (int)s2_first_key((size_t)m_last, h, H, (size_t)G);
+    const int tile_hi = m_last / BN, n_tiles = tile_hi - (int)s2_first_key((size_t)m0, h, H, (size_t)G) / BN + 1;
+    const int wrow0 = m0 + warp * 16, row0 = wrow0 + g;
+    int row_fk[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) row_fk[hf] = (int)s2_first_key((size_t)(row0 + 8 * hf), h, H, (size_t)G);
+    const uint32_t q_rows = sQ + wg * 64 * 128;
+
+    /* tile j of the loop is key tile tile_hi - j; K(j) and V(j) live in buffer j & 1 */
+    load_tile_atoms_async<D, BM, NTHR>(sQ, Qb, q_stride, m0, N, tid);
+    load_tile_atoms_async<D, BN, NTHR>(sK, Kb, kv_stride, tile_hi * BN, N, tid);
+    cp_async_commit();
+    load_tile_atoms_async<D, BN, NTHR>(sV, Vb, kv_stride, tile_hi * BN, N, tid);
+    if (n_tiles > 1) load_tile_atoms_async<D, BN, NTHR>(sK + TILE, Kb, kv_stride, (tile_hi - 1) * BN, N, tid);
+    cp_async_commit();
+
+    float o_acc[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o_acc[dn][e] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
+    float s[BN / 8][4];
+    uint32_t p[BN / 16][4];
+
+    cp_async_wait<1>(); /* Q, K(0) */
+    fence_proxy_async();
+    __syncthreads();
+    pin_regs(s);
+    wgmma_fence();
+    wgmma_qk_ss<D, BM>(s, q_rows, sK);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_regs(s);
+    softmax_tile<BN>(s, p, alpha, m_run, l_run, true, tile_hi * BN, row0, row_fk, t, scale_log2);
+
+    for (int j = 0; j + 1 < n_tiles; j++) {
+        const int n1 = (tile_hi - j - 1) * BN; /* tile j+1's first key */
+        cp_async_wait<0>();                     /* V(j), K(j+1) */
+        fence_proxy_async();
+        __syncthreads(); /* also: every warpgroup is done with S(j) and P(j-1) V(j-1) */
+        load_tile_atoms_async<D, BN, NTHR>(sV + ((j + 1) & 1) * TILE, Vb, kv_stride, n1, N, tid);
+        if (j + 2 < n_tiles) load_tile_atoms_async<D, BN, NTHR>(sK + (j & 1) * TILE, Kb, kv_stride, n1 - BN, N, tid);
+        cp_async_commit();
+        pin_regs(p);
+        pin_regs(o_acc);
+        wgmma_fence();
+        wgmma_qk_ss<D, BM>(s, q_rows, sK + ((j + 1) & 1) * TILE);
+        wgmma_commit();
+        wgmma_pv<D, BN>(o_acc, p, sV + (j & 1) * TILE);
+        wgmma_commit();
+        wgmma_wait<1>(); /* S(j+1) is done, P(j) V(j) runs on */
+        pin_regs(s);
+        uint32_t p_next[BN / 16][4];
+        softmax_tile<BN>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0, row_fk, t, scale_log2);
+        wgmma_wait<0>();
+        pin_regs(o_acc);
+        pin_regs(p); /* P(j) stays live until its product is done, so P(j+1) gets registers of its own */
+        rescale_rows<D>(o_acc, alpha);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[kk][e] = p_next[kk][e];
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    pin_regs(p);
+    pin_regs(o_acc);
+    wgmma_fence();
+    wgmma_pv<D, BN>(o_acc, p, sV + ((n_tiles - 1) & 1) * TILE);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_regs(o_acc);
+
+    __syncthreads(); /* every warpgroup's reads of Q are done: its space stages O */
+    store_o_rows<D>(sQ, o_acc, m_run, l_run, LSE + ((size_t)b * H + h) * N, m0, warp * 16 + g, N, t);
+    __syncthreads();
+    bf16 *Ob = O + (size_t)b * N * q_stride + (size_t)h * D;
+    for (int c = tid; c < BM * D / 8; c += NTHR) {
+        const int row = c / (D / 8), ch = c % (D / 8);
+        if (m0 + row < N)
+            *(uint4 *)(Ob + (size_t)(m0 + row) * q_stride + ch * 8) = *(const uint4 *)(smem + (swz<D>(sQ, row, ch) - smem_addr(smem)));
+    }
+#else
+    __trap(); /* built without sm_90a: the host never launches this */
+#endif
+}
+
+/* mbarrier, tensor-memory-accelerator and named-barrier primitives (sm_90) */
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+/* one arrival from the warp where `arrive` (the caller passes it true in one lane), predicated
+ * inside the asm so no branch is made */
+__device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool arrive) {
+    asm volatile("{\n.reg .pred pa;\nsetp.ne.u32 pa, %1, 0;\n@pa mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar), "r"((int)arrive) : "memory");
+}
+/* waits until the phase of parity `parity` has completed */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+/* box {64 columns, 1 head, rows, 1 batch} at (col, head, row, batch) of a tensor map into dst */
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint32_t bar, int col, int head, int row, int batch) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(dst), "l"(tmap), "r"(col), "r"(head), "r"(row), "r"(batch), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+
+/* Work item `item` of the TMA forward: query block m_block of (batch b, head h), the heaviest
+ * blocks (the last, with the most key tiles) of every head first; its key tiles tile_hi down. */
+struct FwdItem {
+    int m_block, h, b, tile_hi, n_tiles;
+};
+__device__ __forceinline__ FwdItem fwd_item(int item, int n_mblocks, int N, int H, int B, int G) {
+    FwdItem w;
+    const int bh = item % (H * B);
+    w.m_block = n_mblocks - 1 - item / (H * B);
+    w.h = bh % H;
+    w.b = bh / H;
+    const int m0 = w.m_block * 128, m_last = min(m0 + 128, N) - 1;
+    w.tile_hi = m_last / 128;
+    w.n_tiles = w.tile_hi - (int)s2_first_key((size_t)m0, w.h, H, (size_t)G) / 128 + 1;
+    return w;
+}
+
+/* One block runs the work items blockIdx.x, + gridDim.x, ...: the host launches one block per
+ * item, or (persistent grid) one per SM, whose producer then loads the next item's Q and K/V
+ * while the consumers finish the last one. K/V tile number kv of the block (counted over its
+ * items) lives in ring stage kv % ST, whose mbarriers complete once per pass of the ring. */
+template <int D, int BN, int ST, int PINGPONG>
+__global__ void __launch_bounds__(384, 1)
+flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
+                     bf16 *__restrict__ O, float *__restrict__ LSE, int B, int N, int H, int Hk, int G, float scale_log2) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(BN == 128, "the S product is m64n128, work items are 128 x 128");
+    constexpr int BM = 128, TILE = BN * D * 2; /* bytes of one K or V stage */
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+    const uint32_t sQ = base;                 /* [D/64][BM][64] */
+    const uint32_t sK = sQ + BM * D * 2;      /* [ST][D/64][BN][64] */
+    const uint32_t sV = sK + ST * TILE;       /* [ST][D/64][BN][64] */
+    const uint32_t bars = sV + ST * TILE;     /* q_full, q_empty, k_full[ST], k_empty[ST], v_full[ST], v_empty[ST] */
+    const uint32_t q_full = bars, q_empty = bars + 8, k_full = bars + 16, k_empty = k_full + 8 * ST, v_full = k_empty + 8 * ST,
+                   v_empty = v_full + 8 * ST;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0); /* 0: producer; 1, 2: consumers */
+    const int n_mblocks = (N + BM - 1) / BM, n_items = n_mblocks * H * B;
+
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, 8); /* one arrival per consumer warp */
+        for (int st = 0; st < ST; st++) {
+            mbar_init(k_full + 8 * st, 1);
+            mbar_init(v_full + 8 * st, 1);
+            mbar_init(k_empty + 8 * st, 8);
+            mbar_init(v_empty + 8 * st, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads(); /* the last block-wide barrier: the producer's warps leave early */
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        if (warp == 0 && lane == 0) {
+            int kv = 0, qi = 0;
+            for (int item = blockIdx.x; item < n_items; item += gridDim.x, qi++) {
+                const FwdItem w = fwd_item(item, n_mblocks, N, H, B, G);
+                const int kh = w.h / (H / Hk);
+                mbar_wait(q_empty, (qi & 1) ^ 1); /* the first pass finds it free */
+                mbar_expect_tx(q_full, BM * D * 2);
+                for (int a = 0; a < D / 64; a++) tma_load_4d(sQ + a * BM * 128, &tm_q, q_full, a * 64, w.h, w.m_block * BM, w.b);
+                for (int j = 0; j < w.n_tiles; j++, kv++) {
+                    const int st = kv % ST, n0 = (w.tile_hi - j) * BN;
+                    const uint32_t parity = ((kv / ST) & 1) ^ 1;
+                    mbar_wait(k_empty + 8 * st, parity);
+                    mbar_expect_tx(k_full + 8 * st, TILE);
+                    for (int a = 0; a < D / 64; a++) tma_load_4d(sK + st * TILE + a * BN * 128, &tm_k, k_full + 8 * st, a * 64, kh, n0, w.b);
+                    mbar_wait(v_empty + 8 * st, parity);
+                    mbar_expect_tx(v_full + 8 * st, TILE);
+                    for (int a = 0; a < D / 64; a++) tma_load_4d(sV + st * TILE + a * BN * 128, &tm_v, v_full + 8 * st, a * 64, kh, n0, w.b);
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    const int cwg = wg - 1, cwarp = warp - 4; /* consumer warpgroup 0/1, consumer warp 0..7 */
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t q_rows = sQ + cwg * 64 * 128;
+    /* ping-pong: warpgroup w issues its products after bar.sync on barrier 3 + w, which the
+     * other warpgroup arrives at once it has issued its own (the second starts one ahead) */
+    const int my_turn = 3 + cwg, their_turn = 4 - cwg;
+    const size_t q_stride = (size_t)H * D;
+
+    if (PINGPONG && cwg == 1) named_bar_arrive(3, 256);
+    int kv = 0, qi = 0;
+    for (int item = blockIdx.x; item < n_items; item += gridDim.x, qi++) {
+        const FwdItem w = fwd_item(item, n_mblocks, N, H, B, G);
+        const bool last_item = item + (int)gridDim.x >= n_items;
+        const int m0 = w.m_block * BM, fk_last = (int)s2_first_key((size_t)(min(m0 + BM, N) - 1), w.h, H, (size_t)G);
+        const int wrow0 = m0 + cwarp * 16, row0 = wrow0 + g;
+        int row_fk[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) row_fk[hf] = (int)s2_first_key((size_t)(row0 + 8 * hf), w.h, H, (size_t)G);
+
+        float o_acc[D / 8][4];
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o_acc[dn][e] = 0.f;
+        float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
+        float s[BN / 8][4];
+        uint32_t p[BN / 16][4];
+
+        mbar_wait(q_full, qi & 1);
+        mbar_wait(k_full + 8 * (kv % ST), (kv / ST) & 1);
+        if (PINGPONG) named_bar_sync(my_turn, 256);
+        pin_regs(s);
+        wgmma_fence();
+        wgmma_qk_ss<D, BM>(s, q_rows, sK + (kv % ST) * TILE);
+        wgmma_commit();
+        if (PINGPONG) named_bar_arrive(their_turn, 256);
+        wgmma_wait<0>();
+        pin_regs(s);
+        mbar_arrive_if(k_empty + 8 * (kv % ST), lane == 0);
+        mbar_arrive_if(q_empty, lane == 0 && w.n_tiles == 1); /* the item's last S is done: Q is free */
+        softmax_tile<BN>(s, p, alpha, m_run, l_run, true, w.tile_hi * BN, row0, row_fk, t, scale_log2);
+
+        for (int j = 0; j + 1 < w.n_tiles; j++) {
+            const int n1 = (w.tile_hi - j - 1) * BN; /* tile j+1's first key */
+            const int st0 = (kv + j) % ST, st1 = (kv + j + 1) % ST;
+            mbar_wait(k_full + 8 * st1, ((kv + j + 1) / ST) & 1);
+            mbar_wait(v_full + 8 * st0, ((kv + j) / ST) & 1);
+            if (PINGPONG) named_bar_sync(my_turn, 256);
+            pin_regs(p);
+            pin_regs(o_acc);
+            wgmma_fence();
+            wgmma_qk_ss<D, BM>(s, q_rows, sK + st1 * TILE);
+            wgmma_commit();
+            wgmma_pv<D, BN>(o_acc, p, sV + st0 * TILE);
+            wgmma_commit();
+            if (PINGPONG) named_bar_arrive(their_turn, 256);
+            wgmma_wait<1>(); /* S(j+1) is done, P(j) V(j) runs on */
+            pin_regs(s);
+            /* K(j+1) is read; V(j-1) was read by the end of the previous pass (releasing it
+             * there, after wgmma.wait_group 0, made ptxas serialise the wgmma: C7513) */
+            mbar_arrive_if(k_empty + 8 * st1, lane == 0);
+            mbar_arrive_if(v_empty + 8 * ((kv + j + ST - 1) % ST), lane == 0 && j > 0);
+            mbar_arrive_if(q_empty, lane == 0 && j + 2 == w.n_tiles);
+            uint32_t p_next[BN / 16][4];
+            softmax_tile<BN>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0, row_fk, t, scale_log2);
+            wgmma_wait<0>();
+            pin_regs(o_acc);
+            pin_regs(p); /* as in flash_fwd_wgmma_ovl_kernel */
+            rescale_rows<D>(o_acc, alpha);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) p[kk][e] = p_next[kk][e];
+        }
+        const int st_last = (kv + w.n_tiles - 1) % ST;
+        mbar_wait(v_full + 8 * st_last, ((kv + w.n_tiles - 1) / ST) & 1);
+        if (PINGPONG) named_bar_sync(my_turn, 256);
+        pin_regs(p);
+        pin_regs(o_acc);
+        wgmma_fence();
+        wgmma_pv<D, BN>(o_acc, p, sV + st_last * TILE);
+        wgmma_commit();
+        if (PINGPONG && !(cwg == 1 && last_item)) named_bar_arrive(their_turn, 256); /* the second warpgroup's very last turn has no taker */
+        wgmma_wait<0>();
+        pin_regs(o_acc);
+        /* V(n-2), which the loop did not free, and V(n-1) */
+        mbar_arrive_if(v_empty + 8 * ((kv + w.n_tiles + ST - 2) % ST), lane == 0 && w.n_tiles > 1);
+        mbar_arrive_if(v_empty + 8 * st_last, lane == 0);
+        kv += w.n_tiles;
+
+        /* O / l straight from the accumulators (each quad of lanes writes 16 contiguous bytes
+         * of a row), and the natural-log LSE */
+        bf16 *Ob = O + (size_t)w.b * N * q_stride + (size_t)w.h * D;
+        float *lse_row = LSE + ((size_t)w.b * H + w.h) * N;
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float l = l_run[hf];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int r = row0 + 8 * hf;
+            if (r < N) {
+                if (t == 0) lse_row[r] = (m_run[hf] + log2f(l)) * LN2;
+#pragma unroll
+                for (int dn = 0; dn < D / 8; dn++)
+                    *(uint32_t *)(Ob + (size_t)r * q_stride + dn * 8 + 2 * t) = pack_bf16(o_acc[dn][2 * hf] * inv, o_acc[dn][2 * hf + 1] * inv);
+            }
+        }
     }
 #else
     __trap(); /* built without sm_90a: the host never launches this */
@@ -998,7 +1442,6 @@ __device__ __forceinline__ void wgmma_ss_m64n64k16(float d[8][4], uint64_t desc_
                  : WG_ACC_N64(d)
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TA), "n"(TB));
 }
-template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 
 /* acc[64, 64] = X Y^T over D: X = 64 rows (from x_row0) of a K-major [D/64][BN][64] tile,
  * Y = a K-major [D/64][64][64] tile */
@@ -1438,16 +1881,21 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
  * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
-#define FWD_WGMMA_DEFAULT(D) ((D) == 128 ? 5 : 4) /* 128-key tiles at d=128, 128 at d=64 */
-#define N_FWD_VARIANTS 6
+#define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
+#define N_FWD_VARIANTS 11
 #define N_BWD_VARIANTS 4
 #define BWD_WGMMA_DEFAULT 3
-/* Forward variant 0 picks the wgmma kernel where the binary and the GPU have it (sm_90a),
- * else variant 1; variants 4 and 5 fall back to 1 the same way. Variant 5 is the wgmma kernel
- * with the other key-tile width (the S and O products of equal width), the faster at d=128. */
+/* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
+ * (sm_90a), else variant 1; variants 4 to 10 fall back to 1 the same way. Variants 4 and 5
+ * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10). */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
                                                                      "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
-                                                                     "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups"};
+                                                                     "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups",
+                                                                     "wgmma BM128 BN128, next S overlaps softmax, cp.async",
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 2 stages",
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 2 stages, ping-pong",
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong",
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong, persistent grid"};
 
 /* does this binary hold the sm_90a (wgmma) kernels for the current device? asked once */
 static int wgmma_available(void) {
@@ -1512,6 +1960,71 @@ static void launch_fwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *
     LAUNCH_OK();
 }
 template <int D>
+static void launch_fwd_wgmma_ovl(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
+    constexpr int BM = 128, BN = 128;
+    constexpr size_t smem = (size_t)(4 * BN * D + BM * D) * 2 + 1024; /* Q, two K/V stages, alignment */
+    auto kern = flash_fwd_wgmma_ovl_kernel<D, BN>;
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((N + BM - 1) / BM), (unsigned)H, (unsigned)B);
+    kern<<<grid, 256, smem>>>(q, k, v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
+    LAUNCH_OK();
+}
+
+/* The driver's cuTensorMapEncodeTiled, found through the runtime (no -lcuda); NULL if absent. */
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(void) {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = NULL;
+    static int asked = 0;
+    if (!asked) {
+        asked = 1;
+        void *p = NULL;
+        cudaDriverEntryPointQueryResult res;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &res) == cudaSuccess &&
+            res == cudaDriverEntryPointSuccess)
+            fn = (PFN_cuTensorMapEncodeTiled_v12000)p;
+    }
+    return fn;
+}
+/* A [B, N, heads, D] bf16 tensor as the TMA sees it: dims (D, heads, N, B) innermost first,
+ * boxes of 64 columns x 1 head x `rows` rows x 1 batch, stored with the 128-byte swizzle the
+ * MMA descriptors expect; rows past N read as zeros. 0, or -1 if the driver refuses it. */
+static int make_tensor_map(CUtensorMap *map, const bf16 *base, int D, int heads, int N, int B, int rows) {
+    PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (!encode) return -1;
+    const cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)heads, (cuuint64_t)N, (cuuint64_t)B};
+    const cuuint64_t strides[3] = {(cuuint64_t)D * 2, (cuuint64_t)heads * D * 2, (cuuint64_t)N * heads * D * 2}; /* bytes, dims 1..3 */
+    const cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1}, elem_strides[4] = {1, 1, 1, 1};
+    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)base, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS ? 0 : -1;
+}
+/* 0, or -1 where no tensor map could be made (the caller falls back to the cp.async kernel) */
+/* multiprocessors of the current device, asked once */
+static int sm_count(void) {
+    static int n = 0;
+    if (n == 0) {
+        int dev;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return n;
+}
+template <int D, int ST, int PINGPONG, int PERSISTENT>
+static int launch_fwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
+    constexpr int BM = 128, BN = 128;
+    constexpr size_t smem = (size_t)(BM * D + 2 * ST * BN * D) * 2 + 1024 + 8 * (2 + 4 * ST); /* Q, K/V ring, alignment, mbarriers */
+    static_assert(smem <= 227 * 1024, "shared memory per block");
+    CUtensorMap tm_q, tm_k, tm_v;
+    if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) || make_tensor_map(&tm_v, v, D, Hk, N, B, BN)) return -1;
+    auto kern = flash_fwd_tma_kernel<D, BN, ST, PINGPONG>;
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    const long long n_items = (long long)((N + BM - 1) / BM) * H * B; /* one 128-query block of one head */
+    if (n_items > INT_MAX) return -1;
+    const int grid = PERSISTENT && n_items > sm_count() ? sm_count() : (int)n_items;
+    kern<<<grid, 384, smem>>>(tm_q, tm_k, tm_v, o, lse, B, N, H, Hk, G, LOG2E / sqrtf((float)D));
+    LAUNCH_OK();
+    return 0;
+}
+template <int D>
 static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
     int variant = g_fwd_variant;
     if (variant == 0) variant = wgmma_available() ? FWD_WGMMA_DEFAULT(D) : 1;
@@ -1519,6 +2032,15 @@ static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, flo
     switch (variant) {
     case 4: launch_fwd_wgmma<D, D == 128 ? 64 : 128>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 5: launch_fwd_wgmma<D, D>(q, k, v, o, lse, B, N, H, Hk, G); break;
+    case 6: launch_fwd_wgmma_ovl<D>(q, k, v, o, lse, B, N, H, Hk, G); break;
+    case 7: case 8: case 9: case 10: {
+        const int r = variant == 7   ? launch_fwd_tma<D, 2, 0, 0>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 8 ? launch_fwd_tma<D, 2, 1, 0>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 9 ? launch_fwd_tma<D, 3, 1, 0>(q, k, v, o, lse, B, N, H, Hk, G)
+                                     : launch_fwd_tma<D, 3, 1, 1>(q, k, v, o, lse, B, N, H, Hk, G);
+        if (r != 0) launch_fwd_wgmma<D, 128>(q, k, v, o, lse, B, N, H, Hk, G); /* no tensor map: version 3, 128-key tiles */
+        break;
+    }
     case 1: launch_fwd_tiles<D, 128, 64, 4>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 2: launch_fwd_tiles<D, 128, 64, 8>(q, k, v, o, lse, B, N, H, Hk, G); break;
     default: launch_fwd_tiles<D, 64, 64, 4>(q, k, v, o, lse, B, N, H, Hk, G); break;
@@ -1831,20 +2353,24 @@ static void sweep_variants(int d) {
 
 int main(int argc, char **argv) {
     const char *out = "bench/results/attn_ours.json";
-    int do_bench = 0, do_variants = 0, head_dim = 128;
+    int do_bench = 0, do_variants = 0, head_dim = 128, fwd_variant = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bench")) do_bench = 1;
         else if (!strcmp(argv[i], "--variants")) do_variants = 1;
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--d") && i + 1 < argc) head_dim = atoi(argv[++i]);
-        else die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]", argv[0]);
+        else if (!strcmp(argv[i], "--fwd-variant") && i + 1 < argc) fwd_variant = atoi(argv[++i]);
+        else die("usage: %s --bench [--d 64|128] [--fwd-variant V] [--out results.json] | --variants [--d 64|128]", argv[0]);
     }
     if (!do_bench && !do_variants) die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]   (kernel checks: make test)", argv[0]);
     if (head_dim != 64 && head_dim != 128) die("--d %d: the kernels support head dims 64 and 128", head_dim);
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
     if (do_variants) sweep_variants(head_dim);
-    if (do_bench) bench(out, head_dim);
+    if (do_bench) {
+        if (attn_set_tile_variant(fwd_variant, 0) != 0) die("--fwd-variant %d: %s", fwd_variant, last_error());
+        bench(out, head_dim);
+    }
     return 0;
 }
 #endif /* S2ATTN_MAIN */
