@@ -696,16 +696,19 @@ flash_fwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  * is read from shared memory by the MMA (both operands through descriptors) instead of
  * holding 32 registers of fragments. Per block: 128 queries of one head, 64 per warpgroup.
  *   flash_fwd_wgmma_ovl_kernel   every thread copies K/V with cp.async, one block barrier
- *                                per tile (as version 3).
- *   flash_fwd_tma_kernel         warp-specialised: one producer warp issues tensor-memory-
- *                                accelerator copies (cp.async.bulk.tensor) of K and V into a
+ *                                per tile (as version 3); measured slower than version 3,
+ *                                kept as the step between the two (bench/NOTES.md step 10).
+ *   flash_fwd_tma_kernel         warp-specialised: a producer warpgroup, one thread of which
+ *                                issues tensor-memory-accelerator copies (cp.async.bulk.
+ *                                tensor) of Q once and of K and V into a
  *                                ring of ST stages; full/empty mbarriers per stage replace
  *                                the block barrier; the two consumer warpgroups only compute,
  *                                with registers moved to them by setmaxnreg (the producer
  *                                warpgroup keeps 24, each consumer thread gets 240; the launch
  *                                gives 168 to each of the 384 threads). PINGPONG orders
  *                                the two warpgroups' MMA issues with named barriers, so the
- *                                softmax of one runs while the other's products run.
+ *                                softmax of one runs while the other's products run. With
+ *                                3 stages and ping-pong (variant 9) it is the default.
  * ------------------------------------------------------------------------------------- */
 
 /* d[64 x 128] (+)= A B^T with A (64 rows, K-major) and B (128 rows, K-major) in shared memory */
