@@ -53,9 +53,11 @@ static const float LN2 = 0.6931471805599453f;
  *   version 1  attn_forward_naive (here): one warp per query row, fp32 on CUDA cores;
  *   version 2  flash_fwd_kernel (below): a tile of queries per block, K/V tiles through
  *              shared memory, mma.sync tensor cores, online softmax over tiles;
- *   version 3  flash_fwd_wgmma_kernel (below): version 2 on Hopper's warpgroup MMA.
+ *   version 3  flash_fwd_wgmma_kernel (below): version 2 on Hopper's warpgroup MMA;
+ *   version 3b flash_fwd_tma_kernel (below): version 3 with a TMA producer warpgroup and the
+ *              next tile's S overlapping the softmax (the Hopper default).
  * tests/test_gpu_attention.c checks version 1 against 02_model.c's attention_forward (fp32)
- * and then versions 2 and 3 against version 1 on sizes the CPU reference is too slow for,
+ * and then versions 2, 3 and 3b against version 1 on sizes the CPU reference is too slow for,
  * printing each one's time.
  * ===================================================================================== */
 
