@@ -53,9 +53,11 @@ static const float LN2 = 0.6931471805599453f;
  *   version 1  attn_forward_naive (here): one warp per query row, fp32 on CUDA cores;
  *   version 2  flash_fwd_kernel (below): a tile of queries per block, K/V tiles through
  *              shared memory, mma.sync tensor cores, online softmax over tiles;
- *   version 3  flash_fwd_wgmma_kernel (below): version 2 on Hopper's warpgroup MMA.
+ *   version 3  flash_fwd_wgmma_kernel (below): version 2 on Hopper's warpgroup MMA;
+ *   version 3b flash_fwd_tma_kernel (below): version 3 with a TMA producer warpgroup and the
+ *              next tile's S overlapping the softmax (the Hopper default).
  * tests/test_gpu_attention.c checks version 1 against 02_model.c's attention_forward (fp32)
- * and then versions 2 and 3 against version 1 on sizes the CPU reference is too slow for,
+ * and then versions 2, 3 and 3b against version 1 on sizes the CPU reference is too slow for,
  * printing each one's time.
  * ===================================================================================== */
 
@@ -696,16 +698,19 @@ flash_fwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  * is read from shared memory by the MMA (both operands through descriptors) instead of
  * holding 32 registers of fragments. Per block: 128 queries of one head, 64 per warpgroup.
  *   flash_fwd_wgmma_ovl_kernel   every thread copies K/V with cp.async, one block barrier
- *                                per tile (as version 3).
- *   flash_fwd_tma_kernel         warp-specialised: one producer warp issues tensor-memory-
- *                                accelerator copies (cp.async.bulk.tensor) of K and V into a
+ *                                per tile (as version 3); measured slower than version 3,
+ *                                kept as the step between the two (bench/NOTES.md step 10).
+ *   flash_fwd_tma_kernel         warp-specialised: a producer warpgroup, one thread of which
+ *                                issues tensor-memory-accelerator copies (cp.async.bulk.
+ *                                tensor) of Q once and of K and V into a
  *                                ring of ST stages; full/empty mbarriers per stage replace
  *                                the block barrier; the two consumer warpgroups only compute,
  *                                with registers moved to them by setmaxnreg (the producer
  *                                warpgroup keeps 24, each consumer thread gets 240; the launch
  *                                gives 168 to each of the 384 threads). PINGPONG orders
  *                                the two warpgroups' MMA issues with named barriers, so the
- *                                softmax of one runs while the other's products run.
+ *                                softmax of one runs while the other's products run. With
+ *                                3 stages and ping-pong (variant 9) it is the default.
  * ------------------------------------------------------------------------------------- */
 
 /* d[64 x 128] (+)= A B^T with A (64 rows, K-major) and B (128 rows, K-major) in shared memory */
@@ -929,54 +934,35 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint
 __device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
-/* Work item `item` of the TMA forward: query block m_block of (batch b, head h), the heaviest
- * blocks (the last, with the most key tiles) of every head first; its key tiles tile_hi down. */
-struct FwdItem {
-    int m_block, h, b, tile_hi, n_tiles;
-};
-__device__ __forceinline__ FwdItem fwd_item(int item, int n_mblocks, int N, int H, int B, int G) {
-    FwdItem w;
-    const int bh = item % (H * B);
-    w.m_block = n_mblocks - 1 - item / (H * B);
-    w.h = bh % H;
-    w.b = bh / H;
-    const int m0 = w.m_block * 128, m_last = min(m0 + 128, N) - 1;
-    w.tile_hi = m_last / 128;
-    w.n_tiles = w.tile_hi - (int)s2_first_key((size_t)m0, w.h, H, (size_t)G) / 128 + 1;
-    return w;
-}
-
-/* One block runs the work items blockIdx.x, + gridDim.x, ...: the host launches one block per
- * item, or (persistent grid) one per SM, whose producer then loads the next item's Q and K/V
- * while the consumers finish the last one. K/V tile number kv of the block (counted over its
- * items) lives in ring stage kv % ST, whose mbarriers complete once per pass of the ring. */
 template <int D, int BN, int ST, int PINGPONG>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
-                     bf16 *__restrict__ O, float *__restrict__ LSE, int B, int N, int H, int Hk, int G, float scale_log2) {
+                     bf16 *__restrict__ O, float *__restrict__ LSE, int N, int H, int Hk, int G, float scale_log2) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    static_assert(BN == 128, "the S product is m64n128, work items are 128 x 128");
+    static_assert(BN == 128, "the S product is m64n128");
     constexpr int BM = 128, TILE = BN * D * 2; /* bytes of one K or V stage */
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
-    const uint32_t sQ = base;                 /* [D/64][BM][64] */
+    const uint32_t sQ = base;                 /* [D/64][BM][64]; then O's staging, per warpgroup */
     const uint32_t sK = sQ + BM * D * 2;      /* [ST][D/64][BN][64] */
     const uint32_t sV = sK + ST * TILE;       /* [ST][D/64][BN][64] */
-    const uint32_t bars = sV + ST * TILE;     /* q_full, q_empty, k_full[ST], k_empty[ST], v_full[ST], v_empty[ST] */
-    const uint32_t q_full = bars, q_empty = bars + 8, k_full = bars + 16, k_empty = k_full + 8 * ST, v_full = k_empty + 8 * ST,
-                   v_empty = v_full + 8 * ST;
+    const uint32_t bars = sV + ST * TILE;     /* q_full, k_full[ST], k_empty[ST], v_full[ST], v_empty[ST] */
+    const uint32_t q_full = bars, k_full = bars + 8, k_empty = k_full + 8 * ST, v_full = k_empty + 8 * ST, v_empty = v_full + 8 * ST;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0); /* 0: producer; 1, 2: consumers */
-    const int n_mblocks = (N + BM - 1) / BM, n_items = n_mblocks * H * B;
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z, kh = h / (H / Hk);
+    const int m0 = m_block * BM, m_last = min(m0 + BM, N) - 1;
+    const int fk_last = (int)s2_first_key((size_t)m_last, h, H, (size_t)G);
+    const int tile_hi = m_last / BN, n_tiles = tile_hi - (int)s2_first_key((size_t)m0, h, H, (size_t)G) / BN + 1;
 
     if (tid == 0) {
         mbar_init(q_full, 1);
-        mbar_init(q_empty, 8); /* one arrival per consumer warp */
         for (int st = 0; st < ST; st++) {
             mbar_init(k_full + 8 * st, 1);
             mbar_init(v_full + 8 * st, 1);
-            mbar_init(k_empty + 8 * st, 8);
+            mbar_init(k_empty + 8 * st, 8); /* one arrival per consumer warp */
             mbar_init(v_empty + 8 * st, 8);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -986,23 +972,17 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
         if (warp == 0 && lane == 0) {
-            int kv = 0, qi = 0;
-            for (int item = blockIdx.x; item < n_items; item += gridDim.x, qi++) {
-                const FwdItem w = fwd_item(item, n_mblocks, N, H, B, G);
-                const int kh = w.h / (H / Hk);
-                mbar_wait(q_empty, (qi & 1) ^ 1); /* the first pass finds it free */
-                mbar_expect_tx(q_full, BM * D * 2);
-                for (int a = 0; a < D / 64; a++) tma_load_4d(sQ + a * BM * 128, &tm_q, q_full, a * 64, w.h, w.m_block * BM, w.b);
-                for (int j = 0; j < w.n_tiles; j++, kv++) {
-                    const int st = kv % ST, n0 = (w.tile_hi - j) * BN;
-                    const uint32_t parity = ((kv / ST) & 1) ^ 1;
-                    mbar_wait(k_empty + 8 * st, parity);
-                    mbar_expect_tx(k_full + 8 * st, TILE);
-                    for (int a = 0; a < D / 64; a++) tma_load_4d(sK + st * TILE + a * BN * 128, &tm_k, k_full + 8 * st, a * 64, kh, n0, w.b);
-                    mbar_wait(v_empty + 8 * st, parity);
-                    mbar_expect_tx(v_full + 8 * st, TILE);
-                    for (int a = 0; a < D / 64; a++) tma_load_4d(sV + st * TILE + a * BN * 128, &tm_v, v_full + 8 * st, a * 64, kh, n0, w.b);
-                }
+            mbar_expect_tx(q_full, BM * D * 2);
+            for (int a = 0; a < D / 64; a++) tma_load_4d(sQ + a * BM * 128, &tm_q, q_full, a * 64, h, m0, b);
+            for (int j = 0; j < n_tiles; j++) {
+                const int st = j % ST, n0 = (tile_hi - j) * BN;
+                const uint32_t parity = ((j / ST) & 1) ^ 1; /* the first pass finds the ring empty */
+                mbar_wait(k_empty + 8 * st, parity);
+                mbar_expect_tx(k_full + 8 * st, TILE);
+                for (int a = 0; a < D / 64; a++) tma_load_4d(sK + st * TILE + a * BN * 128, &tm_k, k_full + 8 * st, a * 64, kh, n0, b);
+                mbar_wait(v_empty + 8 * st, parity);
+                mbar_expect_tx(v_full + 8 * st, TILE);
+                for (int a = 0; a < D / 64; a++) tma_load_4d(sV + st * TILE + a * BN * 128, &tm_v, v_full + 8 * st, a * 64, kh, n0, b);
             }
         }
         return;
@@ -1010,112 +990,93 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
     const int cwg = wg - 1, cwarp = warp - 4; /* consumer warpgroup 0/1, consumer warp 0..7 */
     const int g = lane >> 2, t = lane & 3;
+    const int wrow0 = m0 + cwarp * 16, row0 = wrow0 + g;
+    int row_fk[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) row_fk[hf] = (int)s2_first_key((size_t)(row0 + 8 * hf), h, H, (size_t)G);
     const uint32_t q_rows = sQ + cwg * 64 * 128;
     /* ping-pong: warpgroup w issues its products after bar.sync on barrier 3 + w, which the
      * other warpgroup arrives at once it has issued its own (the second starts one ahead) */
     const int my_turn = 3 + cwg, their_turn = 4 - cwg;
-    const size_t q_stride = (size_t)H * D;
+
+    float o_acc[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o_acc[dn][e] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
+    float s[BN / 8][4];
+    uint32_t p[BN / 16][4];
 
     if (PINGPONG && cwg == 1) named_bar_arrive(3, 256);
-    int kv = 0, qi = 0;
-    for (int item = blockIdx.x; item < n_items; item += gridDim.x, qi++) {
-        const FwdItem w = fwd_item(item, n_mblocks, N, H, B, G);
-        const bool last_item = item + (int)gridDim.x >= n_items;
-        const int m0 = w.m_block * BM, fk_last = (int)s2_first_key((size_t)(min(m0 + BM, N) - 1), w.h, H, (size_t)G);
-        const int wrow0 = m0 + cwarp * 16, row0 = wrow0 + g;
-        int row_fk[2];
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) row_fk[hf] = (int)s2_first_key((size_t)(row0 + 8 * hf), w.h, H, (size_t)G);
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full, 0);
+    if (PINGPONG) named_bar_sync(my_turn, 256);
+    pin_regs(s);
+    wgmma_fence();
+    wgmma_qk_ss<D, BM>(s, q_rows, sK);
+    wgmma_commit();
+    if (PINGPONG) named_bar_arrive(their_turn, 256);
+    wgmma_wait<0>();
+    pin_regs(s);
+    mbar_arrive_if(k_empty, lane == 0);
+    softmax_tile<BN>(s, p, alpha, m_run, l_run, true, tile_hi * BN, row0, row_fk, t, scale_log2);
 
-        float o_acc[D / 8][4];
-#pragma unroll
-        for (int dn = 0; dn < D / 8; dn++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) o_acc[dn][e] = 0.f;
-        float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
-        float s[BN / 8][4];
-        uint32_t p[BN / 16][4];
-
-        mbar_wait(q_full, qi & 1);
-        mbar_wait(k_full + 8 * (kv % ST), (kv / ST) & 1);
-        if (PINGPONG) named_bar_sync(my_turn, 256);
-        pin_regs(s);
-        wgmma_fence();
-        wgmma_qk_ss<D, BM>(s, q_rows, sK + (kv % ST) * TILE);
-        wgmma_commit();
-        if (PINGPONG) named_bar_arrive(their_turn, 256);
-        wgmma_wait<0>();
-        pin_regs(s);
-        mbar_arrive_if(k_empty + 8 * (kv % ST), lane == 0);
-        mbar_arrive_if(q_empty, lane == 0 && w.n_tiles == 1); /* the item's last S is done: Q is free */
-        softmax_tile<BN>(s, p, alpha, m_run, l_run, true, w.tile_hi * BN, row0, row_fk, t, scale_log2);
-
-        for (int j = 0; j + 1 < w.n_tiles; j++) {
-            const int n1 = (w.tile_hi - j - 1) * BN; /* tile j+1's first key */
-            const int st0 = (kv + j) % ST, st1 = (kv + j + 1) % ST;
-            mbar_wait(k_full + 8 * st1, ((kv + j + 1) / ST) & 1);
-            mbar_wait(v_full + 8 * st0, ((kv + j) / ST) & 1);
-            if (PINGPONG) named_bar_sync(my_turn, 256);
-            pin_regs(p);
-            pin_regs(o_acc);
-            wgmma_fence();
-            wgmma_qk_ss<D, BM>(s, q_rows, sK + st1 * TILE);
-            wgmma_commit();
-            wgmma_pv<D, BN>(o_acc, p, sV + st0 * TILE);
-            wgmma_commit();
-            if (PINGPONG) named_bar_arrive(their_turn, 256);
-            wgmma_wait<1>(); /* S(j+1) is done, P(j) V(j) runs on */
-            pin_regs(s);
-            /* K(j+1) is read; V(j-1) was read by the end of the previous pass (releasing it
-             * there, after wgmma.wait_group 0, made ptxas serialise the wgmma: C7513) */
-            mbar_arrive_if(k_empty + 8 * st1, lane == 0);
-            mbar_arrive_if(v_empty + 8 * ((kv + j + ST - 1) % ST), lane == 0 && j > 0);
-            mbar_arrive_if(q_empty, lane == 0 && j + 2 == w.n_tiles);
-            uint32_t p_next[BN / 16][4];
-            softmax_tile<BN>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0, row_fk, t, scale_log2);
-            wgmma_wait<0>();
-            pin_regs(o_acc);
-            pin_regs(p); /* as in flash_fwd_wgmma_ovl_kernel */
-            rescale_rows<D>(o_acc, alpha);
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) p[kk][e] = p_next[kk][e];
-        }
-        const int st_last = (kv + w.n_tiles - 1) % ST;
-        mbar_wait(v_full + 8 * st_last, ((kv + w.n_tiles - 1) / ST) & 1);
+    for (int j = 0; j + 1 < n_tiles; j++) {
+        const int n1 = (tile_hi - j - 1) * BN; /* tile j+1's first key */
+        const int st0 = j % ST, st1 = (j + 1) % ST;
+        mbar_wait(k_full + 8 * st1, ((j + 1) / ST) & 1);
+        mbar_wait(v_full + 8 * st0, (j / ST) & 1);
         if (PINGPONG) named_bar_sync(my_turn, 256);
         pin_regs(p);
         pin_regs(o_acc);
         wgmma_fence();
-        wgmma_pv<D, BN>(o_acc, p, sV + st_last * TILE);
+        wgmma_qk_ss<D, BM>(s, q_rows, sK + st1 * TILE);
         wgmma_commit();
-        if (PINGPONG && !(cwg == 1 && last_item)) named_bar_arrive(their_turn, 256); /* the second warpgroup's very last turn has no taker */
+        wgmma_pv<D, BN>(o_acc, p, sV + st0 * TILE);
+        wgmma_commit();
+        if (PINGPONG) named_bar_arrive(their_turn, 256);
+        wgmma_wait<1>(); /* S(j+1) is done, P(j) V(j) runs on */
+        pin_regs(s);
+        /* K(j+1) is read; V(j-1) was read by the end of the previous pass (releasing it
+         * there, after wgmma.wait_group 0, made ptxas serialise the wgmma: C7513) */
+        mbar_arrive_if(k_empty + 8 * st1, lane == 0);
+        mbar_arrive_if(v_empty + 8 * ((j + ST - 1) % ST), lane == 0 && j > 0);
+        uint32_t p_next[BN / 16][4];
+        softmax_tile<BN>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0, row_fk, t, scale_log2);
         wgmma_wait<0>();
         pin_regs(o_acc);
-        /* V(n-2), which the loop did not free, and V(n-1) */
-        mbar_arrive_if(v_empty + 8 * ((kv + w.n_tiles + ST - 2) % ST), lane == 0 && w.n_tiles > 1);
-        mbar_arrive_if(v_empty + 8 * st_last, lane == 0);
-        kv += w.n_tiles;
+        pin_regs(p); /* as in flash_fwd_wgmma_ovl_kernel */
+        rescale_rows<D>(o_acc, alpha);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[kk][e] = p_next[kk][e];
+    }
+    const int st_last = (n_tiles - 1) % ST;
+    mbar_wait(v_full + 8 * st_last, ((n_tiles - 1) / ST) & 1);
+    if (PINGPONG) named_bar_sync(my_turn, 256);
+    pin_regs(p);
+    pin_regs(o_acc);
+    wgmma_fence();
+    wgmma_pv<D, BN>(o_acc, p, sV + st_last * TILE);
+    wgmma_commit();
+    if (PINGPONG && cwg == 0) named_bar_arrive(their_turn, 256); /* the second warpgroup's last turn */
+    wgmma_wait<0>();
+    pin_regs(o_acc);
 
-        /* O / l straight from the accumulators (each quad of lanes writes 16 contiguous bytes
-         * of a row), and the natural-log LSE */
-        bf16 *Ob = O + (size_t)w.b * N * q_stride + (size_t)w.h * D;
-        float *lse_row = LSE + ((size_t)w.b * H + w.h) * N;
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            float l = l_run[hf];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            const int r = row0 + 8 * hf;
-            if (r < N) {
-                if (t == 0) lse_row[r] = (m_run[hf] + log2f(l)) * LN2;
-#pragma unroll
-                for (int dn = 0; dn < D / 8; dn++)
-                    *(uint32_t *)(Ob + (size_t)r * q_stride + dn * 8 + 2 * t) = pack_bf16(o_acc[dn][2 * hf] * inv, o_acc[dn][2 * hf + 1] * inv);
-            }
-        }
+    /* O through this warpgroup's own 64 rows of a [BM, D] staging tile over Q's space (both
+     * warpgroups' Q reads are over: the staging rows of one are Q rows of the other) */
+    named_bar_sync(1, 256);
+    const int ctid = tid - 128;
+    store_o_rows<D>(sQ, o_acc, m_run, l_run, LSE + ((size_t)b * H + h) * N, m0, cwarp * 16 + g, N, t);
+    named_bar_sync(5 + cwg, 128); /* this warpgroup's staging rows are written */
+    const size_t q_stride = (size_t)H * D;
+    bf16 *Ob = O + (size_t)b * N * q_stride + (size_t)h * D;
+    for (int c = ctid % 128; c < 64 * D / 8; c += 128) {
+        const int row = cwg * 64 + c / (D / 8), ch = c % (D / 8);
+        if (m0 + row < N)
+            *(uint4 *)(Ob + (size_t)(m0 + row) * q_stride + ch * 8) = *(const uint4 *)(smem + (swz<D>(sQ, row, ch) - smem_addr(smem)));
     }
 #else
     __trap(); /* built without sm_90a: the host never launches this */
@@ -1882,11 +1843,11 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
  * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
 #define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
-#define N_FWD_VARIANTS 11
+#define N_FWD_VARIANTS 10
 #define N_BWD_VARIANTS 4
 #define BWD_WGMMA_DEFAULT 3
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
- * (sm_90a), else variant 1; variants 4 to 10 fall back to 1 the same way. Variants 4 and 5
+ * (sm_90a), else variant 1; variants 4 to 9 fall back to 1 the same way. Variants 4 and 5
  * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10). */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
                                                                      "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
@@ -1894,8 +1855,7 @@ static int g_fwd_variant = 0, g_bwd_variant = 0;
                                                                      "wgmma BM128 BN128, next S overlaps softmax, cp.async",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 2 stages",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 2 stages, ping-pong",
-                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong",
-                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong, persistent grid"};
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong"};
 
 /* does this binary hold the sm_90a (wgmma) kernels for the current device? asked once */
 static int wgmma_available(void) {
@@ -1998,29 +1958,17 @@ static int make_tensor_map(CUtensorMap *map, const bf16 *base, int D, int heads,
     return r == CUDA_SUCCESS ? 0 : -1;
 }
 /* 0, or -1 where no tensor map could be made (the caller falls back to the cp.async kernel) */
-/* multiprocessors of the current device, asked once */
-static int sm_count(void) {
-    static int n = 0;
-    if (n == 0) {
-        int dev;
-        CUDA_CHECK(cudaGetDevice(&dev));
-        CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    }
-    return n;
-}
-template <int D, int ST, int PINGPONG, int PERSISTENT>
+template <int D, int ST, int PINGPONG>
 static int launch_fwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
     constexpr int BM = 128, BN = 128;
-    constexpr size_t smem = (size_t)(BM * D + 2 * ST * BN * D) * 2 + 1024 + 8 * (2 + 4 * ST); /* Q, K/V ring, alignment, mbarriers */
+    constexpr size_t smem = (size_t)(BM * D + 2 * ST * BN * D) * 2 + 1024 + 8 * (1 + 4 * ST); /* Q, K/V ring, alignment, mbarriers */
     static_assert(smem <= 227 * 1024, "shared memory per block");
     CUtensorMap tm_q, tm_k, tm_v;
     if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) || make_tensor_map(&tm_v, v, D, Hk, N, B, BN)) return -1;
     auto kern = flash_fwd_tma_kernel<D, BN, ST, PINGPONG>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    const long long n_items = (long long)((N + BM - 1) / BM) * H * B; /* one 128-query block of one head */
-    if (n_items > INT_MAX) return -1;
-    const int grid = PERSISTENT && n_items > sm_count() ? sm_count() : (int)n_items;
-    kern<<<grid, 384, smem>>>(tm_q, tm_k, tm_v, o, lse, B, N, H, Hk, G, LOG2E / sqrtf((float)D));
+    dim3 grid((unsigned)((N + BM - 1) / BM), (unsigned)H, (unsigned)B);
+    kern<<<grid, 384, smem>>>(tm_q, tm_k, tm_v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
     LAUNCH_OK();
     return 0;
 }
@@ -2033,11 +1981,10 @@ static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, flo
     case 4: launch_fwd_wgmma<D, D == 128 ? 64 : 128>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 5: launch_fwd_wgmma<D, D>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 6: launch_fwd_wgmma_ovl<D>(q, k, v, o, lse, B, N, H, Hk, G); break;
-    case 7: case 8: case 9: case 10: {
-        const int r = variant == 7   ? launch_fwd_tma<D, 2, 0, 0>(q, k, v, o, lse, B, N, H, Hk, G)
-                      : variant == 8 ? launch_fwd_tma<D, 2, 1, 0>(q, k, v, o, lse, B, N, H, Hk, G)
-                      : variant == 9 ? launch_fwd_tma<D, 3, 1, 0>(q, k, v, o, lse, B, N, H, Hk, G)
-                                     : launch_fwd_tma<D, 3, 1, 1>(q, k, v, o, lse, B, N, H, Hk, G);
+    case 7: case 8: case 9: {
+        const int r = variant == 7   ? launch_fwd_tma<D, 2, 0>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 8 ? launch_fwd_tma<D, 2, 1>(q, k, v, o, lse, B, N, H, Hk, G)
+                                     : launch_fwd_tma<D, 3, 1>(q, k, v, o, lse, B, N, H, Hk, G);
         if (r != 0) launch_fwd_wgmma<D, 128>(q, k, v, o, lse, B, N, H, Hk, G); /* no tensor map: version 3, 128-key tiles */
         break;
     }

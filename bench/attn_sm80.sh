@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The A100 path measured on a Hopper card (from the repository root, on the GPU machine):
+#   bash bench/attn_sm80.sh [OUTDIR]
+# builds the attention stage from compute_80 PTX only (no sm_90a code, so the driver
+# JIT-compiles the PTX at start and the library falls back to its mma.sync kernels, the ones
+# an A100 runs), into build/sm80/, then runs `04_s2attn --bench` and bench/sdpa_peer.py
+# against that build: our sm_80 kernels next to SDPA flash (FlashAttention-2) and cuDNN in
+# the same run, and the torch check of those kernels. JSON: OUTDIR/attn_ours_sm80.json and
+# OUTDIR/attn_sdpa_sm80.json (OUTDIR defaults to bench/results); d = 128, the peer's shapes.
+# The H200 is a proxy: more bandwidth and another clock than an A100, so compare against the
+# SDPA numbers of the same run, not against A100 figures.
+set -eu
+out=${1:-bench/results}
+mkdir -p "$out" build/sm80
+NVCC=${NVCC:-nvcc}
+CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v "$NVCC")")")}
+flags="-O3 -std=c++17 -gencode=arch=compute_80,code=compute_80 -DUSE_CUDA -I."
+libs="-L$CUDA_HOME/lib64 -lcudart -lcublas -lcublasLt -lstdc++"
+t0=$SECONDS
+$NVCC $flags -c -o build/sm80/04_layers.o 04_layers.cu
+$NVCC $flags -DS2ATTN_MAIN -o build/sm80/04_s2attn 04_s2attn.cu build/sm80/04_layers.o $libs
+$NVCC $flags -shared -Xcompiler -fPIC -o build/sm80/libs2attn.so 04_s2attn.cu -L"$CUDA_HOME/lib64" -lcudart
+echo "built (compute_80 PTX) in $((SECONDS - t0)) s"
+build/sm80/04_s2attn --bench --out "$out/attn_ours_sm80.json"
+python3 bench/sdpa_peer.py --lib build/sm80/libs2attn.so --ours "$out/attn_ours_sm80.json" --out "$out/attn_sdpa_sm80.json"
