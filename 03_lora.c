@@ -551,12 +551,14 @@ static int lora_write_adapter_files(LoraAdapter *ad, Model *m, const char *dir, 
         }
     /* modules_to_save in the base's dtype, as peft writes them (its copies of the base's
      * modules keep the model's dtype; A and B above are fp32 either way, peft's
-     * autocast_adapter_dtype): a bf16 base gets bf16 embed and norms, whose fp32 masters
-     * live on in the checkpoint's train_state (05). Other bases keep fp32. */
-    int as_bf16 = m->cfg.weight_dtype == DT_BF16;
+     * autocast_adapter_dtype): a bf16 base gets bf16 embed and norms and an fp16 base fp16
+     * ones (peft 0.21 checked on both), whose fp32 masters live on in the checkpoint's
+     * train_state (05). fp32 bases and random models keep fp32. */
+    DType plus_dtype = m->cfg.weight_dtype == DT_BF16 || m->cfg.weight_dtype == DT_F16 ? m->cfg.weight_dtype : DT_F32;
+    int as_half = plus_dtype != DT_F32;
     PlusTensor *plus = (PlusTensor *)xmalloc(((size_t)2 * m->cfg.n_layers + 2) * sizeof(PlusTensor));
     size_t n_plus = lora_plus_tensors(m, NULL, plus);
-    uint16_t **bf16 = (uint16_t **)xcalloc(n_plus + 1, sizeof(uint16_t *)); /* [n_plus + 1] the bf16 copies */
+    uint16_t **half = (uint16_t **)xcalloc(n_plus + 1, sizeof(uint16_t *)); /* [n_plus + 1] the bf16 / fp16 copies */
     for (size_t i = 0; i <= n_plus; i++) {
         int is_head = i == n_plus; /* what peft writes for a tied head it keeps tied: the embedding again */
         if (is_head ? !tied_trained : !(plus[i].is_embed ? ad->cfg.train_embed : ad->cfg.train_norms)) continue;
@@ -565,17 +567,17 @@ static int lora_write_adapter_files(LoraAdapter *ad, Model *m, const char *dir, 
         int64_t shape[2] = {(int64_t)m->cfg.vocab_size, (int64_t)m->cfg.dim};
         size_t numel = is_matrix ? (size_t)m->cfg.vocab_size * m->cfg.dim : (size_t)m->cfg.dim;
         snprintf(names[n_names], sizeof names[0], PEFT_PREFIX "%s", is_head ? "lm_head.weight" : plus[i].name);
-        if (as_bf16) {
-            bf16[i] = (uint16_t *)xmalloc(numel * sizeof(uint16_t));
-            for (size_t k = 0; k < numel; k++) bf16[i][k] = f32_to_bf16(w[k]);
+        if (as_half) {
+            half[i] = (uint16_t *)xmalloc(numel * sizeof(uint16_t));
+            for (size_t k = 0; k < numel; k++) half[i][k] = plus_dtype == DT_BF16 ? f32_to_bf16(w[k]) : f32_to_f16(w[k]);
         }
-        st_writer_add(&sw, names[n_names++], as_bf16 ? DT_BF16 : DT_F32, is_matrix ? 2 : 1, is_matrix ? shape : shape + 1,
-                      as_bf16 ? (const void *)bf16[i] : (const void *)w);
+        st_writer_add(&sw, names[n_names++], plus_dtype, is_matrix ? 2 : 1, is_matrix ? shape : shape + 1,
+                      as_half ? (const void *)half[i] : (const void *)w);
     }
     int rc = st_write(&sw, path_join(path, sizeof path, dir, "adapter_model.safetensors"));
     st_writer_free(&sw);
-    for (size_t i = 0; i <= n_plus; i++) free(bf16[i]);
-    free(bf16);
+    for (size_t i = 0; i <= n_plus; i++) free(half[i]);
+    free(half);
     free(names);
     free(plus);
     return rc;
@@ -992,7 +994,7 @@ static int write_export_config(const char *base_dir, const char *out_dir, const 
     fprintf(f, "%s\n  \"max_position_embeddings\": %d,\n  \"rope_theta\": %.9g,\n", n ? "," : "", c->max_pos, (double)c->rope_theta);
     write_rope_scaling(f, c);
     if (dtype == DT_COUNT) fputs("\n}\n", f);
-    else fprintf(f, ",\n  \"torch_dtype\": \"%s\"\n}\n", dtype == DT_BF16 ? "bfloat16" : "float32");
+    else fprintf(f, ",\n  \"torch_dtype\": \"%s\"\n}\n", dtype == DT_BF16 ? "bfloat16" : dtype == DT_F16 ? "float16" : "float32");
     json_free(j);
     return atomic_commit(&af);
 }
@@ -1035,7 +1037,7 @@ static API int export_check_target(const char *out_dir, int overwrite) {
 }
 
 /* Writes m's weights (the adapter already merged in) as shards of at most shard_bytes (a
- * tensor is never split) in dtype (DT_BF16 or DT_F32), the index when there is more than
+ * tensor is never split) in dtype (DT_BF16, DT_F16 or DT_F32), the index when there is more than
  * one, the config, and the base's tokenizer files (base_dir NULL: random weights, a
  * complete config written from m's). The folder appears whole or not at all: it is written
  * as a temporary folder beside it and renamed into place; a previous export there is
@@ -1043,7 +1045,7 @@ static API int export_check_target(const char *out_dir, int overwrite) {
  * out_dir is as it was. */
 static int export_write_files(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes, DType dtype);
 static API int export_merged(const Model *m, const char *base_dir, const char *out_dir, size_t shard_bytes, DType dtype, int overwrite) {
-    if (dtype != DT_BF16 && dtype != DT_F32) return set_error("an export is written in bf16 or fp32");
+    if (dtype != DT_BF16 && dtype != DT_F16 && dtype != DT_F32) return set_error("an export is written in bf16, fp16 or fp32");
     if (export_check_target(out_dir, overwrite) != 0) return -1;
     char full[PATH_MAX + 4096], b[PATH_MSG_MAX + 1];
     resolve_path(out_dir, full, sizeof full);
@@ -1084,9 +1086,9 @@ static int export_write_files(const Model *m, const char *base_dir, const char *
             int64_t shape[2] = {refs[i].shape[0], refs[i].shape[1]};
             if (dtype == DT_F32) { st_writer_add(&sw, refs[i].name, DT_F32, refs[i].ndim, shape, refs[i].data); continue; }
             size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
-            bufs[i] = (uint16_t *)xmalloc(numel * sizeof(uint16_t)); /* [numel] the tensor in bf16 */
-            for (size_t k = 0; k < numel; k++) bufs[i][k] = f32_to_bf16(refs[i].data[k]);
-            st_writer_add(&sw, refs[i].name, DT_BF16, refs[i].ndim, shape, bufs[i]);
+            bufs[i] = (uint16_t *)xmalloc(numel * sizeof(uint16_t)); /* [numel] the tensor in bf16 / fp16 */
+            for (size_t k = 0; k < numel; k++) bufs[i][k] = dtype == DT_BF16 ? f32_to_bf16(refs[i].data[k]) : f32_to_f16(refs[i].data[k]);
+            st_writer_add(&sw, refs[i].name, dtype, refs[i].ndim, shape, bufs[i]);
         }
         if (n_shards == 1) snprintf(name, sizeof name, "model.safetensors");
         else snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, n_shards);

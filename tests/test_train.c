@@ -807,8 +807,8 @@ static void test_hostile(void) {
 
 /* Where the step runs (04_load.c's device_choose, the rule 06_infer follows too), the GPU
  * peaks MFU is measured against, the startup lines of a CPU run, and the adapter's dtype on
- * a bf16 base (peft's: modules_to_save in the model's dtype, A and B fp32) with the fp32
- * masters kept in the checkpoint. */
+ * bf16 and fp16 bases (peft's: modules_to_save in the model's dtype, A and B fp32) with the
+ * fp32 masters kept in the checkpoint. */
 static void test_device_and_dtype(void) {
     char note[320];
     EXPECT(device_choose(NULL, 0, NULL, NULL, "trains", note, sizeof note) == 0 && strstr(note, "on the CPU (this build has no CUDA"),
@@ -834,52 +834,65 @@ static void test_device_and_dtype(void) {
         EXPECT(gpu_peak_tflops(peaks[i].name) == peaks[i].tflops, "peak of %s: %g, not %g", peaks[i].name ? peaks[i].name : "(none)",
                gpu_peak_tflops(peaks[i].name), peaks[i].tflops);
 
-    /* a bf16 base folder (03's export of a random tiny model), trained 2 steps on the CPU */
-    char base[512], data[512], out[512], flags[2048], log[512], path[700];
+    /* a bf16 and an fp16 base folder (03's export of a random tiny model), each trained 2 steps
+     * on the CPU */
     Config c;
     CHECK(config_from_shape("tiny", &c) == 0, "%s", last_error());
     Model m;
     model_init_random(&m, &c, 77, 0.02f);
-    CHECK(export_merged(&m, NULL, tmp_path(base, "bf16_base"), 5e9, DT_BF16, 0) == 0, "%s", last_error());
     int32_t ids[600];
     for (int i = 0; i < 600; i++) ids[i] = (i * 7 + 3) % 256;
+    char data[512];
     CHECK(tokfile_write(tmp_path(data, "dtype.tok"), ids, 600, c.vocab_size) == 0, "%s", last_error());
-    snprintf(flags, sizeof flags, "--model %s --data %s --ctx 64 --max-steps 2 --save-every 1 --out %s", base, data, tmp_path(out, "dtype_run"));
-    int rc = run_training(flags, tmp_path(log, "dtype.log"), NULL, 0);
-    EXPECT(rc == 0, "training on the bf16 base exits %d (log %s)", rc, log);
-    char *text = read_file(log, NULL);
-    EXPECT(text && strstr(text, "on the CPU (this build has no CUDA"), "the startup line says where the step runs and why (log %s)", log);
-    EXPECT(text && strstr(text, "load: fp32 weights on the host in ") && strstr(text, "peak host RSS"), "the startup says how the weights were loaded (log %s)", log);
-    EXPECT(text && strstr(text, "MFU: ") && strstr(text, "model FLOPs per step") && strstr(text, "no peak on the CPU"),
-           "the startup gives the FLOPs per step and why MFU is n/a (log %s)", log);
-    free(text);
-    SafeTensors ad, state;
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", out);
-    CHECK(st_open(&ad, path) == 0, "%s", last_error());
-    snprintf(path, sizeof path, "%s/checkpoint-2/train_state.safetensors", out);
-    CHECK(st_open(&state, path) == 0, "%s", last_error());
-    const StTensor *embed = st_find(&ad, "base_model.model.model.embed_tokens.weight");
-    const StTensor *norm = st_find(&ad, "base_model.model.model.norm.weight");
-    const StTensor *lora_a = st_find(&ad, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
-    EXPECT(embed && norm && lora_a && embed->dtype == DT_BF16 && norm->dtype == DT_BF16 && lora_a->dtype == DT_F32,
-           "on a bf16 base the adapter's embed and norms are BF16 and LoRA A is F32, as peft writes them");
-    const StTensor *master = NULL;
-    for (size_t i = 0; i < state.count && !master; i++)
-        if (strstr(state.tensors[i].name, "embed_tokens") && !strstr(state.tensors[i].name, "exp_avg")) master = &state.tensors[i];
-    EXPECT(master && master->dtype == DT_F32, "the checkpoint keeps the embedding's fp32 master");
-    if (embed && master && master->dtype == DT_F32 && embed->dtype == DT_BF16 && master->numel == embed->numel) {
-        size_t bad = 0;
-        for (size_t i = 0; i < master->numel; i++) {
-            float f;
-            uint16_t h;
-            memcpy(&f, master->data + 4 * i, 4);
-            memcpy(&h, embed->data + 2 * i, 2);
-            bad += f32_to_bf16(f) != h;
+    const DType base_dtypes[2] = {DT_BF16, DT_F16};
+    for (int d = 0; d < 2; d++) {
+        DType dt = base_dtypes[d];
+        const char *dn = dt == DT_BF16 ? "bf16" : "fp16";
+        char base[512], out[512], flags[2048], log[512], path[700], name[64];
+        snprintf(name, sizeof name, "%s_base", dn);
+        CHECK(export_merged(&m, NULL, tmp_path(base, name), 5e9, dt, 0) == 0, "%s", last_error());
+        snprintf(name, sizeof name, "%s_run", dn);
+        snprintf(flags, sizeof flags, "--model %s --data %s --ctx 64 --max-steps 2 --save-every 1 --out %s", base, data, tmp_path(out, name));
+        snprintf(name, sizeof name, "%s.log", dn);
+        int rc = run_training(flags, tmp_path(log, name), NULL, 0);
+        EXPECT(rc == 0, "training on the %s base exits %d (log %s)", dn, rc, log);
+        if (d == 0) {
+            char *text = read_file(log, NULL);
+            EXPECT(text && strstr(text, "on the CPU (this build has no CUDA"), "the startup line says where the step runs and why (log %s)", log);
+            EXPECT(text && strstr(text, "load: fp32 weights on the host in ") && strstr(text, "peak host RSS"),
+                   "the startup says how the weights were loaded (log %s)", log);
+            EXPECT(text && strstr(text, "MFU: ") && strstr(text, "model FLOPs per step") && strstr(text, "no peak on the CPU"),
+                   "the startup gives the FLOPs per step and why MFU is n/a (log %s)", log);
+            free(text);
         }
-        EXPECT(bad == 0, "the adapter's bf16 embedding is the final fp32 master rounded (%zu values differ)", bad);
+        SafeTensors ad, state;
+        snprintf(path, sizeof path, "%s/adapter_model.safetensors", out);
+        CHECK(st_open(&ad, path) == 0, "%s", last_error());
+        snprintf(path, sizeof path, "%s/checkpoint-2/train_state.safetensors", out);
+        CHECK(st_open(&state, path) == 0, "%s", last_error());
+        const StTensor *embed = st_find(&ad, "base_model.model.model.embed_tokens.weight");
+        const StTensor *norm = st_find(&ad, "base_model.model.model.norm.weight");
+        const StTensor *lora_a = st_find(&ad, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+        EXPECT(embed && norm && lora_a && embed->dtype == dt && norm->dtype == dt && lora_a->dtype == DT_F32,
+               "on a %s base the adapter's embed and norms are %s and LoRA A is F32, as peft writes them", dn, dn);
+        const StTensor *master = NULL;
+        for (size_t i = 0; i < state.count && !master; i++)
+            if (strstr(state.tensors[i].name, "embed_tokens") && !strstr(state.tensors[i].name, "exp_avg")) master = &state.tensors[i];
+        EXPECT(master && master->dtype == DT_F32, "the checkpoint keeps the embedding's fp32 master (%s base)", dn);
+        if (embed && master && master->dtype == DT_F32 && embed->dtype == dt && master->numel == embed->numel) {
+            size_t bad = 0;
+            for (size_t i = 0; i < master->numel; i++) {
+                float f;
+                uint16_t h;
+                memcpy(&f, master->data + 4 * i, 4);
+                memcpy(&h, embed->data + 2 * i, 2);
+                bad += (dt == DT_BF16 ? f32_to_bf16(f) : f32_to_f16(f)) != h;
+            }
+            EXPECT(bad == 0, "the adapter's %s embedding is the final fp32 master rounded (%zu values differ)", dn, bad);
+        }
+        st_close(&ad);
+        st_close(&state);
     }
-    st_close(&ad);
-    st_close(&state);
     model_free(&m);
 }
 
