@@ -9,6 +9,7 @@
 # one sentence and a non-zero exit (unknown key, bad value, a schedule 05_train lacks, YaRN for
 # the peer, a name twice, training on the held-out text).
 cd "$(dirname "$0")/.." || exit 1
+. tests/demo_tiny.sh
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
   echo "skip: $PY has no gguf/numpy (make test installs tests/requirements.txt into .venv)"
@@ -24,29 +25,9 @@ ok() { checks=$((checks + 1)); }
 bad() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*"; }
 
 SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
-"$PY" - "$TMP" "$SEED" <<'PYEOF' || { echo "FAIL: could not make the tiny model and text"; exit 1; }
-import os, subprocess, sys
-import numpy as np
-tmp, seed = sys.argv[1], int(sys.argv[2])
-sys.path.insert(0, "tests")
-import test_demo_convert as tiny
-rng = np.random.default_rng(seed)
-tiny.write_gguf(os.path.join(tmp, "tiny.gguf"), tiny.random_model(rng, False))
-r = subprocess.run([sys.executable, "demo/convert_gguf.py", os.path.join(tmp, "tiny.gguf"), os.path.join(tmp, "model")],
-                   capture_output=True, text=True)
-if r.returncode:
-    sys.exit("converter: " + r.stderr.strip())
-words = "the man is a good wife who said that she was in want of it and me".split()
-for name, n in (("train.txt", 6000), ("more.txt", 3000), ("eval.txt", 3000)):
-    text = " ".join(words[i] for i in rng.integers(0, len(words), n))
-    open(os.path.join(tmp, name), "w").write(text.replace(" the ", ". The ") + ".\n")
-PYEOF
+make_tiny_demo "$TMP" "$SEED" train.txt:6000 more.txt:3000 eval.txt:3000 || { echo "FAIL: could not make the tiny model and text"; exit 1; }
 
-PEER_PY=
-for p in "${PEER_PYTHON:-}" "${PYTHON:-}" python3; do
-  [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 || continue
-  if "$p" -c 'import torch, transformers, peft, safetensors' 2>/dev/null; then PEER_PY=$p; break; fi
-done
+find_peer_python
 cat > "$TMP/recipes.txt" <<RECIPES
 # the test's recipes
 demo        engine=c

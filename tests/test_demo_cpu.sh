@@ -14,6 +14,7 @@
 # has torch, transformers and peft ($PEER_PYTHON, $PYTHON, python3), DEMO_PEER=1 adds the
 # PyTorch peer: its step ran, its column and training.md are there.
 cd "$(dirname "$0")/.." || exit 1
+. tests/demo_tiny.sh
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
   echo "skip: $PY has no gguf/numpy (make test installs tests/requirements.txt into .venv)"
@@ -29,30 +30,10 @@ ok() { checks=$((checks + 1)); }
 bad() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*"; }
 
 SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
-"$PY" - "$TMP" "$SEED" <<'EOF' || { echo "FAIL: could not make the tiny model and text"; exit 1; }
-import os, subprocess, sys
-import numpy as np
-tmp, seed = sys.argv[1], int(sys.argv[2])
-sys.path.insert(0, "tests")
-import test_demo_convert as tiny
-rng = np.random.default_rng(seed)
-tiny.write_gguf(os.path.join(tmp, "tiny.gguf"), tiny.random_model(rng, False))
-r = subprocess.run([sys.executable, "demo/convert_gguf.py", os.path.join(tmp, "tiny.gguf"), os.path.join(tmp, "model")],
-                   capture_output=True, text=True)
-if r.returncode:
-    sys.exit("converter: " + r.stderr.strip())
-words = "the man is a good wife who said that she was in want of it and me".split()
-for name, n in (("train.txt", 12000), ("eval.txt", 3000)):
-    text = " ".join(words[i] for i in rng.integers(0, len(words), n))
-    open(os.path.join(tmp, name), "w").write(text.replace(" the ", ". The ") + ".\n")
-EOF
+make_tiny_demo "$TMP" "$SEED" train.txt:12000 eval.txt:3000 || { echo "FAIL: could not make the tiny model and text"; exit 1; }
 
 # with a Python that has torch, transformers and peft, the run adds the PyTorch peer (DEMO_PEER=1)
-PEER_PY=
-for p in "${PEER_PYTHON:-}" "$PY" python3; do
-  [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 || continue
-  if "$p" -c 'import torch, transformers, peft, safetensors' 2>/dev/null; then PEER_PY=$p; break; fi
-done
+find_peer_python
 PEER=$([ -n "$PEER_PY" ] && echo 1 || echo 0)
 DEMO_PEER=$PEER DEMO_PEER_PYTHON=$PEER_PY \
 DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
