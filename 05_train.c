@@ -164,18 +164,6 @@ static double train_flops_per_token(const Config *c, int N, int G) {
     return 6.0 * (double)config_param_count(c) + attn;
 }
 
-/* Peak resident memory of this process in GiB (Linux), or -1. */
-static double peak_memory_gib(void) {
-    FILE *f = fopen("/proc/self/status", "r");
-    if (!f) return -1;
-    char line[256];
-    double kib = -1;
-    while (fgets(line, sizeof line, f))
-        if (strncmp(line, "VmHWM:", 6) == 0) { kib = strtod(line + 6, NULL); break; }
-    fclose(f);
-    return kib < 0 ? -1 : kib / (1024.0 * 1024.0);
-}
-
 static void format_duration(char *buf, size_t cap, double s) {
     if (!(s >= 0) || s > 1e8) { snprintf(buf, cap, "?"); return; }
     long t = (long)(s + 0.5);
@@ -308,7 +296,7 @@ static int trainer_run(Trainer *t) {
         loss = r.loss;
         double tok_s = (double)tokens_per_step / dt;
         double mfu = t->peak_tflops > 0 ? t->flops_per_token * tok_s / (t->peak_tflops * 1e12) : -1;
-        double mem = peak_memory_gib();
+        double rss = peak_rss_bytes(), mem = rss < 0 ? -1 : rss / (1024.0 * 1024.0 * 1024.0); /* the process's peak resident memory (04_load.c) */
 #ifdef USE_CUDA
         if (t->gpu) mem = tg_gib(gpu_train_used_bytes()); /* GPU memory in use (all of it is allocated up front) */
 #endif
