@@ -186,13 +186,16 @@ def main():
         die("%s holds %d tokens: not one sequence of --ctx %d plus its last target" % (args.data, len(stream), N))
     order = Order(n_seqs, args.seed)
 
-    # RoPE: linear interpolation to N, as 05_train --ctx does
+    # RoPE: linear interpolation to N, as 05_train --ctx does; a model whose config already
+    # reaches N (run.sh's YaRN copy) runs the RoPE its config names, as 05_train does
     config = AutoConfig.from_pretrained(args.model)
     orig = config.max_position_embeddings
     factor = float(-(-N // orig))
     theta = config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None) else config.rope_theta
     if factor > 1:
         config.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_note = "%s x%g" % (rope.get("rope_type", "default"), rope.get("factor", 1.0))
     G = int(round(N * args.group_ratio))
     if abs(N * args.group_ratio - G) > 1e-9 or N % G:
         die("S2-Attn group G = N * %g is not a whole divisor of N = %d" % (args.group_ratio, N))
@@ -223,8 +226,8 @@ def main():
         make = {"cosine": transformers.get_cosine_schedule_with_warmup, "linear": transformers.get_linear_schedule_with_warmup}
         sched = make[args.schedule](opt, args.warmup, args.steps)
     n_trainable = sum(p.numel() for _, p in named)
-    print("peer: %s, %s; N %d, G %d, RoPE x%g; %d sequences; %d trainable parameters; checkpointing %s"
-          % (device, dtype, N, S2_GROUP[0], factor, n_seqs, n_trainable, "on" if checkpointing else "off"), flush=True)
+    print("peer: %s, %s; N %d, G %d, RoPE %s; %d sequences; %d trainable parameters; checkpointing %s"
+          % (device, dtype, N, S2_GROUP[0], rope_note, n_seqs, n_trainable, "on" if checkpointing else "off"), flush=True)
 
     log = open(os.path.join(args.out, "train_log.csv"), "w", newline="")
     w = csv.writer(log)
@@ -267,7 +270,7 @@ def main():
     train_seconds = time.time() - t_start
     log.close()
     run = {"engine": "PyTorch %s + transformers + peft" % torch.__version__, "schedule": args.schedule, "train": args.train, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "dtype": dtype, "checkpointing": checkpointing, "ctx": N, "group": S2_GROUP[0], "rope_factor": factor,
+           "dtype": dtype, "checkpointing": checkpointing, "ctx": N, "group": S2_GROUP[0], "rope": rope_note,
            "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "train_seconds": round(train_seconds, 2),
            "peak_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None,
            "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if device == "cuda" else None,

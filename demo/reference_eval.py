@@ -25,7 +25,9 @@ so the C numbers and these can be compared directly, prompt for prompt:
   RoPE variants  "none": the model as it is (positions past its trained context are
                  extrapolated); "pi-xS": linear position interpolation, positions divided by
                  S (HF rope_type "linear"), the way LongLoRA runs a model fine-tuned for a
-                 context S times the original.
+                 context S times the original; "config": the RoPE the model's config.json
+                 names (a YaRN model as run.sh writes one), labelled by its type and factor
+                 ("yarn-x4").
 
 Usage (a Python with torch + transformers; CUDA if there is one):
   reference_eval.py --model DIR --text austen-eval.txt --lengths 2048,4096,8192,16384,32768 \
@@ -100,7 +102,7 @@ def load_model(model_dir, rope, torch, device, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(model_dir)
     theta = config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None) else config.rope_theta
-    if rope != "none":
+    if rope not in ("none", "config"):
         factor = float(rope.split("-x")[1])
         if hasattr(config, "rope_parameters"):  # transformers 5
             config.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
@@ -109,6 +111,8 @@ def load_model(model_dir, rope, torch, device, dtype):
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
     # check the interpolation took effect: inv_freq divided by the factor
     d = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
+    if rope == "config":  # transformers computes the configured RoPE itself; nothing to compare
+        return model
     want = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     if rope != "none":
         want = want / factor
@@ -116,6 +120,14 @@ def load_model(model_dir, rope, torch, device, dtype):
     if not torch.allclose(got, want, rtol=1e-5):
         sys.exit("reference_eval.py: RoPE variant %s did not take effect in transformers" % rope)
     return model
+
+
+def config_rope_label(model_dir):
+    """The RoPE a config.json names, as a label: "yarn-x4", "linear-x2", or "none"."""
+    c = json.load(open(os.path.join(model_dir, "config.json")))
+    r = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    kind = r.get("rope_type") or r.get("type") or "default"
+    return "none" if kind == "default" else "%s-x%g" % (kind, r.get("factor", 1))
 
 
 PROTOCOL_TARGETS = (1, 100, 512, 1000, 2048, 4321, 32768)
@@ -168,6 +180,8 @@ def main():
     print("%-7s %7s %10s %8s %8s %8s %7s" % ("rope", "length", "perplexity", "windows", "exact", "found", "secs"), flush=True)
     for rope in args.rope.split(","):
         model = load_model(args.model, rope, torch, device, dtype)
+        if rope == "config":
+            rope = config_rope_label(args.model)
         for n in lengths:
             t0 = time.time()
             starts = window_starts(len(ids), n, args.stride)[:args.max_windows]

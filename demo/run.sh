@@ -8,10 +8,11 @@
 #   3. 01_tokenize         both texts -> token files (cached)
 #   4. 06_infer            a sanity check: the model's greedy answer to a chat question
 #   5. before              06_infer: perplexity of the held-out text at every length of the
-#                          grid and passkey retrieval over a length grid, with the positions
-#                          interpolated to the target context (RoPE factor target / original)
+#                          grid and passkey retrieval over a length grid, with RoPE stretched
+#                          to the target context (factor target / original) by YaRN, or by
+#                          LongLoRA's linear position interpolation (DEMO_ROPE=linear)
 #   6. fine-tune           05_train: LongLoRA (S2-Attn, LoRA on q,k,v,o + trainable embeddings
-#                          and norms, position interpolation via --ctx) on the training text
+#                          and norms, RoPE stretched as in step 5) on the training text
 #   7. after               step 5 again with the adapter
 #   8. peer (DEMO_PEER=1)  demo/peer_train.py: the same fine-tune with transformers + peft + torch
 #                          AdamW (DEMO_PEER_PYTHON: a Python with them; DEMO_PEER_FLAGS: more
@@ -20,15 +21,22 @@
 #   9. report              demo/report.py: a before/after Markdown table and a PNG plot
 #
 # Two sizes, picked by where 05_train and 06_infer run (DEMO_DEVICE=cpu|gpu overrides):
-#   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, PI x4), 300 steps at
+#   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, YaRN x4), 600 steps at
 #        lr 2e-4, perplexity at 2000..32000, passkey every 4000 tokens up to 32000, 10 trials
-#        (about 2 minutes on one H200). The learning rate is not LongLoRA's 2e-5: that is for
+#        (about 3 minutes on one H200). The learning rate is not LongLoRA's 2e-5: that is for
 #        7B at a global batch of 64 sequences; here a step is one sequence of a 135M model,
 #        and 2e-5 leaves held-out perplexity at 60 where 2e-4 reaches 26 (demo/README.md).
+#        YaRN and 600 steps are what the ablations (demo/ablate.py, demo/README.md) found:
+#        linear interpolation (PI, LongLoRA's) gives perplexity back but never the passkey.
 #   CPU  scaled down to finish in under 15 minutes on 2 cores, and it says so: the model's
 #        config is copied with max_position_embeddings 512 (as if SmolLM2 had been trained at
 #        512 tokens), the target is 2048 (PI x4), 12 steps at a higher learning rate,
 #        perplexity at 500, 1000, 2000, passkey every 500 tokens up to 2000, 3 trials.
+# DEMO_ROPE=yarn|linear picks how RoPE reaches the target (default yarn): the run's model is a
+# linked copy of the model whose config.json says so (rope_scaling yarn with factor and
+# original_max_position_embeddings, the way transformers configures YaRN), so 05_train,
+# 06_infer and the PyTorch peer all read the same RoPE from it; linear keeps the model's
+# config and stretches by --ctx, as LongLoRA does.
 # DEMO_MODEL / DEMO_TRAIN_TEXT / DEMO_EVAL_TEXT run the same pipeline on another HF folder and
 # texts without downloading anything (tests/test_demo_cpu.sh does that on a tiny model);
 # the DEMO_* sizes below override either branch. Results go to demo/results/<cpu|gpu>/
@@ -123,7 +131,7 @@ MODEL_CTX=$(grep -o '"max_position_embeddings": *[0-9]*' "$MODEL/config.json" | 
 if [ "$DEVICE" = gpu ]; then
   ORIG=${DEMO_ORIG_CTX:-$MODEL_CTX}
   CTX=${DEMO_CTX:-32768}
-  STEPS=${DEMO_STEPS:-300}
+  STEPS=${DEMO_STEPS:-600}
   LR=${DEMO_LR:-2e-4}
   WARMUP=${DEMO_WARMUP:-20}
   PPL_LENS=${DEMO_PPL_LENGTHS:-2000,4000,8000,16000,32000}
@@ -150,17 +158,37 @@ fi
 OUT=${DEMO_OUT:-demo/results/$DEVICE}
 mkdir -p "$OUT"
 FACTOR=$(( (CTX + ORIG - 1) / ORIG ))
+ROPE=${DEMO_ROPE:-yarn}
+case $ROPE in
+  yarn) ROPE_LABEL="YaRN x$FACTOR" ;;
+  linear) ROPE_LABEL="PI x$FACTOR" ;;
+  *) die "DEMO_ROPE must be yarn or linear, got '$ROPE'" ;;
+esac
 
-# The model as the run sees it: the original context set to ORIG where that differs from the
-# model's own (the CPU version), the weights and tokenizer linked, not copied.
+# The model as the run sees it: a linked copy (weights and tokenizer linked, not copied) whose
+# config.json has the original context ORIG where that differs from the model's own (the CPU
+# version) and, for YaRN, rope_scaling {yarn, FACTOR, original_max_position_embeddings ORIG}
+# with max_position_embeddings ORIG x FACTOR, as transformers writes a YaRN model's config.
 RUN_MODEL=$MODEL
-if [ "$ORIG" != "$MODEL_CTX" ]; then
-  RUN_MODEL=$WORK/model-ctx$ORIG
+if [ "$ORIG" != "$MODEL_CTX" ] || { [ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ]; }; then
+  RUN_MODEL=$WORK/model-ctx$ORIG$([ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && echo "-yarn-x$FACTOR")
   mkdir -p "$RUN_MODEL"
   for f in "$MODEL"/*; do
     case $(basename "$f") in config.json) ;; *) ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$RUN_MODEL/";; esac
   done
-  sed -E "s/(\"max_position_embeddings\": *)[0-9]+/\1$ORIG/" "$MODEL/config.json" > "$RUN_MODEL/config.json"
+  "$REPORT_PY" - "$MODEL/config.json" "$ORIG" "$ROPE" "$FACTOR" > "$RUN_MODEL/config.json.tmp" <<'PYEOF' || die "could not write the run's config.json"
+import json, sys
+path, orig, rope, factor = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+c = json.load(open(path))
+c["max_position_embeddings"] = orig
+if rope == "yarn" and factor > 1:
+    if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+        sys.exit("demo: %s already scales RoPE; DEMO_ROPE=yarn stretches only a plain RoPE (use DEMO_ROPE=linear)" % path)
+    c["rope_scaling"] = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": orig}
+    c["max_position_embeddings"] = orig * factor
+json.dump(c, sys.stdout, indent=2)
+PYEOF
+  mv "$RUN_MODEL/config.json.tmp" "$RUN_MODEL/config.json"
 fi
 
 say "the LongLoRA part: $VERSION"
@@ -169,13 +197,13 @@ if [ "$DEVICE" = cpu ]; then
    This is the scaled-down CPU version, so that it ends in under 15 minutes on 2 cores.
    Scaled: the model's original context is taken as $ORIG tokens (config.json's
    max_position_embeddings $MODEL_CTX set to $ORIG in a linked copy), the target context is
-   $CTX (position interpolation x$FACTOR), $STEPS training steps at lr $LR (warmup $WARMUP),
+   $CTX ($ROPE_LABEL), $STEPS training steps at lr $LR (warmup $WARMUP),
    perplexity at $PPL_LENS tokens ($PPL_WINDOWS windows, stride $PPL_STRIDE), passkey every
    $PK_INTERVAL tokens up to $PK_MAX ($PK_TRIALS trials). A machine with a GPU runs the real
-   thing: $MODEL_CTX -> 32768 tokens (x4), 300 steps, lengths up to 32768.
+   thing: $MODEL_CTX -> 32768 tokens (x4), 600 steps, lengths up to 32768.
 MSG
 else
-  echo "   original context $ORIG, target $CTX (position interpolation x$FACTOR), $STEPS steps at lr $LR on the GPU"
+  echo "   original context $ORIG, target $CTX ($ROPE_LABEL), $STEPS steps at lr $LR on the GPU"
 fi
 
 # ---- 5-7. evaluate, fine-tune, evaluate --------------------------------------------------------
@@ -191,9 +219,9 @@ evaluate() {
       --max-tokens "$PK_MAX" --interval "$PK_INTERVAL" --trials "$PK_TRIALS" --csv "$OUT/$label.passkey.csv" \
       > "$OUT/$label.passkey.txt" 2>> "$OUT/$label.log" || die "06_infer --passkey ($label) failed: $(tail -n 1 "$OUT/$label.log")"
   sed 's/^/   /' "$OUT/$label.passkey.txt"
-  "$REPORT_PY" - "$OUT/$label" "$label" "$MODEL_TAG" "$DEVICE" "$CTX" "$FACTOR" <<'PYEOF' || die "could not collect the $label results"
+  "$REPORT_PY" - "$OUT/$label" "$label" "$MODEL_TAG" "$DEVICE" "$CTX" "$ROPE_LABEL" <<'PYEOF' || die "could not collect the $label results"
 import csv, json, sys
-prefix, label, model, device, ctx, factor = sys.argv[1:]
+prefix, label, model, device, ctx, rope = sys.argv[1:]
 rows = {}
 for line in open(prefix + ".ppl.txt"):
     f = line.split()
@@ -209,14 +237,14 @@ for n, ok in trials.items():
 results = []
 for n in sorted(rows):
     r = rows[n]
-    r["rope"] = "PI x%s" % factor
+    r["rope"] = rope
     results.append(r)
 json.dump({"model": model, "engine": "06_infer (%s)" % device, "device": device, "ctx": int(ctx),
            "label": label, "results": results}, open(prefix + ".json", "w"), indent=1)
 PYEOF
 }
 
-say "5. before fine-tuning: 06_infer at $CTX tokens of context (PI x$FACTOR, untrained)  [$(elapsed)]"
+say "5. before fine-tuning: 06_infer at $CTX tokens of context ($ROPE_LABEL, untrained)  [$(elapsed)]"
 evaluate before
 
 say "6. LongLoRA fine-tune: 05_train --ctx $CTX (S2-Attn, LoRA r=8 on q,k,v,o + embeddings and norms), $STEPS steps  [$(elapsed)]"
@@ -250,7 +278,7 @@ if [ "${DEMO_PEER:-0}" = 1 ]; then
   grep -E '^(peer|step)' "$OUT/peer_train.log" | sed 's/^/   /'
   cp "$PEER/train_log.csv" "$OUT/peer_train_log.csv"
   cp "$PEER/run.json" "$OUT/peer_run.json"
-  "$PEER_PY" demo/reference_eval.py --model "$PEER/merged" --text "$EVAL_TEXT" --lengths "$PPL_LENS" --rope "pi-x$FACTOR" \
+  "$PEER_PY" demo/reference_eval.py --model "$PEER/merged" --text "$EVAL_TEXT" --lengths "$PPL_LENS" --rope "$([ "$ROPE" = yarn ] && echo config || echo "pi-x$FACTOR")" \
       --stride "$PPL_STRIDE" --max-windows "$PPL_WINDOWS" --trials "$PK_TRIALS" --out "$OUT/peer.json" > "$OUT/peer_eval.log" 2>&1 \
     || die "reference_eval.py (peer) failed: $(tail -n 2 "$OUT/peer_eval.log")"
   sed 's/^/   /' "$OUT/peer_eval.log"
@@ -262,11 +290,11 @@ fi
 
 say "9. table and plot  [$(elapsed)]"
 "$REPORT_PY" demo/report.py --out "$OUT/before_after" before="$OUT/before.json" after="$OUT/after.json" "${PEER_ARGS[@]}" \
-    --title "$MODEL_TAG, LongLoRA $ORIG -> $CTX tokens (PI x$FACTOR), $STEPS steps; $VERSION" | sed 's/^/   /' \
+    --title "$MODEL_TAG, LongLoRA $ORIG -> $CTX tokens ($ROPE_LABEL), $STEPS steps; $VERSION" | sed 's/^/   /' \
   || die "demo/report.py failed"
 cat > "$OUT/run.txt" <<EOF
 version: $VERSION
-model: $MODEL_TAG; original context $ORIG (the model's config says $MODEL_CTX); target $CTX (PI x$FACTOR)
+model: $MODEL_TAG; original context $ORIG (the model's config says $MODEL_CTX); target $CTX ($ROPE_LABEL)
 fine-tune: $STEPS steps, lr $LR, warmup $WARMUP, device $DEVICE; 05_train took $TRAIN_WALL s${PEER_WALL:+; the PyTorch peer $PEER_WALL s}
 perplexity: lengths $PPL_LENS, stride $PPL_STRIDE, at most $PPL_WINDOWS windows each
 passkey: every $PK_INTERVAL tokens up to $PK_MAX, $PK_TRIALS trials each

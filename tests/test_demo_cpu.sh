@@ -4,13 +4,15 @@
 #   a fresh random tiny LLaMA (tests/test_demo_convert.py's: D=96, H=3, Hk=1, L=2, V=269,
 #   byte-level BPE) written as a GGUF and converted by the demo's own demo/convert_gguf.py;
 #   train and held-out texts made here from a word list; the run scaled as the CPU version
-#   is (original context taken as 128, target 512 = PI x4), 8 steps.
+#   is (original context taken as 128, target 512 = x4, by YaRN, run.sh's default), 8 steps.
 # Checked: every step ran (its heading, in order, and the final line); the before and after
 # results hold a finite perplexity (1 < ppl < 10 V) at each of 128/256/512 and a passkey
 # accuracy in [0, 1] over 2 trials; the fine-tune logged 8 finite losses and its adapter
 # lowered the held-out perplexity at the trained length (text from the same word list, so
 # training on it must help); the table has a row per length with both columns and the plot is
-# a PNG; the run said it is the scaled-down CPU version. Nothing is downloaded. Where a Python
+# a PNG; the run said it is the scaled-down CPU version. The run's model is the linked copy
+# whose config.json says yarn x4 over 128 tokens, 05_train, 06_infer and the peer report that
+# RoPE, and the results are labelled YaRN x4; DEMO_ROPE=pi is refused. Nothing is downloaded. Where a Python
 # has torch, transformers and peft ($PEER_PYTHON, $PYTHON, python3), DEMO_PEER=1 adds the
 # PyTorch peer: its step ran, its column and training.md are there.
 cd "$(dirname "$0")/.." || exit 1
@@ -86,9 +88,28 @@ if peer:  # the PyTorch peer: its evaluation at every length, both trainings sid
     assert "05_train" in training and "peer_train.py" in training, training
 png = open(os.path.join(out, "before_after.png"), "rb").read()
 assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, len(png)
+# YaRN, the default: the run's model copy says so, and every program ran it
+cfg = json.load(open(os.path.join(out, "..", "work", "model-ctx128-yarn-x4", "config.json")))
+assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128} and \
+    cfg["max_position_embeddings"] == 512, cfg
+assert all(r["rope"] == "YaRN x4" for label in res for r in res[label].values())
+for log in ("before.log", "after.log"):
+    assert "RoPE yarn factor 4" in open(os.path.join(out, log)).read(), log
+assert "rope yarn" in open(os.path.join(out, "train.log")).read().lower(), "05_train's log does not name yarn"
+if peer:
+    assert "RoPE yarn x4" in open(os.path.join(out, "peer_train.log")).read()
+    assert all(r["rope"] == "yarn-x4" for r in rows.values()), rows
 print("results: ppl at 512 before %.2f, after %.2f; %d training steps; table and plot written%s"
       % (b, a, len(steps), "; the PyTorch peer %.2f" % rows[512]["perplexity"] if peer else " (no torch: without the peer)"))
 EOF
+
+# a RoPE kind run.sh does not know is refused with its sentence, before the LongLoRA part
+DEMO_ROPE=pi DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
+DEMO_OUT=$TMP/out2 DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache DEMO_ORIG_CTX=128 DEMO_CTX=512 \
+  timeout 120 bash demo/run.sh > "$TMP/run2.log" 2>&1
+rc=$?
+[ $rc -ne 0 ] && grep -q "DEMO_ROPE must be yarn or linear" "$TMP/run2.log" && ok \
+  || bad "DEMO_ROPE=pi: exit $rc, $(tail -n 1 "$TMP/run2.log")"
 
 if [ $fails -ne 0 ]; then echo "--- run.log"; cat "$TMP/run.log"; fi
 echo "test_demo_cpu: $checks checks, $fails failures (seed $SEED; the demo pipeline on a tiny model, CPU, offline)"
