@@ -17,7 +17,9 @@ Writes into --out (default demo/results/ablations): NAME/ (the run's logs, train
 evaluation tables), NAME/row.json (the row), ablations.jsonl and ablations.md (the table:
 recipe, training time, last loss, perplexity at each length, passkey at 16k, 32k and over every
 length). A recipe whose row.json exists is not run again (delete it to redo), so an interrupted
-driver resumes. Standard library only; the peer's recipes need DEMO_PEER_PYTHON (or --python):
+driver resumes; --table-only runs nothing and writes the table from the rows --out holds (rows
+made by several runs, on several machines, into one table; a recipe without a row is listed as
+not run). Standard library only; the peer's recipes need DEMO_PEER_PYTHON (or --python):
 a Python with torch, transformers and peft.
 
 The model and texts are run.sh's (get_model.sh, get_text.sh and the cache), or --model,
@@ -87,7 +89,7 @@ def parse_recipes(path, defaults):
 def run(cmd, log, timeout=None):
     """Runs cmd with its output into log; the exit status."""
     with open(log, "a") as f:
-        f.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        f.write("$ " + " ".join(shlex.quote(os.path.relpath(c, ROOT) if c.startswith(ROOT + os.sep) else c) for c in cmd) + "\n")
         f.flush()
         try:
             return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
@@ -257,6 +259,7 @@ def main():
     ap.add_argument("--python", help="the peer's Python (default: $DEMO_PEER_PYTHON, else python3)")
     ap.add_argument("--peer-flags", default="--no-checkpointing", help="more flags for peer_train.py")
     ap.add_argument("--out", default=os.path.join(ROOT, "demo", "results", "ablations"))
+    ap.add_argument("--table-only", action="store_true", help="run nothing: the table of the rows --out holds")
     a = ap.parse_args()
 
     defaults = {"engine": "c", "rope": "linear", "steps": a.steps, "lr": a.lr, "warmup": a.warmup, "seed": 42, "rank": 8,
@@ -268,6 +271,19 @@ def main():
         if unknown:
             die("--only names recipes %s has not: %s" % (a.recipes, ", ".join(unknown)))
         recipes = [(n, r) for n, r in recipes if n in want]
+    if a.table_only:
+        lengths = [int(x) for x in a.ppl_lengths.split(",")]
+        rows = []
+        for name, _ in recipes:
+            row_path = os.path.join(a.out, name, "row.json")
+            rows.append(json.load(open(row_path)) if os.path.exists(row_path) else {"name": name, "error": "not run"})
+        lines = write_table(rows, defaults, lengths, os.path.join(a.out, "ablations.md"))
+        with open(os.path.join(a.out, "ablations.jsonl"), "w") as f:
+            for row in rows:
+                if "error" not in row:
+                    f.write(json.dumps(row) + "\n")
+        print("\n".join(lines))
+        return 0
     for prog in ("01_tokenize", "05_train", "06_infer"):
         if not os.access(os.path.join(ROOT, prog), os.X_OK):
             die("./%s is not built (make %s)" % (prog, prog))

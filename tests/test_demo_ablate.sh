@@ -5,7 +5,9 @@
 # demo's, YaRN, full attention in training, a data list of two texts, and (where a Python has
 # torch, transformers and peft: $PEER_PYTHON, $PYTHON, python3) the PyTorch peer with a cosine
 # schedule. Checked: every recipe has a row with finite perplexities at 128/256/512 and a
-# passkey count in [0, trials]; a second run resumes (runs nothing); bad recipe files end with
+# passkey count in [0, trials]; a second run resumes (runs nothing); --table-only runs nothing
+# and writes the same rows plus "not run" for a recipe without one; the logs name the programs
+# relative to the repository, not by this machine's path; bad recipe files end with
 # one sentence and a non-zero exit (unknown key, bad value, a schedule 05_train lacks, YaRN for
 # the peer, a name twice, training on the held-out text).
 cd "$(dirname "$0")/.." || exit 1
@@ -66,6 +68,18 @@ print("rows:", ", ".join("%s %.1f" % (r["name"], r["perplexity"]["512"]) for r i
 PYEOF
 ablate --recipes "$TMP/recipes.txt" > "$TMP/again.log" 2>&1 && [ "$(grep -c 'done before' "$TMP/again.log")" = "$n_recipes" ] && ok \
   || bad "a second run did not resume: $(tail -n 3 "$TMP/again.log")"
+
+# --table-only: the rows --out holds, in the recipes' order, a new recipe listed as not run
+cp "$TMP/out/ablations.md" "$TMP/first.md"
+{ cat "$TMP/recipes.txt"; echo "unrun engine=c steps=5"; } > "$TMP/recipes2.txt"
+ablate --recipes "$TMP/recipes2.txt" --table-only > "$TMP/table.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && ! grep -q running "$TMP/table.log" && [ ! -e "$TMP/out/unrun" ] \
+   && grep -q '^| unrun | not run |' "$TMP/out/ablations.md" \
+   && [ "$(grep -c '^| ' "$TMP/out/ablations.md")" = "$(( $(grep -c '^| ' "$TMP/first.md") + 1 ))" ] \
+   && diff <(grep -v '^| unrun' "$TMP/out/ablations.md") "$TMP/first.md" > /dev/null; then ok
+else bad "--table-only: exit $rc, $(tail -n 3 "$TMP/table.log")"; fi
+grep -q "$(pwd)/05_train" "$TMP"/out/*/run.log && bad "the run logs name this machine's path" || ok
 
 refuse() { # WHY, a recipe file's text
   printf '%s\n' "$2" > "$TMP/bad.txt"
