@@ -4,8 +4,10 @@
 
 CC      ?= gcc
 NVCC    ?= nvcc
+# CFLAGS is yours (`make CFLAGS="-O3 -march=native"`); what the code needs (the C dialect, the
+# warnings, OpenMP below) is added with `override`, so a CFLAGS of your own keeps it
 CFLAGS  ?= -O2 -g -march=x86-64-v2
-CFLAGS  += -std=gnu11 -Wall -Wextra
+override CFLAGS += -std=gnu11 -Wall -Wextra
 LDLIBS  += -lm
 GPU_ARCH ?= sm_80 sm_90
 # The Python of the tests, `make bench` and the demo's report: PYTHON if given, else .venv's
@@ -28,7 +30,7 @@ HAVE_CLANG  := $(shell command -v clang >/dev/null 2>&1 && echo 1)
 HAVE_GPU    := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
 
 ifeq ($(HAVE_OPENMP),1)
-  CFLAGS += -fopenmp
+  override CFLAGS += -fopenmp
 endif
 ifeq ($(HAVE_NVCC)$(HAVE_CUBLAS),11)
   USE_CUDA := 1
