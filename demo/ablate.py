@@ -36,10 +36,13 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_model import make_run_model  # noqa: E402  (demo/run_model.py: the run's linked model copy)
+
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 KEYS = {"engine": ("c", "peer"), "rope": ("linear", "yarn"), "schedule": ("constant", "cosine", "linear"),
         "train": ("lora+embed+norms", "lora+norms", "lora+embed", "lora"), "s2": ("on", "off")}
-NUMBERS = {"steps": int, "lr": float, "warmup": int, "seed": int, "rank": int, "alpha": float}
+NUMBERS = {"steps": int, "lr": float, "warmup": int, "seed": int, "rank": int, "alpha": float, "attention": float}
 
 
 def die(msg):
@@ -77,6 +80,8 @@ def parse_recipes(path, defaults):
             r[k] = v
         if r["engine"] == "c" and (r["schedule"] != "constant" or r["train"] != "lora+embed+norms"):
             die("%s: 05_train has only the constant schedule and trains LoRA+ whole: use engine=peer for schedule/train" % where)
+        if "attention" in r and (r["engine"] != "c" or r["rope"] != "yarn"):
+            die("%s: attention is YaRN's attention factor: it needs engine=c rope=yarn" % where)
         if r["engine"] == "peer" and (r["rope"] != "linear" or r["s2"] != "on"):
             die("%s: the peer is evaluated by reference_eval.py (linear interpolation) and trains with S2-Attn: "
                 "use engine=c for rope=yarn or s2=off" % where)
@@ -165,10 +170,15 @@ def run_recipe(name, r, a, model, factor, data_tok, eval_tok, out):
     device = a.device
     if r["engine"] == "c":
         adapter = os.path.join(out, "adapter")
+        rope = ["--rope-scaling", r["rope"]]
+        if "attention" in r:  # YaRN with its attention factor set: a model copy whose config says so
+            model = make_run_model(model, os.path.join(a.work, "model-" + name), json.load(open(os.path.join(model, "config.json")))
+                                   ["max_position_embeddings"], factor, r["attention"])
+            rope = []
         cmd = [os.path.join(ROOT, "05_train"), "--model", model, "--data"] + data_tok + [
             "--ctx", str(a.ctx), "--max-steps", str(r["steps"]), "--lr", str(r["lr"]), "--warmup", str(r["warmup"]),
-            "--seed", str(r["seed"]), "--lora-rank", str(r["rank"]), "--lora-alpha", str(r["alpha"]),
-            "--rope-scaling", r["rope"], "--device", device, "--log-every", "10", "--overwrite", "--out", adapter]
+            "--seed", str(r["seed"]), "--lora-rank", str(r["rank"]), "--lora-alpha", str(r["alpha"])] + rope + [
+            "--device", device, "--log-every", "10", "--overwrite", "--out", adapter]
         if r["s2"] == "off":
             cmd.append("--no-s2")
         if run(cmd, log):
@@ -310,20 +320,12 @@ def main():
             if os.path.realpath(t) == os.path.realpath(a.eval_text):
                 die("recipe %s: trains on the held-out text %s" % (name, t))
     os.makedirs(a.out, exist_ok=True)
-    work = os.path.join(cache, "ablations")
+    work = a.work = os.path.join(cache, "ablations")  # token files and model copies
     os.makedirs(work, exist_ok=True)
     config = json.load(open(os.path.join(model, "config.json")))
     orig = a.orig_ctx or config["max_position_embeddings"]
     if orig != config["max_position_embeddings"]:  # run.sh's CPU version: the same weights, a shorter context
-        linked = os.path.join(work, "model-ctx%d" % orig)
-        os.makedirs(linked, exist_ok=True)
-        for f in os.listdir(model):
-            dst = os.path.join(linked, f)
-            if f != "config.json" and not os.path.lexists(dst):
-                os.symlink(os.path.abspath(os.path.join(model, f)), dst)
-        config["max_position_embeddings"] = orig
-        json.dump(config, open(os.path.join(linked, "config.json"), "w"), indent=2)
-        model = linked
+        model = make_run_model(model, os.path.join(work, "model-ctx%d" % orig), orig)
     factor = -(-a.ctx // orig)
     eval_tok = token_file(a.eval_text, model, work)
     lengths = [int(x) for x in a.ppl_lengths.split(",")]

@@ -165,30 +165,16 @@ case $ROPE in
   *) die "DEMO_ROPE must be yarn or linear, got '$ROPE'" ;;
 esac
 
-# The model as the run sees it: a linked copy (weights and tokenizer linked, not copied) whose
-# config.json has the original context ORIG where that differs from the model's own (the CPU
-# version) and, for YaRN, rope_scaling {yarn, FACTOR, original_max_position_embeddings ORIG}
-# with max_position_embeddings ORIG x FACTOR, as transformers writes a YaRN model's config.
+# The model as the run sees it (demo/run_model.py): a linked copy (weights and tokenizer
+# linked, not copied) whose config.json has the original context ORIG where that differs from
+# the model's own (the CPU version) and, for YaRN, rope_scaling {yarn, FACTOR,
+# original_max_position_embeddings ORIG} with max_position_embeddings ORIG x FACTOR, as
+# transformers writes a YaRN model's config.
 RUN_MODEL=$MODEL
 if [ "$ORIG" != "$MODEL_CTX" ] || { [ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ]; }; then
   RUN_MODEL=$WORK/model-ctx$ORIG$([ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && echo "-yarn-x$FACTOR")
-  mkdir -p "$RUN_MODEL"
-  for f in "$MODEL"/*; do
-    case $(basename "$f") in config.json) ;; *) ln -sf "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$RUN_MODEL/";; esac
-  done
-  "$REPORT_PY" - "$MODEL/config.json" "$ORIG" "$ROPE" "$FACTOR" > "$RUN_MODEL/config.json.tmp" <<'PYEOF' || die "could not write the run's config.json"
-import json, sys
-path, orig, rope, factor = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-c = json.load(open(path))
-c["max_position_embeddings"] = orig
-if rope == "yarn" and factor > 1:
-    if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        sys.exit("demo: %s already scales RoPE; DEMO_ROPE=yarn stretches only a plain RoPE (use DEMO_ROPE=linear)" % path)
-    c["rope_scaling"] = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": orig}
-    c["max_position_embeddings"] = orig * factor
-json.dump(c, sys.stdout, indent=2)
-PYEOF
-  mv "$RUN_MODEL/config.json.tmp" "$RUN_MODEL/config.json"
+  "$REPORT_PY" demo/run_model.py "$MODEL" "$RUN_MODEL" --orig "$ORIG" $([ "$ROPE" = yarn ] && echo --yarn "$FACTOR") \
+    || die "could not write the run's model folder $RUN_MODEL"
 fi
 
 say "the LongLoRA part: $VERSION"
