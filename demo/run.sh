@@ -171,9 +171,10 @@ esac
 # original_max_position_embeddings ORIG} with max_position_embeddings ORIG x FACTOR, as
 # transformers writes a YaRN model's config.
 RUN_MODEL=$MODEL
-if [ "$ORIG" != "$MODEL_CTX" ] || { [ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ]; }; then
-  RUN_MODEL=$WORK/model-ctx$ORIG$([ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && echo "-yarn-x$FACTOR")
-  "$REPORT_PY" demo/run_model.py "$MODEL" "$RUN_MODEL" --orig "$ORIG" $([ "$ROPE" = yarn ] && echo --yarn "$FACTOR") \
+YARN=$([ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && echo "$FACTOR")
+if [ "$ORIG" != "$MODEL_CTX" ] || [ -n "$YARN" ]; then
+  RUN_MODEL=$WORK/model-ctx$ORIG${YARN:+-yarn-x$YARN}
+  "$REPORT_PY" demo/run_model.py "$MODEL" "$RUN_MODEL" --orig "$ORIG" ${YARN:+--yarn "$YARN"} \
     || die "could not write the run's model folder $RUN_MODEL"
 fi
 

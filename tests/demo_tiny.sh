@@ -35,3 +35,19 @@ find_peer_python() {
     if "$p" -c 'import torch, transformers, peft, safetensors' 2>/dev/null; then PEER_PY=$p; return 0; fi
   done
 }
+
+# demo_test_start PROG... -- a demo test's start: skips (exit 77) unless each program is
+# built; TMP, a folder removed at exit; ok / bad, which count checks and failures (bad says
+# FAIL and why); SEED, fresh for this run.
+demo_test_start() {
+  local prog
+  for prog; do
+    if [ ! -x "./$prog" ]; then echo "skip: ./$prog is not built (make $prog)"; exit 77; fi
+  done
+  TMP=$(mktemp -d)
+  trap 'rm -rf "$TMP"' EXIT
+  checks=0 fails=0
+  SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+}
+ok() { checks=$((checks + 1)); }
+bad() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*"; }

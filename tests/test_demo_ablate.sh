@@ -19,16 +19,8 @@ if ! "$PY" -c 'import gguf, numpy' 2>/dev/null; then
   echo "skip: $PY has no gguf/numpy (make test installs tests/requirements.txt into .venv)"
   exit 77
 fi
-for prog in 01_tokenize 05_train 06_infer; do
-  if [ ! -x "./$prog" ]; then echo "skip: ./$prog is not built (make $prog)"; exit 77; fi
-done
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-checks=0 fails=0
-ok() { checks=$((checks + 1)); }
-bad() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*"; }
+demo_test_start 01_tokenize 05_train 06_infer
 
-SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 make_tiny_demo "$TMP" "$SEED" train.txt:6000 more.txt:3000 eval.txt:3000 || { echo "FAIL: could not make the tiny model and text"; exit 1; }
 
 find_peer_python
