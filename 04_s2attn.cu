@@ -1727,17 +1727,24 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  *   - a producer warpgroup (registers cut to 32 by setmaxnreg, the consumers' raised to 240)
  *     loads K and V once and then, for every query tile, Q and dO by TMA (one thread) and
  *     the tile's lse, Delta and window starts (one warp, plain loads) into a ring of ST
- *     stages; q_full[st] (the TMA's bytes and the warp's arrival) and q_empty[st] (one
+ *     stages; q_full[st] (the TMA's bytes and the warp's 32 arrivals) and q_empty[st] (one
  *     arrival per consumer warp once its products are done) replace the block barrier;
- *   - the warpgroups meet only through ds_full[buf]: every consumer warp arrives once its
- *     dS^T rows of a tile are in shared memory, and a warpgroup waits for both halves before
- *     issuing that tile's dQ at the start of the next tile (the arrival also says its dQ of
- *     the tile before, the last reader of the buffer refilled next, is done); so one
- *     warpgroup may run up to one product group ahead of the other;
- *   - DQ_BULK: each warpgroup's 64 x 64 share of dQ goes through its own shared-memory
- *     staging buffer (two, alternating) and one bulk tensor reduce-add
- *     (cp.reduce.async.bulk.tensor .add.f32) per 32-column atom into the fp32 accumulator,
- *     instead of 16 float2 atomics per thread; rows past N are clipped by the TMA.
+ *   - the warpgroups meet only through ds_full[buf], one of three dS^T buffers: every
+ *     consumer thread arrives once its dS^T entries of tile j are in shared memory, and at
+ *     the start of tile j+1 a warpgroup waits for both halves; it issues dQ(j) = dS(j) K
+ *     after its dK product of tile j+1 (not beside S^T and dP^T, where the 32 accumulators
+ *     of dQ would make 224 live with dK, dV, S^T, dP^T: more than the 240 registers allow,
+ *     and ptxas serialises every wgmma, C7512). A warpgroup starts tile j+1 once the other
+ *     is past the middle of tile j, so either may run up to a tile and a half ahead (the
+ *     block barrier of version 3 kept them within one phase); dS(j+1) goes over
+ *     dS(j-2), whose last readers (the dQ products issued in tile j-1) are then done in both
+ *     warpgroups, which two buffers would not guarantee;
+ *   - DQ_BULK: each warpgroup's 64 x 64 share of dQ goes through its own 16 KB shared-memory
+ *     staging buffer and one bulk tensor reduce-add (cp.reduce.async.bulk.tensor .add.f32)
+ *     per 32-column atom into the fp32 accumulator, issued by one thread, instead of 16
+ *     float2 atomics (REDG.E.ADD.F32x2) per thread; rows past N are clipped by the TMA.
+ *     Two warpgroup barriers per tile: the buffer is free (the issuing thread has waited
+ *     for the previous reduce-add to read it), the buffer is written.
  * ------------------------------------------------------------------------------------- */
 /* dst's box at (col, head, row, batch) += the fp32 tile at src (one thread, `issue`),
  * through the bulk-async group of the issuing thread; predicated inside the asm, no branch */
@@ -1802,10 +1809,10 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     if (tid == 0) {
         mbar_init(kv_full, 1);
         for (int st = 0; st < ST; st++) {
-            mbar_init(q_full + 8 * st, 2);  /* the TMA thread's expect_tx, the row warp's arrival */
+            mbar_init(q_full + 8 * st, 33); /* the TMA thread's expect_tx, each lane of the row warp */
             mbar_init(q_empty + 8 * st, 8); /* one arrival per consumer warp */
         }
-        for (int i = 0; i < 3; i++) mbar_init(ds_full + 8 * i, 8);
+        for (int i = 0; i < 3; i++) mbar_init(ds_full + 8 * i, 256); /* every consumer thread */
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads(); /* the only block-wide barrier: s_tlo / s_thi, the zeros and the mbarriers */
@@ -1835,8 +1842,7 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
                 } else {
                     for (int l = lane; l < BM; l += 32)
                         bwd_row_values(sL[st * BM + l], sDl[st * BM + l], sFk[st * BM + l], LSE, Delta, b, H, h, N, G, mt * BM + l);
-                    __syncwarp();
-                    mbar_arrive_if(q_full + 8 * st, lane == 0);
+                    mbar_arrive_if(q_full + 8 * st, true); /* releases this lane's stores */
                 }
                 bwd_next_tile(r, mt, s_tlo, s_thi, R);
             }
@@ -1913,8 +1919,7 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         bwd_p_dv_ds<D>(st_acc, dpt, dv_acc, p_frag, ds_frag, lse2, dl, fk, bwd_tile_needs_mask(m0, wg_key0, fk, N), m0, key_row, N, dot,
                        sdS + dsb * BN * BM * 2, 64 * cwg + 16 * wi + g, g, t, scale_log2);
         fence_proxy_async(); /* this thread's dS^T stores -> the wgmma reads of both warpgroups */
-        __syncwarp();
-        mbar_arrive_if(ds_full + 8 * dsb, lane == 0);
+        mbar_arrive_if(ds_full + 8 * dsb, true);
         /* group 4: dK += dS^T Q; group 5: the previous tile's dQ, issued here rather than
          * with S^T and dP^T so that its 32 accumulators are not live beside theirs */
         float dq[8][4];
