@@ -1724,7 +1724,7 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  * variants 4-6). Same block (128 keys of one kv head, two consumer warpgroups of 64 keys)
  * and the same five products per query tile as flash_bwd_wgmma_kernel; what changes is how
  * the tiles arrive and how the warpgroups wait for each other:
- *   - a producer warpgroup (registers cut to 32 by setmaxnreg, the consumers' raised to 240)
+ *   - a producer warpgroup (registers cut to 24 by setmaxnreg, the consumers' raised to 240)
  *     loads K and V once and then, for every query tile, Q and dO by TMA (one thread) and
  *     the tile's lse, Delta and window starts (one warp, plain loads) into a ring of ST
  *     stages; q_full[st] (the TMA's bytes and the warp's 32 arrivals) and q_empty[st] (one
@@ -1763,7 +1763,7 @@ template <int READ> __device__ __forceinline__ void bulk_wait_all_if(bool issue)
     else asm volatile("{\n.reg .pred pi;\nsetp.ne.u32 pi, %0, 0;\n@pi cp.async.bulk.wait_group 0;\n}\n" ::"r"((int)issue) : "memory");
 }
 
-#define BWD_TMA_PRODUCER_REGS 32 /* 128 x 32 + 256 x 240 = 64K registers, the SM's file */
+#define BWD_TMA_PRODUCER_REGS 24 /* 128 x 24 + 256 x 240 = 64,512 registers: all the block holds (384 threads x 168, launch_bounds(384, 1)); 32 asks for 1,024 more than it has, and setmaxnreg.inc waits for them forever */
 
 template <int D, int ST, int DQ_BULK>
 __global__ void __launch_bounds__(384, 1)
