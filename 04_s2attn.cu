@@ -17,8 +17,8 @@
  * forward is warp-specialised: a producer warpgroup copies K and V with the tensor memory
  * accelerator (TMA) into a ring of shared-memory stages guarded by mbarriers, and two
  * consumer warpgroups overlap one tile's softmax with the next tile's products. The backward
- * has the same warp-specialised form (backward variants 4-6, not yet measured on a GPU, so
- * not yet the default: the default backward copies with cp.async in every thread).
+ * has the same warp-specialised form (version 3b; the Hopper default adds each tile's dQ
+ * into the fp32 accumulator with one bulk tensor reduce-add per warpgroup).
  * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; the Makefile builds sm_80 and
  * sm_90a code).
  * Leaves out: a persistent grid, dropout,
@@ -1727,8 +1727,11 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  *   - a producer warpgroup (registers cut to 24 by setmaxnreg, the consumers' raised to 240)
  *     loads K and V once and then, for every query tile, Q and dO by TMA (one thread) and
  *     the tile's lse, Delta and window starts (one warp, plain loads) into a ring of ST
- *     stages; q_full[st] (the TMA's bytes and the warp's 32 arrivals) and q_empty[st] (one
- *     arrival per consumer warp once its products are done) replace the block barrier;
+ *     stages; q_full[st] (the TMA's bytes and the warp's 32 arrivals) and q_empty[st] (every
+ *     consumer thread's arrival once its products are done: an arrival releases only the
+ *     arriving thread's reads, so one per warp would let the next row values overwrite what
+ *     another lane may still read; compute-sanitizer's racecheck reports exactly that)
+ *     replace the block barrier;
  *   - the warpgroups meet only through ds_full[buf], one of three dS^T buffers: every
  *     consumer thread arrives once its dS^T entries of tile j are in shared memory, and at
  *     the start of tile j+1 a warpgroup waits for both halves; it issues dQ(j) = dS(j) K
@@ -1810,7 +1813,7 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         mbar_init(kv_full, 1);
         for (int st = 0; st < ST; st++) {
             mbar_init(q_full + 8 * st, 33); /* the TMA thread's expect_tx, each lane of the row warp */
-            mbar_init(q_empty + 8 * st, 8); /* one arrival per consumer warp */
+            mbar_init(q_empty + 8 * st, 256); /* every consumer thread */
         }
         for (int i = 0; i < 3; i++) mbar_init(ds_full + 8 * i, 256); /* every consumer thread */
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -1935,7 +1938,7 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         pin_regs(dv_acc);
         pin_regs(dk_acc);
         pin_regs(dq);
-        mbar_arrive_if(q_empty + 8 * st, lane == 0); /* this warp is done with stage st */
+        mbar_arrive_if(q_empty + 8 * st, true); /* this thread is done with stage st */
         dq_out(dq, prev_h, prev_m0);
 
         prev_h = h;
@@ -2136,7 +2139,7 @@ static int g_fwd_variant = 0, g_bwd_variant = 0;
 #define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
 #define N_FWD_VARIANTS 10
 #define N_BWD_VARIANTS 7
-#define BWD_WGMMA_DEFAULT 3
+#define BWD_WGMMA_DEFAULT 5 /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12) */
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
  * (sm_90a), else variant 1; variants 4 to 9 fall back to 1 the same way. Variants 4 and 5
  * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10). */
@@ -2169,9 +2172,9 @@ static int wgmma_available(void) {
     }
     return available;
 }
-/* Backward variant 0 picks the wgmma kernel where available (variant 3), else variant 1; 3 to 6
- * fall back to 1 the same way. Variants 4-6 are the warp-specialised version 3b, not yet
- * measured on a GPU (bench/NOTES.md step 12): the default stays 3 until they are. */
+/* Backward variant 0 picks the fastest wgmma kernel where available (variant 5, version 3b
+ * with the bulk dQ reduce-add: 1.28-1.32x variant 3's backward at d = 128, bench/NOTES.md
+ * step 12), else variant 1; 3 to 6 fall back to 1 the same way. */
 [[maybe_unused]] static const char *bwd_variant_name[N_BWD_VARIANTS] = {"default", "mma.sync BN128 BM64 8 warps", "mma.sync BN64 BM64 4 warps",
                                                                      "wgmma BN128 BM64, 2 warpgroups",
                                                                      "wgmma BN128 BM64, TMA producer, 2 stages, dQ atomics",
