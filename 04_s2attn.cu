@@ -16,11 +16,12 @@
  * which reads its operands straight from shared memory through descriptors; the Hopper
  * forward is warp-specialised: a producer warpgroup copies K and V with the tensor memory
  * accelerator (TMA) into a ring of shared-memory stages guarded by mbarriers, and two
- * consumer warpgroups overlap one tile's softmax with the next tile's products.
+ * consumer warpgroups overlap one tile's softmax with the next tile's products. The backward
+ * has the same warp-specialised form (version 3b; the Hopper default adds each tile's dQ
+ * into the fp32 accumulator with one bulk tensor reduce-add per warpgroup).
  * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; the Makefile builds sm_80 and
  * sm_90a code).
- * Leaves out: TMA and warp specialisation in the backward (every thread copies with
- * cp.async), a persistent grid, dropout,
+ * Leaves out: a persistent grid, dropout,
  * non-causal attention, head dims other than 64 and 128 in the flash kernels, fp16, a naive
  * backward.
  *
@@ -56,6 +57,8 @@ static const float LN2 = 0.6931471805599453f;
  *   version 3  flash_fwd_wgmma_kernel (below): version 2 on Hopper's warpgroup MMA;
  *   version 3b flash_fwd_tma_kernel (below): version 3 with a TMA producer warpgroup and the
  *              next tile's S overlapping the softmax (the Hopper default).
+ * The backward climbs the same ladder: flash_bwd_kernel (2), flash_bwd_wgmma_kernel (3),
+ * flash_bwd_tma_kernel (3b).
  * tests/test_gpu_attention.c checks version 1 against 02_model.c's attention_forward (fp32)
  * and then versions 2, 3 and 3b against version 1 on sizes the CPU reference is too slow for,
  * printing each one's time.
@@ -908,7 +911,8 @@ flash_fwd_wgmma_ovl_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ 
 #endif
 }
 
-/* mbarrier, tensor-memory-accelerator and named-barrier primitives (sm_90) */
+/* mbarrier, tensor-memory-accelerator and named-barrier primitives (sm_90; the TMA forward's
+ * and backward's) */
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory"); }
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -1146,6 +1150,35 @@ __device__ int last_query_reaching(int n_last, int h, int H, int G, int N) {
 
 #define MAX_GQA_GROUP 32
 
+/* A backward block (keys n0..n_last of kv head kh) visits the query tiles of BM queries that
+ * reach its keys, head by head of the GQA group of R query heads: tiles s_tlo[r]..s_thi[r]
+ * of head kh * R + r. Threads tid < R fill one head each; the caller then syncs. */
+__device__ __forceinline__ void bwd_tile_ranges(int *s_tlo, int *s_thi, int tid, int R, int kh, int n0, int n_last, int BM, int H, int G, int N) {
+    if (tid < R) {
+        const int h = kh * R + tid;
+        s_tlo[tid] = n0 / BM;
+        s_thi[tid] = last_query_reaching(n_last, h, H, G, N) / BM;
+    }
+}
+__device__ __forceinline__ int bwd_total_tiles(const int *s_tlo, const int *s_thi, int R) {
+    int total = 0;
+    for (int r = 0; r < R; r++) total += s_thi[r] - s_tlo[r] + 1;
+    return total;
+}
+/* (r, mt) -> the (head index, query tile) that follows it in that order */
+__device__ __forceinline__ void bwd_next_tile(int &r, int &mt, const int *s_tlo, const int *s_thi, int R) {
+    mt++;
+    if (mt > s_thi[r]) { r++; if (r < R) mt = s_tlo[r]; }
+}
+/* query i's values for the backward: lse * log2(e), Delta, its window's first key; past N
+ * +inf, 0 and N, so that every P there is 0 */
+__device__ __forceinline__ void bwd_row_values(float &l2, float &dl, int &fk, const float *LSE, const float *Delta, int b, int H, int h, int N, int G, int i) {
+    const size_t li = ((size_t)b * H + h) * N + i;
+    l2 = i < N ? LSE[li] * LOG2E : INFINITY;
+    dl = i < N ? Delta[li] : 0.f;
+    fk = i < N ? (int)s2_first_key((size_t)i, h, H, (size_t)G) : N;
+}
+
 template <int D, int BM, int BN, int NW>
 __global__ void __launch_bounds__(NW * 32, NW <= 4 ? 2 : 1)
 flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
@@ -1180,29 +1213,18 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
     const int n0 = n_block * BN, n_last = min(n0 + BN, N) - 1;
 
-    if (tid < R) {
-        int h = kh * R + tid;
-        s_tlo[tid] = n0 / BM;
-        s_thi[tid] = last_query_reaching(n_last, h, H, G, N) / BM;
-    }
+    bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
     load_tile_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
     load_tile_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
     __syncthreads(); /* s_tlo / s_thi visible */
-    int total = 0;
-    for (int r = 0; r < R; r++) total += s_thi[r] - s_tlo[r] + 1;
+    const int total = bwd_total_tiles(s_tlo, s_thi, R);
 
     /* queues the Q / dO / lse / Delta tile of (head h, query tile mt) into buffer buf */
     auto load_q_tile = [&](int h, int mt, int buf) {
         const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
         load_tile_async<D, BM, NTHR>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
         load_tile_async<D, BM, NTHR>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
-        for (int r = tid; r < BM; r += NTHR) {
-            int i = mt * BM + r;
-            const size_t li = ((size_t)b * H + h) * N + i;
-            sL[buf * BM + r] = i < N ? LSE[li] * LOG2E : INFINITY;
-            sDl[buf * BM + r] = i < N ? Delta[li] : 0.f;
-            sFk[buf * BM + r] = i < N ? (int)s2_first_key((size_t)i, h, H, (size_t)G) : N;
-        }
+        for (int r = tid; r < BM; r += NTHR) bwd_row_values(sL[buf * BM + r], sDl[buf * BM + r], sFk[buf * BM + r], LSE, Delta, b, H, h, N, G, mt * BM + r);
     };
     int cur_r = 0, cur_mt = s_tlo[0];
     load_q_tile(kh * R, cur_mt, 0);
@@ -1263,8 +1285,8 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
          * and tells that every warp is done with the buffers the next copy refills. */
         cp_async_wait<0>();
         __syncthreads();
-        int nxt_r = cur_r, nxt_mt = cur_mt + 1; /* the next (head, query tile) */
-        if (nxt_mt > s_thi[nxt_r]) { nxt_r++; if (nxt_r < R) nxt_mt = s_tlo[nxt_r]; }
+        int nxt_r = cur_r, nxt_mt = cur_mt; /* the next (head, query tile) */
+        bwd_next_tile(nxt_r, nxt_mt, s_tlo, s_thi, R);
         if (it + 1 < total) load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
         cp_async_commit();
         if (it > 0) dq_tile(prev_h, prev_m0, buf ^ 1);
@@ -1438,6 +1460,113 @@ template <typename F> __device__ __forceinline__ void pack_a_frags(uint32_t a[4]
     }
 }
 
+/* The per-tile pieces both wgmma backward kernels run (flash_bwd_wgmma_kernel, every thread
+ * copying, and flash_bwd_tma_kernel, warp-specialised). A thread of warp wi (of its
+ * warpgroup), lane (g, t), holds keys key_row = (the warpgroup's first key) + 16 wi + g and
+ * key_row + 8 of a 64-query tile starting at m0. */
+
+/* does this warpgroup's [64 keys from key0] x [64 queries from m0] tile straddle a window
+ * edge or N (fk = window starts of the tile's queries)? */
+__device__ __forceinline__ bool bwd_tile_needs_mask(int m0, int key0, const int *fk, int N) {
+    const int m_last = min(m0 + 64, N) - 1;
+    return m0 < key0 + 63 || fk[m_last - m0] > key0 || m0 + 64 > N;
+}
+/* P^T = exp2(S^T * scale_log2 - lse2[query]), zero outside each query's window and past N;
+ * into new registers (see the head of this section) */
+__device__ __forceinline__ void bwd_p_tile(float (&pt)[8][4], const float (&st)[8][4], const float *lse2, const int *fk, bool need_mask, int m0,
+                                           int key_row, int N, int t, float scale_log2) {
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int ql = nt * 8 + 2 * t + (e & 1); /* query within the tile */
+            float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
+            if (need_mask) {
+                const int q = m0 + ql, key = key_row + 8 * (e >> 1);
+                if (key > q || q >= N || key < fk[ql]) p = 0.f;
+            }
+            pt[nt][e] = p;
+        }
+}
+/* dS^T = P^T (dP^T - Delta) as bf16 A fragments, also stored to the [BN keys][64 queries]
+ * dS^T tile ds_t (128-byte rows, swizzled): fragment kk holds query columns 16kk + 2t (+1)
+ * and 16kk + 8 + 2t (+1) of key rows r0 and r0 + 8 (r0 = the tile row of key_row, r0 & 7 == g) */
+__device__ __forceinline__ void bwd_ds_tile(uint32_t (&ds_frag)[4][4], const float (&pt)[8][4], const float (&dpt)[8][4], const float *dl,
+                                            uint32_t ds_t, int r0, int g, int t) {
+    pack_a_frags(ds_frag, [&](int nt, int e) { return pt[nt][e] * (dpt[nt][e] - dl[nt * 8 + 2 * t + (e & 1)]); });
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int row = r0 + 8 * (e & 1), chunk = 2 * kk + (e >> 1);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_t + row * 128 + ((chunk ^ g) << 4) + 4 * t), "r"(ds_frag[kk][e]));
+        }
+}
+/* The middle of a tile, once S^T and dP^T have been issued as the last two groups: waits for
+ * S^T, computes P^T, issues dV += P^T dO as a new group (A = p_frag, which stays untouched
+ * while it runs), waits for dP^T, and computes dS^T into ds_frag and the dS^T tile ds_t
+ * (bwd_ds_tile; r0 = the tile row of key_row). */
+template <int D>
+__device__ __forceinline__ void bwd_p_dv_ds(float (&st)[8][4], float (&dpt)[8][4], float (&dv_acc)[D / 8][4], uint32_t (&p_frag)[4][4],
+                                            uint32_t (&ds_frag)[4][4], const float *lse2, const float *dl, const int *fk, bool need_mask, int m0,
+                                            int key_row, int N, uint32_t dot, uint32_t ds_t, int r0, int g, int t, float scale_log2) {
+    wgmma_wait<1>();
+    pin_regs(st);
+    float pt[8][4];
+    bwd_p_tile(pt, st, lse2, fk, need_mask, m0, key_row, N, t, scale_log2);
+    pack_a_frags(p_frag, [&](int nt, int e) { return pt[nt][e]; });
+    pin_regs(p_frag);
+    pin_regs(dv_acc);
+    wgmma_fence();
+    wgmma_ay<D>(dv_acc, p_frag, dot);
+    wgmma_commit();
+    wgmma_wait<1>(); /* dP^T is done; dV runs on */
+    pin_regs(dpt);
+    bwd_ds_tile(ds_frag, pt, dpt, dl, ds_t, r0, g, t);
+}
+/* dQ[64, d] (=) dS K for the tile whose dS^T is ds_t ([BN = 128 keys][64 queries]). Warpgroup
+ * wg's share: d = 128, columns 64wg.. over all 128 keys; d = 64, all columns over its own 64
+ * keys. Either way 64 queries x 64 columns, starting at column bwd_dq_col0<D>(wg). */
+template <int D> __device__ __forceinline__ int bwd_dq_col0(int wg) { return D == 64 ? 0 : 64 * wg; }
+template <int D> __device__ __forceinline__ void bwd_dq_issue(float (&dq)[8][4], uint32_t ds_t, uint32_t sK, int wg) {
+    constexpr bool BY_KEYS = D == 64;
+    constexpr int BN = 128;
+    const int key0 = BY_KEYS ? 64 * wg : 0, col_atom = BY_KEYS ? 0 : wg;
+    const uint32_t a_t = ds_t + key0 * 128, k_t = sK + col_atom * BN * 128 + key0 * 128;
+#pragma unroll
+    for (int kk = 0; kk < (BY_KEYS ? 4 : 8); kk++)
+        wgmma_ss_m64n64k16<1, 1>(dq, wgmma_desc(a_t + kk * 16 * 128, BN * 128, 1024), wgmma_desc(k_t + kk * 16 * 128, BN * 128, 1024), kk > 0);
+}
+/* dQacc rows m0.. of head h += this thread's share of bwd_dq_issue's product, by float2
+ * atomics; rows past N hold zeros (P = 0 there) and go to row N-1, with no branch */
+template <int D>
+__device__ __forceinline__ void bwd_dq_atomic_add(const float (&dq)[8][4], float *dQacc, int b, int N, int H, int h, int m0, int wg, int wi, int g, int t) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int q = min(m0 + 16 * wi + g + 8 * hf, N - 1);
+        float *dst = dQacc + ((size_t)b * N + q) * H * D + (size_t)h * D + bwd_dq_col0<D>(wg) + 2 * t;
+#pragma unroll
+        for (int dn = 0; dn < 8; dn++) atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
+    }
+}
+/* dK = scale * (sum of dS^T Q), dV = sum of P^T dO: this thread's two key rows, from registers */
+template <int D>
+__device__ __forceinline__ void bwd_store_dkdv(const float (&dk_acc)[D / 8][4], const float (&dv_acc)[D / 8][4], bf16 *dK, bf16 *dV, int b, int N,
+                                               int Hk, int kh, int key_row, int t, float scale) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int key = key_row + 8 * hf;
+        if (key < N) {
+            const size_t off = ((size_t)b * N + key) * Hk * D + (size_t)kh * D + 2 * t;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++) {
+                *(uint32_t *)(dK + off + dn * 8) = pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale);
+                *(uint32_t *)(dV + off + dn * 8) = pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1]);
+            }
+        }
+    }
+}
+
 template <int D>
 __global__ void __launch_bounds__(256, 1)
 flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
@@ -1472,16 +1601,11 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
     const int wg_key0 = n0 + 64 * wg;                /* this warpgroup's 64 keys: rows of dK, dV */
     const int key_row = wg_key0 + 16 * wi + g;       /* this thread's keys: key_row, key_row + 8 */
 
-    if (tid < R) {
-        int h = kh * R + tid;
-        s_tlo[tid] = n0 / BM;
-        s_thi[tid] = last_query_reaching(n_last, h, H, G, N) / BM;
-    }
+    bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
     load_tile_atoms_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
     load_tile_atoms_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
     __syncthreads(); /* s_tlo / s_thi visible */
-    int total = 0;
-    for (int r = 0; r < R; r++) total += s_thi[r] - s_tlo[r] + 1;
+    const int total = bwd_total_tiles(s_tlo, s_thi, R);
 
     auto load_q_tile = [&](int h, int mt, int buf) {
         const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
@@ -1494,13 +1618,7 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
     float row_l = 0.f, row_dl = 0.f;
     int row_fk = 0;
     auto fetch_row = [&](int h, int mt) {
-        if (tid < BM) {
-            const int i = mt * BM + tid;
-            const size_t li = ((size_t)b * H + h) * N + i;
-            row_l = i < N ? LSE[li] * LOG2E : INFINITY;
-            row_dl = i < N ? Delta[li] : 0.f;
-            row_fk = i < N ? (int)s2_first_key((size_t)i, h, H, (size_t)G) : N;
-        }
+        if (tid < BM) bwd_row_values(row_l, row_dl, row_fk, LSE, Delta, b, H, h, N, G, mt * BM + tid);
     };
     auto store_row = [&](int buf) {
         if (tid < BM) { sL[buf * BM + tid] = row_l; sDl[buf * BM + tid] = row_dl; sFk[buf * BM + tid] = row_fk; }
@@ -1517,26 +1635,8 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
 #pragma unroll
         for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
 
-    /* dQ[64, d] += dS K for the tile whose dS^T is in buffer sbuf. This warpgroup's share:
-     * d = 128, columns 64wg.. over all 128 keys; d = 64, all columns over its own 64 keys. */
-    constexpr bool DQ_BY_KEYS = D == 64;
-    auto dq_issue = [&](float (&dq)[8][4], int sbuf) {
-        const int key0 = DQ_BY_KEYS ? 64 * wg : 0, col_atom = DQ_BY_KEYS ? 0 : wg;
-        const uint32_t ds_t = sdS + sbuf * BN * BM * 2 + key0 * 128, k_t = sK + col_atom * BN * 128 + key0 * 128;
-#pragma unroll
-        for (int kk = 0; kk < (DQ_BY_KEYS ? 4 : 8); kk++)
-            wgmma_ss_m64n64k16<1, 1>(dq, wgmma_desc(ds_t + kk * 16 * 128, BN * 128, 1024), wgmma_desc(k_t + kk * 16 * 128, BN * 128, 1024), kk > 0);
-    };
-    auto dq_add = [&](const float (&dq)[8][4], int h, int m0) {
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            /* rows past N hold zeros (P = 0 there): they go to row N-1, with no branch */
-            const int q = min(m0 + 16 * wi + g + 8 * hf, N - 1);
-            float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + (DQ_BY_KEYS ? 0 : 64 * wg) + 2 * t;
-#pragma unroll
-            for (int dn = 0; dn < 8; dn++) atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
-        }
-    };
+    auto dq_issue = [&](float (&dq)[8][4], int sbuf) { bwd_dq_issue<D>(dq, sdS + sbuf * BN * BM * 2, sK, wg); };
+    auto dq_add = [&](const float (&dq)[8][4], int h, int m0) { bwd_dq_atomic_add<D>(dq, dQacc, b, N, H, h, m0, wg, wi, g, t); };
 
     /* the dQ of "tile -1" adds nothing: the other dS^T buffer starts as zeros */
     for (int c = tid; c < BN * BM / 8; c += NTHR)
@@ -1553,8 +1653,8 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         cp_async_wait<0>();
         fence_proxy_async(); /* this thread's cp.async and st.shared writes -> wgmma reads */
         __syncthreads();
-        int nxt_r = cur_r, nxt_mt = cur_mt + 1;
-        if (nxt_mt > s_thi[nxt_r]) { nxt_r++; if (nxt_r < R) nxt_mt = s_tlo[nxt_r]; }
+        int nxt_r = cur_r, nxt_mt = cur_mt;
+        bwd_next_tile(nxt_r, nxt_mt, s_tlo, s_thi, R);
         if (it + 1 < total) {
             load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
             fetch_row(kh * R + nxt_r, nxt_mt);
@@ -1564,7 +1664,6 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         const uint32_t qt = sQ + buf * BM * D * 2, dot = sdO + buf * BM * D * 2;
         const float *lse2 = sL + buf * BM, *dl = sDl + buf * BM;
         const int *fk = sFk + buf * BM;
-        const int m_last = min(m0 + BM, N) - 1;
 
         /* group 1: the previous tile's dQ; groups 2, 3: S^T and dP^T */
         float dq[8][4], st[8][4], dpt[8][4];
@@ -1582,47 +1681,10 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         pin_regs(dq);
         dq_add(dq, prev_h, prev_m0); /* while the products run */
 
-        wgmma_wait<1>();
-        pin_regs(st);
-        const bool need_mask = m0 < wg_key0 + 63 || fk[m_last - m0] > wg_key0 || m0 + BM > N;
-        float pt[8][4]; /* P^T, in new registers (see the head of this section) */
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int ql = nt * 8 + 2 * t + (e & 1); /* query within the tile */
-                float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
-                if (need_mask) {
-                    const int q = m0 + ql, key = key_row + 8 * (e >> 1);
-                    if (key > q || q >= N || key < fk[ql]) p = 0.f;
-                }
-                pt[nt][e] = p;
-            }
-        uint32_t p_frag[4][4];
-        pack_a_frags(p_frag, [&](int nt, int e) { return pt[nt][e]; });
-        pin_regs(p_frag);
-        pin_regs(dv_acc);
-        wgmma_fence();
-        wgmma_ay<D>(dv_acc, p_frag, dot); /* group 4: dV += P^T dO */
-        wgmma_commit();
-
-        wgmma_wait<1>(); /* dP^T is done; dV runs on */
-        pin_regs(dpt);
-        uint32_t ds_frag[4][4]; /* dS^T (p_frag, which dV is reading, is not touched) */
-        pack_a_frags(ds_frag, [&](int nt, int e) { return pt[nt][e] * (dpt[nt][e] - dl[nt * 8 + 2 * t + (e & 1)]); });
-        /* dS^T -> shared memory, buffer buf: fragment kk holds query columns 16kk + 2t (+1)
-         * and 16kk + 8 + 2t (+1) of key rows key_row and key_row + 8 (row & 7 == g) */
-        {
-            const uint32_t ds_t = sdS + buf * BN * BM * 2;
-            const int r0 = 64 * wg + 16 * wi + g;
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int row = r0 + 8 * (e & 1), chunk = 2 * kk + (e >> 1);
-                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_t + row * 128 + ((chunk ^ g) << 4) + 4 * t), "r"(ds_frag[kk][e]));
-                }
-        }
+        /* group 4: dV += P^T dO; dS^T to buffer buf */
+        uint32_t p_frag[4][4], ds_frag[4][4];
+        bwd_p_dv_ds<D>(st, dpt, dv_acc, p_frag, ds_frag, lse2, dl, fk, bwd_tile_needs_mask(m0, wg_key0, fk, N), m0, key_row, N, dot,
+                       sdS + buf * BN * BM * 2, 64 * wg + 16 * wi + g, g, t, scale_log2);
         pin_regs(ds_frag);
         pin_regs(dk_acc);
         wgmma_fence();
@@ -1651,19 +1713,251 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         dq_add(dq, prev_h, prev_m0);
     }
 
-    /* dK = scale * dS^T Q summed, dV: straight from registers */
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int key = key_row + 8 * hf;
-        if (key < N) {
-            const size_t off = ((size_t)b * N + key) * kv_stride + (size_t)kh * D + 2 * t;
-#pragma unroll
-            for (int dn = 0; dn < D / 8; dn++) {
-                *(uint32_t *)(dK + off + dn * 8) = pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale);
-                *(uint32_t *)(dV + off + dn * 8) = pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1]);
+    bwd_store_dkdv<D>(dk_acc, dv_acc, dK, dV, b, N, Hk, kh, key_row, t, scale);
+#else
+    __trap(); /* built without sm_90a: the host never launches this */
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Backward, version 3b: the wgmma backward warp-specialised (sm_90a only; backward
+ * variants 4-6). Same block (128 keys of one kv head, two consumer warpgroups of 64 keys)
+ * and the same five products per query tile as flash_bwd_wgmma_kernel; what changes is how
+ * the tiles arrive and how the warpgroups wait for each other:
+ *   - a producer warpgroup (registers cut to 24 by setmaxnreg, the consumers' raised to 240)
+ *     loads K and V once and then, for every query tile, Q and dO by TMA (one thread) and
+ *     the tile's lse, Delta and window starts (one warp, plain loads) into a ring of ST
+ *     stages; q_full[st] (the TMA's bytes and the warp's 32 arrivals) and q_empty[st] (every
+ *     consumer thread's arrival once its products are done: an arrival releases only the
+ *     arriving thread's reads, so one per warp would let the next row values overwrite what
+ *     another lane may still read; compute-sanitizer's racecheck reports exactly that)
+ *     replace the block barrier;
+ *   - the warpgroups meet only through ds_full[buf], one of three dS^T buffers: every
+ *     consumer thread arrives once its dS^T entries of tile j are in shared memory, and at
+ *     the start of tile j+1 a warpgroup waits for both halves; it issues dQ(j) = dS(j) K
+ *     after its dK product of tile j+1 (not beside S^T and dP^T, where the 32 accumulators
+ *     of dQ would make 224 live with dK, dV, S^T, dP^T: more than the 240 registers allow,
+ *     and ptxas serialises every wgmma, C7512). A warpgroup starts tile j+1 once the other
+ *     is past the middle of tile j, so either may run up to a tile and a half ahead (the
+ *     block barrier of version 3 kept them within one phase); dS(j+1) goes over
+ *     dS(j-2), whose last readers (the dQ products issued in tile j-1) are then done in both
+ *     warpgroups, which two buffers would not guarantee;
+ *   - DQ_BULK: each warpgroup's 64 x 64 share of dQ goes through its own 16 KB shared-memory
+ *     staging buffer and one bulk tensor reduce-add (cp.reduce.async.bulk.tensor .add.f32)
+ *     per 32-column atom into the fp32 accumulator, issued by one thread, instead of 16
+ *     float2 atomics (REDG.E.ADD.F32x2) per thread; rows past N are clipped by the TMA.
+ *     Two warpgroup barriers per tile: the buffer is free (the issuing thread has waited
+ *     for the previous reduce-add to read it), the buffer is written.
+ * ------------------------------------------------------------------------------------- */
+/* dst's box at (col, head, row, batch) += the fp32 tile at src (one thread, `issue`),
+ * through the bulk-async group of the issuing thread; predicated inside the asm, no branch */
+__device__ __forceinline__ void tma_reduce_add_4d_if(const void *tmap, uint32_t src, int col, int head, int row, int batch, bool issue) {
+    asm volatile("{\n.reg .pred pi;\nsetp.ne.u32 pi, %6, 0;\n"
+                 "@pi cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n}\n"
+                 ::"l"(tmap), "r"(col), "r"(head), "r"(row), "r"(batch), "r"(src), "r"((int)issue) : "memory");
+}
+/* commit the issuing thread's bulk copies as one group / wait until its groups have finished
+ * reading shared memory (READ) or finished altogether */
+__device__ __forceinline__ void bulk_commit_if(bool issue) {
+    asm volatile("{\n.reg .pred pi;\nsetp.ne.u32 pi, %0, 0;\n@pi cp.async.bulk.commit_group;\n}\n" ::"r"((int)issue) : "memory");
+}
+template <int READ> __device__ __forceinline__ void bulk_wait_all_if(bool issue) {
+    if constexpr (READ) asm volatile("{\n.reg .pred pi;\nsetp.ne.u32 pi, %0, 0;\n@pi cp.async.bulk.wait_group.read 0;\n}\n" ::"r"((int)issue) : "memory");
+    else asm volatile("{\n.reg .pred pi;\nsetp.ne.u32 pi, %0, 0;\n@pi cp.async.bulk.wait_group 0;\n}\n" ::"r"((int)issue) : "memory");
+}
+
+#define BWD_TMA_PRODUCER_REGS 24 /* 128 x 24 + 256 x 240 = 64,512 registers: all the block holds (384 threads x 168, launch_bounds(384, 1)); 32 asks for 1,024 more than it has, and setmaxnreg.inc waits for them forever */
+
+template <int D, int ST, int DQ_BULK>
+__global__ void __launch_bounds__(384, 1)
+flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do, /* [B, N, H, d] bf16, boxes of 64 rows */
+                     const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v, /* [B, N, Hk, d] bf16, boxes of 128 rows */
+                     const __grid_constant__ CUtensorMap tm_dq, /* dQacc as [B, N, H, d] fp32, boxes of 32 columns x 64 rows */
+                     const float *__restrict__ LSE,   /* [B, H, N] */
+                     const float *__restrict__ Delta, /* [B, H, N] */
+                     float *__restrict__ dQacc,       /* [B, N, H, d] fp32, zeroed */
+                     bf16 *__restrict__ dK, bf16 *__restrict__ dV, /* [B, N, Hk, d] */
+                     int N, int H, int Hk, int G, float scale_log2, float scale) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BN = 128, BM = 64, NTHR = 384;
+    constexpr int KT = BN * D * 2, QT = BM * D * 2; /* bytes of a K or V tile, of a Q or dO tile */
+    constexpr int DQT = 64 * 64 * 4;                /* bytes of a warpgroup's dQ share: [2 atoms][64 rows][32] fp32 */
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
+    const uint32_t sK = base;                       /* [D/64][BN][64] */
+    const uint32_t sV = sK + KT;                    /* [D/64][BN][64] */
+    const uint32_t sQ = sV + KT;                    /* [ST][D/64][BM][64] */
+    const uint32_t sdO = sQ + ST * QT;              /* [ST][D/64][BM][64] */
+    const uint32_t sdS = sdO + ST * QT;             /* [3][BN][BM]  dS^T, keys as rows, swizzled */
+    const uint32_t sdQ = sdS + 3 * BN * BM * 2;     /* DQ_BULK: [2 warpgroups][2 atoms][BM][32] fp32, swizzled */
+    float *sL = (float *)(smem + (sdQ + (DQ_BULK ? 2 * DQT : 0) - smem_addr(smem))); /* [ST][BM] lse * log2(e) */
+    float *sDl = sL + ST * BM;                      /* [ST][BM] Delta */
+    int *sFk = (int *)(sDl + ST * BM);              /* [ST][BM] s2_first_key of each query */
+    int *s_tlo = sFk + ST * BM;                     /* [R] first query tile per head */
+    int *s_thi = s_tlo + MAX_GQA_GROUP;             /* [R] last query tile per head */
+    const uint32_t bars = smem_addr(s_thi + MAX_GQA_GROUP); /* kv_full, q_full[ST], q_empty[ST], ds_full[3] */
+    const uint32_t kv_full = bars, q_full = bars + 8, q_empty = q_full + 8 * ST, ds_full = q_empty + 8 * ST;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0); /* 0: producer; 1, 2: consumers */
+    const int n_block = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+    const int R = H / Hk;
+    const int n0 = n_block * BN, n_last = min(n0 + BN, N) - 1;
+
+    bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
+    /* the dQ of "tile -1" adds nothing: dS^T buffer 2 starts as zeros */
+    for (int c = tid; c < BN * BM / 8; c += NTHR)
+        asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(sdS + 2 * BN * BM * 2 + c * 16), "r"(0));
+    fence_proxy_async();
+    if (tid == 0) {
+        mbar_init(kv_full, 1);
+        for (int st = 0; st < ST; st++) {
+            mbar_init(q_full + 8 * st, 33); /* the TMA thread's expect_tx, each lane of the row warp */
+            mbar_init(q_empty + 8 * st, 256); /* every consumer thread */
+        }
+        for (int i = 0; i < 3; i++) mbar_init(ds_full + 8 * i, 256); /* every consumer thread */
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads(); /* the only block-wide barrier: s_tlo / s_thi, the zeros and the mbarriers */
+    const int total = bwd_total_tiles(s_tlo, s_thi, R);
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BWD_TMA_PRODUCER_REGS));
+        if (warp == 0 && lane == 0) {
+            mbar_expect_tx(kv_full, 2 * KT);
+            for (int a = 0; a < D / 64; a++) {
+                tma_load_4d(sK + a * BN * 128, &tm_k, kv_full, a * 64, kh, n0, b);
+                tma_load_4d(sV + a * BN * 128, &tm_v, kv_full, a * 64, kh, n0, b);
             }
         }
+        /* warp 0 (one thread): Q and dO by TMA; warp 1: the row values */
+        if ((warp == 0 && lane == 0) || warp == 1) {
+            int r = 0, mt = s_tlo[0];
+            for (int j = 0; j < total; j++) {
+                const int st = j % ST, h = kh * R + r;
+                mbar_wait(q_empty + 8 * st, ((j / ST) & 1) ^ 1); /* the first pass finds the ring empty */
+                if (warp == 0) {
+                    mbar_expect_tx(q_full + 8 * st, 2 * QT);
+                    for (int a = 0; a < D / 64; a++) {
+                        tma_load_4d(sQ + st * QT + a * BM * 128, &tm_q, q_full + 8 * st, a * 64, h, mt * BM, b);
+                        tma_load_4d(sdO + st * QT + a * BM * 128, &tm_do, q_full + 8 * st, a * 64, h, mt * BM, b);
+                    }
+                } else {
+                    for (int l = lane; l < BM; l += 32)
+                        bwd_row_values(sL[st * BM + l], sDl[st * BM + l], sFk[st * BM + l], LSE, Delta, b, H, h, N, G, mt * BM + l);
+                    mbar_arrive_if(q_full + 8 * st, true); /* releases this lane's stores */
+                }
+                bwd_next_tile(r, mt, s_tlo, s_thi, R);
+            }
+        }
+        return;
     }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    const int cwg = wg - 1, wi = warp & 3, g = lane >> 2, t = lane & 3;
+    const int wg_key0 = n0 + 64 * cwg;          /* this warpgroup's 64 keys: rows of dK, dV */
+    const int key_row = wg_key0 + 16 * wi + g;  /* this thread's keys: key_row, key_row + 8 */
+    const bool elected = wi == 0 && lane == 0;  /* issues this warpgroup's bulk reduce-adds */
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
+
+    /* adds a finished dQ share (bwd_dq_issue's) to rows m0.. of head h: by atomics, or
+     * through this warpgroup's staging buffer and the bulk reduce-add (the elected thread
+     * first waits until the previous one has read the buffer) */
+    auto dq_out = [&](const float (&dq)[8][4], int h, int m0) {
+        if constexpr (DQ_BULK) {
+            const uint32_t stage = sdQ + cwg * DQT;
+            bulk_wait_all_if<1>(elected);
+            named_bar_sync(1 + cwg, 128);
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+                for (int dn = 0; dn < 8; dn++) {
+                    /* row 16wi + g + 8hf (row & 7 == g), columns 8dn + 2t, +1 of atom dn / 4 */
+                    const int row = 16 * wi + g + 8 * hf, chunk = (dn & 3) * 2 + (t >> 1);
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(stage + (dn >> 2) * 64 * 128 + row * 128 + ((chunk ^ g) << 4) + (t & 1) * 8),
+                                 "f"(dq[dn][2 * hf]), "f"(dq[dn][2 * hf + 1]));
+                }
+            fence_proxy_async(); /* these st.shared -> the TMA's reads */
+            named_bar_sync(1 + cwg, 128);
+#pragma unroll
+            for (int a = 0; a < 2; a++) tma_reduce_add_4d_if(&tm_dq, stage + a * 64 * 128, bwd_dq_col0<D>(cwg) + 32 * a, h, m0, b, elected);
+            bulk_commit_if(elected);
+        } else {
+            bwd_dq_atomic_add<D>(dq, dQacc, b, N, H, h, m0, cwg, wi, g, t);
+        }
+    };
+
+    mbar_wait(kv_full, 0);
+    int cur_r = 0, cur_mt = s_tlo[0];
+    int prev_h = kh * R, prev_m0 = cur_mt * BM;
+    /* Each tile's products are one straight run of code after the mbarrier waits at its
+     * start (see flash_bwd_wgmma_kernel). */
+    for (int it = 0; it < total; it++) {
+        const int st = it % ST, dsb = it % 3, dsb_prev = (it + 2) % 3;
+        const int h = kh * R + cur_r, m0 = cur_mt * BM;
+        /* both halves of dS^T(it-1) are in buffer dsb_prev (and so every warp is past tile
+         * it-2, whose dQ was the last reader of buffer dsb) */
+        if (it > 0) mbar_wait(ds_full + 8 * dsb_prev, ((it - 1) / 3) & 1);
+        mbar_wait(q_full + 8 * st, (it / ST) & 1);
+        const uint32_t qt = sQ + st * QT, dot = sdO + st * QT;
+        const float *lse2 = sL + st * BM, *dl = sDl + st * BM;
+        const int *fk = sFk + st * BM;
+
+        /* groups 1, 2: S^T and dP^T */
+        float st_acc[8][4], dpt[8][4];
+        pin_regs(st_acc);
+        pin_regs(dpt);
+        wgmma_fence();
+        wgmma_xyt<D, BN>(st_acc, sK, 64 * cwg, qt);
+        wgmma_commit();
+        wgmma_xyt<D, BN>(dpt, sV, 64 * cwg, dot);
+        wgmma_commit();
+
+        /* group 3: dV += P^T dO; dS^T to buffer dsb */
+        uint32_t p_frag[4][4], ds_frag[4][4];
+        bwd_p_dv_ds<D>(st_acc, dpt, dv_acc, p_frag, ds_frag, lse2, dl, fk, bwd_tile_needs_mask(m0, wg_key0, fk, N), m0, key_row, N, dot,
+                       sdS + dsb * BN * BM * 2, 64 * cwg + 16 * wi + g, g, t, scale_log2);
+        fence_proxy_async(); /* this thread's dS^T stores -> the wgmma reads of both warpgroups */
+        mbar_arrive_if(ds_full + 8 * dsb, true);
+        /* group 4: dK += dS^T Q; group 5: the previous tile's dQ, issued here rather than
+         * with S^T and dP^T so that its 32 accumulators are not live beside theirs */
+        float dq[8][4];
+        pin_regs(ds_frag);
+        pin_regs(dk_acc);
+        pin_regs(dq);
+        wgmma_fence();
+        wgmma_ay<D>(dk_acc, ds_frag, qt);
+        wgmma_commit();
+        bwd_dq_issue<D>(dq, sdS + dsb_prev * BN * BM * 2, sK, cwg);
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin_regs(dv_acc);
+        pin_regs(dk_acc);
+        pin_regs(dq);
+        mbar_arrive_if(q_empty + 8 * st, true); /* this thread is done with stage st */
+        dq_out(dq, prev_h, prev_m0);
+
+        prev_h = h;
+        prev_m0 = m0;
+        bwd_next_tile(cur_r, cur_mt, s_tlo, s_thi, R);
+    }
+    mbar_wait(ds_full + 8 * ((total - 1) % 3), ((total - 1) / 3) & 1);
+    {
+        float dq[8][4];
+        pin_regs(dq);
+        wgmma_fence();
+        bwd_dq_issue<D>(dq, sdS + ((total - 1) % 3) * BN * BM * 2, sK, cwg);
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin_regs(dq);
+        dq_out(dq, prev_h, prev_m0);
+    }
+    if constexpr (DQ_BULK) bulk_wait_all_if<0>(elected); /* the staging buffers stay until read and added */
+    bwd_store_dkdv<D>(dk_acc, dv_acc, dK, dV, b, N, Hk, kh, key_row, t, scale);
 #else
     __trap(); /* built without sm_90a: the host never launches this */
 #endif
@@ -1844,8 +2138,8 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 static int g_fwd_variant = 0, g_bwd_variant = 0;
 #define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
 #define N_FWD_VARIANTS 10
-#define N_BWD_VARIANTS 4
-#define BWD_WGMMA_DEFAULT 3
+#define N_BWD_VARIANTS 7
+#define BWD_WGMMA_DEFAULT 5 /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12) */
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
  * (sm_90a), else variant 1; variants 4 to 9 fall back to 1 the same way. Variants 4 and 5
  * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10). */
@@ -1878,10 +2172,14 @@ static int wgmma_available(void) {
     }
     return available;
 }
-/* Backward variant 0 picks the wgmma kernel where available (variant 3), else variant 1; 3 falls
- * back to 1 the same way. */
+/* Backward variant 0 picks the fastest wgmma kernel where available (variant 5, version 3b
+ * with the bulk dQ reduce-add: 1.28-1.32x variant 3's backward at d = 128, bench/NOTES.md
+ * step 12), else variant 1; 3 to 6 fall back to 1 the same way. */
 [[maybe_unused]] static const char *bwd_variant_name[N_BWD_VARIANTS] = {"default", "mma.sync BN128 BM64 8 warps", "mma.sync BN64 BM64 4 warps",
-                                                                     "wgmma BN128 BM64, 2 warpgroups"};
+                                                                     "wgmma BN128 BM64, 2 warpgroups",
+                                                                     "wgmma BN128 BM64, TMA producer, 2 stages, dQ atomics",
+                                                                     "wgmma BN128 BM64, TMA producer, 2 stages, dQ bulk reduce-add",
+                                                                     "wgmma BN128 BM64, TMA producer, 3 stages, dQ atomics"};
 
 extern "C" void attn_tile_variants(int *n_fwd, int *n_bwd) { *n_fwd = N_FWD_VARIANTS; *n_bwd = N_BWD_VARIANTS; }
 extern "C" int attn_set_tile_variant(int fwd, int bwd) {
@@ -1944,18 +2242,23 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(void) {
     }
     return fn;
 }
-/* A [B, N, heads, D] bf16 tensor as the TMA sees it: dims (D, heads, N, B) innermost first,
- * boxes of 64 columns x 1 head x `rows` rows x 1 batch, stored with the 128-byte swizzle the
- * MMA descriptors expect; rows past N read as zeros. 0, or -1 if the driver refuses it. */
-static int make_tensor_map(CUtensorMap *map, const bf16 *base, int D, int heads, int N, int B, int rows) {
+/* A [B, N, heads, D] tensor as the TMA sees it: dims (D, heads, N, B) innermost first,
+ * boxes of 128 bytes of columns (64 bf16 or 32 fp32) x 1 head x `rows` rows x 1 batch, stored
+ * with the 128-byte swizzle the MMA descriptors expect; rows past N read as zeros (and are
+ * not written by a store or reduce). 0, or -1 if the driver refuses it. */
+static int make_tensor_map_typed(CUtensorMap *map, const void *base, int fp32, int D, int heads, int N, int B, int rows) {
     PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
     if (!encode) return -1;
+    const cuuint64_t el = fp32 ? 4 : 2;
     const cuuint64_t dims[4] = {(cuuint64_t)D, (cuuint64_t)heads, (cuuint64_t)N, (cuuint64_t)B};
-    const cuuint64_t strides[3] = {(cuuint64_t)D * 2, (cuuint64_t)heads * D * 2, (cuuint64_t)N * heads * D * 2}; /* bytes, dims 1..3 */
-    const cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1}, elem_strides[4] = {1, 1, 1, 1};
-    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)base, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const cuuint64_t strides[3] = {(cuuint64_t)D * el, (cuuint64_t)heads * D * el, (cuuint64_t)N * heads * D * el}; /* bytes, dims 1..3 */
+    const cuuint32_t box[4] = {(cuuint32_t)(128 / el), 1, (cuuint32_t)rows, 1}, elem_strides[4] = {1, 1, 1, 1};
+    CUresult r = encode(map, fp32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)base, dims, strides, box, elem_strides,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     return r == CUDA_SUCCESS ? 0 : -1;
+}
+static int make_tensor_map(CUtensorMap *map, const bf16 *base, int D, int heads, int N, int B, int rows) {
+    return make_tensor_map_typed(map, base, 0, D, heads, N, B, rows);
 }
 /* 0, or -1 where no tensor map could be made (the caller falls back to the cp.async kernel) */
 template <int D, int ST, int PINGPONG>
@@ -2031,6 +2334,26 @@ static void launch_bwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, const 
     kern<<<grid, 256, smem>>>(q, k, v, dout, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
     LAUNCH_OK();
 }
+/* 0, or -1 where no tensor map could be made (the caller falls back to version 3) */
+template <int D, int ST, int DQ_BULK>
+static int launch_bwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
+                          float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
+    constexpr int BN = 128, BM = 64;
+    /* alignment; K, V, the Q/dO ring, three dS^T buffers; dQ staging; lse, Delta, window starts per stage; tile ranges; mbarriers */
+    constexpr size_t smem = 1024 + (size_t)(2 * BN * D + 2 * ST * BM * D + 3 * BN * BM) * 2 + (DQ_BULK ? 2 * 64 * 64 * 4 : 0) +
+                            3 * ST * BM * 4 + 2 * MAX_GQA_GROUP * 4 + 8 * (1 + 2 * ST + 3);
+    static_assert(smem <= 227 * 1024, "shared memory per block");
+    CUtensorMap tm_q, tm_do, tm_k, tm_v, tm_dq;
+    if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_do, dout, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) ||
+        make_tensor_map(&tm_v, v, D, Hk, N, B, BN) || make_tensor_map_typed(&tm_dq, dq_acc, 1, D, H, N, B, BM))
+        return -1;
+    auto kern = flash_bwd_tma_kernel<D, ST, DQ_BULK>;
+    CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
+    kern<<<grid, 384, smem>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
+    LAUNCH_OK();
+    return 0;
+}
 template <int D>
 static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
                        bf16 *dq, bf16 *dk, bf16 *dv, void *workspace, int B, int N, int H, int Hk, int G) {
@@ -2043,9 +2366,16 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
     const float scale = 1.f / sqrtf((float)D);
     int variant = g_bwd_variant;
     if (variant == 0) variant = wgmma_available() ? BWD_WGMMA_DEFAULT : 1;
-    if (variant == 3 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
+    if (variant >= 3 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
     switch (variant) {
     case 3: launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
+    case 4: case 5: case 6: {
+        const int r = variant == 4   ? launch_bwd_tma<D, 2, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
+                      : variant == 5 ? launch_bwd_tma<D, 2, 1>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
+                                     : launch_bwd_tma<D, 3, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
+        if (r != 0) launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); /* no tensor map: version 3 */
+        break;
+    }
     case 1: launch_bwd_tiles<D, 64, 128, 8>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
     default: launch_bwd_tiles<D, 64, 64, 4>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
     }
@@ -2300,14 +2630,15 @@ static void sweep_variants(int d) {
 
 int main(int argc, char **argv) {
     const char *out = "bench/results/attn_ours.json";
-    int do_bench = 0, do_variants = 0, head_dim = 128, fwd_variant = 0;
+    int do_bench = 0, do_variants = 0, head_dim = 128, fwd_variant = 0, bwd_variant = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bench")) do_bench = 1;
         else if (!strcmp(argv[i], "--variants")) do_variants = 1;
         else if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--d") && i + 1 < argc) head_dim = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--fwd-variant") && i + 1 < argc) fwd_variant = atoi(argv[++i]);
-        else die("usage: %s --bench [--d 64|128] [--fwd-variant V] [--out results.json] | --variants [--d 64|128]", argv[0]);
+        else if (!strcmp(argv[i], "--bwd-variant") && i + 1 < argc) bwd_variant = atoi(argv[++i]);
+        else die("usage: %s --bench [--d 64|128] [--fwd-variant V] [--bwd-variant V] [--out results.json] | --variants [--d 64|128]", argv[0]);
     }
     if (!do_bench && !do_variants) die("usage: %s --bench [--d 64|128] [--out results.json] | --variants [--d 64|128]   (kernel checks: make test)", argv[0]);
     if (head_dim != 64 && head_dim != 128) die("--d %d: the kernels support head dims 64 and 128", head_dim);
@@ -2315,7 +2646,7 @@ int main(int argc, char **argv) {
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("no CUDA GPU found: the benchmark needs one");
     if (do_variants) sweep_variants(head_dim);
     if (do_bench) {
-        if (attn_set_tile_variant(fwd_variant, 0) != 0) die("--fwd-variant %d: %s", fwd_variant, last_error());
+        if (attn_set_tile_variant(fwd_variant, bwd_variant) != 0) die("--fwd-variant %d --bwd-variant %d: %s", fwd_variant, bwd_variant, last_error());
         bench(out, head_dim);
     }
     return 0;

@@ -3,7 +3,8 @@
 
 Run by `make bench` on a GPU machine with torch:
     python bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json \
-        --out bench/results/attn_sdpa.json
+        --out bench/results/attn_sdpa.json [--bwd-variant V]
+(--bwd-variant: the check runs our backward tile variant V instead of the default.)
 
 Check (the flash-attention project's criterion): for O, dQ, dK, dV of causal and S2 attention,
 max |ours - ref| <= 2 * max |torch_bf16 - ref| + 1e-5, where ref is the same computation in
@@ -153,10 +154,14 @@ def main():
     ap.add_argument("--lib", default="build/libs2attn.so")
     ap.add_argument("--ours", default="bench/results/attn_ours.json")
     ap.add_argument("--out", default="bench/results/attn_sdpa.json")
+    ap.add_argument("--bwd-variant", type=int, default=0, help="the backward tile variant our check runs (0: the library's default)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "H": H, "d": D, "tokens": TOKENS, "reps": REPS}
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "H": H, "d": D, "tokens": TOKENS, "reps": REPS,
+           "bwd_variant": args.bwd_variant}
     lib = load_ours(args.lib)
+    lib.attn_set_tile_variant.argtypes = [ctypes.c_int, ctypes.c_int]
+    assert lib.attn_set_tile_variant(0, args.bwd_variant) == 0, f"no backward variant {args.bwd_variant}"
     print("our kernels against torch (max abs error vs fp32 reference: ours / torch bf16 SDPA)")
     res["check"], ok = check_ours(lib)
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
