@@ -8,7 +8,13 @@
  *     moves layer inputs to the host and picks the MLP tile;
  *   - every layer input on the host (the top layer's too), a tile of 37 rows (not a multiple
  *     of anything), LoRA on all seven projections (the down adapter's recomputed x A^T), one
- *     layer keeping its attention output.
+ *     layer keeping its attention output;
+ *   - the attention block in chunks of one S2 group (4 heads, 2 kv heads, so each half of
+ *     the heads has its own kv heads): the plain half's groups and the shifted half's short
+ *     first and last groups as separate pieces, LoRA on all seven projections (the q, k, v
+ *     adapters' B split by halves), one layer keeping its attention output (its lse in the
+ *     pieces' layout), two layer inputs on the host, a tile of 37 rows; and chunks of two
+ *     groups (a piece of two groups in one call, the last chunk of the shifted half one).
  * Each offloaded plan runs two steps (the staging buffers' bookkeeping carries over), every
  * work buffer and the pinned host buffer poisoned with NaN bytes first. Tolerances: the loss
  * within 1e-4 relative, every trainable gradient within 1e-2 relative L2 (the tiles change
@@ -33,10 +39,11 @@ static void poison(GpuTrainer *g) {
         {g->saved, ((size_t)c->n_layers + 1 - g->n_host) * T * D * 2}, {g->stage[0], g->stage[0] ? T * D * 2 : 0},
         {g->stage[1], g->stage[1] ? T * D * 2 : 0}, {g->xn1, T * D * 2}, {g->x2, T * D * 2}, {g->xn2, T * D * 2}, {g->dx, T * D * 2},
         {g->dtmp, T * D * 2}, {g->q, T * Hd * 2}, {g->att, g->att ? T * Hd * 2 : 0}, {g->k, T * Hkd * 2}, {g->v, T * Hkd * 2},
-        {g->xa, (size_t)N_PROJ * T * g->R * 2}, {g->arena, tp_arena_elems(c, T, g->mlp_tile, g->lora_mlp_down) * 2},
-        {g->att_all, (size_t)g->n_keep_att * T * Hd * 2}};
+        {g->xa, (size_t)N_PROJ * T * g->R * 2}, {g->arena, tp_arena_elems(c, &g->plan) * 2},
+        {g->att_all, (size_t)g->n_keep_att * T * Hd * 2}, {g->lse, g->lse ? T * (size_t)c->n_heads * 4 : 0},
+        {g->lse_all, (size_t)g->n_keep_att * T * c->n_heads * 4}, {g->rstd1, T * 4}};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
-        if (bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes));
+        if (bufs[i].p && bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes)); /* chunked: no xn1, q, k, v */
     if (g->host_saved) memset(g->host_saved, 0xff, g->n_host * T * D * 2);
     CUDA_CHECK(cudaDeviceSynchronize());
 }
@@ -79,20 +86,23 @@ static void grad_copies_free(const AdamW *opt, float **g) {
     free(g);
 }
 
-static void plan_or_die(GpuTrainer *g, size_t B, size_t N, size_t G, int keep, int host, size_t tile, double gpu_budget) {
+static void plan_or_die(GpuTrainer *g, size_t B, size_t N, size_t G, int keep, int host, size_t tile, double gpu_budget, long chunk) {
+    tg_chunk_policy = chunk;
     tg_keep_att_policy = keep;
     tg_host_policy = host;
     tg_tile_policy = tile;
     tg_gpu_mem_budget = gpu_budget;
     tg_host_mem_budget = 1.0 * TP_GIB;
     if (gpu_train_plan(g, B, N, G) != 0) die("%s", last_error());
-    tg_keep_att_policy = -1; tg_host_policy = -1; tg_tile_policy = 0; tg_gpu_mem_budget = 0; tg_host_mem_budget = -1;
+    tg_keep_att_policy = -1; tg_host_policy = -1; tg_tile_policy = 0; tg_gpu_mem_budget = 0; tg_host_mem_budget = -1; tg_chunk_policy = 0;
 }
 
-static void run_case(const char *name, unsigned targets_mask, int budget_case, uint64_t seed) {
+/* chunk > 0: the attention block in chunks of `chunk` S2 groups (a shape with even head counts). */
+static void run_case(const char *name, unsigned targets_mask, int budget_case, long chunk, uint64_t seed) {
     Config c;
     memset(&c, 0, sizeof c);
     c.dim = 192; c.n_layers = 4; c.n_heads = 3; c.n_kv_heads = 1; c.head_dim = 64; c.ffn_dim = 328; c.vocab_size = 397;
+    if (chunk) { c.dim = 256; c.n_heads = 4; c.n_kv_heads = 2; }
     c.rms_eps = 1e-5f; c.rope_theta = 10000.0f; c.rope_config_factor = 1.0f; c.max_pos = 64; c.bos_id = c.eos_id = -1;
     size_t B = 2, N = 96, T = B * N, G = 0;
     if (config_extend(&c, (long)N, ROPE_EXTEND_AUTO) != 0) die("%s", last_error());
@@ -127,8 +137,8 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, u
 
     /* the in-memory step, twice (the floor of run-to-run differences) */
     float **ref = grad_copies_alloc(opt), **again = grad_copies_alloc(opt), **off = grad_copies_alloc(opt);
-    plan_or_die(&g, B, N, G, keep, 0, T, 0);
-    EXPECT(g.n_host == 0 && g.mlp_tile == T, "%s: the reference keeps every layer input on the GPU (%zu on the host) and one MLP tile (%zu rows)",
+    plan_or_die(&g, B, N, G, keep, 0, T, 0, -1);
+    EXPECT(g.n_host == 0 && g.mlp_tile == T && g.n_pieces == 0, "%s: the reference keeps every layer input on the GPU (%zu on the host) and one MLP tile (%zu rows)",
            name, g.n_host, g.mlp_tile);
     TrainPlan in_memory = g.plan;
     double loss_ref = step(&g, opt, tokens, targets, ref);
@@ -148,13 +158,19 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, u
         tiled.tile_policy = 0; tiled.host_policy = 0; tiled.gpu_avail = tiled.host_avail = 1e30;
         if (train_plan_decide(&c, &tiled) != 0) die("the tiled plan does not fit an unlimited budget");
         double budget = used + tiled.gpu_bytes + tp_margin - 0.5 * tiled.slot_bytes;
-        plan_or_die(&g, B, N, G, -1, -1, 0, budget);
+        plan_or_die(&g, B, N, G, -1, -1, 0, budget, -1);
         EXPECT(g.n_host == 3 && g.mlp_tile < T && g.plan.gpu_bytes + tp_margin <= budget - used,
                "%s: a budget half a layer input below the tiled in-memory plan puts %zu layer inputs on the host (3 expected), the MLP in tiles of "
                "%zu rows of %zu, %.1f KiB planned within the %.1f KiB allowed", name, g.n_host, g.mlp_tile, T, g.plan.gpu_bytes / 1024,
                (budget - used - tp_margin) / 1024);
+    } else if (chunk) {
+        plan_or_die(&g, B, N, G, 1, 2, 37, 0, chunk);
+        size_t want = B * ((N / G + (size_t)chunk - 1) / (size_t)chunk + (N / G - 1 + (size_t)chunk - 1) / (size_t)chunk + 2); /* per sequence: the plain half, the shifted half's full groups and its two short ones */
+        EXPECT(g.plan.attn_chunk == (size_t)chunk * G && g.n_pieces == want && g.n_host == 2 && g.n_keep_att == 1,
+               "%s: attention in chunks of %zu rows (%zu), %zu pieces (%zu), 2 layer inputs on the host (%zu), one kept attention output (%d)", name,
+               (size_t)chunk * G, g.plan.attn_chunk, want, g.n_pieces, g.n_host, g.n_keep_att);
     } else {
-        plan_or_die(&g, B, N, G, 1, c.n_layers, 37, 0);
+        plan_or_die(&g, B, N, G, 1, c.n_layers, 37, 0, -1);
         EXPECT(g.n_host == (size_t)c.n_layers && g.mlp_tile == 37 && g.n_keep_att == 1,
                "%s: every layer input on the host (%zu), MLP tiles of 37 rows (%zu), one layer keeps its attention output (%d)", name, g.n_host,
                g.mlp_tile, g.n_keep_att);
@@ -213,8 +229,10 @@ int main(void) {
         printf("test_gpu_train_offload: no GPU, skipped\n");
         return 77;
     }
-    run_case("budget", LORA_DEFAULT_TARGETS, 1, 300);
-    run_case("all-host-tile37-all7", (1u << N_PROJ) - 1, 0, 400);
+    run_case("budget", LORA_DEFAULT_TARGETS, 1, 0, 300);
+    run_case("all-host-tile37-all7", (1u << N_PROJ) - 1, 0, 0, 400);
+    run_case("chunk1-all7", (1u << N_PROJ) - 1, 0, 1, 500);
+    run_case("chunk2", LORA_DEFAULT_TARGETS, 0, 2, 600);
     test_neither_fits();
     printf("test_gpu_train_offload: %d checks, %d failed\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
