@@ -23,8 +23,8 @@
  *      the attention block in chunks: under S2 each group is independent, the shifted half
  *      of the heads too (its groups start G/2 later, common.h's s2_first_key), so each half's
  *      q, k, v projection, RoPE, attention forward and backward and the projections'
- *      backward run over attn_chunk rows of whole groups at a time (05_train_gpu.c's
- *      pieces); q, k, v, their gradients, the normed input and the fp32 dQ accumulator
+ *      backward run over attn_chunk rows of whole groups at a time (tp_pieces
+ *      lists the calls); q, k, v, their gradients, the normed input and the fp32 dQ accumulator
  *      shrink from [T, ...] to [attn_chunk, ...] (one half's heads), sharing the arena with
  *      the MLP tile. The fewest chunks that fit (whole groups each), like the MLP tile.
  * Leaves out: chunking full causal attention (G = 0: every query sees every earlier key),
@@ -60,6 +60,14 @@ typedef struct {
     double work_bytes;          /* one layer's work buffers, the loss's chunk and the kernels' workspaces */
     double gpu_bytes;           /* all of it on the GPU: ckpt_gpu + keep_att + work */
 } TrainPlan;
+
+/* One call of the chunked attention: heads [half * H/2, (half+1) * H/2) over n_seg groups of
+ * seg_len tokens each, rows row0 .. row0 + n_seg * seg_len of the batch (positions pos0 ..
+ * in their sequence); its lse [n_seg, H/2, seg_len] at lse_off of the layer's [B, H, N]. */
+typedef struct {
+    size_t row0, pos0, n_seg, seg_len, lse_off;
+    int half;
+} TpPiece;
 
 static const double tp_margin = 768.0 * 1024 * 1024;   /* cuBLAS workspaces and fragmentation */
 static const double tp_keep_spare = 2.0 * TP_GIB;      /* kept attention outputs leave this free */
@@ -211,6 +219,33 @@ static size_t train_plan_longest(const Config *c, const TrainPlan *asked) {
         if (train_plan_decide(c, &q) == 0) lo = mid; else hi = mid - 1;
     }
     return lo * step;
+}
+
+/* The chunked attention's pieces for chunks of `chunk` rows (whole groups of G): per
+ * sequence, the plain half's groups [kG, (k+1)G) chunk/G at a time, then the shifted half's:
+ * its short first group [0, G/2), its groups [G/2 + kG, G/2 + (k+1)G) chunk/G at a time, its
+ * short last group [N - G/2, N) (common.h's s2_first_key: the same windows, so each call is
+ * plain causal attention over its groups). Returns the count written to out (NULL: counts). */
+static size_t tp_pieces(size_t B, size_t N, size_t G, size_t H, size_t chunk, TpPiece *out) {
+    size_t n = 0, lse = 0, per = chunk / G, S = G / 2;
+    for (size_t b = 0; b < B; b++)
+        for (int half = 0; half < 2; half++) {
+            size_t first = half ? S : 0, full = half ? N / G - 1 : N / G; /* where the full groups start, and how many */
+            if (half) { /* the short first group */
+                if (out) out[n] = (TpPiece){b * N, 0, 1, S, lse, half};
+                n++; lse += S * H / 2;
+            }
+            for (size_t k = 0; k < full; k += per) {
+                size_t n_seg = full - k < per ? full - k : per, pos = first + k * G;
+                if (out) out[n] = (TpPiece){b * N + pos, pos, n_seg, G, lse, half};
+                n++; lse += n_seg * G * H / 2;
+            }
+            if (half) { /* the short last group */
+                if (out) out[n] = (TpPiece){b * N + N - S, N - S, 1, S, lse, half};
+                n++; lse += S * H / 2;
+            }
+        }
+    return n;
 }
 
 /* One line: what stays on the GPU, what goes to the host, what is recomputed, with bytes. */

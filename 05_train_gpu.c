@@ -24,8 +24,9 @@
  *     forward and in the backward (which recomputes each tile's gate and up), so its
  *     [T, F] temporaries become [tile, F]; where even that does not fit, under S2-Attn the
  *     attention block runs in pieces of whole groups, one half of the heads at a time
- *     (tg_pieces: each half's groups are independent, so each piece is plain causal
- *     attention), and q, k, v, their gradients and the dQ accumulator become [chunk, ...].
+ *     (05_plan.c's tp_pieces: each half's groups are independent, so each piece is plain
+ *     causal attention), and q, k, v, their gradients and the dQ accumulator become
+ *     [chunk, ...].
  *   - The projections are cuBLAS products (gpu_matmul_bf16), LoRA is 04's low-rank path,
  *     attention is 04's flash attention with S2-Attn's bounds (G from --group-ratio; 0 is
  *     full causal), RoPE reads 02's frequency table for the run's RoPE type (rope_inv_freq:
@@ -112,14 +113,6 @@ typedef struct {
     TgParam lora_A[N_PROJ], lora_B[N_PROJ];           /* [R, in], [out, R]; w == NULL where no adapter */
 } TgLayer;
 
-/* One call of the chunked attention: heads [half * H/2, (half+1) * H/2) over n_seg groups of
- * seg_len tokens each, rows row0 .. row0 + n_seg * seg_len of the batch (positions pos0 ..
- * in their sequence); its lse [n_seg, H/2, seg_len] at lse_off of the layer's [B, H, N]. */
-typedef struct {
-    size_t row0, pos0, n_seg, seg_len, lse_off;
-    int half;
-} TgPiece;
-
 typedef struct GpuTrainer {
     Config cfg;
     /* weights */
@@ -166,7 +159,7 @@ typedef struct GpuTrainer {
     /* the attention block in chunks of whole S2 groups (plan.attn_chunk > 0; else NULL): each
      * piece is one half of the heads over consecutive groups of one sequence; xn1, q, k, v
      * and the backward's buffers below exist for one piece at a time, in the arena */
-    TgPiece *pieces;                  /* [n_pieces] in the order the forward and backward run them */
+    TpPiece *pieces;                  /* [n_pieces] in the order the forward and backward run them */
     size_t n_pieces;
     uint16_t *xn1c, *dxn1c;           /* views into arena: [attn_chunk, D] a piece's normed input, its gradient */
     uint16_t *qh, *oh, *doh, *dqh;    /* views into arena: [attn_chunk, H/2 * d] q, attention output, its gradient, dq */
@@ -439,33 +432,6 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
  * Activations: planned for B x N before anything is allocated
  * ------------------------------------------------------------------------------------- */
 
-/* The chunked attention's pieces for chunks of `chunk` rows (whole groups of G): per
- * sequence, the plain half's groups [kG, (k+1)G) chunk/G at a time, then the shifted half's:
- * its short first group [0, G/2), its groups [G/2 + kG, G/2 + (k+1)G) chunk/G at a time, its
- * short last group [N - G/2, N) (common.h's s2_first_key: the same windows, so each call is
- * plain causal attention over its groups). Returns the count written to out (NULL: counts). */
-static size_t tg_pieces(size_t B, size_t N, size_t G, size_t H, size_t chunk, TgPiece *out) {
-    size_t n = 0, lse = 0, per = chunk / G, S = G / 2;
-    for (size_t b = 0; b < B; b++)
-        for (int half = 0; half < 2; half++) {
-            size_t first = half ? S : 0, full = half ? N / G - 1 : N / G; /* where the full groups start, and how many */
-            if (half) { /* the short first group */
-                if (out) out[n] = (TgPiece){b * N, 0, 1, S, lse, half};
-                n++; lse += S * H / 2;
-            }
-            for (size_t k = 0; k < full; k += per) {
-                size_t n_seg = full - k < per ? full - k : per, pos = first + k * G;
-                if (out) out[n] = (TgPiece){b * N + pos, pos, n_seg, G, lse, half};
-                n++; lse += n_seg * G * H / 2;
-            }
-            if (half) { /* the short last group */
-                if (out) out[n] = (TgPiece){b * N + N - S, N - S, 1, S, lse, half};
-                n++; lse += S * H / 2;
-            }
-        }
-    return n;
-}
-
 /* Plans and allocates the buffers of a B x N step for the budgets above (05_plan.c decides).
  * Returns 0, or -1 + last_error() (one sentence with the bytes needed and what to change)
  * when they would not fit. */
@@ -560,9 +526,9 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
         g->qh = g->dxn1c + Rc * D; g->oh = g->qh + Rc * Hd / 2; g->doh = g->oh + Rc * Hd / 2; g->dqh = g->doh + Rc * Hd / 2;
         g->kh = g->dqh + Rc * Hd / 2; g->vh = g->kh + Rc * Hkd / 2; g->dkh = g->vh + Rc * Hkd / 2; g->dvh = g->dkh + Rc * Hkd / 2;
         g->datt = g->dtmp;
-        g->n_pieces = tg_pieces(B, N, G, H, Rc, NULL);
-        g->pieces = (TgPiece *)xcalloc(g->n_pieces, sizeof(TgPiece));
-        tg_pieces(B, N, G, H, Rc, g->pieces);
+        g->n_pieces = tp_pieces(B, N, G, H, Rc, NULL);
+        g->pieces = (TpPiece *)xcalloc(g->n_pieces, sizeof(TpPiece));
+        tp_pieces(B, N, G, H, Rc, g->pieces);
         g->attn_ws = gpu_malloc(attn_backward_workspace_bytes(1, (int)Rc, (int)H / 2, c->head_dim), "the attention backward workspace");
     } else {
         g->datt = g->arena; g->dq = g->datt + T * Hd; g->dk = g->dq + T * Hd; g->dv = g->dk + T * Hkd;
@@ -738,7 +704,7 @@ static void tg_mlp_tile_forward(GpuTrainer *g, int l, size_t r0, size_t rows, in
 }
 
 /* ---------------------------------------------------------------------------------------
- * The attention block in chunks (plan.attn_chunk > 0, S2-Attn): each piece (tg_pieces) is
+ * The attention block in chunks (plan.attn_chunk > 0, S2-Attn): each piece (tp_pieces) is
  * one half of the heads over whole groups, whose q, k, v come from that half's rows of the
  * q, k, v weights (and biases, and the adapters' B), so each half is its own causal
  * attention over groups, with no row shared between pieces of one half.
@@ -775,7 +741,7 @@ static void tg_project_half_backward(GpuTrainer *g, int l, int which, int half, 
 }
 
 /* A piece's normed input, q, k, v (RoPE'd at the piece's positions) into xn1c, qh, kh, vh. */
-static void tg_piece_qkv(GpuTrainer *g, int l, const TgPiece *pc, const uint16_t *x_in) {
+static void tg_piece_qkv(GpuTrainer *g, int l, const TpPiece *pc, const uint16_t *x_in) {
     const Config *c = &g->cfg;
     size_t D = (size_t)c->dim, d = (size_t)c->head_dim, rows = pc->n_seg * pc->seg_len, Hh = (size_t)c->n_heads / 2, Hkh = (size_t)c->n_kv_heads / 2;
     gpu_rmsnorm_forward(g->xn1c, g->rstd1 + pc->row0, x_in + pc->row0 * D, g->layers[l].attn_norm.w, rows, D, c->rms_eps);
@@ -787,7 +753,7 @@ static void tg_piece_qkv(GpuTrainer *g, int l, const TgPiece *pc, const uint16_t
 }
 
 /* A piece's columns of a [T, H*d] buffer <-> its contiguous [rows, H/2 * d] copy. */
-static void tg_piece_copy(const GpuTrainer *g, const TgPiece *pc, uint16_t *full, uint16_t *part, int to_full) {
+static void tg_piece_copy(const GpuTrainer *g, const TpPiece *pc, uint16_t *full, uint16_t *part, int to_full) {
     size_t Hd = (size_t)g->cfg.n_heads * g->cfg.head_dim, w = Hd / 2 * 2, rows = pc->n_seg * pc->seg_len;
     uint16_t *f = full + pc->row0 * Hd + (size_t)pc->half * (Hd / 2);
     if (to_full) CUDA_CHECK(cudaMemcpy2DAsync(f, Hd * 2, part, w, w, rows, cudaMemcpyDeviceToDevice, cudaStreamLegacy));
@@ -798,7 +764,7 @@ static void tg_piece_copy(const GpuTrainer *g, const TgPiece *pc, uint16_t *full
 static void tg_attn_pieces_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_t *att, float *lse) {
     const Config *c = &g->cfg;
     for (size_t i = 0; i < g->n_pieces; i++) {
-        const TgPiece *pc = &g->pieces[i];
+        const TpPiece *pc = &g->pieces[i];
         tg_piece_qkv(g, l, pc, x_in);
         if (attn_forward(g->qh, g->kh, g->vh, g->oh, lse + pc->lse_off, (int)pc->n_seg, (int)pc->seg_len, c->n_heads / 2, c->n_kv_heads / 2,
                          c->head_dim, 0) != 0)
@@ -815,7 +781,7 @@ static void tg_attn_pieces_backward(GpuTrainer *g, int l, const uint16_t *x_in, 
     size_t D = (size_t)c->dim, d = (size_t)c->head_dim, Hh = (size_t)c->n_heads / 2, Hkh = (size_t)c->n_kv_heads / 2;
     TgLayer *gl = &g->layers[l];
     for (size_t i = 0; i < g->n_pieces; i++) {
-        const TgPiece *pc = &g->pieces[i];
+        const TpPiece *pc = &g->pieces[i];
         size_t rows = pc->n_seg * pc->seg_len;
         tg_piece_qkv(g, l, pc, x_in);
         tg_piece_copy(g, pc, att, g->oh, 0);

@@ -13,7 +13,11 @@
  *   - 524,288 tokens within 80 GiB: the attention block in chunks of whole S2 groups, its
  *     bytes added up by hand; shorter contexts keep the unchunked layer; full attention and
  *     odd head counts never chunk;
- *   - the describe line names the GPU, the host and the recompute, with bytes.
+ *   - the describe line names the GPU, the host and the recompute, with bytes;
+ *   - the chunked attention's pieces (tp_pieces): every row of every sequence in exactly one
+ *     piece per half of the heads, each group of a piece exactly the keys common.h's
+ *     s2_first_key lets its queries see (so a piece is plain causal attention over its
+ *     groups), no piece above the chunk, and the lse slices tiling [B, H, N].
  */
 #define STAGE 0
 #include "05_train.c"
@@ -197,7 +201,44 @@ static void test_tiny(void) {
     EXPECT(host > 0 && source, "the default host budget: %.2f GiB from %s", host / GiB, source ? source : "?");
 }
 
+/* tp_pieces against s2_first_key, for B sequences of N tokens, group G, H heads, chunks of `chunk` rows. */
+static void check_pieces(size_t B, size_t N, size_t G, int H, size_t chunk) {
+    size_t n = tp_pieces(B, N, G, (size_t)H, chunk, NULL), T = B * N, lse = 0, bad = 0;
+    TpPiece *pc = (TpPiece *)xcalloc(n, sizeof(TpPiece));
+    EXPECT(tp_pieces(B, N, G, (size_t)H, chunk, pc) == n, "pieces B=%zu N=%zu G=%zu: counted and written alike", B, N, G);
+    unsigned char *seen = (unsigned char *)xcalloc(2 * T, 1); /* [T, 2]: pieces holding row t for each half */
+    for (size_t i = 0; i < n; i++) {
+        const TpPiece *p = &pc[i];
+        size_t rows = p->n_seg * p->seg_len, seq = p->row0 / N;
+        if (rows > chunk || p->lse_off != lse || p->row0 - seq * N != p->pos0 || p->pos0 + rows > N) bad++;
+        lse += rows * (size_t)H / 2;
+        for (size_t s = 0; s < p->n_seg; s++)
+            for (size_t j = 0; j < p->seg_len; j++) {
+                size_t pos = p->pos0 + s * p->seg_len + j, start = p->pos0 + s * p->seg_len;
+                int h_lo = p->half * H / 2, h_hi = h_lo + H / 2 - 1; /* the half's first and last head */
+                if (s2_first_key(pos, h_lo, H, G) != start || s2_first_key(pos, h_hi, H, G) != start) bad++;
+                if (pos < N) seen[2 * (seq * N + pos) + (size_t)p->half]++;
+            }
+    }
+    size_t once = 0;
+    for (size_t t = 0; t < 2 * T; t++) once += seen[t] == 1;
+    EXPECT(bad == 0 && once == 2 * T && lse == T * (size_t)H,
+           "pieces B=%zu N=%zu G=%zu H=%d chunk %zu: %zu pieces, %zu of %zu (row, half) pairs in exactly one, lse %zu of %zu, %zu rows that break a rule",
+           B, N, G, H, chunk, n, once, 2 * T, lse, T * (size_t)H, bad);
+    free(seen);
+    free(pc);
+}
+
+static void test_pieces(void) {
+    check_pieces(2, 96, 24, 4, 24);           /* test_gpu_train_offload's chunk1 */
+    check_pieces(2, 96, 24, 4, 48);           /* and chunk2: the shifted half's 3 groups as 2 + 1 */
+    check_pieces(2, 96, 24, 4, 96);           /* a whole sequence a chunk */
+    check_pieces(3, 640, 128, 8, 384);        /* 5 groups in chunks of 3 */
+    check_pieces(1, 524288, 131072, 32, 131072); /* LLaMA-2-7B at 524,288 tokens, chunks of one group */
+}
+
 int main(void) {
+    test_pieces();
     test_7b();
     test_tiny();
     printf("test_train_plan: %d checks, %d failed\n", g_checks, g_failures);
