@@ -521,10 +521,10 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     size_t tile = g->mlp_tile;
     g->gate = g->arena; g->up = g->gate + tile * F; g->h = g->up + tile * F;
     g->dh = g->lora_mlp_down ? g->h + tile * F : g->h;
-    if (Rc) { /* one piece's buffers; the attention output's gradient goes to dtmp */
-        g->xn1c = g->arena; g->dxn1c = g->xn1c + Rc * D;
-        g->qh = g->dxn1c + Rc * D; g->oh = g->qh + Rc * Hd / 2; g->doh = g->oh + Rc * Hd / 2; g->dqh = g->doh + Rc * Hd / 2;
+    if (Rc) { /* one piece's buffers, the attention's first (rows of whole heads: 128-byte aligned for its TMA); dtmp takes datt */
+        g->qh = g->arena; g->oh = g->qh + Rc * Hd / 2; g->doh = g->oh + Rc * Hd / 2; g->dqh = g->doh + Rc * Hd / 2;
         g->kh = g->dqh + Rc * Hd / 2; g->vh = g->kh + Rc * Hkd / 2; g->dkh = g->vh + Rc * Hkd / 2; g->dvh = g->dkh + Rc * Hkd / 2;
+        g->xn1c = g->dvh + Rc * Hkd / 2; g->dxn1c = g->xn1c + Rc * D;
         g->datt = g->dtmp;
         g->n_pieces = tp_pieces(B, N, G, H, Rc, NULL);
         g->pieces = (TpPiece *)xcalloc(g->n_pieces, sizeof(TpPiece));
