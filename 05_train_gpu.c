@@ -821,7 +821,9 @@ static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_
             attn_forward(g->q, g->k, g->v, att, tg_lse(g, l), (int)g->B, (int)g->N, c->n_heads, c->n_kv_heads, c->head_dim, (int)g->G) != 0)
             die("GPU attention: %s", last_error());
     }
-    tg_project(g, l, PROJ_O, gl->wo, att, g->x2, 0.0f);
+    size_t Hd = (size_t)c->n_heads * c->head_dim, blk = g->n_pieces ? g->plan.attn_chunk : T; /* chunked: the o projection in blocks too */
+    for (size_t r0 = 0; r0 < T; r0 += blk)
+        tg_project_rows(g, l, PROJ_O, gl->wo, att + r0 * Hd, g->x2 + r0 * D, 0.0f, r0, T - r0 < blk ? T - r0 : blk);
     gpu_add(g->x2, g->x2, x_in, T * D);
     gpu_rmsnorm_forward(g->xn2, g->rstd2, g->x2, gl->mlp_norm.w, T, D, c->rms_eps);
     if (!x_out) return;
@@ -858,7 +860,9 @@ static void tg_layer_backward(GpuTrainer *g, int l, const uint16_t *x_in) {
     gpu_rmsnorm_backward(g->dx, gl->mlp_norm.grad, g->dtmp, g->x2, gl->mlp_norm.w, g->rstd2, T, D, c->rms_eps, 1);
     /* attention: x2 = x_in + o(attn(rope(q), rope(k), v)), q/k/v = proj(rmsnorm(x_in)) */
     uint16_t *att = tg_att(g, l);
-    tg_project_backward(g, l, PROJ_O, gl->wo, att, g->dx, g->datt, 0.0f);
+    size_t Hd = (size_t)c->n_heads * c->head_dim, blk = g->n_pieces ? g->plan.attn_chunk : T; /* chunked: each product under 2^31 values */
+    for (size_t r0 = 0; r0 < T; r0 += blk)
+        tg_project_backward_rows(g, l, PROJ_O, gl->wo, att + r0 * Hd, g->dx + r0 * D, g->datt + r0 * Hd, 0.0f, r0, T - r0 < blk ? T - r0 : blk);
     if (g->n_pieces) { tg_attn_pieces_backward(g, l, x_in, att, g->datt, tg_lse(g, l)); return; }
     if (attn_backward(g->q, g->k, g->v, att, g->datt, tg_lse(g, l), g->dq, g->dk, g->dv, g->attn_ws, (int)g->B, (int)g->N, c->n_heads,
                       c->n_kv_heads, c->head_dim, (int)g->G) != 0)
