@@ -22,7 +22,11 @@
  *     stream while the forward goes on and brought back one layer ahead in the backward
  *     (CUDA events order the two streams); the MLP runs over the tokens in tiles, in the
  *     forward and in the backward (which recomputes each tile's gate and up), so its
- *     [T, F] temporaries become [tile, F].
+ *     [T, F] temporaries become [tile, F]; where even that does not fit, under S2-Attn the
+ *     attention block runs in pieces of whole groups, one half of the heads at a time
+ *     (05_plan.c's tp_pieces: each half's groups are independent, so each piece is plain
+ *     causal attention), and q, k, v, their gradients and the dQ accumulator become
+ *     [chunk, ...].
  *   - The projections are cuBLAS products (gpu_matmul_bf16), LoRA is 04's low-rank path,
  *     attention is 04's flash attention with S2-Attn's bounds (G from --group-ratio; 0 is
  *     full causal), RoPE reads 02's frequency table for the run's RoPE type (rope_inv_freq:
@@ -74,6 +78,9 @@ static int tg_keep_att_policy = -1;
 static double tg_gpu_mem_budget = 0, tg_host_mem_budget = -1;
 static int tg_host_policy = -1;
 static size_t tg_tile_policy = 0;
+/* The attention chunk (05_plan.c's chunk_policy): 0 chunks only when nothing else fits, -1
+ * never, k > 0 always, k S2 groups a chunk (tests). */
+static long tg_chunk_policy = 0;
 
 /* Is there a GPU this process can use? (No message: the caller says what it does instead.) */
 static int gpu_train_available(void) {
@@ -148,7 +155,15 @@ typedef struct GpuTrainer {
     uint16_t *arena;                  /* MLP: gate, up, h (and dh) [mlp_tile, F]; later datt, dq [T, H*d], dk, dv [T, Hk*d] */
     uint16_t *gate, *up, *h, *dh;     /* views into arena */
     uint16_t *datt, *dq, *dk, *dv;    /* views into arena */
-    void *attn_ws;                    /* attn_backward's workspace */
+    void *attn_ws;                    /* attn_backward's workspace (for one chunk when chunked) */
+    /* the attention block in chunks of whole S2 groups (plan.attn_chunk > 0; else NULL): each
+     * piece is one half of the heads over consecutive groups of one sequence; xn1, q, k, v
+     * and the backward's buffers below exist for one piece at a time, in the arena */
+    TpPiece *pieces;                  /* [n_pieces] in the order the forward and backward run them */
+    size_t n_pieces;
+    uint16_t *xn1c, *dxn1c;           /* views into arena: [attn_chunk, D] a piece's normed input, its gradient */
+    uint16_t *qh, *oh, *doh, *dqh;    /* views into arena: [attn_chunk, H/2 * d] q, attention output, its gradient, dq */
+    uint16_t *kh, *vh, *dkh, *dvh;    /* views into arena: [attn_chunk, Hk/2 * d] */
     double act_bytes;
     size_t ce_chunk;                  /* rows of logits the cross-entropy computes at a time */
     float *dist_loss;                 /* [1] several ranks: the loss sum they add up */
@@ -439,6 +454,7 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
     p->gpu_avail = avail; p->host_avail = host_avail;
     p->attn_ws_bytes = (double)attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim);
     p->keep_att_policy = tg_keep_att_policy; p->host_policy = tg_host_policy; p->tile_policy = tg_tile_policy;
+    p->chunk_policy = tg_chunk_policy;
     if (train_plan_decide(c, p) != 0) {
         size_t fits = train_plan_longest(c, p);
         return set_error("a context of %zu tokens (batch %zu) needs %.2f GiB of GPU memory (%.2f GiB of it one layer's work buffers, %.2f GiB "
@@ -482,11 +498,12 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
             CUDA_CHECK(cudaEventRecord(g->stage_free[b], cudaStreamLegacy));
         }
     }
-    g->xn1 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
+    size_t Rc = p->attn_chunk; /* chunked: rows of one piece at most */
+    if (!Rc) g->xn1 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
     g->x2 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
     g->xn2 = (uint16_t *)gpu_malloc(T * D * 2, "activations");
     g->dx = (uint16_t *)gpu_malloc(T * D * 2, "activations");
-    g->dtmp = (uint16_t *)gpu_malloc(T * D * 2, "activations");
+    g->dtmp = (uint16_t *)gpu_malloc(T * (Rc && Hd > D ? Hd : D) * 2, "activations"); /* chunked: datt too */
     g->rstd1 = (float *)gpu_malloc(T * 4, "activations");
     g->rstd2 = (float *)gpu_malloc(T * 4, "activations");
     g->rstd_final = (float *)gpu_malloc(T * 4, "activations");
@@ -494,18 +511,29 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
         g->att_all = (uint16_t *)gpu_malloc(n_keep * T * Hd * 2, "the kept attention outputs");
         g->lse_all = (float *)gpu_malloc(n_keep * B * H * N * 4, "the kept attention outputs");
     }
-    g->q = (uint16_t *)gpu_malloc(T * Hd * 2, "activations");
+    if (!Rc) g->q = (uint16_t *)gpu_malloc(T * Hd * 2, "activations");
     if (n_keep < L) g->att = (uint16_t *)gpu_malloc(T * Hd * 2, "activations"); /* for the layers that do not keep theirs */
-    g->k = (uint16_t *)gpu_malloc(T * Hkd * 2, "activations");
-    g->v = (uint16_t *)gpu_malloc(T * Hkd * 2, "activations");
+    if (!Rc) g->k = (uint16_t *)gpu_malloc(T * Hkd * 2, "activations");
+    if (!Rc) g->v = (uint16_t *)gpu_malloc(T * Hkd * 2, "activations");
     if (n_keep < L) g->lse = (float *)gpu_malloc(B * H * N * 4, "activations");
     g->xa = (uint16_t *)gpu_malloc((size_t)N_PROJ * T * (g->R ? g->R : 1) * 2, "the LoRA activations");
-    g->arena = (uint16_t *)gpu_malloc(tp_arena_elems(c, T, g->mlp_tile, g->lora_mlp_down) * 2, "activations");
+    g->arena = (uint16_t *)gpu_malloc(tp_arena_elems(c, p) * 2, "activations");
     size_t tile = g->mlp_tile;
     g->gate = g->arena; g->up = g->gate + tile * F; g->h = g->up + tile * F;
     g->dh = g->lora_mlp_down ? g->h + tile * F : g->h;
-    g->datt = g->arena; g->dq = g->datt + T * Hd; g->dk = g->dq + T * Hd; g->dv = g->dk + T * Hkd;
-    g->attn_ws = gpu_malloc(attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim), "the attention backward workspace");
+    if (Rc) { /* one piece's buffers, the attention's first (rows of whole heads: 128-byte aligned for its TMA); dtmp takes datt */
+        g->qh = g->arena; g->oh = g->qh + Rc * Hd / 2; g->doh = g->oh + Rc * Hd / 2; g->dqh = g->doh + Rc * Hd / 2;
+        g->kh = g->dqh + Rc * Hd / 2; g->vh = g->kh + Rc * Hkd / 2; g->dkh = g->vh + Rc * Hkd / 2; g->dvh = g->dkh + Rc * Hkd / 2;
+        g->xn1c = g->dvh + Rc * Hkd / 2; g->dxn1c = g->xn1c + Rc * D;
+        g->datt = g->dtmp;
+        g->n_pieces = tp_pieces(B, N, G, H, Rc, NULL);
+        g->pieces = (TpPiece *)xcalloc(g->n_pieces, sizeof(TpPiece));
+        tp_pieces(B, N, G, H, Rc, g->pieces);
+        g->attn_ws = gpu_malloc(attn_backward_workspace_bytes(1, (int)Rc, (int)H / 2, c->head_dim), "the attention backward workspace");
+    } else {
+        g->datt = g->arena; g->dq = g->datt + T * Hd; g->dk = g->dq + T * Hd; g->dv = g->dk + T * Hkd;
+        g->attn_ws = gpu_malloc(attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim), "the attention backward workspace");
+    }
     return 0;
 }
 
@@ -522,6 +550,10 @@ static void gpu_train_unplan(GpuTrainer *g) {
     g->host_saved = NULL; g->stage[0] = g->stage[1] = NULL; g->n_host = 0; g->copy_stream = NULL;
     g->tokens = g->targets = NULL; g->saved = g->xn1 = g->x2 = g->xn2 = g->dx = g->dtmp = NULL;
     g->rstd1 = g->rstd2 = g->rstd_final = g->lse = g->lse_all = g->inv_freq = NULL; g->att_all = NULL; g->n_keep_att = 0; g->q = g->att = g->k = g->v = g->xa = g->arena = NULL; g->attn_ws = NULL;
+    free(g->pieces);
+    g->pieces = NULL; g->n_pieces = 0;
+    g->xn1c = g->dxn1c = g->qh = g->oh = g->doh = g->dqh = g->kh = g->vh = g->dkh = g->dvh = NULL;
+    g->datt = g->dq = g->dk = g->dv = NULL;
     g->T = g->B = g->N = 0;
 }
 
@@ -671,6 +703,102 @@ static void tg_mlp_tile_forward(GpuTrainer *g, int l, size_t r0, size_t rows, in
     if (with_h) gpu_swiglu_forward(g->h, g->gate, g->up, rows * F);
 }
 
+/* ---------------------------------------------------------------------------------------
+ * The attention block in chunks (plan.attn_chunk > 0, S2-Attn): each piece (tp_pieces) is
+ * one half of the heads over whole groups, whose q, k, v come from that half's rows of the
+ * q, k, v weights (and biases, and the adapters' B), so each half is its own causal
+ * attention over groups, with no row shared between pieces of one half.
+ * ------------------------------------------------------------------------------------- */
+
+/* q, k or v (`which`) of heads half: y [rows, out/2] = x [rows, D] W[half rows]^T + bias + the
+ * adapter's path (its x A^T into rows r0.. of xa). */
+static void tg_project_half(GpuTrainer *g, int l, int which, int half, const uint16_t *x, uint16_t *y, size_t r0, size_t rows) {
+    size_t in, out;
+    proj_shape(&g->cfg, which, &in, &out);
+    size_t part = out / 2, off = (size_t)half * part;
+    const TgLayer *gl = &g->layers[l];
+    const uint16_t *W = which == PROJ_Q ? gl->wq : which == PROJ_K ? gl->wk : gl->wv;
+    gpu_matmul_bf16(0, 1, rows, part, in, 1.0f, x, W + off * in, 0.0f, y, 0);
+    if (gl->bias[which]) gpu_add_bias(y, gl->bias[which] + off, rows, part);
+    if (gl->lora_A[which].w)
+        gpu_lora_forward(y, tg_xa(g, which) + r0 * g->R, x, gl->lora_A[which].w, gl->lora_B[which].w + off * g->R, rows, in, part, g->R, g->lora_scale);
+}
+
+/* Its backward: dx [rows, D] (= or += by beta) dy [rows, out/2] W[half rows], plus the adapter's
+ * share; dA +=, dB[half rows] +=. */
+static void tg_project_half_backward(GpuTrainer *g, int l, int which, int half, const uint16_t *x, const uint16_t *dy, uint16_t *dx, float beta,
+                                     size_t r0, size_t rows) {
+    size_t in, out;
+    proj_shape(&g->cfg, which, &in, &out);
+    size_t part = out / 2, off = (size_t)half * part;
+    TgLayer *gl = &g->layers[l];
+    const uint16_t *W = which == PROJ_Q ? gl->wq : which == PROJ_K ? gl->wk : gl->wv;
+    gpu_matmul_bf16(0, 0, rows, in, part, 1.0f, dy, W + off * in, beta, dx, 0);
+    TgParam *A = &gl->lora_A[which], *Bp = &gl->lora_B[which];
+    if (A->w)
+        gpu_lora_backward(dx, A->grad, Bp->grad + off * g->R, dy, x, tg_xa(g, which) + r0 * g->R, A->w, Bp->w + off * g->R, rows, in, part, g->R,
+                          g->lora_scale);
+}
+
+/* A piece's normed input, q, k, v (RoPE'd at the piece's positions) into xn1c, qh, kh, vh. */
+static void tg_piece_qkv(GpuTrainer *g, int l, const TpPiece *pc, const uint16_t *x_in) {
+    const Config *c = &g->cfg;
+    size_t D = (size_t)c->dim, d = (size_t)c->head_dim, rows = pc->n_seg * pc->seg_len, Hh = (size_t)c->n_heads / 2, Hkh = (size_t)c->n_kv_heads / 2;
+    gpu_rmsnorm_forward(g->xn1c, g->rstd1 + pc->row0, x_in + pc->row0 * D, g->layers[l].attn_norm.w, rows, D, c->rms_eps);
+    tg_project_half(g, l, PROJ_Q, pc->half, g->xn1c, g->qh, pc->row0, rows);
+    tg_project_half(g, l, PROJ_K, pc->half, g->xn1c, g->kh, pc->row0, rows);
+    tg_project_half(g, l, PROJ_V, pc->half, g->xn1c, g->vh, pc->row0, rows);
+    gpu_rope_forward(g->qh, rows, Hh, d, Hh * d, pc->pos0, g->inv_freq, g->rope_attention);
+    gpu_rope_forward(g->kh, rows, Hkh, d, Hkh * d, pc->pos0, g->inv_freq, g->rope_attention);
+}
+
+/* A piece's columns of a [T, H*d] buffer <-> its contiguous [rows, H/2 * d] copy. */
+static void tg_piece_copy(const GpuTrainer *g, const TpPiece *pc, uint16_t *full, uint16_t *part, int to_full) {
+    size_t Hd = (size_t)g->cfg.n_heads * g->cfg.head_dim, w = Hd / 2 * 2, rows = pc->n_seg * pc->seg_len;
+    uint16_t *f = full + pc->row0 * Hd + (size_t)pc->half * (Hd / 2);
+    if (to_full) CUDA_CHECK(cudaMemcpy2DAsync(f, Hd * 2, part, w, w, rows, cudaMemcpyDeviceToDevice, cudaStreamLegacy));
+    else CUDA_CHECK(cudaMemcpy2DAsync(part, w, f, Hd * 2, w, rows, cudaMemcpyDeviceToDevice, cudaStreamLegacy));
+}
+
+/* Layer l's attention output att [T, H*d] and lse (the pieces' layout) from its input, piece by piece. */
+static void tg_attn_pieces_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_t *att, float *lse) {
+    const Config *c = &g->cfg;
+    for (size_t i = 0; i < g->n_pieces; i++) {
+        const TpPiece *pc = &g->pieces[i];
+        tg_piece_qkv(g, l, pc, x_in);
+        if (attn_forward(g->qh, g->kh, g->vh, g->oh, lse + pc->lse_off, (int)pc->n_seg, (int)pc->seg_len, c->n_heads / 2, c->n_kv_heads / 2,
+                         c->head_dim, 0) != 0)
+            die("GPU attention: %s", last_error());
+        tg_piece_copy(g, pc, att, g->oh, 1);
+    }
+}
+
+/* Its backward, piece by piece, from datt [T, H*d] = dL/d(att): each piece's q, k, v
+ * recomputed, its attention backward, and its share of dL/d(x_in) added to g->dx through
+ * the attention norm (linear in its output's gradient, so the halves add up). */
+static void tg_attn_pieces_backward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_t *att, uint16_t *datt, const float *lse) {
+    const Config *c = &g->cfg;
+    size_t D = (size_t)c->dim, d = (size_t)c->head_dim, Hh = (size_t)c->n_heads / 2, Hkh = (size_t)c->n_kv_heads / 2;
+    TgLayer *gl = &g->layers[l];
+    for (size_t i = 0; i < g->n_pieces; i++) {
+        const TpPiece *pc = &g->pieces[i];
+        size_t rows = pc->n_seg * pc->seg_len;
+        tg_piece_qkv(g, l, pc, x_in);
+        tg_piece_copy(g, pc, att, g->oh, 0);
+        tg_piece_copy(g, pc, datt, g->doh, 0);
+        if (attn_backward(g->qh, g->kh, g->vh, g->oh, g->doh, lse + pc->lse_off, g->dqh, g->dkh, g->dvh, g->attn_ws, (int)pc->n_seg,
+                          (int)pc->seg_len, (int)Hh, (int)Hkh, c->head_dim, 0) != 0)
+            die("GPU attention backward: %s", last_error());
+        gpu_rope_backward(g->dqh, rows, Hh, d, Hh * d, pc->pos0, g->inv_freq, g->rope_attention);
+        gpu_rope_backward(g->dkh, rows, Hkh, d, Hkh * d, pc->pos0, g->inv_freq, g->rope_attention);
+        tg_project_half_backward(g, l, PROJ_Q, pc->half, g->xn1c, g->dqh, g->dxn1c, 0.0f, pc->row0, rows);
+        tg_project_half_backward(g, l, PROJ_K, pc->half, g->xn1c, g->dkh, g->dxn1c, 1.0f, pc->row0, rows);
+        tg_project_half_backward(g, l, PROJ_V, pc->half, g->xn1c, g->dvh, g->dxn1c, 1.0f, pc->row0, rows);
+        gpu_rmsnorm_backward(g->dx + pc->row0 * D, gl->attn_norm.grad, g->dxn1c, x_in + pc->row0 * D, gl->attn_norm.w, g->rstd1 + pc->row0, rows, D,
+                             c->rms_eps, 1);
+    }
+}
+
 /* Layer l from its input x_in [T, D]. With x_out, the whole layer (into x_out), the MLP tile
  * by tile; without, the recompute for the backward up to the MLP's norm (the backward
  * recomputes each MLP tile itself), and no attention when the forward kept its output. */
@@ -678,17 +806,24 @@ static void tg_layer_forward(GpuTrainer *g, int l, const uint16_t *x_in, uint16_
     const Config *c = &g->cfg;
     size_t T = g->T, D = (size_t)c->dim;
     TgLayer *gl = &g->layers[l];
-    gpu_rmsnorm_forward(g->xn1, g->rstd1, x_in, gl->attn_norm.w, T, D, c->rms_eps);
-    tg_project(g, l, PROJ_Q, gl->wq, g->xn1, g->q, 0.0f);
-    tg_project(g, l, PROJ_K, gl->wk, g->xn1, g->k, 0.0f);
-    tg_project(g, l, PROJ_V, gl->wv, g->xn1, g->v, 0.0f);
-    tg_rope(g, g->q, (size_t)c->n_heads, 0);
-    tg_rope(g, g->k, (size_t)c->n_kv_heads, 0);
     uint16_t *att = tg_att(g, l);
-    if ((x_out || l >= g->n_keep_att) &&
-        attn_forward(g->q, g->k, g->v, att, tg_lse(g, l), (int)g->B, (int)g->N, c->n_heads, c->n_kv_heads, c->head_dim, (int)g->G) != 0)
-        die("GPU attention: %s", last_error());
-    tg_project(g, l, PROJ_O, gl->wo, att, g->x2, 0.0f);
+    int run_attention = x_out || l >= g->n_keep_att;
+    if (g->n_pieces) { /* chunked: q, k, v exist a piece at a time, so only where the attention runs */
+        if (run_attention) tg_attn_pieces_forward(g, l, x_in, att, tg_lse(g, l));
+    } else {
+        gpu_rmsnorm_forward(g->xn1, g->rstd1, x_in, gl->attn_norm.w, T, D, c->rms_eps);
+        tg_project(g, l, PROJ_Q, gl->wq, g->xn1, g->q, 0.0f);
+        tg_project(g, l, PROJ_K, gl->wk, g->xn1, g->k, 0.0f);
+        tg_project(g, l, PROJ_V, gl->wv, g->xn1, g->v, 0.0f);
+        tg_rope(g, g->q, (size_t)c->n_heads, 0);
+        tg_rope(g, g->k, (size_t)c->n_kv_heads, 0);
+        if (run_attention &&
+            attn_forward(g->q, g->k, g->v, att, tg_lse(g, l), (int)g->B, (int)g->N, c->n_heads, c->n_kv_heads, c->head_dim, (int)g->G) != 0)
+            die("GPU attention: %s", last_error());
+    }
+    size_t Hd = (size_t)c->n_heads * c->head_dim, blk = g->n_pieces ? g->plan.attn_chunk : T; /* chunked: the o projection in blocks too */
+    for (size_t r0 = 0; r0 < T; r0 += blk)
+        tg_project_rows(g, l, PROJ_O, gl->wo, att + r0 * Hd, g->x2 + r0 * D, 0.0f, r0, T - r0 < blk ? T - r0 : blk);
     gpu_add(g->x2, g->x2, x_in, T * D);
     gpu_rmsnorm_forward(g->xn2, g->rstd2, g->x2, gl->mlp_norm.w, T, D, c->rms_eps);
     if (!x_out) return;
@@ -724,8 +859,11 @@ static void tg_layer_backward(GpuTrainer *g, int l, const uint16_t *x_in) {
     }
     gpu_rmsnorm_backward(g->dx, gl->mlp_norm.grad, g->dtmp, g->x2, gl->mlp_norm.w, g->rstd2, T, D, c->rms_eps, 1);
     /* attention: x2 = x_in + o(attn(rope(q), rope(k), v)), q/k/v = proj(rmsnorm(x_in)) */
-    const uint16_t *att = tg_att(g, l);
-    tg_project_backward(g, l, PROJ_O, gl->wo, att, g->dx, g->datt, 0.0f);
+    uint16_t *att = tg_att(g, l);
+    size_t Hd = (size_t)c->n_heads * c->head_dim, blk = g->n_pieces ? g->plan.attn_chunk : T; /* chunked: each product under 2^31 values */
+    for (size_t r0 = 0; r0 < T; r0 += blk)
+        tg_project_backward_rows(g, l, PROJ_O, gl->wo, att + r0 * Hd, g->dx + r0 * D, g->datt + r0 * Hd, 0.0f, r0, T - r0 < blk ? T - r0 : blk);
+    if (g->n_pieces) { tg_attn_pieces_backward(g, l, x_in, att, g->datt, tg_lse(g, l)); return; }
     if (attn_backward(g->q, g->k, g->v, att, g->datt, tg_lse(g, l), g->dq, g->dk, g->dv, g->attn_ws, (int)g->B, (int)g->N, c->n_heads,
                       c->n_kv_heads, c->head_dim, (int)g->G) != 0)
         die("GPU attention backward: %s", last_error());

@@ -161,14 +161,16 @@ int main(int argc, char **argv) {
         qsort(times + 1, (size_t)steps, sizeof(double), by_double);
         double median = times[1 + steps / 2], tps = (double)N / median;
         printf("%-8zu %-6s %12.0f %12.2f %10.3f %8.4f  (%d layers keep their attention output; %zu layer inputs in %.2f GiB of host memory; "
-               "MLP tile %zu)\n", N, G ? "S2" : "full", tps, tg_gib(peak), median, loss, g.n_keep_att, g.n_host, tg_gib(g.plan.ckpt_host_bytes), g.mlp_tile);
+               "MLP tile %zu; attention chunk %zu)\n", N, G ? "S2" : "full", tps, tg_gib(peak), median, loss, g.n_keep_att, g.n_host, tg_gib(g.plan.ckpt_host_bytes),
+               g.mlp_tile, g.plan.attn_chunk);
         fflush(stdout);
         snprintf(rows[n_rows++], sizeof rows[0],
                  "    {\"N\": %zu, \"s2_group\": %zu, \"fits\": true, \"tokens_per_s\": %.1f, \"step_s_median\": %.4f, \"fwd_bwd_s_mean\": %.4f, "
                  "\"peak_gib_device_used\": %.3f, \"planned_activation_gib\": %.3f, \"planned_gib_device_used\": %.3f, \"gpu_mem_budget_gib\": %.1f, "
-                 "\"host_pinned_gib\": %.3f, \"layer_inputs_on_host\": %zu, \"mlp_tile\": %zu, \"layers_keeping_attention_output\": %d, \"loss\": %.5f}",
+                 "\"host_pinned_gib\": %.3f, \"layer_inputs_on_host\": %zu, \"mlp_tile\": %zu, \"attention_chunk\": %zu, \"layers_keeping_attention_output\": %d, "
+                 "\"loss\": %.5f}",
                  N, G, tps, median, fwd_bwd_s, tg_gib(peak), tg_gib(g.act_bytes), tg_gib(planned), gpu_mem_gib, tg_gib(g.plan.ckpt_host_bytes), g.n_host,
-                 g.mlp_tile, g.n_keep_att, loss);
+                 g.mlp_tile, g.plan.attn_chunk, g.n_keep_att, loss);
         free(tokens);
         free(targets);
         gpu_train_unplan(&g);

@@ -41,10 +41,10 @@ static void poison_acts(GpuTrainer *g) {
         {g->saved, ((size_t)c->n_layers + 1 - g->n_host) * T * D * 2}, {g->stage[0], g->stage[0] ? T * D * 2 : 0}, {g->stage[1], g->stage[1] ? T * D * 2 : 0}, {g->xn1, T * D * 2}, {g->x2, T * D * 2}, {g->xn2, T * D * 2},
         {g->dx, T * D * 2}, {g->dtmp, T * D * 2}, {g->rstd1, T * 4}, {g->rstd2, T * 4}, {g->q, T * Hd * 2}, {g->att, g->att ? T * Hd * 2 : 0},
         {g->k, T * Hkd * 2}, {g->v, T * Hkd * 2}, {g->lse, g->lse ? T * (size_t)c->n_heads * 4 : 0}, {g->xa, (size_t)N_PROJ * T * g->R * 2},
-        {g->arena, tp_arena_elems(c, T, g->mlp_tile, g->lora_mlp_down) * 2}, {g->rstd_final, T * 4},
+        {g->arena, tp_arena_elems(c, &g->plan) * 2}, {g->rstd_final, T * 4},
         {g->att_all, (size_t)g->n_keep_att * T * Hd * 2}, {g->lse_all, (size_t)g->n_keep_att * T * c->n_heads * 4}};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
-        if (bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes));
+        if (bufs[i].p && bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes)); /* chunked: no xn1, q, k, v */
 }
 
 static void run_case(const Case *k, uint64_t seed) {

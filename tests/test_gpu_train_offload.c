@@ -8,7 +8,13 @@
  *     moves layer inputs to the host and picks the MLP tile;
  *   - every layer input on the host (the top layer's too), a tile of 37 rows (not a multiple
  *     of anything), LoRA on all seven projections (the down adapter's recomputed x A^T), one
- *     layer keeping its attention output.
+ *     layer keeping its attention output;
+ *   - the attention block in chunks of one S2 group (4 heads, 2 kv heads, so each half of
+ *     the heads has its own kv heads): the plain half's groups and the shifted half's short
+ *     first and last groups as separate pieces, LoRA on all seven projections (the q, k, v
+ *     adapters' B split by halves), one layer keeping its attention output (its lse in the
+ *     pieces' layout), two layer inputs on the host, a tile of 37 rows; and chunks of two
+ *     groups (a piece of two groups in one call, the last chunk of the shifted half one).
  * Each offloaded plan runs two steps (the staging buffers' bookkeeping carries over), every
  * work buffer and the pinned host buffer poisoned with NaN bytes first. Tolerances: the loss
  * within 1e-4 relative, every trainable gradient within 1e-2 relative L2 (the tiles change
@@ -33,10 +39,11 @@ static void poison(GpuTrainer *g) {
         {g->saved, ((size_t)c->n_layers + 1 - g->n_host) * T * D * 2}, {g->stage[0], g->stage[0] ? T * D * 2 : 0},
         {g->stage[1], g->stage[1] ? T * D * 2 : 0}, {g->xn1, T * D * 2}, {g->x2, T * D * 2}, {g->xn2, T * D * 2}, {g->dx, T * D * 2},
         {g->dtmp, T * D * 2}, {g->q, T * Hd * 2}, {g->att, g->att ? T * Hd * 2 : 0}, {g->k, T * Hkd * 2}, {g->v, T * Hkd * 2},
-        {g->xa, (size_t)N_PROJ * T * g->R * 2}, {g->arena, tp_arena_elems(c, T, g->mlp_tile, g->lora_mlp_down) * 2},
-        {g->att_all, (size_t)g->n_keep_att * T * Hd * 2}};
+        {g->xa, (size_t)N_PROJ * T * g->R * 2}, {g->arena, tp_arena_elems(c, &g->plan) * 2},
+        {g->att_all, (size_t)g->n_keep_att * T * Hd * 2}, {g->lse, g->lse ? T * (size_t)c->n_heads * 4 : 0},
+        {g->lse_all, (size_t)g->n_keep_att * T * c->n_heads * 4}, {g->rstd1, T * 4}};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
-        if (bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes));
+        if (bufs[i].p && bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes)); /* chunked: no xn1, q, k, v */
     if (g->host_saved) memset(g->host_saved, 0xff, g->n_host * T * D * 2);
     CUDA_CHECK(cudaDeviceSynchronize());
 }
@@ -79,20 +86,23 @@ static void grad_copies_free(const AdamW *opt, float **g) {
     free(g);
 }
 
-static void plan_or_die(GpuTrainer *g, size_t B, size_t N, size_t G, int keep, int host, size_t tile, double gpu_budget) {
+static void plan_or_die(GpuTrainer *g, size_t B, size_t N, size_t G, int keep, int host, size_t tile, double gpu_budget, long chunk) {
+    tg_chunk_policy = chunk;
     tg_keep_att_policy = keep;
     tg_host_policy = host;
     tg_tile_policy = tile;
     tg_gpu_mem_budget = gpu_budget;
     tg_host_mem_budget = 1.0 * TP_GIB;
     if (gpu_train_plan(g, B, N, G) != 0) die("%s", last_error());
-    tg_keep_att_policy = -1; tg_host_policy = -1; tg_tile_policy = 0; tg_gpu_mem_budget = 0; tg_host_mem_budget = -1;
+    tg_keep_att_policy = -1; tg_host_policy = -1; tg_tile_policy = 0; tg_gpu_mem_budget = 0; tg_host_mem_budget = -1; tg_chunk_policy = 0;
 }
 
-static void run_case(const char *name, unsigned targets_mask, int budget_case, uint64_t seed) {
+/* chunk > 0: the attention block in chunks of `chunk` S2 groups (a shape with even head counts). */
+static void run_case(const char *name, unsigned targets_mask, int budget_case, long chunk, uint64_t seed) {
     Config c;
     memset(&c, 0, sizeof c);
     c.dim = 192; c.n_layers = 4; c.n_heads = 3; c.n_kv_heads = 1; c.head_dim = 64; c.ffn_dim = 328; c.vocab_size = 397;
+    if (chunk) { c.dim = 256; c.n_heads = 4; c.n_kv_heads = 2; }
     c.rms_eps = 1e-5f; c.rope_theta = 10000.0f; c.rope_config_factor = 1.0f; c.max_pos = 64; c.bos_id = c.eos_id = -1;
     size_t B = 2, N = 96, T = B * N, G = 0;
     if (config_extend(&c, (long)N, ROPE_EXTEND_AUTO) != 0) die("%s", last_error());
@@ -111,24 +121,31 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, u
         LoraPair *p = &ad.pairs[i];
         if (!p->A) continue;
         for (size_t j = 0; j < p->out * (size_t)lc.rank; j++) p->B[j] = 0.05f * rng_normal(&rng);
+        round_bf16(p->A, (size_t)lc.rank * p->in); /* the GPU holds them in bf16: the CPU sees the same values */
+        round_bf16(p->B, p->out * (size_t)lc.rank);
     }
     AdamWConfig oc = adamw_default_config();
     LoraTrainer lt;
-    lora_trainer_init(&lt, &m, &ad, &oc, 0, 0, 0);
+    lora_trainer_init(&lt, &m, &ad, &oc, B, N, G);
     AdamW *opt = &lt.opt;
     int32_t *tokens = (int32_t *)xmalloc(T * sizeof(int32_t)), *targets = (int32_t *)xmalloc(T * sizeof(int32_t)); /* [B, N] */
     for (size_t t = 0; t < T; t++) {
         tokens[t] = (int32_t)rng_below(&rng, (uint64_t)c.vocab_size);
         targets[t] = rng_uniform(&rng) < 0.1f ? IGNORE_INDEX : (int32_t)rng_below(&rng, (uint64_t)c.vocab_size);
     }
+    /* the fp32 CPU step (02 + 03): what both GPU steps approximate */
+    float **cpu = grad_copies_alloc(opt);
+    lora_trainer_zero_grads(&lt);
+    double loss_cpu = lora_trainer_accumulate(&lt, tokens, targets, B, N);
+    for (size_t k = 0; k < opt->count; k++) memcpy(cpu[k], opt->params[k].grad, opt->params[k].numel * sizeof(float));
     GpuTrainer g;
     gpu_train_init(&g, &m, &ad, opt, 0);
     int keep = budget_case ? -1 : 1;
 
     /* the in-memory step, twice (the floor of run-to-run differences) */
     float **ref = grad_copies_alloc(opt), **again = grad_copies_alloc(opt), **off = grad_copies_alloc(opt);
-    plan_or_die(&g, B, N, G, keep, 0, T, 0);
-    EXPECT(g.n_host == 0 && g.mlp_tile == T, "%s: the reference keeps every layer input on the GPU (%zu on the host) and one MLP tile (%zu rows)",
+    plan_or_die(&g, B, N, G, keep, 0, T, 0, -1);
+    EXPECT(g.n_host == 0 && g.mlp_tile == T && g.n_pieces == 0, "%s: the reference keeps every layer input on the GPU (%zu on the host) and one MLP tile (%zu rows)",
            name, g.n_host, g.mlp_tile);
     TrainPlan in_memory = g.plan;
     double loss_ref = step(&g, opt, tokens, targets, ref);
@@ -137,6 +154,10 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, u
     double floor_diff = worst_grad_diff(opt, again, ref, &where);
     printf("     %s: in-memory loss %.7f, again %.7f; gradients of two in-memory steps differ by %.2e (relative L2, worst %s)\n", name, loss_ref,
            loss_again, floor_diff, where);
+    const char *where_cpu;
+    double mem_vs_cpu = worst_grad_diff(opt, ref, cpu, &where_cpu);
+    printf("     %s: in-memory step against the fp32 CPU step: loss %.7f vs %.7f, gradients within %.2e relative L2 (worst %s)\n", name, loss_ref,
+           loss_cpu, mem_vs_cpu, where_cpu);
     gpu_train_unplan(&g);
     double used = gpu_train_used_bytes(); /* weights, context, the kernels' workspaces */
 
@@ -148,13 +169,19 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, u
         tiled.tile_policy = 0; tiled.host_policy = 0; tiled.gpu_avail = tiled.host_avail = 1e30;
         if (train_plan_decide(&c, &tiled) != 0) die("the tiled plan does not fit an unlimited budget");
         double budget = used + tiled.gpu_bytes + tp_margin - 0.5 * tiled.slot_bytes;
-        plan_or_die(&g, B, N, G, -1, -1, 0, budget);
+        plan_or_die(&g, B, N, G, -1, -1, 0, budget, -1);
         EXPECT(g.n_host == 3 && g.mlp_tile < T && g.plan.gpu_bytes + tp_margin <= budget - used,
                "%s: a budget half a layer input below the tiled in-memory plan puts %zu layer inputs on the host (3 expected), the MLP in tiles of "
                "%zu rows of %zu, %.1f KiB planned within the %.1f KiB allowed", name, g.n_host, g.mlp_tile, T, g.plan.gpu_bytes / 1024,
                (budget - used - tp_margin) / 1024);
+    } else if (chunk) {
+        plan_or_die(&g, B, N, G, 1, 2, 37, 0, chunk);
+        size_t want = B * ((N / G + (size_t)chunk - 1) / (size_t)chunk + (N / G - 1 + (size_t)chunk - 1) / (size_t)chunk + 2); /* per sequence: the plain half, the shifted half's full groups and its two short ones */
+        EXPECT(g.plan.attn_chunk == (size_t)chunk * G && g.n_pieces == want && g.n_host == 2 && g.n_keep_att == 1,
+               "%s: attention in chunks of %zu rows (%zu), %zu pieces (%zu), 2 layer inputs on the host (%zu), one kept attention output (%d)", name,
+               (size_t)chunk * G, g.plan.attn_chunk, want, g.n_pieces, g.n_host, g.n_keep_att);
     } else {
-        plan_or_die(&g, B, N, G, 1, c.n_layers, 37, 0);
+        plan_or_die(&g, B, N, G, 1, c.n_layers, 37, 0, -1);
         EXPECT(g.n_host == (size_t)c.n_layers && g.mlp_tile == 37 && g.n_keep_att == 1,
                "%s: every layer input on the host (%zu), MLP tiles of 37 rows (%zu), one layer keeps its attention output (%d)", name, g.n_host,
                g.mlp_tile, g.n_keep_att);
@@ -165,13 +192,15 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, u
     for (int s = 1; s <= 2; s++) {
         double loss = step(&g, opt, tokens, targets, off);
         double dl = fabs(loss - loss_ref) / fabs(loss_ref), dg = worst_grad_diff(opt, off, ref, &where);
-        printf("     %s, step %d: loss %.7f (relative difference %.1e), gradients within %.2e relative L2 (worst %s)\n", name, s, loss, dl, dg, where);
+        double dc = worst_grad_diff(opt, off, cpu, &where_cpu);
+        printf("     %s, step %d: loss %.7f (relative difference %.1e), gradients within %.2e relative L2 (worst %s); against the CPU step %.2e (worst %s)\n",
+               name, s, loss, dl, dg, where, dc, where_cpu);
         EXPECT(dl <= 1e-4 && dg <= 1e-2,
                "%s, step %d: offloaded + tiled loss %.7f vs %.7f (relative %.1e, 1e-4), %zu gradients within %.2e relative L2 (1e-2; worst %s)", name,
                s, loss, loss_ref, dl, opt->count, dg, where);
     }
     gpu_train_free(&g);
-    grad_copies_free(opt, ref); grad_copies_free(opt, again); grad_copies_free(opt, off);
+    grad_copies_free(opt, ref); grad_copies_free(opt, again); grad_copies_free(opt, off); grad_copies_free(opt, cpu);
     lora_trainer_free(&lt);
     lora_free(&ad);
     model_free(&m);
@@ -213,8 +242,10 @@ int main(void) {
         printf("test_gpu_train_offload: no GPU, skipped\n");
         return 77;
     }
-    run_case("budget", LORA_DEFAULT_TARGETS, 1, 300);
-    run_case("all-host-tile37-all7", (1u << N_PROJ) - 1, 0, 400);
+    run_case("budget", LORA_DEFAULT_TARGETS, 1, 0, 300);
+    run_case("all-host-tile37-all7", (1u << N_PROJ) - 1, 0, 0, 400);
+    run_case("chunk1-all7", (1u << N_PROJ) - 1, 0, 1, 500);
+    run_case("chunk2", LORA_DEFAULT_TARGETS, 0, 2, 600);
     test_neither_fits();
     printf("test_gpu_train_offload: %d checks, %d failed\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
