@@ -18,9 +18,11 @@
  * Each offloaded plan runs two steps (the staging buffers' bookkeeping carries over), every
  * work buffer and the pinned host buffer poisoned with NaN bytes first. Tolerances: the loss
  * within 1e-4 relative, every trainable gradient within 1e-2 relative L2 (the tiles change
- * cuBLAS's choice of kernel, so bf16 outputs may round differently, and the attention
- * backward adds dQ with atomics in no fixed order; two in-memory steps are compared too,
- * as the floor). Without a GPU it exits 77.
+ * cuBLAS's choice of kernel, so bf16 outputs may round differently; two in-memory steps are
+ * compared too, as the floor). Every step is also measured against the fp32 CPU step (02 +
+ * 03) on the same weights: the chunked cases round more (see run_case), so there the bar is
+ * that distance, the in-memory step's within 1.1x, and the distance between the two GPU steps
+ * under 0.75x of it. Without a GPU it exits 77.
  */
 #define STAGE 0
 #include "05_train.c"
@@ -189,15 +191,23 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, l
     char line[1024];
     train_plan_describe(&c, &g.plan, line, sizeof line);
     printf("     %s: %s\n", name, line);
+    /* Chunked, the halves' products and norm backwards add into dx one piece at a time, each
+     * rounded to bf16: the gradients move by about 1e-2 from the in-memory step's (measured on
+     * the H200: 1.11e-2 and 1.02e-2), while both stand 2.2-2.3e-2 from the fp32 CPU step's.
+     * So there the test asks that the chunked step be as near the CPU's as the in-memory step
+     * is (within 1.1x) and nearer the in-memory step than either is to the CPU (0.75x): a
+     * wrong or missing piece moves a gradient by more than the bf16 rounding does. */
+    double tol = chunk ? 0.75 * mem_vs_cpu : 1e-2;
     for (int s = 1; s <= 2; s++) {
         double loss = step(&g, opt, tokens, targets, off);
         double dl = fabs(loss - loss_ref) / fabs(loss_ref), dg = worst_grad_diff(opt, off, ref, &where);
         double dc = worst_grad_diff(opt, off, cpu, &where_cpu);
         printf("     %s, step %d: loss %.7f (relative difference %.1e), gradients within %.2e relative L2 (worst %s); against the CPU step %.2e (worst %s)\n",
                name, s, loss, dl, dg, where, dc, where_cpu);
-        EXPECT(dl <= 1e-4 && dg <= 1e-2,
-               "%s, step %d: offloaded + tiled loss %.7f vs %.7f (relative %.1e, 1e-4), %zu gradients within %.2e relative L2 (1e-2; worst %s)", name,
-               s, loss, loss_ref, dl, opt->count, dg, where);
+        EXPECT(dl <= 1e-4 && dg <= tol && dc <= 1.1 * mem_vs_cpu,
+               "%s, step %d: offloaded + tiled loss %.7f vs %.7f (relative %.1e, 1e-4), %zu gradients within %.2e relative L2 of the in-memory "
+               "step's (%.2e; worst %s) and %.2e of the CPU step's (1.1 x the in-memory step's %.2e; worst %s)", name, s, loss, loss_ref, dl,
+               opt->count, dg, tol, where, dc, mem_vs_cpu, where_cpu);
     }
     gpu_train_free(&g);
     grad_copies_free(opt, ref); grad_copies_free(opt, again); grad_copies_free(opt, off); grad_copies_free(opt, cpu);
