@@ -14,8 +14,9 @@
 #    OUTDIR/attn_ours_bwdV.json, then bench/sdpa_peer.py once, in the same call: the torch
 #    check of backward variant BWD_CHECK (default 5) and SDPA flash and cuDNN on the same
 #    shapes; last, a table of every variant's forward+backward and backward alone against them.
-# Each part is time-boxed so that the whole should fit one 10-minute device call; logs in
-# OUTDIR. PARTS=check runs 1-3 only, PARTS=time 1, 4 and 5 (two calls, where one is too short).
+# Each part is time-boxed; logs in OUTDIR. On the H200 the check took about 1 minute and
+# the timing about 8 (each --bench 83 s), so the whole does not fit one 10-minute device
+# call: PARTS=check runs 1-3 only, PARTS=time 1, 4 and 5, in two calls.
 set -u
 out=${1:-bench/results}
 check=${BWD_CHECK:-5}
