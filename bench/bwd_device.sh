@@ -51,7 +51,7 @@ for d in 128 64; do
 done
 
 for v in 3 4 5 6; do
-    timeout ${BENCH_TIMEOUT:-60} ./04_s2attn --bench --bwd-variant $v --out "$out/attn_ours_bwd$v.json" > "$out/bench_bwd$v.log" 2>&1
+    timeout ${BENCH_TIMEOUT:-150} ./04_s2attn --bench --bwd-variant $v --out "$out/attn_ours_bwd$v.json" > "$out/bench_bwd$v.log" 2>&1
     echo "--bench --bwd-variant $v exit $?"
 done
 PYTHONUNBUFFERED=1 timeout ${PEER_TIMEOUT:-150} python3 bench/sdpa_peer.py --lib build/libs2attn.so --bwd-variant $check \
