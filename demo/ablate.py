@@ -42,7 +42,7 @@ from run_model import make_run_model  # noqa: E402  (demo/run_model.py: the run'
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 KEYS = {"engine": ("c", "peer"), "rope": ("linear", "yarn"), "schedule": ("constant", "cosine", "linear"),
         "train": ("lora+embed+norms", "lora+norms", "lora+embed", "lora"), "s2": ("on", "off")}
-NUMBERS = {"steps": int, "lr": float, "warmup": int, "seed": int, "rank": int, "alpha": float, "attention": float}
+NUMBERS = {"steps": int, "lr": float, "warmup": int, "seed": int, "rank": int, "alpha": float, "attention": float, "scale": int}
 
 
 def die(msg):
@@ -80,8 +80,10 @@ def parse_recipes(path, defaults):
             r[k] = v
         if r["engine"] == "c" and (r["schedule"] != "constant" or r["train"] != "lora+embed+norms"):
             die("%s: 05_train has only the constant schedule and trains LoRA+ whole: use engine=peer for schedule/train" % where)
-        if "attention" in r and (r["engine"] != "c" or r["rope"] != "yarn"):
-            die("%s: attention is YaRN's attention factor: it needs engine=c rope=yarn" % where)
+        for k in ("attention", "scale"):
+            if k in r and (r["engine"] != "c" or r["rope"] != "yarn"):
+                die("%s: %s is YaRN's (%s): it needs engine=c rope=yarn"
+                    % (where, k, "its attention factor" if k == "attention" else "its factor"))
         if r["engine"] == "peer" and (r["rope"] != "linear" or r["s2"] != "on"):
             die("%s: the peer is evaluated by reference_eval.py (linear interpolation) and trains with S2-Attn: "
                 "use engine=c for rope=yarn or s2=off" % where)
@@ -171,9 +173,9 @@ def run_recipe(name, r, a, model, factor, data_tok, eval_tok, out):
     if r["engine"] == "c":
         adapter = os.path.join(out, "adapter")
         rope = ["--rope-scaling", r["rope"]]
-        if "attention" in r:  # YaRN with its attention factor set: a model copy whose config says so
+        if "attention" in r or "scale" in r:  # YaRN with its factor or attention factor set: a model copy whose config says so
             model = make_run_model(model, os.path.join(a.work, "model-" + name), json.load(open(os.path.join(model, "config.json")))
-                                   ["max_position_embeddings"], factor, r["attention"])
+                                   ["max_position_embeddings"], r.get("scale", factor), r.get("attention"))
             rope = []
         cmd = [os.path.join(ROOT, "05_train"), "--model", model, "--data"] + data_tok + [
             "--ctx", str(a.ctx), "--max-steps", str(r["steps"]), "--lr", str(r["lr"]), "--warmup", str(r["warmup"]),

@@ -21,22 +21,26 @@
 #   9. report              demo/report.py: a before/after Markdown table and a PNG plot
 #
 # Two sizes, picked by where 05_train and 06_infer run (DEMO_DEVICE=cpu|gpu overrides):
-#   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, YaRN x4), 600 steps at
+#   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, YaRN x4), 150 steps at
 #        lr 2e-4, perplexity at 2000..32000, passkey every 4000 tokens up to 32000, 10 trials
-#        (about 3 minutes on one H200). The learning rate is not LongLoRA's 2e-5: that is for
-#        7B at a global batch of 64 sequences; here a step is one sequence of a 135M model,
-#        and 2e-5 leaves held-out perplexity at 60 where 2e-4 reaches 26 (demo/README.md).
-#        YaRN and 600 steps are what the ablations (demo/ablate.py, demo/README.md) found:
-#        linear interpolation (PI, LongLoRA's) gives perplexity back but never the passkey.
+#        (the training about 35 s on one H200). The learning rate is not LongLoRA's 2e-5: that
+#        is for 7B at a global batch of 64 sequences; here a step is one sequence of a 135M
+#        model, and 2e-5 leaves held-out perplexity at 60 where 2e-4 reaches 26 (demo/README.md).
+#        YaRN with its attention factor at 1.0, and 150 steps, are what the ablations
+#        (demo/ablate.py, demo/README.md) found: linear interpolation (PI, LongLoRA's) gives
+#        perplexity back but never the passkey; YaRN's default factor finds fewer keys, and 600
+#        steps over the five novels no more than 150.
 #   CPU  scaled down to finish in under 15 minutes on 2 cores, and it says so: the model's
 #        config is copied with max_position_embeddings 512 (as if SmolLM2 had been trained at
-#        512 tokens), the target is 2048 (PI x4), 12 steps at a higher learning rate,
+#        512 tokens), the target is 2048 (x4), 12 steps at a higher learning rate,
 #        perplexity at 500, 1000, 2000, passkey every 500 tokens up to 2000, 3 trials.
 # DEMO_ROPE=yarn|linear picks how RoPE reaches the target (default yarn): the run's model is a
-# linked copy of the model whose config.json says so (rope_scaling yarn with factor and
-# original_max_position_embeddings, the way transformers configures YaRN), so 05_train,
-# 06_infer and the PyTorch peer all read the same RoPE from it; linear keeps the model's
-# config and stretches by --ctx, as LongLoRA does.
+# linked copy of the model whose config.json says so (rope_scaling yarn with factor,
+# original_max_position_embeddings and attention_factor, the way transformers configures
+# YaRN), so 05_train, 06_infer and the PyTorch peer all read the same RoPE from it; linear
+# keeps the model's config and stretches by --ctx, as LongLoRA does.
+# DEMO_YARN_ATTENTION=F sets YaRN's attention factor (the scale of its cos and sin; default
+# 1.0; `auto` leaves it out of the config, so every program takes YaRN's 0.1 ln(factor) + 1).
 # DEMO_MODEL / DEMO_TRAIN_TEXT / DEMO_EVAL_TEXT run the same pipeline on another HF folder and
 # texts without downloading anything (tests/test_demo_cpu.sh does that on a tiny model);
 # the DEMO_* sizes below override either branch. Results go to demo/results/<cpu|gpu>/
@@ -131,7 +135,7 @@ MODEL_CTX=$(grep -o '"max_position_embeddings": *[0-9]*' "$MODEL/config.json" | 
 if [ "$DEVICE" = gpu ]; then
   ORIG=${DEMO_ORIG_CTX:-$MODEL_CTX}
   CTX=${DEMO_CTX:-32768}
-  STEPS=${DEMO_STEPS:-600}
+  STEPS=${DEMO_STEPS:-150}
   LR=${DEMO_LR:-2e-4}
   WARMUP=${DEMO_WARMUP:-20}
   PPL_LENS=${DEMO_PPL_LENGTHS:-2000,4000,8000,16000,32000}
@@ -164,17 +168,25 @@ case $ROPE in
   linear) ROPE_LABEL="PI x$FACTOR" ;;
   *) die "DEMO_ROPE must be yarn or linear, got '$ROPE'" ;;
 esac
+YARN_ATTENTION=${DEMO_YARN_ATTENTION:-1.0}
+[ "$YARN_ATTENTION" = auto ] || awk -v f="$YARN_ATTENTION" 'BEGIN { exit !(f ~ /^[0-9]*\.?[0-9]+$/ && f + 0 > 0) }' \
+  || die "DEMO_YARN_ATTENTION must be a number above 0 or auto, got '$YARN_ATTENTION'"
+# the RoPE in words, for the lines that describe the run (the tables and plot keep ROPE_LABEL)
+ROPE_WORDS=$ROPE_LABEL
+[ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && ROPE_WORDS="$ROPE_LABEL, attention factor $([ "$YARN_ATTENTION" = auto ] && echo "0.1 ln $FACTOR + 1" || echo "$YARN_ATTENTION")"
 
 # The model as the run sees it (demo/run_model.py): a linked copy (weights and tokenizer
 # linked, not copied) whose config.json has the original context ORIG where that differs from
 # the model's own (the CPU version) and, for YaRN, rope_scaling {yarn, FACTOR,
-# original_max_position_embeddings ORIG} with max_position_embeddings ORIG x FACTOR, as
-# transformers writes a YaRN model's config.
+# original_max_position_embeddings ORIG, attention_factor YARN_ATTENTION} with
+# max_position_embeddings ORIG x FACTOR, as transformers writes a YaRN model's config.
 RUN_MODEL=$MODEL
 YARN=$([ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && echo "$FACTOR")
 if [ "$ORIG" != "$MODEL_CTX" ] || [ -n "$YARN" ]; then
   RUN_MODEL=$WORK/model-ctx$ORIG${YARN:+-yarn-x$YARN}
-  "$REPORT_PY" demo/run_model.py "$MODEL" "$RUN_MODEL" --orig "$ORIG" ${YARN:+--yarn "$YARN"} \
+  ATTENTION_ARGS=()
+  [ -n "$YARN" ] && [ "$YARN_ATTENTION" != auto ] && ATTENTION_ARGS=(--attention "$YARN_ATTENTION")
+  "$REPORT_PY" demo/run_model.py "$MODEL" "$RUN_MODEL" --orig "$ORIG" ${YARN:+--yarn "$YARN"} "${ATTENTION_ARGS[@]}" \
     || die "could not write the run's model folder $RUN_MODEL"
 fi
 
@@ -184,13 +196,13 @@ if [ "$DEVICE" = cpu ]; then
    This is the scaled-down CPU version, so that it ends in under 15 minutes on 2 cores.
    Scaled: the model's original context is taken as $ORIG tokens (config.json's
    max_position_embeddings $MODEL_CTX set to $ORIG in a linked copy), the target context is
-   $CTX ($ROPE_LABEL), $STEPS training steps at lr $LR (warmup $WARMUP),
+   $CTX ($ROPE_WORDS), $STEPS training steps at lr $LR (warmup $WARMUP),
    perplexity at $PPL_LENS tokens ($PPL_WINDOWS windows, stride $PPL_STRIDE), passkey every
    $PK_INTERVAL tokens up to $PK_MAX ($PK_TRIALS trials). A machine with a GPU runs the real
-   thing: $MODEL_CTX -> 32768 tokens (x4), 600 steps, lengths up to 32768.
+   thing: $MODEL_CTX -> 32768 tokens (x4), 150 steps, lengths up to 32768.
 MSG
 else
-  echo "   original context $ORIG, target $CTX ($ROPE_LABEL), $STEPS steps at lr $LR on the GPU"
+  echo "   original context $ORIG, target $CTX ($ROPE_WORDS), $STEPS steps at lr $LR on the GPU"
 fi
 
 # ---- 5-7. evaluate, fine-tune, evaluate --------------------------------------------------------
@@ -281,7 +293,7 @@ say "9. table and plot  [$(elapsed)]"
   || die "demo/report.py failed"
 cat > "$OUT/run.txt" <<EOF
 version: $VERSION
-model: $MODEL_TAG; original context $ORIG (the model's config says $MODEL_CTX); target $CTX ($ROPE_LABEL)
+model: $MODEL_TAG; original context $ORIG (the model's config says $MODEL_CTX); target $CTX ($ROPE_WORDS)
 fine-tune: $STEPS steps, lr $LR, warmup $WARMUP, device $DEVICE; 05_train took $TRAIN_WALL s${PEER_WALL:+; the PyTorch peer $PEER_WALL s}
 perplexity: lengths $PPL_LENS, stride $PPL_STRIDE, at most $PPL_WINDOWS windows each
 passkey: every $PK_INTERVAL tokens up to $PK_MAX, $PK_TRIALS trials each

@@ -2,16 +2,16 @@
 # demo/ablate.py, the ablation driver, on a tiny model on the CPU, offline: the tiny LLaMA of
 # tests/test_demo_cpu.sh (a random GGUF converted by demo/convert_gguf.py), generated texts,
 # context 128 taken as the original and 512 the target (x4), 3 steps per recipe; recipes: the
-# demo's, YaRN, YaRN with attention factor 1, full attention in training, a data list of two texts, and (where a Python has
+# demo's, YaRN, YaRN with attention factor 1, YaRN x8 (a factor past the context's x4), full attention in training, a data list of two texts, and (where a Python has
 # torch, transformers and peft: $PEER_PYTHON, $PYTHON, python3) the PyTorch peer with a cosine
 # schedule. Checked: every recipe has a row with finite perplexities at 128/256/512 and a
 # passkey count in [0, trials]; a second run resumes (runs nothing); --table-only runs nothing
 # and writes the same rows plus "not run" for a recipe without one; the logs name the programs
 # relative to the repository, not by this machine's path; bad recipe files end with
 # one sentence and a non-zero exit (unknown key, bad value, a schedule 05_train lacks, YaRN for
-# the peer, YaRN's attention factor without YaRN or not positive, a name twice, training on the
+# the peer, YaRN's attention factor or factor without YaRN or not positive, a name twice, training on the
 # held-out text). A recipe with YaRN's attention factor trains and evaluates a model copy
-# whose config says so, and its adapter carries it.
+# whose config says so, and its adapter carries it; so does a recipe with YaRN's factor.
 cd "$(dirname "$0")/.." || exit 1
 . tests/demo_tiny.sh
 PY=${PYTHON:-python3}
@@ -29,6 +29,7 @@ cat > "$TMP/recipes.txt" <<RECIPES
 demo        engine=c
 yarn        engine=c rope=yarn
 yarn-af1    engine=c rope=yarn attention=1.0
+yarn-x8     engine=c rope=yarn attention=1.0 scale=8
 full-attn   engine=c s2=off lr=1e-3
 two-texts   engine=c data=austen,$TMP/more.txt
 RECIPES
@@ -62,9 +63,12 @@ assert "yarn" in json.dumps(yarn), "the yarn recipe's adapter does not carry yar
 af1 = json.load(open(out + "/yarn-af1/adapter/config.json"))["rope_scaling"]
 assert af1["rope_type"] == "yarn" and af1["factor"] == 4 and af1.get("attention_factor") == 1, af1
 assert "attention_factor" not in yarn["rope_scaling"], yarn["rope_scaling"]
+x8 = json.load(open(out + "/yarn-x8/adapter/config.json"))["rope_scaling"]
+assert x8["rope_type"] == "yarn" and x8["factor"] == 8 and x8.get("attention_factor") == 1, x8
 # the attention factor changes the model: its evaluation differs from the default YaRN's
 by = {r["name"]: r for r in rows}
 assert by["yarn-af1"]["perplexity"] != by["yarn"]["perplexity"], (by["yarn-af1"]["perplexity"], by["yarn"]["perplexity"])
+assert by["yarn-x8"]["perplexity"] != by["yarn-af1"]["perplexity"], (by["yarn-x8"]["perplexity"], by["yarn-af1"]["perplexity"])
 print("rows:", ", ".join("%s %.1f" % (r["name"], r["perplexity"]["512"]) for r in rows))
 PYEOF
 ablate --recipes "$TMP/recipes.txt" > "$TMP/again.log" 2>&1 && [ "$(grep -c 'done before' "$TMP/again.log")" = "$n_recipes" ] && ok \
@@ -95,6 +99,8 @@ refuse "schedule on c" "x engine=c schedule=cosine"
 refuse "yarn on the peer" "x engine=peer rope=yarn"
 refuse "attention without yarn" "x engine=c attention=1.0"
 refuse "attention not positive" "x engine=c rope=yarn attention=0"
+refuse "scale without yarn" "x engine=c scale=8"
+refuse "scale not a whole number" "x engine=c rope=yarn scale=2.5"
 refuse "a name twice" $'x engine=c\nx engine=c'
 refuse "held-out text" "x engine=c data=$TMP/eval.txt"
 refuse "no such file" "x engine=c data=$TMP/none.txt"

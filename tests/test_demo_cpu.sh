@@ -12,7 +12,8 @@
 # training on it must help); the table has a row per length with both columns and the plot is
 # a PNG; the run said it is the scaled-down CPU version. The run's model is the linked copy
 # whose config.json says yarn x4 over 128 tokens, 05_train, 06_infer and the peer report that
-# RoPE, and the results are labelled YaRN x4; DEMO_ROPE=pi is refused. Nothing is downloaded. Where a Python
+# RoPE (with YaRN's attention factor 1.0, run.sh's default), and the results are labelled
+# YaRN x4; DEMO_ROPE=pi and DEMO_YARN_ATTENTION=-1 are refused. Nothing is downloaded. Where a Python
 # has torch, transformers and peft ($PEER_PYTHON, $PYTHON, python3), DEMO_PEER=1 adds the
 # PyTorch peer: its step ran, its column and training.md are there.
 cd "$(dirname "$0")/.." || exit 1
@@ -82,7 +83,7 @@ png = open(os.path.join(out, "before_after.png"), "rb").read()
 assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, len(png)
 # YaRN, the default: the run's model copy says so, and every program ran it
 cfg = json.load(open(os.path.join(out, "..", "work", "model-ctx128-yarn-x4", "config.json")))
-assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128} and \
+assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "attention_factor": 1.0} and \
     cfg["max_position_embeddings"] == 512, cfg
 assert all(r["rope"] == "YaRN x4" for label in res for r in res[label].values())
 for log in ("before.log", "after.log"):
@@ -95,7 +96,16 @@ print("results: ppl at 512 before %.2f, after %.2f; %d training steps; table and
       % (b, a, len(steps), "; the PyTorch peer %.2f" % rows[512]["perplexity"] if peer else " (no torch: without the peer)"))
 EOF
 
-# a RoPE kind run.sh does not know is refused with its sentence, before the LongLoRA part
+grep -q "512 (YaRN x4, attention factor 1.0)" "$TMP/run.log" && ok || bad "the run's description does not name YaRN's attention factor 1.0"
+
+# a RoPE kind run.sh does not know, or an attention factor that is not a positive number, is
+# refused with its sentence, before the LongLoRA part
+DEMO_YARN_ATTENTION=-1 DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
+DEMO_OUT=$TMP/out3 DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache DEMO_ORIG_CTX=128 DEMO_CTX=512 \
+  timeout 120 bash demo/run.sh > "$TMP/run3.log" 2>&1
+rc=$?
+[ $rc -ne 0 ] && grep -q "DEMO_YARN_ATTENTION must be a number above 0 or auto" "$TMP/run3.log" && ok \
+  || bad "DEMO_YARN_ATTENTION=-1: exit $rc, $(tail -n 1 "$TMP/run3.log")"
 DEMO_ROPE=pi DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
 DEMO_OUT=$TMP/out2 DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache DEMO_ORIG_CTX=128 DEMO_CTX=512 \
   timeout 120 bash demo/run.sh > "$TMP/run2.log" 2>&1
