@@ -38,6 +38,7 @@
 #include <cudaTypedefs.h> /* CUtensorMap and the driver's cuTensorMapEncodeTiled type (found at run time) */
 #include <float.h>
 #include <stdint.h>
+#include <type_traits> /* std::true_type / false_type: a compile-time flag for a lambda */
 
 #include "04_gpu.h" /* the API this file implements (and common.h) */
 
@@ -736,14 +737,16 @@ __device__ __forceinline__ void wgmma_qk_ss(float s[16][4], uint32_t q_rows, uin
 
 /* The online softmax of one S tile for this thread's two rows (row0 and row0 + 8; the
  * accumulator layout: s[nt][e] is row row0 + 8 * (e >> 1), key n0 + nt * 8 + 2t + (e & 1)):
- * masks keys outside [row_fk, row] when `mask`, updates the running max (base 2, scaled) and
+ * masks keys outside [row_fk, row] when `mask` (MASK = false: an instance without the mask's
+ * code, for tiles the caller knows no mask touches), updates the running max (base 2, scaled) and
  * sum, returns in alpha what the O accumulated so far is to be multiplied by, and P as bf16
  * A fragments in p. S is only read: ptxas serialises every wgmma of the kernel when ordinary
  * code writes a wgmma accumulator while another wgmma group is running (warning C7513). */
-template <int BN>
+template <int BN, bool MASK = true>
 __device__ __forceinline__ void softmax_tile(const float (&s)[BN / 8][4], uint32_t (&p)[BN / 16][4], float alpha[2], float m_run[2], float l_run[2],
                                              bool mask, int n0, int row0, const int row_fk[2], int t, float scale_log2) {
     auto score = [&](int nt, int e) {
+        if (!MASK) return s[nt][e]; /* an instance for tiles no mask touches */
         const int row = row0 + 8 * (e >> 1), col = n0 + nt * 8 + 2 * t + (e & 1);
         return mask & ((col > row) | (col < row_fk[e >> 1])) ? -INFINITY : s[nt][e]; /* no short circuit: a select, not a branch */
     };
@@ -938,7 +941,7 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint
 __device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
-template <int D, int BN, int ST, int PINGPONG>
+template <int D, int BN, int ST, int PINGPONG, int EDGE_MASK>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
                      bf16 *__restrict__ O, float *__restrict__ LSE, int N, int H, int Hk, int G, float scale_log2) {
@@ -1026,7 +1029,9 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     mbar_arrive_if(k_empty, lane == 0);
     softmax_tile<BN>(s, p, alpha, m_run, l_run, true, tile_hi * BN, row0, row_fk, t, scale_log2);
 
-    for (int j = 0; j + 1 < n_tiles; j++) {
+    /* one pass: S(j+1) and P(j) V(j) issued, S(j+1)'s softmax under P(j) V(j); MASK = false
+     * leaves the mask's code out (edge_tile: std::true_type or std::false_type) */
+    auto pass = [&](int j, auto edge_tile) {
         const int n1 = (tile_hi - j - 1) * BN; /* tile j+1's first key */
         const int st0 = j % ST, st1 = (j + 1) % ST;
         mbar_wait(k_full + 8 * st1, ((j + 1) / ST) & 1);
@@ -1047,7 +1052,8 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         mbar_arrive_if(k_empty + 8 * st1, lane == 0);
         mbar_arrive_if(v_empty + 8 * ((j + ST - 1) % ST), lane == 0 && j > 0);
         uint32_t p_next[BN / 16][4];
-        softmax_tile<BN>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0, row_fk, t, scale_log2);
+        softmax_tile<BN, decltype(edge_tile)::value>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0,
+                                                     row_fk, t, scale_log2);
         wgmma_wait<0>();
         pin_regs(o_acc);
         pin_regs(p); /* as in flash_fwd_wgmma_ovl_kernel */
@@ -1056,7 +1062,14 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         for (int kk = 0; kk < BN / 16; kk++)
 #pragma unroll
             for (int e = 0; e < 4; e++) p[kk][e] = p_next[kk][e];
-    }
+    };
+    /* EDGE_MASK: two loops, so that each pass stays one straight block (a branch around the
+     * softmax made ptxas serialise the wgmma, C7513). Past tile 0 the causal diagonal is
+     * behind every row (BM == BN and tiles aligned to BN), so only S2's window starts mask,
+     * and they fall on the last tiles: j < j_edge have n1 >= fk_last, no mask at all. */
+    const int j_edge = EDGE_MASK ? min(n_tiles - 1, max(0, tile_hi - (fk_last + BN - 1) / BN)) : 0;
+    for (int j = 0; j < j_edge; j++) pass(j, std::false_type{});
+    for (int j = j_edge; j + 1 < n_tiles; j++) pass(j, std::true_type{});
     const int st_last = (n_tiles - 1) % ST;
     mbar_wait(v_full + 8 * st_last, ((n_tiles - 1) / ST) & 1);
     if (PINGPONG) named_bar_sync(my_turn, 256);
@@ -2137,19 +2150,22 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
  * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
 #define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
-#define N_FWD_VARIANTS 10
+#define N_FWD_VARIANTS 12
 #define N_BWD_VARIANTS 7
 #define BWD_WGMMA_DEFAULT 5 /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12) */
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
- * (sm_90a), else variant 1; variants 4 to 9 fall back to 1 the same way. Variants 4 and 5
- * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10). */
+ * (sm_90a), else variant 1; variants 4 to 11 fall back to 1 the same way. Variants 4 and 5
+ * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10); 10 and 11 are 9
+ * with the mask's code only on the tiles it touches, 11 with 4 stages at d = 64 (step 13). */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
                                                                      "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128, next S overlaps softmax, cp.async",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 2 stages",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 2 stages, ping-pong",
-                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong"};
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong",
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong, mask on edge tiles only",
+                                                                     "as 10 with 4 stages at d=64 (3 at d=128, where 4 do not fit)"};
 
 /* does this binary hold the sm_90a (wgmma) kernels for the current device? asked once */
 static int wgmma_available(void) {
@@ -2261,14 +2277,14 @@ static int make_tensor_map(CUtensorMap *map, const bf16 *base, int D, int heads,
     return make_tensor_map_typed(map, base, 0, D, heads, N, B, rows);
 }
 /* 0, or -1 where no tensor map could be made (the caller falls back to the cp.async kernel) */
-template <int D, int ST, int PINGPONG>
+template <int D, int ST, int PINGPONG, int EDGE_MASK = 0>
 static int launch_fwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
     constexpr int BM = 128, BN = 128;
     constexpr size_t smem = (size_t)(BM * D + 2 * ST * BN * D) * 2 + 1024 + 8 * (1 + 4 * ST); /* Q, K/V ring, alignment, mbarriers */
     static_assert(smem <= 227 * 1024, "shared memory per block");
     CUtensorMap tm_q, tm_k, tm_v;
     if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) || make_tensor_map(&tm_v, v, D, Hk, N, B, BN)) return -1;
-    auto kern = flash_fwd_tma_kernel<D, BN, ST, PINGPONG>;
+    auto kern = flash_fwd_tma_kernel<D, BN, ST, PINGPONG, EDGE_MASK>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BM - 1) / BM), (unsigned)H, (unsigned)B);
     kern<<<grid, 384, smem>>>(tm_q, tm_k, tm_v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
@@ -2284,10 +2300,12 @@ static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, flo
     case 4: launch_fwd_wgmma<D, D == 128 ? 64 : 128>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 5: launch_fwd_wgmma<D, D>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 6: launch_fwd_wgmma_ovl<D>(q, k, v, o, lse, B, N, H, Hk, G); break;
-    case 7: case 8: case 9: {
-        const int r = variant == 7   ? launch_fwd_tma<D, 2, 0>(q, k, v, o, lse, B, N, H, Hk, G)
-                      : variant == 8 ? launch_fwd_tma<D, 2, 1>(q, k, v, o, lse, B, N, H, Hk, G)
-                                     : launch_fwd_tma<D, 3, 1>(q, k, v, o, lse, B, N, H, Hk, G);
+    case 7: case 8: case 9: case 10: case 11: {
+        const int r = variant == 7    ? launch_fwd_tma<D, 2, 0>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 8  ? launch_fwd_tma<D, 2, 1>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 9  ? launch_fwd_tma<D, 3, 1>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 10 ? launch_fwd_tma<D, 3, 1, 1>(q, k, v, o, lse, B, N, H, Hk, G)
+                                      : launch_fwd_tma<D, D == 64 ? 4 : 3, 1, 1>(q, k, v, o, lse, B, N, H, Hk, G);
         if (r != 0) launch_fwd_wgmma<D, 128>(q, k, v, o, lse, B, N, H, Hk, G); /* no tensor map: version 3, 128-key tiles */
         break;
     }
