@@ -468,6 +468,13 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lead_byte
     return (uint64_t)((addr >> 4) & 0x3FFF) | ((uint64_t)((lead_bytes >> 4) & 0x3FFF) << 16) |
            ((uint64_t)((stride_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
+/* the descriptor of addr + bytes from addr's: its low 14 bits are addr >> 4, and a shared
+ * address stays under 2^18, so the sum never carries out of that field. One add of the low
+ * word per product, where building each descriptor anew took ~5 uniform instructions
+ * (bench/NOTES.md step 13). */
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
+    return (desc & 0xFFFFFFFF00000000ull) | (uint32_t)((uint32_t)desc + (bytes >> 4));
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -509,22 +516,24 @@ __device__ __forceinline__ void load_tile_atoms_async(uint32_t tile, const bf16 
 
 template <int D, int BN>
 __device__ __forceinline__ void wgmma_qk(float s[BN / 8][4], const uint32_t q_frag[D / 16][4], uint32_t kt) {
+    const uint64_t k_desc = wgmma_desc(kt, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         /* K is K-major: 16 more head dims = 32 bytes further inside the 128-byte atom */
-        const uint64_t desc = wgmma_desc(kt + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t desc = desc_plus(k_desc, (kk / 4) * BN * 128 + (kk % 4) * 32);
         if constexpr (BN == 128) wgmma_m64n128k16<0>(s, q_frag[kk], desc, kk > 0);
         else wgmma_m64n64k16<0>(s, q_frag[kk], desc, kk > 0);
     }
 }
 template <int D, int BN>
 __device__ __forceinline__ void wgmma_pv(float o[D / 8][4], const uint32_t p_frag[BN / 16][4], uint32_t vt) {
+    const uint64_t v_desc = wgmma_desc(vt, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; kk++) {
         const uint32_t *a = p_frag[kk];
         /* V is N-major: 16 more keys = 16 rows of 128 bytes; the next 64 head dims are the
          * next atom (BN rows further) */
-        const uint64_t desc = wgmma_desc(vt + kk * 16 * 128, BN * 128, 1024);
+        const uint64_t desc = desc_plus(v_desc, kk * 16 * 128);
         if constexpr (D == 128) wgmma_m64n128k16<1>(o, a, desc, 1);
         else wgmma_m64n64k16<1>(o, a, desc, 1);
     }
@@ -727,10 +736,11 @@ __device__ __forceinline__ void wgmma_ss_m64n128k16(float d[16][4], uint64_t des
 /* s[64 x 128] = Q K^T over D: q_rows = the warpgroup's first row in a [D/64][BM][64] Q tile */
 template <int D, int BM>
 __device__ __forceinline__ void wgmma_qk_ss(float s[16][4], uint32_t q_rows, uint32_t kt) {
+    const uint64_t q_desc = wgmma_desc(q_rows, 16, 1024), k_desc = wgmma_desc(kt, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        const uint64_t da = wgmma_desc(q_rows + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
-        const uint64_t db = wgmma_desc(kt + (kk / 4) * 128 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t da = desc_plus(q_desc, (kk / 4) * BM * 128 + (kk % 4) * 32);
+        const uint64_t db = desc_plus(k_desc, (kk / 4) * 128 * 128 + (kk % 4) * 32);
         wgmma_ss_m64n128k16(s, da, db, kk > 0);
     }
 }
@@ -1443,19 +1453,21 @@ __device__ __forceinline__ void wgmma_ss_m64n64k16(float d[8][4], uint64_t desc_
  * Y = a K-major [D/64][64][64] tile */
 template <int D, int BN>
 __device__ __forceinline__ void wgmma_xyt(float acc[8][4], uint32_t x_tile, int x_row0, uint32_t y_tile) {
+    const uint64_t x_desc = wgmma_desc(x_tile + x_row0 * 128, 16, 1024), y_desc = wgmma_desc(y_tile, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        const uint64_t da = wgmma_desc(x_tile + (kk / 4) * BN * 128 + x_row0 * 128 + (kk % 4) * 32, 16, 1024);
-        const uint64_t db = wgmma_desc(y_tile + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t da = desc_plus(x_desc, (kk / 4) * BN * 128 + (kk % 4) * 32);
+        const uint64_t db = desc_plus(y_desc, (kk / 4) * 64 * 128 + (kk % 4) * 32);
         wgmma_ss_m64n64k16<0, 0>(acc, da, db, kk > 0);
     }
 }
 /* acc[64, D] += A Y: A [64, 64] as register fragments, Y = [D/64][64][64] read N-major */
 template <int D>
 __device__ __forceinline__ void wgmma_ay(float acc[D / 8][4], const uint32_t a_frag[4][4], uint32_t y_tile) {
+    const uint64_t y_desc = wgmma_desc(y_tile, 64 * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-        const uint64_t db = wgmma_desc(y_tile + kk * 16 * 128, 64 * 128, 1024);
+        const uint64_t db = desc_plus(y_desc, kk * 16 * 128);
         if constexpr (D == 128) wgmma_m64n128k16<1>(acc, a_frag[kk], db, 1);
         else wgmma_m64n64k16<1>(acc, a_frag[kk], db, 1);
     }
@@ -1546,9 +1558,10 @@ template <int D> __device__ __forceinline__ void bwd_dq_issue(float (&dq)[8][4],
     constexpr int BN = 128;
     const int key0 = BY_KEYS ? 64 * wg : 0, col_atom = BY_KEYS ? 0 : wg;
     const uint32_t a_t = ds_t + key0 * 128, k_t = sK + col_atom * BN * 128 + key0 * 128;
+    const uint64_t a_desc = wgmma_desc(a_t, BN * 128, 1024), k_desc = wgmma_desc(k_t, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < (BY_KEYS ? 4 : 8); kk++)
-        wgmma_ss_m64n64k16<1, 1>(dq, wgmma_desc(a_t + kk * 16 * 128, BN * 128, 1024), wgmma_desc(k_t + kk * 16 * 128, BN * 128, 1024), kk > 0);
+        wgmma_ss_m64n64k16<1, 1>(dq, desc_plus(a_desc, kk * 16 * 128), desc_plus(k_desc, kk * 16 * 128), kk > 0);
 }
 /* dQacc rows m0.. of head h += this thread's share of bwd_dq_issue's product, by float2
  * atomics; rows past N hold zeros (P = 0 there) and go to row N-1, with no branch */
