@@ -1283,18 +1283,17 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
         }
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
-            const int q = m0 + mrow + g + 8 * hf;
-            if (q < N) {
-                float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
+            /* rows past N hold zeros (their lse is +inf, so P = 0) and go to row N - 1: no branch */
+            const int q = min(m0 + mrow + g + 8 * hf, N - 1);
+            float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
 #pragma unroll
-                for (int dn = 0; dn < DW / 8; dn++) {
+            for (int dn = 0; dn < DW / 8; dn++) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                    atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
+                atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
 #else
-                    atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
-                    atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
+                atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
+                atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
 #endif
-                }
             }
         }
     };
