@@ -754,7 +754,7 @@ static API void model_load(Model *m, const char *dir, long target_ctx) {
 
 /* y [T, out] = x [T, in] W^T, W [out, in]. Blocks of 32 weight rows stay in cache while 4
  * rows of x at a time stream past them; OpenMP shares the (weight block, row block) tiles. */
-static void matmul_forward(float *y, const float *x, const float *w, size_t T, size_t in, size_t out) {
+HOT_LOOPS static void matmul_forward(float *y, const float *x, const float *w, size_t T, size_t in, size_t out) {
     const size_t OB = 32, TB = 64;
     size_t n_ob = (out + OB - 1) / OB, n_tb = (T + TB - 1) / TB;
 #pragma omp parallel for collapse(2) schedule(dynamic)
@@ -802,7 +802,7 @@ static void matmul_forward(float *y, const float *x, const float *w, size_t T, s
 
 /* dx [T, in] += dy [T, out] W, W [out, in]: each thread owns blocks of 32 rows of dx; four
  * weight rows are folded in per pass over a row of dx (fewer loads and stores per flop). */
-static void matmul_backward_dx(float *dx, const float *dy, const float *w, size_t T, size_t in, size_t out) {
+HOT_LOOPS static void matmul_backward_dx(float *dx, const float *dy, const float *w, size_t T, size_t in, size_t out) {
     const size_t TB = 32;
     size_t n_tb = (T + TB - 1) / TB;
 #pragma omp parallel for schedule(dynamic)
@@ -833,7 +833,7 @@ static void matmul_backward_dx(float *dx, const float *dy, const float *w, size_
 
 /* dW [out, in] += dy^T [out, T] x [T, in]: each thread owns blocks of 32 rows of dW; four
  * rows of x are folded in per pass over a row of dW. */
-static void matmul_backward_dw(float *dw, const float *dy, const float *x, size_t T, size_t in, size_t out) {
+HOT_LOOPS static void matmul_backward_dw(float *dw, const float *dy, const float *x, size_t T, size_t in, size_t out) {
     const size_t OB = 32;
     size_t n_ob = (out + OB - 1) / OB;
 #pragma omp parallel for schedule(dynamic)

@@ -48,6 +48,16 @@
 #define API __attribute__((unused))
 #endif
 
+/* HOT_LOOPS marks the CPU's hottest loops (the three matmuls of 02_model.c). Where GCC and
+ * glibc allow it, each is built twice, for AVX2 + FMA (x86-64-v3) and for the baseline the
+ * Makefile targets (x86-64-v2), and the loader picks one by the CPU it runs on: the speed of
+ * -march=x86-64-v3 without giving up the older CPUs (bench/TRAIN_NOTES.md, "The CPU step"). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && !defined(__CUDACC__)
+#define HOT_LOOPS __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define HOT_LOOPS
+#endif
+
 /* ---------------------------------------------------------------------------------------
  * Errors
  * ------------------------------------------------------------------------------------- */
