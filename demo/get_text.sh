@@ -46,7 +46,9 @@ if ! download; then
     die "apt-get could not download $PACKAGE (its package lists may be empty: run 'sudo apt-get update' once)"
   fi
 fi
-deb=$(ls "$tmp"/${PACKAGE}_*.deb | head -n 1)
+debs=("$tmp"/${PACKAGE}_*.deb) # a glob, not `ls | head`, which pipefail can fail by SIGPIPE
+deb=${debs[0]}
+[ -f "$deb" ] || die "apt-get left no $PACKAGE .deb"
 echo "get_text.sh: $(basename "$deb")" >&2
 dpkg-deb -x "$deb" "$tmp/root" || die "could not unpack $deb"
 python3 demo/extract_austen.py "$tmp/root" "$tmp/austen.txt" --train "$tmp/austen-train.txt" \

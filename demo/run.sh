@@ -20,7 +20,8 @@
 #                          demo/reference_eval.py; training.md puts both trainings side by side
 #   9. report              demo/report.py: a before/after Markdown table and a PNG plot
 #
-# Two sizes, picked by where 05_train and 06_infer run (DEMO_DEVICE=cpu|gpu overrides):
+# Two sizes, picked by where 05_train and 06_infer run (DEMO_DEVICE=cpu|gpu overrides;
+# `bash demo/run.sh --which-device` prints the pick):
 #   GPU  the real thing: target context 32768 (4x SmolLM2's 8192, YaRN x4), 150 steps at
 #        lr 2e-4, perplexity at 2000..32000, passkey every 4000 tokens up to 32000, 10 trials
 #        (the training about 35 s on one H200). The learning rate is not LongLoRA's 2e-5: that
@@ -57,6 +58,22 @@ elapsed() { echo "$(( $(date +%s) - T_START )) s"; }
 for prog in 01_tokenize 02_model 05_train 06_infer; do
   [ -x "./$prog" ] || die "./$prog is not built (make 01_tokenize 02_model 05_train 06_infer)"
 done
+
+# Which size runs: the GPU one where a GPU answers and 05_train / 06_infer were built with CUDA.
+# grep reads all its input here: `grep -q` stops at the first match, ldd then writes its second
+# program's lines into a closed pipe, and under pipefail that SIGPIPE made every GPU machine
+# run the CPU size. `bash demo/run.sh --which-device` prints the choice and stops.
+DEVICE=${DEMO_DEVICE:-}
+if [ -z "$DEVICE" ]; then
+  if nvidia-smi -L 2>/dev/null | grep GPU > /dev/null && ldd ./05_train ./06_infer 2>/dev/null | grep cublas > /dev/null; then
+    DEVICE=gpu
+  else
+    DEVICE=cpu
+  fi
+fi
+case $DEVICE in cpu|gpu) ;; *) die "DEMO_DEVICE must be cpu or gpu, got '$DEVICE'" ;; esac
+if [ "${1:-}" = --which-device ]; then echo "$DEVICE"; exit 0; fi
+[ $# -eq 0 ] || die "the only argument is --which-device (the rest is set by DEMO_* variables: demo/README.md)"
 
 # ---- 1-2. model and text -------------------------------------------------------------------
 if [ -n "${DEMO_MODEL:-}" ]; then
@@ -123,14 +140,6 @@ else
 fi
 
 # ---- the size of the run ---------------------------------------------------------------------
-DEVICE=${DEMO_DEVICE:-}
-if [ -z "$DEVICE" ]; then
-  if nvidia-smi -L 2>/dev/null | grep -q GPU && ldd ./05_train ./06_infer 2>/dev/null | grep -q cublas; then
-    DEVICE=gpu
-  else
-    DEVICE=cpu
-  fi
-fi
 MODEL_CTX=$(grep -o '"max_position_embeddings": *[0-9]*' "$MODEL/config.json" | grep -o '[0-9]*$')
 if [ "$DEVICE" = gpu ]; then
   ORIG=${DEMO_ORIG_CTX:-$MODEL_CTX}

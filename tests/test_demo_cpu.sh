@@ -13,7 +13,9 @@
 # a PNG; the run said it is the scaled-down CPU version. The run's model is the linked copy
 # whose config.json says yarn x4 over 128 tokens, 05_train, 06_infer and the peer report that
 # RoPE (with YaRN's attention factor 1.0, run.sh's default), and the results are labelled
-# YaRN x4; DEMO_ROPE=pi and DEMO_YARN_ATTENTION=-1 are refused. Nothing is downloaded. Where a Python
+# YaRN x4; DEMO_ROPE=pi and DEMO_YARN_ATTENTION=-1 are refused; `run.sh --which-device` picks
+# the GPU size exactly where a GPU answers and the programs link cuBLAS, and DEMO_DEVICE=tpu is
+# refused. Nothing is downloaded. Where a Python
 # has torch, transformers and peft ($PEER_PYTHON, $PYTHON, python3), DEMO_PEER=1 adds the
 # PyTorch peer: its step ran, its column and training.md are there.
 cd "$(dirname "$0")/.." || exit 1
@@ -112,6 +114,23 @@ DEMO_OUT=$TMP/out2 DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache DEM
 rc=$?
 [ $rc -ne 0 ] && grep -q "DEMO_ROPE must be yarn or linear" "$TMP/run2.log" && ok \
   || bad "DEMO_ROPE=pi: exit $rc, $(tail -n 1 "$TMP/run2.log")"
+
+# which size runs: with a GPU that answers (a stand-in nvidia-smi on PATH) the GPU size exactly
+# when 05_train and 06_infer were built with CUDA (they link cuBLAS); without one the CPU size;
+# DEMO_DEVICE overrides and must be cpu or gpu (under pipefail a `grep -q` once made every GPU
+# machine pick the CPU size)
+mkdir -p "$TMP/fakebin"
+printf '#!/bin/sh\necho "GPU 0: Stand-in GPU (UUID: GPU-0)"\n' > "$TMP/fakebin/nvidia-smi"
+chmod +x "$TMP/fakebin/nvidia-smi"
+want=cpu; ldd ./05_train ./06_infer 2>/dev/null | grep cublas > /dev/null && want=gpu
+got=$(PATH="$TMP/fakebin:$PATH" bash demo/run.sh --which-device 2>&1)
+[ "$got" = "$want" ] && ok || bad "with a GPU, built $([ $want = gpu ] && echo with || echo without) CUDA: picked '$got', not $want"
+got=$(PATH="$TMP/nogpu:/usr/bin:/bin" bash demo/run.sh --which-device 2>&1)
+[ "$got" = cpu ] && ok || bad "without nvidia-smi: picked '$got', not cpu"
+got=$(DEMO_DEVICE=gpu bash demo/run.sh --which-device 2>&1)
+[ "$got" = gpu ] && ok || bad "DEMO_DEVICE=gpu: picked '$got'"
+out=$(DEMO_DEVICE=tpu bash demo/run.sh --which-device 2>&1); rc=$?
+[ $rc -ne 0 ] && [ "$out" = "demo: DEMO_DEVICE must be cpu or gpu, got 'tpu'" ] && ok || bad "DEMO_DEVICE=tpu: exit $rc, said: $out"
 
 if [ $fails -ne 0 ]; then echo "--- run.log"; cat "$TMP/run.log"; fi
 echo "test_demo_cpu: $checks checks, $fails failures (seed $SEED; the demo pipeline on a tiny model, CPU, offline)"
