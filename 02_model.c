@@ -752,10 +752,11 @@ static API void model_load(Model *m, const char *dir, long target_ctx) {
  * The pieces, forward and backward. T = B*N rows; every buffer is row-major.
  * ------------------------------------------------------------------------------------- */
 
-/* y [T, out] = x [T, in] W^T, W [out, in]. Blocks of 32 weight rows stay in cache while 4
- * rows of x at a time stream past them; OpenMP shares the (weight block, row block) tiles. */
+/* y [T, out] = x [T, in] W^T, W [out, in]. Blocks of 30 weight rows stay in cache while 4
+ * rows of x at a time stream past them, against 3 weight rows at once (12 sums, 7 loads per
+ * 12 multiply-adds); OpenMP shares the (weight block, row block) tiles. */
 HOT_LOOPS static void matmul_forward(float *y, const float *x, const float *w, size_t T, size_t in, size_t out) {
-    const size_t OB = 32, TB = 64;
+    const size_t OB = 30, TB = 64;
     size_t n_ob = (out + OB - 1) / OB, n_tb = (T + TB - 1) / TB;
 #pragma omp parallel for collapse(2) schedule(dynamic)
     for (size_t ob = 0; ob < n_ob; ob++)
@@ -766,16 +767,18 @@ HOT_LOOPS static void matmul_forward(float *y, const float *x, const float *w, s
             for (; t + 4 <= t_end; t += 4) {
                 const float *x0 = x + t * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
                 size_t o = ob * OB;
-                for (; o + 2 <= o_end; o += 2) { /* 4 rows x 2 weight rows: 6 loads per 16 flops */
-                    const float *wa = w + o * in, *wb = wa + in;
-                    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+                for (; o + 3 <= o_end; o += 3) { /* 4 rows x 3 weight rows */
+                    const float *wa = w + o * in, *wb = wa + in, *wc = wb + in;
+                    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3)
                     for (size_t i = 0; i < in; i++) {
                         a0 += x0[i] * wa[i]; a1 += x1[i] * wa[i]; a2 += x2[i] * wa[i]; a3 += x3[i] * wa[i];
                         b0 += x0[i] * wb[i]; b1 += x1[i] * wb[i]; b2 += x2[i] * wb[i]; b3 += x3[i] * wb[i];
+                        c0 += x0[i] * wc[i]; c1 += x1[i] * wc[i]; c2 += x2[i] * wc[i]; c3 += x3[i] * wc[i];
                     }
                     y[t * out + o] = a0; y[(t + 1) * out + o] = a1; y[(t + 2) * out + o] = a2; y[(t + 3) * out + o] = a3;
                     y[t * out + o + 1] = b0; y[(t + 1) * out + o + 1] = b1; y[(t + 2) * out + o + 1] = b2; y[(t + 3) * out + o + 1] = b3;
+                    y[t * out + o + 2] = c0; y[(t + 1) * out + o + 2] = c1; y[(t + 2) * out + o + 2] = c2; y[(t + 3) * out + o + 2] = c3;
                 }
                 for (; o < o_end; o++) {
                     const float *wr = w + o * in;
@@ -800,8 +803,9 @@ HOT_LOOPS static void matmul_forward(float *y, const float *x, const float *w, s
         }
 }
 
-/* dx [T, in] += dy [T, out] W, W [out, in]: each thread owns blocks of 32 rows of dx; four
- * weight rows are folded in per pass over a row of dx (fewer loads and stores per flop). */
+/* dx [T, in] += dy [T, out] W, W [out, in]: each thread owns blocks of 32 rows of dx; eight
+ * weight rows are folded in per pass over a row of dx (one load and one store of dx per 8
+ * multiply-adds). */
 HOT_LOOPS static void matmul_backward_dx(float *dx, const float *dy, const float *w, size_t T, size_t in, size_t out) {
     const size_t TB = 32;
     size_t n_tb = (T + TB - 1) / TB;
@@ -809,14 +813,16 @@ HOT_LOOPS static void matmul_backward_dx(float *dx, const float *dy, const float
     for (size_t tb = 0; tb < n_tb; tb++) {
         size_t t_end = (tb + 1) * TB < T ? (tb + 1) * TB : T;
         size_t o = 0;
-        for (; o + 4 <= out; o += 4) {
+        for (; o + 8 <= out; o += 8) {
             const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+            const float *w4 = w3 + in, *w5 = w4 + in, *w6 = w5 + in, *w7 = w6 + in;
             for (size_t t = tb * TB; t < t_end; t++) {
                 const float *g = dy + t * out + o;
-                float g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
+                float g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], g4 = g[4], g5 = g[5], g6 = g[6], g7 = g[7];
                 float *dxr = dx + t * in;
 #pragma omp simd
-                for (size_t i = 0; i < in; i++) dxr[i] += g0 * w0[i] + g1 * w1[i] + g2 * w2[i] + g3 * w3[i];
+                for (size_t i = 0; i < in; i++)
+                    dxr[i] += g0 * w0[i] + g1 * w1[i] + g2 * w2[i] + g3 * w3[i] + g4 * w4[i] + g5 * w5[i] + g6 * w6[i] + g7 * w7[i];
             }
         }
         for (; o < out; o++) {
@@ -831,7 +837,7 @@ HOT_LOOPS static void matmul_backward_dx(float *dx, const float *dy, const float
     }
 }
 
-/* dW [out, in] += dy^T [out, T] x [T, in]: each thread owns blocks of 32 rows of dW; four
+/* dW [out, in] += dy^T [out, T] x [T, in]: each thread owns blocks of 32 rows of dW; eight
  * rows of x are folded in per pass over a row of dW. */
 HOT_LOOPS static void matmul_backward_dw(float *dw, const float *dy, const float *x, size_t T, size_t in, size_t out) {
     const size_t OB = 32;
@@ -840,13 +846,16 @@ HOT_LOOPS static void matmul_backward_dw(float *dw, const float *dy, const float
     for (size_t ob = 0; ob < n_ob; ob++) {
         size_t o_end = (ob + 1) * OB < out ? (ob + 1) * OB : out;
         size_t t = 0;
-        for (; t + 4 <= T; t += 4) {
+        for (; t + 8 <= T; t += 8) {
             const float *x0 = x + t * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
+            const float *x4 = x3 + in, *x5 = x4 + in, *x6 = x5 + in, *x7 = x6 + in;
             for (size_t o = ob * OB; o < o_end; o++) {
-                float g0 = dy[t * out + o], g1 = dy[(t + 1) * out + o], g2 = dy[(t + 2) * out + o], g3 = dy[(t + 3) * out + o];
+                const float *g = dy + t * out + o;
+                float g0 = g[0], g1 = g[out], g2 = g[2 * out], g3 = g[3 * out], g4 = g[4 * out], g5 = g[5 * out], g6 = g[6 * out], g7 = g[7 * out];
                 float *dwr = dw + o * in;
 #pragma omp simd
-                for (size_t i = 0; i < in; i++) dwr[i] += g0 * x0[i] + g1 * x1[i] + g2 * x2[i] + g3 * x3[i];
+                for (size_t i = 0; i < in; i++)
+                    dwr[i] += g0 * x0[i] + g1 * x1[i] + g2 * x2[i] + g3 * x3[i] + g4 * x4[i] + g5 * x5[i] + g6 * x6[i] + g7 * x7[i];
             }
         }
         for (; t < T; t++) {
