@@ -723,7 +723,8 @@ flash_fwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  *                                gives 168 to each of the 384 threads). PINGPONG orders
  *                                the two warpgroups' MMA issues with named barriers, so the
  *                                softmax of one runs while the other's products run. With
- *                                3 stages and ping-pong (variant 9) it is the default.
+ *                                3 stages, ping-pong and the mask's code only on the tiles
+ *                                it cuts (variant 10, step 13) it is the default.
  * ------------------------------------------------------------------------------------- */
 
 /* d[64 x 128] (+)= A B^T with A (64 rows, K-major) and B (128 rows, K-major) in shared memory */
@@ -2161,14 +2162,15 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
  * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
-#define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
+#define FWD_WGMMA_DEFAULT(D) 10 /* TMA producer, 3 stages, overlap, ping-pong, mask on edge tiles only (bench/NOTES.md step 13) */
 #define N_FWD_VARIANTS 12
 #define N_BWD_VARIANTS 7
 #define BWD_WGMMA_DEFAULT 5 /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12) */
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
  * (sm_90a), else variant 1; variants 4 to 11 fall back to 1 the same way. Variants 4 and 5
  * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10); 10 and 11 are 9
- * with the mask's code only on the tiles it touches, 11 with 4 stages at d = 64 (step 13). */
+ * with the mask's code only on the tiles it touches, 11 with 4 stages at d = 64 (step 13;
+ * 10 is the faster at both head dims). */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
                                                                      "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups",
