@@ -38,6 +38,7 @@
 #include <cudaTypedefs.h> /* CUtensorMap and the driver's cuTensorMapEncodeTiled type (found at run time) */
 #include <float.h>
 #include <stdint.h>
+#include <type_traits> /* std::true_type / false_type: a compile-time flag for a lambda */
 
 #include "04_gpu.h" /* the API this file implements (and common.h) */
 
@@ -467,6 +468,13 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lead_byte
     return (uint64_t)((addr >> 4) & 0x3FFF) | ((uint64_t)((lead_bytes >> 4) & 0x3FFF) << 16) |
            ((uint64_t)((stride_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
+/* the descriptor of addr + bytes from addr's: its low 14 bits are addr >> 4, and a shared
+ * address stays under 2^18, so the sum never carries out of that field. One add of the low
+ * word per product, where building each descriptor anew took ~5 uniform instructions
+ * (bench/NOTES.md step 13). */
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
+    return (desc & 0xFFFFFFFF00000000ull) | (uint32_t)((uint32_t)desc + (bytes >> 4));
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -508,22 +516,24 @@ __device__ __forceinline__ void load_tile_atoms_async(uint32_t tile, const bf16 
 
 template <int D, int BN>
 __device__ __forceinline__ void wgmma_qk(float s[BN / 8][4], const uint32_t q_frag[D / 16][4], uint32_t kt) {
+    const uint64_t k_desc = wgmma_desc(kt, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         /* K is K-major: 16 more head dims = 32 bytes further inside the 128-byte atom */
-        const uint64_t desc = wgmma_desc(kt + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t desc = desc_plus(k_desc, (kk / 4) * BN * 128 + (kk % 4) * 32);
         if constexpr (BN == 128) wgmma_m64n128k16<0>(s, q_frag[kk], desc, kk > 0);
         else wgmma_m64n64k16<0>(s, q_frag[kk], desc, kk > 0);
     }
 }
 template <int D, int BN>
 __device__ __forceinline__ void wgmma_pv(float o[D / 8][4], const uint32_t p_frag[BN / 16][4], uint32_t vt) {
+    const uint64_t v_desc = wgmma_desc(vt, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; kk++) {
         const uint32_t *a = p_frag[kk];
         /* V is N-major: 16 more keys = 16 rows of 128 bytes; the next 64 head dims are the
          * next atom (BN rows further) */
-        const uint64_t desc = wgmma_desc(vt + kk * 16 * 128, BN * 128, 1024);
+        const uint64_t desc = desc_plus(v_desc, kk * 16 * 128);
         if constexpr (D == 128) wgmma_m64n128k16<1>(o, a, desc, 1);
         else wgmma_m64n64k16<1>(o, a, desc, 1);
     }
@@ -713,7 +723,8 @@ flash_fwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  *                                gives 168 to each of the 384 threads). PINGPONG orders
  *                                the two warpgroups' MMA issues with named barriers, so the
  *                                softmax of one runs while the other's products run. With
- *                                3 stages and ping-pong (variant 9) it is the default.
+ *                                3 stages, ping-pong and the mask's code only on the tiles
+ *                                it cuts (variant 10, step 13) it is the default.
  * ------------------------------------------------------------------------------------- */
 
 /* d[64 x 128] (+)= A B^T with A (64 rows, K-major) and B (128 rows, K-major) in shared memory */
@@ -726,24 +737,27 @@ __device__ __forceinline__ void wgmma_ss_m64n128k16(float d[16][4], uint64_t des
 /* s[64 x 128] = Q K^T over D: q_rows = the warpgroup's first row in a [D/64][BM][64] Q tile */
 template <int D, int BM>
 __device__ __forceinline__ void wgmma_qk_ss(float s[16][4], uint32_t q_rows, uint32_t kt) {
+    const uint64_t q_desc = wgmma_desc(q_rows, 16, 1024), k_desc = wgmma_desc(kt, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        const uint64_t da = wgmma_desc(q_rows + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
-        const uint64_t db = wgmma_desc(kt + (kk / 4) * 128 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t da = desc_plus(q_desc, (kk / 4) * BM * 128 + (kk % 4) * 32);
+        const uint64_t db = desc_plus(k_desc, (kk / 4) * 128 * 128 + (kk % 4) * 32);
         wgmma_ss_m64n128k16(s, da, db, kk > 0);
     }
 }
 
 /* The online softmax of one S tile for this thread's two rows (row0 and row0 + 8; the
  * accumulator layout: s[nt][e] is row row0 + 8 * (e >> 1), key n0 + nt * 8 + 2t + (e & 1)):
- * masks keys outside [row_fk, row] when `mask`, updates the running max (base 2, scaled) and
+ * masks keys outside [row_fk, row] when `mask` (MASK = false: an instance without the mask's
+ * code, for tiles the caller knows no mask touches), updates the running max (base 2, scaled) and
  * sum, returns in alpha what the O accumulated so far is to be multiplied by, and P as bf16
  * A fragments in p. S is only read: ptxas serialises every wgmma of the kernel when ordinary
  * code writes a wgmma accumulator while another wgmma group is running (warning C7513). */
-template <int BN>
+template <int BN, bool MASK = true>
 __device__ __forceinline__ void softmax_tile(const float (&s)[BN / 8][4], uint32_t (&p)[BN / 16][4], float alpha[2], float m_run[2], float l_run[2],
                                              bool mask, int n0, int row0, const int row_fk[2], int t, float scale_log2) {
     auto score = [&](int nt, int e) {
+        if (!MASK) return s[nt][e]; /* an instance for tiles no mask touches */
         const int row = row0 + 8 * (e >> 1), col = n0 + nt * 8 + 2 * t + (e & 1);
         return mask & ((col > row) | (col < row_fk[e >> 1])) ? -INFINITY : s[nt][e]; /* no short circuit: a select, not a branch */
     };
@@ -938,7 +952,7 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void *tmap, uint
 __device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
-template <int D, int BN, int ST, int PINGPONG>
+template <int D, int BN, int ST, int PINGPONG, int EDGE_MASK>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
                      bf16 *__restrict__ O, float *__restrict__ LSE, int N, int H, int Hk, int G, float scale_log2) {
@@ -1026,7 +1040,9 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     mbar_arrive_if(k_empty, lane == 0);
     softmax_tile<BN>(s, p, alpha, m_run, l_run, true, tile_hi * BN, row0, row_fk, t, scale_log2);
 
-    for (int j = 0; j + 1 < n_tiles; j++) {
+    /* one pass: S(j+1) and P(j) V(j) issued, S(j+1)'s softmax under P(j) V(j); MASK = false
+     * leaves the mask's code out (edge_tile: std::true_type or std::false_type) */
+    auto pass = [&](int j, auto edge_tile) {
         const int n1 = (tile_hi - j - 1) * BN; /* tile j+1's first key */
         const int st0 = j % ST, st1 = (j + 1) % ST;
         mbar_wait(k_full + 8 * st1, ((j + 1) / ST) & 1);
@@ -1047,7 +1063,8 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         mbar_arrive_if(k_empty + 8 * st1, lane == 0);
         mbar_arrive_if(v_empty + 8 * ((j + ST - 1) % ST), lane == 0 && j > 0);
         uint32_t p_next[BN / 16][4];
-        softmax_tile<BN>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0, row_fk, t, scale_log2);
+        softmax_tile<BN, decltype(edge_tile)::value>(s, p_next, alpha, m_run, l_run, n1 + BN - 1 > wrow0 || n1 < fk_last, n1, row0,
+                                                     row_fk, t, scale_log2);
         wgmma_wait<0>();
         pin_regs(o_acc);
         pin_regs(p); /* as in flash_fwd_wgmma_ovl_kernel */
@@ -1056,7 +1073,14 @@ flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         for (int kk = 0; kk < BN / 16; kk++)
 #pragma unroll
             for (int e = 0; e < 4; e++) p[kk][e] = p_next[kk][e];
-    }
+    };
+    /* EDGE_MASK: two loops, so that each pass stays one straight block (a branch around the
+     * softmax made ptxas serialise the wgmma, C7513). Past tile 0 the causal diagonal is
+     * behind every row (BM == BN and tiles aligned to BN), so only S2's window starts mask,
+     * and they fall on the last tiles: j < j_edge have n1 >= fk_last, no mask at all. */
+    const int j_edge = EDGE_MASK ? min(n_tiles - 1, max(0, tile_hi - (fk_last + BN - 1) / BN)) : 0;
+    for (int j = 0; j < j_edge; j++) pass(j, std::false_type{});
+    for (int j = j_edge; j + 1 < n_tiles; j++) pass(j, std::true_type{});
     const int st_last = (n_tiles - 1) % ST;
     mbar_wait(v_full + 8 * st_last, ((n_tiles - 1) / ST) & 1);
     if (PINGPONG) named_bar_sync(my_turn, 256);
@@ -1260,18 +1284,17 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
         }
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
-            const int q = m0 + mrow + g + 8 * hf;
-            if (q < N) {
-                float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
+            /* rows past N hold zeros (their lse is +inf, so P = 0) and go to row N - 1: no branch */
+            const int q = min(m0 + mrow + g + 8 * hf, N - 1);
+            float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
 #pragma unroll
-                for (int dn = 0; dn < DW / 8; dn++) {
+            for (int dn = 0; dn < DW / 8; dn++) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                    atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
+                atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
 #else
-                    atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
-                    atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
+                atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
+                atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
 #endif
-                }
             }
         }
     };
@@ -1430,19 +1453,21 @@ __device__ __forceinline__ void wgmma_ss_m64n64k16(float d[8][4], uint64_t desc_
  * Y = a K-major [D/64][64][64] tile */
 template <int D, int BN>
 __device__ __forceinline__ void wgmma_xyt(float acc[8][4], uint32_t x_tile, int x_row0, uint32_t y_tile) {
+    const uint64_t x_desc = wgmma_desc(x_tile + x_row0 * 128, 16, 1024), y_desc = wgmma_desc(y_tile, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        const uint64_t da = wgmma_desc(x_tile + (kk / 4) * BN * 128 + x_row0 * 128 + (kk % 4) * 32, 16, 1024);
-        const uint64_t db = wgmma_desc(y_tile + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t da = desc_plus(x_desc, (kk / 4) * BN * 128 + (kk % 4) * 32);
+        const uint64_t db = desc_plus(y_desc, (kk / 4) * 64 * 128 + (kk % 4) * 32);
         wgmma_ss_m64n64k16<0, 0>(acc, da, db, kk > 0);
     }
 }
 /* acc[64, D] += A Y: A [64, 64] as register fragments, Y = [D/64][64][64] read N-major */
 template <int D>
 __device__ __forceinline__ void wgmma_ay(float acc[D / 8][4], const uint32_t a_frag[4][4], uint32_t y_tile) {
+    const uint64_t y_desc = wgmma_desc(y_tile, 64 * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-        const uint64_t db = wgmma_desc(y_tile + kk * 16 * 128, 64 * 128, 1024);
+        const uint64_t db = desc_plus(y_desc, kk * 16 * 128);
         if constexpr (D == 128) wgmma_m64n128k16<1>(acc, a_frag[kk], db, 1);
         else wgmma_m64n64k16<1>(acc, a_frag[kk], db, 1);
     }
@@ -1533,9 +1558,10 @@ template <int D> __device__ __forceinline__ void bwd_dq_issue(float (&dq)[8][4],
     constexpr int BN = 128;
     const int key0 = BY_KEYS ? 64 * wg : 0, col_atom = BY_KEYS ? 0 : wg;
     const uint32_t a_t = ds_t + key0 * 128, k_t = sK + col_atom * BN * 128 + key0 * 128;
+    const uint64_t a_desc = wgmma_desc(a_t, BN * 128, 1024), k_desc = wgmma_desc(k_t, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < (BY_KEYS ? 4 : 8); kk++)
-        wgmma_ss_m64n64k16<1, 1>(dq, wgmma_desc(a_t + kk * 16 * 128, BN * 128, 1024), wgmma_desc(k_t + kk * 16 * 128, BN * 128, 1024), kk > 0);
+        wgmma_ss_m64n64k16<1, 1>(dq, desc_plus(a_desc, kk * 16 * 128), desc_plus(k_desc, kk * 16 * 128), kk > 0);
 }
 /* dQacc rows m0.. of head h += this thread's share of bwd_dq_issue's product, by float2
  * atomics; rows past N hold zeros (P = 0 there) and go to row N-1, with no branch */
@@ -2136,20 +2162,24 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 /* Tile shapes: each variant is one template instance; the library uses variant 0 of each,
  * the fastest measured (bench/NOTES.md). `04_s2attn --variants [--d 64]` times them all. */
 static int g_fwd_variant = 0, g_bwd_variant = 0;
-#define FWD_WGMMA_DEFAULT(D) 9 /* TMA producer, 3 stages, overlap, ping-pong (bench/NOTES.md step 10) */
-#define N_FWD_VARIANTS 10
+#define FWD_WGMMA_DEFAULT(D) 10 /* TMA producer, 3 stages, overlap, ping-pong, mask on edge tiles only (bench/NOTES.md step 13) */
+#define N_FWD_VARIANTS 12
 #define N_BWD_VARIANTS 7
 #define BWD_WGMMA_DEFAULT 5 /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12) */
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
- * (sm_90a), else variant 1; variants 4 to 9 fall back to 1 the same way. Variants 4 and 5
- * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10). */
+ * (sm_90a), else variant 1; variants 4 to 11 fall back to 1 the same way. Variants 4 and 5
+ * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10); 10 and 11 are 9
+ * with the mask's code only on the tiles it touches, 11 with 4 stages at d = 64 (step 13;
+ * 10 is the faster at both head dims). */
 [[maybe_unused]] static const char *fwd_variant_name[N_FWD_VARIANTS] = {"default", "mma.sync BM128 BN64 4 warps (32 rows each)", "mma.sync BM128 BN64 8 warps (16 rows each)",
                                                                      "mma.sync BM64 BN64 4 warps (16 rows each)", "wgmma BM128 BN64 (d=128) / BN128 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128 (d=128) / BN64 (d=64), 2 warpgroups",
                                                                      "wgmma BM128 BN128, next S overlaps softmax, cp.async",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 2 stages",
                                                                      "wgmma BM128 BN128, overlap, TMA producer, 2 stages, ping-pong",
-                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong"};
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong",
+                                                                     "wgmma BM128 BN128, overlap, TMA producer, 3 stages, ping-pong, mask on edge tiles only",
+                                                                     "as 10 with 4 stages at d=64 (3 at d=128, where 4 do not fit)"};
 
 /* does this binary hold the sm_90a (wgmma) kernels for the current device? asked once */
 static int wgmma_available(void) {
@@ -2261,14 +2291,14 @@ static int make_tensor_map(CUtensorMap *map, const bf16 *base, int D, int heads,
     return make_tensor_map_typed(map, base, 0, D, heads, N, B, rows);
 }
 /* 0, or -1 where no tensor map could be made (the caller falls back to the cp.async kernel) */
-template <int D, int ST, int PINGPONG>
+template <int D, int ST, int PINGPONG, int EDGE_MASK = 0>
 static int launch_fwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int B, int N, int H, int Hk, int G) {
     constexpr int BM = 128, BN = 128;
     constexpr size_t smem = (size_t)(BM * D + 2 * ST * BN * D) * 2 + 1024 + 8 * (1 + 4 * ST); /* Q, K/V ring, alignment, mbarriers */
     static_assert(smem <= 227 * 1024, "shared memory per block");
     CUtensorMap tm_q, tm_k, tm_v;
     if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) || make_tensor_map(&tm_v, v, D, Hk, N, B, BN)) return -1;
-    auto kern = flash_fwd_tma_kernel<D, BN, ST, PINGPONG>;
+    auto kern = flash_fwd_tma_kernel<D, BN, ST, PINGPONG, EDGE_MASK>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BM - 1) / BM), (unsigned)H, (unsigned)B);
     kern<<<grid, 384, smem>>>(tm_q, tm_k, tm_v, o, lse, N, H, Hk, G, LOG2E / sqrtf((float)D));
@@ -2284,10 +2314,12 @@ static void launch_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, flo
     case 4: launch_fwd_wgmma<D, D == 128 ? 64 : 128>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 5: launch_fwd_wgmma<D, D>(q, k, v, o, lse, B, N, H, Hk, G); break;
     case 6: launch_fwd_wgmma_ovl<D>(q, k, v, o, lse, B, N, H, Hk, G); break;
-    case 7: case 8: case 9: {
-        const int r = variant == 7   ? launch_fwd_tma<D, 2, 0>(q, k, v, o, lse, B, N, H, Hk, G)
-                      : variant == 8 ? launch_fwd_tma<D, 2, 1>(q, k, v, o, lse, B, N, H, Hk, G)
-                                     : launch_fwd_tma<D, 3, 1>(q, k, v, o, lse, B, N, H, Hk, G);
+    case 7: case 8: case 9: case 10: case 11: {
+        const int r = variant == 7    ? launch_fwd_tma<D, 2, 0>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 8  ? launch_fwd_tma<D, 2, 1>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 9  ? launch_fwd_tma<D, 3, 1>(q, k, v, o, lse, B, N, H, Hk, G)
+                      : variant == 10 ? launch_fwd_tma<D, 3, 1, 1>(q, k, v, o, lse, B, N, H, Hk, G)
+                                      : launch_fwd_tma<D, D == 64 ? 4 : 3, 1, 1>(q, k, v, o, lse, B, N, H, Hk, G);
         if (r != 0) launch_fwd_wgmma<D, 128>(q, k, v, o, lse, B, N, H, Hk, G); /* no tensor map: version 3, 128-key tiles */
         break;
     }

@@ -1343,11 +1343,17 @@ static API double need_double_arg(const char *flag, const char *s, double lo, do
 #define S2_HOSTDEV
 #endif
 static inline S2_HOSTDEV size_t s2_first_key(size_t i, int h, int H, size_t G) {
-    if (G == 0) return 0;                   /* full attention */
-    if (h < H / 2) return (i / G) * G;      /* plain groups */
-    size_t S = G / 2;
-    if (i < S) return 0;                    /* the short first segment [0, S) */
-    return S + ((i - S) / G) * G;
+#ifdef __CUDA_ARCH__
+    typedef uint32_t idx; /* on the GPU i < N <= INT_MAX: a 32-bit division, where a 64-bit one is a call */
+#else
+    typedef size_t idx;
+#endif
+    const idx ii = (idx)i, g = (idx)G;
+    if (g == 0) return 0;                   /* full attention */
+    if (h < H / 2) return (ii / g) * g;     /* plain groups */
+    const idx S = g / 2;
+    if (ii < S) return 0;                   /* the short first segment [0, S) */
+    return S + ((ii - S) / g) * g;
 }
 
 /* The S2-Attn group for N tokens at group ratio `ratio` (G = N * ratio, a whole number that

@@ -3,8 +3,9 @@
 
 Run by `make bench` on a GPU machine with torch:
     python bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json \
-        --out bench/results/attn_sdpa.json [--bwd-variant V]
-(--bwd-variant: the check runs our backward tile variant V instead of the default.)
+        --out bench/results/attn_sdpa.json [--fwd-variant V] [--bwd-variant V] [--d 64]
+(--fwd-variant / --bwd-variant: the check runs our tile variant V of that kernel instead of
+the default; --d: the head dimension of the timed shapes, 128 by default.)
 
 Check (the flash-attention project's criterion): for O, dQ, dK, dV of causal and S2 attention,
 max |ours - ref| <= 2 * max |torch_bf16 - ref| + 1e-5, where ref is the same computation in
@@ -150,18 +151,22 @@ def check_ours(lib):
 
 
 def main():
+    global D
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", default="build/libs2attn.so")
     ap.add_argument("--ours", default="bench/results/attn_ours.json")
     ap.add_argument("--out", default="bench/results/attn_sdpa.json")
+    ap.add_argument("--fwd-variant", type=int, default=0, help="the forward tile variant our check runs (0: the library's default)")
     ap.add_argument("--bwd-variant", type=int, default=0, help="the backward tile variant our check runs (0: the library's default)")
+    ap.add_argument("--d", type=int, default=D, choices=(64, 128), help="head dimension of the timed shapes")
     args = ap.parse_args()
+    D = args.d
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "H": H, "d": D, "tokens": TOKENS, "reps": REPS,
-           "bwd_variant": args.bwd_variant}
+           "fwd_variant": args.fwd_variant, "bwd_variant": args.bwd_variant}
     lib = load_ours(args.lib)
     lib.attn_set_tile_variant.argtypes = [ctypes.c_int, ctypes.c_int]
-    assert lib.attn_set_tile_variant(0, args.bwd_variant) == 0, f"no backward variant {args.bwd_variant}"
+    assert lib.attn_set_tile_variant(args.fwd_variant, args.bwd_variant) == 0, f"no variant {args.fwd_variant} / {args.bwd_variant}"
     print("our kernels against torch (max abs error vs fp32 reference: ours / torch bf16 SDPA)")
     res["check"], ok = check_ours(lib)
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):

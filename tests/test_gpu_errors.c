@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 
 #include "check.h"
+#include "gpu_tiny.h"
 
 static const char POISON[] = "a sentence left over from an earlier failure";
 
@@ -56,27 +57,15 @@ static void test_refusals(void) {
 static void spoilt_step(void) {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) _exit(77);
-    Config c;
-    memset(&c, 0, sizeof c);
-    c.dim = 128; c.n_layers = 1; c.n_heads = 2; c.n_kv_heads = 1; c.head_dim = 64; c.ffn_dim = 256; c.vocab_size = 100;
-    c.rms_eps = 1e-5f; c.rope_theta = 10000.0f; c.rope_config_factor = 1.0f; c.rope_factor = 1.0f; c.max_pos = 64; c.bos_id = c.eos_id = -1;
-    Model m;
-    model_init_random(&m, &c, 5, 0.05f);
-    LoraConfig lc = lora_default_config();
-    LoraAdapter ad;
-    if (lora_init(&ad, &c, &lc) != 0) die("%s", last_error());
-    AdamWConfig oc = adamw_default_config();
-    LoraTrainer lt; /* 03's trainable tensors and AdamW, no CPU activations */
-    lora_trainer_init(&lt, &m, &ad, &oc, 0, 0, 0);
-    GpuTrainer g;
-    gpu_train_init(&g, &m, &ad, &lt.opt, 0);
+    TinyTrainer t;
+    tiny_trainer_init(&t, 1, 1, 5);
     const size_t N = 64;
-    if (gpu_train_plan(&g, 1, N, N / 2) != 0) die("%s", last_error());
-    g.G = 24;
+    if (gpu_train_plan(&t.g, 1, N, N / 2) != 0) die("%s", last_error());
+    t.g.G = 24;
     int32_t tokens[64], targets[64]; /* [N] */
     for (size_t i = 0; i < N; i++) { tokens[i] = (int32_t)(i % 100); targets[i] = (int32_t)((i + 1) % 100); }
     set_error("%s", POISON);
-    gpu_train_forward_backward(&g, tokens, targets);
+    gpu_train_forward_backward(&t.g, tokens, targets);
     _exit(0); /* not reached: the step dies */
 }
 

@@ -19,6 +19,7 @@
 #include "05_train_gpu.c"
 
 #include "check.h"
+#include "gpu_tiny.h"
 
 typedef struct {
     const char *name;
@@ -178,28 +179,13 @@ static void run_case(const Case *k, uint64_t seed) {
 }
 
 static void test_does_not_fit(void) {
-    Config c;
-    memset(&c, 0, sizeof c);
-    c.dim = 128; c.n_layers = 2; c.n_heads = 2; c.n_kv_heads = 2; c.head_dim = 64; c.ffn_dim = 256; c.vocab_size = 100;
-    c.rms_eps = 1e-5f; c.rope_theta = 10000.0f; c.rope_config_factor = 1.0f; c.rope_factor = 1.0f; c.max_pos = 64; c.bos_id = c.eos_id = -1;
-    Model m;
-    model_init_random(&m, &c, 3, 0.05f);
-    LoraConfig lc = lora_default_config();
-    LoraAdapter ad;
-    if (lora_init(&ad, &c, &lc) != 0) die("%s", last_error());
-    AdamWConfig oc = adamw_default_config();
-    LoraTrainer lt; /* 03's trainable tensors and AdamW, no CPU activations */
-    lora_trainer_init(&lt, &m, &ad, &oc, 0, 0, 0);
-    GpuTrainer g;
-    gpu_train_init(&g, &m, &ad, &lt.opt, 0);
+    TinyTrainer t;
+    tiny_trainer_init(&t, 2, 2, 3);
     size_t N = (size_t)1 << 30; /* 1G tokens: terabytes of activations */
-    int rc = gpu_train_plan(&g, 1, N, N / 4);
+    int rc = gpu_train_plan(&t.g, 1, N, N / 4);
     EXPECT(rc == -1 && strstr(last_error(), "lower --ctx") && strstr(last_error(), "GiB"), "a context that does not fit: %s",
            rc ? last_error() : "(accepted)");
-    gpu_train_free(&g);
-    lora_trainer_free(&lt);
-    lora_free(&ad);
-    model_free(&m);
+    tiny_trainer_free(&t);
 }
 
 int main(void) {

@@ -29,6 +29,7 @@
 #include "05_train_gpu.c"
 
 #include "check.h"
+#include "gpu_tiny.h"
 
 static void round_bf16(float *x, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
@@ -220,31 +221,16 @@ static void run_case(const char *name, unsigned targets_mask, int budget_case, l
 
 /* A host budget too small for what the GPU budget leaves: one sentence naming both flags. */
 static void test_neither_fits(void) {
-    Config c;
-    memset(&c, 0, sizeof c);
-    c.dim = 128; c.n_layers = 2; c.n_heads = 2; c.n_kv_heads = 2; c.head_dim = 64; c.ffn_dim = 256; c.vocab_size = 100;
-    c.rms_eps = 1e-5f; c.rope_theta = 10000.0f; c.rope_config_factor = 1.0f; c.rope_factor = 1.0f; c.max_pos = 64; c.bos_id = c.eos_id = -1;
-    Model m;
-    model_init_random(&m, &c, 3, 0.05f);
-    LoraConfig lc = lora_default_config();
-    LoraAdapter ad;
-    if (lora_init(&ad, &c, &lc) != 0) die("%s", last_error());
-    AdamWConfig oc = adamw_default_config();
-    LoraTrainer lt;
-    lora_trainer_init(&lt, &m, &ad, &oc, 0, 0, 0);
-    GpuTrainer g;
-    gpu_train_init(&g, &m, &ad, &lt.opt, 0);
+    TinyTrainer t;
+    tiny_trainer_init(&t, 2, 2, 3);
     tg_gpu_mem_budget = gpu_train_used_bytes() + 1.0 * TP_GIB; /* 1 GiB beside what is in use */
     tg_host_mem_budget = 0.5 * TP_GIB;
     size_t N = (size_t)1 << 22;
-    int rc = gpu_train_plan(&g, 1, N, N / 4);
+    int rc = gpu_train_plan(&t.g, 1, N, N / 4);
     tg_gpu_mem_budget = 0; tg_host_mem_budget = -1;
     EXPECT(rc == -1 && strstr(last_error(), "lower --ctx") && strstr(last_error(), "--gpu-mem") && strstr(last_error(), "--host-mem"),
            "neither budget fits: %s", rc ? last_error() : "(accepted)");
-    gpu_train_free(&g);
-    lora_trainer_free(&lt);
-    lora_free(&ad);
-    model_free(&m);
+    tiny_trainer_free(&t);
 }
 
 int main(void) {
