@@ -284,6 +284,7 @@ def main():
             die("--only names recipes %s has not: %s" % (a.recipes, ", ".join(unknown)))
         recipes = [(n, r) for n, r in recipes if n in want]
     if a.table_only:
+        os.makedirs(a.out, exist_ok=True)
         lengths = [int(x) for x in a.ppl_lengths.split(",")]
         rows = []
         for name, _ in recipes:
