@@ -85,6 +85,11 @@ if [ $rc -eq 0 ] && ! grep -q running "$TMP/table.log" && [ ! -e "$TMP/out/unrun
    && diff <(grep -v '^| unrun' "$TMP/out/ablations.md") "$TMP/first.md" > /dev/null; then ok
 else bad "--table-only: exit $rc, $(tail -n 3 "$TMP/table.log")"; fi
 grep -q "$(pwd)/05_train" "$TMP"/out/*/run.log && bad "the run logs name this machine's path" || ok
+# --table-only into a folder that does not exist yet: the table of unrun recipes, no traceback
+"$PY" demo/ablate.py --recipes "$TMP/recipes2.txt" --table-only --out "$TMP/fresh/table" > "$TMP/fresh.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && [ "$(grep -c '| not run |' "$TMP/fresh/table/ablations.md" 2>/dev/null)" = "$((n_recipes + 1))" ]; then ok
+else bad "--table-only into a new folder: exit $rc, $(tail -n 1 "$TMP/fresh.log")"; fi
 
 refuse() { # WHY, a recipe file's text
   printf '%s\n' "$2" > "$TMP/bad.txt"
