@@ -42,7 +42,8 @@ from run_model import make_run_model  # noqa: E402  (demo/run_model.py: the run'
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 KEYS = {"engine": ("c", "peer"), "rope": ("linear", "yarn"), "schedule": ("constant", "cosine", "linear"),
         "train": ("lora+embed+norms", "lora+norms", "lora+embed", "lora"), "s2": ("on", "off")}
-NUMBERS = {"steps": int, "lr": float, "warmup": int, "seed": int, "rank": int, "alpha": float, "attention": float, "scale": int}
+NUMBERS = {"steps": int, "lr": float, "warmup": int, "seed": int, "rank": int, "alpha": float, "attention": float, "scale": int,
+           "ctx": int}
 
 
 def die(msg):
@@ -80,10 +81,10 @@ def parse_recipes(path, defaults):
             r[k] = v
         if r["engine"] == "c" and (r["schedule"] != "constant" or r["train"] != "lora+embed+norms"):
             die("%s: 05_train has only the constant schedule and trains LoRA+ whole: use engine=peer for schedule/train" % where)
-        for k in ("attention", "scale"):
+        for k in ("attention", "scale", "ctx"):
             if k in r and (r["engine"] != "c" or r["rope"] != "yarn"):
                 die("%s: %s is YaRN's (%s): it needs engine=c rope=yarn"
-                    % (where, k, "its attention factor" if k == "attention" else "its factor"))
+                    % (where, k, {"attention": "its attention factor", "scale": "its factor", "ctx": "a training length of its own"}[k]))
         if r["engine"] == "peer" and (r["rope"] != "linear" or r["s2"] != "on"):
             die("%s: the peer is evaluated by reference_eval.py (linear interpolation) and trains with S2-Attn: "
                 "use engine=c for rope=yarn or s2=off" % where)
@@ -173,12 +174,14 @@ def run_recipe(name, r, a, model, factor, data_tok, eval_tok, out):
     if r["engine"] == "c":
         adapter = os.path.join(out, "adapter")
         rope = ["--rope-scaling", r["rope"]]
-        if "attention" in r or "scale" in r:  # YaRN with its factor or attention factor set: a model copy whose config says so
-            model = make_run_model(model, os.path.join(a.work, "model-" + name), json.load(open(os.path.join(model, "config.json")))
-                                   ["max_position_embeddings"], r.get("scale", factor), r.get("attention"))
+        train_ctx = r.get("ctx", a.ctx)  # the evaluation stays at --ctx
+        if "attention" in r or "scale" in r or "ctx" in r:  # YaRN with its factor, attention factor or length set: a model copy whose config says so
+            orig = json.load(open(os.path.join(model, "config.json")))["max_position_embeddings"]
+            model = make_run_model(model, os.path.join(a.work, "model-" + name), orig,
+                                   r.get("scale", -(-max(train_ctx, a.ctx) // orig)), r.get("attention"))
             rope = []
         cmd = [os.path.join(ROOT, "05_train"), "--model", model, "--data"] + data_tok + [
-            "--ctx", str(a.ctx), "--max-steps", str(r["steps"]), "--lr", str(r["lr"]), "--warmup", str(r["warmup"]),
+            "--ctx", str(train_ctx), "--max-steps", str(r["steps"]), "--lr", str(r["lr"]), "--warmup", str(r["warmup"]),
             "--seed", str(r["seed"]), "--lora-rank", str(r["rank"]), "--lora-alpha", str(r["alpha"])] + rope + [
             "--device", device, "--log-every", "10", "--overwrite", "--out", adapter]
         if r["s2"] == "off":

@@ -30,6 +30,7 @@ demo        engine=c
 yarn        engine=c rope=yarn
 yarn-af1    engine=c rope=yarn attention=1.0
 yarn-x8     engine=c rope=yarn attention=1.0 scale=8
+yarn-long   engine=c rope=yarn attention=1.0 ctx=640
 full-attn   engine=c s2=off lr=1e-3
 two-texts   engine=c data=austen,$TMP/more.txt
 RECIPES
@@ -65,6 +66,11 @@ assert af1["rope_type"] == "yarn" and af1["factor"] == 4 and af1.get("attention_
 assert "attention_factor" not in yarn["rope_scaling"], yarn["rope_scaling"]
 x8 = json.load(open(out + "/yarn-x8/adapter/config.json"))["rope_scaling"]
 assert x8["rope_type"] == "yarn" and x8["factor"] == 8 and x8.get("attention_factor") == 1, x8
+# ctx=640: trained at 640 tokens with YaRN x5 (640 / 128), evaluated at the driver's 512
+lg = json.load(open(out + "/yarn-long/adapter/config.json"))["rope_scaling"]
+assert lg["rope_type"] == "yarn" and lg["factor"] == 5, lg
+cmds = [l for l in open(out + "/yarn-long/run.log") if l.startswith("$ ")]
+assert "--ctx 640" in cmds[0] and "05_train" in cmds[0] and all("--ctx 512" in c for c in cmds[1:]), cmds
 # the attention factor changes the model: its evaluation differs from the default YaRN's
 by = {r["name"]: r for r in rows}
 assert by["yarn-af1"]["perplexity"] != by["yarn"]["perplexity"], (by["yarn-af1"]["perplexity"], by["yarn"]["perplexity"])
@@ -106,6 +112,8 @@ refuse "attention without yarn" "x engine=c attention=1.0"
 refuse "attention not positive" "x engine=c rope=yarn attention=0"
 refuse "scale without yarn" "x engine=c scale=8"
 refuse "scale not a whole number" "x engine=c rope=yarn scale=2.5"
+refuse "ctx without yarn" "x engine=c ctx=40960"
+refuse "ctx on the peer" "x engine=peer ctx=40960"
 refuse "a name twice" $'x engine=c\nx engine=c'
 refuse "held-out text" "x engine=c data=$TMP/eval.txt"
 refuse "no such file" "x engine=c data=$TMP/none.txt"
