@@ -53,7 +53,12 @@ def die(msg):
 def parse_recipes(path, defaults):
     """[(name, {key: value})] from a recipes file; every value checked, every clash refused."""
     recipes, seen = [], set()
-    for no, line in enumerate(open(path, encoding="utf-8"), 1):
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        die("cannot read the recipes file %s: %s" % (path, getattr(e, "strerror", None) or e))
+    for no, line in enumerate(lines, 1):
         words = line.split("#", 1)[0].split()
         if not words:
             continue
@@ -92,6 +97,28 @@ def parse_recipes(path, defaults):
     if not recipes:
         die("%s holds no recipe" % path)
     return recipes
+
+
+def make_out(path):
+    """The output folder, made where missing; one sentence and exit 1 where it cannot be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        die("the output folder %s is a file" % path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        die("cannot make the output folder %s: %s" % (path, e.strerror or e))
+
+
+def read_row(path):
+    """A finished recipe's row.json; one sentence and exit 1 where it is not one."""
+    try:
+        with open(path) as f:
+            row = json.load(f)
+    except (OSError, ValueError) as e:
+        die("%s cannot be read as a row (%s): delete it to run the recipe again" % (path, e))
+    if not isinstance(row, dict) or "name" not in row:
+        die("%s is not a row of this driver: delete it to run the recipe again" % path)
+    return row
 
 
 def run(cmd, log, timeout=None):
@@ -287,12 +314,12 @@ def main():
             die("--only names recipes %s has not: %s" % (a.recipes, ", ".join(unknown)))
         recipes = [(n, r) for n, r in recipes if n in want]
     if a.table_only:
-        os.makedirs(a.out, exist_ok=True)
+        make_out(a.out)
         lengths = [int(x) for x in a.ppl_lengths.split(",")]
         rows = []
         for name, _ in recipes:
             row_path = os.path.join(a.out, name, "row.json")
-            rows.append(json.load(open(row_path)) if os.path.exists(row_path) else {"name": name, "error": "not run"})
+            rows.append(read_row(row_path) if os.path.exists(row_path) else {"name": name, "error": "not run"})
         lines = write_table(rows, defaults, lengths, os.path.join(a.out, "ablations.md"))
         with open(os.path.join(a.out, "ablations.jsonl"), "w") as f:
             for row in rows:
@@ -325,7 +352,7 @@ def main():
                 die("recipe %s: data %s is not a file" % (name, t))
             if os.path.realpath(t) == os.path.realpath(a.eval_text):
                 die("recipe %s: trains on the held-out text %s" % (name, t))
-    os.makedirs(a.out, exist_ok=True)
+    make_out(a.out)
     work = a.work = os.path.join(cache, "ablations")  # token files and model copies
     os.makedirs(work, exist_ok=True)
     config = json.load(open(os.path.join(model, "config.json")))
@@ -343,7 +370,7 @@ def main():
         out = os.path.join(a.out, name)
         row_path = os.path.join(out, "row.json")
         if os.path.exists(row_path):
-            row = json.load(open(row_path))
+            row = read_row(row_path)
             print("%-14s done before (%s)" % (name, row_path), flush=True)
         else:
             data_tok = [token_file(t, model, work) for t in texts_of(r)]

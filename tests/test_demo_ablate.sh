@@ -113,6 +113,21 @@ refuse "attention not positive" "x engine=c rope=yarn attention=0"
 refuse "scale without yarn" "x engine=c scale=8"
 refuse "scale not a whole number" "x engine=c rope=yarn scale=2.5"
 refuse "ctx without yarn" "x engine=c ctx=40960"
+# hostile files: one sentence and exit 1, never a traceback
+said() { # WHY, then the driver's arguments
+  local why=$1; shift
+  out=$("$PY" demo/ablate.py "$@" 2>&1); rc=$?
+  if [ $rc -ne 0 ] && [ "$(printf '%s\n' "$out" | wc -l)" = 1 ] && printf '%s' "$out" | grep -q '^ablate.py: '; then ok
+  else bad "$why: exit $rc, said: $out"; fi
+}
+said "no recipes file" --recipes "$TMP/none.txt" --table-only --out "$TMP/hostile"
+said "recipes file is a folder" --recipes "$TMP" --table-only --out "$TMP/hostile"
+: > "$TMP/a-file"
+said "output folder is a file" --recipes "$TMP/recipes.txt" --table-only --out "$TMP/a-file"
+mkdir -p "$TMP/hostile/demo" && printf '{"name": ' > "$TMP/hostile/demo/row.json"
+said "a cut row.json" --recipes "$TMP/recipes.txt" --table-only --out "$TMP/hostile"
+printf '[1, 2]' > "$TMP/hostile/demo/row.json"
+said "a row.json that is no row" --recipes "$TMP/recipes.txt" --table-only --out "$TMP/hostile"
 refuse "ctx on the peer" "x engine=peer ctx=40960"
 refuse "a name twice" $'x engine=c\nx engine=c'
 refuse "held-out text" "x engine=c data=$TMP/eval.txt"
