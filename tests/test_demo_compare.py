@@ -59,6 +59,8 @@ def main():
     open(bad_json, "w").write('{"device": ')
     open(cut_csv, "w").write(open(ours).read()[:-40])  # the last row cut in the middle of a field
     open(foreign_csv, "w").write("a,b\n1,2\n")
+    list_json = os.path.join(tmp, "list.json")
+    open(list_json, "w").write("[1, 2]")
     empty_csv = os.path.join(tmp, "empty.csv")
     open(empty_csv, "w").write(open(ours).read().splitlines()[0] + "\n")
     for why, args in (("no log", (os.path.join(tmp, "none.csv"), 1, peer, 1, run)),
@@ -67,7 +69,8 @@ def main():
                       ("a log of no steps", (ours, 1, empty_csv, 1, run)),
                       ("no run file", (ours, 1, peer, 1, os.path.join(tmp, "none.json"))),
                       ("a cut run file", (ours, 1, peer, 1, bad_json)),
-                      ("a run file that is a list", (ours, 1, peer, 1, foreign_csv)),
+                      ("a run file that is not JSON", (ours, 1, peer, 1, foreign_csv)),
+                      ("a run file that is a list", (ours, 1, peer, 1, list_json)),
                       ("a wall time that is not a number", (ours, "soon", peer, 1, run))):
         r = compare(*args)
         said = r.stderr.strip().splitlines()
