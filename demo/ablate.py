@@ -262,7 +262,7 @@ def write_table(rows, defaults, lengths, path):
         return "%d/%d" % tuple(c) if c else "-"
 
     head = ["recipe", "what differs", "train s", "loss (last 10)"] + ["ppl %d" % n for n in lengths] + \
-           ["passkey 16000", "passkey 32000", "passkey, all lengths"]
+           ["passkey 16000", "passkey 32000", "passkey, all lengths", "passkey by length"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -271,10 +271,14 @@ def write_table(rows, defaults, lengths, path):
         allc = sum(c for c, _ in r["passkey"].values()), sum(t for _, t in r["passkey"].values())
         cells = [r["name"], changed(r), "%.0f" % r["train_seconds"], "%.4f" % r["last_loss"] if r["last_loss"] else "-"]
         cells += ["%.2f" % r["perplexity"][str(n)] if str(n) in r["perplexity"] else "-" for n in lengths]
-        cells += [pk(r, 16000), pk(r, 32000), "%d/%d" % allc]
+        by_length = " ".join(str(r["passkey"][k][0]) for k in sorted(r["passkey"], key=int))  # keys found at each length, shortest first
+        cells += [pk(r, 16000), pk(r, 32000), "%d/%d" % allc, by_length]
         lines.append("| " + " | ".join(cells) + " |")
     with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n\nDefaults: " + ", ".join("%s=%s" % kv for kv in defaults.items()) + "\n")
+        done = [r for r in rows if "error" not in r]
+        note = ("\n\nPasskey by length: keys found out of %d at %s tokens." % (done[0]["passkey"][min(done[0]["passkey"], key=int)][1],
+                ", ".join(sorted(done[0]["passkey"], key=int)))) if done and done[0]["passkey"] else ""
+        f.write("\n".join(lines) + note + "\n\nDefaults: " + ", ".join("%s=%s" % kv for kv in defaults.items()) + "\n")
     os.replace(path + ".tmp", path)
     return lines
 

@@ -59,6 +59,11 @@ for r in rows:
     assert r["last_loss"] and math.isfinite(r["last_loss"]), r
 table = open(out + "/ablations.md").read().splitlines()
 assert len([l for l in table if l.startswith("| ") and not l.startswith("| recipe")]) == n, table
+# the last column: keys found at each passkey length, shortest first, as each row says
+for r in rows:
+    line = [l for l in table if l.startswith("| %s |" % r["name"])][0]
+    want = " ".join(str(r["passkey"][L][0]) for L in sorted(r["passkey"], key=int))
+    assert line.rstrip(" |").endswith("| " + want), (line, want)
 yarn = json.load(open(out + "/yarn/adapter/config.json"))
 assert "yarn" in json.dumps(yarn), "the yarn recipe's adapter does not carry yarn"
 af1 = json.load(open(out + "/yarn-af1/adapter/config.json"))["rope_scaling"]
