@@ -1747,7 +1747,7 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
 
 /* ---------------------------------------------------------------------------------------
  * Backward, version 3b: the wgmma backward warp-specialised (sm_90a only; backward
- * variants 4-6). Same block (128 keys of one kv head, two consumer warpgroups of 64 keys)
+ * variants 4-7). Same block (128 keys of one kv head, two consumer warpgroups of 64 keys)
  * and the same five products per query tile as flash_bwd_wgmma_kernel; what changes is how
  * the tiles arrive and how the warpgroups wait for each other:
  *   - a producer warpgroup (registers cut to 24 by setmaxnreg, the consumers' raised to 240)
@@ -1774,6 +1774,12 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
  *     float2 atomics (REDG.E.ADD.F32x2) per thread; rows past N are clipped by the TMA.
  *     Two warpgroup barriers per tile: the buffer is free (the issuing thread has waited
  *     for the previous reduce-add to read it), the buffer is written.
+ *   - KV_REGS (variant 7, d = 64 only): S^T = K Q^T and dP^T = V dO^T take this warpgroup's
+ *     K and V rows as register A fragments, loaded once by ldmatrix, instead of reading them
+ *     from shared memory for every query tile. At d = 64 a 64 x 64 x 16 product with both
+ *     operands in shared memory reads 4 KB in the 32 clocks it takes: shared memory's whole
+ *     128 bytes a clock, which the dQ staging and its bulk reduce-add also need. At d = 128
+ *     the fragments would take 64 registers that dK and dV hold.
  * ------------------------------------------------------------------------------------- */
 /* dst's box at (col, head, row, batch) += the fp32 tile at src (one thread, `issue`),
  * through the bulk-async group of the issuing thread; predicated inside the asm, no branch */
@@ -1794,7 +1800,7 @@ template <int READ> __device__ __forceinline__ void bulk_wait_all_if(bool issue)
 
 #define BWD_TMA_PRODUCER_REGS 24 /* 128 x 24 + 256 x 240 = 64,512 registers: all the block holds (384 threads x 168, launch_bounds(384, 1)); 32 asks for 1,024 more than it has, and setmaxnreg.inc waits for them forever */
 
-template <int D, int ST, int DQ_BULK>
+template <int D, int ST, int DQ_BULK, int KV_REGS>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do, /* [B, N, H, d] bf16, boxes of 64 rows */
                      const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v, /* [B, N, Hk, d] bf16, boxes of 128 rows */
@@ -1918,70 +1924,98 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     };
 
     mbar_wait(kv_full, 0);
+    /* KV_REGS (d = 64, where the registers allow): this warpgroup's 64 keys of K and V as
+     * wgmma A fragments, loaded once, so that S^T and dP^T read only Q and dO from shared
+     * memory (two 64 x 64 products with both operands there read 128 bytes a clock, all
+     * that shared memory gives) */
+    uint32_t k_frag[KV_REGS ? D / 16 : 1][4], v_frag[KV_REGS ? D / 16 : 1][4]; /* [D/16 k-steps][4] */
+    if constexpr (KV_REGS) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const int row = 64 * cwg + 16 * wi + (lane & 15), chunk = 2 * (kk % 4) + (lane >> 4);
+            ldmatrix_x4(k_frag[kk], swz<64>(sK + (kk / 4) * BN * 128, row, chunk));
+            ldmatrix_x4(v_frag[kk], swz<64>(sV + (kk / 4) * BN * 128, row, chunk));
+        }
+    }
+    /* The tile steps, j counting this block's query tiles (bwd_next_tile's order); tile j
+     * sits in stage j % ST, its dS^T in buffer j % 3; cur_* is tile j's head and row,
+     * prev_* tile j-1's (dQ(j-1) leaves with tile j) */
     int cur_r = 0, cur_mt = s_tlo[0];
-    int prev_h = kh * R, prev_m0 = cur_mt * BM;
-    /* Each tile's products are one straight run of code after the mbarrier waits at its
-     * start (see flash_bwd_wgmma_kernel). */
-    for (int it = 0; it < total; it++) {
-        const int st = it % ST, dsb = it % 3, dsb_prev = (it + 2) % 3;
-        const int h = kh * R + cur_r, m0 = cur_mt * BM;
-        /* both halves of dS^T(it-1) are in buffer dsb_prev (and so every warp is past tile
-         * it-2, whose dQ was the last reader of buffer dsb) */
-        if (it > 0) mbar_wait(ds_full + 8 * dsb_prev, ((it - 1) / 3) & 1);
-        mbar_wait(q_full + 8 * st, (it / ST) & 1);
-        const uint32_t qt = sQ + st * QT, dot = sdO + st * QT;
-        const float *lse2 = sL + st * BM, *dl = sDl + st * BM;
-        const int *fk = sFk + st * BM;
-
-        /* groups 1, 2: S^T and dP^T */
-        float st_acc[8][4], dpt[8][4];
+    int cur_h = kh * R, cur_m0 = cur_mt * BM, prev_h = cur_h, prev_m0 = cur_m0;
+    float st_acc[8][4], dpt[8][4];  /* S^T, dP^T: [64 keys][64 queries] of this warpgroup */
+    uint32_t p_frag[4][4], ds_frag[4][4]; /* P^T, dS^T as bf16 A fragments */
+    float dq[8][4];                 /* [64 queries][64 columns]: this warpgroup's share of dQ(j-1) */
+    /* groups 1, 2: S^T and dP^T of tile j, once its stage has arrived */
+    auto issue_s_dp = [&](int j) {
+        mbar_wait(q_full + 8 * (j % ST), (j / ST) & 1);
         pin_regs(st_acc);
         pin_regs(dpt);
         wgmma_fence();
-        wgmma_xyt<D, BN>(st_acc, sK, 64 * cwg, qt);
+        if constexpr (KV_REGS) wgmma_qk<D, BM>(st_acc, k_frag, sQ + (j % ST) * QT);
+        else wgmma_xyt<D, BN>(st_acc, sK, 64 * cwg, sQ + (j % ST) * QT);
         wgmma_commit();
-        wgmma_xyt<D, BN>(dpt, sV, 64 * cwg, dot);
+        if constexpr (KV_REGS) wgmma_qk<D, BM>(dpt, v_frag, sdO + (j % ST) * QT);
+        else wgmma_xyt<D, BN>(dpt, sV, 64 * cwg, sdO + (j % ST) * QT);
         wgmma_commit();
-
-        /* group 3: dV += P^T dO; dS^T to buffer dsb */
-        uint32_t p_frag[4][4], ds_frag[4][4];
-        bwd_p_dv_ds<D>(st_acc, dpt, dv_acc, p_frag, ds_frag, lse2, dl, fk, bwd_tile_needs_mask(m0, wg_key0, fk, N), m0, key_row, N, dot,
-                       sdS + dsb * BN * BM * 2, 64 * cwg + 16 * wi + g, g, t, scale_log2);
+    };
+    /* group 3: dV += P^T dO; dS^T of tile j to its buffer, which the other warpgroup is told */
+    auto middle = [&](int j) {
+        const int st = j % ST;
+        const int *fk = sFk + st * BM;
+        bwd_p_dv_ds<D>(st_acc, dpt, dv_acc, p_frag, ds_frag, sL + st * BM, sDl + st * BM, fk, bwd_tile_needs_mask(cur_m0, wg_key0, fk, N), cur_m0,
+                       key_row, N, sdO + st * QT, sdS + (j % 3) * BN * BM * 2, 64 * cwg + 16 * wi + g, g, t, scale_log2);
         fence_proxy_async(); /* this thread's dS^T stores -> the wgmma reads of both warpgroups */
-        mbar_arrive_if(ds_full + 8 * dsb, true);
-        /* group 4: dK += dS^T Q; group 5: the previous tile's dQ, issued here rather than
-         * with S^T and dP^T so that its 32 accumulators are not live beside theirs */
-        float dq[8][4];
+        mbar_arrive_if(ds_full + 8 * (j % 3), true);
+    };
+    /* group 4: dK += dS^T(j) Q(j); group 5: dQ(j-1), issued here rather than with S^T and
+     * dP^T so that its 32 accumulators are not live beside theirs (both halves of dS^T(j-1)
+     * must be in; "dQ(-1)" reads buffer 2, zeros) */
+    auto issue_dk_dq = [&](int j) {
         pin_regs(ds_frag);
         pin_regs(dk_acc);
         pin_regs(dq);
         wgmma_fence();
-        wgmma_ay<D>(dk_acc, ds_frag, qt);
+        wgmma_ay<D>(dk_acc, ds_frag, sQ + (j % ST) * QT);
         wgmma_commit();
-        bwd_dq_issue<D>(dq, sdS + dsb_prev * BN * BM * 2, sK, cwg);
+        bwd_dq_issue<D>(dq, sdS + ((j + 2) % 3) * BN * BM * 2, sK, cwg);
         wgmma_commit();
-        wgmma_wait<0>();
+    };
+    /* once groups 3-5 are done: stage j is free, dQ(j-1) leaves, tile j+1 comes up */
+    auto finish = [&](int j) {
         pin_regs(dv_acc);
         pin_regs(dk_acc);
         pin_regs(dq);
-        mbar_arrive_if(q_empty + 8 * st, true); /* this thread is done with stage st */
+        mbar_arrive_if(q_empty + 8 * (j % ST), true);
         dq_out(dq, prev_h, prev_m0);
-
-        prev_h = h;
-        prev_m0 = m0;
+        prev_h = cur_h;
+        prev_m0 = cur_m0;
         bwd_next_tile(cur_r, cur_mt, s_tlo, s_thi, R);
-    }
-    mbar_wait(ds_full + 8 * ((total - 1) % 3), ((total - 1) / 3) & 1);
-    {
-        float dq[8][4];
-        pin_regs(dq);
-        wgmma_fence();
-        bwd_dq_issue<D>(dq, sdS + ((total - 1) % 3) * BN * BM * 2, sK, cwg);
-        wgmma_commit();
+        cur_h = kh * R + cur_r;
+        cur_m0 = cur_mt * BM;
+    };
+    /* both halves of dS^T(j) are in (and so both warpgroups are past tile j-1, whose dQ
+     * was the last reader of buffer (j+1) % 3) */
+    auto wait_ds = [&](int j) { mbar_wait(ds_full + 8 * (j % 3), (j / 3) & 1); };
+
+    /* each tile's products are one straight run of code after the mbarrier waits at its
+     * start (see flash_bwd_wgmma_kernel); issuing tile j+1's S^T and dP^T before tile j's
+     * dQ leaves gained nothing at d = 64 (bench/NOTES.md step 14) */
+    for (int j = 0; j < total; j++) {
+        if (j > 0) wait_ds(j - 1);
+        issue_s_dp(j);
+        middle(j);
+        issue_dk_dq(j);
         wgmma_wait<0>();
-        pin_regs(dq);
-        dq_out(dq, prev_h, prev_m0);
+        finish(j);
     }
+    wait_ds(total - 1);
+    pin_regs(dq);
+    wgmma_fence();
+    bwd_dq_issue<D>(dq, sdS + ((total - 1) % 3) * BN * BM * 2, sK, cwg);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_regs(dq);
+    dq_out(dq, prev_h, prev_m0);
     if constexpr (DQ_BULK) bulk_wait_all_if<0>(elected); /* the staging buffers stay until read and added */
     bwd_store_dkdv<D>(dk_acc, dv_acc, dK, dV, b, N, Hk, kh, key_row, t, scale);
 #else
@@ -2164,8 +2198,8 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 static int g_fwd_variant = 0, g_bwd_variant = 0;
 #define FWD_WGMMA_DEFAULT(D) 10 /* TMA producer, 3 stages, overlap, ping-pong, mask on edge tiles only (bench/NOTES.md step 13) */
 #define N_FWD_VARIANTS 12
-#define N_BWD_VARIANTS 7
-#define BWD_WGMMA_DEFAULT 5 /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12) */
+#define N_BWD_VARIANTS 8
+#define BWD_WGMMA_DEFAULT(D) ((D) == 64 ? 7 : 5) /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12); K, V in registers at d = 64 (step 14) */
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
  * (sm_90a), else variant 1; variants 4 to 11 fall back to 1 the same way. Variants 4 and 5
  * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10); 10 and 11 are 9
@@ -2204,12 +2238,14 @@ static int wgmma_available(void) {
 }
 /* Backward variant 0 picks the fastest wgmma kernel where available (variant 5, version 3b
  * with the bulk dQ reduce-add: 1.28-1.32x variant 3's backward at d = 128, bench/NOTES.md
- * step 12), else variant 1; 3 to 6 fall back to 1 the same way. */
+ * step 12; at d = 64 variant 7, 5 with K and V in registers: 1.04-1.06x 5's, step 14),
+ * else variant 1; 3 to 7 fall back to 1 the same way. */
 [[maybe_unused]] static const char *bwd_variant_name[N_BWD_VARIANTS] = {"default", "mma.sync BN128 BM64 8 warps", "mma.sync BN64 BM64 4 warps",
                                                                      "wgmma BN128 BM64, 2 warpgroups",
                                                                      "wgmma BN128 BM64, TMA producer, 2 stages, dQ atomics",
                                                                      "wgmma BN128 BM64, TMA producer, 2 stages, dQ bulk reduce-add",
-                                                                     "wgmma BN128 BM64, TMA producer, 3 stages, dQ atomics"};
+                                                                     "wgmma BN128 BM64, TMA producer, 3 stages, dQ atomics",
+                                                                     "as 5, K and V as register A operands (d=64; 5 at d=128, where they do not fit)"};
 
 extern "C" void attn_tile_variants(int *n_fwd, int *n_bwd) { *n_fwd = N_FWD_VARIANTS; *n_bwd = N_BWD_VARIANTS; }
 extern "C" int attn_set_tile_variant(int fwd, int bwd) {
@@ -2367,7 +2403,7 @@ static void launch_bwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, const 
     LAUNCH_OK();
 }
 /* 0, or -1 where no tensor map could be made (the caller falls back to version 3) */
-template <int D, int ST, int DQ_BULK>
+template <int D, int ST, int DQ_BULK, int KV_REGS>
 static int launch_bwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
                           float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
     constexpr int BN = 128, BM = 64;
@@ -2379,7 +2415,7 @@ static int launch_bwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, const bf1
     if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_do, dout, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) ||
         make_tensor_map(&tm_v, v, D, Hk, N, B, BN) || make_tensor_map_typed(&tm_dq, dq_acc, 1, D, H, N, B, BM))
         return -1;
-    auto kern = flash_bwd_tma_kernel<D, ST, DQ_BULK>;
+    auto kern = flash_bwd_tma_kernel<D, ST, DQ_BULK, KV_REGS>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
     kern<<<grid, 384, smem>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
@@ -2397,14 +2433,16 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
     LAUNCH_OK();
     const float scale = 1.f / sqrtf((float)D);
     int variant = g_bwd_variant;
-    if (variant == 0) variant = wgmma_available() ? BWD_WGMMA_DEFAULT : 1;
+    if (variant == 0) variant = wgmma_available() ? BWD_WGMMA_DEFAULT(D) : 1;
     if (variant >= 3 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
     switch (variant) {
     case 3: launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
-    case 4: case 5: case 6: {
-        const int r = variant == 4   ? launch_bwd_tma<D, 2, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
-                      : variant == 5 ? launch_bwd_tma<D, 2, 1>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
-                                     : launch_bwd_tma<D, 3, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
+    case 4: case 5: case 6: case 7: {
+        if (D != 64 && variant == 7) variant = 5; /* d = 128: K and V fragments would take 64 of the 240 registers */
+        const int r = variant == 4   ? launch_bwd_tma<D, 2, 0, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
+                      : variant == 5 ? launch_bwd_tma<D, 2, 1, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
+                      : variant == 6 ? launch_bwd_tma<D, 3, 0, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
+                                     : launch_bwd_tma<D, 2, 1, D == 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
         if (r != 0) launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); /* no tensor map: version 3 */
         break;
     }
