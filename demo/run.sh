@@ -172,8 +172,14 @@ OUT=${DEMO_OUT:-demo/results/$DEVICE}
 mkdir -p "$OUT"
 FACTOR=$(( (CTX + ORIG - 1) / ORIG ))
 ROPE=${DEMO_ROPE:-yarn}
+# YaRN's factor: 1.5 x the stretch by default (x6 for 8192 -> 32768), so that the target length
+# sits inside YaRN's range rather than at its edge, where the x4 fine-tune lost passkey
+# retrieval at 32k (demo/README.md, the ablations)
+YARN_FACTOR=${DEMO_YARN_FACTOR:-$(( (3 * FACTOR + 1) / 2 ))}
+[[ "$YARN_FACTOR" =~ ^[0-9]+$ ]] && [ "$YARN_FACTOR" -ge "$FACTOR" ] \
+  || die "DEMO_YARN_FACTOR must be a whole number at least the stretch $FACTOR, got '$YARN_FACTOR'"
 case $ROPE in
-  yarn) ROPE_LABEL="YaRN x$FACTOR" ;;
+  yarn) ROPE_LABEL="YaRN x$YARN_FACTOR" ;;
   linear) ROPE_LABEL="PI x$FACTOR" ;;
   *) die "DEMO_ROPE must be yarn or linear, got '$ROPE'" ;;
 esac
@@ -182,7 +188,7 @@ YARN_ATTENTION=${DEMO_YARN_ATTENTION:-1.0}
   || die "DEMO_YARN_ATTENTION must be a number above 0 or auto, got '$YARN_ATTENTION'"
 # the RoPE in words, for the lines that describe the run (the tables and plot keep ROPE_LABEL)
 ROPE_WORDS=$ROPE_LABEL
-[ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && ROPE_WORDS="$ROPE_LABEL, attention factor $([ "$YARN_ATTENTION" = auto ] && echo "0.1 ln $FACTOR + 1" || echo "$YARN_ATTENTION")"
+[ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && ROPE_WORDS="$ROPE_LABEL, attention factor $([ "$YARN_ATTENTION" = auto ] && echo "0.1 ln $YARN_FACTOR + 1" || echo "$YARN_ATTENTION")"
 
 # The model as the run sees it (demo/run_model.py): a linked copy (weights and tokenizer
 # linked, not copied) whose config.json has the original context ORIG where that differs from
@@ -190,7 +196,7 @@ ROPE_WORDS=$ROPE_LABEL
 # original_max_position_embeddings ORIG, attention_factor YARN_ATTENTION} with
 # max_position_embeddings ORIG x FACTOR, as transformers writes a YaRN model's config.
 RUN_MODEL=$MODEL
-YARN=$([ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && echo "$FACTOR")
+YARN=$([ "$ROPE" = yarn ] && [ "$FACTOR" -gt 1 ] && echo "$YARN_FACTOR")
 if [ "$ORIG" != "$MODEL_CTX" ] || [ -n "$YARN" ]; then
   RUN_MODEL=$WORK/model-ctx$ORIG${YARN:+-yarn-x$YARN}
   ATTENTION_ARGS=()
