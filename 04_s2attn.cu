@@ -58,8 +58,7 @@ static const float LN2 = 0.6931471805599453f;
  *   version 3  flash_fwd_wgmma_kernel (below): version 2 on Hopper's warpgroup MMA;
  *   version 3b flash_fwd_tma_kernel (below): version 3 with a TMA producer warpgroup and the
  *              next tile's S overlapping the softmax (the Hopper default).
- * The backward climbs the same ladder: flash_bwd_kernel (2), flash_bwd_2d_kernel (2b, its
- * warps laid out in two dimensions: the A100's kernel), flash_bwd_wgmma_kernel (3),
+ * The backward climbs the same ladder: flash_bwd_kernel (2), flash_bwd_wgmma_kernel (3),
  * flash_bwd_tma_kernel (3b).
  * tests/test_gpu_attention.c checks version 1 against 02_model.c's attention_forward (fp32)
  * and then versions 2, 3 and 3b against version 1 on sizes the CPU reference is too slow for,
@@ -1421,273 +1420,6 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
 }
 
 /* ---------------------------------------------------------------------------------------
- * Flash attention backward, version 2b: flash_bwd_kernel's algorithm with the warps laid
- * out in two dimensions for every product (FlashAttention-2's layout), the mma.sync default.
- * In flash_bwd_kernel each warp owns 16 keys and so reads the whole Q and dO tiles twice per
- * tile (~750 KB of shared-memory reads per 64 x 128 tile at d = 128, more than the tensor
- * cores need to be fed: the backward is bound by shared memory, bench/NOTES.md). Here one
- * block = BN = 128 keys of one kv head, 8 warps, tiles of BM = 64 queries through two
- * buffers, and each product splits the tile in two dimensions (~610 KB of reads):
- *   S = Q K^T, dP = dO V^T       warps 2 x 4 over queries x keys, 32 x 32 each
- *   P, dS = P (dP - Delta)       in registers; to shared memory as [BM, BN] bf16
- *   dV += P^T dO, dK += dS^T Q   warps 4 x 2 over keys x columns, 32 x D/2 each, kept in
- *                                registers across the query tiles (A = P^T, dS^T: the stored
- *                                [query, key] tiles read transposed by ldmatrix)
- *   dQ += dS K                   warps 2 x 4 over queries x columns, 32 x D/4 each, added
- *                                to the fp32 accumulator atomically
- * Pieces that lie wholly after the diagonal or before the S2 windows are skipped.
- * ------------------------------------------------------------------------------------- */
-template <int D>
-__global__ void __launch_bounds__(256, 1)
-flash_bwd_2d_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
-                    const bf16 *__restrict__ dO,     /* [B, N, H, d] */
-                    const float *__restrict__ LSE,   /* [B, H, N] */
-                    const float *__restrict__ Delta, /* [B, H, N] */
-                    float *__restrict__ dQacc,       /* [B, N, H, d] fp32, zeroed */
-                    bf16 *__restrict__ dK, bf16 *__restrict__ dV, /* [B, N, Hk, d] */
-                    int N, int H, int Hk, int G, float scale_log2, float scale) {
-    constexpr int BM = 64, BN = 128, NTHR = 256;
-    constexpr int KV_N8 = D / 2 / 8; /* n8 tiles of a warp's dK / dV columns */
-    constexpr int DQ_N8 = D / 4 / 8; /* n8 tiles of a warp's dQ columns */
-    extern __shared__ __align__(128) unsigned char smem[];
-    const uint32_t sK = smem_addr(smem);      /* [BN, D] */
-    const uint32_t sV = sK + BN * D * 2;      /* [BN, D] */
-    const uint32_t sQ = sV + BN * D * 2;      /* [2, BM, D] */
-    const uint32_t sdO = sQ + 2 * BM * D * 2; /* [2, BM, D] */
-    const uint32_t sP = sdO + 2 * BM * D * 2; /* [BM, BN] P, bf16 */
-    const uint32_t sdS = sP + BM * BN * 2;    /* [BM, BN] dS, bf16 */
-    float *sL = (float *)(smem + (size_t)(2 * BN * D + 4 * BM * D + 2 * BM * BN) * 2); /* [2, BM] lse * log2(e) */
-    float *sDl = sL + 2 * BM;                 /* [2, BM] Delta */
-    int *sFk = (int *)(sDl + 2 * BM);         /* [2, BM] s2_first_key of each query */
-    int *s_tlo = sFk + 2 * BM;                /* [R] first query tile per head */
-    int *s_thi = s_tlo + MAX_GQA_GROUP;       /* [R] last query tile per head */
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int kh = blockIdx.y, b = blockIdx.z;
-    const int R = H / Hk;
-    const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
-    const int n0 = blockIdx.x * BN, n_last = min(n0 + BN, N) - 1;
-    /* this warp's piece of each product, relative to the tile (queries) and block (keys) */
-    const int s_q0 = (warp >> 2) * 32, s_k0 = (warp & 3) * 32;    /* S, dP: 32 queries x 32 keys */
-    const int kv_k0 = (warp >> 1) * 32, kv_c0 = (warp & 1) * D / 2; /* dK, dV: 32 keys x D/2 columns */
-    const int dq_q0 = (warp >> 2) * 32, dq_c0 = (warp & 3) * D / 4; /* dQ: 32 queries x D/4 columns */
-
-    bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
-    load_tile_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
-    load_tile_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
-    __syncthreads(); /* s_tlo / s_thi visible */
-    const int total = bwd_total_tiles(s_tlo, s_thi, R);
-
-    /* queues the Q / dO / lse / Delta tile of (head h, query tile mt) into buffer buf */
-    auto load_q_tile = [&](int h, int mt, int buf) {
-        const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
-        load_tile_async<D, BM, NTHR>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
-        load_tile_async<D, BM, NTHR>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
-        for (int r = tid; r < BM; r += NTHR) bwd_row_values(sL[buf * BM + r], sDl[buf * BM + r], sFk[buf * BM + r], LSE, Delta, b, H, h, N, G, mt * BM + r);
-    };
-    int cur_r = 0, cur_mt = s_tlo[0];
-    load_q_tile(kh * R, cur_mt, 0);
-    cp_async_commit();
-
-    float dk_acc[2][KV_N8][4], dv_acc[2][KV_N8][4]; /* keys kv_k0 + 16 mt + (g, g + 8) */
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int dn = 0; dn < KV_N8; dn++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dk_acc[mt][dn][e] = dv_acc[mt][dn][e] = 0.f;
-
-    for (int it = 0; it < total; it++) {
-        const int buf = it & 1;
-        const int h = kh * R + cur_r, m0 = cur_mt * BM;
-        /* publishes this tile's Q, dO and row values; every warp is done with the last tile's
-         * P and dS and with the buffer the next copy refills */
-        cp_async_wait<0>();
-        __syncthreads();
-        bwd_next_tile(cur_r, cur_mt, s_tlo, s_thi, R);
-        if (it + 1 < total) load_q_tile(kh * R + cur_r, cur_mt, buf ^ 1);
-        cp_async_commit();
-
-        const uint32_t qt = sQ + buf * BM * D * 2, dot = sdO + buf * BM * D * 2;
-        const float *lse2 = sL + buf * BM, *dl = sDl + buf * BM;
-        const int *fk = sFk + buf * BM;
-        const int m_last = min(m0 + BM, N) - 1; /* the tile's last real query */
-
-        /* S and dP of the warp's 32 x 32 piece, then P and dS into shared memory */
-        {
-            const int key_lo = n0 + s_k0, q_lo = m0 + s_q0, q_hi = min(q_lo + 31, m_last);
-            /* zero when its queries lie past N, its keys after its last query or before its first query's window */
-            const bool active = q_lo <= q_hi && key_lo <= q_hi && key_lo + 31 >= fk[s_q0];
-            float s[2][4][4], dp[2][4][4]; /* [m16 of queries][n8 of keys][fragment] */
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
-            if (active) {
-#pragma unroll
-                for (int kc = 0; kc < D / 16; kc++) {
-                    uint32_t aq[2][4], ao[2][4];
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
-                        ldmatrix_x4(aq[mt], swz<D>(qt, s_q0 + 16 * mt + (lane & 15), kc * 2 + (lane >> 4)));
-                        ldmatrix_x4(ao[mt], swz<D>(dot, s_q0 + 16 * mt + (lane & 15), kc * 2 + (lane >> 4)));
-                    }
-#pragma unroll
-                    for (int np = 0; np < 2; np++) {
-                        uint32_t bk[4], bv[4];
-                        const int row = s_k0 + np * 16 + (lane & 7) + ((lane >> 4) << 3), ch = kc * 2 + ((lane >> 3) & 1);
-                        ldmatrix_x4(bk, swz<D>(sK, row, ch));
-                        ldmatrix_x4(bv, swz<D>(sV, row, ch));
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            mma_bf16(s[mt][2 * np], aq[mt], bk[0], bk[1]);
-                            mma_bf16(s[mt][2 * np + 1], aq[mt], bk[2], bk[3]);
-                            mma_bf16(dp[mt][2 * np], ao[mt], bv[0], bv[1]);
-                            mma_bf16(dp[mt][2 * np + 1], ao[mt], bv[2], bv[3]);
-                        }
-                    }
-                }
-                /* the piece straddles the diagonal, a window start or N */
-                const bool need_mask = key_lo + 31 > q_lo || fk[q_hi - m0] > key_lo || q_lo + 31 > m_last;
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int hf = 0; hf < 2; hf++) {
-                        const int ql = s_q0 + 16 * mt + g + 8 * hf, q = m0 + ql; /* query within the tile, and its index */
-                        const float l2 = lse2[ql], delta = dl[ql];
-                        const int first = fk[ql];
-#pragma unroll
-                        for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-                            for (int e2 = 0; e2 < 2; e2++) {
-                                const int e = 2 * hf + e2, key = key_lo + nt * 8 + 2 * t + e2;
-                                float p = fast_exp2(fmaf(s[mt][nt][e], scale_log2, -l2));
-                                if (need_mask && (key > q || q >= N || key < first)) p = 0.f;
-                                s[mt][nt][e] = p;
-                                dp[mt][nt][e] = p * (dp[mt][nt][e] - delta);
-                            }
-                    }
-            }
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    const int row = s_q0 + 16 * mt + g + 8 * hf;
-#pragma unroll
-                    for (int nt = 0; nt < 4; nt++) {
-                        const uint32_t off = swz<BN>(0, row, s_k0 / 8 + nt) + 4 * t;
-                        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + off), "r"(pack_bf16(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1])));
-                        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sdS + off), "r"(pack_bf16(dp[mt][nt][2 * hf], dp[mt][nt][2 * hf + 1])));
-                    }
-                }
-        }
-        __syncthreads(); /* P and dS visible */
-
-        /* dQ += dS K for queries dq_q0.. x columns dq_c0.., first, so that its atomics drain
-         * while dK and dV run */
-        {
-            const int q_lo = m0 + dq_q0;
-            float dq[2][DQ_N8][4];
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                for (int dn = 0; dn < DQ_N8; dn++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) dq[mt][dn][e] = 0.f;
-            if (q_lo <= m_last) {
-#pragma unroll
-                for (int kc = 0; kc < BN / 16; kc++) {
-                    uint32_t a[2][4];
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++) ldmatrix_x4(a[mt], swz<BN>(sdS, dq_q0 + 16 * mt + (lane & 15), kc * 2 + (lane >> 4)));
-#pragma unroll
-                    for (int dp = 0; dp < DQ_N8 / 2; dp++) {
-                        uint32_t bk[4];
-                        ldmatrix_x4_trans(bk, swz<D>(sK, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dq_c0 / 8 + dp * 2 + (lane >> 4)));
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            mma_bf16(dq[mt][2 * dp], a[mt], bk[0], bk[1]);
-                            mma_bf16(dq[mt][2 * dp + 1], a[mt], bk[2], bk[3]);
-                        }
-                    }
-                }
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int hf = 0; hf < 2; hf++) {
-                        /* rows past N hold zeros (P = 0 there) and go to row N - 1: no branch */
-                        const int q = min(q_lo + 16 * mt + g + 8 * hf, N - 1);
-                        float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dq_c0 + 2 * t;
-#pragma unroll
-                        for (int dn = 0; dn < DQ_N8; dn++) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                            atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[mt][dn][2 * hf], dq[mt][dn][2 * hf + 1]));
-#else
-                            atomicAdd(dst + dn * 8, dq[mt][dn][2 * hf]);
-                            atomicAdd(dst + dn * 8 + 1, dq[mt][dn][2 * hf + 1]);
-#endif
-                        }
-                    }
-            }
-        }
-
-        /* dV += P^T dO, dK += dS^T Q for keys kv_k0.. x columns kv_c0.., skipped where the tile's
-         * queries all come before the warp's keys or start their windows after them. No skip
-         * inside the loops: a branch per chunk keeps ptxas from loading the next chunk's
-         * operands under this chunk's products (bench/NOTES.md step 15) */
-        {
-            const int key_lo = n0 + kv_k0;
-            const bool active = key_lo <= m_last && key_lo + 31 >= fk[0];
-            if (active) {
-#pragma unroll
-                for (int kc = 0; kc < BM / 16; kc++) {
-                    uint32_t ap[2][4], as[2][4];
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
-                        const int row = kc * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, ch = (kv_k0 + 16 * mt) / 8 + ((lane >> 3) & 1);
-                        ldmatrix_x4_trans(ap[mt], swz<BN>(sP, row, ch));
-                        ldmatrix_x4_trans(as[mt], swz<BN>(sdS, row, ch));
-                    }
-#pragma unroll
-                    for (int dp = 0; dp < KV_N8 / 2; dp++) {
-                        uint32_t bo[4], bq[4];
-                        const int row = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = kv_c0 / 8 + dp * 2 + (lane >> 4);
-                        ldmatrix_x4_trans(bo, swz<D>(dot, row, ch));
-                        ldmatrix_x4_trans(bq, swz<D>(qt, row, ch));
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            mma_bf16(dv_acc[mt][2 * dp], ap[mt], bo[0], bo[1]);
-                            mma_bf16(dv_acc[mt][2 * dp + 1], ap[mt], bo[2], bo[3]);
-                            mma_bf16(dk_acc[mt][2 * dp], as[mt], bq[0], bq[1]);
-                            mma_bf16(dk_acc[mt][2 * dp + 1], as[mt], bq[2], bq[3]);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /* dK = scale * dS^T Q summed, dV: straight from registers */
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            const int key = n0 + kv_k0 + 16 * mt + g + 8 * hf;
-            if (key < N) {
-                const size_t off = ((size_t)b * N + key) * kv_stride + (size_t)kh * D + kv_c0 + 2 * t;
-#pragma unroll
-                for (int dn = 0; dn < KV_N8; dn++) {
-                    *(uint32_t *)(dK + off + dn * 8) = pack_bf16(dk_acc[mt][dn][2 * hf] * scale, dk_acc[mt][dn][2 * hf + 1] * scale);
-                    *(uint32_t *)(dV + off + dn * 8) = pack_bf16(dv_acc[mt][dn][2 * hf], dv_acc[mt][dn][2 * hf + 1]);
-                }
-            }
-        }
-}
-
-/* ---------------------------------------------------------------------------------------
  * Flash attention backward on Hopper's warpgroup MMA (wgmma, sm_90a only)
  * The algorithm of flash_bwd_kernel with all five products as asynchronous warpgroup MMAs.
  * One block = BN = 128 keys of one kv head, two warpgroups of 64 keys each; K and V stay in
@@ -2466,9 +2198,8 @@ __global__ void decode_merge_kernel(const float *__restrict__ part_o, const floa
 static int g_fwd_variant = 0, g_bwd_variant = 0;
 #define FWD_WGMMA_DEFAULT(D) 10 /* TMA producer, 3 stages, overlap, ping-pong, mask on edge tiles only (bench/NOTES.md step 13) */
 #define N_FWD_VARIANTS 12
-#define N_BWD_VARIANTS 9
+#define N_BWD_VARIANTS 8
 #define BWD_WGMMA_DEFAULT(D) ((D) == 64 ? 7 : 5) /* TMA producer, 2 stages, dQ bulk reduce-add (bench/NOTES.md step 12); K, V in registers at d = 64 (step 14) */
-#define BWD_MMA_DEFAULT 8 /* version 2b, the 2-D warp layout (step 15) */
 /* Forward variant 0 picks the fastest wgmma kernel where the binary and the GPU have it
  * (sm_90a), else variant 1; variants 4 to 11 fall back to 1 the same way. Variants 4 and 5
  * are version 3 with 64- and 128-key tiles; 6-9 its overlapped form (step 10); 10 and 11 are 9
@@ -2508,15 +2239,13 @@ static int wgmma_available(void) {
 /* Backward variant 0 picks the fastest wgmma kernel where available (variant 5, version 3b
  * with the bulk dQ reduce-add: 1.28-1.32x variant 3's backward at d = 128, bench/NOTES.md
  * step 12; at d = 64 variant 7, 5 with K and V in registers: 1.04-1.06x 5's, step 14),
- * else the fastest mma.sync kernel, variant 8 (version 2b, step 15); 3 to 7 fall back to it
- * the same way. */
+ * else variant 1; 3 to 7 fall back to 1 the same way. */
 [[maybe_unused]] static const char *bwd_variant_name[N_BWD_VARIANTS] = {"default", "mma.sync BN128 BM64 8 warps", "mma.sync BN64 BM64 4 warps",
                                                                      "wgmma BN128 BM64, 2 warpgroups",
                                                                      "wgmma BN128 BM64, TMA producer, 2 stages, dQ atomics",
                                                                      "wgmma BN128 BM64, TMA producer, 2 stages, dQ bulk reduce-add",
                                                                      "wgmma BN128 BM64, TMA producer, 3 stages, dQ atomics",
-                                                                     "as 5, K and V as register A operands (d=64; 5 at d=128, where they do not fit)",
-                                                                     "mma.sync BN128 BM64 8 warps, 2-D warp layout (FlashAttention-2's)"};
+                                                                     "as 5, K and V as register A operands (d=64; 5 at d=128, where they do not fit)"};
 
 extern "C" void attn_tile_variants(int *n_fwd, int *n_bwd) { *n_fwd = N_FWD_VARIANTS; *n_bwd = N_BWD_VARIANTS; }
 extern "C" int attn_set_tile_variant(int fwd, int bwd) {
@@ -2650,15 +2379,12 @@ extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
     return dq + ((delta + 255) / 256) * 256;
 }
 
-/* version 2 (flash_bwd_kernel), or 2b (flash_bwd_2d_kernel: WARPS_2D, BM 64, BN 128, 8 warps) */
-template <int D, int BM, int BN, int NW, bool WARPS_2D = false>
+template <int D, int BM, int BN, int NW>
 static void launch_bwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
                              float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
-    static_assert(!WARPS_2D || (BM == 64 && BN == 128 && NW == 8), "version 2b's tile");
-    /* K, V, two Q/dO stages, two dS^T stages (2b: P and dS, the same bytes); lse, Delta and
-     * window starts per query; per-head tile ranges */
+    /* K, V, two Q/dO stages, two dS^T stages; lse, Delta and window starts per query; per-head tile ranges */
     constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + (2 * BM + 2 * MAX_GQA_GROUP) * sizeof(int);
-    auto kern = WARPS_2D ? flash_bwd_2d_kernel<D> : flash_bwd_kernel<D, BM, BN, NW>;
+    auto kern = flash_bwd_kernel<D, BM, BN, NW>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
     kern<<<grid, NW * 32, smem>>>(q, k, v, dout, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
@@ -2707,8 +2433,8 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
     LAUNCH_OK();
     const float scale = 1.f / sqrtf((float)D);
     int variant = g_bwd_variant;
-    if (variant == 0) variant = wgmma_available() ? BWD_WGMMA_DEFAULT(D) : BWD_MMA_DEFAULT;
-    if (variant >= 3 && variant <= 7 && !wgmma_available()) variant = BWD_MMA_DEFAULT; /* no sm_90a code or not a Hopper GPU */
+    if (variant == 0) variant = wgmma_available() ? BWD_WGMMA_DEFAULT(D) : 1;
+    if (variant >= 3 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
     switch (variant) {
     case 3: launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
     case 4: case 5: case 6: case 7: {
@@ -2721,7 +2447,6 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
         break;
     }
     case 1: launch_bwd_tiles<D, 64, 128, 8>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
-    case 8: launch_bwd_tiles<D, 64, 128, 8, true>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
     default: launch_bwd_tiles<D, 64, 64, 4>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
     }
     const size_t n4 = rows * D / 4;
