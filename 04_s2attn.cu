@@ -2560,15 +2560,38 @@ static void bench_buffers_free(BenchBuffers *b) {
     CUDA_CHECK(cudaFree(b->lse)); CUDA_CHECK(cudaFree(b->ws));
 }
 
+/* One timed forward and one timed forward+backward of the shape (B, N, H) with S2 group G
+ * (0: full causal), on the benchmark's buffers; CUDA events around each, ms into *fwd_ms and
+ * *fwdbwd_ms. */
+static void time_attention_once(const BenchBuffers *b, cudaEvent_t e0, cudaEvent_t e1, int B, int N, int H, int d, int G, float *fwd_ms,
+                                float *fwdbwd_ms) {
+    CUDA_CHECK(cudaEventRecord(e0));
+    if (attn_forward(b->q, b->k, b->v, b->o, b->lse, B, N, H, H, d, G) != 0) die("%s", last_error());
+    CUDA_CHECK(cudaEventRecord(e1));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    CUDA_CHECK(cudaEventElapsedTime(fwd_ms, e0, e1));
+    CUDA_CHECK(cudaEventRecord(e0));
+    if (attn_forward(b->q, b->k, b->v, b->o, b->lse, B, N, H, H, d, G) != 0) die("%s", last_error());
+    if (attn_backward(b->q, b->k, b->v, b->o, b->dout, b->lse, b->dq, b->dk, b->dv, b->ws, B, N, H, H, d, G) != 0) die("%s", last_error());
+    CUDA_CHECK(cudaEventRecord(e1));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    CUDA_CHECK(cudaEventElapsedTime(fwdbwd_ms, e0, e1));
+}
+
+/* forward FLOPs of B sequences of N tokens, H heads, S2 group G: 4 * B * pairs * d */
+static double attention_flop(int B, int N, int H, int d, int G) {
+    double pairs = 0;
+    for (int h = 0; h < H; h++) pairs += s2_pairs(N, G, h, H);
+    return 4.0 * B * pairs * d; /* 4*B*H*N^2*d/2 for full causal */
+}
+
 static void bench(const char *json_path, int d) {
-    const int H = 32, Hk = 32, tokens = 32768, reps = 10;
+    const int H = 32, tokens = 32768, reps = 10;
     const int cases[][2] = {{1024, 0}, {4096, 0}, {8192, 0}, {16384, 0}, {32768, 0}, {4096, 1024}, {16384, 4096}, {32768, 8192}};
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     const size_t n_el = (size_t)tokens * H * d;
     BenchBuffers buf = bench_buffers_alloc(n_el, (size_t)tokens * H, attn_backward_workspace_bytes(1, tokens, H, d));
-    uint16_t *q = buf.q, *k = buf.k, *v = buf.v, *o = buf.o, *dout = buf.dout, *dq = buf.dq, *dk = buf.dk, *dv = buf.dv;
-    float *lse = buf.lse;
-    void *ws = buf.ws;
+    uint16_t *q = buf.q, *o = buf.o;
     cudaEvent_t e0, e1;
     CUDA_CHECK(cudaEventCreate(&e0)); CUDA_CHECK(cudaEventCreate(&e1));
     BenchRow rows[16];
@@ -2576,25 +2599,12 @@ static void bench(const char *json_path, int d) {
     printf("%-8s %-6s %10s %10s %12s %12s\n", "N", "G", "fwd ms", "fwd TF/s", "fwd+bwd ms", "f+b TF/s");
     for (int c = 0; c < n_cases; c++) {
         const int N = cases[c][0], G = cases[c][1], B = tokens / N;
-        double pairs = 0;
-        for (int h = 0; h < H; h++) pairs += s2_pairs(N, G, h, H);
-        const double fwd_flop = 4.0 * B * pairs * d; /* 4*B*H*N^2*d/2 for full causal */
+        const double fwd_flop = attention_flop(B, N, H, d, G);
         float t_f[32], t_fb[32];
         for (int r = -2; r < reps; r++) {
-            float ms;
-            CUDA_CHECK(cudaEventRecord(e0));
-            if (attn_forward(q, k, v, o, lse, B, N, H, Hk, d, G) != 0) die("%s", last_error());
-            CUDA_CHECK(cudaEventRecord(e1));
-            CUDA_CHECK(cudaEventSynchronize(e1));
-            CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-            if (r >= 0) t_f[r] = ms;
-            CUDA_CHECK(cudaEventRecord(e0));
-            if (attn_forward(q, k, v, o, lse, B, N, H, Hk, d, G) != 0) die("%s", last_error());
-            if (attn_backward(q, k, v, o, dout, lse, dq, dk, dv, ws, B, N, H, Hk, d, G) != 0) die("%s", last_error());
-            CUDA_CHECK(cudaEventRecord(e1));
-            CUDA_CHECK(cudaEventSynchronize(e1));
-            CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-            if (r >= 0) t_fb[r] = ms;
+            float f_ms, fb_ms;
+            time_attention_once(&buf, e0, e1, B, N, H, d, G, &f_ms, &fb_ms);
+            if (r >= 0) t_f[r] = f_ms, t_fb[r] = fb_ms;
         }
         qsort(t_f, reps, sizeof(float), cmp_float);
         qsort(t_fb, reps, sizeof(float), cmp_float);
@@ -2606,6 +2616,33 @@ static void bench(const char *json_path, int d) {
         row->fwdbwd_tflops = 3.5 * fwd_flop / (row->fwdbwd_ms * 1e-3) / 1e12;
         printf("%-8d %-6d %10.3f %10.1f %12.3f %12.1f\n", N, G, row->fwd_ms, row->fwd_tflops, row->fwdbwd_ms, row->fwdbwd_tflops);
         fflush(stdout);
+    }
+    /* S2 against the full kernel at its segment length (N = G, the same B*N tokens), timed in
+     * alternation, rep by rep: the table above runs the cases one after another, so a ratio
+     * read from it also carries whatever the clock did between two cases minutes apart (the
+     * short full case runs first, on a cool card, the S2 cases after the longest ones). */
+    double s2_ratio[16][2];
+    int n_s2 = 0;
+    printf("S2 against the full kernel at N = G, alternating rep by rep (TFLOP/s ratio, medians of %d):\n", reps);
+    for (int c = 0; c < n_cases; c++) {
+        const int N = cases[c][0], G = cases[c][1];
+        if (G == 0) continue;
+        const double flop_s2 = attention_flop(tokens / N, N, H, d, G), flop_full = attention_flop(tokens / G, G, H, d, 0);
+        float s2_f[32], s2_fb[32], full_f[32], full_fb[32];
+        for (int r = -2; r < reps; r++) {
+            float a, b2, x, y;
+            time_attention_once(&buf, e0, e1, tokens / N, N, H, d, G, &a, &b2);
+            time_attention_once(&buf, e0, e1, tokens / G, G, H, d, 0, &x, &y);
+            if (r >= 0) s2_f[r] = a, s2_fb[r] = b2, full_f[r] = x, full_fb[r] = y;
+        }
+        qsort(s2_f, reps, sizeof(float), cmp_float); qsort(s2_fb, reps, sizeof(float), cmp_float);
+        qsort(full_f, reps, sizeof(float), cmp_float); qsort(full_fb, reps, sizeof(float), cmp_float);
+        s2_ratio[n_s2][0] = (flop_s2 / s2_f[reps / 2]) / (flop_full / full_f[reps / 2]);
+        s2_ratio[n_s2][1] = (flop_s2 / s2_fb[reps / 2]) / (flop_full / full_fb[reps / 2]);
+        printf("  N=%d G=%d: forward %.3f ms vs %.3f ms at N=%d, %.2fx; forward+backward %.3f vs %.3f ms, %.2fx\n", N, G, s2_f[reps / 2],
+               full_f[reps / 2], G, s2_ratio[n_s2][0], s2_fb[reps / 2], full_fb[reps / 2], s2_ratio[n_s2][1]);
+        fflush(stdout);
+        n_s2++;
     }
     /* decode: one token against a long cache, B=1 */
     printf("%-8s %-6s %10s %10s\n", "decode", "Hk", "ms", "GB/s");
@@ -2644,6 +2681,13 @@ static void bench(const char *json_path, int d) {
     for (int c = 0; c < n_cases; c++)
         fprintf(f, "    {\"N\": %d, \"B\": %d, \"G\": %d, \"fwd_ms\": %.4f, \"fwd_tflops\": %.1f, \"fwdbwd_ms\": %.4f, \"fwdbwd_tflops\": %.1f}%s\n",
                 rows[c].N, tokens / rows[c].N, rows[c].G, rows[c].fwd_ms, rows[c].fwd_tflops, rows[c].fwdbwd_ms, rows[c].fwdbwd_tflops, c + 1 < n_cases ? "," : "");
+    fprintf(f, "  ],\n  \"s2_vs_full_alternating\": [\n");
+    for (int c = 0, k = 0; c < n_cases; c++)
+        if (cases[c][1] > 0) {
+            fprintf(f, "    {\"N\": %d, \"G\": %d, \"fwd_ratio\": %.3f, \"fwdbwd_ratio\": %.3f}%s\n", cases[c][0], cases[c][1], s2_ratio[k][0], s2_ratio[k][1],
+                    k + 1 < n_s2 ? "," : "");
+            k++;
+        }
     fprintf(f, "  ],\n  \"decode\": [\n");
     for (int c = 0; c < 3; c++)
         fprintf(f, "    {\"B\": 1, \"H\": %d, \"Hk\": %d, \"n_keys\": %d, \"ms\": %.4f, \"kv_GBps\": %.0f}%s\n", H, dec_cases[c][1], dec_cases[c][0], dec_ms[c], dec_gbs[c], c < 2 ? "," : "");
