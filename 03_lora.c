@@ -5,15 +5,18 @@
  * initialisation: A kaiming-uniform, B zero, so training starts from the base model);
  * LoRA+ also trains embed_tokens and every RMSNorm weight; S2-Attn (the attention of
  * stage 02 restricted to shifted groups, docs/DESIGN.md) makes long sequences cheap. AdamW
- * with decoupled weight decay and a warmup-then-constant learning rate updates only the
- * trainable tensors. Adapters are saved and loaded in PEFT's own format
- * (adapter_config.json + adapter_model.safetensors, the embed and norm weights as
- * modules_to_save), and can be merged into the base weights (W += (alpha/R) B A).
+ * with decoupled weight decay and a warmup-then-constant learning rate (or transformers'
+ * cosine or linear decay after the warmup) updates only the trainable tensors; embed and the
+ * norms may stay frozen (--no-train-embed, --no-train-norms), as in LongLoRA's ablations.
+ * Adapters are saved and loaded in PEFT's own format (adapter_config.json +
+ * adapter_model.safetensors, the trained embed and norm weights as modules_to_save), and can
+ * be merged into the base weights (W += (alpha/R) B A).
  * Runs on: the CPU, fp32, through stage 02's forward/backward: LoRA plugs into the
  * seven projections through 02's LinearHook, so the layer loop is written once.
  * Checked against: peft + transformers (tests/ref/make_lora_fixtures.py writes the
  * fixtures; tests/test_lora.c compares logits, loss and every trainable gradient with
- * S2-Attn off and on, AdamW with torch's, and adapters both ways).
+ * S2-Attn off and on, AdamW with torch's, its schedules with transformers', and adapters both
+ * ways).
  * Leaves out: the GPU, bf16 compute and activation checkpointing (05), DoRA, per-module
  * rank/alpha patterns and biases (adapters that use them are refused with a clear error),
  * and gradient clipping (off in the LongLoRA recipe).
@@ -167,25 +170,50 @@ static void lora_linear_backward(const float *x, const float *dy, size_t T, size
 }
 
 /* ---------------------------------------------------------------------------------------
- * AdamW (torch.optim.AdamW's arithmetic) with HF's constant-with-warmup schedule.
+ * AdamW (torch.optim.AdamW's arithmetic) with HF's schedules: constant after a linear warmup
+ * (LongLoRA's), or cosine or linear decay to 0 after it.
  * ------------------------------------------------------------------------------------- */
+
+/* What the learning rate does after the warmup; 0 (constant) is what a zeroed config means. */
+typedef enum { LR_CONSTANT, LR_COSINE, LR_LINEAR, LR_N_SCHEDULES } LrSchedule;
+static const char *const LR_SCHEDULE_NAMES[LR_N_SCHEDULES] = {"constant", "cosine", "linear"};
+
+/* The schedule `name` means (LR_SCHEDULE_NAMES, or transformers' "constant_with_warmup" for
+ * constant), for the command-line flag `flag`. 0, or -1 + last_error(). */
+static API int lr_schedule_parse(const char *flag, const char *name, LrSchedule *out) {
+    for (int k = 0; k < LR_N_SCHEDULES; k++)
+        if (!strcmp(name, LR_SCHEDULE_NAMES[k])) { *out = (LrSchedule)k; return 0; }
+    if (!strcmp(name, "constant_with_warmup")) { *out = LR_CONSTANT; return 0; }
+    return set_error("%s must be constant, cosine or linear, got '%s'", flag, name);
+}
 
 typedef struct {
     float lr, beta1, beta2, eps, weight_decay;
     int warmup_steps;
+    LrSchedule schedule;  /* after the warmup */
+    long total_steps;     /* cosine and linear reach 0 here (05's --max-steps); constant ignores it */
 } AdamWConfig;
 
 static API AdamWConfig adamw_default_config(void) {
-    AdamWConfig c = {2e-5f, 0.9f, 0.95f, 1e-8f, 0.0f, 20};
+    AdamWConfig c = {2e-5f, 0.9f, 0.95f, 1e-8f, 0.0f, 20, LR_CONSTANT, 0};
     return c;
 }
 
-/* The learning rate of optimizer step `step` (0-based), as transformers'
- * get_constant_schedule_with_warmup: lr * step / warmup while step < warmup, then lr.
- * (So the very first step has lr 0, exactly as the HF Trainer runs LongLoRA.) */
+/* The learning rate of optimizer step `step` (0-based), as transformers' schedules compute it
+ * (W = warmup_steps, S = total_steps): lr * step / W while step < W (so the very first step has
+ * lr 0, exactly as the HF Trainer runs LongLoRA), then
+ *   constant  lr                                        get_constant_schedule_with_warmup
+ *   cosine    lr * max(0, (1 + cos(pi p)) / 2)          get_cosine_schedule_with_warmup (0.5 cycles)
+ *   linear    lr * max(0, (S - step) / max(1, S - W))   get_linear_schedule_with_warmup
+ * with p = (step - W) / max(1, S - W). Past S, as transformers does, linear stays at 0 and
+ * cosine rises again (the max(0, ...) does not hold it at 0). */
 static float adamw_lr_at(const AdamWConfig *c, long step) {
     if (step < c->warmup_steps) return c->lr * (float)((double)step / (double)(c->warmup_steps > 0 ? c->warmup_steps : 1));
-    return c->lr;
+    if (c->schedule == LR_CONSTANT) return c->lr;
+    double span = (double)(c->total_steps - c->warmup_steps > 1 ? c->total_steps - c->warmup_steps : 1);
+    double f = c->schedule == LR_LINEAR ? (double)(c->total_steps - step) / span
+                                        : 0.5 * (1.0 + cos(M_PI * (double)(step - c->warmup_steps) / span));
+    return c->lr * (float)(f > 0.0 ? f : 0.0);
 }
 
 typedef struct {
@@ -802,6 +830,23 @@ static API int lora_load_adapter(LoraAdapter *ad, Model *m, const char *dir) {
     return 0;
 }
 
+/* What a run from a loaded adapter trains beside LoRA: embed and/or the norms (LoRA+: both,
+ * whether or not the adapter carried them). Freezing a part the adapter carries trained would
+ * leave it out of the adapter the run saves (PEFT's modules_to_save are what was trained),
+ * so that is refused: -1 + last_error(), the adapter unchanged. */
+static API int lora_set_trained(LoraAdapter *ad, int train_embed, int train_norms, const char *dir) {
+    int drops_embed = ad->cfg.train_embed && !train_embed, drops_norms = ad->cfg.train_norms && !train_norms;
+    if (drops_embed || drops_norms) {
+        const char *flag = drops_embed ? "--no-train-embed" : "--no-train-norms";
+        return set_error("the adapter %s carries %s (modules_to_save), which %s would leave out of the adapter this run saves; "
+                         "drop %s, or start from an adapter without %s", dir, drops_embed ? "a trained embed_tokens" : "trained norm weights",
+                         flag, flag, drops_embed ? "it" : "them");
+    }
+    ad->cfg.train_embed = train_embed;
+    ad->cfg.train_norms = train_norms;
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------
  * S2-Attn group size and one training step
  * ------------------------------------------------------------------------------------- */
@@ -1201,9 +1246,8 @@ int main(int argc, char **argv) {
     const Config *c = &model.cfg;
     LoraAdapter ad;
     if (load_dir) {
-        if (lora_load_adapter(&ad, &model, load_dir) != 0) die("%s", last_error());
-        ad.cfg.train_embed = lc.train_embed;
-        ad.cfg.train_norms = lc.train_norms;
+        if (lora_load_adapter(&ad, &model, load_dir) != 0 || lora_set_trained(&ad, lc.train_embed, lc.train_norms, load_dir) != 0)
+            die("%s", last_error());
         ad.cfg.seed = lc.seed;
         rng_seed(&ad.drop_rng, lc.seed ^ 0x5deece66dull);
     } else if (lora_init(&ad, c, &lc) != 0) die("%s", last_error());

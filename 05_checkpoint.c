@@ -6,7 +6,9 @@
  *                             moments "<name>.exp_avg", "<name>.exp_avg_sq", and the data
  *                             order of the current epoch "data.order" [n_seqs]
  *   trainer_state.json        step, AdamW step count, data epoch and position, the RNG
- *                             states, and the settings that must not change on resume
+ *                             states, and the run's settings: those that shape the data and
+ *                             the tensors (--ctx, --batch, LoRA, the trained parts) must not
+ *                             change on resume; lr, warmup, --lr-scheduler and --max-steps may
  * The folder is written as OUT/.checkpoint-<step>.tmp.<pid> and renamed into place, so a
  * crash mid-save never leaves a half checkpoint under the real name.
  * Checked by: tests/test_train.c (exact resume, malformed and foreign checkpoints, SIGINT),
@@ -60,9 +62,10 @@ static int write_trainer_state_json(const Trainer *t, const char *path, double l
     for (int i = 0; i < CHECKPOINT_N_SUMMED; i++) fprintf(f, "%s\"%s\": \"%016llx\"", i ? ", " : "", CHECKPOINT_SUMMED[i], (unsigned long long)sums[i]);
     fprintf(f, "},\n");
     fprintf(f, "  \"settings\": {\"ctx\": %d, \"group\": %d, \"batch\": %d, \"grad_accum\": %d, \"lora_rank\": %d, "
-               "\"lora_alpha\": %.17g, \"seed\": \"%llu\", \"lr\": %.9g, \"warmup\": %d, \"max_steps\": %d}\n}\n",
-            o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank, o->lora_alpha, (unsigned long long)o->seed, o->lr, o->warmup,
-            o->max_steps);
+               "\"lora_alpha\": %.17g, \"train_embed\": %d, \"train_norms\": %d, \"seed\": \"%llu\", \"lr\": %.9g, \"warmup\": %d, "
+               "\"lr_scheduler\": \"%s\", \"max_steps\": %d}\n}\n",
+            o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank, o->lora_alpha, o->train_embed, o->train_norms,
+            (unsigned long long)o->seed, o->lr, o->warmup, LR_SCHEDULE_NAMES[o->lr_scheduler], o->max_steps);
     return atomic_commit(&af);
 }
 
@@ -174,7 +177,8 @@ static int json_int_field(const Json *obj, const char *key, double lo, double hi
 
 /* Restores the trainer (whose model, adapter, optimizer and data are set up as for a fresh
  * run) from checkpoint folder dir. -1 + last_error() when the checkpoint is malformed or
- * belongs to another run (other data, --ctx, --batch, --grad-accum or LoRA shape). */
+ * belongs to another run (other data, --ctx, --batch, --grad-accum, LoRA shape or trained
+ * parts). A changed --lr, --warmup, --lr-scheduler or --max-steps is the resumed run's own. */
 static int checkpoint_load(Trainer *t, const char *dir) {
     char path[4096];
     Json *js = json_parse_file(path_join(path, sizeof path, dir, "trainer_state.json"));
@@ -205,6 +209,17 @@ static int checkpoint_load(Trainer *t, const char *dir) {
         if (rc == 0 && json_get_number(settings, "lora_alpha", -1) != o->lora_alpha)
             rc = set_error("the checkpoint %s was trained with --lora-alpha %g but this run asks for %g", dir,
                            json_get_number(settings, "lora_alpha", -1), o->lora_alpha);
+        /* the trained parts: the checkpoint holds exactly their tensors (one without these keys
+         * trained LoRA+ whole); the schedule, like lr and warmup, is this run's to choose */
+        const char *part_keys[2] = {"train_embed", "train_norms"}, *part_flags[2] = {"--no-train-embed", "--no-train-norms"};
+        const char *part_names[2] = {"embed_tokens", "the norm weights"}, *part_its[2] = {"it", "them"};
+        int part_now[2] = {o->train_embed, o->train_norms};
+        for (int i = 0; i < 2 && rc == 0; i++) {
+            int was = json_get_number(settings, part_keys[i], 1) != 0;
+            if (was != (part_now[i] != 0))
+                rc = set_error("the checkpoint %s %s %s%s, but this run %s %s; resume %s %s", dir, was ? "trained" : "kept", part_names[i],
+                               was ? "" : " frozen", was ? "freezes" : "trains", part_its[i], was ? "without" : "with", part_flags[i]);
+        }
         char fp[17];
         snprintf(fp, sizeof fp, "%016llx", (unsigned long long)t->data.fingerprint);
         if (rc == 0 && ((size_t)sequences != t->data.n_seqs || strcmp(json_get_string(data, "fingerprint", ""), fp) != 0))
@@ -349,10 +364,10 @@ static void run_identity(const Trainer *t, char *model /* [8192] */, char *data 
     snprintf(data, 256, "%s, %zu sequences of %d, fingerprint %016llx", t->data.stream ? "packed text" : "SFT", t->data.n_seqs, o->ctx,
              (unsigned long long)t->data.fingerprint);
     if (o->adapter_dir) resolve_path(o->adapter_dir, res, sizeof res);
-    snprintf(recipe, 8704, "ctx %d, group %d, batch %d x %d accumulation, LoRA r %d alpha %g%s%s, lr %g, betas %g,%g, eps %g, weight decay %g, "
-             "warmup %d, clip %g, seed %llu", o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank, o->lora_alpha,
-             o->adapter_dir ? " from " : "", o->adapter_dir ? res : "", o->lr, o->beta1, o->beta2, o->eps, o->weight_decay, o->warmup,
-             o->clip, (unsigned long long)o->seed);
+    snprintf(recipe, 8704, "ctx %d, group %d, batch %d x %d accumulation, LoRA r %d alpha %g%s%s%s, lr %g, betas %g,%g, eps %g, weight decay %g, "
+             "warmup %d, %s schedule, clip %g, seed %llu", o->ctx, o->group, o->batch, o->grad_accum * comm_world(), o->lora_rank, o->lora_alpha,
+             train_parts(o), o->adapter_dir ? " from " : "", o->adapter_dir ? res : "", o->lr, o->beta1, o->beta2, o->eps, o->weight_decay,
+             o->warmup, LR_SCHEDULE_NAMES[o->lr_scheduler], o->clip, (unsigned long long)o->seed);
 }
 
 /* 1 for what a run leaves in OUT: checkpoint-<step>, the adapter, the log, run.json. */

@@ -36,13 +36,15 @@ typedef struct {
     /* LoRA */
     int lora_rank;                  /* --lora-rank R */
     double lora_alpha;              /* --lora-alpha */
+    int train_embed, train_norms;   /* 1: embed_tokens / every RMSNorm trains too (LoRA+); --no-train-embed, --no-train-norms: 0 */
     /* optimiser */
     int max_steps;                  /* --max-steps */
     double lr;                      /* --lr */
     double beta1, beta2;            /* --betas B1,B2 */
     double eps;                     /* --eps */
     double weight_decay;            /* --weight-decay */
-    int warmup;                     /* --warmup: linear warmup steps, then constant */
+    int warmup;                     /* --warmup: linear warmup steps */
+    LrSchedule lr_scheduler;        /* --lr-scheduler: after the warmup, constant or cosine / linear decay over --max-steps */
     double clip;                    /* --clip: max global grad norm (0 = off) */
     uint64_t seed;                  /* --seed */
     /* output */
@@ -74,6 +76,7 @@ static void train_defaults(TrainOptions *o) {
     o->group_ratio = 0.25;
     o->lora_rank = 8;
     o->lora_alpha = 16;
+    o->train_embed = o->train_norms = 1;
     o->max_steps = 1000;
     o->lr = 2e-5;
     o->beta1 = 0.9;
@@ -81,6 +84,7 @@ static void train_defaults(TrainOptions *o) {
     o->eps = 1e-8;
     o->weight_decay = 0.0;
     o->warmup = 20;
+    o->lr_scheduler = LR_CONSTANT;
     o->clip = 0.0;
     o->seed = 42;
     o->out_dir = "out";
@@ -122,13 +126,18 @@ static void train_usage(FILE *f) {
         "  --group-ratio R        S2-Attn group G = N * R, N %% G == 0 (default 0.25)\n"
         "  --lora-rank R          LoRA rank (default 8)\n"
         "  --lora-alpha A         LoRA alpha (default 16)\n"
-        "optimizer (AdamW, linear warmup then constant):\n"
+        "  --no-train-embed       keep embed_tokens (and a tied lm_head) frozen: LoRA + norms\n"
+        "  --no-train-norms       keep every RMSNorm weight frozen (both: plain LoRA); the adapter\n"
+        "                         lists only what trained as modules_to_save\n"
+        "optimizer (AdamW, linear warmup, then constant or a decay):\n"
         "  --max-steps S          optimizer steps (default 1000)\n"
         "  --lr LR                peak learning rate (default 2e-5)\n"
         "  --betas B1,B2          (default 0.9,0.95)\n"
         "  --eps E                (default 1e-8)\n"
         "  --weight-decay W       (default 0)\n"
         "  --warmup W             warmup steps (default 20)\n"
+        "  --lr-scheduler KIND    after the warmup: constant (LongLoRA's, the default), cosine or linear\n"
+        "                         (transformers' decays to 0 at --max-steps)\n"
         "  --clip C               clip the global gradient norm to C (default 0 = off)\n"
         "  --seed S               data shuffle and LoRA init (default 42)\n"
         "output:\n"
@@ -156,7 +165,8 @@ static void train_usage(FILE *f) {
         "  --help                 this text\n"
         "Flags may be spelled with _ for -, and HF Trainer names work too (--learning_rate,\n"
         "--per_device_train_batch_size, --gradient_accumulation_steps, --warmup_steps,\n"
-        "--max_grad_norm, --output_dir, --model_name_or_path, --model_max_length, --save_steps).\n");
+        "--lr_scheduler_type, --max_grad_norm, --output_dir, --model_name_or_path, --model_max_length,\n"
+        "--save_steps).\n");
 }
 
 /* HF Trainer spellings a user may reach for, and the flag each means here. */
@@ -166,6 +176,7 @@ static const char *const FLAG_ALIASES[][2] = {
     {"--gradient-accumulation-steps", "--grad-accum"}, {"--warmup-steps", "--warmup"}, {"--max-grad-norm", "--clip"},
     {"--save-steps", "--save-every"}, {"--logging-steps", "--log-every"}, {"--adam-epsilon", "--eps"},
     {"--resume-from-checkpoint", "--resume"}, {"--data-path", "--data"}, {"--lora-r", "--lora-rank"},
+    {"--lr-scheduler-type", "--lr-scheduler"},
 };
 
 /* "--learning_rate" and "--learning-rate" both become "--lr" (in buf); other flags stay. */
@@ -191,6 +202,8 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
         if (!strcmp(a, "--pack")) { o->sft_pack = 1; continue; }
         if (!strcmp(a, "--quiet")) { o->quiet = 1; continue; }
         if (!strcmp(a, "--shard-weights")) { o->shard_weights = 1; continue; }
+        if (!strcmp(a, "--no-train-embed")) { o->train_embed = 0; continue; }
+        if (!strcmp(a, "--no-train-norms")) { o->train_norms = 0; continue; }
         if (!strcmp(a, "--overwrite") || !strcmp(a, "--overwrite-output-dir")) { o->overwrite = 1; continue; }
         if (strncmp(a, "--", 2) != 0) return set_error("unexpected argument '%s' (flags start with --; see --help)", a);
         if (i + 1 >= argc) return set_error("%s needs a value", a);
@@ -276,6 +289,7 @@ static int train_parse_args(TrainOptions *o, int argc, char **argv) {
             o->weight_decay = x;
         }
         else if (!strcmp(a, "--warmup")) { if (parse_int_arg(a, v, 0, INT32_MAX, &o->warmup)) return -1; }
+        else if (!strcmp(a, "--lr-scheduler")) { if (lr_schedule_parse(a, v, &o->lr_scheduler)) return -1; }
         else if (!strcmp(a, "--clip")) {
             if (parse_double_arg(a, v, -HUGE_VAL, HUGE_VAL, &x)) return -1;
             if (!(x >= 0)) return set_error("--clip must not be negative (0 turns clipping off), got %s", v);
@@ -316,6 +330,13 @@ static int train_validate(TrainOptions *o) {
     o->group = (int)G; /* 0: full attention (--no-s2, or a ratio of 1) */
     if (o->save_every > o->max_steps) o->save_every = 0;
     return 0;
+}
+
+/* What trains beside LoRA, in words for the startup line and the run's recipe: " + embed +
+ * norms" (LoRA+, the default), " + embed", " + norms" or "" (plain LoRA). */
+static const char *train_parts(const TrainOptions *o) {
+    static const char *const words[4] = {"", " + norms", " + embed", " + embed + norms"};
+    return words[2 * (o->train_embed != 0) + (o->train_norms != 0)];
 }
 
 #endif /* TRAIN_FLAGS_C */

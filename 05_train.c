@@ -3,8 +3,9 @@
  * Teaches: how a fine-tuning run is put together around the model of 02 and the LoRA+,
  * S2-Attn and AdamW of 03. Read in this order: the trainer (what a run holds), the step
  * (gradient accumulation over micro-batches, clipping, AdamW at a warmup-then-constant
- * learning rate), then the run (set-up, the loop with its progress line: tokens/s, MFU,
- * peak memory, ETA; a CSV log; checkpoints). Around it, in their own files:
+ * learning rate, or transformers' cosine or linear decay: --lr-scheduler), then the run
+ * (set-up, the loop with its progress line: tokens/s, MFU, peak memory, ETA; a CSV log;
+ * checkpoints). Around it, in their own files:
  *   05_flags.c       the command line (flags a user of llm.c or the HF Trainer would guess)
  *   05_data.c        data: documents joined with EOS and packed into N-token sequences, or
  *                    instruction records with the prompt masked out of the loss; a seeded
@@ -29,7 +30,10 @@
  * held-out text), tests/test_train_ref.c (the step against transformers + peft + torch
  * AdamW), tests/test_train_text.sh (text and SFT through a real tokenizer),
  * tests/test_dist_train.sh and tests/test_dist.c (several processes, 05_dist.c).
- * Leaves out: learning-rate schedules other than warmup-then-constant (LongLoRA's), LoRA
+ * What trains: LoRA+ (LoRA, embed_tokens and every RMSNorm weight), or less for ablations
+ * (--no-train-embed, --no-train-norms): a frozen tensor is no optimizer entry, so it has no
+ * fp32 state on the GPU, no place in the checkpoint and none in the adapter's modules_to_save.
+ * Leaves out: transformers' other schedules (polynomial, cosine with restarts, ...), LoRA
  * dropout on the GPU, mixed CPU and GPU ranks.
  *
  * CLI (see --help):
@@ -59,7 +63,7 @@
 
 typedef struct {
     TrainOptions opt;
-    Model model;                /* fp32 base weights (frozen) and the LoRA+ embed/norms (trained) */
+    Model model;                /* fp32 base weights (frozen) and the LoRA+ embed/norms (trained unless --no-train-*) */
     LoraAdapter lora;           /* A, B of q,k,v,o (and their gradients) */
     LoraTrainer lt;             /* 03's: the gradients of embed and the norms, the CPU step's
                                    activations for one [B, N] micro-batch, AdamW (the fp32
@@ -246,17 +250,18 @@ static int trainer_run(Trainer *t) {
             if (t->lora.cfg.targets & (1u << w))
                 snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%.*s", targets[0] ? "," : "",
                          (int)strcspn(LORA_TARGET_NAMES[w], "_"), LORA_TARGET_NAMES[w]);
-        printf("model: D=%d L=%d H=%d Hk=%d d=%d F=%d V=%d, %.2fM parameters, %.3fM trainable (LoRA r=%d alpha %g on %s + embed + norms)\n",
+        printf("model: D=%d L=%d H=%d Hk=%d d=%d F=%d V=%d, %.2fM parameters, %.3fM trainable (LoRA r=%d alpha %g on %s%s)\n",
                c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->ffn_dim, c->vocab_size, t->n_params / 1e6,
-               t->n_trainable / 1e6, o->lora_rank, o->lora_alpha, targets);
+               t->n_trainable / 1e6, o->lora_rank, o->lora_alpha, targets, train_parts(o));
         if (o->adapter_dir) printf("adapter: started from %s\n", o->adapter_dir);
         if (comm_active())
             printf("ranks: %d (%s), each takes every %d-th micro-batch; AdamW state sharded (ZeRO-1)\n", comm_world(),
                    g_comm.backend == COMM_NCCL ? "NCCL" : "shared file", comm_world());
-        printf("train: N=%d %s, B=%d x %d accumulation x %d ranks = %zu tokens/step, RoPE %s factor %g, %zu sequences/epoch, lr %g (warmup %d), %s\n",
+        printf("train: N=%d %s, B=%d x %d accumulation x %d ranks = %zu tokens/step, RoPE %s factor %g, %zu sequences/epoch, "
+               "lr %g (warmup %d, then %s%s), %s\n",
                o->ctx, o->group ? "S2-Attn" : "full attention", o->batch, o->grad_accum, comm_world(), tokens_per_step,
-               ROPE_TYPE_NAMES[c->rope_type], c->rope_factor,
-               t->data.n_seqs, o->lr, o->warmup, t->device_note);
+               ROPE_TYPE_NAMES[c->rope_type], c->rope_factor, t->data.n_seqs, o->lr, o->warmup, LR_SCHEDULE_NAMES[o->lr_scheduler],
+               o->lr_scheduler == LR_CONSTANT ? "" : " decay to 0 at --max-steps", t->device_note);
         printf("load: %s\n", t->load_note);
         /* the model FLOPs of one step, what MFU divides by the peak */
         printf("MFU: %.3g model FLOPs per step (6 x parameters + attention, per token x %zu tokens) against %s\n",
@@ -456,10 +461,10 @@ static void trainer_init(Trainer *t) {
     if (rc != 0) die("%s", last_error());
     dataset_start(&t->data, o->seed);
 
-    /* LoRA+ and AdamW over exactly the trainable tensors */
+    /* LoRA+ (less what --no-train-embed / --no-train-norms freeze) and AdamW over exactly the trainable tensors */
     if (o->adapter_dir) { /* start from an existing PEFT adapter: its rank, alpha and targets */
-        if (lora_load_adapter(&t->lora, &t->model, o->adapter_dir) != 0) die("%s", last_error());
-        t->lora.cfg.train_embed = t->lora.cfg.train_norms = 1; /* LoRA+ trains them whether or not it carried them */
+        if (lora_load_adapter(&t->lora, &t->model, o->adapter_dir) != 0 || lora_set_trained(&t->lora, o->train_embed, o->train_norms, o->adapter_dir) != 0)
+            die("%s", last_error());
         o->lora_rank = t->lora.cfg.rank;
         o->lora_alpha = t->lora.cfg.alpha;
     } else {
@@ -467,9 +472,11 @@ static void trainer_init(Trainer *t) {
         lc.rank = o->lora_rank;
         lc.alpha = (float)o->lora_alpha;
         lc.seed = o->seed;
+        lc.train_embed = o->train_embed;
+        lc.train_norms = o->train_norms;
         if (lora_init(&t->lora, c, &lc) != 0) die("%s", last_error());
     }
-    AdamWConfig oc = {(float)o->lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)o->weight_decay, o->warmup};
+    AdamWConfig oc = {(float)o->lr, (float)o->beta1, (float)o->beta2, (float)o->eps, (float)o->weight_decay, o->warmup, o->lr_scheduler, o->max_steps};
     lora_trainer_init(&t->lt, &t->model, &t->lora, &oc, 0, 0, (size_t)o->group); /* activations below, for the CPU step only */
 
     if (o->shard_weights && !on_gpu) die("--shard-weights shards the frozen bf16 weights of the GPU step; this run trains on the CPU");

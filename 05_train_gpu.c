@@ -3,9 +3,12 @@
  *
  * Teaches: how a LongLoRA step runs on one GPU with a frozen bf16 model.
  *   - Weights: every frozen tensor lives on the GPU once, in bf16. Each trainable tensor
- *     (LoRA A and B, embed_tokens, the RMSNorm weights) has an fp32 master copy, an fp32
- *     gradient and AdamW's two fp32 moments there too, plus the bf16 copy the kernels read;
- *     04's AdamW writes master and bf16 copy in one pass.
+ *     (LoRA A and B, embed_tokens, the RMSNorm weights: whatever the host optimizer holds, so
+ *     embed and the norms only without --no-train-embed / --no-train-norms) has an fp32
+ *     master copy, an fp32 gradient and AdamW's two fp32 moments there too, plus the bf16
+ *     copy the kernels read; 04's AdamW writes master and bf16 copy in one pass. A frozen
+ *     tensor has no gradient buffer (NULL), and the kernels that would add to one skip it
+ *     (the norms' backward, the tied head's dW in the cross-entropy, the embedding's backward).
  *   - Activation checkpointing per layer: the forward pass keeps only each layer's input
  *     ([L+1, T, D] bf16). The backward pass walks the layers from the top, runs each
  *     layer's forward again from its kept input (into one set of work buffers, minus the

@@ -116,7 +116,7 @@ int main(void) {
     for (int K = 1; K <= 5; K++) {
         size_t sizes[4] = {37, 1, 250, 13};
         AdamW full = {0}, sliced = {0};
-        AdamWConfig cfg = {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0};
+        AdamWConfig cfg = {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0, LR_CONSTANT, 0};
         full.cfg = sliced.cfg = cfg;
         float *w[2][4], *g[4];
         for (int k = 0; k < 4; k++) {

@@ -8,7 +8,11 @@
  *   - the loss of one step within 1e-2 relative of the CPU's,
  *   - every trainable gradient: cosine similarity >= 0.999 with the CPU's, and its norm
  *     within 2% (cosine alone would not see a wrong scale),
- *   - three AdamW steps (lr 1e-3, no warmup) on both: each step's loss within 1e-2 relative,
+ *   - three AdamW steps (lr 1e-3, no warmup; constant, or a case's cosine or linear decay over
+ *     the three) on both: each step's loss within 1e-2 relative,
+ *   - cases that freeze embed (a tied head with it) or the norms, as 05_train's
+ *     --no-train-embed / --no-train-norms: no fp32 state on the GPU for them, their bf16 copies
+ *     unchanged after the steps, and the gradients of what does train as above,
  *   - a context that does not fit is refused with one sentence naming what to lower.
  * Some cases keep the attention output of all or some layers (the planner's choice forced),
  * the others recompute it. Every work buffer is filled with NaN bytes before the step, so a read of something no
@@ -29,6 +33,8 @@ typedef struct {
     unsigned targets;     /* LoRA targets */
     int keep_att;         /* the planner's choice forced: this many layers keep their attention output */
     int qwen2_yarn;       /* Qwen2's q, k, v biases, and the context reached by yarn instead of linear PI */
+    int frozen;           /* 1: embed frozen (--no-train-embed), 2: the norms (--no-train-norms), 3: both */
+    LrSchedule sched;     /* the three AdamW steps' schedule (over 3 steps, no warmup) */
 } Case;
 
 static void round_bf16(float *x, size_t n) {
@@ -48,6 +54,16 @@ static void poison_acts(GpuTrainer *g) {
         if (bufs[i].p && bufs[i].bytes) CUDA_CHECK(cudaMemset(bufs[i].p, 0xff, bufs[i].bytes)); /* chunked: no xn1, q, k, v */
 }
 
+/* Whether the GPU's bf16 copy w [n] still holds the host's fp32 values rounded (a frozen tensor). */
+static int gpu_copy_unchanged(const uint16_t *w, const float *host, size_t n) {
+    uint16_t *h = (uint16_t *)xmalloc(n * sizeof(uint16_t)); /* [n] */
+    CUDA_CHECK(cudaMemcpy(h, w, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad += h[i] != f32_to_bf16(host[i]);
+    free(h);
+    return bad == 0;
+}
+
 static void run_case(const Case *k, uint64_t seed) {
     printf("-- %s: D=%d L=%d H=%d Hk=%d F=%d V=%d %s, B=%zu N=%zu (model context %d), ratio %g\n", k->name, k->dim, k->n_layers, k->n_heads,
            k->n_kv_heads, k->ffn_dim, k->vocab_size, k->tied ? "tied" : "untied", k->B, k->N, k->max_pos, k->group_ratio);
@@ -64,6 +80,8 @@ static void run_case(const Case *k, uint64_t seed) {
     LoraConfig lc = lora_default_config();
     lc.targets = k->targets;
     lc.seed = seed + 1;
+    lc.train_embed = !(k->frozen & 1);
+    lc.train_norms = !(k->frozen & 2);
     LoraAdapter ad;
     if (lora_init(&ad, &c, &lc) != 0) die("%s", last_error());
     Rng rng;
@@ -83,6 +101,8 @@ static void run_case(const Case *k, uint64_t seed) {
     opt.cfg = adamw_default_config();
     opt.cfg.lr = 1e-3f;
     opt.cfg.warmup_steps = 0;
+    opt.cfg.schedule = k->sched;
+    opt.cfg.total_steps = 3;
     lora_register_params(&opt, &ad, &m, &grads);
 
     size_t G = 0, T = k->B * k->N;
@@ -99,6 +119,11 @@ static void run_case(const Case *k, uint64_t seed) {
     tg_keep_att_policy = k->keep_att;
     if (gpu_train_plan(&g, k->B, k->N, G) != 0) die("%s", last_error());
     tg_keep_att_policy = -1;
+    size_t want = 2 * (size_t)c.n_layers * (size_t)__builtin_popcount(k->targets) + (k->frozen & 1 ? 0 : 1) + (k->frozen & 2 ? 0 : 2 * (size_t)c.n_layers + 1);
+    EXPECT(g.n_trainable == want && opt.count == want && !g.embed.master == !!(k->frozen & 1) && !g.embed.grad == !!(k->frozen & 1) &&
+           !g.final_norm.grad == !!(k->frozen & 2) && !g.layers[0].attn_norm.m == !!(k->frozen & 2),
+           "%s: %zu trainable tensors on the GPU (want %zu), fp32 state for embed %s and the norms %s", k->name, g.n_trainable, want,
+           g.embed.master ? "yes" : "no", g.final_norm.master ? "yes" : "no");
     EXPECT(g.n_keep_att == k->keep_att, "%s: %d of %d layers keep their attention output (no attention in their recompute)", k->name, g.n_keep_att,
            c.n_layers);
 
@@ -156,15 +181,26 @@ static void run_case(const Case *k, uint64_t seed) {
         lora_zero_grads(&ad);
         double lc_ = model_forward(&m, &act, tokens, targets, k->B, k->N, &run);
         model_backward(&m, &act, &grads, tokens, targets, k->B, k->N, &run);
-        adamw_step(&opt, opt.cfg.lr);
+        float lr = adamw_lr_at(&opt.cfg, s);
+        adamw_step(&opt, lr);
         gpu_train_zero_grads(gp);
         double lg = gpu_train_forward_backward(gp, tokens, targets);
-        gpu_train_adamw(gp, &opt_gpu, opt.cfg.lr, 1.0f);
+        gpu_train_adamw(gp, &opt_gpu, lr, 1.0f);
         double rel = fabs(lg - lc_) / fabs(lc_);
         if (!(rel <= worst_rel)) worst_rel = rel;
-        printf("     step %d: loss GPU %.6f CPU %.6f\n", s + 1, lg, lc_);
+        printf("     step %d (lr %.3g, %s): loss GPU %.6f CPU %.6f\n", s + 1, (double)lr, LR_SCHEDULE_NAMES[k->sched], lg, lc_);
     }
     EXPECT(worst_rel <= 1e-2, "%s: 3 AdamW steps, every loss within 1e-2 relative (worst %.2e)", k->name, worst_rel);
+    if (k->frozen & 1)
+        EXPECT(gpu_copy_unchanged(g.embed.w, m.w.embed, (size_t)c.vocab_size * c.dim), "%s: the frozen embed (%s head) moved on the GPU", k->name,
+               c.tie_embeddings ? "and the tied" : "untied");
+    if (k->frozen & 2) {
+        int same = gpu_copy_unchanged(g.final_norm.w, m.w.final_norm, (size_t)c.dim);
+        for (int l = 0; l < c.n_layers; l++)
+            same &= gpu_copy_unchanged(g.layers[l].attn_norm.w, m.w.layers[l].attn_norm, (size_t)c.dim) &&
+                    gpu_copy_unchanged(g.layers[l].mlp_norm.w, m.w.layers[l].mlp_norm, (size_t)c.dim);
+        EXPECT(same, "%s: a frozen norm moved on the GPU", k->name);
+    }
 
     for (size_t i = 0; i < opt.count; i++) free(cpu_grad[i]);
     free(cpu_grad);
@@ -196,15 +232,19 @@ int main(void) {
     const unsigned all7 = (1u << N_PROJ) - 1;
     Case cases[] = {
         /* GQA 3:1, d=64, untied, S2 (G = 24) over 2 sequences, PI factor 2 */
-        {"gqa-s2", 192, 2, 3, 1, 328, 397, 64, 0, 2, 96, 0.25, LORA_DEFAULT_TARGETS, 0, 0},
+        {"gqa-s2", 192, 2, 3, 1, 328, 397, 64, 0, 2, 96, 0.25, LORA_DEFAULT_TARGETS, 0, 0, 0, LR_CONSTANT},
         /* d=128, tied head, full attention, LoRA on all seven projections */
-        {"tied-full-mlp", 256, 2, 2, 2, 200, 301, 128, 1, 1, 80, 1.0, all7, 2, 0},
+        {"tied-full-mlp", 256, 2, 2, 2, 200, 301, 128, 1, 1, 80, 1.0, all7, 2, 0, 0, LR_CONSTANT},
         /* 4 heads (2 shifted), d=64, S2 with G = 50, odd widths */
-        {"mha-s2", 256, 3, 4, 4, 430, 509, 256, 0, 1, 200, 0.25, LORA_DEFAULT_TARGETS, 0, 0},
+        {"mha-s2", 256, 3, 4, 4, 430, 509, 256, 0, 1, 200, 0.25, LORA_DEFAULT_TARGETS, 0, 0, 0, LR_CONSTANT},
         /* two of three layers keep their attention output, GQA, two sequences */
-        {"gqa-s2-kept", 192, 3, 3, 1, 328, 397, 64, 0, 2, 160, 0.25, LORA_DEFAULT_TARGETS, 2, 0},
+        {"gqa-s2-kept", 192, 3, 3, 1, 328, 397, 64, 0, 2, 160, 0.25, LORA_DEFAULT_TARGETS, 2, 0, 0, LR_CONSTANT},
         /* Qwen2-shaped: q, k, v biases (frozen), tied head, yarn factor 4 over a context of 32, S2 */
-        {"qwen2-yarn-s2", 192, 2, 3, 1, 328, 397, 32, 1, 2, 128, 0.25, LORA_DEFAULT_TARGETS, 0, 1},
+        {"qwen2-yarn-s2", 192, 2, 3, 1, 328, 397, 32, 1, 2, 128, 0.25, LORA_DEFAULT_TARGETS, 0, 1, 0, LR_CONSTANT},
+        /* --no-train-embed with a tied head (no dW into a frozen embedding, no embedding backward), S2, cosine steps */
+        {"tied-no-embed-cosine", 192, 2, 3, 1, 328, 397, 64, 1, 2, 96, 0.25, LORA_DEFAULT_TARGETS, 0, 0, 1, LR_COSINE},
+        /* plain LoRA on all seven projections (the norms' backward without weight gradients), untied, full attention, linear steps */
+        {"lora-only-full-linear", 256, 2, 2, 2, 200, 301, 128, 0, 1, 80, 1.0, all7, 0, 0, 3, LR_LINEAR},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_case(&cases[i], 100 + i);
     test_does_not_fit();

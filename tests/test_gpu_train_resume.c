@@ -10,7 +10,9 @@
  *     and the test prints whether they were bit-identical,
  *   - the losses go down over the run (the GPU step trains),
  *   - a non-finite loss (lr 1e20) stops the run with exit 1, naming the step and the last
- *     good checkpoint, and that checkpoint is still there.
+ *     good checkpoint, and that checkpoint is still there,
+ *   - --lr-scheduler cosine with --no-train-embed: the CSV's lr is transformers' cosine (the
+ *     closed form), and the adapter and checkpoint carry the norms but no embed_tokens.
  * Without a GPU it exits 77.
  */
 #define STAGE 0
@@ -53,6 +55,20 @@ static int csv_losses(const char *path, double *loss, int cap) {
         if (!c) break;
         loss[n++] = strtod(c + 1, NULL);
         line = strchr(line + 1, '\n');
+    }
+    free(csv);
+    return n;
+}
+
+/* The lr column of OUT/train_log.csv (rows in order); returns how many. */
+static int csv_lrs(const char *path, double *lr, int cap) {
+    char *csv = read_file(path, NULL);
+    int n = 0;
+    for (char *line = csv ? strchr(csv, '\n') : NULL; line && line[1] && n < cap; line = strchr(line + 1, '\n')) {
+        char *c = strchr(line + 1, ',');
+        c = c ? strchr(c + 1, ',') : NULL;
+        if (!c) break;
+        lr[n++] = strtod(c + 1, NULL);
     }
     free(csv);
     return n;
@@ -152,6 +168,32 @@ int main(int argc, char **argv) {
     EXPECT(rc == 1 && step >= 2 && log_contains(log, "last good checkpoint") && file_exists(ck),
            "a non-finite loss stops with exit %d at step %d, naming the last good checkpoint (%s)", rc, step, file_exists(ck) ? ck : "missing");
     free(text);
+
+    /* cosine after 2 warmup steps of 6, embed frozen: the lr the log shows, what the adapter holds */
+    char d[512];
+    tmp_path(d, "runD");
+    snprintf(flags, sizeof flags, "%s --max-steps 6 --lr-scheduler cosine --no-train-embed --out %s", common, d);
+    rc = run_training(flags, tmp_path(log, "d.log"));
+    EXPECT(rc == 0 && !log_contains(log, "on the CPU"), "a cosine --no-train-embed run on the GPU exits %d (log %s)", rc, log);
+    double lr[16], ld[16];
+    snprintf(path, sizeof path, "%s/train_log.csv", d);
+    int nl = csv_lrs(path, lr, 16), nd = csv_losses(path, ld, 16), off = 0;
+    for (int i = 0; i < nl; i++) { /* step i (0-based): 2e-3 * i / 2 in the warmup, then (1 + cos(pi (i - 2) / 4)) / 2 of it */
+        double want = i < 2 ? 2e-3 * i / 2.0 : 2e-3 * 0.5 * (1.0 + cos(M_PI * (i - 2) / 4.0));
+        off += fabs(lr[i] - want) > 1e-6 * 2e-3;
+        printf("     step %d: lr %.9g (want %.9g), loss %.6f\n", i + 1, lr[i], want, i < nd ? ld[i] : NAN);
+    }
+    EXPECT(nl == 6 && off == 0, "the GPU run's lr follows the cosine schedule (%d rows, %d off)", nl, off);
+    SafeTensors ad, st;
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", d);
+    int ad_ok = st_open(&ad, path) == 0;
+    snprintf(path, sizeof path, "%s/checkpoint-6/train_state.safetensors", d);
+    int st_ok = st_open(&st, path) == 0;
+    EXPECT(ad_ok && st_ok && !st_find(&ad, PEFT_PREFIX "model.embed_tokens.weight") && st_find(&ad, PEFT_PREFIX "model.norm.weight") &&
+           !st_find(&st, "model.embed_tokens.weight") && st_find(&st, "model.norm.weight"),
+           "--no-train-embed on the GPU: the adapter and the checkpoint carry the norms and no embed_tokens");
+    if (ad_ok) st_close(&ad);
+    if (st_ok) st_close(&st);
     printf("test_gpu_train_resume: %d checks, %d failed\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

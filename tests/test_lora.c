@@ -224,7 +224,7 @@ static void test_adamw(void) {
     float *p = xmalloc(n * 4), *g = xmalloc(n * 4);
     memcpy(p, p0->f, n * 4);
     AdamW opt = {0};
-    AdamWConfig oc = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0};
+    AdamWConfig oc = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0, LR_CONSTANT, 0};
     opt.cfg = oc;
     adamw_add(&opt, "p", p, g, n);
     for (int step = 0; step < 3; step++) {
@@ -260,11 +260,21 @@ static void test_adamw(void) {
     adamw_free(&o1); adamw_free(&o2);
     free(q1); free(q2);
     free(p); free(g);
-    const FxTensor *lrs = fx_get(&fx, "warmup20_lr2e-5");
-    AdamWConfig sc = adamw_default_config();
-    double worst = 0;
-    for (size_t k = 0; k < lrs->numel; k++) worst = fmax(worst, fabs((double)adamw_lr_at(&sc, (long)k) - lrs->f[k]) / sc.lr);
-    EXPECT(lrs->numel == 30 && worst < 1e-6, "the warmup schedule differs from transformers' by %g relative", worst);
+    /* transformers' schedules (lr 2e-5, warmup 20): constant after it; cosine and linear decay
+     * over 100 steps, 20 more past the end */
+    const struct { const char *name; LrSchedule kind; size_t n; } sched[3] = {
+        {"warmup20_lr2e-5", LR_CONSTANT, 30}, {"cosine_warmup20_total100_lr2e-5", LR_COSINE, 120}, {"linear_warmup20_total100_lr2e-5", LR_LINEAR, 120}};
+    for (int s = 0; s < 3; s++) {
+        const FxTensor *lrs = fx_get(&fx, sched[s].name);
+        CHECK(lrs, "adamw.bin has no %s (tests/ref/make_lora_fixtures.py --adamw writes it)", sched[s].name);
+        AdamWConfig sc = adamw_default_config();
+        sc.schedule = sched[s].kind;
+        sc.total_steps = 100;
+        double worst = 0;
+        for (size_t k = 0; k < lrs->numel; k++) worst = fmax(worst, fabs((double)adamw_lr_at(&sc, (long)k) - lrs->f[k]) / sc.lr);
+        EXPECT(lrs->numel == sched[s].n && worst < 1e-6, "the %s schedule differs from transformers' by %g relative (%zu values)",
+               LR_SCHEDULE_NAMES[sched[s].kind], worst, lrs->numel);
+    }
     fx_free(&fx);
 }
 

@@ -14,7 +14,11 @@
  * S2-Attn and an epoch boundary inside) give identical losses, adapter and optimizer
  * state; so does a run stopped by SIGINT and resumed; resuming with another --ctx or other
  * data, or from a corrupt checkpoint, is refused; a non-finite loss stops the run, names
- * the step and keeps the last good checkpoint.
+ * the step and keeps the last good checkpoint. Trained parts and schedules: with
+ * --no-train-embed / --no-train-norms the frozen tensors are bit-identical after training and
+ * absent from the adapter (tensors and modules_to_save) and the checkpoint; the CSV's lr
+ * follows the constant, cosine and linear schedules (the closed forms, computed here);
+ * resuming with other trained parts is refused, with another schedule it is honoured.
  * The byte codec below (id = byte + 3, BOS 1, EOS 2) stands in for a tokenizer so the
  * expected ids can be computed independently here.
  */
@@ -193,6 +197,14 @@ static void test_flags(void) {
     /* one S2 rule (common.h's s2_group_size): a ratio of 1 is one group, i.e. full attention */
     rc = parse_flags(&o, "--model m --data a --ctx 64 --group-ratio 1");
     EXPECT(rc == 0 && o.group == 0, "--group-ratio 1 is full attention (G = 0), got G = %d: %s", o.group, last_error());
+    rc = parse_flags(&o, "--model m --data a --ctx 64");
+    EXPECT(rc == 0 && o.lr_scheduler == LR_CONSTANT && o.train_embed && o.train_norms, "by default the schedule is constant and LoRA+ trains whole");
+    rc = parse_flags(&o, "--model m --data a --ctx 64 --lr-scheduler cosine --no-train-embed");
+    EXPECT(rc == 0 && o.lr_scheduler == LR_COSINE && !o.train_embed && o.train_norms, "--lr-scheduler cosine --no-train-embed: %s", last_error());
+    rc = parse_flags(&o, "--model m --data a --ctx 64 --lr_scheduler_type linear --no_train_norms");
+    EXPECT(rc == 0 && o.lr_scheduler == LR_LINEAR && o.train_embed && !o.train_norms, "HF's --lr_scheduler_type and --no_train_norms: %s", last_error());
+    rc = parse_flags(&o, "--model m --data a --ctx 64 --lr_scheduler_type constant_with_warmup");
+    EXPECT(rc == 0 && o.lr_scheduler == LR_CONSTANT, "HF's constant_with_warmup is the constant schedule: %s", last_error());
     rc = parse_flags(&o, "--model_name_or_path m --data_path a --learning_rate 1e-4 --model_max_length 2048 --per_device_train_batch_size 3 "
                          "--gradient_accumulation_steps 5 --warmup_steps 7 --max_grad_norm 0.3 --output_dir od --save_steps 9 --weight_decay 0.5");
     EXPECT(rc == 0 && !strcmp(o.model_dir, "m") && o.n_data_files == 1 && o.lr == 1e-4 && o.ctx == 2048 && o.batch == 3 && o.grad_accum == 5 &&
@@ -238,6 +250,9 @@ static void test_flags(void) {
         {"--model m --data a --gpu-mem 0", "--gpu-mem"},
         {"--model m --data a --gpu-mem 80GB", "--gpu-mem"},
         {"--model m --data a --host-mem -1", "--host-mem"},
+        {"--model m --data a --lr-scheduler bogus", "--lr-scheduler must be constant, cosine or linear, got 'bogus'"},
+        {"--model m --data a --lr-scheduler", "needs a value"},
+        {"--model m --data a --lr_scheduler_type polynomial", "--lr-scheduler"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         rc = parse_flags(&o, bad[i].flags);
@@ -250,6 +265,15 @@ static void test_flags(void) {
     ac.warmup_steps = 4;
     EXPECT(adamw_lr_at(&ac, 0) == 0.0f && fabsf(adamw_lr_at(&ac, 2) - 5e-4f) < 1e-9f && adamw_lr_at(&ac, 4) == 1e-3f &&
            adamw_lr_at(&ac, 1000) == 1e-3f, "warmup-then-constant schedule");
+    /* cosine and linear over 12 steps: peak after the warmup, half way at step 8, 0 at the end
+     * (and past it: linear stays at 0, cosine rises again as transformers' does) */
+    ac.total_steps = 12;
+    ac.schedule = LR_COSINE;
+    EXPECT(adamw_lr_at(&ac, 2) == 5e-4f && adamw_lr_at(&ac, 4) == 1e-3f && fabsf(adamw_lr_at(&ac, 8) - 5e-4f) < 1e-9f && adamw_lr_at(&ac, 12) < 1e-12f &&
+           fabsf(adamw_lr_at(&ac, 16) - 5e-4f) < 1e-9f, "cosine schedule");
+    ac.schedule = LR_LINEAR;
+    EXPECT(adamw_lr_at(&ac, 2) == 5e-4f && adamw_lr_at(&ac, 4) == 1e-3f && fabsf(adamw_lr_at(&ac, 8) - 5e-4f) < 1e-9f && adamw_lr_at(&ac, 12) == 0.0f &&
+           adamw_lr_at(&ac, 16) == 0.0f, "linear schedule");
 }
 
 /* ---- data ---------------------------------------------------------------------------- */
@@ -706,6 +730,161 @@ static void test_resume(void) {
            "lr 1e30: exit %d, 'not finite at step 2', checkpoint-1 kept, no checkpoint-2", rc);
 }
 
+/* ---- what trains, and the learning-rate schedule -------------------------------------- */
+
+/* The lr column of a train_log.csv; returns how many rows. */
+static int csv_lrs(const char *path, double *lr, int cap) {
+    char *csv = read_file(path, NULL);
+    int n = 0;
+    for (char *line = csv ? strchr(csv, '\n') : NULL; line && line[1] && n < cap; line = strchr(line + 1, '\n')) {
+        char *c = strchr(line + 1, ',');
+        c = c ? strchr(c + 1, ',') : NULL;
+        if (!c) break;
+        lr[n++] = strtod(c + 1, NULL);
+    }
+    free(csv);
+    return n;
+}
+
+/* Whether an adapter folder's modules_to_save lists `module` (0 when it is null or missing). */
+static int adapter_saves(const char *dir, const char *module) {
+    char path[700];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    Json *j = json_parse_file(path);
+    const Json *m = j ? json_get_type(j, "modules_to_save", JSON_ARRAY) : NULL;
+    int found = 0;
+    for (size_t i = 0; m && i < m->count; i++) found |= m->items[i].type == JSON_STRING && !strcmp(m->items[i].string, module);
+    json_free(j);
+    return found;
+}
+
+/* --no-train-embed, --no-train-norms (alone and together) against LoRA+, in-process on the
+ * tiny shape (tied head): the frozen tensors are bit-identical after 4 steps, the trained ones
+ * moved; the adapter and the checkpoint hold only what trained. The runs also use the
+ * schedules: each logs the lr transformers' schedule gives, from the closed form here
+ * (constant, cosine with half a cycle, linear; warmup 1 of 4 steps). Then the CLI: resuming with
+ * other trained parts is refused, a resume takes a new schedule and --max-steps, an adapter
+ * whose norms a run would drop is refused, a bad --lr-scheduler is one sentence. */
+static void test_trained_parts(void) {
+    char data[512], out[512], flags[2048], log[512], path[700];
+    tmp_path(data, "resume.tok");
+    const struct { const char *name, *flags; int embed, norms; LrSchedule sched; } runs[4] = {
+        {"lora+", "", 1, 1, LR_CONSTANT},
+        {"no-embed", "--no-train-embed --lr-scheduler cosine", 0, 1, LR_COSINE},
+        {"no-norms", "--no_train_norms --lr_scheduler_type linear", 1, 0, LR_LINEAR},
+        {"lora", "--no-train-embed --no-train-norms --lr-scheduler cosine", 0, 0, LR_COSINE},
+    };
+    const double lr = 1e-2;
+    const int W = 1, S = 4;
+    for (int k = 0; k < 4; k++) {
+        snprintf(flags, sizeof flags, "05_train --init random --shape tiny --ctx 64 --quiet --device cpu --data %s --max-steps %d --warmup %d --lr %g "
+                 "--out %s %s", data, S, W, lr, tmp_path(out, runs[k].name), runs[k].flags);
+        char *argv[32];
+        int argc = 0;
+        for (char *tok = strtok(flags, " "); tok && argc < 31; tok = strtok(NULL, " ")) argv[argc++] = tok;
+        Trainer *t = (Trainer *)xcalloc(1, sizeof(Trainer));
+        train_defaults(&t->opt);
+        CHECK(train_parse_args(&t->opt, argc, argv) == 0, "%s", last_error());
+        trainer_init(t);
+        const Config *c = &t->model.cfg;
+        size_t D = (size_t)c->dim, VD = (size_t)c->vocab_size * D, L = (size_t)c->n_layers;
+        float *embed0 = (float *)xmalloc(VD * sizeof(float)), *norms0 = (float *)xmalloc((2 * L + 1) * D * sizeof(float)); /* [V, D], [2L+1, D] */
+        memcpy(embed0, t->model.w.embed, VD * sizeof(float));
+        for (size_t l = 0; l < L; l++) {
+            memcpy(norms0 + 2 * l * D, t->model.w.layers[l].attn_norm, D * sizeof(float));
+            memcpy(norms0 + (2 * l + 1) * D, t->model.w.layers[l].mlp_norm, D * sizeof(float));
+        }
+        memcpy(norms0 + 2 * L * D, t->model.w.final_norm, D * sizeof(float));
+        EXPECT(c->tie_embeddings, "the tiny shape has a tied head (so a frozen embed freezes the head too)");
+        int rc = trainer_run(t);
+        EXPECT(rc == 0, "%s: the run exits %d", runs[k].name, rc);
+        int embed_same = memcmp(embed0, t->model.w.embed, VD * sizeof(float)) == 0, norms_same = 1;
+        for (size_t l = 0; l < L; l++)
+            norms_same &= !memcmp(norms0 + 2 * l * D, t->model.w.layers[l].attn_norm, D * sizeof(float)) &&
+                          !memcmp(norms0 + (2 * l + 1) * D, t->model.w.layers[l].mlp_norm, D * sizeof(float));
+        norms_same &= !memcmp(norms0 + 2 * L * D, t->model.w.final_norm, D * sizeof(float));
+        EXPECT(embed_same == !runs[k].embed, "%s: embed_tokens is %s after %d steps, want %s", runs[k].name, embed_same ? "bit-identical" : "changed", S,
+               runs[k].embed ? "changed" : "bit-identical");
+        EXPECT(norms_same == !runs[k].norms, "%s: the norms are %s after %d steps, want %s", runs[k].name, norms_same ? "bit-identical" : "changed", S,
+               runs[k].norms ? "changed" : "bit-identical");
+        size_t want_count = 2 * 4 * L + (size_t)runs[k].embed + (2 * L + 1) * (size_t)runs[k].norms; /* A and B of q,k,v,o per layer */
+        EXPECT(t->lt.opt.count == want_count, "%s: %zu trainable tensors, want %zu", runs[k].name, t->lt.opt.count, want_count);
+        /* the adapter and the checkpoint: only what trained */
+        SafeTensors ad, st;
+        snprintf(path, sizeof path, "%s/adapter_model.safetensors", out);
+        CHECK(st_open(&ad, path) == 0, "%s", last_error());
+        snprintf(path, sizeof path, "%s/checkpoint-%d/train_state.safetensors", out, S);
+        CHECK(st_open(&st, path) == 0, "%s", last_error());
+        int ad_embed = st_find(&ad, PEFT_PREFIX "model.embed_tokens.weight") != NULL, ad_norm = st_find(&ad, PEFT_PREFIX "model.norm.weight") != NULL;
+        int ad_lnorm = st_find(&ad, PEFT_PREFIX "model.layers.1.post_attention_layernorm.weight") != NULL;
+        int ad_head = st_find(&ad, PEFT_PREFIX "lm_head.weight") != NULL;
+        int st_embed = st_find(&st, "model.embed_tokens.weight") != NULL, st_norm = st_find(&st, "model.norm.weight.exp_avg") != NULL;
+        EXPECT(ad_embed == runs[k].embed && ad_head == runs[k].embed && adapter_saves(out, "embed_tokens") == runs[k].embed && st_embed == runs[k].embed,
+               "%s: embed_tokens (and the tied lm_head) %s the adapter's tensors and modules_to_save and the checkpoint (%d %d %d %d)", runs[k].name,
+               runs[k].embed ? "in" : "absent from", ad_embed, ad_head, adapter_saves(out, "embed_tokens"), st_embed);
+        EXPECT(ad_norm == runs[k].norms && ad_lnorm == runs[k].norms && adapter_saves(out, "norm") == runs[k].norms &&
+               adapter_saves(out, "input_layernorm") == runs[k].norms && st_norm == runs[k].norms,
+               "%s: the norms %s the adapter's tensors and modules_to_save and the checkpoint", runs[k].name, runs[k].norms ? "in" : "absent from");
+        EXPECT(st_find(&ad, PEFT_PREFIX "model.layers.0.self_attn.q_proj.lora_B.weight") != NULL, "%s: the adapter has LoRA B", runs[k].name);
+        st_close(&ad);
+        st_close(&st);
+        if (!runs[k].embed && !runs[k].norms) {
+            char *cfg = read_file(strcat(strcpy(path, out), "/adapter_config.json"), NULL);
+            EXPECT(cfg && strstr(cfg, "\"modules_to_save\": null"), "plain LoRA: modules_to_save is null");
+            free(cfg);
+        }
+        /* the schedule the log shows, step s (0-based) at lr * f(s) */
+        double got[16];
+        snprintf(path, sizeof path, "%s/train_log.csv", out);
+        int n = csv_lrs(path, got, 16), bad = 0;
+        for (int s = 0; s < n; s++) {
+            double p = (double)(s - W) / (S - W), f = s < W ? (double)s / W : runs[k].sched == LR_CONSTANT ? 1.0
+                                                                   : runs[k].sched == LR_COSINE ? 0.5 * (1.0 + cos(M_PI * p)) : 1.0 - p;
+            if (fabs(got[s] - lr * f) > 1e-6 * lr) { bad++; printf("  %s step %d: lr %.9g, want %.9g\n", runs[k].name, s + 1, got[s], lr * f); }
+        }
+        EXPECT(n == S && bad == 0, "%s: the log's lr follows the %s schedule (%d rows, %d off)", runs[k].name, LR_SCHEDULE_NAMES[runs[k].sched], n, bad);
+        free(embed0);
+        free(norms0);
+        trainer_free(t);
+        free(t);
+    }
+
+    /* resume: other trained parts are refused; a new schedule and --max-steps are the resumed run's */
+    const char *common = "--init random --shape tiny --ctx 64 --quiet --device cpu --warmup 1 --lr 1e-2";
+    tmp_path(out, "no-embed");
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 6 --out %s --resume %s", common, data, out, out);
+    int rc = run_training(flags, tmp_path(log, "parts1.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "kept embed_tokens frozen") && log_contains(log, "resume with --no-train-embed"),
+           "resuming a --no-train-embed run without it is refused, naming the flag (exit %d, log %s)", rc, log);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 6 --out %s --resume %s --no-train-embed --no-train-norms", common, data, out, out);
+    rc = run_training(flags, tmp_path(log, "parts2.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "trained the norm weights") && log_contains(log, "without --no-train-norms"),
+           "resuming with the norms frozen that trained is refused (exit %d, log %s)", rc, log);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 6 --out %s --resume %s --no-train-embed --lr-scheduler linear", common, data, out, out);
+    rc = run_training(flags, tmp_path(log, "parts3.log"), NULL, 0);
+    double got[16];
+    snprintf(path, sizeof path, "%s/train_log.csv", out);
+    int n = csv_lrs(path, got, 16);
+    EXPECT(rc == 0 && n == 6 && fabs(got[3] - 0.5 * (1.0 + cos(M_PI * 2.0 / 3.0)) * 1e-2) < 1e-8 && fabs(got[4] - 1e-2 * 2.0 / 5.0) < 1e-8 &&
+           fabs(got[5] - 1e-2 / 5.0) < 1e-8, "a resume (cosine over 4 -> linear over 6) keeps the logged rows and runs the new schedule to the new "
+           "--max-steps (exit %d, %d rows, step 5 lr %g, step 6 lr %g)", rc, n, n > 4 ? got[4] : 0, n > 5 ? got[5] : 0);
+    char p2[512];
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 2 --out %s --adapter %s --no-train-norms", common, data, tmp_path(p2, "from-adapter"), out);
+    rc = run_training(flags, tmp_path(log, "parts4.log"), NULL, 0);
+    EXPECT(rc == 1 && log_contains(log, "carries trained norm weights") && log_contains(log, "drop --no-train-norms"),
+           "starting from an adapter with trained norms under --no-train-norms is refused (exit %d, log %s)", rc, log);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 2 --out %s --adapter %s", common, data, p2, out);
+    rc = run_training(flags, tmp_path(log, "parts5.log"), NULL, 0);
+    EXPECT(rc == 0 && adapter_saves(p2, "embed_tokens") && adapter_saves(p2, "norm"),
+           "starting from an adapter without embed trains LoRA+ whole by default (exit %d, log %s)", rc, log);
+    snprintf(flags, sizeof flags, "%s --data %s --max-steps 2 --out %s --lr-scheduler bogus", common, data, tmp_path(p2, "bogus"));
+    rc = run_training(flags, tmp_path(log, "parts6.log"), NULL, 0);
+    char *text = read_file(log, NULL);
+    EXPECT(rc == 1 && text && !strcmp(text, "error: --lr-scheduler must be constant, cosine or linear, got 'bogus'\n"),
+           "--lr-scheduler bogus: exit %d with one sentence, said: %s", rc, text ? text : "(nothing)");
+    free(text);
+}
+
 /* ---- hostile files: mutated SFT data and checkpoints never crash the loaders ----------- */
 
 static void mutate(char *buf, size_t *len, Rng *r) {
@@ -907,6 +1086,7 @@ int main(int argc, char **argv) {
     test_sft();
     test_sft_masking();
     test_resume();
+    test_trained_parts();
     test_hostile();
     test_device_and_dtype();
     if (g_failures == 0) remove_tree(g_tmp);

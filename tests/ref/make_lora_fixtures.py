@@ -5,6 +5,7 @@
                                                       # (needs build/tests/test_lora, built first)
     python tests/ref/make_lora_fixtures.py --check-merged   # ./03_lora --merge-out loads in transformers
                                                       # and gives peft's logits (needs ./03_lora; checks only)
+    python tests/ref/make_lora_fixtures.py --adamw    # adamw.bin only (the AdamW steps and the schedules)
 
 Writes tests/fixtures/lora/:
   <cfg>/config.json, model.safetensors   a tiny random LLaMA (fp32) used as the base model
@@ -12,7 +13,8 @@ Writes tests/fixtures/lora/:
   <cfg>/ref.bin                          tokens, targets; logits, loss and the gradient of every
                                          trainable tensor for that adapter, S2-Attn off and on
   <cfg>/adapter_ours/, ours_ref.bin      (--ours) the adapter test_lora writes, and peft's logits for it
-  adamw.bin                              torch.optim.AdamW steps and the warmup schedule of transformers
+  adamw.bin                              torch.optim.AdamW steps and transformers' schedules with warmup
+                                         (constant; cosine and linear, past their end too)
 
 S2-Attn reference: an attention function that builds the explicit per-head boolean mask from
 docs/DESIGN.md's rule (segment ids per head, causal inside a segment), independent of the C code.
@@ -214,9 +216,22 @@ def make_ours(name, c):
     print(f"{name}: peft loaded our adapter, logits recorded")
 
 
+def schedule_lrs(make, steps):
+    """The learning rate of each of `steps` optimizer steps under a transformers schedule (lr 2e-5)."""
+    q = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([q], lr=2e-5)
+    sched = make(opt)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return np.array(lrs, dtype=np.float64)
+
+
 def make_adamw():
-    """torch.optim.AdamW: three steps on a random tensor, and transformers' warmup schedule."""
-    from transformers import get_constant_schedule_with_warmup
+    """torch.optim.AdamW: three steps on a random tensor, and transformers' schedules with warmup."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
     g = torch.Generator().manual_seed(7)
     n = 1003
     p0 = torch.randn(n, generator=g, dtype=torch.float32)
@@ -228,17 +243,12 @@ def make_adamw():
         p.grad = gr.clone()
         opt.step()
         out.append((f"p{i + 1}", p.detach().numpy().copy()))
-    q = torch.nn.Parameter(torch.zeros(1))
-    opt2 = torch.optim.AdamW([q], lr=2e-5)
-    sched = get_constant_schedule_with_warmup(opt2, num_warmup_steps=20)
-    lrs = []
-    for _ in range(30):
-        lrs.append(opt2.param_groups[0]["lr"])
-        opt2.step()
-        sched.step()
-    out.append(("warmup20_lr2e-5", np.array(lrs, dtype=np.float64)))
+    out.append(("warmup20_lr2e-5", schedule_lrs(lambda o: get_constant_schedule_with_warmup(o, num_warmup_steps=20), 30)))
+    # cosine (half a cycle) and linear decay over 100 steps, 20 past the end (linear stays at 0, cosine rises again)
+    out.append(("cosine_warmup20_total100_lr2e-5", schedule_lrs(lambda o: get_cosine_schedule_with_warmup(o, 20, 100), 120)))
+    out.append(("linear_warmup20_total100_lr2e-5", schedule_lrs(lambda o: get_linear_schedule_with_warmup(o, 20, 100), 120)))
     write_fixture(os.path.join(OUT, "adamw.bin"), out)
-    print("adamw: 3 steps, 30 schedule values")
+    print("adamw: 3 steps; schedules: 30 constant, 120 cosine and 120 linear values")
 
 
 def check_merged(name, c):
@@ -269,6 +279,8 @@ if __name__ == "__main__":
     elif "--ours" in sys.argv:
         for name, c in CONFIGS.items():
             make_ours(name, c)
+    elif "--adamw" in sys.argv:
+        make_adamw()
     else:
         make_adamw()
         for name, c in CONFIGS.items():
