@@ -5,8 +5,9 @@
 
 Each recipe (a line of --recipes: "NAME key=value ...", the keys listed in demo/ablations.txt)
 is a shortened demo fine-tune and the demo's evaluation, on the demo's model and texts:
-  engine c     05_train (the recipe's flags) -> 06_infer --ppl and --passkey with the adapter
-  engine peer  demo/peer_train.py (what 05_train cannot do: other schedules, fewer trained
+  engine c     05_train (the recipe's flags: schedule= as --lr-scheduler, train= as
+               --no-train-embed / --no-train-norms) -> 06_infer --ppl and --passkey with the adapter
+  engine peer  demo/peer_train.py (the PyTorch recipe, with the same schedules and trained
                parts) -> demo/reference_eval.py on the merged model
 Both evaluate held-out Persuasion (perplexity at --ppl-lengths: stride, windows as the demo)
 and LongLoRA's passkey test (c: every --passkey-interval tokens up to the context; peer: at the
@@ -84,8 +85,6 @@ def parse_recipes(path, defaults):
             elif k != "data":
                 die("%s: unknown key %r (known: %s, data)" % (where, k, ", ".join(list(KEYS) + list(NUMBERS))))
             r[k] = v
-        if r["engine"] == "c" and (r["schedule"] != "constant" or r["train"] != "lora+embed+norms"):
-            die("%s: 05_train has only the constant schedule and trains LoRA+ whole: use engine=peer for schedule/train" % where)
         for k in ("attention", "scale", "ctx"):
             if k in r and (r["engine"] != "c" or r["rope"] != "yarn"):
                 die("%s: %s is YaRN's (%s): it needs engine=c rope=yarn"
@@ -213,6 +212,9 @@ def run_recipe(name, r, a, model, factor, data_tok, eval_tok, out):
             "--device", device, "--log-every", "10", "--overwrite", "--out", adapter]
         if r["s2"] == "off":
             cmd.append("--no-s2")
+        if r["schedule"] != "constant":
+            cmd += ["--lr-scheduler", r["schedule"]]
+        cmd += [flag for part, flag in (("embed", "--no-train-embed"), ("norms", "--no-train-norms")) if part not in r["train"].split("+")]
         if run(cmd, log):
             return {"name": name, "error": "05_train failed (%s)" % log}
         train_s = time.time() - t0

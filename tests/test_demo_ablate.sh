@@ -2,13 +2,17 @@
 # demo/ablate.py, the ablation driver, on a tiny model on the CPU, offline: the tiny LLaMA of
 # tests/test_demo_cpu.sh (a random GGUF converted by demo/convert_gguf.py), generated texts,
 # context 128 taken as the original and 512 the target (x4), 3 steps per recipe; recipes: the
-# demo's, YaRN, YaRN with attention factor 1, YaRN x8 (a factor past the context's x4), full attention in training, a data list of two texts, and (where a Python has
+# demo's, YaRN, YaRN with attention factor 1, YaRN x8 (a factor past the context's x4), full attention in training, a data list of two texts,
+# 05_train with a cosine schedule training plain LoRA, and (where a Python has
 # torch, transformers and peft: $PEER_PYTHON, $PYTHON, python3) the PyTorch peer with a cosine
 # schedule. Checked: every recipe has a row with finite perplexities at 128/256/512 and a
 # passkey count in [0, trials]; a second run resumes (runs nothing); --table-only runs nothing
 # and writes the same rows plus "not run" for a recipe without one; the logs name the programs
-# relative to the repository, not by this machine's path; bad recipe files end with
-# one sentence and a non-zero exit (unknown key, bad value, a schedule 05_train lacks, YaRN for
+# relative to the repository, not by this machine's path; the cosine plain-LoRA recipe runs
+# 05_train with --lr-scheduler cosine --no-train-embed --no-train-norms, logs a decaying lr and
+# saves an adapter without modules_to_save (where the peer ran, its cosine lr is 05_train's at
+# every step); bad recipe files end with
+# one sentence and a non-zero exit (unknown key, bad value, an unknown trained part, YaRN for
 # the peer, YaRN's attention factor or factor without YaRN or not positive, a name twice, training on the
 # held-out text). A recipe with YaRN's attention factor trains and evaluates a model copy
 # whose config says so, and its adapter carries it; so does a recipe with YaRN's factor.
@@ -33,6 +37,7 @@ yarn-x8     engine=c rope=yarn attention=1.0 scale=8
 yarn-long   engine=c rope=yarn attention=1.0 ctx=640
 full-attn   engine=c s2=off lr=1e-3
 two-texts   engine=c data=austen,$TMP/more.txt
+cosine-lora engine=c schedule=cosine train=lora
 RECIPES
 [ -n "$PEER_PY" ] && echo "peer-cosine engine=peer schedule=cosine" >> "$TMP/recipes.txt"
 n_recipes=$(grep -c engine= "$TMP/recipes.txt")
@@ -80,6 +85,18 @@ assert "--ctx 640" in cmds[0] and "05_train" in cmds[0] and all("--ctx 512" in c
 by = {r["name"]: r for r in rows}
 assert by["yarn-af1"]["perplexity"] != by["yarn"]["perplexity"], (by["yarn-af1"]["perplexity"], by["yarn"]["perplexity"])
 assert by["yarn-x8"]["perplexity"] != by["yarn-af1"]["perplexity"], (by["yarn-x8"]["perplexity"], by["yarn-af1"]["perplexity"])
+# schedule=cosine train=lora: 05_train's flags, a decaying lr (0 at the warmup's step 1, then
+# the peak, then down), and an adapter of LoRA alone
+cmd = [l for l in open(out + "/cosine-lora/run.log") if l.startswith("$ ")][0]
+assert "05_train" in cmd and "--lr-scheduler cosine --no-train-embed --no-train-norms" in cmd, cmd
+lrs = [float(l.split(",")[2]) for l in open(out + "/cosine-lora/adapter/train_log.csv").read().splitlines()[1:]]
+assert len(lrs) == 3 and lrs[0] == 0 and lrs[1] > lrs[2] > 0, lrs
+assert json.load(open(out + "/cosine-lora/adapter/adapter_config.json"))["modules_to_save"] is None
+if "peer-cosine" in by:  # the peer runs transformers' cosine: the same lr at every step
+    peer = [float(l.split(",")[2]) for l in open(out + "/peer-cosine/peer/train_log.csv").read().splitlines()[1:]]
+    assert len(peer) == 3 and all(abs(a - b) <= 1e-6 * max(lrs) for a, b in zip(peer, lrs)), (peer, lrs)
+first = [l for l in open(out + "/demo/run.log") if l.startswith("$ ")][0]
+assert "--lr-scheduler" not in first and "--no-train" not in first, first  # the default recipe is LongLoRA's: constant, LoRA+
 print("rows:", ", ".join("%s %.1f" % (r["name"], r["perplexity"]["512"]) for r in rows))
 PYEOF
 ablate --recipes "$TMP/recipes.txt" > "$TMP/again.log" 2>&1 && [ "$(grep -c 'done before' "$TMP/again.log")" = "$n_recipes" ] && ok \
@@ -111,7 +128,7 @@ refuse() { # WHY, a recipe file's text
 refuse "unknown key" "x engine=c colour=blue"
 refuse "bad value" "x engine=c rope=ntk"
 refuse "not a number" "x engine=c steps=many"
-refuse "schedule on c" "x engine=c schedule=cosine"
+refuse "an unknown trained part" "x engine=c train=lora+bias"
 refuse "yarn on the peer" "x engine=peer rope=yarn"
 refuse "attention without yarn" "x engine=c attention=1.0"
 refuse "attention not positive" "x engine=c rope=yarn attention=0"

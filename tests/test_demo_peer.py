@@ -6,7 +6,8 @@ so the S2 head split is the odd H // 2 = 4 of SmolLM2's 9; norms not all 1; trai
 5 sequences of N = 128 tokens (RoPE x4, G = 32, S = 16) plus one. Both trainers start from that
 adapter and run the demo's recipe (AdamW 0.9, 0.95, eps 1e-8, no weight decay, no clipping,
 warmup then constant) for 7 steps at lr 1e-2, warmup 2, seed 7, so the data order wraps into a
-second epoch:
+second epoch; then an ablation's recipe the same way (the cosine schedule, the embedding frozen:
+05_train --lr-scheduler cosine --no-train-embed, the peer's --schedule cosine --train lora+norms):
   05_train --device cpu (fp32), with a checkpoint after every step
   peer_train.py --device cpu --dtype fp64 (the reference)
 and must agree:
@@ -162,21 +163,39 @@ def check_training(train, work):
         f.write(b"LLTK" + struct.pack("<IIQ", 1, 2, len(ids)) + struct.pack("<%dH" % len(ids), *ids))
 
     recipe = ["--ctx", str(N), "--lr", str(LR), "--warmup", str(WARMUP), "--seed", str(SEED)]
+    # the demo's recipe (LoRA+, constant), then an ablation's (cosine, the embedding frozen)
+    variants = (("LoRA+, constant", [], [], True),
+                ("LoRA + norms, cosine", ["--lr-scheduler", "cosine", "--no-train-embed"], ["--schedule", "cosine", "--train", "lora+norms"], False))
+    for k, (label, ours_flags, peer_flags, embed) in enumerate(variants):
+        print("-- %s" % label)
+        bad += compare_runs(train, load_file, model_dir, adapter_dir, data, os.path.join(work, "v%d" % k), recipe + ours_flags,
+                            recipe + peer_flags, embed)
+    for m in bad:
+        print("FAIL: " + m)
+    if bad:
+        return 1
+    print("peer_train.py = 05_train over %d steps (order, losses, grad norms, lr, step-1 gradients, final weights), "
+          "LoRA+ with the constant schedule and LoRA + norms with the cosine one" % STEPS)
+    return 0
+
+
+def compare_runs(train, load_file, model_dir, adapter_dir, data, work, ours_recipe, peer_recipe, embed):
+    """05_train and the peer from the same adapter with their flags for one recipe; a list of failures."""
+    bad = []
+    os.makedirs(work)
     ours, peer = os.path.join(work, "ours"), os.path.join(work, "peer")
     cmd = [train, "--device", "cpu", "--model", model_dir, "--adapter", adapter_dir, "--data", data, "--max-steps", str(STEPS),
-           "--save-every", "1", "--quiet", "--out", ours] + recipe
+           "--save-every", "1", "--quiet", "--out", ours] + ours_recipe
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stdout + r.stderr)
-        print("FAIL: 05_train exited %d" % r.returncode)
-        return 1
+        return ["05_train exited %d" % r.returncode]
     cmd = [sys.executable, os.path.join(ROOT, "demo", "peer_train.py"), "--device", "cpu", "--dtype", "fp64", "--model", model_dir,
-           "--adapter", adapter_dir, "--data", data, "--steps", str(STEPS), "--dump", "--no-merge", "--out", peer] + recipe
+           "--adapter", adapter_dir, "--data", data, "--steps", str(STEPS), "--dump", "--no-merge", "--out", peer] + peer_recipe
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stdout + r.stderr)
-        print("FAIL: peer_train.py exited %d" % r.returncode)
-        return 1
+        return ["peer_train.py exited %d" % r.returncode]
 
     a = list(csv.DictReader(open(os.path.join(ours, "train_log.csv"))))
     b = list(csv.DictReader(open(os.path.join(peer, "train_log.csv"))))
@@ -228,14 +247,12 @@ def check_training(train, work):
             bad.append("%s: after %d steps the weights differ by %.3g" % (name, STEPS, dw))
     print("%d trainable tensors; worst: loss %.2e, grad norm %.2e (relative), step-1 gradient %.2e (of its max), weights %.2e"
           % (len(names), worst_loss, worst_norm, worst_grad, worst_weight))
-    if len(names) != L * 4 * 2 + 1 + 2 * L + 1:
-        bad.append("the peer trains %d tensors, not LoRA A and B of q,k,v,o, the embedding and %d norms" % (len(names), 2 * L + 1))
-    for m in bad:
-        print("FAIL: " + m)
-    if bad:
-        return 1
-    print("peer_train.py = 05_train over %d steps (order, losses, grad norms, step-1 gradients, final weights)" % STEPS)
-    return 0
+    if len(names) != L * 4 * 2 + embed + 2 * L + 1:
+        bad.append("the peer trains %d tensors, not LoRA A and B of q,k,v,o,%s and %d norms" % (len(names), " the embedding" if embed else "",
+                                                                                             2 * L + 1))
+    if ("model.embed_tokens.weight" in last) != embed:
+        bad.append("05_train's checkpoint %s the embedding" % ("lacks" if embed else "holds"))
+    return bad
 
 
 if __name__ == "__main__":
