@@ -18,7 +18,8 @@ runs, so the two can be compared on the same model, data and GPU:
              them), get_constant_schedule_with_warmup (the first step has lr 0), optional
              clip_grad_norm_, one sequence per step
   ablations  --schedule cosine|linear (decay after the warmup), --train lora|lora+norms|lora+embed
-             (05_train has neither: what its recipe leaves out, measured here)
+             (05_train's --lr-scheduler and --no-train-embed / --no-train-norms; the demo
+             trains lora+norms)
 Runs on: CUDA (fp32 masters, bf16 autocast, activations recomputed in the backward pass as
 LongLoRA's fine-tune does; --no-checkpointing keeps them: faster, and 47.8 GiB at 32k on the
 H200, where 05_train holds 4.6 GiB)

@@ -14,8 +14,10 @@
 # a PNG; the run said it is the scaled-down CPU version. The run's model is the linked copy
 # whose config.json says yarn x6 over 128 tokens, 05_train, 06_infer and the peer report that
 # RoPE (with YaRN's attention factor 1.0, run.sh's default), and the results are labelled
-# YaRN x6; DEMO_ROPE=pi, DEMO_YARN_ATTENTION=-1 and DEMO_YARN_FACTOR=3
-# (below the stretch) are refused; `run.sh --which-device` picks
+# YaRN x6; by default LoRA and the norms train, the embeddings stay frozen (05_train's line,
+# the adapter's modules_to_save, the peer's run.json, run.txt); DEMO_ROPE=pi,
+# DEMO_YARN_ATTENTION=-1, DEMO_YARN_FACTOR=3 (below the stretch) and DEMO_TRAIN_PARTS=embed are
+# refused; `run.sh --which-device` picks
 # the GPU size exactly where a GPU answers and the programs link cuBLAS, and DEMO_DEVICE=tpu is
 # refused. Nothing is downloaded. Where a Python
 # has torch, transformers and peft ($PEER_PYTHON, $PYTHON, python3), DEMO_PEER=1 adds the
@@ -101,6 +103,27 @@ print("results: ppl at 512 before %.2f, after %.2f; %d training steps; table and
 EOF
 
 grep -q "512 (YaRN x6, attention factor 1.0)" "$TMP/run.log" && ok || bad "the run's description does not name YaRN's attention factor 1.0"
+
+# what trains by default: LoRA and the norms, the embeddings frozen (DEMO_TRAIN_PARTS=lora+norms,
+# the ablations' choice): 05_train says so, the saved adapter carries the norms but not
+# embed_tokens, and the peer trained the same parts
+grep -q "LoRA r=8 alpha 16 on q,k,v,o + norms)" "$TMP/out/train.log" && ok || bad "05_train's model line does not say LoRA + norms: $(grep '^model:' "$TMP/out/train.log")"
+"$PY" - "$TMP/work/adapter-cpu/adapter_config.json" <<'EOF2' && ok || bad "the adapter's modules_to_save are not the norms alone"
+import json, sys
+m = json.load(open(sys.argv[1]))["modules_to_save"]
+assert "embed_tokens" not in m and "input_layernorm" in m and "norm" in m, m
+EOF2
+if [ "$PEER" = 1 ]; then
+  "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); assert r["train"] == "lora+norms", r["train"]' "$TMP/out/peer_run.json" && ok \
+    || bad "the peer did not train lora+norms"
+fi
+grep -q "trains LoRA r=8 on q,k,v,o + norms" "$TMP/out/run.txt" && ok || bad "run.txt does not say what trained"
+DEMO_TRAIN_PARTS=embed DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
+DEMO_OUT=$TMP/out5 DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache DEMO_ORIG_CTX=128 DEMO_CTX=512 \
+  timeout 120 bash demo/run.sh > "$TMP/run5.log" 2>&1
+rc=$?
+[ $rc -ne 0 ] && grep -q "DEMO_TRAIN_PARTS must be lora+norms, lora+embed+norms, lora+embed or lora, got 'embed'" "$TMP/run5.log" && ok \
+  || bad "DEMO_TRAIN_PARTS=embed: exit $rc, $(tail -n 1 "$TMP/run5.log")"
 
 # a RoPE kind run.sh does not know, or an attention factor that is not a positive number, is
 # refused with its sentence, before the LongLoRA part
