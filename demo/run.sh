@@ -31,7 +31,8 @@
 #        YaRN with its attention factor at 1.0, and 150 steps, are what the ablations
 #        (demo/ablate.py, demo/README.md) found: linear interpolation (PI, LongLoRA's) gives
 #        perplexity back but never the passkey; YaRN's default factor finds fewer keys, and 600
-#        steps over the five novels no more than 150.
+#        steps over the five novels no more than 150; training the embeddings (LoRA+) loses
+#        passkey keys at 16k-32k that freezing them keeps (DEMO_TRAIN_PARTS, below).
 #   CPU  scaled down to finish in under 15 minutes on 2 cores, and it says so: the model's
 #        config is copied with max_position_embeddings 512 (as if SmolLM2 had been trained at
 #        512 tokens), the target is 2048 (x4), 12 steps at a higher learning rate,
