@@ -21,6 +21,7 @@
 #include <sys/wait.h>
 
 #include "check.h"
+#include "train_log.h"
 
 static char g_tmp[256], g_self[1024];
 
@@ -42,36 +43,6 @@ static int log_contains(const char *log, const char *what) {
     int found = s && strstr(s, what) != NULL;
     free(s);
     return found;
-}
-
-/* The loss column of OUT/train_log.csv (rows in order); returns how many. */
-static int csv_losses(const char *path, double *loss, int cap) {
-    char *csv = read_file(path, NULL);
-    if (!csv) return 0;
-    int n = 0;
-    char *line = strchr(csv, '\n');
-    while (line && line[1] && n < cap) {
-        char *c = strchr(line + 1, ',');
-        if (!c) break;
-        loss[n++] = strtod(c + 1, NULL);
-        line = strchr(line + 1, '\n');
-    }
-    free(csv);
-    return n;
-}
-
-/* The lr column of OUT/train_log.csv (rows in order); returns how many. */
-static int csv_lrs(const char *path, double *lr, int cap) {
-    char *csv = read_file(path, NULL);
-    int n = 0;
-    for (char *line = csv ? strchr(csv, '\n') : NULL; line && line[1] && n < cap; line = strchr(line + 1, '\n')) {
-        char *c = strchr(line + 1, ',');
-        c = c ? strchr(c + 1, ',') : NULL;
-        if (!c) break;
-        lr[n++] = strtod(c + 1, NULL);
-    }
-    free(csv);
-    return n;
 }
 
 /* A tiny LLaMA as a HF folder the loader reads like any other. */
@@ -141,9 +112,9 @@ int main(int argc, char **argv) {
     EXPECT(rc == 0 && log_contains(log, "resumed from") && log_contains(log, "checkpoint-5"), "resume exits %d and says from where (log %s)", rc, log);
     double la[32], lb[32];
     snprintf(path, sizeof path, "%s/train_log.csv", a);
-    int na = csv_losses(path, la, 32);
+    int na = train_log_column(path, TRAIN_LOG_LOSS, la, 32);
     snprintf(path, sizeof path, "%s/train_log.csv", b);
-    int nb = csv_losses(path, lb, 32);
+    int nb = train_log_column(path, TRAIN_LOG_LOSS, lb, 32);
     double worst = 0;
     int identical = na == nb;
     for (int i = 0; i < na && i < nb; i++) {
@@ -177,7 +148,7 @@ int main(int argc, char **argv) {
     EXPECT(rc == 0 && !log_contains(log, "on the CPU"), "a cosine --no-train-embed run on the GPU exits %d (log %s)", rc, log);
     double lr[16], ld[16];
     snprintf(path, sizeof path, "%s/train_log.csv", d);
-    int nl = csv_lrs(path, lr, 16), nd = csv_losses(path, ld, 16), off = 0;
+    int nl = train_log_column(path, TRAIN_LOG_LR, lr, 16), nd = train_log_column(path, TRAIN_LOG_LOSS, ld, 16), off = 0;
     for (int i = 0; i < nl; i++) { /* step i (0-based): 2e-3 * i / 2 in the warmup, then (1 + cos(pi (i - 2) / 4)) / 2 of it */
         double want = i < 2 ? 2e-3 * i / 2.0 : 2e-3 * 0.5 * (1.0 + cos(M_PI * (i - 2) / 4.0));
         off += fabs(lr[i] - want) > 1e-6 * 2e-3;

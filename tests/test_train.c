@@ -28,6 +28,7 @@
 #pragma GCC diagnostic ignored "-Wformat-truncation" /* scratch paths are short */
 
 #include "check.h"
+#include "train_log.h"
 
 static char g_tmp[256]; /* this test's scratch folder */
 
@@ -730,21 +731,20 @@ static void test_resume(void) {
            "lr 1e30: exit %d, 'not finite at step 2', checkpoint-1 kept, no checkpoint-2", rc);
 }
 
-/* ---- what trains, and the learning-rate schedule -------------------------------------- */
-
-/* The lr column of a train_log.csv; returns how many rows. */
-static int csv_lrs(const char *path, double *lr, int cap) {
-    char *csv = read_file(path, NULL);
-    int n = 0;
-    for (char *line = csv ? strchr(csv, '\n') : NULL; line && line[1] && n < cap; line = strchr(line + 1, '\n')) {
-        char *c = strchr(line + 1, ',');
-        c = c ? strchr(c + 1, ',') : NULL;
-        if (!c) break;
-        lr[n++] = strtod(c + 1, NULL);
-    }
-    free(csv);
-    return n;
+/* A trainer set up in this process from a command line ("05_train --flag value ...", split at
+ * spaces; the string is cut up), as 05_train's main sets one up, ready for trainer_run. */
+static Trainer *trainer_from_flags(char *flags) {
+    char *argv[32];
+    int argc = 0;
+    for (char *tok = strtok(flags, " "); tok && argc < 31; tok = strtok(NULL, " ")) argv[argc++] = tok;
+    Trainer *t = (Trainer *)xcalloc(1, sizeof(Trainer));
+    train_defaults(&t->opt);
+    CHECK(train_parse_args(&t->opt, argc, argv) == 0, "%s", last_error());
+    trainer_init(t);
+    return t;
 }
+
+/* ---- what trains, and the learning-rate schedule -------------------------------------- */
 
 /* Whether an adapter folder's modules_to_save lists `module` (0 when it is null or missing). */
 static int adapter_saves(const char *dir, const char *module) {
@@ -779,13 +779,7 @@ static void test_trained_parts(void) {
     for (int k = 0; k < 4; k++) {
         snprintf(flags, sizeof flags, "05_train --init random --shape tiny --ctx 64 --quiet --device cpu --data %s --max-steps %d --warmup %d --lr %g "
                  "--out %s %s", data, S, W, lr, tmp_path(out, runs[k].name), runs[k].flags);
-        char *argv[32];
-        int argc = 0;
-        for (char *tok = strtok(flags, " "); tok && argc < 31; tok = strtok(NULL, " ")) argv[argc++] = tok;
-        Trainer *t = (Trainer *)xcalloc(1, sizeof(Trainer));
-        train_defaults(&t->opt);
-        CHECK(train_parse_args(&t->opt, argc, argv) == 0, "%s", last_error());
-        trainer_init(t);
+        Trainer *t = trainer_from_flags(flags);
         const Config *c = &t->model.cfg;
         size_t D = (size_t)c->dim, VD = (size_t)c->vocab_size * D, L = (size_t)c->n_layers;
         float *embed0 = (float *)xmalloc(VD * sizeof(float)), *norms0 = (float *)xmalloc((2 * L + 1) * D * sizeof(float)); /* [V, D], [2L+1, D] */
@@ -836,7 +830,7 @@ static void test_trained_parts(void) {
         /* the schedule the log shows, step s (0-based) at lr * f(s) */
         double got[16];
         snprintf(path, sizeof path, "%s/train_log.csv", out);
-        int n = csv_lrs(path, got, 16), bad = 0;
+        int n = train_log_column(path, TRAIN_LOG_LR, got, 16), bad = 0;
         for (int s = 0; s < n; s++) {
             double p = (double)(s - W) / (S - W), f = s < W ? (double)s / W : runs[k].sched == LR_CONSTANT ? 1.0
                                                                    : runs[k].sched == LR_COSINE ? 0.5 * (1.0 + cos(M_PI * p)) : 1.0 - p;
@@ -864,7 +858,7 @@ static void test_trained_parts(void) {
     rc = run_training(flags, tmp_path(log, "parts3.log"), NULL, 0);
     double got[16];
     snprintf(path, sizeof path, "%s/train_log.csv", out);
-    int n = csv_lrs(path, got, 16);
+    int n = train_log_column(path, TRAIN_LOG_LR, got, 16);
     EXPECT(rc == 0 && n == 6 && fabs(got[3] - 0.5 * (1.0 + cos(M_PI * 2.0 / 3.0)) * 1e-2) < 1e-8 && fabs(got[4] - 1e-2 * 2.0 / 5.0) < 1e-8 &&
            fabs(got[5] - 1e-2 / 5.0) < 1e-8, "a resume (cosine over 4 -> linear over 6) keeps the logged rows and runs the new schedule to the new "
            "--max-steps (exit %d, %d rows, step 5 lr %g, step 6 lr %g)", rc, n, n > 4 ? got[4] : 0, n > 5 ? got[5] : 0);
@@ -927,13 +921,7 @@ static void test_hostile(void) {
     snprintf(ckpt, sizeof ckpt, "%s/runA/checkpoint-10", g_tmp);
     tmp_path(dir, "fuzz-ckpt");
     snprintf(flags, sizeof flags, "05_train --init random --shape tiny --ctx 64 --batch 2 --grad-accum 2 --quiet --data %s --out %s", data, dir);
-    char *argv[32];
-    int argc = 0;
-    for (char *tok = strtok(flags, " "); tok && argc < 31; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    Trainer *t = (Trainer *)xcalloc(1, sizeof(Trainer));
-    train_defaults(&t->opt);
-    CHECK(train_parse_args(&t->opt, argc, argv) == 0, "%s", last_error());
-    trainer_init(t);
+    Trainer *t = trainer_from_flags(flags);
     const char *files[2] = {"trainer_state.json", "train_state.safetensors"};
     size_t lens[2];
     char *orig[2];
