@@ -1319,7 +1319,11 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
         const int *fk = sFk + buf * BM;
         const int m_last = min(m0 + BM, N) - 1;
         const bool warp_active = key0 <= m_last && key0 + 15 >= fk[0];
-        float ds[BM / 8][4]; /* dS^T for this warp's 16 keys x BM queries */
+        /* P^T and dS^T of this warp's 16 keys x BM queries, packed to bf16 as soon as each pair
+         * is computed: the A fragments of dV and dK (m16 x k16 per query chunk kc), 32
+         * registers where the fp32 P^T and dS^T would hold 64 beside dK and dV's 128 (for
+         * sm_80, ptxas -v: 255 registers and no spill, where it spilled 12 bytes before) */
+        uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
         if (warp_active) {
             float st[BM / 8][4], dpt[BM / 8][4];
 #pragma unroll
@@ -1345,57 +1349,54 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                 }
             }
             const bool need_mask = m0 < n0 + BN - 1 || fk[m_last - m0] > n0 || m0 + BM > N;
+            /* accumulator (nt, e) -> fragment [nt / 2][2 * (nt % 2) + e / 2], pairs e, e + 1 */
 #pragma unroll
             for (int nt = 0; nt < BM / 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int ql = nt * 8 + 2 * t + (e & 1); /* query within the tile */
-                    float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
-                    if (need_mask) {
-                        const int q = m0 + ql, key = key0 + g + 8 * (e >> 1);
-                        if (key > q || q >= N || key < fk[ql]) p = 0.f;
+                for (int hf = 0; hf < 2; hf++) {
+                    float p2[2], ds2[2];
+#pragma unroll
+                    for (int e1 = 0; e1 < 2; e1++) {
+                        const int e = 2 * hf + e1, ql = nt * 8 + 2 * t + e1; /* query within the tile */
+                        float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
+                        if (need_mask) {
+                            const int q = m0 + ql, key = key0 + g + 8 * hf;
+                            if (key > q || q >= N || key < fk[ql]) p = 0.f;
+                        }
+                        p2[e1] = p;
+                        ds2[e1] = p * (dpt[nt][e] - dl[ql]);
                     }
-                    st[nt][e] = p;
-                    ds[nt][e] = p * (dpt[nt][e] - dl[ql]);
+                    p_frag[nt / 2][2 * (nt % 2) + hf] = pack_bf16(p2[0], p2[1]);
+                    ds_frag[nt / 2][2 * (nt % 2) + hf] = pack_bf16(ds2[0], ds2[1]);
                 }
             /* dV += P^T dO, dK += dS^T Q */
 #pragma unroll
             for (int kc = 0; kc < BM / 16; kc++) {
-                uint32_t ap[4], as[4];
-                ap[0] = pack_bf16(st[2 * kc][0], st[2 * kc][1]);
-                ap[1] = pack_bf16(st[2 * kc][2], st[2 * kc][3]);
-                ap[2] = pack_bf16(st[2 * kc + 1][0], st[2 * kc + 1][1]);
-                ap[3] = pack_bf16(st[2 * kc + 1][2], st[2 * kc + 1][3]);
-                as[0] = pack_bf16(ds[2 * kc][0], ds[2 * kc][1]);
-                as[1] = pack_bf16(ds[2 * kc][2], ds[2 * kc][3]);
-                as[2] = pack_bf16(ds[2 * kc + 1][0], ds[2 * kc + 1][1]);
-                as[3] = pack_bf16(ds[2 * kc + 1][2], ds[2 * kc + 1][3]);
 #pragma unroll
                 for (int dp = 0; dp < D / 16; dp++) {
                     uint32_t bo[4], bq[4];
                     const int row = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dp * 2 + (lane >> 4);
                     ldmatrix_x4_trans(bo, swz<D>(dot, row, ch));
                     ldmatrix_x4_trans(bq, swz<D>(qt, row, ch));
-                    mma_bf16(dv_acc[2 * dp], ap, bo[0], bo[1]);
-                    mma_bf16(dv_acc[2 * dp + 1], ap, bo[2], bo[3]);
-                    mma_bf16(dk_acc[2 * dp], as, bq[0], bq[1]);
-                    mma_bf16(dk_acc[2 * dp + 1], as, bq[2], bq[3]);
+                    mma_bf16(dv_acc[2 * dp], p_frag[kc], bo[0], bo[1]);
+                    mma_bf16(dv_acc[2 * dp + 1], p_frag[kc], bo[2], bo[3]);
+                    mma_bf16(dk_acc[2 * dp], ds_frag[kc], bq[0], bq[1]);
+                    mma_bf16(dk_acc[2 * dp + 1], ds_frag[kc], bq[2], bq[3]);
                 }
             }
         } else {
 #pragma unroll
-            for (int nt = 0; nt < BM / 8; nt++)
+            for (int kc = 0; kc < BM / 16; kc++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) ds[nt][e] = 0.f;
+                for (int e = 0; e < 4; e++) ds_frag[kc][e] = 0u;
         }
         /* dS^T -> shared memory [BN, BM], buffer buf; its dQ product runs after the next barrier */
 #pragma unroll
         for (int nt = 0; nt < BM / 8; nt++)
 #pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                uint32_t v = pack_bf16(ds[nt][2 * hf], ds[nt][2 * hf + 1]);
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS + buf * BN * BM * 2, warp * 16 + g + 8 * hf, nt) + 4 * t), "r"(v));
-            }
+            for (int hf = 0; hf < 2; hf++)
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS + buf * BN * BM * 2, warp * 16 + g + 8 * hf, nt) + 4 * t),
+                             "r"(ds_frag[nt / 2][2 * (nt % 2) + hf]));
         prev_h = h;
         prev_m0 = m0;
         cur_r = nxt_r;

@@ -489,6 +489,8 @@ int main(int argc, char **argv) {
         {1, 1024, 4, 4, 128, 256}, /* S2, aligned segments */
         {1, 1000, 2, 1, 128, 0},   /* many tiles: the copy pipeline */
         {1, 1000, 2, 2, 64, 200},  /* S2 d=64, many tiles */
+        {2, 256, 4, 2, 128, 256},  /* S2 with G = N: a shifted head is its two half groups, one block (paired) */
+        {2, 1536, 8, 4, 64, 512},  /* S2, GQA 2:1, half groups of two tiles paired in the forward and backward */
     };
     const int n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
     int run = 0;
