@@ -95,13 +95,20 @@ endif
 # where sm_90 is asked for, 04_s2attn.cu is built for sm_90a (same GPUs, H100/H200).
 S2ATTN_GENCODE := $(foreach a,$(GPU_ARCH),-gencode=arch=compute_$(subst sm_,,$(a:sm_90=sm_90a)),code=$(a:sm_90=sm_90a))
 build/04_s2attn.o 04_s2attn build/libs2attn.so: NVCC_GENCODE = $(S2ATTN_GENCODE)
-# The attention benchmark (GPU): our kernels, then PyTorch SDPA (flash, cuDNN) on the same
-# shapes, which also checks our kernels against torch through build/libs2attn.so.
+# The attention benchmark (GPU): every tile variant checked first (tests/test_gpu_attention:
+# the fp64 criterion, odd N, GQA, S2, outputs poisoned; nothing is timed if one fails), then
+# our kernels timed, then PyTorch SDPA (flash, cuDNN) on the same shapes, which also checks
+# our kernels against torch through build/libs2attn.so.
 build/libs2attn.so: 04_s2attn.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -shared -Xcompiler -fPIC -o $@ 04_s2attn.cu $(CUDA_LIBS)
-bench: 04_s2attn build/libs2attn.so
+bench: 04_s2attn build/libs2attn.so build/tests/test_gpu_attention
 	@mkdir -p bench/results
+	@build/tests/test_gpu_attention > build/bench_attention_check.log 2>&1; rc=$$?; \
+	  if [ $$rc -eq 77 ]; then echo "make bench: $$(tail -1 build/bench_attention_check.log)"; exit 1; fi; \
+	  if [ $$rc -ne 0 ]; then tail -20 build/bench_attention_check.log; \
+	    echo "make bench: the attention kernels failed their checks (build/bench_attention_check.log); nothing was timed"; exit 1; fi; \
+	  tail -1 build/bench_attention_check.log
 	./04_s2attn --bench --out bench/results/attn_ours.json
 	$(PYTHON) bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
 

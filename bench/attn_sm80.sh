@@ -3,7 +3,8 @@
 #   bash bench/attn_sm80.sh [OUTDIR]
 # builds the attention stage from compute_80 PTX only (no sm_90a code, so the driver
 # JIT-compiles the PTX at start and the library falls back to its mma.sync kernels, the ones
-# an A100 runs), into build/sm80/, then runs `04_s2attn --bench` and bench/sdpa_peer.py
+# an A100 runs), into build/sm80/, checks that build with tests/test_gpu_attention (nothing is
+# timed if it fails), then runs `04_s2attn --bench` and bench/sdpa_peer.py
 # against that build: our sm_80 kernels next to SDPA flash (FlashAttention-2) and cuDNN in
 # the same run, and the torch check of those kernels. JSON: OUTDIR/attn_ours_sm80.json and
 # OUTDIR/attn_sdpa_sm80.json (OUTDIR defaults to bench/results); d = 128, the peer's shapes.
@@ -20,6 +21,20 @@ t0=$SECONDS
 $NVCC $flags -c -o build/sm80/04_layers.o 04_layers.cu
 $NVCC $flags -DS2ATTN_MAIN -o build/sm80/04_s2attn 04_s2attn.cu build/sm80/04_layers.o $libs
 $NVCC $flags -shared -Xcompiler -fPIC -o build/sm80/libs2attn.so 04_s2attn.cu -L"$CUDA_HOME/lib64" -lcudart
+# the kernel checks of `make test` against this build: every tile variant (where there is no
+# sm_90a code each falls back to its mma.sync kernel) on odd N, GQA and S2, before any timing
+$NVCC $flags -c -o build/sm80/04_s2attn.o 04_s2attn.cu
+${CC:-cc} -O2 -std=gnu11 -fopenmp -DUSE_CUDA -I. -I"$CUDA_HOME/include" -o build/sm80/test_gpu_attention tests/test_gpu_attention.c \
+    build/sm80/04_layers.o build/sm80/04_s2attn.o $libs -lm
 echo "built (compute_80 PTX) in $((SECONDS - t0)) s"
+rc=0
+build/sm80/test_gpu_attention > build/sm80/attention_check.log 2>&1 || rc=$?
+if [ $rc -eq 77 ]; then echo "attn_sm80.sh: $(tail -1 build/sm80/attention_check.log)" >&2; exit 1; fi
+if [ $rc -ne 0 ]; then
+    tail -20 build/sm80/attention_check.log
+    echo "attn_sm80.sh: the compute_80 build failed its kernel checks (build/sm80/attention_check.log); nothing was timed" >&2
+    exit 1
+fi
+tail -1 build/sm80/attention_check.log
 build/sm80/04_s2attn --bench --out "$out/attn_ours_sm80.json"
 python3 bench/sdpa_peer.py --lib build/sm80/libs2attn.so --ours "$out/attn_ours_sm80.json" --out "$out/attn_sdpa_sm80.json"
