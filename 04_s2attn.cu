@@ -170,6 +170,11 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool v
     int bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
+/* 4 bytes, zero-filled where !valid (src must still be a mapped address) */
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src, bool valid) {
+    const int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int n> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(n)); }
 
@@ -1124,10 +1129,15 @@ __global__ void wgmma_probe_kernel(int *out) {
  * Flash attention backward
  *   1. preprocess: Delta_i = sum_d dO_i * O_i, and dQ's fp32 accumulator set to zero
  *   2. main: one block per BN keys of one kv head (all its query heads); K, V stay in shared
- *      memory, Q/dO tiles of BM queries stream through two buffers. Each warp owns 16 keys:
- *      S^T = K Q^T, P^T = exp2(S^T*c - lse), dP^T = V dO^T, dS^T = P^T (dP^T - Delta),
- *      dV += P^T dO and dK += dS^T Q in registers; dS^T goes through shared memory so the
- *      warps can re-split for dQ += dS K, which is added to the fp32 accumulator atomically.
+ *      memory, Q/dO tiles of BM queries stream through two buffers. Each pair of warps owns
+ *      32 keys. Each warp of the pair computes, for its half of the tile's queries,
+ *      S^T = K Q^T, P^T = exp2(S^T*c - lse), dP^T = V dO^T, dS^T = P^T (dP^T - Delta); the
+ *      pair swaps halves of P^T and dS^T through shared memory, and each warp then adds
+ *      dV += P^T dO and dK += dS^T Q over all the queries for its half of the columns, in
+ *      registers. So each warp reads half a Q/dO tile for S^T and dP^T and half its columns
+ *      for dV and dK, where a warp owning 16 keys and all columns reads all of both (bench/
+ *      NOTES.md step 18). The warps then re-split for dQ += dS K, read from dS^T in shared
+ *      memory, which is added to the fp32 accumulator atomically.
  *   3. convert: dQ = bf16(scale * accumulator)
  * ------------------------------------------------------------------------------------- */
 template <int D>
@@ -1213,18 +1223,22 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                  bf16 *__restrict__ dK, bf16 *__restrict__ dV, /* [B, N, Hk, d] */
                  int N, int H, int Hk, int G, float scale_log2, float scale) {
     constexpr int NTHR = NW * 32;
-    static_assert(BN == 16 * NW, "each warp owns 16 keys");
-    constexpr int MTQ = BM / 16;          /* m16 tiles of queries in the dQ product */
-    constexpr int DSPLIT = NW / MTQ;      /* warps sharing one m16 tile of dQ */
+    static_assert(BN == 16 * NW, "each warp pair owns 32 keys");
+    constexpr int QH = BM / 2;            /* queries of one warp's S^T (a half tile) */
+    constexpr int DH = D / 2;             /* columns of one warp's dK and dV (a half row) */
+    constexpr int MTQ = BM / 32;          /* strips of 32 queries in the dQ product */
+    constexpr int DSPLIT = NW / MTQ;      /* warps sharing one strip of dQ */
     constexpr int DW = D / DSPLIT;        /* dQ columns per warp */
-    static_assert(NW % MTQ == 0 && DW % 16 == 0, "dQ warp split");
+    static_assert(NW % MTQ == 0 && DW % 16 == 0 && QH % 16 == 0 && DH % 16 == 0, "warp split");
+    static_assert(NW * 8 * DW * 4 <= BN * BM * 2, "dQ staging fits in sP");
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t sK = smem_addr(smem);          /* [BN, D] */
     const uint32_t sV = sK + BN * D * 2;          /* [BN, D] */
     const uint32_t sQ = sV + BN * D * 2;          /* [2, BM, D] */
     const uint32_t sdO = sQ + 2 * BM * D * 2;     /* [2, BM, D] */
-    const uint32_t sdS = sdO + 2 * BM * D * 2;    /* [2, BN, BM]  dS^T */
-    float *sL = (float *)(smem + (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2); /* [2, BM] lse * log2(e) */
+    const uint32_t sP = sdO + 2 * BM * D * 2;     /* [BN, BM]  P^T */
+    const uint32_t sdS = sP + BN * BM * 2;        /* [BN, BM]  dS^T */
+    float *sL = (float *)(smem + (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2); /* [2, BM] lse (0 past N) */
     float *sDl = sL + 2 * BM;                     /* [2, BM] Delta */
     int *sFk = (int *)(sDl + 2 * BM);             /* [2, BM] s2_first_key of each query */
     int *s_tlo = sFk + 2 * BM;                    /* [R] first query tile per head */
@@ -1232,6 +1246,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
+    const int pair = warp >> 1, half = warp & 1; /* warps 2p and 2p + 1 share keys 32p..32p+31 */
     const int n_block = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int R = H / Hk;
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
@@ -1243,181 +1258,244 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     __syncthreads(); /* s_tlo / s_thi visible */
     const int total = bwd_total_tiles(s_tlo, s_thi, R);
 
-    /* queues the Q / dO / lse / Delta tile of (head h, query tile mt) into buffer buf */
+    /* queues the Q / dO / lse / Delta tile of (head h, query tile mt) into buffer buf, all
+     * by cp.async (lse and Delta 4 bytes a row, zeros past N, where the mask clears P), so
+     * that no warp waits on a global load inside the loop; the window starts need no load */
     auto load_q_tile = [&](int h, int mt, int buf) {
         const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
         load_tile_async<D, BM, NTHR>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
         load_tile_async<D, BM, NTHR>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
-        for (int r = tid; r < BM; r += NTHR) bwd_row_values(sL[buf * BM + r], sDl[buf * BM + r], sFk[buf * BM + r], LSE, Delta, b, H, h, N, G, mt * BM + r);
+        for (int r = tid; r < BM; r += NTHR) {
+            const int i = mt * BM + r;
+            const size_t li = ((size_t)b * H + h) * N + min(i, N - 1);
+            cp_async4(smem_addr(sL + buf * BM + r), LSE + li, i < N);
+            cp_async4(smem_addr(sDl + buf * BM + r), Delta + li, i < N);
+            sFk[buf * BM + r] = i < N ? (int)s2_first_key((size_t)i, h, H, (size_t)G) : N;
+        }
     };
     int cur_r = 0, cur_mt = s_tlo[0];
     load_q_tile(kh * R, cur_mt, 0);
     cp_async_commit();
 
-    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+    /* dK, dV of this warp's 32 keys (two m16 tiles) x its half of the columns */
+    float dk_acc[2][DH / 8][4], dv_acc[2][DH / 8][4];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; dn++)
+    for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
+        for (int dn = 0; dn < DH / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dk_acc[mi][dn][e] = dv_acc[mi][dn][e] = 0.f;
 
-    /* dQ[BM, D] += dS K for the tile whose dS^T sits in buffer sbuf, warps re-split as MTQ
-     * query tiles x DSPLIT column slices; the sum goes to the fp32 accumulator atomically */
-    auto dq_tile = [&](int h, int m0, int sbuf) {
-        const int mrow = (warp % MTQ) * 16, dcol0 = (warp / MTQ) * DW;
-        const uint32_t ds_t = sdS + sbuf * BN * BM * 2;
-        float dq[DW / 8][4];
+    /* dQ[BM, D] += dS K for the tile whose dS^T sits in sdS, warps re-split as BM / 32 strips
+     * of 32 queries x DSPLIT column slices (each dS and K fragment feeds two or more MMAs);
+     * the sum goes to the fp32 accumulator atomically */
+    auto dq_tile = [&](int h, int m0) {
+        const int mrow = (warp % MTQ) * 32, dcol0 = (warp / MTQ) * DW;
+        float dq[2][DW / 8][4];
 #pragma unroll
-        for (int dn = 0; dn < DW / 8; dn++)
+        for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) dq[dn][e] = 0.f;
+            for (int dn = 0; dn < DW / 8; dn++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dq[mi][dn][e] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < BN / 16; kc++) {
-            uint32_t a[4];
-            ldmatrix_x4_trans(a, swz<BM>(ds_t, kc * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, mrow / 8 + ((lane >> 3) & 1)));
+            uint32_t a[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+                ldmatrix_x4_trans(a[mi], swz<BM>(sdS, kc * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, (mrow + mi * 16) / 8 + ((lane >> 3) & 1)));
 #pragma unroll
             for (int dp = 0; dp < DW / 16; dp++) {
                 uint32_t bk[4];
                 ldmatrix_x4_trans(bk, swz<D>(sK, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dcol0 / 8 + dp * 2 + (lane >> 4)));
-                mma_bf16(dq[2 * dp], a, bk[0], bk[1]);
-                mma_bf16(dq[2 * dp + 1], a, bk[2], bk[3]);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma_bf16(dq[mi][2 * dp], a[mi], bk[0], bk[1]);
+                    mma_bf16(dq[mi][2 * dp + 1], a[mi], bk[2], bk[3]);
+                }
             }
         }
+        /* the adds, coalesced: each warp stages 8 rows x DW of its dQ at a time in its own
+         * slice of sP (free from barrier B to the next barrier A; [8, DW] fp32, columns XORed
+         * by 8 * (row & 3) so neither side conflicts) and adds them back 32 consecutive floats
+         * an instruction, one 128-byte line where the accumulator layout would touch eight
+         * half-used ones (Nsight: the atomics' queue, lg_throttle, was 22% of the stalls) */
+        float *stage = (float *)(smem + (sP - smem_addr(smem))) + warp * 8 * DW; /* [8, DW] */
+        const int sw = 8 * (g & 3) & (DW - 1);
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            /* rows past N hold zeros (their lse is +inf, so P = 0) and go to row N - 1: no branch */
-            const int q = min(m0 + mrow + g + 8 * hf, N - 1);
-            float *dst = dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + 2 * t;
+        for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-            for (int dn = 0; dn < DW / 8; dn++) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                atomicAdd((float2 *)(dst + dn * 8), make_float2(dq[dn][2 * hf], dq[dn][2 * hf + 1]));
-#else
-                atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
-                atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
-#endif
+            for (int hf = 0; hf < 2; hf++) {
+#pragma unroll
+                for (int dn = 0; dn < DW / 8; dn++)
+                    *(float2 *)(stage + g * DW + ((dn * 8 + 2 * t) ^ sw)) = make_float2(dq[mi][dn][2 * hf], dq[mi][dn][2 * hf + 1]);
+                __syncwarp();
+#pragma unroll
+                for (int i = 0; i < DW / 4; i++) {
+                    const int flat = i * 32 + lane, row = flat / DW, col = flat % DW;
+                    /* rows past N hold zeros (P = 0 there) and go to row N - 1: no branch */
+                    const int q = min(m0 + mrow + mi * 16 + 8 * hf + row, N - 1);
+                    atomicAdd(dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + col, stage[row * DW + (col ^ (8 * (row & 3) & (DW - 1)))]);
+                }
+                __syncwarp();
             }
-        }
     };
 
-    const int key0 = n0 + warp * 16; /* first key of this warp */
-    int prev_h = 0, prev_m0 = 0;
+    const int key0 = n0 + pair * 32; /* first key of this warp pair */
+    const int ql0 = half * QH;       /* first query (within the tile) of this warp's S^T */
+    const int dc0 = half * DH;       /* first column of this warp's dK and dV */
     for (int it = 0; it < total; it++) {
         const int buf = it & 1;
         const int h = kh * R + cur_r, m0 = cur_mt * BM;
-        /* One barrier per tile: it publishes this tile's Q/dO and the previous tile's dS^T,
-         * and tells that every warp is done with the buffers the next copy refills. */
+        /* barrier A publishes this tile's Q/dO, and tells that every warp is done with the
+         * previous tile's P^T, dS^T and the buffers the next copy refills */
         cp_async_wait<0>();
         __syncthreads();
         int nxt_r = cur_r, nxt_mt = cur_mt; /* the next (head, query tile) */
         bwd_next_tile(nxt_r, nxt_mt, s_tlo, s_thi, R);
         if (it + 1 < total) load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
         cp_async_commit();
-        if (it > 0) dq_tile(prev_h, prev_m0, buf ^ 1);
 
         const uint32_t qt = sQ + buf * BM * D * 2, dot = sdO + buf * BM * D * 2;
-        const float *lse2 = sL + buf * BM, *dl = sDl + buf * BM;
+        const float *lse_t = sL + buf * BM, *dl = sDl + buf * BM;
         const int *fk = sFk + buf * BM;
         const int m_last = min(m0 + BM, N) - 1;
-        const bool warp_active = key0 <= m_last && key0 + 15 >= fk[0];
-        /* P^T and dS^T of this warp's 16 keys x BM queries, packed to bf16 as soon as each pair
-         * is computed: the A fragments of dV and dK (m16 x k16 per query chunk kc), 32
-         * registers where the fp32 P^T and dS^T would hold 64 beside dK and dV's 128 (for
-         * sm_80, ptxas -v: 255 registers and no spill, where it spilled 12 bytes before) */
-        uint32_t p_frag[BM / 16][4], ds_frag[BM / 16][4];
+        /* this warp: S^T, dP^T of its pair's 32 keys x its half of the queries, qa..qb */
+        const int qa = m0 + ql0, qb = min(qa + QH, N) - 1;
+        const bool warp_active = qa < N && key0 <= qb && key0 + 31 >= fk[ql0];
+        const bool pair_active = key0 <= m_last && key0 + 31 >= fk[0];
+        /* P^T and dS^T packed to bf16 as soon as each pair is computed: the A fragments (m16
+         * keys x k16 queries) of dV and dK for this warp's own half of the queries */
+        uint32_t p_frag[2][QH / 16][4], ds_frag[2][QH / 16][4];
         if (warp_active) {
-            float st[BM / 8][4], dpt[BM / 8][4];
+            float st[2][QH / 8][4], dpt[2][QH / 8][4];
 #pragma unroll
-            for (int nt = 0; nt < BM / 8; nt++)
+            for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.f;
+                for (int nt = 0; nt < QH / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) st[mi][nt][e] = dpt[mi][nt][e] = 0.f;
             /* S^T = K Q^T and dP^T = V dO^T */
 #pragma unroll
             for (int kc = 0; kc < D / 16; kc++) {
-                uint32_t ak[4], av[4];
-                ldmatrix_x4(ak, swz<D>(sK, warp * 16 + (lane & 15), kc * 2 + (lane >> 4)));
-                ldmatrix_x4(av, swz<D>(sV, warp * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                uint32_t ak[2][4], av[2][4];
 #pragma unroll
-                for (int np = 0; np < BM / 16; np++) {
+                for (int mi = 0; mi < 2; mi++) {
+                    ldmatrix_x4(ak[mi], swz<D>(sK, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                    ldmatrix_x4(av[mi], swz<D>(sV, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                }
+#pragma unroll
+                for (int np = 0; np < QH / 16; np++) {
                     uint32_t bq[4], bo[4];
-                    const int row = np * 16 + (lane & 7) + ((lane >> 4) << 3), ch = kc * 2 + ((lane >> 3) & 1);
+                    const int row = ql0 + np * 16 + (lane & 7) + ((lane >> 4) << 3), ch = kc * 2 + ((lane >> 3) & 1);
                     ldmatrix_x4(bq, swz<D>(qt, row, ch));
                     ldmatrix_x4(bo, swz<D>(dot, row, ch));
-                    mma_bf16(st[2 * np], ak, bq[0], bq[1]);
-                    mma_bf16(st[2 * np + 1], ak, bq[2], bq[3]);
-                    mma_bf16(dpt[2 * np], av, bo[0], bo[1]);
-                    mma_bf16(dpt[2 * np + 1], av, bo[2], bo[3]);
-                }
-            }
-            const bool need_mask = m0 < n0 + BN - 1 || fk[m_last - m0] > n0 || m0 + BM > N;
-            /* accumulator (nt, e) -> fragment [nt / 2][2 * (nt % 2) + e / 2], pairs e, e + 1 */
 #pragma unroll
-            for (int nt = 0; nt < BM / 8; nt++)
-#pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    float p2[2], ds2[2];
-#pragma unroll
-                    for (int e1 = 0; e1 < 2; e1++) {
-                        const int e = 2 * hf + e1, ql = nt * 8 + 2 * t + e1; /* query within the tile */
-                        float p = fast_exp2(fmaf(st[nt][e], scale_log2, -lse2[ql]));
-                        if (need_mask) {
-                            const int q = m0 + ql, key = key0 + g + 8 * hf;
-                            if (key > q || q >= N || key < fk[ql]) p = 0.f;
-                        }
-                        p2[e1] = p;
-                        ds2[e1] = p * (dpt[nt][e] - dl[ql]);
+                    for (int mi = 0; mi < 2; mi++) {
+                        mma_bf16(st[mi][2 * np], ak[mi], bq[0], bq[1]);
+                        mma_bf16(st[mi][2 * np + 1], ak[mi], bq[2], bq[3]);
+                        mma_bf16(dpt[mi][2 * np], av[mi], bo[0], bo[1]);
+                        mma_bf16(dpt[mi][2 * np + 1], av[mi], bo[2], bo[3]);
                     }
-                    p_frag[nt / 2][2 * (nt % 2) + hf] = pack_bf16(p2[0], p2[1]);
-                    ds_frag[nt / 2][2 * (nt % 2) + hf] = pack_bf16(ds2[0], ds2[1]);
-                }
-            /* dV += P^T dO, dK += dS^T Q */
-#pragma unroll
-            for (int kc = 0; kc < BM / 16; kc++) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; dp++) {
-                    uint32_t bo[4], bq[4];
-                    const int row = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dp * 2 + (lane >> 4);
-                    ldmatrix_x4_trans(bo, swz<D>(dot, row, ch));
-                    ldmatrix_x4_trans(bq, swz<D>(qt, row, ch));
-                    mma_bf16(dv_acc[2 * dp], p_frag[kc], bo[0], bo[1]);
-                    mma_bf16(dv_acc[2 * dp + 1], p_frag[kc], bo[2], bo[3]);
-                    mma_bf16(dk_acc[2 * dp], ds_frag[kc], bq[0], bq[1]);
-                    mma_bf16(dk_acc[2 * dp + 1], ds_frag[kc], bq[2], bq[3]);
                 }
             }
+            const bool need_mask = key0 + 31 > qa || fk[qb - m0] > key0 || qa + QH > N;
+            /* accumulator (mi, nt, e) -> fragment [mi][nt / 2][2 * (nt % 2) + e / 2], pairs e, e + 1 */
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int nt = 0; nt < QH / 8; nt++)
+#pragma unroll
+                    for (int hf = 0; hf < 2; hf++) {
+                        float p2[2], ds2[2];
+#pragma unroll
+                        for (int e1 = 0; e1 < 2; e1++) {
+                            const int e = 2 * hf + e1, ql = ql0 + nt * 8 + 2 * t + e1; /* query within the tile */
+                            float p = fast_exp2(fmaf(st[mi][nt][e], scale_log2, -LOG2E * lse_t[ql]));
+                            if (need_mask) {
+                                const int q = m0 + ql, key = key0 + mi * 16 + g + 8 * hf;
+                                if (key > q || q >= N || key < fk[ql]) p = 0.f;
+                            }
+                            p2[e1] = p;
+                            ds2[e1] = p * (dpt[mi][nt][e] - dl[ql]);
+                        }
+                        p_frag[mi][nt / 2][2 * (nt % 2) + hf] = pack_bf16(p2[0], p2[1]);
+                        ds_frag[mi][nt / 2][2 * (nt % 2) + hf] = pack_bf16(ds2[0], ds2[1]);
+                    }
         } else {
 #pragma unroll
-            for (int kc = 0; kc < BM / 16; kc++)
+            for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) ds_frag[kc][e] = 0u;
+                for (int kc = 0; kc < QH / 16; kc++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) p_frag[mi][kc][e] = ds_frag[mi][kc][e] = 0u;
         }
-        /* dS^T -> shared memory [BN, BM], buffer buf; its dQ product runs after the next barrier */
+        /* P^T and dS^T -> shared memory [BN, BM]: the partner warp's half of dV and dK, and dQ */
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; nt++)
+        for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-            for (int hf = 0; hf < 2; hf++)
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS + buf * BN * BM * 2, warp * 16 + g + 8 * hf, nt) + 4 * t),
-                             "r"(ds_frag[nt / 2][2 * (nt % 2) + hf]));
-        prev_h = h;
-        prev_m0 = m0;
+            for (int nt = 0; nt < QH / 8; nt++)
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    const int row = pair * 32 + mi * 16 + g + 8 * hf, ch = ql0 / 8 + nt;
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sP, row, ch) + 4 * t), "r"(p_frag[mi][nt / 2][2 * (nt % 2) + hf]));
+                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS, row, ch) + 4 * t), "r"(ds_frag[mi][nt / 2][2 * (nt % 2) + hf]));
+                }
+        /* the pair's named barrier (1 + pair, 64 threads): the partner's half is in place */
+        asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");
+        if (pair_active) {
+            /* dV += P^T dO, dK += dS^T Q: 32 keys x this warp's DH columns, over all BM queries
+             * (own half from registers, the partner's from shared memory) */
+#pragma unroll
+            for (int kc = 0; kc < BM / 16; kc++) {
+                uint32_t pa[2][4], dsa[2][4];
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    if (kc / (QH / 16) == half) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) pa[mi][e] = p_frag[mi][kc % (QH / 16)][e], dsa[mi][e] = ds_frag[mi][kc % (QH / 16)][e];
+                    } else {
+                        ldmatrix_x4(pa[mi], swz<BM>(sP, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                        ldmatrix_x4(dsa[mi], swz<BM>(sdS, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                    }
+                }
+#pragma unroll
+                for (int dp = 0; dp < DH / 16; dp++) {
+                    uint32_t bo[4], bq[4];
+                    const int row = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ch = dc0 / 8 + dp * 2 + (lane >> 4);
+                    ldmatrix_x4_trans(bo, swz<D>(dot, row, ch));
+                    ldmatrix_x4_trans(bq, swz<D>(qt, row, ch));
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++) {
+                        mma_bf16(dv_acc[mi][2 * dp], pa[mi], bo[0], bo[1]);
+                        mma_bf16(dv_acc[mi][2 * dp + 1], pa[mi], bo[2], bo[3]);
+                        mma_bf16(dk_acc[mi][2 * dp], dsa[mi], bq[0], bq[1]);
+                        mma_bf16(dk_acc[mi][2 * dp + 1], dsa[mi], bq[2], bq[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads(); /* barrier B: all of dS^T is in place */
+        dq_tile(h, m0);
         cur_r = nxt_r;
         cur_mt = nxt_mt;
     }
-    __syncthreads();
-    dq_tile(prev_h, prev_m0, (total - 1) & 1);
 
     /* dK = scale * dS^T Q summed, dV: straight from registers */
 #pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int key = key0 + g + 8 * hf;
-        if (key < N) {
-            const size_t off = ((size_t)b * N + key) * kv_stride + (size_t)kh * D + 2 * t;
+    for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-            for (int dn = 0; dn < D / 8; dn++) {
-                *(uint32_t *)(dK + off + dn * 8) = pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale);
-                *(uint32_t *)(dV + off + dn * 8) = pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1]);
+        for (int hf = 0; hf < 2; hf++) {
+            const int key = key0 + mi * 16 + g + 8 * hf;
+            if (key < N) {
+                const size_t off = ((size_t)b * N + key) * kv_stride + (size_t)kh * D + dc0 + 2 * t;
+#pragma unroll
+                for (int dn = 0; dn < DH / 8; dn++) {
+                    *(uint32_t *)(dK + off + dn * 8) = pack_bf16(dk_acc[mi][dn][2 * hf] * scale, dk_acc[mi][dn][2 * hf + 1] * scale);
+                    *(uint32_t *)(dV + off + dn * 8) = pack_bf16(dv_acc[mi][dn][2 * hf], dv_acc[mi][dn][2 * hf + 1]);
+                }
             }
         }
-    }
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -2383,7 +2461,7 @@ extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
 template <int D, int BM, int BN, int NW>
 static void launch_bwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
                              float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
-    /* K, V, two Q/dO stages, two dS^T stages; lse, Delta and window starts per query; per-head tile ranges */
+    /* K, V, two Q/dO stages, P^T and dS^T; lse, Delta and window starts per query; per-head tile ranges */
     constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + (2 * BM + 2 * MAX_GQA_GROUP) * sizeof(int);
     auto kern = flash_bwd_kernel<D, BM, BN, NW>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
