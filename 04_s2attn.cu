@@ -1134,10 +1134,11 @@ __global__ void wgmma_probe_kernel(int *out) {
  *      S^T = K Q^T, P^T = exp2(S^T*c - lse), dP^T = V dO^T, dS^T = P^T (dP^T - Delta); the
  *      pair swaps halves of P^T and dS^T through shared memory, and each warp then adds
  *      dV += P^T dO and dK += dS^T Q over all the queries for its half of the columns, in
- *      registers. So each warp reads half a Q/dO tile for S^T and dP^T and half its columns
- *      for dV and dK, where a warp owning 16 keys and all columns reads all of both (bench/
- *      NOTES.md step 18). The warps then re-split for dQ += dS K, read from dS^T in shared
- *      memory, which is added to the fp32 accumulator atomically.
+ *      registers. The warps then re-split for dQ += dS K, read from dS^T in shared memory,
+ *      and stage it in the P^T buffer (free by then) so that each atomic instruction adds
+ *      32 consecutive floats of the fp32 accumulator. The pairs alone measured level with
+ *      16 keys a warp; the staging is what bought 1.21-1.26x, and it needs the buffer the
+ *      pairs leave free within an A100's 163 KB of shared memory (bench/NOTES.md step 18).
  *   3. convert: dQ = bf16(scale * accumulator)
  * ------------------------------------------------------------------------------------- */
 template <int D>
