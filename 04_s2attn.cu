@@ -1323,6 +1323,19 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
          * half-used ones (Nsight: the atomics' queue, lg_throttle, was 22% of the stalls) */
         float *stage = (float *)(smem + (sP - smem_addr(smem))) + warp * 8 * DW; /* [8, DW] */
         const int sw = 8 * (g & 3) & (DW - 1);
+        /* lane l adds column (32 i) % DW + l % DW of strip row mi 16 + 8 hf + 32 i / DW + l / DW
+         * (one row an i where DW >= 32): one 64-bit address a tile, then a 32-bit row offset an
+         * add (Nsight: the 64-bit row arithmetic was 8 of the 10 instructions an add took) */
+        const int lrow = lane / DW, lcol = lane % DW;
+        float *dq_lane = dQacc + ((size_t)b * N + m0 + mrow + lrow) * q_stride + (size_t)h * D + dcol0 + lcol;
+        asm("mov.b64 %0, %0;\n" : "+l"(dq_lane)); /* opaque: kept as one address, not re-derived an add */
+        const int k_last = N - 1 - (m0 + mrow + lrow); /* strip row of query N - 1 */
+        const int qs = (int)q_stride;
+        /* this lane's staged column for each value of a staged row's (row & 3) less lrow:
+         * (32 i) % DW has no bits below 32 and the XOR none above 24, so they add */
+        int lofs[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) lofs[j] = lrow * DW + (lcol ^ (8 * ((j + lrow) & 3) & (DW - 1)));
 #pragma unroll
         for (int mi = 0; mi < 2; mi++)
 #pragma unroll
@@ -1333,10 +1346,10 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                 __syncwarp();
 #pragma unroll
                 for (int i = 0; i < DW / 4; i++) {
-                    const int flat = i * 32 + lane, row = flat / DW, col = flat % DW;
+                    const int k = mi * 16 + 8 * hf + i * 32 / DW, col = i * 32 % DW; /* less lrow, lcol */
+                    const float add = stage[(i * 32 / DW) * DW + col + lofs[(i * 32 / DW) & 3]];
                     /* rows past N hold zeros (P = 0 there) and go to row N - 1: no branch */
-                    const int q = min(m0 + mrow + mi * 16 + 8 * hf + row, N - 1);
-                    atomicAdd(dQacc + ((size_t)b * N + q) * q_stride + (size_t)h * D + dcol0 + col, stage[row * DW + (col ^ (8 * (row & 3) & (DW - 1)))]);
+                    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(dq_lane + min(k, k_last) * qs + col), "f"(add));
                 }
                 __syncwarp();
             }
