@@ -1416,7 +1416,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
             const bool need_mask = key0 + 31 > qa || fk[qb - m0] > key0 || qa + QH > N;
             /* accumulator (mi, nt, e) -> fragment [mi][nt / 2][2 * (nt % 2) + e / 2], pairs e, e + 1;
              * compiled twice (masked: std::true_type), so that the tiles that need no mask, most
-             * of them, run no test and no branch an element (Nsight, step 20) */
+             * of them, run no test and no branch an element (bench/NOTES.md step 20) */
             auto softmax = [&](auto masked) {
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++)
