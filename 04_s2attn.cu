@@ -1467,13 +1467,17 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
             /* dV += P^T dO, dK += dS^T Q: 32 keys x this warp's DH columns, over all BM queries
              * (own half from registers, the partner's from shared memory) */
 #pragma unroll
-            for (int kc = 0; kc < BM / 16; kc++) {
+            for (int kk = 0; kk < BM / 16; kk++) {
+                /* own half first (kk < QH / 16), then the partner's: a compile-time choice, no
+                 * branch; kc is the k16 step over the tile's queries */
+                const bool own = kk < QH / 16;
+                const int kc = (own ? half : 1 - half) * (QH / 16) + kk % (QH / 16);
                 uint32_t pa[2][4], dsa[2][4];
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++) {
-                    if (kc / (QH / 16) == half) {
+                    if (own) {
 #pragma unroll
-                        for (int e = 0; e < 4; e++) pa[mi][e] = p_frag[mi][kc % (QH / 16)][e], dsa[mi][e] = ds_frag[mi][kc % (QH / 16)][e];
+                        for (int e = 0; e < 4; e++) pa[mi][e] = p_frag[mi][kk % (QH / 16)][e], dsa[mi][e] = ds_frag[mi][kk % (QH / 16)][e];
                     } else {
                         ldmatrix_x4(pa[mi], swz<BM>(sP, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
                         ldmatrix_x4(dsa[mi], swz<BM>(sdS, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
