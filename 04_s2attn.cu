@@ -1139,6 +1139,8 @@ __global__ void wgmma_probe_kernel(int *out) {
  *      32 consecutive floats of the fp32 accumulator. The pairs alone measured level with
  *      16 keys a warp; the staging is what bought 1.21-1.26x, and it needs the buffer the
  *      pairs leave free within an A100's 163 KB of shared memory (bench/NOTES.md step 18).
+ *      16 keys a warp with dS^T in two buffers and one block barrier a tile measured
+ *      0.91-0.94x this (step 21): its shared-memory waits cost more than the barriers.
  *   3. convert: dQ = bf16(scale * accumulator)
  * ------------------------------------------------------------------------------------- */
 template <int D>
