@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Kernel changes written but not yet run on a GPU, checked and timed in one call (on the GPU
+# machine, from the repository root):
+#   bash bench/candidates/try.sh [OUTDIR] [--sm90]
+# applies the patches below in order to a copy of 04_s2attn.cu, one version a step (the tree's
+# kernel is version 0), builds each as bench/attn_sm80.sh builds the stage (compute_80 PTX
+# only: the mma.sync kernels an A100 runs, JIT-compiled on a Hopper card), runs
+# tests/test_gpu_attention on each (every tile variant, odd N, GQA, S2, outputs poisoned;
+# nothing is timed if a version fails), then times all versions in turns in one process with
+# bench/attn_ab.sh at d = 128 and d = 64. JSON: OUTDIR/candidates_sm80_d128.json and _d64
+# (OUTDIR defaults to build/cand). With --sm90 the same for the sm_90a build as well.
+# A candidate that wins is applied to 04_s2attn.cu by hand (git apply), with its NOTES step,
+# and then every GPU test and the sanitizers run on it, as for any kernel change.
+set -eu
+out=build/cand
+sm90=0
+for arg in "$@"; do
+    case $arg in
+    --sm90) sm90=1 ;;
+    *) out=$arg ;;
+    esac
+done
+patches="bench/candidates/fwd_sm80_straight.patch bench/candidates/bwd_sm80_qloads.patch"
+NVCC=${NVCC:-nvcc}
+CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v "$NVCC")")")}
+mkdir -p "$out" build/cand
+libs="-L$CUDA_HOME/lib64 -lcudart -lcublas -lcublasLt -lstdc++"
+
+# version 0 is the tree's kernel; version i applies the first i patches
+cp 04_s2attn.cu build/cand/v0.cu
+versions="build/cand/v0.cu"
+i=0
+for p in $patches; do
+    patch -s -o "build/cand/v$((i + 1)).cu" "build/cand/v$i.cu" < "$p" ||
+        { echo "try.sh: $p does not apply to version $i (04_s2attn.cu changed since it was written)" >&2; exit 1; }
+    i=$((i + 1))
+    versions="$versions build/cand/v$i.cu"
+done
+
+check() { # ARCH_FLAGS TAG: builds and runs the kernel checks of every version
+    local flags="-O3 -std=c++17 $1 -DUSE_CUDA -I." tag=$2
+    $NVCC $flags -c -o "build/cand/04_layers-$tag.o" 04_layers.cu
+    for v in $versions; do
+        local n
+        n=$(basename "$v" .cu)-$tag
+        $NVCC $flags -c -o "build/cand/$n.o" "$v" &
+    done
+    wait
+    for v in $versions; do
+        local n
+        n=$(basename "$v" .cu)-$tag
+        ${CC:-cc} -O2 -std=gnu11 -fopenmp -DUSE_CUDA -I. -I"$CUDA_HOME/include" -o "build/cand/test-$n" \
+            tests/test_gpu_attention.c "build/cand/04_layers-$tag.o" "build/cand/$n.o" $libs -lm
+        local r
+        r=$(bash bench/attn_check.sh "build/cand/test-$n" "build/cand/check-$n.log") ||
+            { echo "try.sh: $n failed its checks (build/cand/check-$n.log); nothing was timed" >&2; exit 1; }
+        echo "$n: $r"
+    done
+}
+
+check "-gencode=arch=compute_80,code=compute_80" sm80
+# shellcheck disable=SC2086 # the versions are one word each
+bash bench/attn_ab.sh sm80 $versions > "$out/candidates_sm80_d128.json"
+# shellcheck disable=SC2086
+bash bench/attn_ab.sh sm80 --d 64 $versions > "$out/candidates_sm80_d64.json"
+if [ $sm90 = 1 ]; then
+    check "-gencode=arch=compute_90a,code=sm_90a" sm90
+    # shellcheck disable=SC2086
+    bash bench/attn_ab.sh sm90 $versions > "$out/candidates_sm90_d128.json"
+fi
+cat "$out"/candidates_*.json
