@@ -24,7 +24,7 @@ patches="bench/candidates/fwd_sm80_straight.patch bench/candidates/bwd_sm80_qloa
 NVCC=${NVCC:-nvcc}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v "$NVCC")")")}
 mkdir -p "$out" build/cand
-libs="-L$CUDA_HOME/lib64 -lcudart -lcublas -lcublasLt -lstdc++"
+libs=(-L"$CUDA_HOME/lib64" -lcudart -lcublas -lcublasLt -lstdc++)
 
 # version 0 is the tree's kernel; version i applies the first i patches
 cp 04_s2attn.cu build/cand/v0.cu
@@ -38,19 +38,19 @@ for p in $patches; do
 done
 
 check() { # ARCH_FLAGS TAG: builds and runs the kernel checks of every version
-    local flags="-O3 -std=c++17 $1 -DUSE_CUDA -I." tag=$2
-    $NVCC $flags -c -o "build/cand/04_layers-$tag.o" 04_layers.cu
+    local flags=(-O3 -std=c++17 "$1" -DUSE_CUDA -I.) tag=$2
+    $NVCC "${flags[@]}" -c -o "build/cand/04_layers-$tag.o" 04_layers.cu
     for v in $versions; do
         local n
         n=$(basename "$v" .cu)-$tag
-        $NVCC $flags -c -o "build/cand/$n.o" "$v" &
+        $NVCC "${flags[@]}" -c -o "build/cand/$n.o" "$v" &
     done
-    wait
+    for job in $(jobs -p); do wait "$job"; done
     for v in $versions; do
         local n
         n=$(basename "$v" .cu)-$tag
         ${CC:-cc} -O2 -std=gnu11 -fopenmp -DUSE_CUDA -I. -I"$CUDA_HOME/include" -o "build/cand/test-$n" \
-            tests/test_gpu_attention.c "build/cand/04_layers-$tag.o" "build/cand/$n.o" $libs -lm
+            tests/test_gpu_attention.c "build/cand/04_layers-$tag.o" "build/cand/$n.o" "${libs[@]}" -lm
         local r
         r=$(bash bench/attn_check.sh "build/cand/test-$n" "build/cand/check-$n.log") ||
             { echo "try.sh: $n failed its checks (build/cand/check-$n.log); nothing was timed" >&2; exit 1; }
