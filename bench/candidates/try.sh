@@ -21,6 +21,7 @@ for arg in "$@"; do
     esac
 done
 patches="bench/candidates/fwd_sm80_straight.patch bench/candidates/bwd_sm80_qloads.patch"
+command -v patch > /dev/null || { echo "try.sh: needs patch(1) (Debian's package patch)" >&2; exit 1; }
 NVCC=${NVCC:-nvcc}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v "$NVCC")")")}
 mkdir -p "$out" build/cand
