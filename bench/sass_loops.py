@@ -29,18 +29,19 @@ MAP = {'HMMA': 'H', 'LDSM': 'L', 'LDGSTS': 'G', 'MUFU': 'E', 'FMUL': '*', 'FADD'
 
 
 def sass_of(path, kernel, arch):
-    cubin = path
-    if path.endswith('.cu'):
-        cubin = os.path.join(tempfile.mkdtemp(), 'k.cubin')
-        root = os.path.dirname(os.path.abspath(path))
-        subprocess.run(['nvcc', '-O3', '-std=c++17', f'-gencode=arch=compute_80,code={arch}', '-DUSE_CUDA',
-                        '-I', root, '-cubin', '-o', cubin, path], check=True)
-    text = subprocess.run(['cuobjdump', '-sass', cubin], check=True, capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = path
+        if path.endswith('.cu'):  # its own folder's headers first, then the repository root's
+            cubin = os.path.join(tmp, 'k.cubin')
+            subprocess.run(['nvcc', '-O3', '-std=c++17', f'-gencode=arch=compute_80,code={arch}', '-DUSE_CUDA',
+                            '-I', os.path.dirname(os.path.abspath(path)), '-I', '.', '-cubin', '-o', cubin, path],
+                           check=True)
+        text = subprocess.run(['cuobjdump', '-sass', cubin], check=True, capture_output=True, text=True).stdout
     funcs = re.split(r'\n\s*Function : ', text)[1:]
     hits = [f for f in funcs if kernel in f.split('\n', 1)[0]]
     if len(hits) != 1:
-        names = [f.split('\n', 1)[0] for f in funcs if kernel in f.split('\n', 1)[0]]
-        sys.exit(f'sass_loops: "{kernel}" names {len(hits)} functions' + ''.join('\n  ' + n for n in names[:20]))
+        sys.exit(f'sass_loops: "{kernel}" names {len(hits)} functions' +
+                 ''.join('\n  ' + f.split('\n', 1)[0] for f in hits[:20]))
     return hits[0]
 
 
@@ -88,7 +89,7 @@ def main():
     for b in blocks:
         c = collections.Counter(op.split('.')[0] for _, op, _, _ in b)
         size[b[0][0]] = len(b)
-        last = b[-1][2] if ('BRA' in b[-1][1] or 'BAR' in b[-1][1] or 'CALL' in b[-1][1]) else ''
+        last = b[-1][2] if b[-1][1].startswith(('BRA', 'BAR', 'CALL', 'EXIT')) else ''
         print(f'{b[0][0]:#8x} {len(b):6d} {c["HMMA"]:5d} {c["MUFU"]:5d} {c["LDSM"]:5d} {c["LDGSTS"]:6d} '
               f'{c["LDL"] + c["STL"]:7d}  {last}')
     if a.path:
