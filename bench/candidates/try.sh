@@ -2,6 +2,8 @@
 # Kernel changes written but not yet run on a GPU, checked and timed in one call (on the GPU
 # machine, from the repository root):
 #   bash bench/candidates/try.sh [OUTDIR] [--sm90]
+#   bash bench/candidates/try.sh --prepare     (only writes the versions, below)
+#   bash bench/candidates/try.sh --prepared [OUTDIR] [--sm90]
 # applies the patches below in order to a copy of 04_s2attn.cu, one version a step (the tree's
 # kernel is version 0), builds each as bench/attn_sm80.sh builds the stage (compute_80 PTX
 # only: the mma.sync kernels an A100 runs, JIT-compiled on a Hopper card), runs
@@ -9,34 +11,51 @@
 # nothing is timed if a version fails), then times all versions in turns in one process with
 # bench/attn_ab.sh at d = 128 and d = 64. JSON: OUTDIR/candidates_sm80_d128.json and _d64
 # (OUTDIR defaults to build/cand). With --sm90 the same for the sm_90a build as well.
+# Where the GPU machine has no patch(1), --prepare writes the versions on a machine that has it
+# and --prepared then uses build/cand/v*.cu as they are (they travel with the build folder).
 # A candidate that wins is applied to 04_s2attn.cu by hand (git apply), with its NOTES step,
 # and then every GPU test and the sanitizers run on it, as for any kernel change.
 set -eu
 out=build/cand
 sm90=0
+mode=all
 for arg in "$@"; do
     case $arg in
     --sm90) sm90=1 ;;
+    --prepare) mode=prepare ;;
+    --prepared) mode=prepared ;;
     *) out=$arg ;;
     esac
 done
 patches="bench/candidates/fwd_sm80_straight.patch bench/candidates/bwd_sm80_qloads.patch"
-command -v patch > /dev/null || { echo "try.sh: needs patch(1) (Debian's package patch)" >&2; exit 1; }
 NVCC=${NVCC:-nvcc}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v "$NVCC")")")}
 mkdir -p "$out" build/cand
 libs=(-L"$CUDA_HOME/lib64" -lcudart -lcublas -lcublasLt -lstdc++)
 
 # version 0 is the tree's kernel; version i applies the first i patches
-cp 04_s2attn.cu build/cand/v0.cu
 versions="build/cand/v0.cu"
 i=0
-for p in $patches; do
-    patch -s -o "build/cand/v$((i + 1)).cu" "build/cand/v$i.cu" < "$p" ||
-        { echo "try.sh: $p does not apply to version $i (04_s2attn.cu changed since it was written)" >&2; exit 1; }
-    i=$((i + 1))
-    versions="$versions build/cand/v$i.cu"
-done
+if [ $mode = prepared ]; then
+    for p in $patches; do
+        i=$((i + 1))
+        [ -f "build/cand/v$i.cu" ] || { echo "try.sh: build/cand/v$i.cu is missing (run try.sh --prepare first)" >&2; exit 1; }
+        versions="$versions build/cand/v$i.cu"
+    done
+else
+    command -v patch > /dev/null ||
+        { echo "try.sh: needs patch(1) (Debian's package patch), or versions made by --prepare" >&2; exit 1; }
+    cp 04_s2attn.cu build/cand/v0.cu
+    for p in $patches; do
+        patch -s -o "build/cand/v$((i + 1)).cu" "build/cand/v$i.cu" < "$p" ||
+            { echo "try.sh: $p does not apply to version $i (04_s2attn.cu changed since it was written)" >&2; exit 1; }
+        i=$((i + 1))
+        versions="$versions build/cand/v$i.cu"
+    done
+    [ $mode = prepare ] && { echo "try.sh: wrote $versions"; exit 0; }
+fi
+cmp -s 04_s2attn.cu build/cand/v0.cu ||
+    { echo "try.sh: build/cand/v0.cu is not this tree's 04_s2attn.cu (run try.sh --prepare again)" >&2; exit 1; }
 
 check() { # ARCH_FLAGS TAG: builds and runs the kernel checks of every version
     local flags=(-O3 -std=c++17 "$1" -DUSE_CUDA -I.) tag=$2
