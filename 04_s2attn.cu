@@ -211,7 +211,7 @@ template <int W> __device__ __forceinline__ uint32_t swz(uint32_t base, int row,
 
 /* Starts the copy of ROWS rows x D columns (rows r0.. of a [N, row_stride] matrix) into a
  * swizzled tile; rows at or past N are zero-filled. */
-template <int D, int ROWS, int NTHR>
+template <int D, int ROWS, int NTHR, bool CHECK_ROWS = true>
 __device__ __forceinline__ void load_tile_async(uint32_t tile, const bf16 *src, size_t row_stride, int r0, int N, int tid) {
     constexpr int CH = D / 8, ROWS_PER_PASS = NTHR / CH;
     static_assert(NTHR % CH == 0 && ROWS % ROWS_PER_PASS == 0, "copy shape");
@@ -221,7 +221,7 @@ __device__ __forceinline__ void load_tile_async(uint32_t tile, const bf16 *src, 
 #pragma unroll
     for (int pass = 0; pass < ROWS / ROWS_PER_PASS; pass++) {
         const int row = row0 + pass * ROWS_PER_PASS;
-        const bool valid = r0 + row < N;
+        const bool valid = !CHECK_ROWS || r0 + row < N;
         cp_async16(dst + pass * ROWS_PER_PASS * D * 2, valid ? p + (size_t)pass * ROWS_PER_PASS * row_stride : src, valid);
     }
 }
@@ -265,13 +265,8 @@ flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
     const int tile_lo = key_lo / BN, tile_hi = m_last / BN;
     const int n_tiles = tile_hi - tile_lo + 1;
 
-    /* this thread's rows and their window starts */
+    /* this warp's rows: the first, its window start, the last */
     const int wrow0 = m0 + warp * 16 * MT; /* first row of this warp */
-    int row_fk[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) row_fk[mt][hf] = (int)s2_first_key((size_t)(wrow0 + mt * 16 + g + 8 * hf), h, H, (size_t)G);
     const int warp_fk0 = (int)s2_first_key((size_t)wrow0, h, H, (size_t)G);
     const int warp_row_last = wrow0 + 16 * MT - 1;
 
@@ -300,8 +295,9 @@ flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
         cp_async_wait<0>();
         __syncthreads();
         if (it + 1 < n_tiles) {
-            load_tile_async<D, BN, NTHR>(sK + (buf ^ 1) * BN * D * 2, Kb, kv_stride, (tile - 1) * BN, N, tid);
-            load_tile_async<D, BN, NTHR>(sV + (buf ^ 1) * BN * D * 2, Vb, kv_stride, (tile - 1) * BN, N, tid);
+            /* tiles below the first one lie wholly before row N: no row test */
+            load_tile_async<D, BN, NTHR, false>(sK + (buf ^ 1) * BN * D * 2, Kb, kv_stride, (tile - 1) * BN, N, tid);
+            load_tile_async<D, BN, NTHR, false>(sV + (buf ^ 1) * BN * D * 2, Vb, kv_stride, (tile - 1) * BN, N, tid);
         }
         cp_async_commit();
         if (MT == 1 && it == 0) {
@@ -343,73 +339,83 @@ flash_fwd_kernel(const bf16 *__restrict__ Q,  /* [B, N, H, d] */
                     }
                 }
             }
-            /* mask only where the tile straddles a window edge */
-            const bool need_mask = n0 + BN - 1 > wrow0 || n0 < fk_last;
-            if (need_mask) {
+            /* mask, online softmax and O += P V, compiled twice (masked: std::true_type) so that
+             * the tiles inside every row's window, most of them, run straight-line code: no
+             * branch between the exponentials and the products, which ptxas then interleaves
+             * (bench/NOTES.md step 22) */
+            auto softmax_pv = [&](auto masked) {
+                if (decltype(masked)::value) {
+                    int row_fk[MT][2]; /* window starts: computed here, not held in registers over the loop */
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                        for (int hf = 0; hf < 2; hf++) row_fk[mt][hf] = (int)s2_first_key((size_t)(wrow0 + mt * 16 + g + 8 * hf), h, H, (size_t)G);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                        for (int nt = 0; nt < BN / 8; nt++)
+#pragma unroll
+                            for (int e = 0; e < 4; e++) {
+                                int row = wrow0 + mt * 16 + g + 8 * (e >> 1), col = n0 + nt * 8 + 2 * t + (e & 1);
+                                if (col > row || col < row_fk[mt][e >> 1]) s[mt][nt][e] = -INFINITY;
+                            }
+                }
+                /* online softmax in base 2: m is kept in scaled units */
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                    for (int nt = 0; nt < BN / 8; nt++)
+                    for (int hf = 0; hf < 2; hf++) {
+                        float mx = -INFINITY;
 #pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int row = wrow0 + mt * 16 + g + 8 * (e >> 1), col = n0 + nt * 8 + 2 * t + (e & 1);
-                            if (col > row || col < row_fk[mt][e >> 1]) s[mt][nt][e] = -INFINITY;
-                        }
-            }
-            /* online softmax in base 2: m is kept in scaled units */
+                        for (int nt = 0; nt < BN / 8; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                        float m_new = fmaxf(m_run[mt][hf], mx * scale_log2);
+                        float base = m_new == -INFINITY ? 0.f : m_new;
+                        float alpha = fast_exp2(m_run[mt][hf] - base);
+                        m_run[mt][hf] = m_new;
+                        float rs = 0.f;
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
+                        for (int nt = 0; nt < BN / 8; nt++)
 #pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    float mx = -INFINITY;
+                            for (int e = 0; e < 2; e++) {
+                                float p = fast_exp2(fmaf(s[mt][nt][2 * hf + e], scale_log2, -base));
+                                s[mt][nt][2 * hf + e] = p;
+                                rs += p;
+                            }
+                        l_run[mt][hf] = l_run[mt][hf] * alpha + rs;
 #pragma unroll
-                    for (int nt = 0; nt < BN / 8; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    float m_new = fmaxf(m_run[mt][hf], mx * scale_log2);
-                    float base = m_new == -INFINITY ? 0.f : m_new;
-                    float alpha = fast_exp2(m_run[mt][hf] - base);
-                    m_run[mt][hf] = m_new;
-                    float rs = 0.f;
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; nt++)
-#pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            float p = fast_exp2(fmaf(s[mt][nt][2 * hf + e], scale_log2, -base));
-                            s[mt][nt][2 * hf + e] = p;
-                            rs += p;
-                        }
-                    l_run[mt][hf] = l_run[mt][hf] * alpha + rs;
-                    if (__any_sync(0xffffffffu, alpha != 1.f)) { /* once rows settle, their max rarely moves */
-#pragma unroll
-                        for (int dn = 0; dn < D / 8; dn++) {
+                        for (int dn = 0; dn < D / 8; dn++) { /* always: a vote and a branch here cost more */
                             o_acc[mt][dn][2 * hf] *= alpha;
                             o_acc[mt][dn][2 * hf + 1] *= alpha;
                         }
                     }
-                }
-            /* O += P V: P goes from accumulator layout straight into A fragments */
+                /* O += P V: P goes from accumulator layout straight into A fragments */
 #pragma unroll
-            for (int kc = 0; kc < BN / 16; kc++) {
-                uint32_t a[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    a[mt][0] = pack_bf16(s[mt][2 * kc][0], s[mt][2 * kc][1]);
-                    a[mt][1] = pack_bf16(s[mt][2 * kc][2], s[mt][2 * kc][3]);
-                    a[mt][2] = pack_bf16(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
-                    a[mt][3] = pack_bf16(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
-                }
-#pragma unroll
-                for (int dp = 0; dp < D / 16; dp++) {
-                    uint32_t bv[4];
-                    ldmatrix_x4_trans(bv, swz<D>(vt, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+                for (int kc = 0; kc < BN / 16; kc++) {
+                    uint32_t a[MT][4];
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
-                        mma_bf16(o_acc[mt][2 * dp], a[mt], bv[0], bv[1]);
-                        mma_bf16(o_acc[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+                        a[mt][0] = pack_bf16(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                        a[mt][1] = pack_bf16(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                        a[mt][2] = pack_bf16(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                        a[mt][3] = pack_bf16(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+                    }
+#pragma unroll
+                    for (int dp = 0; dp < D / 16; dp++) {
+                        uint32_t bv[4];
+                        ldmatrix_x4_trans(bv, swz<D>(vt, kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 2 + (lane >> 4)));
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            mma_bf16(o_acc[mt][2 * dp], a[mt], bv[0], bv[1]);
+                            mma_bf16(o_acc[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+                        }
                     }
                 }
-            }
+            };
+            /* mask only where the tile straddles a window edge */
+            if (n0 + BN - 1 > wrow0 || n0 < fk_last) softmax_pv(std::true_type{});
+            else softmax_pv(std::false_type{});
         }
     }
 
@@ -1266,10 +1272,16 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
      * that no warp waits on a global load inside the loop; the window starts need no load */
     auto load_q_tile = [&](int h, int mt, int buf) {
         const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
-        load_tile_async<D, BM, NTHR>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
-        load_tile_async<D, BM, NTHR>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
-        for (int r = tid; r < BM; r += NTHR) {
-            const int i = mt * BM + r;
+        if (N - mt * BM >= BM) { /* a whole tile, every tile but perhaps the last: no row test */
+            load_tile_async<D, BM, NTHR, false>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
+            load_tile_async<D, BM, NTHR, false>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
+        } else {
+            load_tile_async<D, BM, NTHR>(sQ + buf * BM * D * 2, Q + off, q_stride, mt * BM, N, tid);
+            load_tile_async<D, BM, NTHR>(sdO + buf * BM * D * 2, dO + off, q_stride, mt * BM, N, tid);
+        }
+        static_assert(BM <= NTHR, "one thread a row");
+        if (tid < BM) { /* not a loop: ptxas unrolled one into four copies and a remainder */
+            const int r = tid, i = mt * BM + r;
             const size_t li = ((size_t)b * H + h) * N + min(i, N - 1);
             cp_async4(smem_addr(sL + buf * BM + r), LSE + li, i < N);
             cp_async4(smem_addr(sDl + buf * BM + r), Delta + li, i < N);
