@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Kernel changes written but not yet run on a GPU, checked and timed in one call (on the GPU
 # machine, from the repository root):
-#   bash bench/candidates/try.sh [OUTDIR] [--sm90]
-#   bash bench/candidates/try.sh --prepare     (only writes the versions, below)
-#   bash bench/candidates/try.sh --prepared [OUTDIR] [--sm90]
-# applies the patches below in order to a copy of 04_s2attn.cu, one version a step (the tree's
-# kernel is version 0), builds each as bench/attn_sm80.sh builds the stage (compute_80 PTX
-# only: the mma.sync kernels an A100 runs, JIT-compiled on a Hopper card), runs
+#   bash bench/candidates/try.sh [OUTDIR] [--sm90] [A.patch B.patch ...]
+#   bash bench/candidates/try.sh --prepare [A.patch ...]    (only writes the versions, below)
+#   bash bench/candidates/try.sh --prepared [OUTDIR] [--sm90] [A.patch ...]
+# applies the patches (default: bench/candidates/*.patch, in name order) in order to a copy
+# of 04_s2attn.cu, one version a step (the tree's kernel is version 0), builds each as
+# bench/attn_sm80.sh builds the stage (compute_80 PTX only: the mma.sync kernels an A100
+# runs, JIT-compiled on a Hopper card), runs
 # tests/test_gpu_attention on each (every tile variant, odd N, GQA, S2, outputs poisoned;
 # nothing is timed if a version fails), then times all versions in turns in one process with
 # bench/attn_ab.sh at d = 128 and d = 64. JSON: OUTDIR/candidates_sm80_d128.json and _d64
@@ -16,6 +17,7 @@
 # A candidate that wins is applied to 04_s2attn.cu by hand (git apply), with its NOTES step,
 # and then every GPU test and the sanitizers run on it, as for any kernel change.
 set -eu
+patches=
 out=build/cand
 sm90=0
 mode=all
@@ -24,10 +26,14 @@ for arg in "$@"; do
     --sm90) sm90=1 ;;
     --prepare) mode=prepare ;;
     --prepared) mode=prepared ;;
+    *.patch) patches="${patches:-} $arg" ;;
     *) out=$arg ;;
     esac
 done
-patches="bench/candidates/fwd_sm80_straight.patch bench/candidates/bwd_sm80_qloads.patch"
+if [ -z "${patches:-}" ]; then
+    patches=$(find bench/candidates -maxdepth 1 -name '*.patch' | sort)
+    [ -n "$patches" ] || { echo "try.sh: no candidate patches in bench/candidates (none is waiting to be run)" >&2; exit 1; }
+fi
 NVCC=${NVCC:-nvcc}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v "$NVCC")")")}
 mkdir -p "$out" build/cand
@@ -47,7 +53,7 @@ else
         { echo "try.sh: needs patch(1) (Debian's package patch), or versions made by --prepare" >&2; exit 1; }
     cp 04_s2attn.cu build/cand/v0.cu
     for p in $patches; do
-        patch -s -o "build/cand/v$((i + 1)).cu" "build/cand/v$i.cu" < "$p" ||
+        patch -s -N --batch -r - -o "build/cand/v$((i + 1)).cu" "build/cand/v$i.cu" < "$p" > /dev/null ||
             { echo "try.sh: $p does not apply to version $i (04_s2attn.cu changed since it was written)" >&2; exit 1; }
         i=$((i + 1))
         versions="$versions build/cand/v$i.cu"

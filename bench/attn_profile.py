@@ -1,0 +1,38 @@
+"""Our attention and FlashAttention-2's (torch SDPA flash) on one shape, for a profiler.
+
+    ncu --kernel-name regex:"flash_fwd_kernel|flash_bwd_kernel|flash_bwd_dq_dk_dv" --launch-count 8 \\
+        --section SpeedOfLight --section WarpStateStats --section InstructionStats ... \\
+        python3 bench/attn_profile.py build/sm80/libs2attn.so
+
+runs our forward and backward (through the library, as bench/sdpa_peer.py does) twice, then
+SDPA flash's twice, on B = 4, N = 4k, H = 32, d = 128, causal: four launches of each side's
+forward and backward kernels for the profiler to pick (bench/NOTES.md step 24). It checks
+and times nothing: bench/attn_sm80.sh and tests/test_gpu_attention do that.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, "bench")
+import sdpa_peer  # noqa: E402
+
+B, N, H, D = 4, 4096, 32, 128
+
+
+def main():
+    lib = sdpa_peer.load_ours(sys.argv[1] if len(sys.argv) > 1 else "build/libs2attn.so")
+    q, k, v, do = (torch.randn(B, N, H, D, device="cuda").bfloat16() for _ in range(4))  # [B, N, H, d]
+    for _ in range(2):
+        sdpa_peer.ours_fwd_bwd(lib, q, k, v, do, 0)
+    qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, H, N, d]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        for _ in range(2):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            out.backward(do.transpose(1, 2))
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
