@@ -7,11 +7,11 @@
 # applies the patches (default: bench/candidates/*.patch, in name order) in order to a copy
 # of 04_s2attn.cu, one version a step (the tree's kernel is version 0), builds each as
 # bench/attn_sm80.sh builds the stage (compute_80 PTX only: the mma.sync kernels an A100
-# runs, JIT-compiled on a Hopper card), runs
-# tests/test_gpu_attention on each (every tile variant, odd N, GQA, S2, outputs poisoned;
-# nothing is timed if a version fails), then times all versions in turns in one process with
-# bench/attn_ab.sh at d = 128 and d = 64. JSON: OUTDIR/candidates_sm80_d128.json and _d64
-# (OUTDIR defaults to build/cand). With --sm90 the same for the sm_90a build as well.
+# runs, JIT-compiled on a Hopper card), runs tests/test_gpu_attention on each (every tile
+# variant, odd N, GQA, S2, outputs poisoned; nothing is timed if a version fails), then times
+# all versions in turns in one process with bench/attn_ab.sh at d = 128 and d = 64. JSON:
+# OUTDIR/candidates_sm80_d128.json and _d64 (OUTDIR defaults to build/cand). With --sm90 the
+# same for the sm_90a build as well.
 # Where the GPU machine has no patch(1), --prepare writes the versions on a machine that has it
 # and --prepared then uses build/cand/v*.cu as they are (they travel with the build folder).
 # A candidate that wins is applied to 04_s2attn.cu by hand (git apply), with its NOTES step,
@@ -26,11 +26,11 @@ for arg in "$@"; do
     --sm90) sm90=1 ;;
     --prepare) mode=prepare ;;
     --prepared) mode=prepared ;;
-    *.patch) patches="${patches:-} $arg" ;;
+    *.patch) patches="$patches $arg" ;;
     *) out=$arg ;;
     esac
 done
-if [ -z "${patches:-}" ]; then
+if [ -z "$patches" ]; then
     patches=$(find bench/candidates -maxdepth 1 -name '*.patch' | sort)
     [ -n "$patches" ] || { echo "try.sh: no candidate patches in bench/candidates (none is waiting to be run)" >&2; exit 1; }
 fi
