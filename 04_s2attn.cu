@@ -947,12 +947,18 @@ __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool arrive) {
     asm volatile("{\n.reg .pred pa;\nsetp.ne.u32 pa, %1, 0;\n@pa mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar), "r"((int)arrive) : "memory");
 }
-/* waits until the phase of parity `parity` has completed */
+/* waits until the phase of parity `parity` has completed (sm_80 has only the test, which
+ * does not suspend the thread; sm_90 the try_wait, which does for a while) */
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     uint32_t done;
     do {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
                      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+#else
+        asm volatile("{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+#endif
     } while (!done);
 }
 /* box {64 columns, 1 head, rows, 1 batch} at (col, head, row, batch) of a tensor map into dst */
@@ -1181,16 +1187,6 @@ __global__ void dq_convert_kernel(const float *__restrict__ acc, bf16 *__restric
     ((__nv_bfloat162 *)dQ)[2 * i + 1] = hi;
 }
 
-/* the last query whose window still reaches key n_last (windows move right as i grows) */
-__device__ int last_query_reaching(int n_last, int h, int H, int G, int N) {
-    int lo = n_last, hi = N - 1; /* s2_first_key(n_last) <= n_last always */
-    while (lo < hi) {
-        int mid = lo + (hi - lo + 1) / 2;
-        if ((int)s2_first_key((size_t)mid, h, H, (size_t)G) <= n_last) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 #define MAX_GQA_GROUP 32
 
 /* A backward block (keys n0..n_last of kv head kh) visits the query tiles of BM queries that
@@ -1200,7 +1196,7 @@ __device__ __forceinline__ void bwd_tile_ranges(int *s_tlo, int *s_thi, int tid,
     if (tid < R) {
         const int h = kh * R + tid;
         s_tlo[tid] = n0 / BM;
-        s_thi[tid] = last_query_reaching(n_last, h, H, G, N) / BM;
+        s_thi[tid] = ((int)s2_segment_end((size_t)n_last, h, H, (size_t)G, (size_t)N) - 1) / BM; /* the last query that sees key n_last */
     }
 }
 __device__ __forceinline__ int bwd_total_tiles(const int *s_tlo, const int *s_thi, int R) {
@@ -1239,7 +1235,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     constexpr int DSPLIT = NW / MTQ;      /* warps sharing one strip of dQ */
     constexpr int DW = D / DSPLIT;        /* dQ columns per warp */
     static_assert(NW % MTQ == 0 && DW % 16 == 0 && QH % 16 == 0 && DH % 16 == 0, "warp split");
-    static_assert(NW * 8 * DW * 4 <= BN * BM * 2, "dQ staging fits in sP");
+    static_assert(2 * 8 * DW * 4 <= 32 * BM * 2, "a pair's two dQ staging slices fit in its rows of sP");
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t sK = smem_addr(smem);          /* [BN, D] */
     const uint32_t sV = sK + BN * D * 2;          /* [BN, D] */
@@ -1252,6 +1248,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     int *sFk = (int *)(sDl + 2 * BM);             /* [2, BM] s2_first_key of each query */
     int *s_tlo = sFk + 2 * BM;                    /* [R] first query tile per head */
     int *s_thi = s_tlo + MAX_GQA_GROUP;           /* [R] last query tile per head */
+    const uint32_t ds_full = smem_addr(s_thi + MAX_GQA_GROUP); /* mbarrier: every thread's P^T, dS^T stores of the tile are in */
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -1262,9 +1259,10 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     const int n0 = n_block * BN, n_last = min(n0 + BN, N) - 1;
 
     bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
+    if (tid == 0) mbar_init(ds_full, NTHR);
     load_tile_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
     load_tile_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
-    __syncthreads(); /* s_tlo / s_thi visible */
+    __syncthreads(); /* s_tlo / s_thi and the mbarrier visible */
     const int total = bwd_total_tiles(s_tlo, s_thi, R);
 
     /* queues the Q / dO / lse / Delta tile of (head h, query tile mt) into buffer buf, all
@@ -1331,11 +1329,12 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
             }
         }
         /* the adds, coalesced: each warp stages 8 rows x DW of its dQ at a time in its own
-         * slice of sP (free from barrier B to the next barrier A; [8, DW] fp32, columns XORed
-         * by 8 * (row & 3) so neither side conflicts) and adds them back 32 consecutive floats
-         * an instruction, one 128-byte line where the accumulator layout would touch eight
-         * half-used ones (Nsight: the atomics' queue, lg_throttle, was 22% of the stalls) */
-        float *stage = (float *)(smem + (sP - smem_addr(smem))) + warp * 8 * DW; /* [8, DW] */
+         * slice of its pair's rows of sP (which only the pair reads, for dV, and which stay
+         * free from the pair's second barrier to the next barrier A; [8, DW] fp32, columns
+         * XORed by 8 * (row & 3) so neither side conflicts) and adds them back 32 consecutive
+         * floats an instruction, one 128-byte line where the accumulator layout would touch
+         * eight half-used ones (Nsight: the atomics' queue, lg_throttle, was 22% of the stalls) */
+        float *stage = (float *)(smem + (sP - smem_addr(smem)) + pair * 32 * BM * 2) + half * 8 * DW; /* [8, DW] */
         const int sw = 8 * (g & 3) & (DW - 1);
         /* lane l adds column (32 i) % DW + l % DW of strip row mi 16 + 8 hf + 32 i / DW + l / DW
          * (one row an i where DW >= 32): one 64-bit address a tile, then a 32-bit row offset an
@@ -1475,8 +1474,12 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sP, row, ch) + 4 * t), "r"(p_frag[mi][nt / 2][2 * (nt % 2) + hf]));
                     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(swz<BM>(sdS, row, ch) + 4 * t), "r"(ds_frag[mi][nt / 2][2 * (nt % 2) + hf]));
                 }
-        /* the pair's named barrier (1 + pair, 64 threads): the partner's half is in place */
-        asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");
+        /* this thread's share of dS^T is in (the dQ product waits for all of it below, so a
+         * warp that is done with dV and dK need not wait for the slowest one's, as a block
+         * barrier would make it); then the pair's named barrier (1 + pair, 64 threads): the
+         * partner's half is in place */
+        mbar_arrive_if(ds_full, true);
+        named_bar_sync(1 + pair, 64);
         if (pair_active) {
             /* dV += P^T dO, dK += dS^T Q: 32 keys x this warp's DH columns, over all BM queries
              * (own half from registers, the partner's from shared memory) */
@@ -1513,7 +1516,8 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                 }
             }
         }
-        __syncthreads(); /* barrier B: all of dS^T is in place */
+        named_bar_sync(1 + pair, 64); /* the partner has read this pair's P^T: its rows may stage dQ */
+        mbar_wait(ds_full, it & 1);   /* all of dS^T is in place (bench/NOTES.md step 26) */
         dq_tile(h, m0);
         cur_r = nxt_r;
         cur_mt = nxt_mt;
@@ -2499,8 +2503,8 @@ extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
 template <int D, int BM, int BN, int NW>
 static void launch_bwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
                              float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
-    /* K, V, two Q/dO stages, P^T and dS^T; lse, Delta and window starts per query; per-head tile ranges */
-    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + (2 * BM + 2 * MAX_GQA_GROUP) * sizeof(int);
+    /* K, V, two Q/dO stages, P^T and dS^T; lse, Delta and window starts per query; per-head tile ranges; an mbarrier */
+    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + (2 * BM + 2 * MAX_GQA_GROUP) * sizeof(int) + 8;
     auto kern = flash_bwd_kernel<D, BM, BN, NW>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);

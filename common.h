@@ -1355,6 +1355,17 @@ static inline S2_HOSTDEV size_t s2_first_key(size_t i, int h, int H, size_t G) {
     if (ii < S) return 0;                   /* the short first segment [0, S) */
     return S + ((ii - S) / g) * g;
 }
+/* The same segments read from the key side: one past the last query that sees key j, i.e.
+ * the end of j's segment (windows only move right, so queries j..s2_segment_end - 1 see j).
+ * The attention backward takes its query range per key block from it (04_s2attn.cu);
+ * tests/test_common.c checks it against a scan of s2_first_key. */
+static inline S2_HOSTDEV size_t s2_segment_end(size_t j, int h, int H, size_t G, size_t N) {
+    const size_t first = s2_first_key(j, h, H, G);
+    size_t len = G;                                  /* a plain segment, or a shifted one past the first */
+    if (G == 0) len = N;                             /* full attention: one segment */
+    else if (h >= H / 2 && first == 0) len = G / 2;  /* the short first segment [0, S) */
+    return first + len < N ? first + len : N;        /* the last segment ends at N */
+}
 
 /* The S2-Attn group for N tokens at group ratio `ratio` (G = N * ratio, a whole number that
  * divides N), the one rule every stage uses. A ratio of 1 is one group spanning the whole

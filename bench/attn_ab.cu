@@ -11,8 +11,10 @@
  * bf16 output by a rounding step; anything larger is a bug to look at before the times.
  *
  * Cases: causal, H = Hk = 32, d = 128 (or --d 64), B * N = 32k tokens; N = 1k, 4k, 16k, 32k,
- * and S2 at N = 16k with G = 4k. FLOPs as in 04_s2attn --bench: the forward 4 B N^2 H d / 2
- * (causal; S2 a quarter of it), the backward 2.5x the forward.
+ * and S2 at N = 16k with G = 4k, or the N:G pairs of --cases (G = 0: full causal), e.g.
+ * --cases 1024:0,4096:1024 for S2 at G = 1k beside the full kernel at N = G. FLOPs as in
+ * 04_s2attn --bench: the forward 4 B d times the attended pairs (N^2 / 2 a head causal; for
+ * S2 each query's window from s2_first_key, common.h), the backward 2.5x the forward.
  * Output: JSON on stdout, one entry a build and case: {"case", "lib", "fwd_ms", "bwd_ms",
  * "fwd_tflops", "bwd_tflops", "fb_tflops"}.
  * Leaves out: GQA, odd N (tests/test_gpu_attention checks those; this only times).
@@ -25,6 +27,7 @@
 #include <vector>
 
 #include "04_gpu.h"
+#include "common.h"
 
 typedef decltype(&attn_forward) forward_fn;
 typedef decltype(&attn_backward) backward_fn;
@@ -64,6 +67,14 @@ static void check(cudaError_t e, const char *what) {
     }
 }
 
+/* the (query, key) pairs the B * H heads attend: query i of head h sees keys s2_first_key..i */
+static double attended_pairs(int B, int N, int H, int G) {
+    double pairs = 0;
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < N; i++) pairs += (double)(i - (int)s2_first_key((size_t)i, h, H, (size_t)G) + 1);
+    return pairs * B;
+}
+
 static float median(std::vector<float> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
@@ -71,9 +82,30 @@ static float median(std::vector<float> v) {
 
 int main(int argc, char **argv) {
     int d = 128, first = 1;
-    if (argc > 2 && !strcmp(argv[1], "--d")) d = atoi(argv[2]), first = 3;
+    std::vector<int> Ns = {1024, 4096, 16384, 32768, 16384}, Gs = {0, 0, 0, 0, 4096};
+    for (;;) {
+        if (argc > first + 1 && !strcmp(argv[first], "--d")) {
+            d = atoi(argv[first + 1]), first += 2;
+        } else if (argc > first + 1 && !strcmp(argv[first], "--cases")) {
+            Ns.clear(), Gs.clear();
+            for (const char *c = argv[first + 1]; *c;) {
+                int n_case = 0, g_case = 0, used = 0;
+                if (sscanf(c, "%d:%d%n", &n_case, &g_case, &used) != 2 || n_case <= 0 || 32768 % n_case || g_case < 0 ||
+                    (g_case && (n_case % g_case || g_case % 2))) {
+                    fprintf(stderr, "attn_ab: --cases takes N:G pairs (N divides 32768, G = 0 or an even divisor of N), not '%s'\n", c);
+                    return 1;
+                }
+                Ns.push_back(n_case), Gs.push_back(g_case);
+                c += used;
+                if (*c == ',') c++;
+            }
+            first += 2;
+        } else {
+            break;
+        }
+    }
     if (argc - first < 1 || (d != 64 && d != 128)) {
-        fprintf(stderr, "usage: attn_ab [--d 64|128] libA.so [libB.so ...]\n");
+        fprintf(stderr, "usage: attn_ab [--d 64|128] [--cases N:G,...] libA.so [libB.so ...]\n");
         return 1;
     }
     std::vector<build> builds;
@@ -113,19 +145,20 @@ int main(int argc, char **argv) {
     cudaDeviceProp prop;
     check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
 
-    const int Ns[] = {1024, 4096, 16384, 32768, 16384};
-    const char *names[] = {"1k", "4k", "16k", "32k", "S2 16k G4k"};
     printf("{\"device\": \"%s\", \"d\": %d, \"H\": %d, \"tokens\": %d, \"results\": [\n", prop.name, d, H, TOKENS);
     const char *sep = "";
-    for (int c = 0; c < 5; c++) {
-        const int N = Ns[c], B = TOKENS / N, G = c == 4 ? N / 4 : 0;
-        const double fwd_flops = 4.0 * B * (double)N * N * H * d / 2 * (G ? 0.25 : 1.0);
+    for (size_t c = 0; c < Ns.size(); c++) {
+        const int N = Ns[c], B = TOKENS / N, G = Gs[c];
+        const double fwd_flops = 4.0 * d * attended_pairs(B, N, H, G);
+        char name[32];
+        if (G) snprintf(name, sizeof name, "S2 %dk G%dk", N / 1024, G / 1024);
+        else snprintf(name, sizeof name, "%dk", N / 1024);
         /* the gradients of each build against the first's (each runs its own forward first) */
         for (int i = 0; i < nb; i++) {
             const build &b = builds[i];
             uint16_t *gq = i ? dq : dq_first, *gk = i ? dk : dk_first, *gv = i ? dv : dv_first;
             if (b.forward(q, k, v, o, lse, B, N, H, H, d, G) || b.backward(q, k, v, o, dout, lse, gq, gk, gv, workspace, B, N, H, H, d, G)) {
-                fprintf(stderr, "attn_ab: %s refused %s\n", b.path, names[c]);
+                fprintf(stderr, "attn_ab: %s refused %s\n", b.path, name);
                 return 1;
             }
             if (!i) continue;
@@ -136,7 +169,7 @@ int main(int argc, char **argv) {
                 max_abs_diff<<<512, 256>>>(mine[j], theirs[j], n, diff);
                 check(cudaMemcpy(&m[j], diff, 4, cudaMemcpyDeviceToHost), "max_abs_diff");
             }
-            fprintf(stderr, "%s: %s against %s: max |diff| dq %.3g dk %.3g dv %.3g\n", names[c], b.path, builds[0].path, m[0], m[1], m[2]);
+            fprintf(stderr, "%s: %s against %s: max |diff| dq %.3g dk %.3g dv %.3g\n", name, b.path, builds[0].path, m[0], m[1], m[2]);
         }
         /* timing: five rounds, each build REPS forward and REPS backward launches a round */
         const int reps = N <= 4096 ? 20 : 6;
@@ -163,7 +196,7 @@ int main(int argc, char **argv) {
             const double f = median(fwd_ms[i]), b = median(bwd_ms[i]);
             printf("%s {\"case\": \"%s\", \"lib\": \"%s\", \"fwd_ms\": %.4f, \"bwd_ms\": %.4f, \"fwd_tflops\": %.1f, "
                    "\"bwd_tflops\": %.1f, \"fb_tflops\": %.1f}",
-                   sep, names[c], builds[i].path, f, b, fwd_flops / f / 1e9, 2.5 * fwd_flops / b / 1e9, 3.5 * fwd_flops / (f + b) / 1e9);
+                   sep, name, builds[i].path, f, b, fwd_flops / f / 1e9, 2.5 * fwd_flops / b / 1e9, 3.5 * fwd_flops / (f + b) / 1e9);
             sep = ",\n";
         }
         fflush(stdout);

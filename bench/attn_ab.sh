@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two or more versions of 04_s2attn.cu timed against each other in one process (on the GPU
 # machine, from the repository root):
-#   bash bench/attn_ab.sh sm80|sm90 [--d 64] A.cu B.cu [...] > ab.json
+#   bash bench/attn_ab.sh sm80|sm90 [--d 64] [--cases N:G,...] A.cu B.cu [...] > ab.json
 # e.g. the previous commit against the working tree, on the A100 path:
 #   git show HEAD~1:04_s2attn.cu > build/ab/prev.cu   (where git is)
 #   bash bench/attn_ab.sh sm80 build/ab/prev.cu 04_s2attn.cu
@@ -11,15 +11,15 @@
 # (why, and what it prints: its head comment); the gradients' differences go to stderr.
 # Correctness is not this script's: run tests/test_gpu_attention on each version first.
 set -eu
-arch=${1:?usage: bash bench/attn_ab.sh sm80|sm90 [--d 64] A.cu B.cu [...]}
+arch=${1:?usage: bash bench/attn_ab.sh sm80|sm90 [--d 64] [--cases N:G,...] A.cu B.cu [...]}
 shift
 case $arch in
 sm80) gencode="-gencode=arch=compute_80,code=compute_80" ;;
 sm90) gencode="-gencode=arch=compute_90a,code=sm_90a" ;;
 *) echo "attn_ab.sh: the architecture is sm80 or sm90, not '$arch'" >&2; exit 1 ;;
 esac
-dflag=()
-if [ "${1:-}" = --d ]; then dflag=(--d "$2"); shift 2; fi
+dflag=() # the driver's options, passed on
+while [ "${1:-}" = --d ] || [ "${1:-}" = --cases ]; do dflag+=("$1" "$2"); shift 2; done
 [ $# -ge 1 ] || { echo "attn_ab.sh: no .cu file to build" >&2; exit 1; }
 NVCC=${NVCC:-nvcc}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v "$NVCC")")")}

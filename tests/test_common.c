@@ -353,6 +353,15 @@ static void test_s2_bounds(void) {
                 EXPECT(s2_first_key(i, h, H, G) == start, "s2 bound N=%zu G=%zu h=%d i=%zu: %zu vs %zu", N, G, h, i, s2_first_key(i, h, H, G), start);
             }
         }
+        /* s2_segment_end against a scan: one past the last query whose window holds key j */
+        for (int h = 0; h < H; h++)
+            for (size_t g = 0; g <= G; g += G) /* the group, and G = 0 (full attention) */
+                for (size_t j = 0; j < N; j++) {
+                    size_t end = j + 1;
+                    while (end < N && s2_first_key(end, h, H, g) <= j) end++;
+                    EXPECT(s2_segment_end(j, h, H, g, N) == end, "s2 segment end N=%zu G=%zu h=%d j=%zu: %zu vs %zu", N, g, h, j,
+                           s2_segment_end(j, h, H, g, N), end);
+                }
         EXPECT(s2_first_key(N - 1, 0, H, 0) == 0, "G=0 is full attention");
         EXPECT(s2_first_key(N - 1, H - 1, H, N) == N / 2, "shifted head at G=N: last segment starts at N/2");
     }
