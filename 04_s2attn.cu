@@ -1147,8 +1147,11 @@ __global__ void wgmma_probe_kernel(int *out) {
  *      pair swaps halves of P^T and dS^T through shared memory, and each warp then adds
  *      dV += P^T dO and dK += dS^T Q over all the queries for its half of the columns, in
  *      registers. The warps then re-split for dQ += dS K, read from dS^T in shared memory,
- *      and stage it in the P^T buffer (free by then) so that each atomic instruction adds
- *      32 consecutive floats of the fp32 accumulator. The pairs alone measured level with
+ *      and stage it in their pair's rows of the P^T buffer (free once the partner has read
+ *      them) so that each atomic instruction adds 32 consecutive floats of the fp32
+ *      accumulator. dQ waits on an mbarrier that counts every thread's dS^T stores, not on
+ *      a block barrier after dV and dK, which made every warp wait for the slowest one's
+ *      products (bench/NOTES.md step 26: 1.02-1.03x). The pairs alone measured level with
  *      16 keys a warp; the staging is what bought 1.21-1.26x, and it needs the buffer the
  *      pairs leave free within an A100's 163 KB of shared memory (bench/NOTES.md step 18).
  *      16 keys a warp with dS^T in two buffers and one block barrier a tile measured
