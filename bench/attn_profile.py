@@ -9,8 +9,8 @@ SDPA flash's twice, on B * N = 16k tokens (B = 4 at the default N = 4k), H = 32,
 causal: four launches of each side's forward and backward kernels for the profiler to pick
 (bench/NOTES.md step 24). --g gives our kernels an S2 group (the peer runs only full causal);
 --no-peer leaves SDPA out. It checks and times nothing: bench/attn_sm80.sh and
-tests/test_gpu_attention do that. bench/attn_source.py reads the profiler's per-instruction
-counts of two such runs side by side (step 26).
+tests/test_gpu_attention do that. bench/attn_stalls.sh runs the profiler on it, and
+bench/attn_source.py reads the per-instruction counts of two such runs side by side (step 26).
 """
 import argparse
 import sys
