@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kernel changes written but not yet run on a GPU, checked and timed in one call (on the GPU
 # machine, from the repository root):
-#   bash bench/candidates/try.sh [OUTDIR] [--sm90] [A.patch B.patch ...]
+#   bash bench/candidates/try.sh [OUTDIR] [--sm90 | --sm90-only] [--cases N:G,...] [A.patch B.patch ...]
 #   bash bench/candidates/try.sh --prepare [A.patch ...]    (only writes the versions, below)
 #   bash bench/candidates/try.sh --prepared [OUTDIR] [--sm90] [A.patch ...]
 # applies the patches (default: bench/candidates/*.patch, in name order) in order to a copy
@@ -11,7 +11,9 @@
 # variant, odd N, GQA, S2, outputs poisoned; nothing is timed if a version fails), then times
 # all versions in turns in one process with bench/attn_ab.sh at d = 128 and d = 64. JSON:
 # OUTDIR/candidates_sm80_d128.json and _d64 (OUTDIR defaults to build/cand). With --sm90 the
-# same for the sm_90a build as well.
+# same for the sm_90a build as well; --sm90-only checks and times only that build (for patches
+# to the Hopper kernels), at d = 128 and 64; --cases N:G,... is passed to bench/attn_ab.cu
+# (e.g. --cases 1024:0,4096:1024,4096:0,16384:0 for a change to a block's fixed cost).
 # Where the GPU machine has no patch(1), --prepare writes the versions on a machine that has it
 # and --prepared then uses build/cand/v*.cu as they are (they travel with the build folder).
 # A candidate that wins is applied to 04_s2attn.cu by hand (git apply), with its NOTES step,
@@ -20,10 +22,16 @@ set -eu
 patches=
 out=build/cand
 sm90=0
+sm80=1
 mode=all
+cases=()
+expect_cases=0
 for arg in "$@"; do
+    if [ $expect_cases = 1 ]; then cases=(--cases "$arg"); expect_cases=0; continue; fi
     case $arg in
     --sm90) sm90=1 ;;
+    --sm90-only) sm90=1 sm80=0 ;;
+    --cases) expect_cases=1 ;;
     --prepare) mode=prepare ;;
     --prepared) mode=prepared ;;
     *.patch) patches="$patches $arg" ;;
@@ -84,14 +92,20 @@ check() { # ARCH_FLAGS TAG: builds and runs the kernel checks of every version
     done
 }
 
-check "-gencode=arch=compute_80,code=compute_80" sm80
-# shellcheck disable=SC2086 # the versions are one word each
-bash bench/attn_ab.sh sm80 $versions > "$out/candidates_sm80_d128.json"
-# shellcheck disable=SC2086
-bash bench/attn_ab.sh sm80 --d 64 $versions > "$out/candidates_sm80_d64.json"
+if [ $sm80 = 1 ]; then
+    check "-gencode=arch=compute_80,code=compute_80" sm80
+    # shellcheck disable=SC2086 # the versions are one word each
+    bash bench/attn_ab.sh sm80 "${cases[@]}" $versions > "$out/candidates_sm80_d128.json"
+    # shellcheck disable=SC2086
+    bash bench/attn_ab.sh sm80 --d 64 "${cases[@]}" $versions > "$out/candidates_sm80_d64.json"
+fi
 if [ $sm90 = 1 ]; then
     check "-gencode=arch=compute_90a,code=sm_90a" sm90
     # shellcheck disable=SC2086
-    bash bench/attn_ab.sh sm90 $versions > "$out/candidates_sm90_d128.json"
+    bash bench/attn_ab.sh sm90 "${cases[@]}" $versions > "$out/candidates_sm90_d128.json"
+    if [ $sm80 = 0 ]; then
+        # shellcheck disable=SC2086
+        bash bench/attn_ab.sh sm90 --d 64 "${cases[@]}" $versions > "$out/candidates_sm90_d64.json"
+    fi
 fi
 cat "$out"/candidates_*.json
