@@ -12,9 +12,11 @@
  *
  * Cases: causal, H = Hk = 32, d = 128 (or --d 64), B * N = 32k tokens; N = 1k, 4k, 16k, 32k,
  * and S2 at N = 16k with G = 4k, or the N:G pairs of --cases (G = 0: full causal), e.g.
- * --cases 1024:0,4096:1024 for S2 at G = 1k beside the full kernel at N = G. FLOPs as in
- * 04_s2attn --bench: the forward 4 B d times the attended pairs (N^2 / 2 a head causal; for
- * S2 each query's window from s2_first_key, common.h), the backward 2.5x the forward.
+ * --cases 1024:0,4096:1024 for S2 at G = 1k beside the full kernel at N = G. FLOPs: the
+ * forward 4 B d times the attended pairs, each query's window counted from s2_first_key
+ * (common.h) with its own key, as 05_train.c counts them (N (N + 1) / 2 a causal head, 0.05%
+ * above 04_s2attn --bench's N^2 / 2 at 1k; ratios between builds do not depend on it), the
+ * backward 2.5x the forward.
  * Output: JSON on stdout, one entry a build and case: {"case", "lib", "fwd_ms", "bwd_ms",
  * "fwd_tflops", "bwd_tflops", "fb_tflops"}.
  * Leaves out: GQA, odd N (tests/test_gpu_attention checks those; this only times).

@@ -55,8 +55,9 @@ def summarise(path):
     rows, header = read_page(path)
     samples = column(header, "Warp Stall Sampling (All Samples)", "Sampling Data (All)")
     executed = column(header, "Instructions Executed", "Warp Instructions Executed")
+    address = column(header, "Address", "# Address") or "Address"
     reasons = [c for c in header if (c.startswith("stall_") or c.lower().startswith("smsp__pcsamp_warps_issue_stalled")) and "not" not in c.lower()]
-    fam_samples, fam_exec, fam_reason = defaultdict(float), defaultdict(float), defaultdict(lambda: defaultdict(float))
+    fam_samples, fam_exec = defaultdict(float), defaultdict(float)
     per_insn = []
     for r in rows:
         f = family(r["Source"])
@@ -64,11 +65,8 @@ def summarise(path):
         fam_samples[f] += s
         fam_exec[f] += e
         why = {c: number(r[c]) for c in reasons if number(r[c]) > 0}
-        for c, v in why.items():
-            fam_reason[f][c] += v
-        per_insn.append((s, r.get(column(header, "Address", "# Address") or "Address", "?"), r["Source"].strip(), why))
-    return {"path": path, "samples": fam_samples, "executed": fam_exec, "reasons": fam_reason, "insns": per_insn,
-            "columns": (samples, executed, len(reasons))}
+        per_insn.append((s, r.get(address, "?"), r["Source"].strip(), why))
+    return {"path": path, "samples": fam_samples, "executed": fam_exec, "insns": per_insn, "columns": (samples, executed, len(reasons))}
 
 
 def main():
