@@ -14,7 +14,7 @@
  * and S2 at N = 16k with G = 4k, or the N:G pairs of --cases (G = 0: full causal), e.g.
  * --cases 1024:0,4096:1024 for S2 at G = 1k beside the full kernel at N = G. FLOPs: the
  * forward 4 B d times the attended pairs, each query's window counted from s2_first_key
- * (common.h) with its own key, as 05_train.c counts them (N (N + 1) / 2 a causal head, 0.05%
+ * (common.h) with its own key, as 05_train.c counts them (N (N + 1) / 2 a causal head, 0.1%
  * above 04_s2attn --bench's N^2 / 2 at 1k; ratios between builds do not depend on it), the
  * backward 2.5x the forward.
  * Output: JSON on stdout, one entry a build and case: {"case", "lib", "fwd_ms", "bwd_ms",
