@@ -1147,16 +1147,16 @@ __global__ void wgmma_probe_kernel(int *out) {
  *      pair swaps halves of P^T and dS^T through shared memory, and each warp then adds
  *      dV += P^T dO and dK += dS^T Q over all the queries for its half of the columns, in
  *      registers. The warps then re-split for dQ += dS K, read from dS^T in shared memory,
- *      and stage it in their pair's rows of the P^T buffer (free once the partner has read
- *      them) so that each atomic instruction adds 32 consecutive floats of the fp32
- *      accumulator. dQ waits on an mbarrier that counts every thread's dS^T stores, not on
- *      a block barrier after dV and dK, which made every warp wait for the slowest one's
- *      products (bench/NOTES.md step 26: 1.02-1.03x). The pairs alone measured level with
- *      16 keys a warp; the staging is what bought 1.21-1.26x, and it needs the buffer the
- *      pairs leave free within an A100's 163 KB of shared memory (bench/NOTES.md step 18).
- *      16 keys a warp with dS^T in two buffers and one block barrier a tile measured
- *      0.91-0.94x this (step 21): its shared-memory waits cost more than the barriers.
- *   3. convert: dQ = bf16(scale * accumulator)
+ *      and add it to the fp32 accumulator straight from their registers: the accumulator
+ *      is kept in fragment order (DQF_ROWS below), so that each atomic instruction of a warp
+ *      adds 32 consecutive floats, as FlashAttention-2's does (bench/NOTES.md step 28; it
+ *      replaced a staging of the adds through the pair's rows of P^T, steps 18-19). dQ waits
+ *      on an mbarrier that counts every thread's dS^T stores, not on a block barrier after
+ *      dV and dK, which made every warp wait for the slowest one's products (bench/NOTES.md
+ *      step 26: 1.02-1.03x). 16 keys a warp with dS^T in two buffers and one block barrier
+ *      a tile measured 0.91-0.94x the pairs (step 21): its shared-memory waits cost more
+ *      than the barriers.
+ *   3. convert: dQ = bf16(scale * accumulator), in [B, N, H, d]
  * ------------------------------------------------------------------------------------- */
 template <int D>
 __global__ void bwd_preprocess_kernel(const bf16 *__restrict__ O, const bf16 *__restrict__ dO, /* [B, N, H, d] */
@@ -1188,6 +1188,49 @@ __global__ void dq_convert_kernel(const float *__restrict__ acc, bf16 *__restric
     __nv_bfloat162 lo = __floats2bfloat162_rn(v.x * scale, v.y * scale), hi = __floats2bfloat162_rn(v.z * scale, v.w * scale);
     ((__nv_bfloat162 *)dQ)[2 * i] = lo;
     ((__nv_bfloat162 *)dQ)[2 * i + 1] = hi;
+}
+
+/* The mma.sync backward's dQ accumulator in fragment order: each warp adds its dQ fragments
+ * straight from registers, and every add instruction of a warp covers 32 consecutive floats
+ * (one 128-byte line), with no staging through shared memory. For batch b, head h and strip
+ * s of 32 query rows (rows padded to a multiple of DQF_ROWS), D / 8 blocks of 256 floats, one
+ * per 8 columns; in a block, value (mi * 4 + e) of lane 4 g + t at [(mi * 4 + e) * 32 + lane]
+ * holds row 16 mi + 8 (e / 2) + g, column 2 t + e % 2: the m16n8 accumulator's own layout.
+ * dq_frag_convert_kernel reads it back into [B, N, H, d] bf16 (a strip's 8 row groups of
+ * the fragment, rq = 2 mi + e / 2, hold rows 8 rq .. 8 rq + 7). */
+#define DQF_ROWS 64 /* the mma.sync backward's query tile */
+__host__ __device__ __forceinline__ size_t dqf_padded_rows(int N) { return (size_t)(N + DQF_ROWS - 1) / DQF_ROWS * DQF_ROWS; }
+__device__ __forceinline__ size_t dqf_strip_offset(int b, int h, int strip, int H, int N, int D) { /* floats */
+    return (((size_t)b * H + h) * (dqf_padded_rows(N) / 32) + strip) * 32 * D;
+}
+/* one block a strip (blockIdx.x) of head blockIdx.y of batch blockIdx.z: its 32 x D floats
+ * read once, 16 bytes a thread, into shared memory; then each thread writes 8 columns of one
+ * row as one 16-byte store, 8 threads in a row reading one 128-byte line of shared memory
+ * (no conflict) and a warp writing 64 contiguous bytes of each of 8 rows */
+template <int D>
+__global__ void __launch_bounds__(256) dq_frag_convert_kernel(const float *__restrict__ acc, /* [B, H, padded N / 32, D / 8, 8, 32] */
+                                                              bf16 *__restrict__ dQ,         /* [B, N, H, d] */
+                                                              int N, int H, float scale) {
+    __shared__ __align__(16) float strip[32 * D]; /* [D / 8, 8, 32] */
+    const int s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const float4 *src = (const float4 *)(acc + dqf_strip_offset(b, h, s, H, N, D));
+#pragma unroll
+    for (int i = threadIdx.x; i < 8 * D; i += 256) ((float4 *)strip)[i] = src[i];
+    __syncthreads();
+#pragma unroll
+    for (int j = threadIdx.x; j < 4 * D; j += 256) {
+        const int g = j & 7, cb = (j >> 3) % (D / 8), rq = j / D; /* rq = 2 mi + hf: row 8 rq + g */
+        const int row = s * 32 + 8 * rq + g;
+        if (row >= N) continue;
+        const float4 c0 = *(const float4 *)(strip + cb * 256 + (2 * rq) * 32 + 4 * g);     /* columns 0, 2, 4, 6 */
+        const float4 c1 = *(const float4 *)(strip + cb * 256 + (2 * rq + 1) * 32 + 4 * g); /* columns 1, 3, 5, 7 */
+        uint4 out;
+        out.x = pack_bf16(c0.x * scale, c1.x * scale);
+        out.y = pack_bf16(c0.y * scale, c1.y * scale);
+        out.z = pack_bf16(c0.z * scale, c1.z * scale);
+        out.w = pack_bf16(c0.w * scale, c1.w * scale);
+        *(uint4 *)(dQ + (((size_t)b * N + row) * H + h) * D + cb * 8) = out;
+    }
 }
 
 #define MAX_GQA_GROUP 32
@@ -1227,7 +1270,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                  const bf16 *__restrict__ dO,     /* [B, N, H, d] */
                  const float *__restrict__ LSE,   /* [B, H, N] */
                  const float *__restrict__ Delta, /* [B, H, N] */
-                 float *__restrict__ dQacc,       /* [B, N, H, d] fp32, zeroed */
+                 float *__restrict__ dQacc,       /* [B, H, padded N / 32, D / 8, 8, 32] fp32 in fragment order, zeroed */
                  bf16 *__restrict__ dK, bf16 *__restrict__ dV, /* [B, N, Hk, d] */
                  int N, int H, int Hk, int G, float scale_log2, float scale) {
     constexpr int NTHR = NW * 32;
@@ -1238,7 +1281,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     constexpr int DSPLIT = NW / MTQ;      /* warps sharing one strip of dQ */
     constexpr int DW = D / DSPLIT;        /* dQ columns per warp */
     static_assert(NW % MTQ == 0 && DW % 16 == 0 && QH % 16 == 0 && DH % 16 == 0, "warp split");
-    static_assert(2 * 8 * DW * 4 <= 32 * BM * 2, "a pair's two dQ staging slices fit in its rows of sP");
+    static_assert(BM % 32 == 0 && DQF_ROWS % BM == 0, "query tiles are whole strips of the fragment-order dQ");
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t sK = smem_addr(smem);          /* [BN, D] */
     const uint32_t sV = sK + BN * D * 2;          /* [BN, D] */
@@ -1331,44 +1374,19 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                 }
             }
         }
-        /* the adds, coalesced: each warp stages 8 rows x DW of its dQ at a time in its own
-         * slice of its pair's rows of sP (which only the pair reads, for dV, and which stay
-         * free from the pair's second barrier to the next barrier A; [8, DW] fp32, columns
-         * XORed by 8 * (row & 3) so neither side conflicts) and adds them back 32 consecutive
-         * floats an instruction, one 128-byte line where the accumulator layout would touch
-         * eight half-used ones (Nsight: the atomics' queue, lg_throttle, was 22% of the stalls) */
-        float *stage = (float *)(smem + (sP - smem_addr(smem)) + pair * 32 * BM * 2) + half * 8 * DW; /* [8, DW] */
-        const int sw = 8 * (g & 3) & (DW - 1);
-        /* lane l adds column (32 i) % DW + l % DW of strip row mi 16 + 8 hf + 32 i / DW + l / DW
-         * (one row an i where DW >= 32): one 64-bit address a tile, then a 32-bit row offset an
-         * add (Nsight: the 64-bit row arithmetic was 8 of the 10 instructions an add took) */
-        const int lrow = lane / DW, lcol = lane % DW;
-        float *dq_lane = dQacc + ((size_t)b * N + m0 + mrow + lrow) * q_stride + (size_t)h * D + dcol0 + lcol;
-        asm("mov.b64 %0, %0;\n" : "+l"(dq_lane)); /* opaque: kept as one address, not re-derived an add */
-        const int k_last = N - 1 - (m0 + mrow + lrow); /* strip row of query N - 1 */
-        const int qs = (int)q_stride;
-        /* this lane's staged column for each value of a staged row's (row & 3) less lrow:
-         * (32 i) % DW has no bits below 32 and the XOR none above 24, so they add */
-        int lofs[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) lofs[j] = lrow * DW + (lcol ^ (8 * ((j + lrow) & 3) & (DW - 1)));
+        /* the adds, straight from the accumulators: the accumulator is in fragment order
+         * (DQF_ROWS above), so lane l's value (mi, dn, e) goes to float (mi * 4 + e) * 32 + l
+         * of block dcol0 / 8 + dn of this strip, and each add instruction of the warp covers
+         * one 128-byte line; one address a tile, every other an immediate offset. Rows past N
+         * hold zeros (P = 0 there) and go to the padding. */
+        float *dq_lane = dQacc + dqf_strip_offset(b, h, (m0 + mrow) / 32, H, N, D) + (dcol0 / 8) * 256 + lane;
 #pragma unroll
         for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
+            for (int dn = 0; dn < DW / 8; dn++)
 #pragma unroll
-                for (int dn = 0; dn < DW / 8; dn++)
-                    *(float2 *)(stage + g * DW + ((dn * 8 + 2 * t) ^ sw)) = make_float2(dq[mi][dn][2 * hf], dq[mi][dn][2 * hf + 1]);
-                __syncwarp();
-#pragma unroll
-                for (int i = 0; i < DW / 4; i++) {
-                    const int k = mi * 16 + 8 * hf + i * 32 / DW, col = i * 32 % DW; /* less lrow, lcol */
-                    const float add = stage[(i * 32 / DW) * DW + col + lofs[(i * 32 / DW) & 3]];
-                    /* rows past N hold zeros (P = 0 there) and go to row N - 1: no branch */
-                    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(dq_lane + min(k, k_last) * qs + col), "f"(add));
-                }
-                __syncwarp();
-            }
+                for (int e = 0; e < 4; e++)
+                    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(dq_lane + dn * 256 + (mi * 4 + e) * 32), "f"(dq[mi][dn][e]));
     };
 
     const int key0 = n0 + pair * 32; /* first key of this warp pair */
@@ -1519,8 +1537,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                 }
             }
         }
-        named_bar_sync(1 + pair, 64); /* the partner has read this pair's P^T: its rows may stage dQ */
-        mbar_wait(ds_full, it & 1);   /* all of dS^T is in place (bench/NOTES.md step 26) */
+        mbar_wait(ds_full, it & 1); /* all of dS^T is in place (bench/NOTES.md step 26) */
         dq_tile(h, m0);
         cur_r = nxt_r;
         cur_mt = nxt_mt;
@@ -1912,6 +1929,13 @@ __device__ __forceinline__ void tma_reduce_add_4d_if(const void *tmap, uint32_t 
                  "@pi cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n}\n"
                  ::"l"(tmap), "r"(col), "r"(head), "r"(row), "r"(batch), "r"(src), "r"((int)issue) : "memory");
 }
+/* the same box copied from shared memory over the global rows (rows past the tensor's end are
+ * not written) */
+__device__ __forceinline__ void tma_store_4d_if(const void *tmap, uint32_t src, int col, int head, int row, int batch, bool issue) {
+    asm volatile("{\n.reg .pred pi;\nsetp.ne.u32 pi, %6, 0;\n"
+                 "@pi cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n}\n"
+                 ::"l"(tmap), "r"(col), "r"(head), "r"(row), "r"(batch), "r"(src), "r"((int)issue) : "memory");
+}
 /* commit the issuing thread's bulk copies as one group / wait until its groups have finished
  * reading shared memory (READ) or finished altogether */
 __device__ __forceinline__ void bulk_commit_if(bool issue) {
@@ -1929,10 +1953,10 @@ __global__ void __launch_bounds__(384, 1)
 flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do, /* [B, N, H, d] bf16, boxes of 64 rows */
                      const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v, /* [B, N, Hk, d] bf16, boxes of 128 rows */
                      const __grid_constant__ CUtensorMap tm_dq, /* dQacc as [B, N, H, d] fp32, boxes of 32 columns x 64 rows */
+                     const __grid_constant__ CUtensorMap tm_dk, const __grid_constant__ CUtensorMap tm_dv, /* [B, N, Hk, d] bf16, boxes of 64 rows */
                      const float *__restrict__ LSE,   /* [B, H, N] */
                      const float *__restrict__ Delta, /* [B, H, N] */
                      float *__restrict__ dQacc,       /* [B, N, H, d] fp32, zeroed */
-                     bf16 *__restrict__ dK, bf16 *__restrict__ dV, /* [B, N, Hk, d] */
                      int N, int H, int Hk, int G, float scale_log2, float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int BN = 128, BM = 64, NTHR = 384;
@@ -2140,8 +2164,35 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     wgmma_wait<0>();
     pin_regs(dq);
     dq_out(dq, prev_h, prev_m0);
-    if constexpr (DQ_BULK) bulk_wait_all_if<0>(elected); /* the staging buffers stay until read and added */
-    bwd_store_dkdv<D>(dk_acc, dv_acc, dK, dV, b, N, Hk, kh, key_row, t, scale);
+    /* dK and dV leave by TMA from shared memory, where 4-byte stores from the accumulators
+     * kept the global store queue full (Nsight, bench/NOTES.md step 27): this warpgroup's 64
+     * rows of dV over its own rows of sV (the other warpgroup reads only its own rows of V),
+     * its dK over one slot of the Q/dO stage of tile total-2, which both warpgroups are done
+     * with (the other has stored dS^T(total-1), so it has finished tile total-2; with one
+     * tile, stage 1 was never loaded); both in the 128-byte-swizzled box layout */
+    const int free_stage = total >= 2 ? (total - 2) % ST : 1;
+    const uint32_t dk_t = (cwg ? sdO : sQ) + free_stage * QT; /* [D/64][64][64] */
+    const uint32_t dv_t = sV + 64 * cwg * 128;                /* atom a at + a * BN * 128 */
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int row = 16 * wi + g + 8 * hf; /* row & 7 == g */
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++) {
+            const uint32_t in_atom = row * 128 + (((dn & 7) ^ g) << 4) + 4 * t;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dk_t + (dn >> 3) * 64 * 128 + in_atom),
+                         "r"(pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale)));
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dv_t + (dn >> 3) * BN * 128 + in_atom), "r"(pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1])));
+        }
+    }
+    fence_proxy_async(); /* these st.shared -> the TMA's reads */
+    named_bar_sync(1 + cwg, 128);
+#pragma unroll
+    for (int a = 0; a < D / 64; a++) {
+        tma_store_4d_if(&tm_dk, dk_t + a * 64 * 128, 64 * a, kh, wg_key0, b, elected);
+        tma_store_4d_if(&tm_dv, dv_t + a * BN * 128, 64 * a, kh, wg_key0, b, elected);
+    }
+    bulk_commit_if(elected);
+    bulk_wait_all_if<1>(elected); /* the block's shared memory stays until every bulk copy has read it */
 #else
     __trap(); /* built without sm_90a: the host never launches this */
 #endif
@@ -2498,7 +2549,8 @@ extern "C" int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t
 }
 
 extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
-    size_t dq = (size_t)B * N * H * d * sizeof(float); /* dQ accumulator [B, N, H, d] */
+    /* dQ accumulator: [B, N, H, d] for the Hopper kernels, [B, H, padded N, d] in fragment order for the mma.sync one */
+    size_t dq = (size_t)B * dqf_padded_rows(N) * H * d * sizeof(float);
     size_t delta = (size_t)B * H * N * sizeof(float);  /* Delta [B, H, N] */
     return dq + ((delta + 255) / 256) * 256;
 }
@@ -2535,30 +2587,32 @@ static int launch_bwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, const bf1
     constexpr size_t smem = 1024 + (size_t)(2 * BN * D + 2 * ST * BM * D + 3 * BN * BM) * 2 + (DQ_BULK ? 2 * 64 * 64 * 4 : 0) +
                             3 * ST * BM * 4 + 2 * MAX_GQA_GROUP * 4 + 8 * (1 + 2 * ST + 3);
     static_assert(smem <= 227 * 1024, "shared memory per block");
-    CUtensorMap tm_q, tm_do, tm_k, tm_v, tm_dq;
+    CUtensorMap tm_q, tm_do, tm_k, tm_v, tm_dq, tm_dk, tm_dv;
     if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_do, dout, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) ||
-        make_tensor_map(&tm_v, v, D, Hk, N, B, BN) || make_tensor_map_typed(&tm_dq, dq_acc, 1, D, H, N, B, BM))
+        make_tensor_map(&tm_v, v, D, Hk, N, B, BN) || make_tensor_map_typed(&tm_dq, dq_acc, 1, D, H, N, B, BM) ||
+        make_tensor_map(&tm_dk, dk, D, Hk, N, B, 64) || make_tensor_map(&tm_dv, dv, D, Hk, N, B, 64))
         return -1;
     auto kern = flash_bwd_tma_kernel<D, ST, DQ_BULK, KV_REGS>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
-    kern<<<grid, 384, smem>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, lse, delta, dq_acc, dk, dv, N, H, Hk, G, scale * LOG2E, scale);
+    kern<<<grid, 384, smem>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, tm_dk, tm_dv, lse, delta, dq_acc, N, H, Hk, G, scale * LOG2E, scale);
     LAUNCH_OK();
     return 0;
 }
 template <int D>
 static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
                        bf16 *dq, bf16 *dk, bf16 *dv, void *workspace, int B, int N, int H, int Hk, int G) {
-    float *dq_acc = (float *)workspace;                       /* [B, N, H, d] */
-    float *delta = dq_acc + (size_t)B * N * H * D;            /* [B, H, N] */
-    const size_t rows = (size_t)B * N * H;
-    CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float)));
+    const size_t rows = (size_t)B * N * H, acc_floats = (size_t)B * dqf_padded_rows(N) * H * D;
+    float *dq_acc = (float *)workspace; /* [B, N, H, d], or [B, H, padded N / 32, D / 8, 8, 32] in fragment order */
+    float *delta = dq_acc + acc_floats; /* [B, H, N] */
+    CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, acc_floats * sizeof(float)));
     bwd_preprocess_kernel<D><<<(unsigned)((rows + 7) / 8), 256>>>(o, dout, delta, N, H, rows);
     LAUNCH_OK();
     const float scale = 1.f / sqrtf((float)D);
     int variant = g_bwd_variant;
     if (variant == 0) variant = wgmma_available() ? BWD_WGMMA_DEFAULT(D) : 1;
     if (variant >= 3 && !wgmma_available()) variant = 1; /* no sm_90a code or not a Hopper GPU */
+    bool frag_order = false; /* the accumulator's layout: [B, N, H, d], or fragment order */
     switch (variant) {
     case 3: launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
     case 4: case 5: case 6: case 7: {
@@ -2570,11 +2624,15 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
         if (r != 0) launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); /* no tensor map: version 3 */
         break;
     }
-    case 1: launch_bwd_tiles<D, 64, 128, 8>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
-    default: launch_bwd_tiles<D, 64, 64, 4>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
+    case 1: launch_bwd_tiles<D, 64, 128, 8>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); frag_order = true; break;
+    default: launch_bwd_tiles<D, 64, 64, 4>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); frag_order = true; break;
     }
-    const size_t n4 = rows * D / 4;
-    dq_convert_kernel<<<(unsigned)((n4 + 255) / 256), 256>>>(dq_acc, dq, n4, scale);
+    if (frag_order) { /* the mma.sync kernels' accumulator */
+        dq_frag_convert_kernel<D><<<dim3((unsigned)(dqf_padded_rows(N) / 32), (unsigned)H, (unsigned)B), 256>>>(dq_acc, dq, N, H, scale);
+    } else {
+        const size_t n4 = rows * D / 4;
+        dq_convert_kernel<<<(unsigned)((n4 + 255) / 256), 256>>>(dq_acc, dq, n4, scale);
+    }
     LAUNCH_OK();
 }
 

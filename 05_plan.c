@@ -101,7 +101,9 @@ static size_t tp_mlp_tile(const Config *c, size_t T, size_t attn_chunk, int lora
 }
 
 /* The chunk's attention workspace: 04's, scaled from the whole layer's (H heads, T rows) to
- * half the heads over attn_chunk rows, plus its 256-byte alignment. */
+ * half the heads over attn_chunk rows, plus its 256-byte alignment. (04 may round each
+ * group's rows up to 64, which this leaves to tp_margin: a few MB where G is not a multiple
+ * of 64, none where it is.) */
 static double tp_chunk_ws_bytes(const TrainPlan *p) {
     return p->attn_chunk ? p->attn_ws_bytes * (double)p->attn_chunk / (2.0 * (double)p->T) + 256.0 : 0.0;
 }

@@ -532,7 +532,9 @@ static int gpu_train_plan(GpuTrainer *g, size_t B, size_t N, size_t G) {
         g->n_pieces = tp_pieces(B, N, G, H, Rc, NULL);
         g->pieces = (TpPiece *)xcalloc(g->n_pieces, sizeof(TpPiece));
         tp_pieces(B, N, G, H, Rc, g->pieces);
-        g->attn_ws = gpu_malloc(attn_backward_workspace_bytes(1, (int)Rc, (int)H / 2, c->head_dim), "the attention backward workspace");
+        /* the largest call: Rc / G groups of G rows (04 may pad each sequence's rows, so the
+         * workspace is asked for that shape, not for Rc rows as one sequence) */
+        g->attn_ws = gpu_malloc(attn_backward_workspace_bytes((int)(Rc / p->G), (int)p->G, (int)H / 2, c->head_dim), "the attention backward workspace");
     } else {
         g->datt = g->arena; g->dq = g->datt + T * Hd; g->dk = g->dq + T * Hd; g->dv = g->dk + T * Hkd;
         g->attn_ws = gpu_malloc(attn_backward_workspace_bytes((int)B, (int)N, (int)H, c->head_dim), "the attention backward workspace");

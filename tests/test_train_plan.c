@@ -27,7 +27,8 @@
 
 static const double GiB = 1024.0 * 1024.0 * 1024.0;
 
-/* 04's attention backward workspace (04_gpu.h: fp32 dQ [B, N, H, d] + row sums [B, H, N]) */
+/* 04's attention backward workspace (04_gpu.h: fp32 dQ [B, N, H, d] + row sums [B, H, N];
+ * 04 rounds N up to 64 rows; every N here is a multiple of 64) */
 static double attn_ws(const Config *c, size_t B, size_t N) { return (double)B * N * c->n_heads * (c->head_dim + 1) * 4.0; }
 
 static TrainPlan ask(const Config *c, size_t N, double gpu_avail, double host_avail) {
