@@ -5,7 +5,8 @@ Run by `make bench` on a GPU machine with torch:
     python bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json \
         --out bench/results/attn_sdpa.json [--fwd-variant V] [--bwd-variant V] [--d 64]
 (--fwd-variant / --bwd-variant: the check runs our tile variant V of that kernel instead of
-the default; --d: the head dimension of the timed shapes, 128 by default.)
+the default; --d: the head dimension of the timed shapes, 128 by default; --alternate 4096,32768:
+also times ours and cuDNN in turns, --rounds turns each, on the same tensors.)
 
 Check (the flash-attention project's criterion): for O, dQ, dK, dV of causal and S2 attention,
 max |ours - ref| <= 2 * max |torch_bf16 - ref| + 1e-5, where ref is the same computation in
@@ -94,6 +95,46 @@ def ours_fwd_bwd(lib, q, k, v, do, G):
     return o, dq, dk, dv
 
 
+def alternate(lib, ns, rounds):
+    """Ours and cuDNN on the same tensors, timed in turns (each turn a median of REPS), so that a
+    clock or power drift during the run moves both: the medians of the turns and their ratio."""
+    rows = []
+    for n in ns:
+        b = TOKENS // n
+        q, k, v, do = (torch.randn(b, n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        o, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
+        lse = torch.empty((b, H, n), device="cuda")
+        ws = torch.empty(lib.attn_backward_workspace_bytes(b, n, H, D), dtype=torch.uint8, device="cuda")
+        p = [x.data_ptr() for x in (q, k, v, o, do, lse, dq, dk, dv, ws)]
+        shape = (b, n, H, H, D, 0)
+        ours_f = lambda: lib.attn_forward(p[0], p[1], p[2], p[3], p[5], *shape)
+        ours_fb = lambda: (ours_f(), lib.attn_backward(*p, *shape))
+        assert ours_f() == 0 and lib.attn_backward(*p, *shape) == 0
+        qt, kt, vt = (x.transpose(1, 2).requires_grad_() for x in (q, k, v))  # [B, H, N, d] views
+        cudnn_f = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        cudnn_fb = lambda: cudnn_f().backward(do.transpose(1, 2))
+        t = {"ours_fwd": [], "cudnn_fwd": [], "ours_fwdbwd": [], "cudnn_fwdbwd": []}
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            for _ in range(rounds):
+                for name, fn in (("ours_fwd", ours_f), ("cudnn_fwd", cudnn_f), ("ours_fwdbwd", ours_fb), ("cudnn_fwdbwd", cudnn_fb)):
+                    t[name].append(median_ms(fn))
+        flop = 4.0 * b * H * n * n / 2 * D
+        row = {"N": n, "B": b, "rounds": rounds}
+        for name, ts in t.items():
+            ms = sorted(ts)[len(ts) // 2]
+            row[name + "_ms"] = ms
+            row[name + "_tflops"] = (3.5 if name.endswith("fwdbwd") else 1.0) * flop / ms / 1e9
+        row["fwd_ratio"] = row["cudnn_fwd_ms"] / row["ours_fwd_ms"]
+        row["fwdbwd_ratio"] = row["cudnn_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+        print(f"  in turns N={n} d={D}: ours/cuDNN forward {row['fwd_ratio']:.3f} ({row['ours_fwd_tflops']:.1f} / "
+              f"{row['cudnn_fwd_tflops']:.1f}), forward+backward {row['fwdbwd_ratio']:.3f} ({row['ours_fwdbwd_tflops']:.1f} / "
+              f"{row['cudnn_fwdbwd_tflops']:.1f}) TFLOP/s, {rounds} turns")
+        rows.append(row)
+        del q, k, v, do, o, dq, dk, dv, lse, ws, qt, kt, vt
+        torch.cuda.empty_cache()
+    return rows
+
+
 def s2_mask(n, h, H_, G):
     """[N, N] bool: query i of head h sees keys s2_first_key(i) <= j <= i (common.h)."""
     i = torch.arange(n, device="cuda")
@@ -159,6 +200,8 @@ def main():
     ap.add_argument("--fwd-variant", type=int, default=0, help="the forward tile variant our check runs (0: the library's default)")
     ap.add_argument("--bwd-variant", type=int, default=0, help="the backward tile variant our check runs (0: the library's default)")
     ap.add_argument("--d", type=int, default=D, choices=(64, 128), help="head dimension of the timed shapes")
+    ap.add_argument("--alternate", default="", help="comma-separated N: also time ours and cuDNN in turns at these N")
+    ap.add_argument("--rounds", type=int, default=5, help="turns each of --alternate's timings gets")
     args = ap.parse_args()
     D = args.d
     torch.manual_seed(0)
@@ -171,6 +214,8 @@ def main():
     res["check"], ok = check_ours(lib)
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         res[name] = bench_sdpa(be)
+    if args.alternate:
+        res["alternate"] = alternate(lib, [int(x) for x in args.alternate.split(",")], args.rounds)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     ours = {}
