@@ -2898,9 +2898,7 @@ static void sweep_variants(int d) {
             printf("%s variant %d (%s):", pass == 0 ? "forward" : "backward", var, pass == 0 ? fwd_variant_name[var] : bwd_variant_name[var]);
             for (int c = 0; c < 3; c++) {
                 const int N = cases[c][0], G = cases[c][1], B = tokens / N;
-                double pairs = 0;
-                for (int h = 0; h < H; h++) pairs += s2_pairs(N, G, h, H);
-                const double flop = 4.0 * B * pairs * d * (pass == 0 ? 1.0 : 2.5);
+                const double flop = attention_flop(B, N, H, d, G) * (pass == 0 ? 1.0 : 2.5);
                 float ts[32];
                 for (int r = -2; r < reps; r++) {
                     float ms;
