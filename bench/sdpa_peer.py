@@ -204,6 +204,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="turns each of --alternate's timings gets")
     args = ap.parse_args()
     D = args.d
+    try:
+        alt_ns = [int(x) for x in args.alternate.split(",")] if args.alternate else []
+    except ValueError:
+        ap.error(f"--alternate takes comma-separated N, not '{args.alternate}'")
+    if any(n < 1 or TOKENS % n for n in alt_ns) or not 1 <= args.rounds <= 100:
+        ap.error(f"--alternate: each N must divide {TOKENS}; --rounds 1..100")
     torch.manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "H": H, "d": D, "tokens": TOKENS, "reps": REPS,
            "fwd_variant": args.fwd_variant, "bwd_variant": args.bwd_variant}
@@ -215,7 +221,7 @@ def main():
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         res[name] = bench_sdpa(be)
     if args.alternate:
-        res["alternate"] = alternate(lib, [int(x) for x in args.alternate.split(",")], args.rounds)
+        res["alternate"] = alternate(lib, alt_ns, args.rounds)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     ours = {}
