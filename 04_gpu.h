@@ -81,7 +81,8 @@ int attn_forward_naive(const uint16_t *q, const uint16_t *k, const uint16_t *v, 
 int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, float *lse,
                  int B, int N, int H, int Hk, int d, int G);
 /* bytes of device scratch attn_backward needs for these B and N (an fp32 dQ accumulator of
- * B * H * d rows of N rounded up to 64, + row sums [B, H, N]): it serves a call with B' <= B
+ * B * H * d rows of N rounded up to 64, + row sums [B, H, N], + 256 bytes for the Hopper
+ * kernel's item counter): it serves a call with B' <= B
  * sequences of N' <= N tokens, not any split of B * N tokens */
 size_t attn_backward_workspace_bytes(int B, int N, int H, int d);
 /* o and lse from attn_forward; dq [B, N, H, d], dk, dv [B, N, Hk, d] are overwritten. */

@@ -1238,11 +1238,14 @@ __global__ void __launch_bounds__(256) dq_frag_convert_kernel(const float *__res
 /* A backward block (keys n0..n_last of kv head kh) visits the query tiles of BM queries that
  * reach its keys, head by head of the GQA group of R query heads: tiles s_tlo[r]..s_thi[r]
  * of head kh * R + r. Threads tid < R fill one head each; the caller then syncs. */
+/* the last query tile of head h that sees key n_last (the block's last key) */
+__device__ __forceinline__ int bwd_tile_hi(int h, int n_last, int BM, int H, int G, int N) {
+    return ((int)s2_segment_end((size_t)n_last, h, H, (size_t)G, (size_t)N) - 1) / BM;
+}
 __device__ __forceinline__ void bwd_tile_ranges(int *s_tlo, int *s_thi, int tid, int R, int kh, int n0, int n_last, int BM, int H, int G, int N) {
     if (tid < R) {
-        const int h = kh * R + tid;
         s_tlo[tid] = n0 / BM;
-        s_thi[tid] = ((int)s2_segment_end((size_t)n_last, h, H, (size_t)G, (size_t)N) - 1) / BM; /* the last query that sees key n_last */
+        s_thi[tid] = bwd_tile_hi(kh * R + tid, n_last, BM, H, G, N);
     }
 }
 __device__ __forceinline__ int bwd_total_tiles(const int *s_tlo, const int *s_thi, int R) {
@@ -1887,12 +1890,16 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
 }
 
 /* ---------------------------------------------------------------------------------------
- * Backward, version 3b: the wgmma backward warp-specialised (sm_90a only; backward
- * variants 4-7). Same block (128 keys of one kv head, two consumer warpgroups of 64 keys)
- * and the same five products per query tile as flash_bwd_wgmma_kernel; what changes is how
- * the tiles arrive and how the warpgroups wait for each other:
- *   - a producer warpgroup (registers cut to 24 by setmaxnreg, the consumers' raised to 240)
- *     loads K and V once and then, for every query tile, Q and dO by TMA (one thread) and
+ * Backward, version 3b: the wgmma backward warp-specialised and persistent (sm_90a only;
+ * backward variants 4-7). Same work item (128 keys of one kv head, two consumer
+ * warpgroups of 64 keys) and the same five products per query tile as
+ * flash_bwd_wgmma_kernel; what changes is how the tiles arrive, how the warpgroups wait
+ * for each other, and that one block an SM walks item after item (bench/NOTES.md step 30):
+ *   - persistent: the items are handed out in the order a one-item-a-block grid would
+ *     start them, by a counter in the workspace; the next item's first query tiles and (at
+ *     d = 64, two K/V buffers) its K and V load while this one ends;
+ *   - a producer warpgroup (registers cut to 56 by setmaxnreg, the consumers' raised to 224)
+ *     loads K and V once an item and then, for every query tile, Q and dO by TMA (one thread) and
  *     the tile's lse, Delta and window starts (one warp, plain loads) into a ring of ST
  *     stages; q_full[st] (the TMA's bytes and the warp's 32 arrivals) and q_empty[st] (every
  *     consumer thread's arrival once its products are done: an arrival releases only the
@@ -1946,7 +1953,11 @@ template <int READ> __device__ __forceinline__ void bulk_wait_all_if(bool issue)
     else asm volatile("{\n.reg .pred pi;\nsetp.ne.u32 pi, %0, 0;\n@pi cp.async.bulk.wait_group 0;\n}\n" ::"r"((int)issue) : "memory");
 }
 
-#define BWD_TMA_PRODUCER_REGS 24 /* 128 x 24 + 256 x 240 = 64,512 registers: all the block holds (384 threads x 168, launch_bounds(384, 1)); 32 asks for 1,024 more than it has, and setmaxnreg.inc waits for them forever */
+#define BWD_TMA_PRODUCER_REGS 56 /* 128 x 56 + 256 x 224 = 64,512 registers: all the block holds (384 threads x 168, launch_bounds(384, 1)); the producer's item walk spills with 24 or 40, the consumers do not with 224, and asking for more than the block holds makes setmaxnreg.inc wait forever */
+#define BWD_TMA_CONSUMER_REGS 224
+/* K/V buffers of the persistent backward: two where shared memory holds them (d = 64), so
+ * that the next key block's K and V land while this one runs; one at d = 128 */
+__host__ __device__ constexpr int bwd_kv_buffers(int D) { return D == 64 ? 2 : 1; }
 
 template <int D, int ST, int DQ_BULK, int KV_REGS>
 __global__ void __launch_bounds__(384, 1)
@@ -1957,97 +1968,150 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
                      const float *__restrict__ LSE,   /* [B, H, N] */
                      const float *__restrict__ Delta, /* [B, H, N] */
                      float *__restrict__ dQacc,       /* [B, N, H, d] fp32, zeroed */
-                     int N, int H, int Hk, int G, float scale_log2, float scale) {
+                     int *__restrict__ item_next,     /* zeroed: items handed out past the first gridDim.x */
+                     int B, int N, int H, int Hk, int G, float scale_log2, float scale) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int BN = 128, BM = 64, NTHR = 384;
+    constexpr int BN = 128, BM = 64, NTHR = 384, KVB = bwd_kv_buffers(D);
     constexpr int KT = BN * D * 2, QT = BM * D * 2; /* bytes of a K or V tile, of a Q or dO tile */
     constexpr int DQT = 64 * 64 * 4;                /* bytes of a warpgroup's dQ share: [2 atoms][64 rows][32] fp32 */
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t base = (smem_addr(smem) + 1023u) & ~1023u;
-    const uint32_t sK = base;                       /* [D/64][BN][64] */
-    const uint32_t sV = sK + KT;                    /* [D/64][BN][64] */
-    const uint32_t sQ = sV + KT;                    /* [ST][D/64][BM][64] */
+    const uint32_t sKV = base;                      /* [KVB][K, V]: each [D/64][BN][64]; then dK, dV's staging */
+    const uint32_t sQ = sKV + KVB * 2 * KT;         /* [ST][D/64][BM][64] */
     const uint32_t sdO = sQ + ST * QT;              /* [ST][D/64][BM][64] */
     const uint32_t sdS = sdO + ST * QT;             /* [3][BN][BM]  dS^T, keys as rows, swizzled */
     const uint32_t sdQ = sdS + 3 * BN * BM * 2;     /* DQ_BULK: [2 warpgroups][2 atoms][BM][32] fp32, swizzled */
     float *sL = (float *)(smem + (sdQ + (DQ_BULK ? 2 * DQT : 0) - smem_addr(smem))); /* [ST][BM] lse * log2(e) */
     float *sDl = sL + ST * BM;                      /* [ST][BM] Delta */
     int *sFk = (int *)(sDl + ST * BM);              /* [ST][BM] s2_first_key of each query */
-    int *s_tlo = sFk + ST * BM;                     /* [R] first query tile per head */
-    int *s_thi = s_tlo + MAX_GQA_GROUP;             /* [R] last query tile per head */
-    const uint32_t bars = smem_addr(s_thi + MAX_GQA_GROUP); /* kv_full, q_full[ST], q_empty[ST], ds_full[3] */
-    const uint32_t kv_full = bars, q_full = bars + 8, q_empty = q_full + 8 * ST, ds_full = q_empty + 8 * ST;
+    int *s_item = sFk + ST * BM;                    /* [2] the items handed out, a ring */
+    const uint32_t bars = smem_addr(s_item + 2);    /* kv_full[KVB], kv_empty[KVB], q_full[ST], q_empty[ST], ds_full[3], item_full[2], item_empty[2] */
+    const uint32_t kv_full = bars, kv_empty = kv_full + 8 * KVB, q_full = kv_empty + 8 * KVB, q_empty = q_full + 8 * ST, ds_full = q_empty + 8 * ST;
+    const uint32_t item_full = ds_full + 8 * 3, item_empty = item_full + 8 * 2;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0); /* 0: producer; 1, 2: consumers */
-    const int n_block = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
-    const int R = H / Hk;
-    const int n0 = n_block * BN, n_last = min(n0 + BN, N) - 1;
+    const int R = H / Hk, n_blocks = (N + BN - 1) / BN, n_items = n_blocks * Hk * B;
 
-    bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
-    /* the dQ of "tile -1" adds nothing: dS^T buffer 2 starts as zeros */
+    /* The items: key block n_block of kv head kh of sequence b, item = (b * Hk + kh) *
+     * n_blocks + n_block, the order the blocks of a one-item-a-block grid start in (a head's
+     * longest causal blocks first, and the blocks running at one time on a few heads, whose
+     * dQ accumulator, Q and dO stay in L2; a static share of every gridDim.x-th item spread
+     * them over all heads and ran 1.25-1.8x slower). Block i's first item is i; the producer
+     * thread takes each next one from the counter item_next (+ gridDim.x) and hands it to
+     * the others through s_item, a ring of two (item_full: its one arrival; item_empty: the
+     * row warp's 32 lanes and the 256 consumer threads, each once it has read the slot). An
+     * item >= n_items ends every role's walk. Every role walks the same items and, in each,
+     * the same query tiles (head by head of the kv group, tiles lo..hi of head kh * R + r);
+     * j counts the tiles over all of this block's items, so the Q/dO ring and the dS^T
+     * buffers run on from one item into the next. */
+    auto take_item = [&](int it_n) { /* the readers' side: item number it_n of this block */
+        const int slot = it_n & 1;
+        mbar_wait(item_full + 8 * slot, (it_n >> 1) & 1);
+        const int item = s_item[slot];
+        mbar_arrive_if(item_empty + 8 * slot, true);
+        return item;
+    };
+    int kh = 0, b = 0, n0 = 0, n_last = 0, lo = 0, total = 0;
+    auto item_start = [&](int item) {
+        const int n_block = item % n_blocks;
+        kh = (item / n_blocks) % Hk;
+        b = item / (n_blocks * Hk);
+        n0 = n_block * BN;
+        n_last = min(n0 + BN, N) - 1;
+        lo = n0 / BM;
+        total = 0;
+        for (int r = 0; r < R; r++) total += bwd_tile_hi(kh * R + r, n_last, BM, H, G, N) - lo + 1;
+    };
+    auto next_tile = [&](int &r, int &mt, int &hi) { /* (r, mt) -> the next tile of this item */
+        if (++mt > hi && ++r < R) mt = lo, hi = bwd_tile_hi(kh * R + r, n_last, BM, H, G, N);
+    };
+
+    /* the dQ of the first tile's "previous tile" is discarded (see dq_out), but reads buffer 2 */
     for (int c = tid; c < BN * BM / 8; c += NTHR)
         asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(sdS + 2 * BN * BM * 2 + c * 16), "r"(0));
     fence_proxy_async();
     if (tid == 0) {
-        mbar_init(kv_full, 1);
+        for (int k = 0; k < KVB; k++) {
+            mbar_init(kv_full + 8 * k, 1);
+            mbar_init(kv_empty + 8 * k, 2); /* the elected thread of each consumer warpgroup */
+        }
         for (int st = 0; st < ST; st++) {
             mbar_init(q_full + 8 * st, 33); /* the TMA thread's expect_tx, each lane of the row warp */
             mbar_init(q_empty + 8 * st, 256); /* every consumer thread */
         }
         for (int i = 0; i < 3; i++) mbar_init(ds_full + 8 * i, 256); /* every consumer thread */
+        for (int i = 0; i < 2; i++) {
+            mbar_init(item_full + 8 * i, 1);
+            mbar_init(item_empty + 8 * i, 32 + 256);
+        }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads(); /* the only block-wide barrier: s_tlo / s_thi, the zeros and the mbarriers */
-    const int total = bwd_total_tiles(s_tlo, s_thi, R);
+    __syncthreads(); /* the only block-wide barrier: the zeros and the mbarriers */
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(BWD_TMA_PRODUCER_REGS));
-        if (warp == 0 && lane == 0) {
-            mbar_expect_tx(kv_full, 2 * KT);
-            for (int a = 0; a < D / 64; a++) {
-                tma_load_4d(sK + a * BN * 128, &tm_k, kv_full, a * 64, kh, n0, b);
-                tma_load_4d(sV + a * BN * 128, &tm_v, kv_full, a * 64, kh, n0, b);
-            }
-        }
-        /* warp 0 (one thread): Q and dO by TMA; warp 1: the row values */
+        /* warp 0 (one thread): K and V once an item, after its first query tile, and Q and dO
+         * of every tile by TMA; warp 1: the row values */
         if ((warp == 0 && lane == 0) || warp == 1) {
-            int r = 0, mt = s_tlo[0];
-            for (int j = 0; j < total; j++) {
-                const int st = j % ST, h = kh * R + r;
-                mbar_wait(q_empty + 8 * st, ((j / ST) & 1) ^ 1); /* the first pass finds the ring empty */
+            int j = 0;
+            for (int it_n = 0;; it_n++) {
+                int item;
                 if (warp == 0) {
-                    mbar_expect_tx(q_full + 8 * st, 2 * QT);
-                    for (int a = 0; a < D / 64; a++) {
-                        tma_load_4d(sQ + st * QT + a * BM * 128, &tm_q, q_full + 8 * st, a * 64, h, mt * BM, b);
-                        tma_load_4d(sdO + st * QT + a * BM * 128, &tm_do, q_full + 8 * st, a * 64, h, mt * BM, b);
-                    }
+                    const int slot = it_n & 1;
+                    mbar_wait(item_empty + 8 * slot, ((it_n >> 1) & 1) ^ 1); /* the first pass finds the ring empty */
+                    item = it_n == 0 ? (int)blockIdx.x : atomicAdd(item_next, 1) + (int)gridDim.x;
+                    s_item[slot] = item;
+                    mbar_arrive_if(item_full + 8 * slot, true); /* releases the store */
                 } else {
-                    for (int l = lane; l < BM; l += 32)
-                        bwd_row_values(sL[st * BM + l], sDl[st * BM + l], sFk[st * BM + l], LSE, Delta, b, H, h, N, G, mt * BM + l);
-                    mbar_arrive_if(q_full + 8 * st, true); /* releases this lane's stores */
+                    item = take_item(it_n);
                 }
-                bwd_next_tile(r, mt, s_tlo, s_thi, R);
+                if (item >= n_items) break;
+                item_start(item);
+                int r = 0, mt = lo, hi = bwd_tile_hi(kh * R, n_last, BM, H, G, N);
+                for (int t = 0; t < total; t++, j++) {
+                    const int st = j % ST, h = kh * R + r;
+                    mbar_wait(q_empty + 8 * st, ((j / ST) & 1) ^ 1); /* the first pass finds the ring empty */
+                    if (warp == 0) {
+                        mbar_expect_tx(q_full + 8 * st, 2 * QT);
+                        for (int a = 0; a < D / 64; a++) {
+                            tma_load_4d(sQ + st * QT + a * BM * 128, &tm_q, q_full + 8 * st, a * 64, h, mt * BM, b);
+                            tma_load_4d(sdO + st * QT + a * BM * 128, &tm_do, q_full + 8 * st, a * 64, h, mt * BM, b);
+                        }
+                        if (t == 0) {
+                            const int k = it_n % KVB;
+                            const uint32_t sK = sKV + k * 2 * KT, sV = sK + KT;
+                            mbar_wait(kv_empty + 8 * k, ((it_n / KVB) & 1) ^ 1);
+                            mbar_expect_tx(kv_full + 8 * k, 2 * KT);
+                            for (int a = 0; a < D / 64; a++) {
+                                tma_load_4d(sK + a * BN * 128, &tm_k, kv_full + 8 * k, a * 64, kh, n0, b);
+                                tma_load_4d(sV + a * BN * 128, &tm_v, kv_full + 8 * k, a * 64, kh, n0, b);
+                            }
+                        }
+                    } else {
+                        for (int l = lane; l < BM; l += 32)
+                            bwd_row_values(sL[st * BM + l], sDl[st * BM + l], sFk[st * BM + l], LSE, Delta, b, H, h, N, G, mt * BM + l);
+                        mbar_arrive_if(q_full + 8 * st, true); /* releases this lane's stores */
+                    }
+                    next_tile(r, mt, hi);
+                }
             }
         }
         return;
     }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(BWD_TMA_CONSUMER_REGS));
     const int cwg = wg - 1, wi = warp & 3, g = lane >> 2, t = lane & 3;
-    const int wg_key0 = n0 + 64 * cwg;          /* this warpgroup's 64 keys: rows of dK, dV */
-    const int key_row = wg_key0 + 16 * wi + g;  /* this thread's keys: key_row, key_row + 8 */
-    const bool elected = wi == 0 && lane == 0;  /* issues this warpgroup's bulk reduce-adds */
+    const bool elected = wi == 0 && lane == 0;  /* issues this warpgroup's bulk copies */
+    int wg_key0 = 0, key_row = 0;               /* this warpgroup's 64 keys (rows of dK, dV); this thread's keys key_row, key_row + 8 */
+    uint32_t sK = sKV, sV = sKV + KT;           /* this item's K and V */
 
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
-#pragma unroll
-    for (int dn = 0; dn < D / 8; dn++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
 
-    /* adds a finished dQ share (bwd_dq_issue's) to rows m0.. of head h: by atomics, or
-     * through this warpgroup's staging buffer and the bulk reduce-add (the elected thread
-     * first waits until the previous one has read the buffer) */
-    auto dq_out = [&](const float (&dq)[8][4], int h, int m0) {
+    /* adds a finished dQ share (bwd_dq_issue's) to rows m0.. of head h, unless `issue` is
+     * false (the first tile of an item, whose "previous tile" belongs to no one): by atomics,
+     * or through this warpgroup's staging buffer and the bulk reduce-add (the elected thread
+     * first waits until its earlier bulk copies have read their buffers) */
+    auto dq_out = [&](const float (&dq)[8][4], int h, int m0, bool issue) {
         if constexpr (DQ_BULK) {
             const uint32_t stage = sdQ + cwg * DQT;
             bulk_wait_all_if<1>(elected);
@@ -2064,32 +2128,21 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
             fence_proxy_async(); /* these st.shared -> the TMA's reads */
             named_bar_sync(1 + cwg, 128);
 #pragma unroll
-            for (int a = 0; a < 2; a++) tma_reduce_add_4d_if(&tm_dq, stage + a * 64 * 128, bwd_dq_col0<D>(cwg) + 32 * a, h, m0, b, elected);
-            bulk_commit_if(elected);
+            for (int a = 0; a < 2; a++) tma_reduce_add_4d_if(&tm_dq, stage + a * 64 * 128, bwd_dq_col0<D>(cwg) + 32 * a, h, m0, b, elected && issue);
+            bulk_commit_if(elected && issue);
         } else {
-            bwd_dq_atomic_add<D>(dq, dQacc, b, N, H, h, m0, cwg, wi, g, t);
+            if (issue) bwd_dq_atomic_add<D>(dq, dQacc, b, N, H, h, m0, cwg, wi, g, t);
         }
     };
 
-    mbar_wait(kv_full, 0);
     /* KV_REGS (d = 64, where the registers allow): this warpgroup's 64 keys of K and V as
-     * wgmma A fragments, loaded once, so that S^T and dP^T read only Q and dO from shared
-     * memory (two 64 x 64 products with both operands there read 128 bytes a clock, all
-     * that shared memory gives) */
+     * wgmma A fragments, loaded once an item, so that S^T and dP^T read only Q and dO from
+     * shared memory (two 64 x 64 products with both operands there read 128 bytes a clock,
+     * all that shared memory gives) */
     uint32_t k_frag[KV_REGS ? D / 16 : 1][4], v_frag[KV_REGS ? D / 16 : 1][4]; /* [D/16 k-steps][4] */
-    if constexpr (KV_REGS) {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const int row = 64 * cwg + 16 * wi + (lane & 15), chunk = 2 * (kk % 4) + (lane >> 4);
-            ldmatrix_x4(k_frag[kk], swz<64>(sK + (kk / 4) * BN * 128, row, chunk));
-            ldmatrix_x4(v_frag[kk], swz<64>(sV + (kk / 4) * BN * 128, row, chunk));
-        }
-    }
-    /* The tile steps, j counting this block's query tiles (bwd_next_tile's order); tile j
-     * sits in stage j % ST, its dS^T in buffer j % 3; cur_* is tile j's head and row,
-     * prev_* tile j-1's (dQ(j-1) leaves with tile j) */
-    int cur_r = 0, cur_mt = s_tlo[0];
-    int cur_h = kh * R, cur_m0 = cur_mt * BM, prev_h = cur_h, prev_m0 = cur_m0;
+    /* The tile steps: tile j sits in stage j % ST, its dS^T in buffer j % 3; cur_* is tile
+     * j's head and row, prev_* tile j-1's (dQ(j-1) leaves with tile j) */
+    int cur_r = 0, cur_mt = 0, cur_hi = 0, cur_h = 0, cur_m0 = 0, prev_h = 0, prev_m0 = 0;
     float st_acc[8][4], dpt[8][4];  /* S^T, dP^T: [64 keys][64 queries] of this warpgroup */
     uint32_t p_frag[4][4], ds_frag[4][4]; /* P^T, dS^T as bf16 A fragments */
     float dq[8][4];                 /* [64 queries][64 columns]: this warpgroup's share of dQ(j-1) */
@@ -2117,7 +2170,8 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
     };
     /* group 4: dK += dS^T(j) Q(j); group 5: dQ(j-1), issued here rather than with S^T and
      * dP^T so that its 32 accumulators are not live beside theirs (both halves of dS^T(j-1)
-     * must be in; "dQ(-1)" reads buffer 2, zeros) */
+     * must be in; at an item's first tile it reads whatever buffer (j+2) % 3 holds, which
+     * no one writes then, and is discarded) */
     auto issue_dk_dq = [&](int j) {
         pin_regs(ds_frag);
         pin_regs(dk_acc);
@@ -2128,16 +2182,17 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         bwd_dq_issue<D>(dq, sdS + ((j + 2) % 3) * BN * BM * 2, sK, cwg);
         wgmma_commit();
     };
-    /* once groups 3-5 are done: stage j is free, dQ(j-1) leaves, tile j+1 comes up */
-    auto finish = [&](int j) {
+    /* once groups 3-5 are done: stage j is free, dQ(j-1) leaves (not at an item's first
+     * tile), tile j+1 comes up */
+    auto finish = [&](int j, bool first) {
         pin_regs(dv_acc);
         pin_regs(dk_acc);
         pin_regs(dq);
         mbar_arrive_if(q_empty + 8 * (j % ST), true);
-        dq_out(dq, prev_h, prev_m0);
+        dq_out(dq, prev_h, prev_m0, !first);
         prev_h = cur_h;
         prev_m0 = cur_m0;
-        bwd_next_tile(cur_r, cur_mt, s_tlo, s_thi, R);
+        next_tile(cur_r, cur_mt, cur_hi);
         cur_h = kh * R + cur_r;
         cur_m0 = cur_mt * BM;
     };
@@ -2145,53 +2200,85 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
      * was the last reader of buffer (j+1) % 3) */
     auto wait_ds = [&](int j) { mbar_wait(ds_full + 8 * (j % 3), (j / 3) & 1); };
 
-    /* each tile's products are one straight run of code after the mbarrier waits at its
-     * start (see flash_bwd_wgmma_kernel); issuing tile j+1's S^T and dP^T before tile j's
-     * dQ leaves gained nothing at d = 64 (bench/NOTES.md step 14) */
-    for (int j = 0; j < total; j++) {
-        if (j > 0) wait_ds(j - 1);
-        issue_s_dp(j);
-        middle(j);
-        issue_dk_dq(j);
+    int j = 0;
+    for (int it_n = 0;; it_n++) {
+        const int item = take_item(it_n);
+        if (item >= n_items) break;
+        item_start(item);
+        const int kb = it_n % KVB;
+        sK = sKV + kb * 2 * KT;
+        sV = sK + KT;
+        wg_key0 = n0 + 64 * cwg;
+        key_row = wg_key0 + 16 * wi + g;
+        cur_r = 0, cur_mt = lo, cur_hi = bwd_tile_hi(kh * R, n_last, BM, H, G, N);
+        cur_h = prev_h = kh * R, cur_m0 = prev_m0 = lo * BM;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
+        mbar_wait(kv_full + 8 * kb, (it_n / KVB) & 1);
+        if constexpr (KV_REGS) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const int row = 64 * cwg + 16 * wi + (lane & 15), chunk = 2 * (kk % 4) + (lane >> 4);
+                ldmatrix_x4(k_frag[kk], swz<64>(sK + (kk / 4) * BN * 128, row, chunk));
+                ldmatrix_x4(v_frag[kk], swz<64>(sV + (kk / 4) * BN * 128, row, chunk));
+            }
+        }
+        /* each tile's products are one straight run of code after the mbarrier waits at its
+         * start (see flash_bwd_wgmma_kernel); issuing tile j+1's S^T and dP^T before tile j's
+         * dQ leaves gained nothing at d = 64 (bench/NOTES.md step 14) */
+        for (int tt = 0; tt < total; tt++, j++) {
+            if (tt > 0) wait_ds(j - 1);
+            issue_s_dp(j);
+            middle(j);
+            issue_dk_dq(j);
+            wgmma_wait<0>();
+            finish(j, tt == 0);
+            if (KVB > 1 && tt == 0 && it_n > 0) { /* the previous item's dK, dV have been read out of its K/V buffer */
+                bulk_wait_all_if<1>(elected);
+                mbar_arrive_if(kv_empty + 8 * ((it_n - 1) % KVB), elected);
+            }
+        }
+        wait_ds(j - 1);
+        pin_regs(dq);
+        wgmma_fence();
+        bwd_dq_issue<D>(dq, sdS + ((j - 1) % 3) * BN * BM * 2, sK, cwg);
+        wgmma_commit();
         wgmma_wait<0>();
-        finish(j);
-    }
-    wait_ds(total - 1);
-    pin_regs(dq);
-    wgmma_fence();
-    bwd_dq_issue<D>(dq, sdS + ((total - 1) % 3) * BN * BM * 2, sK, cwg);
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin_regs(dq);
-    dq_out(dq, prev_h, prev_m0);
-    /* dK and dV leave by TMA from shared memory, where 4-byte stores from the accumulators
-     * kept the global store queue full (Nsight, bench/NOTES.md step 27): this warpgroup's 64
-     * rows of dV over its own rows of sV (the other warpgroup reads only its own rows of V),
-     * its dK over one slot of the Q/dO stage of tile total-2, which both warpgroups are done
-     * with (the other has stored dS^T(total-1), so it has finished tile total-2; with one
-     * tile, stage 1 was never loaded); both in the 128-byte-swizzled box layout */
-    const int free_stage = total >= 2 ? (total - 2) % ST : 1;
-    const uint32_t dk_t = (cwg ? sdO : sQ) + free_stage * QT; /* [D/64][64][64] */
-    const uint32_t dv_t = sV + 64 * cwg * 128;                /* atom a at + a * BN * 128 */
+        pin_regs(dq);
+        dq_out(dq, prev_h, prev_m0, true);
+        /* dK and dV leave by TMA from shared memory, where 4-byte stores from the
+         * accumulators kept the global store queue full (Nsight, bench/NOTES.md step 27):
+         * this warpgroup's 64 rows of each over its own rows of this item's K and V, in the
+         * 128-byte-swizzled box layout. Its own products were the last readers of those rows
+         * of V, and at d = 64 of K; at d = 128 the other warpgroup's dQ products read all of
+         * K, so both meet first. */
+        if constexpr (D == 128) named_bar_sync(3, 256);
+        const uint32_t dk_t = sK + 64 * cwg * 128, dv_t = sV + 64 * cwg * 128; /* atom a at + a * BN * 128 */
 #pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int row = 16 * wi + g + 8 * hf; /* row & 7 == g */
+        for (int hf = 0; hf < 2; hf++) {
+            const int row = 16 * wi + g + 8 * hf; /* row & 7 == g */
 #pragma unroll
-        for (int dn = 0; dn < D / 8; dn++) {
-            const uint32_t in_atom = row * 128 + (((dn & 7) ^ g) << 4) + 4 * t;
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dk_t + (dn >> 3) * 64 * 128 + in_atom),
-                         "r"(pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale)));
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dv_t + (dn >> 3) * BN * 128 + in_atom), "r"(pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1])));
+            for (int dn = 0; dn < D / 8; dn++) {
+                const uint32_t in_atom = (dn >> 3) * BN * 128 + row * 128 + (((dn & 7) ^ g) << 4) + 4 * t;
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dk_t + in_atom), "r"(pack_bf16(dk_acc[dn][2 * hf] * scale, dk_acc[dn][2 * hf + 1] * scale)));
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dv_t + in_atom), "r"(pack_bf16(dv_acc[dn][2 * hf], dv_acc[dn][2 * hf + 1])));
+            }
+        }
+        fence_proxy_async(); /* these st.shared -> the TMA's reads */
+        named_bar_sync(1 + cwg, 128);
+#pragma unroll
+        for (int a = 0; a < D / 64; a++) {
+            tma_store_4d_if(&tm_dk, dk_t + a * BN * 128, 64 * a, kh, wg_key0, b, elected);
+            tma_store_4d_if(&tm_dv, dv_t + a * BN * 128, 64 * a, kh, wg_key0, b, elected);
+        }
+        bulk_commit_if(elected);
+        if (KVB == 1) { /* the producer waits for this buffer before the next item's K and V */
+            bulk_wait_all_if<1>(elected);
+            mbar_arrive_if(kv_empty, elected);
         }
     }
-    fence_proxy_async(); /* these st.shared -> the TMA's reads */
-    named_bar_sync(1 + cwg, 128);
-#pragma unroll
-    for (int a = 0; a < D / 64; a++) {
-        tma_store_4d_if(&tm_dk, dk_t + a * 64 * 128, 64 * a, kh, wg_key0, b, elected);
-        tma_store_4d_if(&tm_dv, dv_t + a * BN * 128, 64 * a, kh, wg_key0, b, elected);
-    }
-    bulk_commit_if(elected);
     bulk_wait_all_if<1>(elected); /* the block's shared memory stays until every bulk copy has read it */
 #else
     __trap(); /* built without sm_90a: the host never launches this */
@@ -2548,11 +2635,12 @@ extern "C" int attn_forward(const uint16_t *q, const uint16_t *k, const uint16_t
     return 0;
 }
 
+#define BWD_SCHED_BYTES 256 /* the workspace's head: the persistent backward's item counter, zeroed with the dQ accumulator */
 extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
     /* dQ accumulator: [B, N, H, d] for the Hopper kernels, [B, H, padded N, d] in fragment order for the mma.sync one */
     size_t dq = (size_t)B * dqf_padded_rows(N) * H * d * sizeof(float);
     size_t delta = (size_t)B * H * N * sizeof(float);  /* Delta [B, H, N] */
-    return dq + ((delta + 255) / 256) * 256;
+    return BWD_SCHED_BYTES + dq + ((delta + 255) / 256) * 256;
 }
 
 template <int D, int BM, int BN, int NW>
@@ -2581,11 +2669,12 @@ static void launch_bwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, const 
 /* 0, or -1 where no tensor map could be made (the caller falls back to version 3) */
 template <int D, int ST, int DQ_BULK, int KV_REGS>
 static int launch_bwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
-                          float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
+                          float *dq_acc, int *item_next, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
     constexpr int BN = 128, BM = 64;
-    /* alignment; K, V, the Q/dO ring, three dS^T buffers; dQ staging; lse, Delta, window starts per stage; tile ranges; mbarriers */
-    constexpr size_t smem = 1024 + (size_t)(2 * BN * D + 2 * ST * BM * D + 3 * BN * BM) * 2 + (DQ_BULK ? 2 * 64 * 64 * 4 : 0) +
-                            3 * ST * BM * 4 + 2 * MAX_GQA_GROUP * 4 + 8 * (1 + 2 * ST + 3);
+    constexpr int KVB = bwd_kv_buffers(D);
+    /* alignment; the K/V buffers, the Q/dO ring, three dS^T buffers; dQ staging; lse, Delta, window starts per stage; mbarriers */
+    constexpr size_t smem = 1024 + (size_t)(KVB * 2 * BN * D + 2 * ST * BM * D + 3 * BN * BM) * 2 + (DQ_BULK ? 2 * 64 * 64 * 4 : 0) +
+                            3 * ST * BM * 4 + 8 + 8 * (2 * KVB + 2 * ST + 3 + 4);
     static_assert(smem <= 227 * 1024, "shared memory per block");
     CUtensorMap tm_q, tm_do, tm_k, tm_v, tm_dq, tm_dk, tm_dv;
     if (make_tensor_map(&tm_q, q, D, H, N, B, BM) || make_tensor_map(&tm_do, dout, D, H, N, B, BM) || make_tensor_map(&tm_k, k, D, Hk, N, B, BN) ||
@@ -2594,8 +2683,15 @@ static int launch_bwd_tma(const bf16 *q, const bf16 *k, const bf16 *v, const bf1
         return -1;
     auto kern = flash_bwd_tma_kernel<D, ST, DQ_BULK, KV_REGS>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
-    kern<<<grid, 384, smem>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, tm_dk, tm_dv, lse, delta, dq_acc, N, H, Hk, G, scale * LOG2E, scale);
+    /* persistent: one block per SM (the registers allow no more), each walking its share of
+     * the key blocks */
+    const long long n_items = (long long)((N + BN - 1) / BN) * Hk * B;
+    if (n_items > INT_MAX) return -1;
+    int dev = 0, n_sm = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
+    const unsigned grid = (unsigned)(n_items < n_sm ? n_items : n_sm);
+    kern<<<grid, 384, smem>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, tm_dk, tm_dv, lse, delta, dq_acc, item_next, B, N, H, Hk, G, scale * LOG2E, scale);
     LAUNCH_OK();
     return 0;
 }
@@ -2603,9 +2699,10 @@ template <int D>
 static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o, const bf16 *dout, const float *lse,
                        bf16 *dq, bf16 *dk, bf16 *dv, void *workspace, int B, int N, int H, int Hk, int G) {
     const size_t rows = (size_t)B * N * H, acc_floats = (size_t)B * dqf_padded_rows(N) * H * D;
-    float *dq_acc = (float *)workspace; /* [B, N, H, d], or [B, H, padded N / 32, D / 8, 8, 32] in fragment order */
+    int *item_next = (int *)workspace;  /* the persistent backward's next item, less gridDim.x */
+    float *dq_acc = (float *)((char *)workspace + BWD_SCHED_BYTES); /* [B, N, H, d], or [B, H, padded N / 32, D / 8, 8, 32] in fragment order */
     float *delta = dq_acc + acc_floats; /* [B, H, N] */
-    CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, acc_floats * sizeof(float)));
+    CUDA_CHECK(cudaMemsetAsync(workspace, 0, BWD_SCHED_BYTES + acc_floats * sizeof(float)));
     bwd_preprocess_kernel<D><<<(unsigned)((rows + 7) / 8), 256>>>(o, dout, delta, N, H, rows);
     LAUNCH_OK();
     const float scale = 1.f / sqrtf((float)D);
@@ -2617,10 +2714,10 @@ static void launch_bwd(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *
     case 3: launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); break;
     case 4: case 5: case 6: case 7: {
         if (D != 64 && variant == 7) variant = 5; /* d = 128: K and V fragments would take 64 of the 240 registers */
-        const int r = variant == 4   ? launch_bwd_tma<D, 2, 0, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
-                      : variant == 5 ? launch_bwd_tma<D, 2, 1, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
-                      : variant == 6 ? launch_bwd_tma<D, 3, 0, 0>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale)
-                                     : launch_bwd_tma<D, 2, 1, D == 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale);
+        const int r = variant == 4   ? launch_bwd_tma<D, 2, 0, 0>(q, k, v, dout, lse, delta, dq_acc, item_next, dk, dv, B, N, H, Hk, G, scale)
+                      : variant == 5 ? launch_bwd_tma<D, 2, 1, 0>(q, k, v, dout, lse, delta, dq_acc, item_next, dk, dv, B, N, H, Hk, G, scale)
+                      : variant == 6 ? launch_bwd_tma<D, 3, 0, 0>(q, k, v, dout, lse, delta, dq_acc, item_next, dk, dv, B, N, H, Hk, G, scale)
+                                     : launch_bwd_tma<D, 2, 1, D == 64>(q, k, v, dout, lse, delta, dq_acc, item_next, dk, dv, B, N, H, Hk, G, scale);
         if (r != 0) launch_bwd_wgmma<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, N, H, Hk, G, scale); /* no tensor map: version 3 */
         break;
     }
