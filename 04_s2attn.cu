@@ -17,11 +17,13 @@
  * forward is warp-specialised: a producer warpgroup copies K and V with the tensor memory
  * accelerator (TMA) into a ring of shared-memory stages guarded by mbarriers, and two
  * consumer warpgroups overlap one tile's softmax with the next tile's products. The backward
- * has the same warp-specialised form (version 3b; the Hopper default adds each tile's dQ
- * into the fp32 accumulator with one bulk tensor reduce-add per warpgroup).
+ * has the same warp-specialised form and is persistent (version 3b: one block an SM walks
+ * the key blocks in grid order, the next one's tiles loading while one ends; the Hopper
+ * default adds each tile's dQ into the fp32 accumulator with one bulk tensor reduce-add per
+ * warpgroup).
  * Runs on: NVIDIA GPUs with bf16 tensor cores (sm_80 and later; the Makefile builds sm_80 and
  * sm_90a code).
- * Leaves out: a persistent grid, dropout,
+ * Leaves out: a persistent forward, dropout,
  * non-causal attention, head dims other than 64 and 128 in the flash kernels, fp16, a naive
  * backward.
  *
