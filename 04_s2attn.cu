@@ -2801,15 +2801,6 @@ static int cmp_float(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* attended (query, key) pairs of one head, summed over the segments of an S2 head */
-static double causal_pairs(double n) { return n * n / 2.0; }
-static double s2_pairs(int N, int G, int h, int H) {
-    if (G == 0) return causal_pairs(N);
-    if (h < H / 2) return (double)(N / G) * causal_pairs(G);
-    int S = G / 2;
-    return causal_pairs(S) + (double)(N / G - 1) * causal_pairs(G) + causal_pairs(G - S);
-}
-
 typedef struct {
     int N, G;
     float fwd_ms, fwdbwd_ms;
@@ -2862,7 +2853,7 @@ static void time_attention_once(const BenchBuffers *b, cudaEvent_t e0, cudaEvent
 /* forward FLOPs of B sequences of N tokens, H heads, S2 group G: 4 * B * pairs * d */
 static double attention_flop(int B, int N, int H, int d, int G) {
     double pairs = 0;
-    for (int h = 0; h < H; h++) pairs += s2_pairs(N, G, h, H);
+    for (int h = 0; h < H; h++) pairs += s2_head_pairs((size_t)N, h, H, (size_t)G, 0); /* N^2/2 a segment, the flash-attention convention */
     return 4.0 * B * pairs * d; /* 4*B*H*N^2*d/2 for full causal */
 }
 

@@ -161,8 +161,7 @@ static StepResult train_step(Trainer *t) {
  * count is the model's, as MFU is defined: the GPU step's recompute is not counted. */
 static double train_flops_per_token(const Config *c, int N, int G) {
     double visible = 0; /* keys per query, averaged over positions and heads */
-    for (int h = 0; h < c->n_heads; h++)
-        for (size_t i = 0; i < (size_t)N; i++) visible += (double)(i - s2_first_key(i, h, c->n_heads, (size_t)G) + 1);
+    for (int h = 0; h < c->n_heads; h++) visible += s2_head_pairs((size_t)N, h, c->n_heads, (size_t)G, 1);
     visible /= (double)N * c->n_heads;
     double attn = 12.0 * c->n_layers * (double)c->n_heads * c->head_dim * visible;
     return 6.0 * (double)config_param_count(c) + attn;

@@ -1367,6 +1367,28 @@ static inline S2_HOSTDEV size_t s2_segment_end(size_t j, int h, int H, size_t G,
     return first + len < N ? first + len : N;        /* the last segment ends at N */
 }
 
+/* The (query, key) pairs head h attends over N tokens, segment by segment: a segment of L
+ * queries holds L (L + 1) / 2 of them with the diagonal (diagonal = 1: what training's MFU
+ * counts, 05_train.c), or L^2 / 2 without it (diagonal = 0: the count flash-attention
+ * benchmarks use for FLOPs, 04_s2attn.cu --bench and bench/attn_ab.cu). Closed form of
+ * summing i - s2_first_key(i) + 1 over the queries; tests/test_common.c checks the two agree. */
+static inline double s2_head_pairs(size_t N, int h, int H, size_t G, int diagonal) {
+#define S2_SEGMENT_PAIRS(L) ((double)(L) * (double)(L) / 2.0 + (diagonal ? (double)(L) / 2.0 : 0.0))
+    if (G == 0) return S2_SEGMENT_PAIRS(N);          /* full attention: one segment */
+    double pairs = 0;
+    size_t start = 0;
+    if (h >= H / 2) {                                /* shifted: the short first segment [0, S) */
+        const size_t S = G / 2;
+        if (N <= S) return S2_SEGMENT_PAIRS(N);
+        pairs = S2_SEGMENT_PAIRS(S);
+        start = S;
+    }
+    const size_t rest = N - start;                   /* whole segments of G, then what is left */
+    pairs += (double)(rest / G) * S2_SEGMENT_PAIRS(G) + S2_SEGMENT_PAIRS(rest % G);
+    return pairs;
+#undef S2_SEGMENT_PAIRS
+}
+
 /* The S2-Attn group for N tokens at group ratio `ratio` (G = N * ratio, a whole number that
  * divides N), the one rule every stage uses. A ratio of 1 is one group spanning the whole
  * sequence: nothing is sparse or shifted, so that is full causal attention and *G = 0.

@@ -13,10 +13,10 @@
  * Cases: causal, H = Hk = 32, d = 128 (or --d 64), B * N = 32k tokens; N = 1k, 4k, 16k, 32k,
  * and S2 at N = 16k with G = 4k, or the N:G pairs of --cases (G = 0: full causal), e.g.
  * --cases 1024:0,4096:1024 for S2 at G = 1k beside the full kernel at N = G. FLOPs: the
- * forward 4 B d times the attended pairs, each query's window counted from s2_first_key
- * (common.h) with its own key, as 05_train.c counts them (N (N + 1) / 2 a causal head, 0.1%
- * above 04_s2attn --bench's N^2 / 2 at 1k; ratios between builds do not depend on it), the
- * backward 2.5x the forward.
+ * forward 4 B d times the attended pairs, counted as 04_s2attn --bench counts them
+ * (common.h's s2_head_pairs without the diagonal: N^2 / 2 a causal head; results written
+ * before this counted N (N + 1) / 2, 0.1% more at 1k, and ratios between builds do not
+ * depend on it), the backward 2.5x the forward.
  * Output: JSON on stdout, one entry a build and case: {"case", "lib", "fwd_ms", "bwd_ms",
  * "fwd_tflops", "bwd_tflops", "fb_tflops"}.
  * Leaves out: GQA, odd N (tests/test_gpu_attention checks those; this only times).
@@ -69,11 +69,11 @@ static void check(cudaError_t e, const char *what) {
     }
 }
 
-/* the (query, key) pairs the B * H heads attend: query i of head h sees keys s2_first_key..i */
+/* the (query, key) pairs the B * H heads attend, counted as 04_s2attn --bench counts them
+ * (s2_head_pairs without the diagonal: L^2 / 2 a segment of L queries) */
 static double attended_pairs(int B, int N, int H, int G) {
     double pairs = 0;
-    for (int h = 0; h < H; h++)
-        for (int i = 0; i < N; i++) pairs += (double)(i - (int)s2_first_key((size_t)i, h, H, (size_t)G) + 1);
+    for (int h = 0; h < H; h++) pairs += s2_head_pairs((size_t)N, h, H, (size_t)G, 0);
     return pairs * B;
 }
 

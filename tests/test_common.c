@@ -365,6 +365,25 @@ static void test_s2_bounds(void) {
         EXPECT(s2_first_key(N - 1, 0, H, 0) == 0, "G=0 is full attention");
         EXPECT(s2_first_key(N - 1, H - 1, H, N) == N / 2, "shifted head at G=N: last segment starts at N/2");
     }
+    /* s2_head_pairs (closed form) against the sum of the windows s2_first_key gives, for
+     * groups that divide N and groups that do not, G >= N, G = 1 and G = 0, odd H */
+    const size_t pair_Ns[] = {1, 7, 16, 24, 33, 100, 4096};
+    const size_t pair_Gs[] = {0, 1, 2, 3, 4, 6, 8, 10, 16, 100, 1024, 5000};
+    const int pair_Hs[] = {1, 2, 9};
+    for (size_t a = 0; a < sizeof pair_Ns / sizeof *pair_Ns; a++)
+        for (size_t c = 0; c < sizeof pair_Gs / sizeof *pair_Gs; c++)
+            for (size_t e = 0; e < sizeof pair_Hs / sizeof *pair_Hs; e++) {
+                const size_t N = pair_Ns[a], G = pair_Gs[c];
+                const int H = pair_Hs[e];
+                for (int h = 0; h < H; h++) {
+                    double scan = 0;
+                    for (size_t i = 0; i < N; i++) scan += (double)(i - s2_first_key(i, h, H, G) + 1);
+                    EXPECT(s2_head_pairs(N, h, H, G, 1) == scan, "s2 pairs N=%zu G=%zu H=%d h=%d: %.1f vs a scan's %.1f", N, G, H, h,
+                           s2_head_pairs(N, h, H, G, 1), scan);
+                    EXPECT(s2_head_pairs(N, h, H, G, 0) == scan - (double)N / 2, "s2 pairs without the diagonal N=%zu G=%zu H=%d h=%d", N,
+                           G, H, h);
+                }
+            }
 }
 
 int main(void) {
