@@ -150,6 +150,12 @@ TEST_VENV := $(if $(filter environment command line,$(origin PYTHON)),,.venv/req
 test: all $(TEST_CPU) $(TEST_GPU) $(TEST_VENV)
 	@bash tests/run.sh
 
+# The GPU tests alone, then compute-sanitizer (memcheck, racecheck, synccheck) on the attention
+# kernels' test: what to run after a change to 04_*.cu, 05_train_gpu.c or 06_infer.c.
+.PHONY: test-gpu
+test-gpu: 05_train $(TEST_GPU)
+	@bash tests/run.sh --gpu
+
 # The long fuzz run: every tests/fuzz_*.c target for 10 M executions (FUZZ_RUNS) under ASan
 # and UBSan; `make test` runs the same targets for a short time. Its counts are in the README.
 .PHONY: fuzz

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test under tests/ and ends with one line "N passed, N failed, N skipped".
 # A test passes with exit 0, is skipped with exit 77 (it prints why), fails otherwise.
+#   bash tests/run.sh          every test (make test)
+#   bash tests/run.sh --gpu    the GPU tests alone (tests/test_gpu_*), then compute-sanitizer's
+#                              memcheck, racecheck and synccheck on the attention kernels' test
+#                              (its --quick set: every tile variant; make test-gpu)
 cd "$(dirname "$0")/.." || exit 1
+gpu_only=0
+[ "${1:-}" = --gpu ] && gpu_only=1
 pass=0; fail=0; skip=0; failed=()
 mkdir -p build/logs
 run_one() {  # name, command...
@@ -16,6 +22,7 @@ run_one() {  # name, command...
 }
 for src in tests/test_*.c; do
   [ -e "$src" ] || continue
+  [ $gpu_only = 1 ] && continue
   case "$src" in tests/test_gpu_*) continue ;; esac
   name=$(basename "$src" .c); run_one "$name" "build/tests/$name"
 done
@@ -28,8 +35,17 @@ for src in tests/test_gpu_*.c; do
 done
 for src in tests/test_*.sh; do
   [ -e "$src" ] || continue
+  case "$src" in tests/test_gpu_*) ;; *) [ $gpu_only = 1 ] && continue ;; esac
   name=$(basename "$src" .sh); run_one "$name" bash "$src"
 done
+if [ $gpu_only = 1 ]; then
+  for tool in memcheck racecheck synccheck; do
+    name=sanitizer_$tool
+    if [ -z "${USE_CUDA:-}" ] || [ -z "${HAVE_GPU:-}" ]; then skip=$((skip+1)); printf 'SKIP  %-28s        needs a GPU and a CUDA build\n' "$name"
+    elif ! command -v compute-sanitizer > /dev/null; then skip=$((skip+1)); printf 'SKIP  %-28s        compute-sanitizer is not on PATH\n' "$name"
+    else run_one "$name" compute-sanitizer --tool $tool --error-exitcode 1 --print-limit 20 build/tests/test_gpu_attention --quick; fi
+  done
+fi
 [ $fail -eq 0 ] || echo "failed: ${failed[*]}"
 echo "$pass passed, $fail failed, $skip skipped"
 [ $fail -eq 0 ]
