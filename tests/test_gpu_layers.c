@@ -14,30 +14,11 @@
  */
 #define STAGE 0
 #include "04_gpu.h" /* the kernels under test (and common.h) */
+#include "gpu_mem.h"
 #include "check.h"
 
 
 static Rng g_rng;
-
-/* ---- device memory helpers ------------------------------------------------------------ */
-
-static void *dev_alloc(size_t bytes) {
-    void *p = NULL;
-    CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
-    return p;
-}
-static void *to_dev(const void *host, size_t bytes) {
-    void *p = dev_alloc(bytes);
-    CUDA_CHECK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
-    return p;
-}
-static void upload(void *dev, const void *host, size_t bytes) { CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice)); }
-static void download(void *host, const void *dev, size_t bytes) {
-    CUDA_CHECK(cudaDeviceSynchronize());
-    CUDA_CHECK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
-}
-/* 0xff bytes: NaN as bf16 and as fp32, so an unwritten element fails every comparison. */
-static void poison(void *dev, size_t bytes) { CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
 
 /* ---- random inputs ------------------------------------------------------------------- */
 

@@ -18,25 +18,10 @@
 #include "check.h"
 
 #include "04_gpu.h" /* the kernels under test */
+#include "gpu_mem.h"
 
 
 static Rng g_rng;
-
-static void *dev_alloc(size_t bytes) {
-    void *p = NULL;
-    CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));
-    return p;
-}
-static void *to_dev(const void *host, size_t bytes) {
-    void *p = dev_alloc(bytes);
-    CUDA_CHECK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
-    return p;
-}
-static void download(void *host, const void *dev, size_t bytes) {
-    CUDA_CHECK(cudaDeviceSynchronize());
-    CUDA_CHECK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
-}
-static void poison(void *dev, size_t bytes) { CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); } /* NaN bytes */
 
 /* n random bf16 values: bits for the GPU, the same values as float for the CPU stage. */
 static void rand_bf16(uint16_t *bits, float *vals, size_t n, float mean, float scale) {
