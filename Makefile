@@ -124,10 +124,11 @@ endif
 TEST_CPU := $(filter-out build/tests/test_gpu_%,$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_*.c)))
 TEST_GPU := $(if $(USE_CUDA),$(patsubst tests/%.c,build/tests/%,$(wildcard tests/test_gpu_*.c)))
 ALL_SRC  := $(HEADERS) $(wildcard 0*.c)
+TEST_HDR := $(wildcard tests/*.h) # the tests' shared helpers
 
 # C that calls the GPU API (the GPU tests, the training benchmark), linked with the 04 objects
 GPU_C_PROGRAM = $(CC) $(CFLAGS) -DUSE_CUDA $(if $(NCCL_LIBS),-DUSE_NCCL) -I. -I$(CUDA_HOME)/include $(NCCL_INC) -o $@ $< $(GPU_OBJ) $(CUDA_LIBS) $(NCCL_LIBS) $(LDLIBS)
-build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(GPU_OBJ)
+build/tests/test_gpu_%: tests/test_gpu_%.c $(ALL_SRC) $(TEST_HDR) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
 	$(GPU_C_PROGRAM)
 # the GPU training benchmark (bench/train_device.sh runs it)
@@ -135,7 +136,7 @@ build/train_bench: bench/train_bench.c $(ALL_SRC) $(GPU_OBJ)
 	@mkdir -p $(dir $@)
 	$(GPU_C_PROGRAM)
 
-build/tests/%: tests/%.c $(ALL_SRC)
+build/tests/%: tests/%.c $(ALL_SRC) $(TEST_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -I. -o $@ $< $(LDLIBS)
 
