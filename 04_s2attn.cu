@@ -2298,6 +2298,21 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
 #define DEC_THREADS 128
 #define DEC_MAX_R 8
 
+/* 8 bf16 values (one 16-byte load) as floats, times scale */
+__device__ __forceinline__ void bf16x8_to_float(uint4 raw, float scale, float out[8]) {
+    const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&raw;
+#pragma unroll
+    for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); out[2 * e] = f.x * scale; out[2 * e + 1] = f.y * scale; }
+}
+/* a lane's 16-byte slices of cache rows j0, j0 + step, j0 + 2 step, j0 + 3 step; zeros from row c1 on */
+__device__ __forceinline__ void load_rows4(const bf16 *base, size_t row_stride, int j0, int step, int c1, uint4 rows[4]) {
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        int j = j0 + u * step;
+        rows[u] = j < c1 ? *(const uint4 *)(base + (size_t)j * row_stride) : make_uint4(0, 0, 0, 0);
+    }
+}
+
 template <int D, int RMAX> /* RMAX: query heads per kv head the registers are sized for */
 __global__ void __launch_bounds__(DEC_THREADS)
 decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
@@ -2324,29 +2339,18 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
     float q[RMAX][8];
 #pragma unroll
     for (int r = 0; r < RMAX; r++) {
-        if (r < R) {
-            uint4 raw = *(const uint4 *)(Qn + ((size_t)b * H + kh * R + r) * D + part * 8);
-            const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&raw;
-#pragma unroll
-            for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); q[r][2 * e] = f.x * scale_log2; q[r][2 * e + 1] = f.y * scale_log2; }
-        }
+        if (r < R) bf16x8_to_float(*(const uint4 *)(Qn + ((size_t)b * H + kh * R + r) * D + part * 8), scale_log2, q[r]);
     }
     /* pass 1: scores */
     /* the loop bound is warp-uniform (jb), so every lane reaches the shuffles */
     for (int jb = c0 + warp * KPW; jb < c1; jb += 4 * KPB) {
         const int j0 = jb + sub;
         uint4 kr[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int j = j0 + u * KPB;
-            kr[u] = j < c1 ? *(const uint4 *)(Kb + (size_t)j * kv_stride) : make_uint4(0, 0, 0, 0);
-        }
+        load_rows4(Kb, kv_stride, j0, KPB, c1, kr);
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             float kf[8];
-            const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&kr[u];
-#pragma unroll
-            for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); kf[2 * e] = f.x; kf[2 * e + 1] = f.y; }
+            bf16x8_to_float(kr[u], 1.0f, kf);
 #pragma unroll
             for (int r = 0; r < RMAX; r++) {
                 if (r < R) {
@@ -2384,19 +2388,13 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
     for (int jb = c0 + warp * KPW; jb < c1; jb += 4 * KPB) {
         const int j0 = jb + sub;
         uint4 vr[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int j = j0 + u * KPB;
-            vr[u] = j < c1 ? *(const uint4 *)(Vb + (size_t)j * kv_stride) : make_uint4(0, 0, 0, 0);
-        }
+        load_rows4(Vb, kv_stride, j0, KPB, c1, vr);
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             int j = j0 + u * KPB;
             if (j >= c1) break;
             float vf[8];
-            const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&vr[u];
-#pragma unroll
-            for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); vf[2 * e] = f.x; vf[2 * e + 1] = f.y; }
+            bf16x8_to_float(vr[u], 1.0f, vf);
 #pragma unroll
             for (int r = 0; r < RMAX; r++) {
                 if (r < R) {
