@@ -1235,31 +1235,28 @@ __global__ void __launch_bounds__(256) dq_frag_convert_kernel(const float *__res
     }
 }
 
-#define MAX_GQA_GROUP 32
-
-/* A backward block (keys n0..n_last of kv head kh) visits the query tiles of BM queries that
- * reach its keys, head by head of the GQA group of R query heads: tiles s_tlo[r]..s_thi[r]
- * of head kh * R + r. Threads tid < R fill one head each; the caller then syncs. */
-/* the last query tile of head h that sees key n_last (the block's last key) */
-__device__ __forceinline__ int bwd_tile_hi(int h, int n_last, int BM, int H, int G, int N) {
-    return ((int)s2_segment_end((size_t)n_last, h, H, (size_t)G, (size_t)N) - 1) / BM;
-}
-__device__ __forceinline__ void bwd_tile_ranges(int *s_tlo, int *s_thi, int tid, int R, int kh, int n0, int n_last, int BM, int H, int G, int N) {
-    if (tid < R) {
-        s_tlo[tid] = n0 / BM;
-        s_thi[tid] = bwd_tile_hi(kh * R + tid, n_last, BM, H, G, N);
+/* The query tiles a backward block visits. The block holds keys n0..n_last of kv head kh;
+ * the query tiles of BM queries that reach them are, head by head of the GQA group of R query
+ * heads, tiles lo..hi(r) of head kh * R + r: lo = n0 / BM (no earlier query sees these keys,
+ * causal) and hi(r) the last tile with a query whose window holds key n_last. Every backward
+ * kernel walks them in this order, (r, mt) and the head's hi in registers. */
+struct BwdTiles {
+    int R, kh, lo, n_last, BM, H, G, N;
+    __device__ __forceinline__ int hi(int r) const {
+        return ((int)s2_segment_end((size_t)n_last, kh * R + r, H, (size_t)G, (size_t)N) - 1) / BM;
     }
-}
-__device__ __forceinline__ int bwd_total_tiles(const int *s_tlo, const int *s_thi, int R) {
-    int total = 0;
-    for (int r = 0; r < R; r++) total += s_thi[r] - s_tlo[r] + 1;
-    return total;
-}
-/* (r, mt) -> the (head index, query tile) that follows it in that order */
-__device__ __forceinline__ void bwd_next_tile(int &r, int &mt, const int *s_tlo, const int *s_thi, int R) {
-    mt++;
-    if (mt > s_thi[r]) { r++; if (r < R) mt = s_tlo[r]; }
-}
+    __device__ __forceinline__ int total() const {
+        int n = 0;
+        for (int r = 0; r < R; r++) n += hi(r) - lo + 1;
+        return n;
+    }
+    /* the first tile: head 0's first */
+    __device__ __forceinline__ void first(int &r, int &mt, int &hi_r) const { r = 0, mt = lo, hi_r = hi(0); }
+    /* (r, mt) -> the tile that follows it (past the last: r == R) */
+    __device__ __forceinline__ void next(int &r, int &mt, int &hi_r) const {
+        if (++mt > hi_r && ++r < R) mt = lo, hi_r = hi(r);
+    }
+};
 /* query i's values for the backward: lse * log2(e), Delta, its window's first key; past N
  * +inf, 0 and N, so that every P there is 0 */
 __device__ __forceinline__ void bwd_row_values(float &l2, float &dl, int &fk, const float *LSE, const float *Delta, int b, int H, int h, int N, int G, int i) {
@@ -1297,9 +1294,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     float *sL = (float *)(smem + (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2); /* [2, BM] lse (0 past N) */
     float *sDl = sL + 2 * BM;                     /* [2, BM] Delta */
     int *sFk = (int *)(sDl + 2 * BM);             /* [2, BM] s2_first_key of each query */
-    int *s_tlo = sFk + 2 * BM;                    /* [R] first query tile per head */
-    int *s_thi = s_tlo + MAX_GQA_GROUP;           /* [R] last query tile per head */
-    const uint32_t ds_full = smem_addr(s_thi + MAX_GQA_GROUP); /* mbarrier: every thread's P^T, dS^T stores of the tile are in */
+    const uint32_t ds_full = smem_addr(sFk + 2 * BM); /* mbarrier: every thread's P^T, dS^T stores of the tile are in */
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -1309,12 +1304,12 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     const size_t q_stride = (size_t)H * D, kv_stride = (size_t)Hk * D;
     const int n0 = n_block * BN, n_last = min(n0 + BN, N) - 1;
 
-    bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
+    const BwdTiles tiles = {R, kh, n0 / BM, n_last, BM, H, G, N};
     if (tid == 0) mbar_init(ds_full, NTHR);
     load_tile_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
     load_tile_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
-    __syncthreads(); /* s_tlo / s_thi and the mbarrier visible */
-    const int total = bwd_total_tiles(s_tlo, s_thi, R);
+    __syncthreads(); /* the mbarrier visible */
+    const int total = tiles.total();
 
     /* queues the Q / dO / lse / Delta tile of (head h, query tile mt) into buffer buf, all
      * by cp.async (lse and Delta 4 bytes a row, zeros past N, where the mask clears P), so
@@ -1337,7 +1332,8 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
             sFk[buf * BM + r] = i < N ? (int)s2_first_key((size_t)i, h, H, (size_t)G) : N;
         }
     };
-    int cur_r = 0, cur_mt = s_tlo[0];
+    int cur_r, cur_mt, cur_hi;
+    tiles.first(cur_r, cur_mt, cur_hi);
     load_q_tile(kh * R, cur_mt, 0);
     cp_async_commit();
 
@@ -1404,8 +1400,8 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
          * previous tile's P^T, dS^T and the buffers the next copy refills */
         cp_async_wait<0>();
         __syncthreads();
-        int nxt_r = cur_r, nxt_mt = cur_mt; /* the next (head, query tile) */
-        bwd_next_tile(nxt_r, nxt_mt, s_tlo, s_thi, R);
+        int nxt_r = cur_r, nxt_mt = cur_mt, nxt_hi = cur_hi; /* the next (head, query tile) */
+        tiles.next(nxt_r, nxt_mt, nxt_hi);
         if (it + 1 < total) load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
         cp_async_commit();
 
@@ -1544,8 +1540,7 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
         }
         mbar_wait(ds_full, it & 1); /* all of dS^T is in place (bench/NOTES.md step 26) */
         dq_tile(h, m0);
-        cur_r = nxt_r;
-        cur_mt = nxt_mt;
+        cur_r = nxt_r, cur_mt = nxt_mt, cur_hi = nxt_hi;
     }
 
     /* dK = scale * dS^T Q summed, dV: straight from registers */
@@ -1760,8 +1755,6 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
     float *sL = (float *)(smem + (sdS + 2 * BN * BM * 2 - smem_addr(smem))); /* [2, BM] lse * log2(e) */
     float *sDl = sL + 2 * BM;                        /* [2, BM] Delta */
     int *sFk = (int *)(sDl + 2 * BM);                /* [2, BM] s2_first_key of each query */
-    int *s_tlo = sFk + 2 * BM;                       /* [R] first query tile per head */
-    int *s_thi = s_tlo + MAX_GQA_GROUP;              /* [R] last query tile per head */
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wi = warp & 3;
     const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0); /* known warp-uniform: descriptors stay uniform */
@@ -1773,11 +1766,10 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
     const int wg_key0 = n0 + 64 * wg;                /* this warpgroup's 64 keys: rows of dK, dV */
     const int key_row = wg_key0 + 16 * wi + g;       /* this thread's keys: key_row, key_row + 8 */
 
-    bwd_tile_ranges(s_tlo, s_thi, tid, R, kh, n0, n_last, BM, H, G, N);
+    const BwdTiles tiles = {R, kh, n0 / BM, n_last, BM, H, G, N};
     load_tile_atoms_async<D, BN, NTHR>(sK, K + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
     load_tile_atoms_async<D, BN, NTHR>(sV, V + (size_t)b * N * kv_stride + (size_t)kh * D, kv_stride, n0, N, tid);
-    __syncthreads(); /* s_tlo / s_thi visible */
-    const int total = bwd_total_tiles(s_tlo, s_thi, R);
+    const int total = tiles.total();
 
     auto load_q_tile = [&](int h, int mt, int buf) {
         const size_t off = (size_t)b * N * q_stride + (size_t)h * D;
@@ -1795,7 +1787,8 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
     auto store_row = [&](int buf) {
         if (tid < BM) { sL[buf * BM + tid] = row_l; sDl[buf * BM + tid] = row_dl; sFk[buf * BM + tid] = row_fk; }
     };
-    int cur_r = 0, cur_mt = s_tlo[0];
+    int cur_r, cur_mt, cur_hi;
+    tiles.first(cur_r, cur_mt, cur_hi);
     load_q_tile(kh * R, cur_mt, 0);
     cp_async_commit();
     fetch_row(kh * R, cur_mt);
@@ -1825,8 +1818,8 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         cp_async_wait<0>();
         fence_proxy_async(); /* this thread's cp.async and st.shared writes -> wgmma reads */
         __syncthreads();
-        int nxt_r = cur_r, nxt_mt = cur_mt;
-        bwd_next_tile(nxt_r, nxt_mt, s_tlo, s_thi, R);
+        int nxt_r = cur_r, nxt_mt = cur_mt, nxt_hi = cur_hi;
+        tiles.next(nxt_r, nxt_mt, nxt_hi);
         if (it + 1 < total) {
             load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
             fetch_row(kh * R + nxt_r, nxt_mt);
@@ -1869,8 +1862,7 @@ flash_bwd_wgmma_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, c
         store_row(buf ^ 1); /* the next tile's row values (that buffer was last read in tile it-1) */
         prev_h = h;
         prev_m0 = m0;
-        cur_r = nxt_r;
-        cur_mt = nxt_mt;
+        cur_r = nxt_r, cur_mt = nxt_mt, cur_hi = nxt_hi;
     }
     fence_proxy_async();
     __syncthreads();
@@ -2004,7 +1996,7 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
      * the others through s_item, a ring of two (item_full: its one arrival; item_empty: the
      * row warp's 32 lanes and the 256 consumer threads, each once it has read the slot). An
      * item >= n_items ends every role's walk. Every role walks the same items and, in each,
-     * the same query tiles (head by head of the kv group, tiles lo..hi of head kh * R + r);
+     * the same query tiles (BwdTiles: head by head of the kv group, tiles lo..hi(r));
      * j counts the tiles over all of this block's items, so the Q/dO ring and the dS^T
      * buffers run on from one item into the next. */
     auto take_item = [&](int it_n) { /* the readers' side: item number it_n of this block */
@@ -2014,19 +2006,15 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         mbar_arrive_if(item_empty + 8 * slot, true);
         return item;
     };
-    int kh = 0, b = 0, n0 = 0, n_last = 0, lo = 0, total = 0;
+    int kh = 0, b = 0, n0 = 0, total = 0;
+    BwdTiles tiles = {R, 0, 0, 0, BM, H, G, N}; /* this item's query tiles */
     auto item_start = [&](int item) {
         const int n_block = item % n_blocks;
         kh = (item / n_blocks) % Hk;
         b = item / (n_blocks * Hk);
         n0 = n_block * BN;
-        n_last = min(n0 + BN, N) - 1;
-        lo = n0 / BM;
-        total = 0;
-        for (int r = 0; r < R; r++) total += bwd_tile_hi(kh * R + r, n_last, BM, H, G, N) - lo + 1;
-    };
-    auto next_tile = [&](int &r, int &mt, int &hi) { /* (r, mt) -> the next tile of this item */
-        if (++mt > hi && ++r < R) mt = lo, hi = bwd_tile_hi(kh * R + r, n_last, BM, H, G, N);
+        tiles.kh = kh, tiles.lo = n0 / BM, tiles.n_last = min(n0 + BN, N) - 1;
+        total = tiles.total();
     };
 
     /* the dQ of the first tile's "previous tile" is discarded (see dq_out), but reads buffer 2 */
@@ -2070,7 +2058,8 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
                 }
                 if (item >= n_items) break;
                 item_start(item);
-                int r = 0, mt = lo, hi = bwd_tile_hi(kh * R, n_last, BM, H, G, N);
+                int r, mt, hi;
+                tiles.first(r, mt, hi);
                 for (int t = 0; t < total; t++, j++) {
                     const int st = j % ST, h = kh * R + r;
                     mbar_wait(q_empty + 8 * st, ((j / ST) & 1) ^ 1); /* the first pass finds the ring empty */
@@ -2095,7 +2084,7 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
                             bwd_row_values(sL[st * BM + l], sDl[st * BM + l], sFk[st * BM + l], LSE, Delta, b, H, h, N, G, mt * BM + l);
                         mbar_arrive_if(q_full + 8 * st, true); /* releases this lane's stores */
                     }
-                    next_tile(r, mt, hi);
+                    tiles.next(r, mt, hi);
                 }
             }
         }
@@ -2194,7 +2183,7 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         dq_out(dq, prev_h, prev_m0, !first);
         prev_h = cur_h;
         prev_m0 = cur_m0;
-        next_tile(cur_r, cur_mt, cur_hi);
+        tiles.next(cur_r, cur_mt, cur_hi);
         cur_h = kh * R + cur_r;
         cur_m0 = cur_mt * BM;
     };
@@ -2212,8 +2201,8 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
         sV = sK + KT;
         wg_key0 = n0 + 64 * cwg;
         key_row = wg_key0 + 16 * wi + g;
-        cur_r = 0, cur_mt = lo, cur_hi = bwd_tile_hi(kh * R, n_last, BM, H, G, N);
-        cur_h = prev_h = kh * R, cur_m0 = prev_m0 = lo * BM;
+        tiles.first(cur_r, cur_mt, cur_hi);
+        cur_h = prev_h = kh * R, cur_m0 = prev_m0 = cur_mt * BM;
 #pragma unroll
         for (int dn = 0; dn < D / 8; dn++)
 #pragma unroll
@@ -2518,11 +2507,10 @@ extern "C" int attn_set_tile_variant(int fwd, int bwd) {
     return 0;
 }
 
-/* the flash kernels' arguments: check_attn_args's, head dim 64 or 128, H/Hk <= MAX_GQA_GROUP */
+/* the flash kernels' arguments: check_attn_args's, head dim 64 or 128 */
 static int check_shape(int B, int N, int H, int Hk, int d, int G) {
     if (check_attn_args(B, N, H, Hk, G) != 0) return -1;
     if (d != 64 && d != 128) return set_error("attention: head dim %d is not supported (64 or 128)", d);
-    if (H / Hk > MAX_GQA_GROUP) return set_error("attention: %d query heads per kv head is more than %d", H / Hk, MAX_GQA_GROUP);
     return 0;
 }
 
@@ -2646,8 +2634,8 @@ extern "C" size_t attn_backward_workspace_bytes(int B, int N, int H, int d) {
 template <int D, int BM, int BN, int NW>
 static void launch_bwd_tiles(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
                              float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
-    /* K, V, two Q/dO stages, P^T and dS^T; lse, Delta and window starts per query; per-head tile ranges; an mbarrier */
-    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + (2 * BM + 2 * MAX_GQA_GROUP) * sizeof(int) + 8;
+    /* K, V, two Q/dO stages, P^T and dS^T; lse, Delta and window starts per query; an mbarrier */
+    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 4 * BM * sizeof(float) + 2 * BM * sizeof(int) + 8;
     auto kern = flash_bwd_kernel<D, BM, BN, NW>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);
@@ -2658,8 +2646,8 @@ template <int D>
 static void launch_bwd_wgmma(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,
                              float *dq_acc, bf16 *dk, bf16 *dv, int B, int N, int H, int Hk, int G, float scale) {
     constexpr int BN = 128, BM = 64;
-    /* K, V, two Q/dO stages, two dS^T stages, alignment; lse, Delta, window starts; tile ranges */
-    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 1024 + 6 * BM * sizeof(float) + 2 * MAX_GQA_GROUP * sizeof(int);
+    /* K, V, two Q/dO stages, two dS^T stages, alignment; lse, Delta, window starts */
+    constexpr size_t smem = (size_t)(2 * BN * D + 4 * BM * D + 2 * BN * BM) * 2 + 1024 + 6 * BM * sizeof(float);
     auto kern = flash_bwd_wgmma_kernel<D>;
     CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((N + BN - 1) / BN), (unsigned)Hk, (unsigned)B);

@@ -288,8 +288,6 @@ static void gpu_train_init(GpuTrainer *g, const Model *m, const LoraAdapter *ad,
     size_t D = (size_t)c->dim, V = (size_t)c->vocab_size, L = (size_t)c->n_layers;
     if (c->head_dim != 64 && c->head_dim != 128)
         die("the GPU training step needs head_dim 64 or 128 (this model has %d); train it with --device cpu", c->head_dim);
-    if (c->n_heads / c->n_kv_heads > 32)
-        die("the GPU attention needs at most 32 query heads per kv head (this model has %d); train it with --device cpu", c->n_heads / c->n_kv_heads);
     if (ad->cfg.dropout > 0.0f) die("LoRA dropout %g is not supported by the GPU training step (LongLoRA uses 0); train with --device cpu", (double)ad->cfg.dropout);
     g->weight_bytes = tg_weight_bytes(c, opt);
 #ifdef USE_NCCL
@@ -1037,7 +1035,6 @@ static void train_gpu_select_device(const TrainOptions *o) {
 /* Why the GPU step cannot train this model (NULL: it can), for 04_load.c's device_choose. */
 static const char *train_gpu_why_not(const Config *c, double lora_dropout) {
     if (c->head_dim != 64 && c->head_dim != 128) return "the GPU kernels need head_dim 64 or 128";
-    if (c->n_heads / c->n_kv_heads > 32) return "the GPU attention takes at most 32 query heads per kv head";
     if (lora_dropout > 0) return "the GPU step has no LoRA dropout";
     return NULL;
 }

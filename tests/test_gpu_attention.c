@@ -491,6 +491,7 @@ int main(int argc, char **argv) {
         {1, 1000, 2, 2, 64, 200},  /* S2 d=64, many tiles */
         {2, 256, 4, 2, 128, 256},  /* S2 with G = N: a shifted head is its two half groups, one block (paired) */
         {2, 1536, 8, 4, 64, 512},  /* S2, GQA 2:1, half groups of two tiles paired in the forward and backward */
+        {1, 150, 40, 1, 64, 30},   /* S2, 40 query heads per kv head: a backward block walks 40 heads' tiles */
     };
     const int n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
     int run = 0;
