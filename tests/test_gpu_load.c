@@ -20,6 +20,7 @@
 #define STAGE 0
 #include "../05_train.c"
 #include "check.h"
+#include "split_args.h"
 
 #include <sys/wait.h>
 
@@ -212,9 +213,7 @@ static int run_train(const char *flags, char *err, size_t cap) {
     char buf[2048];
     snprintf(buf, sizeof buf, "%s --train %s", g_self, flags);
     char *argv[64];
-    int argc = 0;
-    for (char *tok = strtok(buf, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    argv[argc] = NULL;
+    split_args(buf, argv, 64);
     int fd[2];
     CHECK(pipe(fd) == 0, "pipe: %s", strerror(errno));
     fflush(stdout);

@@ -28,6 +28,7 @@
 #pragma GCC diagnostic ignored "-Wformat-truncation" /* scratch paths are short */
 
 #include "check.h"
+#include "split_args.h"
 #include "train_log.h"
 
 static char g_tmp[256]; /* this test's scratch folder */
@@ -79,9 +80,7 @@ static int parse_flags(TrainOptions *o, const char *flags) {
     char buf[1024];
     snprintf(buf, sizeof buf, "05_train %s", flags);
     char *argv[64];
-    int argc = 0;
-    for (char *tok = strtok(buf, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    argv[argc] = NULL;
+    int argc = split_args(buf, argv, 64);
     train_defaults(o);
     g_last_error[0] = 0;
     int rc = train_parse_args(o, argc, argv);
@@ -99,9 +98,7 @@ static int run_training(const char *flags, const char *log, const char *csv_path
     static char buf[4096];
     snprintf(buf, sizeof buf, "%s --train %s", g_self, flags);
     char *argv[128];
-    int argc = 0;
-    for (char *tok = strtok(buf, " "); tok && argc < 127; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    argv[argc] = NULL;
+    split_args(buf, argv, 128);
     fflush(stdout);
     pid_t pid = fork();
     CHECK(pid >= 0, "fork failed");
@@ -735,8 +732,7 @@ static void test_resume(void) {
  * spaces; the string is cut up), as 05_train's main sets one up, ready for trainer_run. */
 static Trainer *trainer_from_flags(char *flags) {
     char *argv[32];
-    int argc = 0;
-    for (char *tok = strtok(flags, " "); tok && argc < 31; tok = strtok(NULL, " ")) argv[argc++] = tok;
+    int argc = split_args(flags, argv, 32);
     Trainer *t = (Trainer *)xcalloc(1, sizeof(Trainer));
     train_defaults(&t->opt);
     CHECK(train_parse_args(&t->opt, argc, argv) == 0, "%s", last_error());

@@ -13,6 +13,8 @@
 #define STAGE 0
 #include "05_train.c"
 #include "check.h"
+#include "split_args.h"
+#include "train_log.h"
 #pragma GCC diagnostic ignored "-Wformat-truncation" /* scratch paths are short */
 
 /* Some English when the machine has no licence texts: sentences from a small grammar. */
@@ -56,23 +58,13 @@ int main(void) {
              "05_train --init random --shape tiny --data %s --ctx 128 --batch 4 --max-steps 40 --lr 3e-3 --warmup 5 --seed 7 --log-every 10 --out %s",
              data, out);
     char *argv[64];
-    int argc = 0;
-    for (char *tok = strtok(argbuf, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    argv[argc] = NULL;
+    int argc = split_args(argbuf, argv, 64);
     int rc = train_main(argc, argv);
     EXPECT(rc == 0, "training exits %d", rc);
 
     /* the loss curve from the CSV log */
     double loss[64];
-    int steps = 0;
-    char *csv = read_file(path_join(path, sizeof path, out, "train_log.csv"), NULL);
-    EXPECT(csv != NULL, "no train_log.csv");
-    for (char *line = csv ? strchr(csv, '\n') : NULL; line && line[1] && steps < 64; line = strchr(line + 1, '\n')) {
-        int step;
-        double l;
-        if (sscanf(line + 1, "%d,%lf", &step, &l) == 2 && step == steps + 1) loss[steps++] = l;
-    }
-    free(csv);
+    int steps = train_log_column(path_join(path, sizeof path, out, "train_log.csv"), TRAIN_LOG_LOSS, loss, 64);
     EXPECT(steps == 40, "the log holds %d steps, want 40", steps);
     if (steps == 40) {
         double first = (loss[0] + loss[1] + loss[2]) / 3, last = 0;

@@ -18,6 +18,7 @@
 #define STAGE 0
 #include "05_train.c"
 #include "check.h"
+#include "split_args.h"
 
 #define FIX "tests/fixtures/train"
 
@@ -62,9 +63,7 @@ int main(void) {
              "--batch 1 --grad-accum 2 --clip 1.0 --lr 5e-3 --warmup 3 --weight-decay 0.1 --betas 0.9,0.95 --eps 1e-8 "
              "--max-steps %u --quiet --out %s/out", steps, dir);
     char *argv[64];
-    int argc = 0;
-    for (char *tok = strtok(argbuf, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
-    argv[argc] = NULL;
+    int argc = split_args(argbuf, argv, 64);
     int rc = train_main(argc, argv);
     EXPECT(rc == 0, "training exits %d", rc);
 
