@@ -19,49 +19,9 @@
 #include "../06_infer.c"
 
 #include "check.h"
+#include "fixture.h"
 
 #define FIX "tests/fixtures/infer"
-
-typedef struct { char name[128]; int code; size_t numel; void *data; } FxArr;
-typedef struct { FxArr *a; size_t n; } Fx;
-
-static int fx_load(Fx *fx, const char *path) {
-    memset(fx, 0, sizeof *fx);
-    size_t len;
-    char *raw = read_file(path, &len);
-    if (!raw) return -1;
-    const uint8_t *p = (const uint8_t *)raw, *end = p + len;
-#define NEED(n) do { if ((size_t)(end - p) < (size_t)(n)) { free(raw); return set_error("%s: truncated", path); } } while (0)
-    NEED(12);
-    uint32_t ver, count;
-    if (memcmp(p, "INFX", 4) != 0) { free(raw); return set_error("%s: bad magic", path); }
-    memcpy(&ver, p + 4, 4); memcpy(&count, p + 8, 4); p += 12;
-    if (ver != 1) { free(raw); return set_error("%s: version %u", path, ver); }
-    fx->a = (FxArr *)xcalloc(count ? count : 1, sizeof(FxArr));
-    for (uint32_t k = 0; k < count; k++) {
-        FxArr *t = &fx->a[fx->n++];
-        uint32_t nl, code, nd;
-        NEED(4); memcpy(&nl, p, 4); p += 4;
-        NEED(nl); if (nl >= sizeof t->name) { free(raw); return set_error("%s: long name", path); }
-        memcpy(t->name, p, nl); p += nl;
-        NEED(8); memcpy(&code, p, 4); memcpy(&nd, p + 4, 4); p += 8;
-        if (code > 2 || nd > 4) { free(raw); return set_error("%s: bad header", path); }
-        t->code = (int)code; t->numel = 1;
-        for (uint32_t d = 0; d < nd; d++) { uint64_t v; NEED(8); memcpy(&v, p, 8); p += 8; t->numel *= (size_t)v; }
-        size_t bytes = t->numel * (code == 2 ? 8 : 4);
-        NEED(bytes);
-        t->data = xmalloc(bytes + 1);
-        memcpy(t->data, p, bytes);
-        p += bytes;
-    }
-#undef NEED
-    free(raw);
-    return 0;
-}
-static const FxArr *fx_get(const Fx *fx, const char *name) {
-    for (size_t k = 0; k < fx->n; k++) if (!strcmp(fx->a[k].name, name)) return &fx->a[k];
-    return NULL;
-}
 
 static uint64_t fnv1a64_file(const char *path) {
     size_t len;
@@ -73,7 +33,7 @@ static uint64_t fnv1a64_file(const char *path) {
     return h;
 }
 
-static void check_ppl(const Fx *fx, const int32_t *tokens, size_t n_tokens, int merged) {
+static void check_ppl(const Fixture *fx, const int32_t *tokens, size_t n_tokens, int merged) {
     Model m;
     if (model_try_load(&m, FIX "/base", 64) != 0) die("%s", last_error());
     EXPECT(m.cfg.rope_factor == 2.0f, "rope factor %g at ctx 64", (double)m.cfg.rope_factor);
@@ -87,22 +47,22 @@ static void check_ppl(const Fx *fx, const int32_t *tokens, size_t n_tokens, int 
     for (int k = 0; k < 2; k++) {
         char name[64];
         snprintf(name, sizeof name, "window_loss_%zu", lens[k]);
-        const FxArr *ref = fx_get(fx, name);
+        const FxTensor *ref = fx_get(fx, name);
         snprintf(name, sizeof name, "ppl_%zu", lens[k]);
-        const FxArr *ref_ppl = fx_get(fx, name);
+        const FxTensor *ref_ppl = fx_get(fx, name);
         if (!ref || !ref_ppl) die("fixture lacks %s", name);
         size_t *starts;
         size_t count = ppl_window_starts(n_tokens, lens[k], 16, &starts);
         EXPECT(count == ref->numel, "seq_len %zu: %zu windows, transformers ran %zu", lens[k], count, ref->numel);
         double worst = 0;
         for (size_t w = 0; w < count && w < ref->numel; w++) {
-            double got = engine_window_loss(&e, tokens + starts[w], lens[k]), want = ((const double *)ref->data)[w];
+            double got = engine_window_loss(&e, tokens + starts[w], lens[k]), want = (ref->d)[w];
             double err = fabs(got - want) / fabs(want);
             if (err > worst) worst = err;
         }
         EXPECT(worst <= 1e-5, "seq_len %zu (%s): window loss off by %.3g relative", lens[k], merged ? "merged" : "applied", worst);
         PplRow r = perplexity(&e, tokens, n_tokens, lens[k], 16, 0);
-        double want = ((const double *)ref_ppl->data)[0];
+        double want = (ref_ppl->d)[0];
         EXPECT(fabs(r.ppl - want) <= 1e-4 * want, "seq_len %zu (%s): PPL %.6f, transformers %.6f", lens[k], merged ? "merged" : "applied", r.ppl, want);
         printf("ppl seq_len %zu (%s): ours %.6f, transformers %.6f (%zu windows, worst window loss %.1e relative)\n", lens[k],
                merged ? "merged" : "applied", r.ppl, want, r.windows, worst);
@@ -113,7 +73,7 @@ static void check_ppl(const Fx *fx, const int32_t *tokens, size_t n_tokens, int 
     model_free(&m);
 }
 
-static void check_export(const Fx *fx, const int32_t *tokens) {
+static void check_export(const Fixture *fx, const int32_t *tokens) {
     Model m;
     if (model_try_load(&m, FIX "/base", 64) != 0) die("%s", last_error());
     LoraAdapter ad;
@@ -125,18 +85,18 @@ static void check_export(const Fx *fx, const int32_t *tokens) {
     snprintf(out, sizeof out, "%s/merged", dir);
     EXPECT(export_merged(&m, FIX "/base", out, 20000, DT_BF16, 0) == 0, "export: %s", last_error());
     size_t n_files = 0;
-    for (size_t k = 0; k < fx->n; k++) {
-        if (strncmp(fx->a[k].name, "hash:", 5) != 0) continue;
+    for (size_t k = 0; k < fx->count; k++) {
+        if (strncmp(fx->t[k].name, "hash:", 5) != 0) continue;
         n_files++;
-        snprintf(path, sizeof path, "%s/%s", out, fx->a[k].name + 5);
-        const uint32_t *hw = (const uint32_t *)fx->a[k].data;
+        snprintf(path, sizeof path, "%s/%s", out, fx->t[k].name + 5);
+        const uint32_t *hw = (const uint32_t *)fx->t[k].i;
         uint64_t want = (uint64_t)hw[0] | ((uint64_t)hw[1] << 32);
-        EXPECT(file_exists(path) && fnv1a64_file(path) == want, "exported %s differs from the file transformers loaded", fx->a[k].name + 5);
+        EXPECT(file_exists(path) && fnv1a64_file(path) == want, "exported %s differs from the file transformers loaded", fx->t[k].name + 5);
     }
     EXPECT(n_files >= 4, "the fixture names %zu exported files (shards, index, config)", n_files);
     Model back;
     EXPECT(model_try_load(&back, out, 0) == 0, "reload: %s", last_error());
-    const FxArr *ref = fx_get(fx, "export_logits");
+    const FxTensor *ref = fx_get(fx, "export_logits");
     if (!ref) die("fixture lacks export_logits");
     size_t N = 40, V = (size_t)back.cfg.vocab_size;
     EXPECT(ref->numel == N * V, "export_logits has %zu values", ref->numel);
@@ -145,7 +105,7 @@ static void check_export(const Fx *fx, const int32_t *tokens) {
     model_forward(&back, &act, tokens, NULL, 1, N, NULL);
     double num = 0, den = 0;
     for (size_t i = 0; i < N * V && i < ref->numel; i++) {
-        double want = ((const double *)ref->data)[i];
+        double want = (ref->d)[i];
         num = fmax(num, fabs(act.logits[i] - want));
         den = fmax(den, fabs(want));
     }
@@ -160,26 +120,26 @@ static void check_export(const Fx *fx, const int32_t *tokens) {
 }
 
 /* Max-norm relative distance of logits [n] from ref (f64 [n]). */
-static double rel_to(const float *logits, const FxArr *ref, size_t n) {
+static double rel_to(const float *logits, const FxTensor *ref, size_t n) {
     double num = 0, den = 0;
     for (size_t i = 0; i < n && i < ref->numel; i++) {
-        double want = ((const double *)ref->data)[i];
+        double want = (ref->d)[i];
         num = fmax(num, fabs(logits[i] - want));
         den = fmax(den, fabs(want));
     }
     return ref->numel == n ? num / den : INFINITY;
 }
 /* Every hash:<prefix><name> of the fixture against the file <dir>/<name>; returns how many. */
-static size_t check_hashes(const Fx *fx, const char *prefix, const char *dir) {
+static size_t check_hashes(const Fixture *fx, const char *prefix, const char *dir) {
     size_t n = 0;
-    for (size_t k = 0; k < fx->n; k++) {
-        const char *name = fx->a[k].name;
+    for (size_t k = 0; k < fx->count; k++) {
+        const char *name = fx->t[k].name;
         if (strncmp(name, "hash:", 5) != 0 || strncmp(name + 5, prefix, strlen(prefix)) != 0) continue;
         name += 5 + strlen(prefix);
         if (!*prefix && strchr(name, '/')) continue;
         char path[512];
         snprintf(path, sizeof path, "%s/%s", dir, name);
-        const uint32_t *hw = (const uint32_t *)fx->a[k].data;
+        const uint32_t *hw = (const uint32_t *)fx->t[k].i;
         uint64_t want = (uint64_t)hw[0] | ((uint64_t)hw[1] << 32);
         EXPECT(file_exists(path) && fnv1a64_file(path) == want, "%s: %s differs from the file peft/transformers read", dir, name);
         n++;
@@ -189,11 +149,11 @@ static size_t check_hashes(const Fx *fx, const char *prefix, const char *dir) {
 
 #define QFIX "tests/fixtures/qwen2_peft"
 static void check_qwen2_yarn(void) {
-    Fx fx;
-    if (fx_load(&fx, QFIX "/ref.bin") != 0) die("%s", last_error());
-    const FxArr *tok = fx_get(&fx, "tokens"), *peft = fx_get(&fx, "peft_logits"), *exp = fx_get(&fx, "export_logits");
+    Fixture fx;
+    if (fx_load(&fx, QFIX "/ref.bin", "INFX") != 0) die("%s", last_error());
+    const FxTensor *tok = fx_get(&fx, "tokens"), *peft = fx_get(&fx, "peft_logits"), *exp = fx_get(&fx, "export_logits");
     if (!tok || !peft || !exp) die(QFIX "/ref.bin lacks tokens, peft_logits or export_logits");
-    const int32_t *tokens = (const int32_t *)tok->data;
+    const int32_t *tokens = tok->i;
     size_t N = tok->numel;
     Model m;
     if (model_try_load(&m, QFIX "/base", 0) != 0 || lora_adapter_rope(QFIX "/adapter", &m.cfg, 0) != 0) die("%s", last_error());
@@ -244,13 +204,13 @@ static void check_qwen2_yarn(void) {
 }
 
 int main(void) {
-    Fx fx;
-    if (fx_load(&fx, FIX "/ref.bin") != 0) die("%s", last_error());
-    const FxArr *tok = fx_get(&fx, "tokens");
+    Fixture fx;
+    if (fx_load(&fx, FIX "/ref.bin", "INFX") != 0) die("%s", last_error());
+    const FxTensor *tok = fx_get(&fx, "tokens");
     if (!tok || tok->code != 1) die("fixture lacks tokens");
-    check_ppl(&fx, (const int32_t *)tok->data, tok->numel, 0);
-    check_ppl(&fx, (const int32_t *)tok->data, tok->numel, 1);
-    check_export(&fx, (const int32_t *)tok->data);
+    check_ppl(&fx, tok->i, tok->numel, 0);
+    check_ppl(&fx, tok->i, tok->numel, 1);
+    check_export(&fx, tok->i);
     check_qwen2_yarn();
     printf("test_infer_hf: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;

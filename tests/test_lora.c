@@ -28,69 +28,9 @@
 #include <sys/wait.h>
 
 #include "check.h"
+#include "fixture.h"
 
 #define FIXTURES "tests/fixtures/lora"
-
-/* ---- the fixture format of tests/ref/make_lora_fixtures.py ------------------------------ */
-
-typedef struct {
-    char name[160];
-    int is_int;
-    int ndim;
-    size_t dims[4];
-    size_t numel;
-    float *f;     /* [numel] when !is_int */
-    int32_t *i;   /* [numel] when is_int */
-} FxTensor;
-typedef struct {
-    FxTensor *t;
-    size_t count;
-} Fixture;
-
-static int fx_load(Fixture *fx, const char *path) {
-    memset(fx, 0, sizeof *fx);
-    size_t len;
-    char *raw = read_file(path, &len);
-    if (!raw) return -1;
-    const uint8_t *p = (const uint8_t *)raw, *end = p + len;
-#define NEED(n) do { if ((size_t)(end - p) < (size_t)(n)) { free(raw); return set_error("%s: truncated", path); } } while (0)
-    NEED(12);
-    if (memcmp(p, "LRFX", 4) != 0) { free(raw); return set_error("%s: bad magic", path); }
-    uint32_t ver, count;
-    memcpy(&ver, p + 4, 4);
-    memcpy(&count, p + 8, 4);
-    if (ver != 1) { free(raw); return set_error("%s: version %u", path, ver); }
-    p += 12;
-    fx->t = (FxTensor *)xcalloc(count ? count : 1, sizeof(FxTensor));
-    for (uint32_t k = 0; k < count; k++) {
-        FxTensor *t = &fx->t[fx->count++];
-        uint32_t nl, code, nd;
-        NEED(4); memcpy(&nl, p, 4); p += 4;
-        NEED(nl); if (nl >= sizeof t->name) { free(raw); return set_error("%s: long name", path); }
-        memcpy(t->name, p, nl); t->name[nl] = 0; p += nl;
-        NEED(8); memcpy(&code, p, 4); memcpy(&nd, p + 4, 4); p += 8;
-        if (nd > 4 || code > 1) { free(raw); return set_error("%s: bad tensor header", path); }
-        t->is_int = (int)code; t->ndim = (int)nd; t->numel = 1;
-        for (uint32_t d = 0; d < nd; d++) { uint64_t v; NEED(8); memcpy(&v, p, 8); p += 8; t->dims[d] = (size_t)v; t->numel *= (size_t)v; }
-        NEED(t->numel * 4);
-        if (code) { t->i = (int32_t *)xmalloc(t->numel * 4 + 1); memcpy(t->i, p, t->numel * 4); }
-        else { t->f = (float *)xmalloc(t->numel * 4 + 1); memcpy(t->f, p, t->numel * 4); }
-        p += t->numel * 4;
-    }
-#undef NEED
-    free(raw);
-    return 0;
-}
-static const FxTensor *fx_get(const Fixture *fx, const char *name) {
-    for (size_t k = 0; k < fx->count; k++)
-        if (strcmp(fx->t[k].name, name) == 0) return &fx->t[k];
-    return NULL;
-}
-static void fx_free(Fixture *fx) {
-    for (size_t k = 0; k < fx->count; k++) { free(fx->t[k].f); free(fx->t[k].i); }
-    free(fx->t);
-    memset(fx, 0, sizeof *fx);
-}
 
 /* max|a - b| / max|b| */
 static double rel_maxnorm(const float *a, const float *b, size_t n) {
@@ -218,7 +158,7 @@ static void test_lora_dropout(void) {
 
 static void test_adamw(void) {
     Fixture fx;
-    if (fx_load(&fx, FIXTURES "/adamw.bin") != 0) { EXPECT(0, "%s", last_error()); return; }
+    if (fx_load(&fx, FIXTURES "/adamw.bin", "LRFX") != 0) { EXPECT(0, "%s", last_error()); return; }
     const FxTensor *p0 = fx_get(&fx, "p0");
     size_t n = p0->numel;
     float *p = xmalloc(n * 4), *g = xmalloc(n * 4);
@@ -295,7 +235,7 @@ static void check_against_peft(const TinyCfg *tc) {
     char path[512];
     Fixture fx;
     snprintf(path, sizeof path, FIXTURES "/%s/ref.bin", tc->name);
-    if (fx_load(&fx, path) != 0) { EXPECT(0, "%s", last_error()); return; }
+    if (fx_load(&fx, path, "LRFX") != 0) { EXPECT(0, "%s", last_error()); return; }
     Model m;
     if (load_tiny(&m, tc) != 0) { fx_free(&fx); return; }
     LoraAdapter ad;
@@ -398,7 +338,7 @@ static void check_ours_adapter(const TinyCfg *tc) {
     char path[512], dir[512], tmp[512];
     Fixture fx;
     snprintf(path, sizeof path, FIXTURES "/%s/ours_ref.bin", tc->name);
-    if (fx_load(&fx, path) != 0) { EXPECT(0, "%s (run tests/ref/make_lora_fixtures.py --ours)", last_error()); return; }
+    if (fx_load(&fx, path, "LRFX") != 0) { EXPECT(0, "%s (run tests/ref/make_lora_fixtures.py --ours)", last_error()); return; }
     snprintf(dir, sizeof dir, FIXTURES "/%s/adapter_ours", tc->name);
     /* (a) saving again gives the adapter peft loaded: the same config text, the same tensors */
     Model m, m_loaded;

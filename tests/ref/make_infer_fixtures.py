@@ -21,15 +21,16 @@ eval.py's protocol, as its code does it: starts = range(0, len - seq_len, stride
 last element; window x = tokens[i : i + seq_len]; loss = model(input_ids=x, labels=x).loss (the
 mean over the seq_len - 1 shifted targets); PPL = exp(mean of the window losses).
 
-Fixture file format (little-endian): "INFX", u32 version = 1, u32 count, then per tensor:
-u32 name length, name bytes, u32 dtype (0 = f32, 1 = i32, 2 = f64), u32 ndim, u64 dims[ndim], data.
+Fixture file format: tests/ref/fixture_io.py (magic "INFX").
 """
-import json, math, os, shutil, struct, subprocess, tempfile
+import json, math, os, shutil, subprocess, tempfile
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from peft import LoraConfig, PeftModel, get_peft_model
+
+import fixture_io  # tests/ref/fixture_io.py, beside this script
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 OUT = os.path.join(ROOT, "tests", "fixtures", "infer")
@@ -37,20 +38,7 @@ CTX, SEQ_LENS, STRIDE, N_TOKENS, N_LOGITS, SHARD = 64, [24, 64], 16, 301, 40, 20
 
 
 def write_fixture(path, tensors):
-    with open(path, "wb") as f:
-        f.write(b"INFX" + struct.pack("<II", 1, len(tensors)))
-        for name, arr in tensors:
-            arr = np.ascontiguousarray(arr)
-            if arr.dtype == np.float64:
-                code, arr = 2, arr.astype("<f8")
-            elif arr.dtype.kind == "f":
-                code, arr = 0, arr.astype("<f4")
-            else:
-                code, arr = 1, arr.astype("<i4")
-            nb = name.encode()
-            f.write(struct.pack("<I", len(nb)) + nb + struct.pack("<II", code, arr.ndim))
-            f.write(struct.pack("<%dQ" % arr.ndim, *arr.shape))
-            f.write(arr.tobytes())
+    fixture_io.write_fixture(path, b"INFX", tensors, keep_f64=True)
 
 
 def fnv1a64(data):

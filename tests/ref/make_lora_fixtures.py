@@ -20,15 +20,16 @@ S2-Attn reference: an attention function that builds the explicit per-head boole
 docs/DESIGN.md's rule (segment ids per head, causal inside a segment), independent of the C code.
 Everything runs in float64; tensors are stored as float32 / int32.
 
-Fixture file format (little-endian): "LRFX", u32 version = 1, u32 count, then per tensor:
-u32 name length, name bytes, u32 dtype (0 = f32, 1 = i32), u32 ndim, u64 dims[ndim], data.
+Fixture file format: tests/ref/fixture_io.py (magic "LRFX").
 """
-import json, os, shutil, struct, subprocess, sys
+import json, os, shutil, subprocess, sys
 
 import numpy as np
 import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from peft import LoraConfig, PeftModel, get_peft_model
+
+import fixture_io  # tests/ref/fixture_io.py, beside this script
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 OUT = os.path.join(ROOT, "tests", "fixtures", "lora")
@@ -45,18 +46,7 @@ MODULES_TO_SAVE = ["embed_tokens", "input_layernorm", "post_attention_layernorm"
 
 
 def write_fixture(path, tensors):
-    with open(path, "wb") as f:
-        f.write(b"LRFX" + struct.pack("<II", 1, len(tensors)))
-        for name, arr in tensors:
-            arr = np.ascontiguousarray(arr)
-            if arr.dtype.kind == "f":
-                code, arr = 0, arr.astype("<f4")
-            else:
-                code, arr = 1, arr.astype("<i4")
-            nb = name.encode()
-            f.write(struct.pack("<I", len(nb)) + nb + struct.pack("<II", code, arr.ndim))
-            f.write(struct.pack("<%dQ" % arr.ndim, *arr.shape))
-            f.write(arr.tobytes())
+    fixture_io.write_fixture(path, b"LRFX", tensors, keep_f64=False)
 
 
 # ---- S2-Attn reference: explicit mask ----------------------------------------------------
