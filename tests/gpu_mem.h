@@ -22,5 +22,11 @@ static inline void download(void *host, const void *dev, size_t bytes) {
 }
 /* 0xff bytes: NaN as bf16 and as fp32, so an element the kernel forgot fails every comparison. */
 static inline void poison(void *dev, size_t bytes) { CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
+/* a fresh buffer of NaN bytes, for an output */
+static inline void *dev_poisoned(size_t bytes) {
+    void *p = dev_alloc(bytes);
+    poison(p, bytes);
+    return p;
+}
 
 #endif

@@ -24,6 +24,7 @@
 #include "check.h"
 
 #include "04_gpu.h" /* the kernels under test */
+#include "gpu_mem.h"
 
 
 static const double ERR_FACTOR = 2.0, ERR_FLOOR = 1e-5, LSE_TOL = 1e-3;
@@ -158,19 +159,6 @@ static double max_err_bf16(const uint16_t *a, const double *ref, size_t n) {
     return m;
 }
 
-static void *dev_upload(const void *host, size_t bytes) {
-    void *p;
-    CUDA_CHECK(cudaMalloc(&p, bytes));
-    CUDA_CHECK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
-    return p;
-}
-static void *dev_poisoned(size_t bytes) {
-    void *p;
-    CUDA_CHECK(cudaMalloc(&p, bytes));
-    CUDA_CHECK(cudaMemset(p, 0xff, bytes)); /* NaN in bf16 and fp32 */
-    return p;
-}
-
 static uint16_t *random_bf16(Rng *rng, size_t n, float **widened) {
     uint16_t *x = (uint16_t *)xmalloc(n * sizeof(uint16_t));
     float *f = (float *)xmalloc(n * sizeof(float));
@@ -233,8 +221,8 @@ static void test_attention(const Shape *s, Rng *rng) {
         }
     }
 
-    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
-    uint16_t *d_do = (uint16_t *)dev_upload(dout, nq * 2);
+    uint16_t *d_q = (uint16_t *)to_dev(q, nq * 2), *d_k = (uint16_t *)to_dev(k, nk * 2), *d_v = (uint16_t *)to_dev(v, nk * 2);
+    uint16_t *d_do = (uint16_t *)to_dev(dout, nq * 2);
     uint16_t *o = (uint16_t *)xmalloc(nq * 2), *dq = (uint16_t *)xmalloc(nq * 2), *dk = (uint16_t *)xmalloc(nk * 2), *dv = (uint16_t *)xmalloc(nk * 2);
     float *lse = (float *)xmalloc(nl * 4);
     int n_fwd, n_bwd;
@@ -320,7 +308,7 @@ static void test_decode(int B, int H, int Hk, int d, int n_cap, int n_keys, Rng 
                 base[((size_t)b * H + h) * d + c] = bfr((float)accb);
             }
         }
-    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(kc, nc * 2), *d_v = (uint16_t *)dev_upload(vc, nc * 2);
+    uint16_t *d_q = (uint16_t *)to_dev(q, nq * 2), *d_k = (uint16_t *)to_dev(kc, nc * 2), *d_v = (uint16_t *)to_dev(vc, nc * 2);
     uint16_t *d_o = (uint16_t *)dev_poisoned(nq * 2);
     void *ws = dev_poisoned(attn_decode_workspace_bytes(B, H, d, n_keys));
     if (attn_decode(d_q, d_k, d_v, d_o, ws, B, H, Hk, d, n_cap, n_keys) != 0) die("%s", last_error());
@@ -384,7 +372,7 @@ static void test_naive(const Shape *s, Rng *rng) {
     uint16_t *dout = random_bf16(rng, nq, &df); /* the references run the backward too; unused here */
     Result ref = reference(s, 0, qf, kf, vf, df), base = reference(s, 1, qf, kf, vf, df);
     Result stage = stage02_reference(s, qf, kf, vf, df);
-    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
+    uint16_t *d_q = (uint16_t *)to_dev(q, nq * 2), *d_k = (uint16_t *)to_dev(k, nk * 2), *d_v = (uint16_t *)to_dev(v, nk * 2);
     float *o = (float *)xmalloc(nq * 4), *lse = (float *)xmalloc(nl * 4);
     float *o_b = (float *)xmalloc(nq * 4), *lse_b = (float *)xmalloc(nl * 4);
     run_naive(s, d_q, d_k, d_v, 0, o, lse);
@@ -432,7 +420,7 @@ static void test_flash_vs_naive(const Shape *s, Rng *rng) {
     float *qf, *kf, *vf;
     uint16_t *q = random_bf16(rng, nq, &qf), *k = random_bf16(rng, nk, &kf), *v = random_bf16(rng, nk, &vf);
     free(qf); free(kf); free(vf);
-    uint16_t *d_q = (uint16_t *)dev_upload(q, nq * 2), *d_k = (uint16_t *)dev_upload(k, nk * 2), *d_v = (uint16_t *)dev_upload(v, nk * 2);
+    uint16_t *d_q = (uint16_t *)to_dev(q, nq * 2), *d_k = (uint16_t *)to_dev(k, nk * 2), *d_v = (uint16_t *)to_dev(v, nk * 2);
     float *o_ref = (float *)xmalloc(nq * 4), *lse_ref = (float *)xmalloc(nl * 4);
     float *o_base = (float *)xmalloc(nq * 4), *lse_base = (float *)xmalloc(nl * 4);
     run_naive(s, d_q, d_k, d_v, 0, o_ref, lse_ref);
