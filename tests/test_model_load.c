@@ -22,10 +22,9 @@ static void copy_file(const char *from, const char *to) {
     if (write_file_atomic(to, data, len) != 0) die("%s", last_error());
     free(data);
 }
-/* A fresh copy of fixture folder `name` under build/tests; returns its path (static buffer). */
-static const char *fresh_copy(const char *name) {
-    static char dir[256];
-    snprintf(dir, sizeof dir, "build/tests/model_bad_XXXXXX");
+/* A fresh copy of fixture folder `name` under build/tests, its path written to dir [256]. */
+static void fresh_copy(const char *name, char dir[256]) {
+    snprintf(dir, 256, "build/tests/model_bad_XXXXXX");
     if (!mkdtemp(dir)) die("cannot create a temporary folder under build/tests: %s", strerror(errno));
     char src[512], from[1024], to[1024];
     snprintf(src, sizeof src, FIXTURES "/%s", name);
@@ -35,7 +34,6 @@ static const char *fresh_copy(const char *name) {
     while ((e = readdir(d)))
         if (e->d_name[0] != '.') copy_file(path_join(from, sizeof from, src, e->d_name), path_join(to, sizeof to, dir, e->d_name));
     closedir(d);
-    return dir;
 }
 static void remove_dir(const char *dir) {
     DIR *d = opendir(dir);
@@ -147,6 +145,35 @@ static void edit_int_tensor(StWriter *w, const SafeTensors *st) {
     entry(w, "model.norm.weight")->dtype = DT_I32;
 }
 
+/* The folders broken by one edit: a copy of `fixture` with `from` replaced by `to` in the text
+ * file `file`, or `file` (a single safetensors file) rewritten through `edit`; loading it must
+ * fail with one sentence containing `want`. */
+typedef struct {
+    const char *what, *fixture, *file, *from, *to;
+    EditFn edit;
+    const char *want;
+} BrokenCopy;
+static const BrokenCopy broken[] = {
+    {"index without a tensor", "rope_linear4_bf16", "model.safetensors.index.json", "\"model.norm.weight\"",
+     "\"model.norm.weight_renamed\"", NULL, "model.norm.weight"},
+    {"index naming a file elsewhere", "rope_linear4_bf16", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+     "../model-00001-of-00002.safetensors", NULL, "bad file name"},
+    {"tensor of the wrong shape", "llama2_like", "model.safetensors", NULL, NULL, edit_wrong_shape, "model.layers.0.self_attn.k_proj.weight"},
+    {"missing tensor", "llama2_like", "model.safetensors", NULL, NULL, edit_drop_tensor, "model.layers.0.mlp.up_proj.weight"},
+    {"unexpected tensor (a bias)", "llama2_like", "model.safetensors", NULL, NULL, edit_add_bias, "model.layers.0.self_attn.q_proj.bias"},
+    {"integer tensor", "llama2_like", "model.safetensors", NULL, NULL, edit_int_tensor, "model.norm.weight"},
+    {"unknown rope type", "rope_linear4", "config.json", "\"rope_type\": \"linear\"", "\"rope_type\": \"longrope\"", NULL,
+     "rope type \"longrope\""},
+    {"another architecture", "llama2_like", "config.json", "\"LlamaForCausalLM\"", "\"MistralForCausalLM\"", NULL, "MistralForCausalLM"},
+    {"attention biases", "llama2_like", "config.json", "\"attention_bias\": false", "\"attention_bias\": true", NULL, "attention_bias"},
+    {"malformed config.json", "llama2_like", "config.json", "\"hidden_size\": 128,", "\"hidden_size\": 128", NULL, "config.json"},
+    {"heads not a multiple of kv heads", "llama2_like", "config.json", "\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", NULL,
+     "num_key_value_heads"},
+    {"config and weights disagree", "llama2_like", "config.json", "\"vocab_size\": 64", "\"vocab_size\": 65", NULL,
+     "model.embed_tokens.weight"},
+    {"absurd sizes", "llama2_like", "config.json", "\"num_hidden_layers\": 1", "\"num_hidden_layers\": 999999999", NULL, "implausibly"},
+};
+
 int main(void) {
     if (!file_exists(FIXTURES "/llama2_like/model.safetensors")) {
         printf("skip: the fixtures in " FIXTURES " are missing (run from the repository root)\n");
@@ -154,27 +181,16 @@ int main(void) {
     }
     if (mkdir("build", 0755) != 0 && errno != EEXIST) die("cannot create build/");
     if (mkdir("build/tests", 0755) != 0 && errno != EEXIST) die("cannot create build/tests/");
-    const char *d;
     char keep[256];
 
-    d = fresh_copy("rope_linear4_bf16"); snprintf(keep, sizeof keep, "%s", d);
+    fresh_copy("rope_linear4_bf16", keep);
     expect_load("bf16 shards, untouched", keep);
     char shard[1024];
     remove(path_join(shard, sizeof shard, keep, "model-00002-of-00002.safetensors"));
     expect_fail("missing shard", keep, "model-00002-of-00002.safetensors");
     remove_dir(keep);
 
-    d = fresh_copy("rope_linear4_bf16"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "model.safetensors.index.json", "\"model.norm.weight\"", "\"model.norm.weight_renamed\"");
-    expect_fail("index without a tensor", keep, "model.norm.weight");
-    remove_dir(keep);
-
-    d = fresh_copy("rope_linear4_bf16"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "model.safetensors.index.json", "model-00001-of-00002.safetensors", "../model-00001-of-00002.safetensors");
-    expect_fail("index naming a file elsewhere", keep, "bad file name");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
+    fresh_copy("llama2_like", keep);
     expect_load("fp32 single file, untouched", keep);
     {
         char p[1024];
@@ -186,59 +202,18 @@ int main(void) {
     expect_fail("truncated file", keep, "model.safetensors");
     remove_dir(keep);
 
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    rewrite_safetensors(keep, "model.safetensors", edit_wrong_shape);
-    expect_fail("tensor of the wrong shape", keep, "model.layers.0.self_attn.k_proj.weight");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    rewrite_safetensors(keep, "model.safetensors", edit_drop_tensor);
-    expect_fail("missing tensor", keep, "model.layers.0.mlp.up_proj.weight");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    rewrite_safetensors(keep, "model.safetensors", edit_add_bias);
-    expect_fail("unexpected tensor (a bias)", keep, "model.layers.0.self_attn.q_proj.bias");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    rewrite_safetensors(keep, "model.safetensors", edit_int_tensor);
-    expect_fail("integer tensor", keep, "model.norm.weight");
-    remove_dir(keep);
-
-    d = fresh_copy("rope_linear4"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"rope_type\": \"linear\"", "\"rope_type\": \"longrope\"");
-    expect_fail("unknown rope type", keep, "rope type \"longrope\"");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"LlamaForCausalLM\"", "\"MistralForCausalLM\"");
-    expect_fail("another architecture", keep, "MistralForCausalLM");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"attention_bias\": false", "\"attention_bias\": true");
-    expect_fail("attention biases", keep, "attention_bias");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"hidden_size\": 128,", "\"hidden_size\": 128");
-    expect_fail("malformed config.json", keep, "config.json");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
-    expect_fail("heads not a multiple of kv heads", keep, "num_key_value_heads");
-    remove_dir(keep);
-
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"vocab_size\": 64", "\"vocab_size\": 65");
-    expect_fail("config and weights disagree", keep, "model.embed_tokens.weight");
-    remove_dir(keep);
+    for (size_t i = 0; i < sizeof broken / sizeof broken[0]; i++) {
+        const BrokenCopy *c = &broken[i];
+        fresh_copy(c->fixture, keep);
+        if (c->edit) rewrite_safetensors(keep, c->file, c->edit);
+        else edit_text(keep, c->file, c->from, c->to);
+        expect_fail(c->what, keep, c->want);
+        remove_dir(keep);
+    }
 
     /* fp16 weights: the llama2_like model with every tensor stored as F16 loads to the same
      * logits within fp16 rounding (and not bit-identical: the conversion really happened) */
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
+    fresh_copy("llama2_like", keep);
     rewrite_safetensors(keep, "model.safetensors", edit_to_f16);
     {
         Model m32, m16;
@@ -267,15 +242,10 @@ int main(void) {
     }
     remove_dir(keep);
 
-    d = fresh_copy("llama2_like"); snprintf(keep, sizeof keep, "%s", d);
-    edit_text(keep, "config.json", "\"num_hidden_layers\": 1", "\"num_hidden_layers\": 999999999");
-    expect_fail("absurd sizes", keep, "implausibly");
-    remove_dir(keep);
-
     expect_fail("no such folder", "build/tests/no_such_model_folder", "no_such_model_folder");
 
     /* transformers 4's spelling: rope_theta at the top, rope_scaling {type, factor} */
-    d = fresh_copy("rope_linear4"); snprintf(keep, sizeof keep, "%s", d);
+    fresh_copy("rope_linear4", keep);
     {
         char p[1024];
         size_t len;
