@@ -96,17 +96,24 @@ endif
 S2ATTN_GENCODE := $(foreach a,$(GPU_ARCH),-gencode=arch=compute_$(subst sm_,,$(a:sm_90=sm_90a)),code=$(a:sm_90=sm_90a))
 build/04_s2attn.o 04_s2attn build/libs2attn.so: NVCC_GENCODE = $(S2ATTN_GENCODE)
 # The attention benchmark (GPU): every tile variant checked first (tests/test_gpu_attention:
-# the fp64 criterion, odd N, GQA, S2, outputs poisoned; nothing is timed if one fails), then
-# our kernels timed, then PyTorch SDPA (flash, cuDNN) on the same shapes, which also checks
-# our kernels against torch through build/libs2attn.so.
+# the fp64 criterion, odd N, GQA, S2, outputs poisoned; nothing is timed if one fails), then,
+# for head dims 128 and 64, our kernels timed, then PyTorch SDPA (flash, cuDNN) on the same
+# shapes, which also checks our kernels against torch through build/libs2attn.so, and ours and
+# cuDNN timed in turns on the same tensors at BENCH_ALTERNATE (the like-for-like ratios: a
+# sequential table runs into the card's power cap, bench/NOTES.md step 31).
+BENCH_ALTERNATE ?= 4096,16384,32768
 build/libs2attn.so: 04_s2attn.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -shared -Xcompiler -fPIC -o $@ 04_s2attn.cu $(CUDA_LIBS)
 bench: 04_s2attn build/libs2attn.so build/tests/test_gpu_attention
 	@mkdir -p bench/results
 	@bash bench/attn_check.sh build/tests/test_gpu_attention build/bench_attention_check.log
-	./04_s2attn --bench --out bench/results/attn_ours.json
-	$(PYTHON) bench/sdpa_peer.py --lib build/libs2attn.so --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
+	./04_s2attn --bench --d 128 --out bench/results/attn_ours.json
+	$(PYTHON) bench/sdpa_peer.py --d 128 --alternate $(BENCH_ALTERNATE) --lib build/libs2attn.so \
+	    --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
+	./04_s2attn --bench --d 64 --out bench/results/attn_ours_d64.json
+	$(PYTHON) bench/sdpa_peer.py --d 64 --alternate $(BENCH_ALTERNATE) --lib build/libs2attn.so \
+	    --ours bench/results/attn_ours_d64.json --out bench/results/attn_sdpa_d64.json
 
 # Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere.
 ifneq ($(wildcard 06_infer.c),)
