@@ -102,18 +102,18 @@ build/04_s2attn.o 04_s2attn build/libs2attn.so: NVCC_GENCODE = $(S2ATTN_GENCODE)
 # cuDNN timed in turns on the same tensors at BENCH_ALTERNATE (the like-for-like ratios: a
 # sequential table runs into the card's power cap, bench/NOTES.md step 31).
 BENCH_ALTERNATE ?= 4096,16384,32768
+# one head dim's two runs: $(1) the head dim, $(2) the results files' suffix
+bench_head_dim = ./04_s2attn --bench --d $(1) --out bench/results/attn_ours$(2).json && \
+	$(PYTHON) bench/sdpa_peer.py --d $(1) --alternate $(BENCH_ALTERNATE) --lib build/libs2attn.so \
+	    --ours bench/results/attn_ours$(2).json --out bench/results/attn_sdpa$(2).json
 build/libs2attn.so: 04_s2attn.cu $(HEADERS)
 	@mkdir -p build
 	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA -I. -shared -Xcompiler -fPIC -o $@ 04_s2attn.cu $(CUDA_LIBS)
 bench: 04_s2attn build/libs2attn.so build/tests/test_gpu_attention
 	@mkdir -p bench/results
 	@bash bench/attn_check.sh build/tests/test_gpu_attention build/bench_attention_check.log
-	./04_s2attn --bench --d 128 --out bench/results/attn_ours.json
-	$(PYTHON) bench/sdpa_peer.py --d 128 --alternate $(BENCH_ALTERNATE) --lib build/libs2attn.so \
-	    --ours bench/results/attn_ours.json --out bench/results/attn_sdpa.json
-	./04_s2attn --bench --d 64 --out bench/results/attn_ours_d64.json
-	$(PYTHON) bench/sdpa_peer.py --d 64 --alternate $(BENCH_ALTERNATE) --lib build/libs2attn.so \
-	    --ours bench/results/attn_ours_d64.json --out bench/results/attn_sdpa_d64.json
+	$(call bench_head_dim,128,)
+	$(call bench_head_dim,64,_d64)
 
 # Stage 6 (inference) runs on the GPU where nvcc and cuBLAS are, and on the CPU everywhere.
 ifneq ($(wildcard 06_infer.c),)
