@@ -100,13 +100,7 @@ __device__ __forceinline__ uint32_t f32_to_bf16_bits(float f) { return __bfloat1
 template <int VEC>
 __device__ __forceinline__ void load_bf16(const uint16_t *p, float *v) {
     if constexpr (VEC == 8) {
-        uint4 u = *reinterpret_cast<const uint4 *>(p);
-        uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            v[2 * k] = __uint_as_float(w[k] << 16);
-            v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-        }
+        bf16x8_to_float(*reinterpret_cast<const uint4 *>(p), v);
     } else {
 #pragma unroll
         for (int k = 0; k < VEC; k++) v[k] = bf16_bits_to_f32(p[k]);

@@ -2287,12 +2287,6 @@ flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_cons
 #define DEC_THREADS 128
 #define DEC_MAX_R 8
 
-/* 8 bf16 values (one 16-byte load) as floats, times scale */
-__device__ __forceinline__ void bf16x8_to_float(uint4 raw, float scale, float out[8]) {
-    const __nv_bfloat162 *pr = (const __nv_bfloat162 *)&raw;
-#pragma unroll
-    for (int e = 0; e < 4; e++) { float2 f = __bfloat1622float2(pr[e]); out[2 * e] = f.x * scale; out[2 * e + 1] = f.y * scale; }
-}
 /* a lane's 16-byte slices of cache rows j0, j0 + step, j0 + 2 step, j0 + 3 step; zeros from row c1 on */
 __device__ __forceinline__ void load_rows4(const bf16 *base, size_t row_stride, int j0, int step, int c1, uint4 rows[4]) {
 #pragma unroll
@@ -2328,7 +2322,11 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
     float q[RMAX][8];
 #pragma unroll
     for (int r = 0; r < RMAX; r++) {
-        if (r < R) bf16x8_to_float(*(const uint4 *)(Qn + ((size_t)b * H + kh * R + r) * D + part * 8), scale_log2, q[r]);
+        if (r < R) {
+            bf16x8_to_float(*(const uint4 *)(Qn + ((size_t)b * H + kh * R + r) * D + part * 8), q[r]);
+#pragma unroll
+            for (int e = 0; e < 8; e++) q[r][e] *= scale_log2;
+        }
     }
     /* pass 1: scores */
     /* the loop bound is warp-uniform (jb), so every lane reaches the shuffles */
@@ -2339,7 +2337,7 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             float kf[8];
-            bf16x8_to_float(kr[u], 1.0f, kf);
+            bf16x8_to_float(kr[u], kf);
 #pragma unroll
             for (int r = 0; r < RMAX; r++) {
                 if (r < R) {
@@ -2383,7 +2381,7 @@ decode_split_kernel(const bf16 *__restrict__ Qn,   /* [B, H, d] */
             int j = j0 + u * KPB;
             if (j >= c1) break;
             float vf[8];
-            bf16x8_to_float(vr[u], 1.0f, vf);
+            bf16x8_to_float(vr[u], vf);
 #pragma unroll
             for (int r = 0; r < RMAX; r++) {
                 if (r < R) {
