@@ -59,7 +59,7 @@ static inline void *gpu_malloc(size_t bytes, const char *what) {
 /* Device code shared by the two .cu files: 8 consecutive bf16 (one 16-byte word) as fp32. A
  * bf16 is the top half of an fp32, so each is a shift or a mask of the word holding two. The
  * layer kernels (04_layers.cu load_bf16) and the decode kernel (04_s2attn.cu) unpack with it. */
-static __device__ __forceinline__ void bf16x8_to_float(uint4 word, float out[8]) {
+__device__ __forceinline__ void bf16x8_to_float(uint4 word, float out[8]) {
     const uint32_t w[4] = {word.x, word.y, word.z, word.w};
 #pragma unroll
     for (int k = 0; k < 4; k++) {
