@@ -4,10 +4,13 @@
 # builds the attention stage from compute_80 PTX only (no sm_90a code, so the driver
 # JIT-compiles the PTX at start and the library falls back to its mma.sync kernels, the ones
 # an A100 runs), into build/sm80/, checks that build with tests/test_gpu_attention (nothing is
-# timed if it fails), then runs `04_s2attn --bench` and bench/sdpa_peer.py
-# against that build: our sm_80 kernels next to SDPA flash (FlashAttention-2) and cuDNN in
-# the same run, and the torch check of those kernels. JSON: OUTDIR/attn_ours_sm80.json and
-# OUTDIR/attn_sdpa_sm80.json (OUTDIR defaults to bench/results); d = 128, the peer's shapes.
+# timed if it fails), then, for d = 128 and d = 64, runs `04_s2attn --bench --d D` and
+# bench/sdpa_peer.py against that build: our sm_80 kernels next to SDPA flash
+# (FlashAttention-2) and cuDNN in the same run, ours and flash on the same tensors in turns
+# at BENCH_ALTERNATE (default 4096,16384,32768: the like-for-like ratio the bar is read
+# from), and the torch check of those kernels. JSON: OUTDIR/attn_ours_sm80.json and
+# OUTDIR/attn_sdpa_sm80.json (d = 128), OUTDIR/attn_ours_sm80_d64.json and
+# OUTDIR/attn_sdpa_sm80_d64.json (d = 64); OUTDIR defaults to bench/results.
 # The H200 is a proxy: more bandwidth and another clock than an A100, so compare against the
 # SDPA numbers of the same run, not against A100 figures. --build-only stops after the build
 # (so that it can run beside other work); --no-build checks and times an earlier one.
@@ -34,5 +37,9 @@ if [ $build = 1 ]; then
 fi
 [ $run = 1 ] || exit 0
 bash bench/attn_check.sh build/sm80/test_gpu_attention build/sm80/attention_check.log
-build/sm80/04_s2attn --bench --out "$out/attn_ours_sm80.json"
-python3 bench/sdpa_peer.py --lib build/sm80/libs2attn.so --ours "$out/attn_ours_sm80.json" --out "$out/attn_sdpa_sm80.json"
+for d in 128 64; do
+    sfx=$([ $d = 128 ] || echo _d$d)
+    build/sm80/04_s2attn --bench --d $d --out "$out/attn_ours_sm80$sfx.json"
+    python3 bench/sdpa_peer.py --d $d --alternate "${BENCH_ALTERNATE:-4096,16384,32768}" --alternate-with flash \
+        --lib build/sm80/libs2attn.so --ours "$out/attn_ours_sm80$sfx.json" --out "$out/attn_sdpa_sm80$sfx.json"
+done

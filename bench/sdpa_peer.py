@@ -6,7 +6,8 @@ Run by `make bench` on a GPU machine with torch:
         --out bench/results/attn_sdpa.json [--fwd-variant V] [--bwd-variant V] [--d 64]
 (--fwd-variant / --bwd-variant: the check runs our tile variant V of that kernel instead of
 the default; --d: the head dimension of the timed shapes, 128 by default; --alternate 4096,32768:
-also times ours and cuDNN in turns, --rounds turns each, on the same tensors.)
+also times ours and cuDNN in turns, --rounds turns each, on the same tensors; --alternate-with
+flash: against SDPA flash (FlashAttention-2) instead, the peer of the sm_80 path.)
 
 Check (the flash-attention project's criterion): for O, dQ, dK, dV of causal and S2 attention,
 max |ours - ref| <= 2 * max |torch_bf16 - ref| + 1e-5, where ref is the same computation in
@@ -120,9 +121,14 @@ def ours_fwd_bwd(lib, q, k, v, do, G):
     return o, dq, dk, dv
 
 
-def alternate(lib, ns, rounds):
-    """Ours and cuDNN on the same tensors, timed in turns (each turn a median of REPS), so that a
-    clock or power drift during the run moves both: the medians of the turns and their ratio."""
+PEERS = {"cudnn": ("cuDNN", SDPBackend.CUDNN_ATTENTION), "flash": ("flash", SDPBackend.FLASH_ATTENTION)}
+
+
+def alternate(lib, ns, rounds, peer="cudnn"):
+    """Ours and one SDPA backend (PEERS) on the same tensors, timed in turns (each turn a median of
+    REPS), so that a clock or power drift during the run moves both: the medians of the turns and
+    their ratio. Row keys: ours_* and <peer>_*, fwd_ratio / fwdbwd_ratio = peer ms / ours ms."""
+    label, backend = PEERS[peer]
     rows = []
     for n in ns:
         b = TOKENS // n
@@ -136,12 +142,13 @@ def alternate(lib, ns, rounds):
         ours_fb = lambda: (ours_f(), lib.attn_backward(*p, *shape))
         assert ours_f() == 0 and lib.attn_backward(*p, *shape) == 0
         qt, kt, vt = (x.transpose(1, 2).requires_grad_() for x in (q, k, v))  # [B, H, N, d] views
-        cudnn_f = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-        cudnn_fb = lambda: cudnn_f().backward(do.transpose(1, 2))
-        t = {"ours_fwd": [], "cudnn_fwd": [], "ours_fwdbwd": [], "cudnn_fwdbwd": []}
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        peer_f = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        peer_fb = lambda: peer_f().backward(do.transpose(1, 2))
+        turn = (("ours_fwd", ours_f), (peer + "_fwd", peer_f), ("ours_fwdbwd", ours_fb), (peer + "_fwdbwd", peer_fb))
+        t = {name: [] for name, _ in turn}
+        with sdpa_kernel(backend):
             for _ in range(rounds):
-                for name, fn in (("ours_fwd", ours_f), ("cudnn_fwd", cudnn_f), ("ours_fwdbwd", ours_fb), ("cudnn_fwdbwd", cudnn_fb)):
+                for name, fn in turn:
                     t[name].append(median_ms(fn))
         flop = 4.0 * b * H * n * n / 2 * D
         row = {"N": n, "B": b, "rounds": rounds}
@@ -149,11 +156,11 @@ def alternate(lib, ns, rounds):
             ms = sorted(ts)[len(ts) // 2]
             row[name + "_ms"] = ms
             row[name + "_tflops"] = (3.5 if name.endswith("fwdbwd") else 1.0) * flop / ms / 1e9
-        row["fwd_ratio"] = row["cudnn_fwd_ms"] / row["ours_fwd_ms"]
-        row["fwdbwd_ratio"] = row["cudnn_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
-        print(f"  in turns N={n} d={D}: ours/cuDNN forward {row['fwd_ratio']:.3f} ({row['ours_fwd_tflops']:.1f} / "
-              f"{row['cudnn_fwd_tflops']:.1f}), forward+backward {row['fwdbwd_ratio']:.3f} ({row['ours_fwdbwd_tflops']:.1f} / "
-              f"{row['cudnn_fwdbwd_tflops']:.1f}) TFLOP/s, {rounds} turns")
+        row["fwd_ratio"] = row[peer + "_fwd_ms"] / row["ours_fwd_ms"]
+        row["fwdbwd_ratio"] = row[peer + "_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+        print(f"  in turns N={n} d={D}: ours/{label} forward {row['fwd_ratio']:.3f} ({row['ours_fwd_tflops']:.1f} / "
+              f"{row[peer + '_fwd_tflops']:.1f}), forward+backward {row['fwdbwd_ratio']:.3f} ({row['ours_fwdbwd_tflops']:.1f} / "
+              f"{row[peer + '_fwdbwd_tflops']:.1f}) TFLOP/s, {rounds} turns")
         rows.append(row)
         del q, k, v, do, o, dq, dk, dv, lse, ws, qt, kt, vt
         torch.cuda.empty_cache()
@@ -225,7 +232,8 @@ def main():
     ap.add_argument("--fwd-variant", type=int, default=0, help="the forward tile variant our check runs (0: the library's default)")
     ap.add_argument("--bwd-variant", type=int, default=0, help="the backward tile variant our check runs (0: the library's default)")
     ap.add_argument("--d", type=int, default=D, choices=(64, 128), help="head dimension of the timed shapes")
-    ap.add_argument("--alternate", default="", help="comma-separated N: also time ours and cuDNN in turns at these N")
+    ap.add_argument("--alternate", default="", help="comma-separated N: also time ours and a peer in turns at these N")
+    ap.add_argument("--alternate-with", default="cudnn", choices=sorted(PEERS), help="the SDPA backend --alternate times ours against")
     ap.add_argument("--rounds", type=int, default=5, help="turns each of --alternate's timings gets")
     args = ap.parse_args()
     D = args.d
@@ -246,7 +254,8 @@ def main():
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         res[name] = bench_sdpa(be)
     if args.alternate:
-        res["alternate"] = alternate(lib, alt_ns, args.rounds)
+        res["alternate_with"] = args.alternate_with
+        res["alternate"] = alternate(lib, alt_ns, args.rounds, args.alternate_with)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     ours = {}
