@@ -80,11 +80,15 @@ def write_tokens(path, ids):
         f.write(b"LLTK" + struct.pack("<IIQ", 1, 2, len(ids)) + np.asarray(ids, dtype="<u2").tobytes())
 
 
-def make(out_root, name, cfg_kwargs, B, N, seed, ctx=0, bf16_copy=False, lm_check=False):
+def start(out_root, name, cfg, model_cls, B, N, seed, randomize=randomize, ctx=0):
+    """What every fixture begins with: a tiny model of model_cls for cfg with weights from
+    `randomize`, B x N random tokens and labels (a fifth of them -100) from one generator,
+    HF's logits, loss and gradients, the folder as HF saves it (without generation_config.json)
+    and ref.bin's records so far (meta [B, N, ctx] .. grad.<name>).
+    Returns (folder, model, tokens, loss, records)."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = LlamaConfig(**cfg_kwargs)
     cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(cfg).float().eval()
+    model = model_cls(cfg).float().eval()
     randomize(model, gen)
     V = cfg.vocab_size
     tokens = torch.randint(0, V, (B, N), generator=gen)
@@ -95,9 +99,8 @@ def make(out_root, name, cfg_kwargs, B, N, seed, ctx=0, bf16_copy=False, lm_chec
     folder = os.path.join(out_root, name)
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(folder, safe_serialization=True)
-    for extra in ("generation_config.json",):
-        if os.path.exists(os.path.join(folder, extra)):
-            os.remove(os.path.join(folder, extra))
+    if os.path.exists(os.path.join(folder, "generation_config.json")):
+        os.remove(os.path.join(folder, "generation_config.json"))
 
     targets = np.full((B, N), -100, dtype=np.int32)
     targets[:, :-1] = labels[:, 1:].numpy()
@@ -107,6 +110,18 @@ def make(out_root, name, cfg_kwargs, B, N, seed, ctx=0, bf16_copy=False, lm_chec
                ("logits", logits),
                ("loss", np.array([loss], dtype=np.float32))]
     records += [("grad." + n, g) for n, g in grads.items()]
+    return folder, model, tokens, loss, records
+
+
+def finish(folder, records):
+    """ref.bin written; the folder's size in bytes"""
+    write_ref(os.path.join(folder, "ref.bin"), records)
+    return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(folder) for f in fs)
+
+
+def make(out_root, name, cfg_kwargs, B, N, seed, ctx=0, bf16_copy=False, lm_check=False):
+    cfg = LlamaConfig(**cfg_kwargs)
+    folder, model, tokens, loss, records = start(out_root, name, cfg, LlamaForCausalLM, B, N, seed, ctx=ctx)
 
     if ctx:  # the same weights with RoPE stretched the way --ctx stretches it
         factor = float(int(np.ceil(ctx / cfg.max_position_embeddings)))
@@ -139,8 +154,7 @@ def make(out_root, name, cfg_kwargs, B, N, seed, ctx=0, bf16_copy=False, lm_chec
         with open(os.path.join(folder, "lm_loss.txt"), "w") as f:
             f.write(f"{lm_loss:.7f} {N}\n")
 
-    write_ref(os.path.join(folder, "ref.bin"), records)
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(folder) for f in fs)
+    size = finish(folder, records)
     print(f"{name}: B={B} N={N} loss={loss:.6f} params={sum(p.numel() for p in model.parameters())} bytes={size}")
 
 

@@ -19,7 +19,6 @@ of every parameter), so tests/test_model.c checks them exactly as it checks the 
 Sizes are odd on purpose (F, V, N off the matmul tiles).
 """
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_model_fixtures import run, write_ref  # noqa: E402
+from make_model_fixtures import finish, start  # noqa: E402
 
 
 def randomize(model, gen):
@@ -45,32 +44,9 @@ def randomize(model, gen):
 
 
 def make(out_root, name, cfg_cls, model_cls, cfg_kwargs, B, N, seed):
-    gen = torch.Generator().manual_seed(seed)
     cfg = cfg_cls(**cfg_kwargs)
-    cfg._attn_implementation = "eager"
-    model = model_cls(cfg).float().eval()
-    randomize(model, gen)
-    V = cfg.vocab_size
-    tokens = torch.randint(0, V, (B, N), generator=gen)
-    labels = torch.randint(0, V, (B, N), generator=gen)
-    labels[torch.rand((B, N), generator=gen) < 0.2] = -100
-    logits, loss, grads = run(model, tokens, labels)
-
-    folder = os.path.join(out_root, name)
-    shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    if os.path.exists(os.path.join(folder, "generation_config.json")):
-        os.remove(os.path.join(folder, "generation_config.json"))
-    targets = np.full((B, N), -100, dtype=np.int32)
-    targets[:, :-1] = labels[:, 1:].numpy()
-    records = [("meta", np.array([B, N, 0], dtype=np.int32)),
-               ("tokens", tokens.numpy().astype(np.int32)),
-               ("targets", targets),
-               ("logits", logits),
-               ("loss", np.array([loss], dtype=np.float32))]
-    records += [("grad." + n, g) for n, g in grads.items()]
-    write_ref(os.path.join(folder, "ref.bin"), records)
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(folder) for f in fs)
+    folder, _, _, loss, records = start(out_root, name, cfg, model_cls, B, N, seed, randomize=randomize)
+    size = finish(folder, records)
     print(f"{name}: B={B} N={N} loss={loss:.6f} rope={cfg.rope_parameters} bytes={size}")
 
 
