@@ -1,7 +1,8 @@
 /* fixture.h: the reference arrays the scripts of tests/ref write (tests/ref/fixture_io.py):
- * a 4-byte magic naming the family ("INFX" inference, "LRFX" LoRA), u32 version 1, u32 count,
- * then per array: u32 name length, the name, u32 dtype (0 f32, 1 i32, 2 f64), u32 ndim (at
- * most 4), u64 dims[ndim], the values. Needs common.h (read_file, set_error, xmalloc). */
+ * a 4-byte magic naming the family ("INFX" inference, "LRFX" LoRA, "LLMF" model), u32
+ * version 1, u32 count, then per array: u32 name length, the name, u32 dtype (0 f32, 1 i32,
+ * 2 f64), u32 ndim (at most 4), u64 dims[ndim], the values, and nothing after them.
+ * Needs common.h (read_file, set_error, xmalloc). */
 #ifndef TESTS_FIXTURE_H
 #define TESTS_FIXTURE_H
 
@@ -68,6 +69,10 @@ static int fx_load(Fixture *fx, const char *path, const char magic[4]) {
         if (code == 0) t->f = (float *)data;
         else if (code == 1) t->i = (int32_t *)data;
         else t->d = (double *)data;
+    }
+    if (p != end) {
+        const size_t extra = (size_t)(end - p); /* counted before FX_FAIL frees the bytes */
+        FX_FAIL("%s: %zu trailing bytes", path, extra);
     }
 #undef NEED
 #undef FX_FAIL

@@ -18,65 +18,19 @@
 
 #define FIXTURES "tests/fixtures/model"
 
-/* ---- the fixture file: "LLMF", version 1, named f32 / i32 arrays ---------------------- */
-typedef struct {
-    char name[128];
-    int dtype; /* 0 f32, 1 i32 */
-    int ndim;
-    uint64_t dims[4];
-    size_t numel;
-    void *data;
-} Rec;
-typedef struct {
-    Rec *recs;
-    size_t count;
-} Ref;
+/* ---- the fixture file: tests/fixture.h's format, magic "LLMF", named f32 / i32 arrays ---- */
+#include "fixture.h"
 
-static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
-static uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32; }
-
-static void ref_load(Ref *r, const char *path) {
-    size_t len;
-    uint8_t *raw = (uint8_t *)read_file(path, &len);
-    if (!raw) die("%s", last_error());
-    if (len < 12 || memcmp(raw, "LLMF", 4) != 0) die("%s is not a model fixture (bad magic)", path);
-    if (rd32(raw + 4) != 1) die("%s: fixture version %u, want 1", path, rd32(raw + 4));
-    r->count = rd32(raw + 8);
-    r->recs = (Rec *)xcalloc(r->count, sizeof(Rec));
-    size_t off = 12;
-    for (size_t i = 0; i < r->count; i++) {
-        Rec *x = &r->recs[i];
-        if (off + 4 > len) die("%s is truncated", path);
-        uint32_t nl = rd32(raw + off); off += 4;
-        if (nl >= sizeof x->name || off + nl + 8 > len) die("%s: bad record name", path);
-        memcpy(x->name, raw + off, nl); off += nl;
-        x->dtype = (int)rd32(raw + off); x->ndim = (int)rd32(raw + off + 4); off += 8;
-        if (x->dtype > 1 || x->ndim > 4 || off + 8 * (size_t)x->ndim > len) die("%s: bad record '%s'", path, x->name);
-        x->numel = 1;
-        for (int d = 0; d < x->ndim; d++) { x->dims[d] = rd64(raw + off); off += 8; x->numel *= x->dims[d]; }
-        if (x->numel > (len - off) / 4) die("%s: record '%s' is truncated", path, x->name);
-        x->data = xmalloc(x->numel * 4);
-        memcpy(x->data, raw + off, x->numel * 4); /* little-endian host assumed, as everywhere here */
-        off += x->numel * 4;
-    }
-    if (off != len) die("%s: %zu trailing bytes", path, len - off);
-    free(raw);
-}
-static const Rec *ref_get(const Ref *r, const char *name) {
-    for (size_t i = 0; i < r->count; i++)
-        if (!strcmp(r->recs[i].name, name)) return &r->recs[i];
-    return NULL;
-}
-static const Rec *ref_need(const Ref *r, const char *name, size_t numel) {
-    const Rec *x = ref_get(r, name);
+/* the array `name` of dtype code (0 f32, 1 i32) with numel values (0: any), or the test dies */
+static const FxTensor *ref_need(const Fixture *r, const char *name, int code, size_t numel) {
+    const FxTensor *x = fx_get(r, name);
     if (!x) die("fixture has no record '%s'", name);
+    if (x->code != code) die("fixture record '%s' has dtype %d, want %d", name, x->code, code);
     if (numel && x->numel != numel) die("fixture record '%s' has %zu values, want %zu", name, x->numel, numel);
     return x;
 }
-static void ref_free(Ref *r) {
-    for (size_t i = 0; i < r->count; i++) free(r->recs[i].data);
-    free(r->recs);
-}
+static const int32_t *ref_i32(const Fixture *r, const char *name, size_t numel) { return ref_need(r, name, 1, numel)->i; }
+static const float *ref_f32(const Fixture *r, const char *name, size_t numel) { return ref_need(r, name, 0, numel)->f; }
 
 /* ---- comparisons ---------------------------------------------------------------------- */
 static double max_rel(const float *a, const float *ref, size_t n) { /* max|a - ref| / max|ref| */
@@ -103,16 +57,16 @@ static double l2_rel_d(const double *a, const double *ref, size_t n) {
 static void check_fixture(const char *name) {
     char dir[512], path[600];
     snprintf(dir, sizeof dir, FIXTURES "/%s", name);
-    Ref ref;
-    ref_load(&ref, path_join(path, sizeof path, dir, "ref.bin"));
+    Fixture ref;
+    if (fx_load(&ref, path_join(path, sizeof path, dir, "ref.bin"), "LLMF") != 0) die("%s", last_error());
     Model m;
     if (model_try_load(&m, dir, 0) != 0) die("%s", last_error());
-    const int32_t *meta = (const int32_t *)ref_need(&ref, "meta", 3)->data;
+    const int32_t *meta = ref_i32(&ref, "meta", 3);
     size_t B = (size_t)meta[0], N = (size_t)meta[1], V = (size_t)m.cfg.vocab_size, T = B * N;
-    const int32_t *tokens = (const int32_t *)ref_need(&ref, "tokens", T)->data;
-    const int32_t *targets = (const int32_t *)ref_need(&ref, "targets", T)->data;
-    const float *logits_ref = (const float *)ref_need(&ref, "logits", T * V)->data;
-    float loss_ref = *(const float *)ref_need(&ref, "loss", 1)->data;
+    const int32_t *tokens = ref_i32(&ref, "tokens", T);
+    const int32_t *targets = ref_i32(&ref, "targets", T);
+    const float *logits_ref = ref_f32(&ref, "logits", T * V);
+    float loss_ref = *ref_f32(&ref, "loss", 1);
 
     Activations act;
     act_plan(&act, &m.cfg, B, N + 3, 1); /* planned larger than used, as the CLI's last window is */
@@ -143,7 +97,7 @@ static void check_fixture(const char *name) {
         char key[160];
         snprintf(key, sizeof key, "grad.%s", refs[i].name);
         size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
-        const float *gref = (const float *)ref_need(&ref, key, numel)->data;
+        const float *gref = ref_f32(&ref, key, numel);
         double e = l2_rel(refs[i].data, gref, numel);
         EXPECT(e <= 1e-4, "%s: gradient of %s differs from HF by %.3g (L2 relative, limit 1e-4)", name, refs[i].name, e);
         if (e > worst || e != e) { worst = e; worst_name = refs[i].name; }
@@ -156,7 +110,7 @@ static void check_fixture(const char *name) {
         char key[160];
         snprintf(key, sizeof key, "grad.%s", refs[i].name);
         size_t numel = (size_t)refs[i].shape[0] * (size_t)refs[i].shape[1];
-        const float *gref = (const float *)ref_need(&ref, key, numel)->data;
+        const float *gref = ref_f32(&ref, key, numel);
         float *twice = xmalloc(numel * sizeof(float));
         for (size_t k = 0; k < numel; k++) twice[k] = 2.0f * gref[k];
         double e = l2_rel(refs[i].data, twice, numel);
@@ -164,13 +118,13 @@ static void check_fixture(const char *name) {
         free(twice);
     }
     EXPECT(worst2 <= 1e-4, "%s: a second backward did not add to the gradients (worst %.3g from 2 x HF)", name, worst2);
-    EXPECT(n + 5 == ref.count - (ref_get(&ref, "logits_ctx") ? 1 : 0) - (ref_get(&ref, "logits_bf16") ? 1 : 0),
+    EXPECT(n + 5 == ref.count - (fx_get(&ref, "logits_ctx") ? 1 : 0) - (fx_get(&ref, "logits_bf16") ? 1 : 0),
            "%s: the fixture has gradients for %zu tensors, the model %zu", name, ref.count - 5, n);
     printf("%s: B=%zu N=%zu logits %.2g loss %.2g (%.6f vs HF %.6f), worst gradient %.2g (%s), %zu tensors, %.2fs, act %.1f KiB\n",
            name, B, N, e_logits, e_loss, loss, loss_ref, worst, worst_name, n, now_seconds() - t0, act.bytes / 1024.0);
 
     /* RoPE stretched by a target context: against HF with rope_scaling linear, same weights */
-    const Rec *lc = ref_get(&ref, "logits_ctx");
+    const float *lc = fx_get(&ref, "logits_ctx") ? ref_f32(&ref, "logits_ctx", T * V) : NULL;
     if (lc) {
         Model m2;
         if (model_try_load(&m2, dir, meta[2]) != 0) die("%s", last_error());
@@ -178,8 +132,8 @@ static void check_fixture(const char *name) {
         Activations a2;
         act_plan(&a2, &m2.cfg, B, N, 0);
         model_forward(&m2, &a2, tokens, NULL, B, N, NULL);
-        double e = max_rel(a2.logits, (const float *)lc->data, T * V);
-        double moved = max_rel(act.logits, (const float *)lc->data, T * V);
+        double e = max_rel(a2.logits, lc, T * V);
+        double moved = max_rel(act.logits, lc, T * V);
         EXPECT(e <= 1e-4, "%s: logits with --ctx %d differ from HF by %.3g (limit 1e-4)", name, meta[2], e);
         EXPECT(moved > 1e-3, "%s: --ctx %d did not change the logits (%.3g)", name, meta[2], moved);
         printf("%s: --ctx %d (RoPE factor %g): logits %.2g\n", name, meta[2], m2.cfg.rope_factor, e);
@@ -187,7 +141,7 @@ static void check_fixture(const char *name) {
         model_free(&m2);
     }
     /* the same model as bf16 shards */
-    const Rec *lb = ref_get(&ref, "logits_bf16");
+    const float *lb = fx_get(&ref, "logits_bf16") ? ref_f32(&ref, "logits_bf16", T * V) : NULL;
     if (lb) {
         char dir16[600];
         snprintf(dir16, sizeof dir16, "%s_bf16", dir);
@@ -196,7 +150,7 @@ static void check_fixture(const char *name) {
         Activations a3;
         act_plan(&a3, &m3.cfg, B, N, 0);
         model_forward(&m3, &a3, tokens, NULL, B, N, NULL);
-        double e = max_rel(a3.logits, (const float *)lb->data, T * V);
+        double e = max_rel(a3.logits, lb, T * V);
         double e32 = max_rel(a3.logits, logits_ref, T * V);
         EXPECT(e <= 1e-4, "%s: bf16 shards: logits differ from HF's on the same bf16 weights by %.3g (limit 1e-4)", name, e);
         EXPECT(e32 <= 3e-2 && e32 > 0, "%s: bf16 shards: logits differ from the fp32 model's by %.3g (want bf16 rounding: (0, 3e-2])", name, e32);
@@ -208,7 +162,7 @@ static void check_fixture(const char *name) {
     params_free(&g);
     act_free(&act);
     model_free(&m);
-    ref_free(&ref);
+    fx_free(&ref);
 }
 
 /* ---- 2. attention with S2 groups against an explicit mask, in double -------------------- */

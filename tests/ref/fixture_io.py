@@ -1,7 +1,7 @@
 """The reference-array files the C tests read (tests/fixture.h), one writer for every script.
 
 Format (little-endian): a 4-byte magic naming the fixture family ("INFX" inference, "LRFX"
-LoRA), u32 version = 1, u32 count, then per array: u32 name length, the name's bytes,
+LoRA, "LLMF" model), u32 version = 1, u32 count, then per array: u32 name length, the name's bytes,
 u32 dtype (0 = f32, 1 = i32, 2 = f64), u32 ndim (at most 4), u64 dims[ndim], the values.
 """
 import struct

@@ -12,11 +12,7 @@ model.safetensors, fp32) and ref.bin holding the inputs and HF's outputs:
                   (+ rope_linear4_bf16/: the same model as bf16 shards with an index, and
                   logits_bf16: HF's fp32 logits for those bf16-rounded weights)
 
-ref.bin ("LLMF", version 1, little-endian):
-    magic "LLMF" | u32 version | u32 record count | records
-    record: u32 name length | name (UTF-8) | u32 dtype (0 = f32, 1 = i32) | u32 ndim |
-            ndim x u64 dims | the data
-Records: meta i32 [B, N, ctx] (ctx: the --ctx giving logits_ctx, else 0), tokens i32 [B, N],
+ref.bin: tests/ref/fixture_io.py's format (magic "LLMF"), read by tests/fixture.h. Records: meta i32 [B, N, ctx] (ctx: the --ctx giving logits_ctx, else 0), tokens i32 [B, N],
 targets i32 [B, N] (targets[b, i] = labels[b, i + 1], -100 = ignored, last column -100),
 logits f32 [B, N, V], loss f32 [1], and grad.<HF parameter name> f32 for every parameter
 (HF's loss: the mean over targets that are not -100).
@@ -34,24 +30,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-MAGIC, VERSION = b"LLMF", 1
-
-
-def write_ref(path, records):
-    with open(path, "wb") as f:
-        f.write(MAGIC + struct.pack("<II", VERSION, len(records)))
-        for name, arr in records:
-            arr = np.ascontiguousarray(arr)
-            if arr.dtype == np.float32:
-                dt = 0
-            elif arr.dtype == np.int32:
-                dt = 1
-            else:
-                raise ValueError(f"{name}: dtype {arr.dtype}")
-            nb = name.encode()
-            f.write(struct.pack("<I", len(nb)) + nb + struct.pack("<II", dt, arr.ndim))
-            f.write(struct.pack(f"<{arr.ndim}Q", *arr.shape))
-            f.write(arr.astype(arr.dtype.newbyteorder("<")).tobytes())
+import fixture_io  # tests/ref/fixture_io.py, beside this script
 
 
 def randomize(model, gen):
@@ -115,7 +94,7 @@ def start(out_root, name, cfg, model_cls, B, N, seed, randomize=randomize, ctx=0
 
 def finish(folder, records):
     """ref.bin written; the folder's size in bytes"""
-    write_ref(os.path.join(folder, "ref.bin"), records)
+    fixture_io.write_fixture(os.path.join(folder, "ref.bin"), b"LLMF", records, keep_f64=False)
     return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(folder) for f in fs)
 
 
