@@ -37,8 +37,8 @@ find_peer_python() {
 }
 
 # demo_test_start PROG... -- a demo test's start: skips (exit 77) unless each program is
-# built; TMP, a folder removed at exit; ok / bad, which count checks and failures (bad says
-# FAIL and why); SEED, fresh for this run.
+# built; TMP, a folder removed at exit; the counts of tests/check.sh (ok, bad, check,
+# refused) from zero; SEED, fresh for this run.
 demo_test_start() {
   local prog
   for prog; do
@@ -49,5 +49,4 @@ demo_test_start() {
   checks=0 fails=0
   SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 }
-ok() { checks=$((checks + 1)); }
-bad() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*"; }
+. tests/check.sh

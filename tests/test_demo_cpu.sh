@@ -121,18 +121,18 @@ grep -q "trains LoRA r=8 on q,k,v,o + norms" "$TMP/out/run.txt" && ok || bad "ru
 
 # a setting run.sh does not take (a RoPE kind it does not know, an attention factor that is not
 # a positive number, a YaRN factor below the stretch, trained parts it does not know) is
-# refused with its sentence, before the LongLoRA part: refused NAME SETTING SENTENCE
-refused() {
+# refused with its sentence, before the LongLoRA part: demo_refuses NAME SETTING SENTENCE
+demo_refuses() {
   env "$2" DEMO_MODEL=$TMP/model DEMO_TRAIN_TEXT=$TMP/train.txt DEMO_EVAL_TEXT=$TMP/eval.txt DEMO_WORK=$TMP/work \
     DEMO_OUT=$TMP/out-$1 DEMO_DEVICE=cpu DEMO_PYTHON=$PY LONGLORA_CACHE=$TMP/cache DEMO_ORIG_CTX=128 DEMO_CTX=512 \
     timeout 120 bash demo/run.sh > "$TMP/$1.log" 2>&1
   local rc=$?
   [ $rc -ne 0 ] && grep -qF "$3" "$TMP/$1.log" && ok || bad "$2: exit $rc, $(tail -n 1 "$TMP/$1.log")"
 }
-refused parts DEMO_TRAIN_PARTS=embed "DEMO_TRAIN_PARTS must be lora+norms, lora+embed+norms, lora+embed or lora, got 'embed'"
-refused attention DEMO_YARN_ATTENTION=-1 "DEMO_YARN_ATTENTION must be a number above 0 or auto"
-refused factor DEMO_YARN_FACTOR=3 "DEMO_YARN_FACTOR must be a whole number at least the stretch 4, got '3'"
-refused rope DEMO_ROPE=pi "DEMO_ROPE must be yarn or linear"
+demo_refuses parts DEMO_TRAIN_PARTS=embed "DEMO_TRAIN_PARTS must be lora+norms, lora+embed+norms, lora+embed or lora, got 'embed'"
+demo_refuses attention DEMO_YARN_ATTENTION=-1 "DEMO_YARN_ATTENTION must be a number above 0 or auto"
+demo_refuses factor DEMO_YARN_FACTOR=3 "DEMO_YARN_FACTOR must be a whole number at least the stretch 4, got '3'"
+demo_refuses rope DEMO_ROPE=pi "DEMO_ROPE must be yarn or linear"
 
 # which size runs: with a GPU that answers (a stand-in nvidia-smi on PATH) the GPU size exactly
 # when 05_train and 06_infer were built with CUDA (they link cuBLAS); without one the CPU size;

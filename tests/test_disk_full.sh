@@ -22,8 +22,7 @@ fi
 export OMP_NUM_THREADS=1
 M=tests/fixtures/train/model
 RUN=(./05_train --model "$M" --data tests/fixtures/train/data.tok --ctx 32 --device cpu --quiet --warmup 0 --lr 1e-2 --max-steps 3)
-fails=0
-check() { if eval "$2"; then echo "ok   $1"; else echo "FAIL $1"; fails=$((fails + 1)); fi; }
+. tests/check.sh
 kib() { du -sk "$@" | awk '{s += $1} END {print s}'; }  # blocks used, as tmpfs counts them
 resize() { mount -o remount,size="$1"k "$MNT"; }
 
@@ -65,5 +64,4 @@ check "a re-export on a full disk exits 1 with one sentence" '[ $rc -eq 1 ] && g
 check "the previous export is unchanged and nothing else is left" \
   '[ "$(cd "$MNT/X" && cksum * | tr -d "\n")" = "$before" ] && [ "$(ls -A "$MNT")" = X ]'
 
-echo "test_disk_full: $fails failures"
-[ $fails -eq 0 ]
+checks_summary test_disk_full

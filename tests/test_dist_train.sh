@@ -31,8 +31,7 @@ make -s 05_train >/dev/null || { echo "FAIL: cannot build 05_train"; exit 1; }
 mkdir -p build
 T=$(mktemp -d build/test_dist_train_XXXXXX) || exit 1
 trap 'rm -rf "$T"' EXIT
-fail=0
-check() { if eval "$2"; then echo "ok   $1"; else echo "FAIL $1"; fail=1; fi; }
+. tests/check.sh
 
 SEED=$RANDOM
 "$PY" - "$T/d.tok" "$SEED" <<'EOF'
@@ -80,7 +79,7 @@ check "resume K=2's step-2 checkpoint with K=3 x 2" 'run 3 2 "$T/r3" --max-steps
 check "rank 0 logs the steps, rank 1 prints none" 'grep -q "^step 4/4" "$T/k2.rank0.log" && ! grep -q "^step" "$T/k2.rank1.log"'
 check "the checkpoint records the global accumulation" 'grep -q "\"grad_accum\": 6" "$T/k3/checkpoint-4/trainer_state.json"'
 
-"$PY" - "$T" <<'EOF' || fail=1
+"$PY" - "$T" <<'EOF' || bad "the ranks against one process (above)"
 import array, json, struct, sys
 T = sys.argv[1]
 def st(path):  # safetensors -> {name: flat list}; F32 and I64 are all these files hold
@@ -173,7 +172,7 @@ check "--rank outside the world is refused" 'bad_flags "outside 0..1" --world-si
 check "an existing --dist-file is refused" 'touch "$T/old.dist" && bad_flags "already exists" --world-size 2 --rank 0 --dist-file "$T/old.dist"'
 check "--shard-weights on the CPU is refused after the plan" 'bad_flags "several GPU ranks\|trains on the CPU" --shard-weights && grep -q "shard-weights.*GiB per GPU" "$T/flags.log"'
 
-[ $fail -eq 0 ] && echo "test_dist_train: K=2,3 ranks match one process with K-times accumulation, resume across world sizes, failures stop all ranks (seed $SEED)" && exit 0
+[ $fails -eq 0 ] && echo "test_dist_train: K=2,3 ranks match one process with K-times accumulation, resume across world sizes, failures stop all ranks (seed $SEED)" && exit 0
 echo "test_dist_train: FAILED (seed $SEED; logs in $T)"
 trap - EXIT
 exit 1

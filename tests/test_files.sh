@@ -29,20 +29,7 @@ trap 'rm -rf "$T"' EXIT
 export OMP_NUM_THREADS=1
 M=tests/fixtures/train/model
 D=tests/fixtures/train/data.tok
-fails=0; checks=0
-ok()  { checks=$((checks+1)); echo "ok   $*"; }
-bad() { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL $*"; }
-check() { if eval "$2"; then ok "$1"; else bad "$1"; fi; }
-# refused "what" "pattern" command...: exit 1 within 20 s, and one "error:" line matching pattern
-refused() {
-  local what=$1 pat=$2; shift 2
-  timeout 20 "$@" >"$T/out" 2>"$T/err"; local rc=$?
-  if [ $rc -ne 1 ]; then bad "$what: exit $rc (want 1)"; tail -3 "$T/err" | sed 's/^/  | /'; return 1; fi
-  if [ "$(grep -c '^error: ' "$T/err")" -ne 1 ] || ! grep -q -- "$pat" "$T/err"; then
-    bad "$what: want one 'error:' line matching '$pat'"; tail -3 "$T/err" | sed 's/^/  | /'; return 1
-  fi
-  ok "$what: $(grep '^error: ' "$T/err" | cut -c1-150)"
-}
+. tests/check.sh
 sum() { cksum "$@" 2>/dev/null | awk '{print $1 $2}' | tr -d '\n'; }
 TRAIN=(./05_train --model "$M" --ctx 32 --device cpu --quiet --warmup 0 --lr 1e-2)
 
@@ -164,7 +151,6 @@ EOF
 refused "a checkpoint with a finite value changed" "checkpoint-2 is damaged: train_state.safetensors does not match the checksum" \
   "${TRAIN[@]}" --data "$D" --max-steps 6 --out "$T/C" --resume "$T/C/checkpoint-2"
 refused "a NaN-corrupted checkpoint" "checkpoint-4 is damaged" "${TRAIN[@]}" --data "$D" --max-steps 6 --out "$T/C" --resume "$T/C"
-check "the NaN-corrupted checkpoint is not called the last good checkpoint" '! grep -q "last good checkpoint" "$T/err"'
+check "the NaN-corrupted checkpoint is not called the last good checkpoint" '! grep -q "last good checkpoint" <<<"$CHECK_ERR"'
 
-echo "test_files: $checks checks, $fails failed"
-[ $fails -eq 0 ]
+checks_summary test_files

@@ -23,8 +23,7 @@ make -s 05_train >/dev/null || { echo "FAIL: cannot build 05_train"; exit 1; }
 make -s found 2>/dev/null | grep -q "nccl=yes" || { echo "skip: this build has no NCCL"; exit 77; }
 mkdir -p build
 T=$(mktemp -d build/test_gpu_dist_XXXXXX) || exit 1
-fail=0
-check() { if eval "$2"; then echo "ok   $1"; else echo "FAIL $1"; fail=1; fi; }
+. tests/check.sh
 SEED=$RANDOM
 "$PY" - "$T/d.tok" "$SEED" <<'EOF'
 import random, struct, sys
@@ -59,7 +58,7 @@ if [ "$n_gpu" -ge 2 ]; then
 else
   echo "note: one GPU here, so the K=2 runs (plain, --shard-weights, resume) are not run"
 fi
-"$PY" - "$T" $runs <<'EOF' || fail=1
+"$PY" - "$T" $runs <<'EOF' || bad "the runs against one GPU (above)"
 import json, struct, sys
 import numpy as np
 T, runs = sys.argv[1], sys.argv[2:]
@@ -86,6 +85,6 @@ EOF
 if [ "$n_gpu" -ge 2 ]; then
   check "K=2's checkpoint resumes on one GPU (--grad-accum 2)" 'timeout 300 ./05_train "${COMMON[@]}" --grad-accum 2 --max-steps 4 --out "$T/two" --resume "$T/two" >"$T/resume.log" 2>&1 && grep -q "^step 4/4" "$T/resume.log"'
 fi
-[ $fail -eq 0 ] && { echo "test_gpu_dist: $runs match one GPU with accumulation 2 (seed $SEED)"; rm -rf "$T"; exit 0; }
+[ $fails -eq 0 ] && { echo "test_gpu_dist: $runs match one GPU with accumulation 2 (seed $SEED)"; rm -rf "$T"; exit 0; }
 echo "test_gpu_dist: FAILED (seed $SEED; logs in $T)"
 exit 1

@@ -17,17 +17,7 @@ BIN=./06_infer
 [ -x "$BIN" ] || make -s 06_infer >/dev/null || { echo "cannot build 06_infer"; exit 1; }
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-fails=0; checks=0
-ok()   { checks=$((checks+1)); }
-bad()  { checks=$((checks+1)); fails=$((fails+1)); echo "FAIL: $*"; }
-# expect_error "what" "message pattern" command...: exit 1, one line matching the pattern
-expect_error() {
-  local what=$1 pat=$2; shift 2
-  "$@" >"$TMP/out" 2>"$TMP/err"; local rc=$?
-  if [ $rc -ne 1 ]; then bad "$what: exit $rc (want 1)"; sed 's/^/  | /' "$TMP/err" | tail -5; return; fi
-  if ! grep -q -- "$pat" "$TMP/err"; then bad "$what: message lacks '$pat':"; sed 's/^/  | /' "$TMP/err" | tail -5; return; fi
-  ok
-}
+. tests/check.sh
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || { echo "skip: no python3 (to write the token files and read the CSV)"; exit 77; }
 # raw_ids FILE SEED N HIGH: N ids drawn from [0, HIGH) as a raw uint16 file (LongLoRA's .bin)
@@ -36,15 +26,15 @@ raw_ids "$TMP/ids.bin" 1 1200 256 || { echo "FAIL: $PY could not write a token f
 "$PY" -c "import array, sys; array.array('H', [300] * 600).tofile(open(sys.argv[1], 'wb'))" "$TMP/big_ids.bin"
 
 # 1. user errors
-expect_error "huge context" "needs a KV cache of .* GiB" $BIN --init random --shape tiny --ctx 100000000000 --ppl "$TMP/ids.bin"
-expect_error "ids outside the vocabulary" "outside the vocabulary" $BIN --init random --shape tiny --ctx 256 --ppl "$TMP/big_ids.bin"
-expect_error "seq-len over ctx" "longer than the context" $BIN --init random --shape tiny --ctx 128 --ppl "$TMP/ids.bin" --seq-len 256
-expect_error "too few tokens" "too few" $BIN --init random --shape tiny --ctx 4096 --ppl "$TMP/ids.bin" --seq-len 1100
-expect_error "missing adapter" "adapter_config.json" $BIN --model tests/fixtures/infer/base --adapter "$TMP/none" --ppl "$TMP/ids.bin"
-expect_error "two jobs" "exactly one job" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --passkey
-expect_error "unknown flag" "unknown flag" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --frobnicate 3
-expect_error "bad number" "expects an integer" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --stride 1.5
-expect_error "gpu in a CPU build or bad head_dim" "GPU\|head_dim\|CUDA" $BIN --init random --shape tiny --device gpu --ppl "$TMP/ids.bin"
+refused "huge context" "needs a KV cache of .* GiB" $BIN --init random --shape tiny --ctx 100000000000 --ppl "$TMP/ids.bin"
+refused "ids outside the vocabulary" "outside the vocabulary" $BIN --init random --shape tiny --ctx 256 --ppl "$TMP/big_ids.bin"
+refused "seq-len over ctx" "longer than the context" $BIN --init random --shape tiny --ctx 128 --ppl "$TMP/ids.bin" --seq-len 256
+refused "too few tokens" "too few" $BIN --init random --shape tiny --ctx 4096 --ppl "$TMP/ids.bin" --seq-len 1100
+refused "missing adapter" "adapter_config.json" $BIN --model tests/fixtures/infer/base --adapter "$TMP/none" --ppl "$TMP/ids.bin"
+refused "two jobs" "exactly one job" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --passkey
+refused "unknown flag" "unknown flag" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --frobnicate 3
+refused "bad number" "expects an integer" $BIN --init random --shape tiny --ppl "$TMP/ids.bin" --stride 1.5
+refused "gpu in a CPU build or bad head_dim" "GPU\|head_dim\|CUDA" $BIN --init random --shape tiny --device gpu --ppl "$TMP/ids.bin"
 
 # 3. perplexity table
 $BIN --init random --shape tiny --ctx 256 --ppl "$TMP/ids.bin" --seq-len 64,128,256 --stride 128 >"$TMP/ppl" 2>"$TMP/err"
@@ -62,14 +52,13 @@ grep -q "on the CPU (--device cpu) in fp32" "$TMP/err" && ok || bad "--device cp
 
 TOK=../shared/data/llama2-tokenizer/tokenizer.model
 if [ ! -f "$TOK" ]; then
-  echo "test_infer_cli: $checks checks, $fails failures; generation and passkey skipped: $TOK is absent"
-  [ $fails -eq 0 ] && exit 77 || exit 1
+  checks_summary "test_infer_cli (generation and passkey skipped: $TOK is absent)" && exit 77 || exit 1
 fi
 M="--init random --shape tiny-llama2 --tokenizer $TOK"
 
 # 1b. a prompt longer than the context
 yes "the quick brown fox jumps over the lazy dog" | head -n 40 >"$TMP/long.txt"
-expect_error "prompt over ctx" "do not fit the context" $BIN $M --ctx 64 --prompt-file "$TMP/long.txt" --max-new 4
+refused "prompt over ctx" "do not fit the context" $BIN $M --ctx 64 --prompt-file "$TMP/long.txt" --max-new 4
 
 # 2. generation
 $BIN $M --ctx 256 --prompt "Once upon a time" --max-new 12 >"$TMP/g1" 2>"$TMP/e1"
@@ -137,5 +126,4 @@ grep -q "context 64 (RoPE linear factor 2)" "$TMP/err" && ok || bad "the export 
 "$PY" -c "import sys; a, b = float('$a'), float('$b'); sys.exit(0 if abs(a - b) <= 2e-2 * a else 1)" && ok \
   || bad "perplexity of the export $b, of base + adapter $a"
 
-echo "test_infer_cli: $checks checks, $fails failures"
-[ $fails -eq 0 ]
+checks_summary test_infer_cli

@@ -18,10 +18,8 @@ FIX=tests/fixtures/model/llama2_like
 [ -f "$FIX/lm_tokens.lltk" ] || { echo "skip: fixture $FIX is missing"; exit 77; }
 OUT=$(mktemp -d build/tests/model_cli_XXXXXX 2>/dev/null || { mkdir -p build/tests && mktemp -d build/tests/model_cli_XXXXXX; })
 trap 'rm -rf "$OUT"' EXIT
-fail=0 no_spm=0
-check() { # name, condition (as a command)
-  if "${@:2}"; then echo "ok   $1"; else echo "FAIL $1"; fail=$((fail+1)); fi
-}
+. tests/check.sh
+no_spm=0
 
 # 1. loss over a token file against HF
 read -r want_loss n_window < "$FIX/lm_loss.txt"
@@ -29,8 +27,9 @@ line=$("$BIN" --model "$FIX" --tokens "$FIX/lm_tokens.lltk" --window "$n_window"
 echo "02_model: $line (HF: loss $want_loss over 24 positions)"
 got_loss=$(echo "$line" | awk '$1=="loss" && $3=="ppl" && $5=="tokens" {print $2}')
 got_tokens=$(echo "$line" | awk '{print $6}')
-check "token-file loss matches HF within 1e-5" awk -v a="${got_loss:-nan}" -v b="$want_loss" 'BEGIN{d=a-b; if(d<0)d=-d; exit !(a!="nan" && d<=1e-5*b)}'
-check "24 predicted positions" test "${got_tokens:-0}" = 24
+close='BEGIN{d=a-b; if(d<0)d=-d; exit !(a!="nan" && d<=1e-5*b)}'
+check "token-file loss matches HF within 1e-5" 'awk -v a="${got_loss:-nan}" -v b="$want_loss" "$close"'
+check "24 predicted positions" '[ "${got_tokens:-0}" = 24 ]'
 
 # 2. text through a tokenizer (sentencepiece trains a tiny one: 64 pieces like the model)
 if "$PY" -c "import sentencepiece" 2>/dev/null; then
@@ -58,31 +57,24 @@ EOF
   a=$("$BIN" --model "$OUT" --text-file "$OUT/text.txt" 2>/dev/null | tail -n 1)
   b=$("$BIN" --model "$OUT" --tokens "$OUT/text.lltk" 2>/dev/null | tail -n 1)
   echo "text: $a | sentencepiece ids: $b"
-  check "--text-file equals sentencepiece's ids with BOS" test -n "$a" -a "$a" = "$b"
+  check "--text-file equals sentencepiece's ids with BOS" '[ -n "$a" ] && [ "$a" = "$b" ]'
   top=$("$BIN" --model "$OUT" --top 3 --text "the cat sat on the" 2>/dev/null)
   echo "$top"
-  check "--top 3 prints 3 ranked probabilities" awk '{s+=$3; n++; if ($1!=n || $3<0 || (n>1 && $3>prev)) bad=1; prev=$3} END{exit !(n==3 && s<=1.000001 && !bad)}' <<<"$top"
+  ranked='{s+=$3; n++; if ($1!=n || $3<0 || (n>1 && $3>prev)) bad=1; prev=$3} END{exit !(n==3 && s<=1.000001 && !bad)}'
+  check "--top 3 prints 3 ranked probabilities" 'awk "$ranked" <<<"$top"'
 else
   no_spm=1
 fi
 
 # 3. bad input: non-zero exit, one line naming the input
-bad() { # name, expected text in the message, command...
-  local name=$1 want=$2; shift 2
-  local err rc
-  err=$("$@" 2>&1 >/dev/null); rc=$?
-  if [ $rc -ne 0 ] && [ "$(printf '%s\n' "$err" | wc -l)" -eq 1 ] && [[ "$err" == error:*"$want"* ]]; then echo "ok   $name: $err"
-  else echo "FAIL $name (exit $rc): $err"; fail=$((fail+1)); fi
-}
-bad "no such model folder" "$OUT/none/config.json" "$BIN" --model "$OUT/none" --tokens "$FIX/lm_tokens.lltk"
+refused "no such model folder" "$OUT/none/config.json" "$BIN" --model "$OUT/none" --tokens "$FIX/lm_tokens.lltk"
 mkdir -p "$OUT/m2" && cp "$FIX/config.json" "$OUT/m2/" && head -c 1000 "$FIX/model.safetensors" > "$OUT/m2/model.safetensors"
-bad "truncated weights" "model.safetensors" "$BIN" --model "$OUT/m2" --tokens "$FIX/lm_tokens.lltk"
-bad "missing token file" "nothing.lltk" "$BIN" --model "$FIX" --tokens "$OUT/nothing.lltk"
-bad "no tokenizer in the folder" "$FIX" "$BIN" --model "$FIX" --text "hello"
-bad "bad --window" "--window" "$BIN" --model "$FIX" --tokens "$FIX/lm_tokens.lltk" --window 0x
+refused "truncated weights" "model.safetensors" "$BIN" --model "$OUT/m2" --tokens "$FIX/lm_tokens.lltk"
+refused "missing token file" "nothing.lltk" "$BIN" --model "$FIX" --tokens "$OUT/nothing.lltk"
+refused "no tokenizer in the folder" "$FIX" "$BIN" --model "$FIX" --text "hello"
+refused "bad --window" "--window" "$BIN" --model "$FIX" --tokens "$FIX/lm_tokens.lltk" --window 0x
 printf 'LLTK\1\0\0\0\2\0\0\0\2\0\0\0\0\0\0\0\x05\x00\x00\x01' > "$OUT/big.lltk"
-bad "token id outside the vocabulary" "has id 256" "$BIN" --model "$FIX" --tokens "$OUT/big.lltk"
+refused "token id outside the vocabulary" "has id 256" "$BIN" --model "$FIX" --tokens "$OUT/big.lltk"
 
-if [ $fail -eq 0 ] && [ $no_spm -eq 1 ]; then echo "skip: $PY has no sentencepiece, so the --text-file checks did not run (the others passed)"; exit 77; fi
-if [ $fail -eq 0 ]; then echo "ok: 02_model CLI checks passed"; exit 0; fi
-echo "FAIL: $fail 02_model CLI check(s) failed"; exit 1
+checks_summary test_model_cli || exit 1
+if [ $no_spm -eq 1 ]; then echo "skip: $PY has no sentencepiece, so the --text-file checks did not run (the others passed)"; exit 77; fi

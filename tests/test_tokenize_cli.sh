@@ -6,8 +6,7 @@
 # The small models are the fuzz seeds committed in tests/fuzz_corpus.
 set -u
 cd "$(dirname "$0")/.."
-fail=0
-bad() { echo "FAIL: $*"; fail=1; }
+. tests/check.sh
 [ -x ./01_tokenize ] || { echo "FAIL: ./01_tokenize is not built (make 01_tokenize)"; exit 1; }
 out=build/tests/tok/cli
 rm -rf "$out"; mkdir -p "$out"
@@ -58,5 +57,5 @@ if [ -f "$llama" ] && [ -f "$book" ]; then
   ./01_tokenize --tokenizer "$llama" --decode-file "$out/big.bin" > "$out/big.dec" && cmp -s "$out/big.txt" "$out/big.dec" || bad "the big file does not round-trip"
   rm -f "$out/big.txt" "$out/big.bin" "$out/big.dec"
 fi
-[ $fail = 0 ] || exit 1
+[ $fails -eq 0 ] || exit 1
 echo "CLI: ids, pieces, token-file round trips and folder loading work"

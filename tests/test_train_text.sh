@@ -20,8 +20,7 @@ fi
 make -s 05_train >/dev/null || { echo "FAIL: cannot build 05_train"; exit 1; }
 mkdir -p build
 T=$(mktemp -d build/test_train_text_XXXXXX) || exit 1
-fail=0
-check() { if eval "$2"; then echo "ok   $1"; else echo "FAIL $1"; fail=1; fi; }
+. tests/check.sh
 
 "$PY" - "$T" <<'EOF' || { echo "FAIL: the reference side failed"; exit 1; }
 import json, os, random, struct, sys
@@ -79,5 +78,5 @@ done
 rc=$?
 check "text without a tokenizer is refused with one sentence" "[ $rc -eq 1 ] && grep -q '^error: .*tokenizer' '$T/o3.log'"
 
-if [ $fail -eq 0 ]; then rm -rf "$T"; echo "test_train_text: text and SFT through a real tokenizer match the tokenizers library"
+if [ $fails -eq 0 ]; then rm -rf "$T"; echo "test_train_text: text and SFT through a real tokenizer match the tokenizers library"
 else echo "logs kept in $T"; echo "test_train_text: FAILED"; exit 1; fi
