@@ -1393,6 +1393,12 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     const int key0 = n0 + pair * 32; /* first key of this warp pair */
     const int ql0 = half * QH;       /* first query (within the tile) of this warp's S^T */
     const int dc0 = half * DH;       /* first column of this warp's dK and dV */
+    /* KV_REGS (d = 64, where the registers allow): the A fragments of this pair's 32 keys of K
+     * and V, the same for every query tile, are loaded once (after barrier A of the first
+     * tile, which publishes the K/V copy) and kept in 2 x D / 4 registers, instead of 4 x D / 16
+     * ldmatrix a tile */
+    constexpr bool KV_REGS = D == 64;
+    uint32_t k_frag[KV_REGS ? D / 16 : 1][2][4], v_frag[KV_REGS ? D / 16 : 1][2][4]; /* [D/16 k-steps][2 m16][4] */
     for (int it = 0; it < total; it++) {
         const int buf = it & 1;
         const int h = kh * R + cur_r, m0 = cur_mt * BM;
@@ -1400,6 +1406,17 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
          * previous tile's P^T, dS^T and the buffers the next copy refills */
         cp_async_wait<0>();
         __syncthreads();
+        if constexpr (KV_REGS) {
+            if (it == 0) {
+#pragma unroll
+                for (int kc = 0; kc < D / 16; kc++)
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++) {
+                        ldmatrix_x4(k_frag[kc][mi], swz<D>(sK, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                        ldmatrix_x4(v_frag[kc][mi], swz<D>(sV, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                    }
+            }
+        }
         int nxt_r = cur_r, nxt_mt = cur_mt, nxt_hi = cur_hi; /* the next (head, query tile) */
         tiles.next(nxt_r, nxt_mt, nxt_hi);
         if (it + 1 < total) load_q_tile(kh * R + nxt_r, nxt_mt, buf ^ 1);
@@ -1430,8 +1447,13 @@ flash_bwd_kernel(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
                 uint32_t ak[2][4], av[2][4];
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++) {
-                    ldmatrix_x4(ak[mi], swz<D>(sK, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
-                    ldmatrix_x4(av[mi], swz<D>(sV, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                    if constexpr (KV_REGS) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) ak[mi][e] = k_frag[kc][mi][e], av[mi][e] = v_frag[kc][mi][e];
+                    } else {
+                        ldmatrix_x4(ak[mi], swz<D>(sK, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                        ldmatrix_x4(av[mi], swz<D>(sV, pair * 32 + mi * 16 + (lane & 15), kc * 2 + (lane >> 4)));
+                    }
                 }
 #pragma unroll
                 for (int np = 0; np < QH / 16; np++) {
