@@ -46,7 +46,6 @@ demo_test_start() {
   done
   TMP=$(mktemp -d)
   trap 'rm -rf "$TMP"' EXIT
-  checks=0 fails=0
   SEED=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 }
 . tests/check.sh

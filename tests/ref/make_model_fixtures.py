@@ -12,7 +12,8 @@ model.safetensors, fp32) and ref.bin holding the inputs and HF's outputs:
                   (+ rope_linear4_bf16/: the same model as bf16 shards with an index, and
                   logits_bf16: HF's fp32 logits for those bf16-rounded weights)
 
-ref.bin: tests/ref/fixture_io.py's format (magic "LLMF"), read by tests/fixture.h. Records: meta i32 [B, N, ctx] (ctx: the --ctx giving logits_ctx, else 0), tokens i32 [B, N],
+ref.bin: tests/ref/fixture_io.py's format (magic "LLMF"), read by tests/fixture.h.
+Records: meta i32 [B, N, ctx] (ctx: the --ctx giving logits_ctx, else 0), tokens i32 [B, N],
 targets i32 [B, N] (targets[b, i] = labels[b, i + 1], -100 = ignored, last column -100),
 logits f32 [B, N, V], loss f32 [1], and grad.<HF parameter name> f32 for every parameter
 (HF's loss: the mean over targets that are not -100).
